@@ -355,7 +355,8 @@ def _apply_override(raw: dict, keys: list[str], value: Any) -> None:
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
-            raise LimoeError(f"--set {'.'.join(keys)}: '{'.join(keys[:i + 1])}' is not a section.")
+            section = ".".join(keys[: i + 1])
+            raise LimoeError(f"--set {'.'.join(keys)}: '{section}' is not a section of the config.")
         node = child
     node[keys[-1]] = value
 
