@@ -1,30 +1,59 @@
-"""Top-1 expert-layer ops: each file holds one op's plain-PyTorch reference (and, where it pays,
-its Triton kernel). This package never imports `limoe`: it is the layer's compute, not its model.
+"""Top-1 expert-layer ops: each file holds one op's plain-PyTorch reference and its Triton version.
+This package never imports `limoe`: it is the layer's compute, not its model.
 
-`get_ops(backend)` returns the set of ops the MoE layer calls, so a backend is one switch.
+`get_ops(backend)` returns the set of ops the MoE layer calls, so a backend is one switch:
+'torch' is the reference, 'triton' the kernels (same names, same signatures, same semantics).
+
+Triton decides at decoration time, i.e. when a kernel module is imported, whether a kernel is
+compiled for the GPU or run by its CPU interpreter (TRITON_INTERPRET=1). On a machine without CUDA
+only the interpreter can run them, so importing this package there turns it on (unless
+TRITON_INTERPRET is already set) before any kernel is defined. Because every kernel module imports
+this package first, the setting does not depend on who imports what first: the Triton ops work on
+CPU tensors (slowly; for tests) wherever there is no GPU. `triton_available()` still reports only
+what the caller asked for, so automatic backend choice never lands on the interpreter by accident.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
-from kernels.combine import combine_reference
-from kernels.dispatch import dispatch_reference
-from kernels.expert_ffn import expert_ffn_reference
-from kernels.router import top1_router_reference
-from kernels.slots import assign_slots_reference
+import torch
+
+_INTERPRET_REQUESTED = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels import combine, dispatch, expert_ffn, router, slots  # noqa: E402  (after the switch above)
 
 REFERENCE_OPS = SimpleNamespace(
-    top1_router=top1_router_reference,
-    assign_slots=assign_slots_reference,
-    dispatch=dispatch_reference,
-    combine=combine_reference,
-    expert_ffn=expert_ffn_reference,
+    top1_router=router.top1_router_reference,
+    assign_slots=slots.assign_slots_reference,
+    dispatch=dispatch.dispatch_reference,
+    combine=combine.combine_reference,
+    expert_ffn=expert_ffn.expert_ffn_reference,
+)
+
+TRITON_OPS = SimpleNamespace(
+    top1_router=router.top1_router,
+    assign_slots=slots.assign_slots,
+    dispatch=dispatch.dispatch,
+    combine=combine.combine,
+    expert_ffn=expert_ffn.expert_ffn,
 )
 
 
+def triton_available() -> bool:
+    """True if the Triton ops can run as intended: on a CUDA GPU, or in the CPU interpreter when
+    TRITON_INTERPRET=1 was set by the caller (not by this package's CPU fallback)."""
+    return torch.cuda.is_available() or _INTERPRET_REQUESTED
+
+
 def get_ops(backend: str) -> SimpleNamespace:
-    """The ops for `backend` ('torch' is the reference; other backends are added beside it)."""
+    """The ops for `backend`: 'torch' (reference) or 'triton' (kernels; CUDA tensors, or CPU under
+    the interpreter). Both namespaces hold top1_router, assign_slots, dispatch, combine, expert_ffn."""
     if backend == "torch":
         return REFERENCE_OPS
-    raise ValueError(f"unknown expert-layer backend {backend!r}")
+    if backend == "triton":
+        return TRITON_OPS
+    raise ValueError(f"unknown expert-layer backend {backend!r} (expected 'torch' or 'triton')")
