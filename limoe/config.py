@@ -72,7 +72,8 @@ class ModelConfig:
     embed_dim: int = 512  # joint image-text embedding space
     vocab_size: int = 49408  # open_clip's BPE vocabulary
     context_length: int = 16
-    pool: Literal["map", "cls", "mean", "eos"] = "map"
+    image_pool: Literal["map", "cls", "mean"] = "map"  # MAP: attention pooling with a learned probe
+    text_pool: Literal["map", "cls", "mean", "eos"] = "map"  # eos: the end-of-text token
     dense: bool = False  # True: the MoE blocks become dense MLPs (the dense baseline)
     moe: MoeConfig = field(default_factory=MoeConfig)
 
@@ -323,17 +324,22 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _with_base(raw: dict, kind: str) -> dict:
+    """A mapping with `base: name` is that config file's mapping updated by the other keys."""
+    if "base" not in raw:
+        return raw
+    raw = dict(raw)
+    base = _with_base(_read_yaml(find_config(str(raw.pop("base")), kind)), kind)
+    return _deep_merge(base, raw)
+
+
 def _resolve_model_mapping(raw: Any) -> dict:
     """A model given by name, or as `{base: name, ...changes}`, becomes a full mapping."""
     if isinstance(raw, str):
         raw = {"base": raw}
     if not isinstance(raw, dict):
         raise LimoeError(f"config key 'model' must be a model name or a mapping, got {raw!r}.")
-    if "base" in raw:
-        raw = dict(raw)
-        base = _resolve_model_mapping(_read_yaml(find_config(str(raw.pop("base")), "models")))
-        raw = _deep_merge(base, raw)
-    return raw
+    return _with_base(raw, "models")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -381,7 +387,7 @@ def load_model_config(name_or_path: str, overrides: list[str] = ()) -> ModelConf
 
 def load_config(name_or_path: Optional[str] = None, overrides: list[str] = ()) -> Config:
     """A full training config (default `configs/train/demo.yaml`) with `a.b=value` overrides."""
-    raw = _read_yaml(find_config(name_or_path or "demo", "train"))
+    raw = _with_base(_read_yaml(find_config(name_or_path or "demo", "train")), "train")
     if "model" in raw:
         raw["model"] = _resolve_model_mapping(raw["model"])
     for keys, value in map(parse_override, overrides):

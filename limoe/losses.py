@@ -1,0 +1,139 @@
+"""Training losses: the contrastive objective and the V-MoE / LIMoE auxiliary routing losses.
+
+The per-group routing quantities are computed inside the MoE layer (it has the groups at hand);
+this module holds the formulas and turns them into weighted losses from the `LossConfig`.
+All auxiliary losses are computed per routing group and averaged over groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch import Tensor, nn
+
+from limoe.config import MODALITIES, LossConfig
+from limoe.routing import LayerRouting, entropy
+
+
+def squared_coefficient_of_variation(values: Tensor) -> Tensor:
+    """(std/mean)² along the last axis with the population std: V-MoE's balance penalty."""
+    return values.var(dim=-1, unbiased=False) / values.mean(dim=-1).pow(2).clamp(min=1e-12)
+
+
+def importance_loss(probs: Tensor, valid: Tensor) -> Tensor:
+    """V-MoE importance loss. probs [G, S, E] clean softmax, valid [G, S] → scalar.
+
+    Imp_e = Σ_x p_e(x) over the group's tokens; loss = CV(Imp)², averaged over groups.
+    """
+    importance = (probs * valid[..., None]).sum(dim=1)  # [G, E]
+    return squared_coefficient_of_variation(importance).mean()
+
+
+def load_loss(logits: Tensor, noisy_logits: Tensor, valid: Tensor, noise_std: float) -> Tensor:
+    """V-MoE load loss. logits, noisy_logits [G, S, E], valid [G, S] → scalar.
+
+    P(expert e is chosen for x) = 1 − Φ((t(x) − ℓ_e(x)) / σ), t(x) the top noisy logit: the
+    probability that fresh noise lifts ℓ_e over the winner. load_e = mean over the group's tokens.
+    """
+    threshold = noisy_logits.max(dim=-1, keepdim=True).values  # [G, S, 1]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    chosen = 1.0 - normal.cdf((threshold - logits) / noise_std)  # [G, S, E]
+    load = (chosen * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)  # [G, E]
+    return squared_coefficient_of_variation(load).mean()
+
+
+def router_z_loss(logits: Tensor, valid: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)². logits [G, S, E]."""
+    z = torch.logsumexp(logits, dim=-1).pow(2)  # [G, S]
+    return (z * valid).sum() / valid.sum().clamp(min=1)
+
+
+def modality_entropies(probs: Tensor, modality: Tensor, num_modalities: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group and modality: mean token entropy, marginal entropy, and whether present.
+
+    probs [G, S, E], modality [G, S] (−1 = padding) →
+      token_entropy [G, M]:    mean over m's tokens of H(p(x))       (LIMoE local entropy)
+      marginal_entropy [G, M]: H(mean over m's tokens of p(x))       (LIMoE global entropy)
+      present [G, M] bool:     the group has tokens of modality m
+    Each modality is normalised by its own token count, so a short caption weighs as much as
+    an image's many patches.
+    """
+    masks = torch.stack([modality == m for m in range(num_modalities)], dim=-1).to(probs.dtype)  # [G, S, M]
+    counts = masks.sum(dim=1)  # [G, M]
+    token_entropy = torch.einsum("gs,gsm->gm", entropy(probs), masks) / counts.clamp(min=1)
+    mean_probs = torch.einsum("gse,gsm->gme", probs, masks) / counts.clamp(min=1)[..., None]  # [G, M, E]
+    return token_entropy, entropy(mean_probs), counts > 0
+
+
+def masked_group_mean(values: Tensor, present: Tensor) -> Tensor:
+    """Mean over groups where the modality is present. values, present [G, M] → [M]."""
+    weights = present.to(values.dtype)
+    return (values * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1)
+
+
+def thresholded_global_entropy(marginal_entropy: Tensor, present: Tensor, min_experts: Tensor) -> Tensor:
+    """LIMoE global entropy loss per modality: mean over groups of max(0, log S_m − H(p̄_m)).
+
+    marginal_entropy, present [G, M]; min_experts [M] (S_m) → [M]. Once a modality spreads over
+    at least S_m experts' worth of entropy the loss is off; below it, it pushes to use more.
+    """
+    gap = torch.relu(torch.log(min_experts)[None, :] - marginal_entropy)  # [G, M]
+    return masked_group_mean(gap, present)
+
+
+def auxiliary_loss(routings: list[LayerRouting], config: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted auxiliary loss summed over MoE layers; returns the total and its weighted parts."""
+    if not routings:
+        return torch.zeros(()), {}
+    min_experts = torch.tensor([config.global_entropy_min_experts[m] for m in MODALITIES])
+    local = sum(masked_group_mean(r.token_entropy, r.present) for r in routings)  # [M]
+    global_ = sum(
+        thresholded_global_entropy(r.marginal_entropy, r.present, min_experts.to(r.marginal_entropy))
+        for r in routings
+    )  # [M]
+    parts = {
+        "importance": config.importance * sum(r.importance for r in routings),
+        "load": config.load * sum(r.load for r in routings),
+    }
+    if config.router_z:
+        parts["router_z"] = config.router_z * sum(r.z for r in routings)
+    for index, name in enumerate(MODALITIES):
+        parts[f"local_entropy_{name}"] = config.local_entropy[name] * local[index]
+        parts[f"global_entropy_{name}"] = config.global_entropy[name] * global_[index]
+    return sum(parts.values()), parts
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE (open_clip `ClipLoss`) or sigmoid loss (`SigLipLoss`) over the global batch.
+
+    When torch.distributed is initialised, features from every data-parallel rank are gathered
+    with gradients, so each pair sees the whole global batch as negatives.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.kind = kind
+        if kind == "siglip":
+            self.loss = SigLipLoss(rank=rank, world_size=world)
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        else:
+            self.loss = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
+            self.logit_bias = None
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
+        """Features [B, D] L2-normalised; logit_scale is the learned log-temperature."""
+        scale = logit_scale.exp()
+        if self.kind == "siglip":
+            return self.loss(image_features, text_features, scale, self.logit_bias)
+        return self.loss(image_features, text_features, scale)
+
+
+def clamp_logit_scale(logit_scale: nn.Parameter, max_scale: float = math.log(100.0)) -> None:
+    """CLIP's practice: keep exp(logit_scale) ≤ 100 so the softmax temperature stays sane."""
+    with torch.no_grad():
+        logit_scale.clamp_(0.0, max_scale)

@@ -1,0 +1,281 @@
+"""Writing webdataset shards in the layout img2dataset produces.
+
+Training reads tar shards because they stream: one sequential read per shard instead of one
+random read per image, which is what keeps GPUs fed from network or spinning storage. The layout
+is img2dataset's (`00000.tar`, `00001.tar`, …, each sample stored as `KEY.jpg`, `KEY.txt` and a
+`KEY.json` sidecar with the sample's origin) so that shards downloaded with img2dataset and shards
+built here load the same way. Classification sets (an ImageFolder tree, `class/xxx.jpg`) become
+`KEY.cls` labels plus a `classnames.txt` beside the shards, labels numbered in sorted folder
+order as torchvision's ImageFolder does (so ImageNet synset folders get the standard indices).
+
+Every image is decoded and re-encoded as RGB JPEG: this checks it is readable before it reaches a
+training run, applies EXIF rotation, flattens transparency onto white and, with `image_size`,
+resizes the shorter side to `image_size` and center-crops a square (img2dataset's `center_crop`
+mode). The eval transform does exactly that crop, so eval sees what was stored; training loses
+only the margins its random crops would rarely reach, and the shards shrink to what is used.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import webdataset as wds
+from PIL import Image, ImageOps
+
+from limoe.errors import LimoeError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+FILE_COLUMNS = ("file", "filename", "image")
+CAPTION_COLUMNS = ("caption", "text")
+JPEG_QUALITY = 90
+SHARD_MTIME = 0  # fixed member times so that the same input gives byte-identical shards
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One sample to write: an image file and either its caption or its class index."""
+
+    path: Path
+    caption: Optional[str] = None
+    label: Optional[int] = None
+
+
+def build_shards(
+    images: Path,
+    captions: Optional[Path],
+    output: Path,
+    image_size: Optional[int] = None,
+    maxcount: int = 1000,
+    classification: bool = False,
+    compress: bool = False,
+) -> dict:
+    """Write `output/00000.tar`, … from an image folder and a captions file (or class folders).
+
+    `compress` writes gzip-compressed `.tar.gz` shards, which webdataset reads transparently; it
+    pays off for small images, where tar's 512-byte headers and padding outweigh the JPEG bytes.
+    Returns counts: `samples` and `shards` written and `unreadable_images` skipped; with captions
+    also `uncaptioned_images`, `captions_without_image` and `empty_captions`; with classes `classes`.
+    """
+    images, output = Path(images), Path(output)
+    _check_arguments(images, captions, output, image_size, maxcount, classification)
+    counts = {"samples": 0, "shards": 0, "unreadable_images": 0}
+    if classification:
+        classnames, entries = _class_folder_entries(images)
+        counts["classes"] = len(classnames)
+    else:
+        entries = _captioned_entries(images, Path(captions), counts)
+    samples = _encoded_samples(entries, images, image_size, counts)
+    first = next(samples, None)
+    if first is None:
+        raise LimoeError(f"none of the images under {images} could be decoded; check that they are image files.")
+    output.mkdir(parents=True, exist_ok=True)
+    counts["shards"] = _write_shards(itertools.chain([first], samples), output, maxcount, compress)
+    if classification:
+        (output / "classnames.txt").write_text("".join(f"{name}\n" for name in classnames))
+    return counts
+
+
+def _check_arguments(images, captions, output, image_size, maxcount, classification) -> None:
+    if not images.is_dir():
+        raise LimoeError(f"image folder {images} does not exist; check the --images path.")
+    if classification and captions is not None:
+        raise LimoeError("--captions is not used with --classification (labels come from the class folders); drop one.")
+    if not classification and captions is None:
+        raise LimoeError("no captions given; pass --captions FILE (CSV or JSONL), or --classification for class folders.")
+    if captions is not None and not Path(captions).is_file():
+        raise LimoeError(f"captions file {captions} does not exist; check the --captions path.")
+    if (image_size is not None and image_size < 1) or maxcount < 1:
+        raise LimoeError("--image-size and --maxcount must be positive integers.")
+    if any(output.glob("*.tar")) or any(output.glob("*.tar.gz")):
+        raise LimoeError(f"output folder {output} already holds shards; remove them or choose another folder.")
+
+
+# ---------------------------------------------------------------------------------------------
+# What to write
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in a fixed order (sorted relative paths)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _class_folder_entries(root: Path) -> tuple[list[str], list[_Entry]]:
+    classnames = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = [_Entry(path, label=label) for label, name in enumerate(classnames) for path in _image_files(root / name)]
+    if not entries:
+        raise LimoeError(f"{root} has no class folders with images; --classification expects {root}/CLASS/IMAGE.jpg.")
+    return classnames, entries
+
+
+def _captioned_entries(root: Path, captions: Path, counts: dict) -> list[_Entry]:
+    """Pair captions with images; one sample per (image, caption) pair, so COCO-style files with
+    several captions per image work. Names match by path relative to `root`, else by file name."""
+    files = _image_files(root)
+    if not files:
+        raise LimoeError(f"no image files under {root}; expected {', '.join(IMAGE_SUFFIXES)} files.")
+    find = _image_finder(root, files)
+    entries, unmatched, empty = [], 0, 0
+    for name, caption in _read_captions(captions):
+        path = find(name)
+        if path is None:
+            unmatched += 1
+        elif not caption.strip():
+            empty += 1
+        else:
+            entries.append(_Entry(path, caption=caption.strip()))
+    if not entries:
+        raise LimoeError(
+            f"no caption in {captions} names an image under {root}; the file column must hold paths relative "
+            f"to the image folder or bare file names."
+        )
+    captioned = {entry.path for entry in entries}
+    counts.update(captions_without_image=unmatched, empty_captions=empty,
+                  uncaptioned_images=sum(p not in captioned for p in files))
+    return sorted(entries, key=lambda entry: entry.path)
+
+
+def _image_finder(root: Path, files: list[Path]):
+    """name → image path: by path relative to `root`, else by a file name that is unique."""
+    by_relative = {p.relative_to(root).as_posix(): p for p in files}
+    by_name = {}
+    for path in files:
+        by_name.setdefault(path.name, []).append(path)
+
+    def find(name: str) -> Optional[Path]:
+        if name in by_relative:
+            return by_relative[name]
+        matches = by_name.get(Path(name).name, [])
+        if len(matches) > 1:
+            raise LimoeError(
+                f"caption file name {name!r} matches {len(matches)} images under {root}; "
+                f"write it as a path relative to the image folder."
+            )
+        return matches[0] if matches else None
+
+    return find
+
+
+def _read_captions(path: Path) -> Iterator[tuple[str, str]]:
+    """(file name, caption) rows from a CSV with a header row, or from JSON lines with the same keys."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            file_key, caption_key = _caption_columns(reader.fieldnames or [], path)
+            for row in reader:
+                yield row[file_key] or "", row[caption_key] or ""
+    elif suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    row = _json_row(line, path, number)
+                    file_key, caption_key = _caption_columns(list(row), path)
+                    yield str(row[file_key]), str(row[caption_key] or "")
+    else:
+        raise LimoeError(f"captions file {path} must be .csv or .jsonl; convert it to one of those.")
+
+
+def _json_row(line: str, path: Path, number: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict):
+        raise LimoeError(f"line {number} of {path} is not a JSON object; write one {{\"file\": …, \"caption\": …}} per line.")
+    return row
+
+
+def _caption_columns(columns: list[str], path: Path) -> tuple[str, str]:
+    file_key = next((c for c in FILE_COLUMNS if c in columns), None)
+    caption_key = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if file_key is None or caption_key is None:
+        raise LimoeError(
+            f"captions file {path} has columns {columns}; it needs one of {list(FILE_COLUMNS)} "
+            f"and one of {list(CAPTION_COLUMNS)}."
+        )
+    return file_key, caption_key
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and writing
+
+
+def _encoded_samples(entries: list[_Entry], root: Path, image_size: Optional[int], counts: dict) -> Iterator[dict]:
+    """webdataset sample dicts with keys 000000000, 000000001, … (img2dataset style); images that
+    cannot be decoded are counted in `counts` and left out."""
+    keys = (f"{index:09d}" for index in itertools.count())
+    for path, group in itertools.groupby(entries, key=lambda entry: entry.path):
+        try:
+            jpeg, size, original = _encode_image(path, image_size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            counts["unreadable_images"] += 1
+            continue
+        for entry in group:
+            key = next(keys)
+            meta = {"key": key, "file": path.relative_to(root).as_posix(), "width": size[0], "height": size[1],
+                    "original_width": original[0], "original_height": original[1]}
+            sample = {"__key__": key, "jpg": jpeg}
+            if entry.label is None:
+                sample["txt"] = entry.caption
+                meta["caption"] = entry.caption
+            else:
+                sample["cls"] = entry.label
+                meta["label"] = entry.label
+            sample["json"] = meta
+            counts["samples"] += 1
+            yield sample
+
+
+def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+    """JPEG bytes of the image as RGB (optionally shorter side resized and center-cropped),
+    with the stored and the original (width, height)."""
+    with Image.open(path) as image:
+        original = image.size
+        if image_size is not None:
+            image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, still ≥ the target
+        image = ImageOps.exif_transpose(image)
+        image = _flatten(image)
+        if image_size is not None:
+            image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+    return buffer.getvalue(), image.size, original
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (JPEG has no alpha channel)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _write_shards(samples: Iterable[dict], output: Path, maxcount: int, compress: bool) -> int:
+    finished = []
+
+    def finish(name: str) -> None:
+        finished.append(_gzip_in_place(name) if compress else name)
+
+    with wds.ShardWriter(str(output / "%05d.tar"), maxcount=maxcount, verbose=0, mtime=SHARD_MTIME, post=finish) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return len(finished)
+
+
+def _gzip_in_place(name: str) -> str:
+    """Compress a finished shard to NAME.gz with a fixed header time, so builds are reproducible."""
+    target = f"{name}.gz"
+    with open(name, "rb") as source, open(target, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as packed:
+            shutil.copyfileobj(source, packed)
+    Path(name).unlink()
+    return target
