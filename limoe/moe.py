@@ -132,4 +132,5 @@ class MoeMlp(nn.Module):
             expert=grouping.ungroup(expert, tokens),
             kept_mask=grouping.ungroup(slot >= 0, tokens),
             capacity=capacity,
+            num_groups=expert.shape[0],
         )

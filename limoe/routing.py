@@ -94,6 +94,7 @@ class LayerRouting:
     expert: Tensor  # [B, N] top-1 expert per token, −1 for padding
     kept_mask: Tensor  # [B, N] bool, the token got a slot
     capacity: int  # slots per expert per group
+    num_groups: int  # routing groups in this call: each expert had capacity × num_groups slots
 
     def summary(self) -> dict[str, Tensor]:
         """Batch-level statistics per modality: dropped fraction, mean gate entropy, marginal entropy."""

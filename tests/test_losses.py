@@ -73,7 +73,7 @@ def test_auxiliary_loss_weights_and_sums_over_layers():
             importance=torch.tensor(value), load=torch.tensor(2 * value), z=torch.tensor(0.0),
             token_entropy=torch.full((1, 2), value), marginal_entropy=torch.zeros(1, 2),
             present=torch.tensor([[True, True]]), routed=zeros, kept=zeros, prob_sum=zeros,
-            entropy_sum=torch.zeros(2), expert=torch.zeros(1, 1), kept_mask=torch.zeros(1, 1), capacity=4,
+            entropy_sum=torch.zeros(2), expert=torch.zeros(1, 1), kept_mask=torch.zeros(1, 1), capacity=4, num_groups=1,
         )
 
     config = LossConfig(importance=1.0, load=10.0, local_entropy=PerModality(1.0, 0.0),
