@@ -242,7 +242,7 @@ def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[i
         if image_size is not None:
             image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale, still ≥ the target
         image = ImageOps.exif_transpose(image)
-        image = _flatten(image)
+        image = to_rgb(image)
         if image_size is not None:
             image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
@@ -250,8 +250,9 @@ def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[i
     return buffer.getvalue(), image.size, original
 
 
-def _flatten(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (JPEG has no alpha channel)."""
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white rather than dropped, which would show
+    whatever colour the transparent pixels happen to hold (often black)."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
