@@ -45,12 +45,15 @@ class LimoeOutput:
 class Block(nn.Module):
     """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x)), the MLP dense or MoE."""
 
-    def __init__(self, config: ModelConfig, sparse: bool):
+    def __init__(self, config: ModelConfig, sparse: bool, expert_parallel_size: int = 1):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.width)
         self.attention = Attention(config.width, config.heads)
         self.norm2 = nn.LayerNorm(config.width)
-        self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe) if sparse else Mlp(config.width, config.mlp_dim)
+        if sparse:
+            self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe, expert_parallel_size)
+        else:
+            self.mlp = Mlp(config.width, config.mlp_dim)
 
     @property
     def sparse(self) -> bool:
@@ -73,9 +76,12 @@ class Block(nn.Module):
 
 
 class Limoe(nn.Module):
-    """The single-tower contrastive model, with open_clip's `encode_image` / `encode_text` interface."""
+    """The single-tower contrastive model, with open_clip's `encode_image` / `encode_text` interface.
 
-    def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0)):
+    With `expert_parallel_size` ep > 1 each MoE block holds E / ep experts (this rank's share).
+    """
+
+    def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0), expert_parallel_size: int = 1):
         super().__init__()
         self.config = config
         width = config.width
@@ -85,7 +91,7 @@ class Limoe(nn.Module):
         self.token_embed = nn.Embedding(config.vocab_size, width)
         self.text_positions = nn.Parameter(torch.randn(config.context_length, width) * 0.01)  # [L, d]
         moe_layers = set(config.moe_layers)
-        self.blocks = nn.ModuleList(Block(config, i in moe_layers) for i in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers, expert_parallel_size) for i in range(config.depth))
         self.norm = nn.LayerNorm(width)
         self.image_pool = Pool(config.image_pool, width, config.heads, config.mlp_dim)
         self.text_pool = Pool(config.text_pool, width, config.heads, config.mlp_dim)
@@ -175,6 +181,6 @@ def parameter_counts(model: Limoe) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     unused = model.token_embed.weight.numel() - model.token_embed.weight.shape[1]
     for moe in model.moe_blocks:
-        expert_params = sum(p.numel() for p in (moe.w_in, moe.b_in, moe.w_out, moe.b_out))
+        expert_params = sum(p.numel() for p in moe.experts.parameters())
         unused += expert_params * (moe.num_experts - 1) // moe.num_experts
     return total, total - unused

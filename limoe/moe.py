@@ -9,15 +9,22 @@ all-to-all; routing, capacity and BPR stay on the rank that owns the tokens.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import logging
 from typing import Optional
 
+import deepspeed.moe.layer
 import torch
 import torch.nn.functional as F
+from deepspeed.utils import groups as ds_groups
+from deepspeed.utils import logger as ds_logger
 from torch import Tensor, nn
 
 import kernels
 from limoe.config import MoeConfig
+from limoe.distributed import experts_all_to_all, experts_all_to_all_back
+from limoe.errors import LimoeError
+from limoe.layers import Mlp
 from limoe.losses import importance_loss, load_loss, modality_entropies, router_z_loss
 from limoe.routing import (
     NUM_MODALITIES,
@@ -37,32 +44,70 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
-class MoeMlp(nn.Module):
+@contextlib.contextmanager
+def _quiet_deepspeed():
+    """DeepSpeed logs a line per MoE layer it builds; a model build should not."""
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        ds_logger.setLevel(level)
+
+
+class MoeMlp(deepspeed.moe.layer.MoE):
     """Top-1 MoE replacing a block's MLP; each expert is a d → h → d GELU MLP.
 
-    Expert weights are stored stacked ([E_local, …]) so the expert FFN is a batched matmul.
-    `expert_parallel` (set by the trainer) shards the experts over ranks; None keeps all here.
+    It is a DeepSpeed `MoE` so the engine knows it: the experts live in DeepSpeed's `Experts`
+    container, whose parameters are marked `allreduce=False` with the group `ep_size_{ep}`; the
+    engine then reduces their gradients over the expert-data-parallel group only, clips with
+    the right global norm and saves them as expert shards. The router is DeepSpeed's gate
+    weight `wg` (no bias); DeepSpeed's own routing and forward are not used — this layer routes
+    with capacity per group, Batch Priority Routing and the LIMoE statistics.
+    Each rank holds E / ep experts; `set_deepspeed_parallelism` (called by the engine) fetches
+    the expert-parallel group used for the all-to-all.
     """
 
-    def __init__(self, width: int, hidden: int, config: MoeConfig):
-        super().__init__()
+    def __init__(self, width: int, hidden: int, config: MoeConfig, expert_parallel_size: int = 1):
+        if config.num_experts % expert_parallel_size:
+            raise LimoeError(
+                f"model.moe.num_experts {config.num_experts} is not divisible by "
+                f"distributed.expert_parallel_size {expert_parallel_size}."
+            )
+        with _quiet_deepspeed():
+            super().__init__(width, Mlp(width, hidden), num_experts=config.num_experts,
+                             ep_size=expert_parallel_size, k=1, use_rts=False)
         self.config = config
-        self.num_experts = config.num_experts
-        self.expert_parallel = None
-        self.router = nn.Linear(width, config.num_experts, bias=False)
-        self.w_in = nn.Parameter(torch.empty(config.num_experts, width, hidden))
-        self.b_in = nn.Parameter(torch.zeros(config.num_experts, hidden))
-        self.w_out = nn.Parameter(torch.empty(config.num_experts, hidden, width))
-        self.b_out = nn.Parameter(torch.zeros(config.num_experts, width))
+        self.expert_group = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each expert initialised like an `nn.Linear` of the same shape (and the router)."""
-        for weight in (self.w_in, self.w_out):
-            bound = 1.0 / math.sqrt(weight.shape[1])
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(self.b_in if weight is self.w_in else self.b_out, -bound, bound)
-        nn.init.normal_(self.router.weight, std=0.02)
+        """Independent `nn.Linear` initialisation per expert (they start as copies); router N(0, 0.02)."""
+        for expert in self.experts:
+            expert.fc1.reset_parameters()
+            expert.fc2.reset_parameters()
+        nn.init.normal_(self.router_weight, std=0.02)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        if self.ep_size > 1:
+            self.expert_group = ds_groups._get_expert_parallel_group(self.expert_group_name)
+
+    @property
+    def router_weight(self) -> nn.Parameter:
+        return self.deepspeed_moe.gate.wg.weight  # [E, d]
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts  # E_local × Mlp
+
+    def stacked_expert_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """w_in [E_l, d, h], b_in [E_l, h], w_out [E_l, h, d], b_out [E_l, d] for the batched FFN."""
+        w_in = torch.stack([e.fc1.weight for e in self.experts]).transpose(1, 2)
+        b_in = torch.stack([e.fc1.bias for e in self.experts])
+        w_out = torch.stack([e.fc2.weight for e in self.experts]).transpose(1, 2)
+        b_out = torch.stack([e.fc2.bias for e in self.experts])
+        return w_in, b_in, w_out, b_out
 
     @property
     def capacity_factor(self) -> Optional[float]:
@@ -81,7 +126,7 @@ class MoeMlp(nn.Module):
         groups, size = modality.shape
         flat = grouping.group(x, 0.0).reshape(groups * size, width)  # [G·S, d]
 
-        logits = F.linear(flat.float(), self.router.weight.float())  # [G·S, E], routed in fp32
+        logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E], routed in fp32
         noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
         probs, expert, gate = ops.top1_router(logits, noise)  # [G·S, E], [G·S], [G·S]
         valid = modality.reshape(-1) != PADDING
@@ -105,11 +150,12 @@ class MoeMlp(nn.Module):
 
     def _run_experts(self, ops, buffer: Tensor) -> Tensor:
         """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""
-        if self.expert_parallel is None:
-            return ops.expert_ffn(buffer, self.w_in, self.b_in, self.w_out, self.b_out)
-        local = self.expert_parallel.to_experts(buffer)  # [E_local, ep·G·C, d]
-        local = ops.expert_ffn(local, self.w_in, self.b_in, self.w_out, self.b_out)
-        return self.expert_parallel.from_experts(local)  # [E, G·C, d]
+        weights = self.stacked_expert_weights()
+        if self.expert_group is None:
+            return ops.expert_ffn(buffer, *weights)
+        local = experts_all_to_all(buffer, self.expert_group)  # [E_local, ep·G·C, d]
+        local = ops.expert_ffn(local, *weights)
+        return experts_all_to_all_back(local, self.expert_group)  # [E, G·C, d]
 
     def _routing_record(self, logits, noise, probs, modality, expert, slot, grouping, tokens, capacity) -> LayerRouting:
         """Auxiliary-loss inputs and statistics for this call. Shapes: [G, S, E] and [G, S]."""

@@ -18,11 +18,7 @@ def test_one_expert_with_room_for_all_equals_the_dense_mlp_outputs_and_gradients
     torch.manual_seed(0)
     moe = _moe(1, train_capacity_factor=1.0)  # capacity ≥ group tokens for one expert
     dense = Mlp(13, 29)
-    with torch.no_grad():
-        moe.w_in[0].copy_(dense.fc1.weight.T)
-        moe.b_in[0].copy_(dense.fc1.bias)
-        moe.w_out[0].copy_(dense.fc2.weight.T)
-        moe.b_out[0].copy_(dense.fc2.bias)
+    moe.experts[0].load_state_dict(dense.state_dict())
     x = torch.randn(5, 7, 13, requires_grad=True)
     x_dense = x.detach().clone().requires_grad_()
     modality = torch.full((5, 7), IMAGE)
@@ -32,10 +28,8 @@ def test_one_expert_with_room_for_all_equals_the_dense_mlp_outputs_and_gradients
     (y * upstream).sum().backward()
     (dense(x_dense) * upstream).sum().backward()
     torch.testing.assert_close(x.grad, x_dense.grad)
-    torch.testing.assert_close(moe.w_in.grad[0], dense.fc1.weight.grad.T)
-    torch.testing.assert_close(moe.b_in.grad[0], dense.fc1.bias.grad)
-    torch.testing.assert_close(moe.w_out.grad[0], dense.fc2.weight.grad.T)
-    torch.testing.assert_close(moe.b_out.grad[0], dense.fc2.bias.grad)
+    for name, parameter in dense.named_parameters():
+        torch.testing.assert_close(moe.experts[0].get_parameter(name).grad, parameter.grad)
     assert routing.kept_mask.all()
 
 
