@@ -1,0 +1,152 @@
+"""Routing statistics and the `limoe routing` report, checked on a model routed by hand.
+
+The hand-routed model has one MoE block (block 0) whose input is known exactly: attention adds
+nothing, patch and token embeddings are zero, and the position embeddings put +C (images) or
+−C (text) in feature 0. After the LayerNorm every image token is the same vector and every text
+token its mirror image, and the router reads feature 0, so image tokens go to expert 0 and
+text tokens to expert 1 with gate probabilities computed here independently of the MoE layer.
+"""
+
+import math
+
+import pytest
+import torch
+
+from limoe.config import load_model_config
+from limoe.model import PAD_TOKEN, Limoe
+from limoe.routing import entropy, expert_capacity
+from limoe.routing_stats import RoutingAccumulator, collapse_warnings, collapses, format_summary_table
+
+C = 100.0  # magnitude of the modality feature
+LOGIT = 2.0  # router logit of the chosen expert (and minus it for the mirrored one)
+
+
+def hand_routed_model(*overrides: str) -> Limoe:
+    """limoe-tiny cut to one MoE block of 4 experts: image → expert 0, text → expert 1 (cls → 2)."""
+    settings = ["depth=1", "moe.layers=[0]", "moe.num_experts=4", "moe.eval_capacity_factor=null", "moe.group_size=2"]
+    model = Limoe(load_model_config("limoe-tiny", settings + list(overrides))).eval()
+    block = model.blocks[0]
+    with torch.no_grad():
+        for tensor in (block.attention.out.weight, block.attention.out.bias, model.patch_embed.weight,
+                       model.patch_embed.bias, model.token_embed.weight, model.image_positions, model.text_positions):
+            tensor.zero_()
+        model.image_positions[:, 0] = C
+        model.text_positions[:, 0] = -C
+        scale = LOGIT / float(block.norm2(model.image_positions[:1])[0, 0])  # logit per unit of normalised feature 0
+        router = block.mlp.router_weight
+        router.zero_()
+        router[0, 0], router[1, 0] = scale, -scale
+        if model.cls_token is not None:  # the class token routes to expert 2 through feature 1
+            model.cls_token.zero_()
+            model.cls_token[..., 1] = C
+            router[2, 1] = 4 * scale
+    return model
+
+
+def gate_probabilities(model: Limoe, embedding: torch.Tensor) -> torch.Tensor:
+    """p(x) [E] for a token whose block input is `embedding` [d] (the router's math, written out)."""
+    block = model.blocks[0]
+    return torch.softmax(block.mlp.router_weight @ block.norm2(embedding), dim=-1)
+
+
+def random_batch(batch: int, seed: int, context_length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and captions of 3..16 tokens, the rest padding."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 1000, (batch, context_length), generator=generator)
+    lengths = torch.randint(3, context_length + 1, (batch, 1), generator=generator)
+    tokens[torch.arange(context_length) >= lengths] = PAD_TOKEN
+    return torch.randn(batch, 3, 64, 64, generator=generator), tokens
+
+
+def test_hand_routed_model_gives_exact_counts_shares_and_entropies():
+    model = hand_routed_model()
+    accumulator = RoutingAccumulator(model.config.moe_layers)
+    text_tokens = 0
+    with torch.no_grad():
+        for seed, batch in enumerate((5, 3)):
+            images, tokens = random_batch(batch, seed)
+            accumulator.add(model(images, tokens).routing)
+            text_tokens += int((tokens != PAD_TOKEN).sum())
+        p_image = gate_probabilities(model, model.image_positions[0])
+        p_text = gate_probabilities(model, model.text_positions[0])
+    assert p_image.argmax() == 0 and p_text.argmax() == 1
+
+    stats = accumulator.statistics()
+    assert stats["num_batches"] == 2 and stats["num_experts"] == 4
+    (layer,) = stats["layers"]
+    image, text = layer["image"], layer["text"]
+    assert layer["block"] == 0
+    assert image["tokens"] == 8 * 64 and image["routed"] == image["kept"] == [8 * 64, 0, 0, 0]
+    assert text["tokens"] == text_tokens and text["routed"] == text["kept"] == [0, text_tokens, 0, 0]
+    assert image["share"] == [1.0, 0.0, 0.0, 0.0] and text["share"] == [0.0, 1.0, 0.0, 0.0]
+    assert layer["image_share"] == [1.0, 0.0, None, None]
+    assert image["routing_success"] == text["routing_success"] == 1.0 and image["dropped"] == text["dropped"] == 0.0
+    assert image["experts_used"] == text["experts_used"] == 1
+    for modality, p in ((image, p_image), (text, p_text)):
+        # every token of a modality has the same gates, so the marginal entropy is the token entropy
+        assert modality["token_entropy"] == pytest.approx(float(entropy(p)), abs=1e-5)
+        assert modality["marginal_entropy"] == pytest.approx(float(entropy(p)), abs=1e-5)
+    # dropless: capacity = a group's tokens (2 examples × (64 patches + 16 text positions)), groups 3 + 2
+    slots = expert_capacity(2 * (64 + 16), 4, None) * (3 + 2)
+    assert layer["slots_per_expert"] == slots
+    assert layer["utilisation"] == pytest.approx([8 * 64 / slots, text_tokens / slots, 0.0, 0.0])
+    assert stats["max_entropy"] == pytest.approx(math.log(4))
+
+
+def test_accumulated_counts_equal_the_per_token_routing_of_every_batch():
+    torch.manual_seed(0)
+    config = load_model_config("limoe-tiny", ["moe.eval_capacity_factor=0.5"])  # drops in both layers
+    model = Limoe(config).eval()
+    accumulator = RoutingAccumulator(config.moe_layers)
+    expected = torch.zeros(len(config.moe_layers), 2, 2, 4)  # [layer, routed/kept, modality, expert]
+    with torch.no_grad():
+        for seed in range(3):
+            images, tokens = random_batch(6, seed)
+            routing = model(images, tokens).routing
+            accumulator.add(routing)
+            modality = torch.cat([torch.zeros(6, 64, dtype=torch.long), (tokens != PAD_TOKEN).long() * 2 - 1], dim=1)
+            for i, record in enumerate(routing):
+                for m in range(2):
+                    chosen = record.expert[modality == m]
+                    expected[i, 0, m] += torch.bincount(chosen, minlength=4)
+                    expected[i, 1, m] += torch.bincount(chosen[record.kept_mask[modality == m]], minlength=4)
+    stats = accumulator.statistics()
+    for i, layer in enumerate(stats["layers"]):
+        for m, name in enumerate(("image", "text")):
+            assert layer[name]["routed"] == expected[i, 0, m].long().tolist()
+            assert layer[name]["kept"] == expected[i, 1, m].long().tolist()
+        assert any(layer[name]["dropped"] > 0 for name in ("image", "text"))
+    assert [layer["block"] for layer in stats["layers"]] == list(config.moe_layers)
+
+
+def _statistics(image_share: list[float], text_share: list[float]) -> dict:
+    """A one-layer statistics dict (block 5) with the given per-expert shares."""
+
+    def modality(share):
+        return {"tokens": 1000, "share": share, "top_expert": share.index(max(share)), "top_share": max(share),
+                "experts_used": sum(s >= 0.01 for s in share)}
+
+    return {"num_experts": len(image_share), "layers": [{"block": 5, "image": modality(image_share),
+                                                          "text": modality(text_share)}]}
+
+
+def test_collapse_is_one_expert_with_90_percent_or_text_on_a_single_expert():
+    assert collapse_warnings(_statistics([0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0.0, 0.0])) == []
+    (image,) = collapses(_statistics([0.9, 0.05, 0.05, 0.0], [0.5, 0.5, 0.0, 0.0]))
+    assert (image.block, image.modality) == (5, "image") and "block 5" in image.message and "90%" in image.message
+    # 32 experts: one gets 70% of the text and 31 share the rest under 1% each
+    text_share = [0.7] + [0.3 / 31] * 31
+    (text,) = collapses(_statistics([1 / 32] * 32, text_share))
+    assert text.modality == "text" and "single expert" in text.message and "block 5" in text.message
+
+
+def test_summary_table_has_a_row_per_layer():
+    model = hand_routed_model()
+    accumulator = RoutingAccumulator(model.config.moe_layers)
+    with torch.no_grad():
+        accumulator.add(model(*random_batch(4, 0)).routing)
+    stats = accumulator.statistics()
+    table = format_summary_table(stats).splitlines()
+    assert len(table) == 2 + len(stats["layers"])
+    assert table[2].split()[:2] == ["0", f"256/{stats['layers'][0]['text']['tokens']}"]
+    assert len(collapse_warnings(stats)) == 2  # image and text each on one expert
