@@ -112,7 +112,12 @@ def _check_ffn_inputs(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_
         raise ValueError(f"expert_ffn: buf must be [E, N, d], got {list(buf.shape)}")
     experts, _, d = buf.shape
     hidden = w_in.shape[-1] if w_in.dim() == 3 else -1
-    expected = {"w_in": (experts, d, hidden), "b_in": (experts, hidden), "w_out": (experts, hidden, d), "b_out": (experts, d)}
+    expected = {
+        "w_in": (experts, d, hidden),
+        "b_in": (experts, hidden),
+        "w_out": (experts, hidden, d),
+        "b_out": (experts, d),
+    }
     for name, tensor in zip(expected, (w_in, b_in, w_out, b_out)):
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"expert_ffn: {name} must be {list(expected[name])}, got {list(tensor.shape)}")
@@ -128,7 +133,9 @@ def _check_ffn_inputs(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_
 
 
 @torch.library.custom_op("limoe_kernels::expert_ffn_with_pre", mutates_args=())
-def _expert_ffn_with_pre(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> tuple[Tensor, Tensor]:
+def _expert_ffn_with_pre(
+    buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor
+) -> tuple[Tensor, Tensor]:
     """→ (out [E, N, d], pre = buf·W_in [E, N, h]); pre is returned only so the backward can keep it."""
     _check_ffn_inputs(buf, w_in, b_in, w_out, b_out)
     pre = torch.bmm(buf, w_in)  # [E, N, h]

@@ -151,6 +151,8 @@ def _router_backward(
     logits: Tensor, noise: Optional[Tensor], probs: Tensor, expert: Tensor, gate: Tensor, dprobs: Tensor, dgate: Tensor
 ) -> Tensor:
     """Launch the backward kernel → dlogits [T, E] in the logits' dtype."""
+    logits = logits.contiguous()
+    noise = None if noise is None else noise.contiguous()
     tokens, num_experts = logits.shape
     dlogits = torch.empty_like(logits)  # [T, E]
     block_t, block_e = _blocks(num_experts)
@@ -187,7 +189,7 @@ def _top1_router_backward(
     logits: Tensor, noise: Optional[Tensor], probs: Tensor, expert: Tensor, gate: Tensor, dprobs: Tensor, dgate: Tensor
 ) -> Tensor:
     """The backward kernel as an op of its own, so torch.compile can trace the backward graph."""
-    return _router_backward(logits.contiguous(), None if noise is None else noise.contiguous(), probs, expert, gate, dprobs, dgate)
+    return _router_backward(logits, noise, probs, expert, gate, dprobs, dgate)
 
 
 @_top1_router_backward.register_fake

@@ -1,0 +1,99 @@
+"""bf16 parity of the compiled Triton kernels on a CUDA GPU, at sizes the interpreter cannot afford.
+
+Selected with `pytest -m gpu`; skipped without a GPU. Index outputs must match exactly; float
+outputs are held to the reference's own bf16 error: both are compared with an fp32 computation on
+the same bf16 inputs, and the kernels may be at most a little worse than the reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+TORCH, TRITON = kernels.get_ops("torch"), kernels.get_ops("triton")
+
+
+def _rel_error(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-12)).item()
+
+
+def _assert_parity(got, ref_bf16, exact_fp32):
+    """The kernel's error against fp32 is at most 1.5× the bf16 reference's, plus a bf16 ulp."""
+    assert _rel_error(got, exact_fp32) <= 1.5 * _rel_error(ref_bf16, exact_fp32) + 4e-3
+
+
+def _grads(fn, inputs, upstream, dtype):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(list(outputs), [u.to(out.dtype) for out, u in zip(outputs, upstream)])
+    return outputs, [x.grad for x in leaves]
+
+
+def test_router_bf16():
+    logits = torch.randn(65536, 32, device="cuda").bfloat16()
+    noise = torch.randn(65536, 32, device="cuda") / 32
+    probs, expert, gate = TRITON.top1_router(logits, noise)
+    probs_ref, expert_ref, gate_ref = TORCH.top1_router(logits, noise)
+    assert (expert == expert_ref).float().mean() > 0.9999  # fp32 math on both sides; near-ties aside
+    torch.testing.assert_close(probs, probs_ref)
+    torch.testing.assert_close(gate, gate_ref)
+
+
+@pytest.mark.parametrize("groups, size, num_experts", [(32, 2048, 8), (1, 65536, 32), (16, 4096, 64)])
+def test_slots_large(groups, size, num_experts):
+    expert = torch.randint(-1, num_experts, (groups, size), device="cuda")
+    gate = torch.rand(groups, size, device="cuda").bfloat16()  # bf16: many exact ties
+    capacity = size // num_experts
+    for batch_priority in (True, False):
+        got = TRITON.assign_slots(expert, gate, num_experts, capacity, batch_priority)
+        assert torch.equal(got, TORCH.assign_slots(expert, gate, num_experts, capacity, batch_priority))
+
+
+def test_dispatch_combine_bf16():
+    tokens, d, num_rows = 16384, 1280, 20480
+    x = torch.randn(tokens, d, device="cuda").bfloat16()
+    row = torch.randperm(num_rows, device="cuda")[:tokens]
+    row = torch.where(torch.rand(tokens, device="cuda") < 0.1, -1, row)
+    assert torch.equal(TRITON.dispatch(x, row, num_rows), TORCH.dispatch(x, row, num_rows))
+    buf = torch.randn(num_rows, d, device="cuda")
+    gate = torch.rand(tokens, device="cuda")
+    dy = torch.randn(tokens, d, device="cuda")
+    exact = _grads(lambda b, g: TORCH.combine(b, row, g), [buf, gate], [dy], torch.float32)
+    ref = _grads(lambda b, g: TORCH.combine(b.bfloat16(), row, g), [buf, gate], [dy], torch.float32)
+    got = _grads(lambda b, g: TRITON.combine(b.bfloat16(), row, g), [buf, gate], [dy], torch.float32)
+    for g, r, e in zip([*got[0], *got[1]], [*ref[0], *ref[1]], [*exact[0], *exact[1]]):
+        _assert_parity(g, r, e)
+
+
+def test_expert_ffn_bf16():
+    e, n, d, h = 8, 2048, 768, 3072
+    inputs = [torch.randn(e, n, d), torch.randn(e, d, h) / d**0.5, torch.randn(e, h) / 10,
+              torch.randn(e, h, d) / h**0.5, torch.randn(e, d) / 10]
+    inputs = [x.cuda() for x in inputs]
+    dout = [torch.randn(e, n, d, device="cuda")]
+    exact = _grads(TORCH.expert_ffn, inputs, dout, torch.float32)
+    ref = _grads(TORCH.expert_ffn, inputs, dout, torch.bfloat16)
+    got = _grads(TRITON.expert_ffn, inputs, dout, torch.bfloat16)
+    for g, r, x in zip([*got[0], *got[1]], [*ref[0], *ref[1]], [*exact[0], *exact[1]]):
+        _assert_parity(g, r, x)
+
+
+def test_layer_bf16(moe_layer, layer_inputs):
+    inputs, noise, padding = layer_inputs("cuda", tokens=8192, d=256, hidden=1024, num_experts=8)
+    upstream = [torch.randn(8192, 256, device="cuda"), torch.randn(8192, 8, device="cuda")]
+
+    def layer(ops):
+        return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, 8, 1.25, True, padding)
+
+    ref = _grads(layer(TORCH), inputs, upstream, torch.bfloat16)
+    got = _grads(layer(TRITON), inputs, upstream, torch.bfloat16)
+    exact = _grads(layer(TORCH), inputs, upstream, torch.float32)
+    for g, r, x in zip([*got[0], *got[1]], [*ref[0], *ref[1]], [*exact[0], *exact[1]]):
+        _assert_parity(g, r, x)

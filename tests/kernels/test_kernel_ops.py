@@ -1,0 +1,81 @@
+"""The op sets as the MoE layer uses them: get_ops, a whole top-1 layer built from either backend
+(values and gradients to x, router weights and expert weights), torch.compile and op registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+OP_NAMES = ("top1_router", "assign_slots", "dispatch", "combine", "expert_ffn")
+
+
+def test_get_ops_namespaces():
+    for backend in ("torch", "triton"):
+        assert all(callable(getattr(kernels.get_ops(backend), name)) for name in OP_NAMES)
+    with pytest.raises(ValueError, match="unknown"):
+        kernels.get_ops("cuda")
+
+
+@pytest.mark.parametrize("capacity_factor, batch_priority", [(1.0, True), (0.5, True), (1.25, False)])
+def test_layer_matches_reference(
+    device, with_grads, ops_pair, moe_layer, layer_inputs, capacity_factor, batch_priority
+):
+    inputs, noise, padding = layer_inputs(device)
+    reference, triton_ops = ops_pair
+    upstream = [torch.randn(96, 24, device=device), torch.randn(96, 5, device=device)]
+
+    def layer(ops):
+        return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, 4, capacity_factor, batch_priority, padding)
+
+    outputs, grads = with_grads(layer(triton_ops), inputs, upstream)
+    outputs_ref, grads_ref = with_grads(layer(reference), inputs, upstream)
+    for out, out_ref in zip(outputs, outputs_ref):
+        torch.testing.assert_close(out, out_ref)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref)
+    assert all(grad.abs().sum() > 0 for grad in grads)  # every parameter is reached
+
+
+def test_layer_under_torch_compile(device, with_grads, ops_pair, moe_layer, layer_inputs):
+    """Fake kernels and backward ops let torch.compile trace the layer in one graph, backward too."""
+    inputs, noise, padding = layer_inputs(device)
+    _, triton_ops = ops_pair
+    upstream = [torch.randn(96, 24, device=device), torch.randn(96, 5, device=device)]
+
+    def layer(x, w, *ffn):
+        return moe_layer(triton_ops, x, w, ffn, noise, 4, 1.0, True, padding)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outputs, grads = with_grads(compiled, inputs, upstream)
+    outputs_ref, grads_ref = with_grads(layer, inputs, upstream)
+    for got, want in zip([*outputs, *grads], [*outputs_ref, *grads_ref]):
+        torch.testing.assert_close(got, want)
+
+
+def _opcheck_cases(device):
+    logits = torch.randn(20, 5, device=device, requires_grad=True)
+    row = torch.tensor([3, -1, 0, 7, 5, -1], device=device)
+    expert = torch.randint(-1, 4, (2, 10), device=device)
+    ffn_shapes = ((2, 5, 8), (2, 8, 16), (2, 16), (2, 16, 8), (2, 8))
+    return {
+        "top1_router": (kernels.router.top1_router, (logits, torch.randn(20, 5, device=device))),
+        "assign_slots": (kernels.slots.assign_slots, (expert, torch.rand(2, 10, device=device), 4, 2, True)),
+        "dispatch": (kernels.dispatch.dispatch, (torch.randn(6, 9, device=device, requires_grad=True), row, 8)),
+        "combine": (
+            kernels.combine.combine,
+            (torch.randn(8, 9, device=device, requires_grad=True), row, torch.rand(6, device=device).requires_grad_()),
+        ),
+        "expert_ffn": (
+            kernels.expert_ffn._expert_ffn_with_pre,
+            [torch.randn(shape, device=device, requires_grad=True) for shape in ffn_shapes],
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_op_registration(device, name):
+    """torch.library.opcheck: schema, fake kernels, autograd registration and AOT tracing agree."""
+    op, args = _opcheck_cases(device)[name]
+    torch.library.opcheck(op, args)

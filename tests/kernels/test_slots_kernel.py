@@ -1,0 +1,86 @@
+"""Triton slot assignment against the reference: exact equality, BPR and vanilla."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.slots import assign_slots, assign_slots_reference
+
+
+def _check(expert, gate, num_experts, capacity):
+    """Both priority modes equal the reference; returns the BPR slots."""
+    slots = {}
+    for batch_priority in (False, True):
+        slots[batch_priority] = assign_slots(expert, gate, num_experts, capacity, batch_priority)
+        expected = assign_slots_reference(expert, gate, num_experts, capacity, batch_priority)
+        assert torch.equal(slots[batch_priority], expected), f"batch_priority={batch_priority}"
+    return slots[True]
+
+
+@pytest.mark.parametrize(
+    "groups, size, num_experts, capacity",
+    [
+        (3, 300, 5, 40),  # size not a multiple of the chunk; some drops
+        (2, 300, 33, 4),  # 64-wide expert tile, 64-token chunks: the cross-chunk scan matters
+        (1, 257, 32, 3),  # capacity far below demand
+        (4, 50, 3, 50),  # capacity above demand: nothing dropped
+        (2, 77, 1, 20),  # one expert
+        (1, 1, 4, 1),
+    ],
+)
+def test_matches_reference(device, groups, size, num_experts, capacity):
+    expert = torch.randint(0, num_experts, (groups, size), device=device)
+    gate = torch.rand(groups, size, device=device)
+    _check(expert, gate, num_experts, capacity)
+
+
+def test_all_tokens_choose_one_expert(device):
+    expert = torch.full((2, 130), 3, device=device)
+    gate = torch.rand(2, 130, device=device)
+    slot = _check(expert, gate, 8, 10)
+    assert ((slot >= 0).sum(dim=1) == 10).all()
+    kept_gates = torch.where(slot >= 0, gate, -1.0).topk(10, dim=1).values
+    torch.testing.assert_close(kept_gates, gate.topk(10, dim=1).values)  # BPR keeps the highest gates
+
+
+def test_zero_capacity_drops_everything(device):
+    expert = torch.randint(0, 4, (2, 40), device=device)
+    assert (_check(expert, torch.rand(2, 40, device=device), 4, 0) == -1).all()
+
+
+def test_padding_takes_no_slot(device):
+    expert = torch.randint(0, 6, (3, 200), device=device)
+    expert[:, 150:] = -1
+    expert[1, ::3] = -1
+    slot = _check(expert, torch.rand(3, 200, device=device), 6, 12)
+    assert (slot[expert < 0] == -1).all()
+
+
+def test_gate_ties_keep_position_order(device):
+    """Few distinct gate values: BPR must break ties by position (a stable sort)."""
+    expert = torch.randint(0, 3, (2, 300), device=device)
+    gate = torch.randint(0, 3, (2, 300), device=device).float() / 4
+    _check(expert, gate, 3, 30)
+    same = torch.zeros(1, 9, dtype=torch.int64, device=device)
+    slot = assign_slots(same, torch.ones(1, 9, device=device), 1, 4, True)
+    assert slot.tolist() == [[0, 1, 2, 3, -1, -1, -1, -1, -1]]
+
+
+def test_empty_groups(device):
+    expert = torch.zeros(0, 16, dtype=torch.int64, device=device)
+    assert assign_slots(expert, torch.zeros(0, 16, device=device), 2, 3, True).shape == (0, 16)
+
+
+@pytest.mark.parametrize(
+    "expert, gate, capacity, message",
+    [
+        (torch.zeros(6, dtype=torch.int64), torch.zeros(6), 1, "expert must be"),
+        (torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3), 1, "int64"),
+        (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(3, 2), 1, "gate"),
+        (torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3), -1, "capacity"),
+    ],
+)
+def test_rejects_bad_inputs(expert, gate, capacity, message):
+    with pytest.raises(ValueError, match=message):
+        assign_slots(expert, gate, 4, capacity, True)
