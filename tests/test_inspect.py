@@ -7,14 +7,27 @@ token its mirror image, and the router reads feature 0, so image tokens go to ex
 text tokens to expert 1 with gate probabilities computed here independently of the MoE layer.
 """
 
+import contextlib
+import functools
+import io
+import itertools
+import json
 import math
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from limoe.config import load_model_config
+from limoe.checkpoint import load_model, save_model_file
+from limoe.cli import main
+from limoe.config import Config, load_model_config
+from limoe.data import eval_loader
+from limoe.inspect import WORKERS
 from limoe.model import PAD_TOKEN, Limoe
 from limoe.routing import entropy, expert_capacity
+from limoe.routing_plots import PICTURES
 from limoe.routing_stats import RoutingAccumulator, collapse_warnings, collapses, format_summary_table
 
 C = 100.0  # magnitude of the modality feature
@@ -150,3 +163,164 @@ def test_summary_table_has_a_row_per_layer():
     assert len(table) == 2 + len(stats["layers"])
     assert table[2].split()[:2] == ["0", f"256/{stats['layers'][0]['text']['tokens']}"]
     assert len(collapse_warnings(stats)) == 2  # image and text each on one expert
+
+
+# --- the `limoe routing` report ------------------------------------------------------------------
+
+HELDOUT = "data_shards/heldout"
+BATCHES, BATCH = 2, 6
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    """`limoe ARGS` in this process: (exit status, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(list(args))
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+def _save(model: Limoe, path: Path) -> Path:
+    save_model_file(model, Config(model=model.config), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One `limoe routing --compare` run over 2 held-out batches of 6: `exact` is the dropless
+    hand-routed model; `tight` also has a class token (routed to expert 2) and capacity factor 1
+    in its config, below what expert 0 is asked for (64 patches per example)."""
+    root = tmp_path_factory.mktemp("routing")
+    exact = _save(hand_routed_model(), root / "exact.safetensors")
+    tight = _save(hand_routed_model("image_pool=cls", "moe.eval_capacity_factor=1.0"), root / "tight.safetensors")
+    status, stdout, stderr = _run("routing", "--checkpoint", str(exact), "--compare", str(tight), "--data", HELDOUT,
+                                  "--output", str(root / "out"), "--num-batches", str(BATCHES), "--batch-size",
+                                  str(BATCH), "--device", "cpu")
+    assert status == 0, stderr
+    return {"exact": exact, "tight": tight, "out": root / "out", "stdout": stdout,
+            "json": json.loads((root / "out" / "routing.json").read_text())}
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_routing(path: Path) -> tuple[Limoe, list]:
+    """The checkpoint's model and its LayerRouting for the report's batches (same loader and
+    worker count, so the same samples in the same order), run here directly."""
+    model, _ = load_model(path)
+    with torch.no_grad():
+        routing = [(batch, model(batch.images, batch.tokens).routing[0])
+                   for batch in itertools.islice(eval_loader(HELDOUT, BATCH, 64, 16, WORKERS), BATCHES)]
+    return model, routing
+
+
+def _counts(model: Limoe, routing: list) -> torch.Tensor:
+    """[routed/kept, modality, expert] from the per-token expert and kept_mask maps."""
+    counts = torch.zeros(2, 2, 4, dtype=torch.long)
+    first_text = model.config.num_patches + (model.cls_token is not None)
+    for batch, record in routing:
+        modality = torch.zeros_like(record.expert)
+        modality[:, first_text:] = torch.where(batch.tokens != PAD_TOKEN, 1, -1)
+        for m in range(2):
+            counts[0, m] += torch.bincount(record.expert[modality == m], minlength=4)
+            counts[1, m] += torch.bincount(record.expert[(modality == m) & record.kept_mask], minlength=4)
+    return counts
+
+
+def test_report_of_the_hand_routed_model_is_exact(report):
+    model, routing = _direct_routing(report["exact"])
+    text_tokens = sum(int((batch.tokens != PAD_TOKEN).sum()) for batch, _ in routing)
+    checkpoint = report["json"]["checkpoints"][0]
+    assert checkpoint["name"] == "exact.safetensors" and checkpoint["capacity_factor"] is None
+    (layer,) = checkpoint["statistics"]["layers"]
+    assert layer["image"]["routed"] == layer["image"]["kept"] == [BATCHES * BATCH * 64, 0, 0, 0]
+    assert layer["text"]["routed"] == layer["text"]["kept"] == [0, text_tokens, 0, 0]
+    assert layer["image_share"] == [1.0, 0.0, None, None]
+    with torch.no_grad():
+        for modality, position in (("image", model.image_positions[0]), ("text", model.text_positions[0])):
+            expected = float(entropy(gate_probabilities(model, position)))
+            assert layer[modality]["token_entropy"] == pytest.approx(expected, abs=1e-5)
+            assert layer[modality]["marginal_entropy"] == pytest.approx(expected, abs=1e-5)
+    assert len(checkpoint["collapse_warnings"]) == 2
+    assert "exact.safetensors:" in report["stdout"] and "routing collapse in MoE block 0" in report["stdout"]
+
+
+def test_reported_drops_are_the_drops_the_moe_layer_made(report):
+    model, routing = _direct_routing(report["tight"])
+    counts = _counts(model, routing)
+    checkpoint = report["json"]["checkpoints"][1]
+    assert checkpoint["capacity_factor"] == 1.0
+    (layer,) = checkpoint["statistics"]["layers"]
+    for m, name in enumerate(("image", "text")):
+        assert layer[name]["routed"] == counts[0, m].tolist()
+        assert layer[name]["kept"] == counts[1, m].tolist()
+    # a group of 2 examples has 2·(1 + 64 + 16) positions: 44 slots per expert, 6 groups in all
+    assert layer["image"]["routed"] == [BATCHES * BATCH * 64, 0, BATCHES * BATCH, 0]
+    assert layer["image"]["kept"] == [6 * 44, 0, BATCHES * BATCH, 0]
+    assert layer["image"]["dropped"] == pytest.approx(1 - (6 * 44 + 12) / (12 * 65))
+    assert layer["text"]["dropped"] == 0.0
+
+
+def test_examples_have_one_cell_per_patch_and_one_label_per_token(report, tmp_path):
+    _, routing = _direct_routing(report["tight"])
+    batch, record = routing[0]
+    caption = _first_caption()
+    for checkpoint in report["json"]["checkpoints"]:
+        assert checkpoint["pictured_block"] == 0
+        for i, example in enumerate(checkpoint["examples"]):
+            assert example["key"] == batch.keys[i]
+            assert torch.tensor(example["patch_experts"]).shape == (8, 8)  # 64 px / 8 px patches
+            assert torch.tensor(example["patch_experts"]).eq(0).all()  # the class token (expert 2) is not a patch
+            real = int((batch.tokens[i] != PAD_TOKEN).sum())
+            assert len(example["tokens"]) == len(example["token_experts"]) == len(example["token_kept"]) == real
+            assert set(example["token_experts"]) == {1}
+            assert example["tokens"][0] == "<sot>" and example["tokens"][-1] == "<eot>"
+        assert " ".join(checkpoint["examples"][0]["tokens"][1:-1]) == caption.lower()
+    tight_examples = report["json"]["checkpoints"][1]["examples"]
+    patch_kept = record.kept_mask[: len(tight_examples), 1:65].reshape(-1, 8, 8)  # after the class token
+    assert [example["patch_kept"] for example in tight_examples] == patch_kept.tolist()
+    assert not patch_kept.all()
+
+
+def _first_caption() -> str:
+    with tarfile.open(sorted(Path(HELDOUT).glob("*.tar*"))[0]) as shard:
+        return shard.extractfile("000000000.txt").read().decode().strip()
+
+
+def test_pictures_are_pngs_of_the_layout_size(report):
+    examples = report["json"]["checkpoints"][0]["examples"]
+    longest = max(len(example["tokens"]) for example in examples)
+    # two checkpoints side by side, one MoE layer of 4 experts, 4 examples
+    expected = {
+        "modality_mix.png": (2 * (160 + 45 * 4), 200 + 60),
+        "expert_heatmap.png": (2 * (140 + 50 * 4), 130 + 40),
+        "drop_rates.png": (2 * (160 + 70), 260),
+        "patch_experts.png": (2 * 240, 4 * 260 + 60),
+        "token_experts.png": (160 + 80 * longest, 4 * 2 * 70 + 60),
+    }
+    assert set(expected) == set(PICTURES)
+    for name, size in expected.items():
+        path = report["out"] / name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.size == size, name
+
+
+def test_capacity_factor_option_applies_to_the_checkpoint(report, tmp_path):
+    status, _, stderr = _run("routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output",
+                             str(tmp_path), "--num-batches", "1", "--batch-size", "2", "--capacity-factor", "1.0",
+                             "--device", "cpu")
+    assert status == 0, stderr
+    (checkpoint,) = json.loads((tmp_path / "routing.json").read_text())["checkpoints"]
+    assert checkpoint["capacity_factor"] == 1.0
+    assert checkpoint["statistics"]["layers"][0]["image"]["kept"] == [40, 0, 0, 0]  # one group: 2·(64 + 16) / 4 = 40 slots
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "compare"])
+def test_a_missing_checkpoint_is_one_line_and_a_nonzero_exit(report, tmp_path, which):
+    paths = {"checkpoint": str(report["exact"]), "compare": str(report["exact"])}
+    paths[which] = str(tmp_path / "missing.safetensors")
+    status, stdout, stderr = _run("routing", "--checkpoint", paths["checkpoint"], "--compare", paths["compare"],
+                                  "--data", HELDOUT, "--output", str(tmp_path / "out"))
+    assert status != 0
+    assert stderr.count("\n") == 1 and stderr.startswith("limoe: error:") and "missing.safetensors" in stderr
+    assert not (tmp_path / "out").exists()
