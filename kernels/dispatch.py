@@ -70,9 +70,9 @@ def gather_rows(src: Tensor, index: Tensor) -> Tensor:
     n_out, d = index.shape[0], src.shape[1]
     out = src.new_empty(n_out, d)  # [M, d]
     block_d = min(triton.next_power_of_2(max(d, 1)), 256)
-    grid = (triton.cdiv(n_out, 16), triton.cdiv(d, block_d))
+    grid = (triton.cdiv(n_out, 8), triton.cdiv(d, block_d))
     if n_out and d:
-        _gather_rows_kernel[grid](src.contiguous(), index, out, n_out, d, BLOCK_R=16, BLOCK_D=block_d)
+        _gather_rows_kernel[grid](src.contiguous(), index, out, n_out, d, BLOCK_R=8, BLOCK_D=block_d)
     return out
 
 

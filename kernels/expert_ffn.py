@@ -80,11 +80,12 @@ def _bias_gelu_bwd_kernel(
 
 
 def _grid(pre: Tensor) -> tuple[tuple[int, int], dict[str, int]]:
-    """Tiles of 32 rows × up to 128 hidden units over the [E·N, h] view of pre."""
+    """Tiles of 4 rows × up to 256 hidden units over the [E·N, h] view of pre: 8 elements per
+    thread, where bigger tiles only add registers (the backward reaches 116 at 16 × 128 on sm_90)."""
     experts, slots, hidden = pre.shape
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), 128)
-    grid = (triton.cdiv(experts * slots, 32), triton.cdiv(hidden, block_h))
-    return grid, dict(BLOCK_M=32, BLOCK_H=block_h)
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), 256)
+    grid = (triton.cdiv(experts * slots, 4), triton.cdiv(hidden, block_h))
+    return grid, dict(BLOCK_M=4, BLOCK_H=block_h)
 
 
 def _bias_gelu(pre: Tensor, b_in: Tensor) -> Tensor:
