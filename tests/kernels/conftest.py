@@ -8,7 +8,6 @@ tile. bf16 parity is checked on a GPU only (tests marked `gpu`).
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import pytest
@@ -17,6 +16,7 @@ from torch import Tensor
 
 import kernels
 from kernels._launch import interpreting
+from kernels.bench import top1_moe_layer
 
 
 @pytest.fixture(autouse=True)
@@ -61,24 +61,8 @@ def with_grads() -> Callable:
     return run_with_grads
 
 
-def _moe_layer(ops, x, w_router, ffn, noise, groups, capacity_factor, batch_priority, padding):
-    """Top-1 MoE layer from the five ops, as limoe/moe.py composes them: x [T, d] → (y [T, d], probs [T, E])."""
-    tokens, d = x.shape
-    num_experts = w_router.shape[1]
-    size = tokens // groups
-    capacity = math.ceil(capacity_factor * size / num_experts)
-    probs, expert, gate = ops.top1_router(x @ w_router, noise)  # [T, E], [T], [T]
-    expert = expert.masked_fill(padding, -1)
-    slot = ops.assign_slots(expert.view(groups, size), gate.view(groups, size), num_experts, capacity, batch_priority)
-    group = torch.arange(groups, device=x.device)[:, None]  # [G, 1]
-    row = torch.where(slot >= 0, expert.view(groups, size) * (groups * capacity) + group * capacity + slot, -1)
-    num_rows = num_experts * groups * capacity
-    buf = ops.dispatch(x, row.view(tokens), num_rows).view(num_experts, groups * capacity, d)
-    out = ops.expert_ffn(buf, *ffn)  # [E, G·C, d]
-    return ops.combine(out.view(num_rows, d), row.view(tokens), gate), probs
-
-
 def _layer_inputs(device, tokens=96, d=24, hidden=40, num_experts=5):
+    """([x, w_router, w_in, b_in, w_out, b_out], noise, padding) with the last 7 tokens padding."""
     x = torch.randn(tokens, d, device=device)
     w_router = torch.randn(d, num_experts, device=device) / d**0.5
     ffn = [
@@ -95,7 +79,8 @@ def _layer_inputs(device, tokens=96, d=24, hidden=40, num_experts=5):
 
 @pytest.fixture
 def moe_layer() -> Callable:
-    return _moe_layer
+    """The layer composed from an op set, as the benchmark runs it (kernels.bench.top1_moe_layer)."""
+    return top1_moe_layer
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def test_layer_bf16(moe_layer, layer_inputs):
     upstream = [torch.randn(8192, 256, device="cuda"), torch.randn(8192, 8, device="cuda")]
 
     def layer(ops):
-        return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, 8, 1.25, True, padding)
+        return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, 8, 160, True, padding)  # c = 1.25
 
     ref = _grads(layer(TORCH), inputs, upstream, torch.bfloat16)
     got = _grads(layer(TRITON), inputs, upstream, torch.bfloat16)
