@@ -288,6 +288,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.tokens, args.shapes, args.capacity, args.warmup, args.iters = [16384], ["base"], [1.0], 3, 10
     if args.cpu:
         args.warmup, args.iters = 1, 2
+    elif any(tokens % min(args.group_tokens, tokens) for tokens in args.tokens):
+        parser.error(f"every --tokens value must be a multiple of --group-tokens ({args.group_tokens})")
     return args
 
 

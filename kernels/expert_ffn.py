@@ -5,11 +5,12 @@ Every expert holds the same number of slots (its capacity per group × groups), 
 batched matmuls; cuBLAS does them at dense-GEMM speed.
 
 The Triton path keeps the two cuBLAS bmm calls (uniform capacity makes a grouped GEMM pointless)
-and changes what happens around them: bias + exact GELU run as one fused elementwise kernel, and
-the backward recomputes GELU from the saved pre-activation instead of saving its output. That
-keeps one [E, N, h] tensor per layer alive for the backward instead of two (autograd on the
-reference saves both the baddbmm output and the GELU output), and in the backward one kernel
-reads pre-activation and upstream gradient once to produce both GELU(pre) and dpre:
+and changes what happens around them: bias + exact GELU run as one fused elementwise kernel (no
+broadcast bias copy for baddbmm to read), and the backward recomputes GELU from the saved
+pre-activation instead of saving its output. That keeps one [E, N, h] tensor per layer alive for
+the backward instead of two (autograd on the reference saves both the baddbmm output and the GELU
+output), at the price of one extra [E, N, h] write in the backward: one kernel reads the
+pre-activation and the upstream gradient once and writes both GELU(x) and dpre:
     x = pre + b_in,  GELU(x) = x·Φ(x),  GELU'(x) = Φ(x) + x·φ(x)
     dpre = dact · GELU'(x),  db_in = Σ_n dpre,  dW_in = bufᵀ·dpre,  dbuf = dpre·W_inᵀ
     dact = dout · W_outᵀ,    dW_out = GELU(x)ᵀ·dout,  db_out = Σ_n dout
