@@ -4,4 +4,14 @@ The model (`limoe.model.Limoe`) is one transformer tower for images and text who
 route both modalities' tokens jointly with top-1 Batch Priority Routing.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+if "DS_ACCELERATOR" not in os.environ:
+    # DeepSpeed probes for an accelerator on import and warns when it falls back to the CPU;
+    # say which one it is so a CPU machine runs quietly.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"

@@ -8,10 +8,36 @@ for rank-aware code.
 
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import deepspeed
+import deepspeed.ops
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single
+
+
+@dataclass(frozen=True)
+class ExpertSharding:
+    """Which experts this rank holds: experts are split in `size` contiguous chunks, chunk `rank` here.
+
+    DeepSpeed's expert-parallel groups are consecutive ranks ([0, 1], [2, 3], … for ep = 2), so
+    a process's expert-parallel rank is its global rank modulo ep.
+    """
+
+    size: int = 1
+    rank: int = 0
+
+    def global_index(self, local_index: int, local_experts: int) -> int:
+        return self.rank * local_experts + local_index
+
+    @classmethod
+    def for_process(cls, expert_parallel_size: int) -> "ExpertSharding":
+        return cls(expert_parallel_size, rank_and_world()[0] % expert_parallel_size)
 
 
 def experts_all_to_all(buffer: Tensor, group) -> Tensor:
@@ -46,3 +72,28 @@ def rank_and_world() -> tuple[int, int]:
 
 def is_main_process() -> bool:
     return rank_and_world()[0] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_process_group(backend: str, timeout_minutes: int) -> tuple[int, int, int]:
+    """Join the launcher's process group, or make a one-process group; → (rank, world, local rank).
+
+    `deepspeed` and `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK and the master address; a plain
+    `limoe train` gets a single-process group on a free local port, so one code path serves both.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if backend == "gloo":
+        # DeepSpeed compiles a shared-memory all-reduce for CPU inference on first use (a minute of
+        # C++ build); gloo needs none of it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])

@@ -120,7 +120,7 @@ class ContrastiveLoss(nn.Module):
         self.kind = kind
         if kind == "siglip":
             self.loss = SigLipLoss(rank=rank, world_size=world)
-            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+            self.logit_bias = nn.Parameter(torch.tensor([-10.0]))  # [1]: see Limoe.logit_scale
         else:
             self.loss = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
             self.logit_bias = None

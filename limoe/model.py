@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from limoe.config import ModelConfig
+from limoe.distributed import ExpertSharding
 from limoe.layers import Attention, Mlp, Pool
 from limoe.moe import MoeMlp
 from limoe.routing import IMAGE, PADDING, TEXT, LayerRouting
@@ -38,20 +39,20 @@ class Tokens:
 class LimoeOutput:
     image_features: Tensor  # [B, D] L2-normalised
     text_features: Tensor  # [B, D] L2-normalised
-    logit_scale: Tensor  # [] learned log-temperature (open_clip multiplies by its exp)
+    logit_scale: Tensor  # [1] learned log-temperature (open_clip multiplies by its exp)
     routing: list[LayerRouting]  # one per MoE block, in depth order
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x)), the MLP dense or MoE."""
 
-    def __init__(self, config: ModelConfig, sparse: bool, expert_parallel_size: int = 1):
+    def __init__(self, config: ModelConfig, sparse: bool, sharding: ExpertSharding):
         super().__init__()
         self.norm1 = nn.LayerNorm(config.width)
         self.attention = Attention(config.width, config.heads)
         self.norm2 = nn.LayerNorm(config.width)
         if sparse:
-            self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe, expert_parallel_size)
+            self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe, sharding)
         else:
             self.mlp = Mlp(config.width, config.mlp_dim)
 
@@ -78,10 +79,12 @@ class Block(nn.Module):
 class Limoe(nn.Module):
     """The single-tower contrastive model, with open_clip's `encode_image` / `encode_text` interface.
 
-    With `expert_parallel_size` ep > 1 each MoE block holds E / ep experts (this rank's share).
+    With expert parallelism (`sharding.size` = ep > 1) each MoE block holds this rank's E / ep
+    experts; the weights are the same as the unsharded model's for the same seed.
     """
 
-    def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0), expert_parallel_size: int = 1):
+    def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0),
+                 sharding: ExpertSharding = ExpertSharding()):
         super().__init__()
         self.config = config
         width = config.width
@@ -91,28 +94,29 @@ class Limoe(nn.Module):
         self.token_embed = nn.Embedding(config.vocab_size, width)
         self.text_positions = nn.Parameter(torch.randn(config.context_length, width) * 0.01)  # [L, d]
         moe_layers = set(config.moe_layers)
-        self.blocks = nn.ModuleList(Block(config, i in moe_layers, expert_parallel_size) for i in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers, sharding) for i in range(config.depth))
         self.norm = nn.LayerNorm(width)
         self.image_pool = Pool(config.image_pool, width, config.heads, config.mlp_dim)
         self.text_pool = Pool(config.text_pool, width, config.heads, config.mlp_dim)
         self.image_proj = nn.Linear(width, config.embed_dim, bias=False)
         self.text_proj = nn.Linear(width, config.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(logit_scale_init))
+        # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
+        self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
         self._init_weights()
 
     def _init_weights(self) -> None:
         """ViT practice: Xavier-uniform linear weights, zero biases, N(0, 0.02) token embeddings.
 
-        The MoE layers then re-initialise their experts and router their own way.
+        The MoE layers initialise their router and experts themselves (see `MoeMlp`), so that the
+        global RNG advances the same whether or not the experts are sharded.
         """
+        inside_moe = {id(m) for moe in self.moe_blocks for m in moe.modules()}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and id(module) not in inside_moe:
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.token_embed.weight, std=0.02)
-        for moe in self.moe_blocks:
-            moe.reset_parameters()
 
     @property
     def moe_blocks(self) -> list[MoeMlp]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 import kernels
 from limoe.config import MoeConfig
-from limoe.distributed import experts_all_to_all, experts_all_to_all_back
+from limoe.distributed import ExpertSharding, experts_all_to_all, experts_all_to_all_back
 from limoe.errors import LimoeError
 from limoe.layers import Mlp
 from limoe.losses import importance_loss, load_loss, modality_entropies, router_z_loss
@@ -68,24 +68,38 @@ class MoeMlp(deepspeed.moe.layer.MoE):
     the expert-parallel group used for the all-to-all.
     """
 
-    def __init__(self, width: int, hidden: int, config: MoeConfig, expert_parallel_size: int = 1):
-        if config.num_experts % expert_parallel_size:
+    def __init__(self, width: int, hidden: int, config: MoeConfig, sharding: ExpertSharding = ExpertSharding()):
+        if config.num_experts % sharding.size:
             raise LimoeError(
                 f"model.moe.num_experts {config.num_experts} is not divisible by "
-                f"distributed.expert_parallel_size {expert_parallel_size}."
+                f"distributed.expert_parallel_size {sharding.size}."
             )
         with _quiet_deepspeed():
             super().__init__(width, Mlp(width, hidden), num_experts=config.num_experts,
-                             ep_size=expert_parallel_size, k=1, use_rts=False)
+                             ep_size=sharding.size, k=1, use_rts=False)
         self.config = config
+        self.sharding = sharding
         self.expert_group = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Independent `nn.Linear` initialisation per expert (they start as copies); router N(0, 0.02)."""
-        for expert in self.experts:
-            expert.fc1.reset_parameters()
-            expert.fc2.reset_parameters()
+        """Xavier-uniform experts with zero biases, router N(0, 0.02).
+
+        Expert e draws from its own generator seeded by (layer seed, global index e), and the
+        layer seed from the global RNG, so a model sharded over ep ranks starts from exactly
+        the weights of the unsharded one, and the global RNG advances the same either way.
+        """
+        if self.router_weight.is_meta:  # shapes only (parameter counting): nothing to draw
+            return
+        layer_seed = int(torch.randint(2**62, ()))
+        for local_index, expert in enumerate(self.experts):
+            generator = torch.Generator().manual_seed(layer_seed + self.sharding.global_index(local_index, self.num_local_experts))
+            for linear in (expert.fc1, expert.fc2):
+                weight = torch.empty(linear.weight.shape)
+                nn.init.xavier_uniform_(weight, generator=generator)
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    linear.bias.zero_()
         nn.init.normal_(self.router_weight, std=0.02)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:

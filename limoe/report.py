@@ -1,0 +1,49 @@
+"""The end-of-training report: held-out retrieval and a routing summary per MoE layer.
+
+It reads the exported model file, so what it reports is exactly what `limoe eval` and
+`limoe routing` will see, whatever expert parallelism the run used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from limoe.checkpoint import atomic_write, load_model
+from limoe.config import Config
+from limoe.data import eval_loader
+from limoe.evaluate import evaluate_retrieval
+from limoe.routing_stats import RoutingAccumulator, format_summary_table
+
+ROUTING_BATCHES = 4
+
+
+def heldout_routing(model, config: Config, batch_size: int = 128) -> dict:
+    """Routing statistics of the model (eval capacity) on a few held-out batches."""
+    accumulator = RoutingAccumulator(config.model.moe_layers)
+    loader = eval_loader(config.data.heldout, batch_size, config.model.image_size, config.model.context_length,
+                         workers=0, max_bad_fraction=1.0, rank=0, world_size=1)
+    with torch.no_grad():
+        for index, batch in zip(range(ROUTING_BATCHES), loader):
+            accumulator.add(model(batch.images, batch.tokens).routing)
+    return accumulator.statistics()
+
+
+def final_report(model_file: Path, config: Config, workdir: Path) -> dict:
+    """Print held-out image↔text recall (with chance level) and the routing table; save both."""
+    model, _ = load_model(model_file)
+    retrieval = evaluate_retrieval(model, config.data.heldout, batch_size=128, workers=config.data.workers)
+    chance = 5 / retrieval["images"]
+    print(
+        f"\nheld-out retrieval on {config.data.heldout} ({retrieval['images']} pairs, chance R@5 {chance:.1%}):\n"
+        f"  image→text  R@1 {retrieval['image_to_text_R@1']:.1%}  R@5 {retrieval['image_to_text_R@5']:.1%}\n"
+        f"  text→image  R@1 {retrieval['text_to_image_R@1']:.1%}  R@5 {retrieval['text_to_image_R@5']:.1%}"
+    )
+    routing = heldout_routing(model, config) if config.model.moe_layers else None
+    if routing:
+        print(f"\nrouting on held-out pairs (image/text per MoE block):\n{format_summary_table(routing)}")
+    metrics = {"retrieval": retrieval, "chance_R@5": chance, "routing": routing}
+    atomic_write(workdir / "final_metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=1)))
+    return metrics
