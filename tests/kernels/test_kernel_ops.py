@@ -9,6 +9,7 @@ import torch
 import kernels
 
 OP_NAMES = ("top1_router", "assign_slots", "dispatch", "combine", "expert_ffn")
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # the expert FFN rounds differently from the reference (see its test)
 
 
 def test_get_ops_namespaces():
@@ -31,9 +32,9 @@ def test_layer_matches_reference(device, with_grads, ops_pair, moe_layer, layer_
     outputs, grads = with_grads(layer(triton_ops), inputs, upstream)
     outputs_ref, grads_ref = with_grads(layer(reference), inputs, upstream)
     for out, out_ref in zip(outputs, outputs_ref):
-        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(out, out_ref, **TOLERANCE)
     for grad, grad_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(grad, grad_ref)
+        torch.testing.assert_close(grad, grad_ref, **TOLERANCE)
     assert all(grad.abs().sum() > 0 for grad in grads)  # every parameter is reached
 
 
