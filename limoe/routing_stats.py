@@ -9,10 +9,13 @@ warnings and the `limoe routing` report, so all three always agree.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from limoe.config import MODALITIES
@@ -23,27 +26,28 @@ COLLAPSE_SHARE = 0.9  # one expert taking this share of a modality's tokens in a
 
 
 @dataclass
-class _LayerSums:
-    """One MoE layer's counts summed over batches, in float64 so long runs count exactly."""
+class _Sums:
+    """All MoE layers' counts summed over batches, in float64 so that long windows count exactly."""
 
-    routed: Tensor  # [M, E] tokens whose top-1 expert is e
-    kept: Tensor  # [M, E] of those, the ones that got a slot
-    prob_sum: Tensor  # [M, E] Σ p(x)
-    entropy_sum: Tensor  # [M] Σ H(p(x))
-    slots: int  # per expert: Σ capacity × groups over the batches
+    routed: Tensor  # [layers, M, E] tokens whose top-1 expert is e
+    kept: Tensor  # [layers, M, E] of those, the ones that got a slot
+    prob_sum: Tensor  # [layers, M, E] Σ p(x)
+    entropy_sum: Tensor  # [layers, M] Σ H(p(x))
+    slots: Tensor  # [layers] per expert: Σ capacity × groups; on the CPU (known there, no copy per step)
 
     @classmethod
-    def of(cls, routing: LayerRouting) -> "_LayerSums":
-        return cls(
-            routing.routed.detach().double(), routing.kept.detach().double(), routing.prob_sum.detach().double(),
-            routing.entropy_sum.detach().double(), routing.capacity * routing.num_groups,
-        )
+    def of(cls, routing: list[LayerRouting]) -> "_Sums":
+        def stack(name: str) -> Tensor:
+            return torch.stack([getattr(record, name).detach() for record in routing]).double()
 
-    def __add__(self, other: "_LayerSums") -> "_LayerSums":
-        return _LayerSums(
-            self.routed + other.routed, self.kept + other.kept, self.prob_sum + other.prob_sum,
-            self.entropy_sum + other.entropy_sum, self.slots + other.slots,
-        )
+        slots = torch.tensor([record.capacity * record.num_groups for record in routing], dtype=torch.float64)
+        return cls(stack("routed"), stack("kept"), stack("prob_sum"), stack("entropy_sum"), slots)
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    def __add__(self, other: "_Sums") -> "_Sums":
+        return _Sums(*(a + b for a, b in zip(self.tensors(), other.tensors())))
 
 
 class RoutingAccumulator:
@@ -59,27 +63,45 @@ class RoutingAccumulator:
 
     def reset(self) -> None:
         self.num_batches = 0
-        self._sums: Optional[list[_LayerSums]] = None
+        self._sums: Optional[_Sums] = None
 
     def add(self, routing: list[LayerRouting]) -> None:
         """One batch's routing records, one per MoE layer in depth order (`LimoeOutput.routing`)."""
         if len(routing) != len(self.moe_layers):
             raise ValueError(f"expected {len(self.moe_layers)} routing records (blocks {self.moe_layers}), got {len(routing)}")
-        batch = [_LayerSums.of(record) for record in routing]
-        self._sums = batch if self._sums is None else [a + b for a, b in zip(self._sums, batch)]
+        batch = _Sums.of(routing)
+        self._sums = batch if self._sums is None else self._sums + batch
         self.num_batches += 1
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the counts (and batches) of all ranks in `group`, in place, with one collective.
+
+        Call it on every rank after the same number of `add`s (at least one); each rank's
+        `statistics()` is then the global one.
+        """
+        tensors = self._sums.tensors()
+        device = tensors[0].device
+        flat = torch.cat([t.to(device).flatten() for t in tensors] + [torch.tensor([self.num_batches], dtype=torch.float64, device=device)])
+        dist.all_reduce(flat, group=group)
+        parts = flat.split([t.numel() for t in tensors] + [1])
+        self._sums = _Sums(*(part.view_as(t).to(t.device) for part, t in zip(parts, tensors)))
+        self.num_batches = round(float(parts[-1]))
 
     def statistics(self) -> dict:
         """The accumulated statistics as a JSON-serialisable dict (schema in docs/ROUTING.md)."""
         if self._sums is None:
             return {"num_batches": 0, "num_experts": None, "layers": []}
-        num_experts = self._sums[0].routed.shape[1]
+        routed, kept, prob_sum, entropy_sum, slots = (t.cpu() for t in self._sums.tensors())  # the one host copy
+        num_experts = routed.shape[-1]
         return {
             "num_batches": self.num_batches,
             "num_experts": num_experts,
             "max_entropy": math.log(num_experts),
             "used_share": USED_SHARE,
-            "layers": [_layer_statistics(block, sums) for block, sums in zip(self.moe_layers, self._sums)],
+            "layers": [
+                _layer_statistics(block, routed[i], kept[i], prob_sum[i], entropy_sum[i], int(slots[i]))
+                for i, block in enumerate(self.moe_layers)
+            ],
         }
 
 
@@ -112,15 +134,15 @@ def _modality_statistics(routed: Tensor, kept: Tensor, prob_sum: Tensor, entropy
     }
 
 
-def _layer_statistics(block: int, sums: _LayerSums) -> dict:
-    """One MoE layer: per modality, and per expert the image share and capacity utilisation."""
-    routed, kept = sums.routed.cpu(), sums.kept.cpu()  # [M, E]
-    prob_sum, entropy_sum = sums.prob_sum.cpu(), sums.entropy_sum.cpu()
-    layer = {"block": block, "slots_per_expert": sums.slots}
+def _layer_statistics(block: int, routed: Tensor, kept: Tensor, prob_sum: Tensor, entropy_sum: Tensor,
+                      slots: int) -> dict:
+    """One MoE layer: per modality, and per expert the image share and capacity utilisation.
+    routed, kept, prob_sum [M, E]; entropy_sum [M]; slots per expert."""
+    layer = {"block": block, "slots_per_expert": slots}
     for m, name in enumerate(MODALITIES):
         layer[name] = _modality_statistics(routed[m], kept[m], prob_sum[m], entropy_sum[m])
     layer["image_share"] = _ratio(routed[MODALITIES.index("image")], routed.sum(dim=0))
-    layer["utilisation"] = (kept.sum(dim=0) / sums.slots).tolist()  # capacity ≥ 4, so slots > 0
+    layer["utilisation"] = (kept.sum(dim=0) / slots).tolist()  # capacity ≥ 4, so slots > 0
     return layer
 
 

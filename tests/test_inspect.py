@@ -13,11 +13,13 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from limoe.checkpoint import load_model, save_model_file
@@ -113,7 +115,7 @@ def test_accumulated_counts_equal_the_per_token_routing_of_every_batch():
     accumulator = RoutingAccumulator(config.moe_layers)
     expected = torch.zeros(len(config.moe_layers), 2, 2, 4)  # [layer, routed/kept, modality, expert]
     with torch.no_grad():
-        for seed in range(3):
+        for seed in range(2):
             images, tokens = random_batch(6, seed)
             routing = model(images, tokens).routing
             accumulator.add(routing)
@@ -130,6 +132,33 @@ def test_accumulated_counts_equal_the_per_token_routing_of_every_batch():
             assert layer[name]["kept"] == expected[i, 1, m].long().tolist()
         assert any(layer[name]["dropped"] > 0 for name in ("image", "text"))
     assert [layer["block"] for layer in stats["layers"]] == list(config.moe_layers)
+
+
+def _accumulate_and_reduce(rank: int, init_file: str, routing: list, results) -> None:
+    """One of two gloo ranks: add this rank's batch, all-reduce, hand back the statistics."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    accumulator = RoutingAccumulator((1, 3))
+    accumulator.add(routing[rank])
+    accumulator.all_reduce()
+    results.put((rank, accumulator.statistics()))
+    dist.destroy_process_group()
+
+
+def test_all_reduce_gives_every_rank_the_statistics_of_all_batches(tmp_path):
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", ["moe.eval_capacity_factor=0.5"])).eval()
+    with torch.no_grad():
+        routing = [model(*random_batch(batch, seed)).routing for seed, batch in enumerate((4, 7))]
+    both = RoutingAccumulator((1, 3))
+    for record in routing:
+        both.add(record)
+    results = multiprocessing.get_context("fork").SimpleQueue()
+    torch.multiprocessing.start_processes(_accumulate_and_reduce, (str(tmp_path / "init"), routing, results),
+                                          nprocs=2, start_method="fork")
+    for _ in range(2):
+        _, statistics = results.get()
+        assert statistics["num_batches"] == 2
+        assert json.dumps(statistics) == json.dumps(both.statistics())
 
 
 def _statistics(image_share: list[float], text_share: list[float]) -> dict:
