@@ -68,20 +68,26 @@ class RoutingAccumulator:
     def add(self, routing: list[LayerRouting]) -> None:
         """One batch's routing records, one per MoE layer in depth order (`LimoeOutput.routing`)."""
         if len(routing) != len(self.moe_layers):
-            raise ValueError(f"expected {len(self.moe_layers)} routing records (blocks {self.moe_layers}), got {len(routing)}")
+            raise ValueError(f"expected {len(self.moe_layers)} routing records (blocks {self.moe_layers}), "
+                             f"got {len(routing)}")
+        self.num_batches += 1
+        if not routing:  # a dense model: batches, but nothing routed
+            return
         batch = _Sums.of(routing)
         self._sums = batch if self._sums is None else self._sums + batch
-        self.num_batches += 1
 
     def all_reduce(self, group=None) -> None:
         """Sum the counts (and batches) of all ranks in `group`, in place, with one collective.
 
-        Call it on every rank after the same number of `add`s (at least one); each rank's
-        `statistics()` is then the global one.
+        Call it on every rank after the same number of `add`s; each rank's `statistics()` is then
+        the global one. Without MoE layers (or before any `add`) there is nothing to reduce.
         """
+        if self._sums is None:
+            return
         tensors = self._sums.tensors()
         device = tensors[0].device
-        flat = torch.cat([t.to(device).flatten() for t in tensors] + [torch.tensor([self.num_batches], dtype=torch.float64, device=device)])
+        batches = torch.tensor([self.num_batches], dtype=torch.float64, device=device)
+        flat = torch.cat([t.to(device).flatten() for t in tensors] + [batches])
         dist.all_reduce(flat, group=group)
         parts = flat.split([t.numel() for t in tensors] + [1])
         self._sums = _Sums(*(part.view_as(t).to(t.device) for part, t in zip(parts, tensors)))
@@ -90,7 +96,7 @@ class RoutingAccumulator:
     def statistics(self) -> dict:
         """The accumulated statistics as a JSON-serialisable dict (schema in docs/ROUTING.md)."""
         if self._sums is None:
-            return {"num_batches": 0, "num_experts": None, "layers": []}
+            return {"num_batches": self.num_batches, "num_experts": None, "layers": []}
         routed, kept, prob_sum, entropy_sum, slots = (t.cpu() for t in self._sums.tensors())  # the one host copy
         num_experts = routed.shape[-1]
         return {
@@ -206,10 +212,12 @@ TABLE_COLUMNS = (  # header, width, cell(layer)
 
 def format_summary_table(statistics: dict) -> str:
     """A fixed-width per-layer table (image/text pairs) for logs and the terminal."""
+    if not statistics["layers"]:
+        return f"{statistics['num_batches']} batches, no routing (no MoE layers, or no batches yet)"
     rows = [[header for header, _, _ in TABLE_COLUMNS]]
     rows += [[cell(layer) for _, _, cell in TABLE_COLUMNS] for layer in statistics["layers"]]
     lines = ["  ".join(text.rjust(width) for text, (_, width, _) in zip(row, TABLE_COLUMNS)) for row in rows]
     experts = statistics["num_experts"]
-    note = f"{statistics['num_batches']} batches, {experts} experts" + (
-        f", entropies in nats (max log {experts} = {statistics['max_entropy']:.2f})" if experts else "")
+    note = (f"{statistics['num_batches']} batches, {experts} experts, entropies in nats "
+            f"(max log {experts} = {statistics['max_entropy']:.2f})")
     return "\n".join([note, *lines])

@@ -341,7 +341,8 @@ def test_capacity_factor_option_applies_to_the_checkpoint(report, tmp_path):
     assert status == 0, stderr
     (checkpoint,) = json.loads((tmp_path / "routing.json").read_text())["checkpoints"]
     assert checkpoint["capacity_factor"] == 1.0
-    assert checkpoint["statistics"]["layers"][0]["image"]["kept"] == [40, 0, 0, 0]  # one group: 2·(64 + 16) / 4 = 40 slots
+    # one group of 2·(64 + 16) positions: 40 slots
+    assert checkpoint["statistics"]["layers"][0]["image"]["kept"] == [40, 0, 0, 0]
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "compare"])
@@ -353,3 +354,12 @@ def test_a_missing_checkpoint_is_one_line_and_a_nonzero_exit(report, tmp_path, w
     assert status != 0
     assert stderr.count("\n") == 1 and stderr.startswith("limoe: error:") and "missing.safetensors" in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dense_model_counts_batches_and_reports_no_routing():
+    accumulator = RoutingAccumulator(())
+    accumulator.add([])
+    accumulator.all_reduce()  # nothing to reduce: no collective, no process group needed
+    stats = accumulator.statistics()
+    assert stats["num_batches"] == 1 and stats["layers"] == []
+    assert collapse_warnings(stats) == [] and "no MoE layers" in format_summary_table(stats)
