@@ -88,7 +88,9 @@ def pictured_block(config: ModelConfig, block: Optional[int]) -> int:
     if block is None:
         return config.moe_layers[-1]
     if block not in config.moe_layers:
-        raise LimoeError(f"block {block} of model {config.name} is not an MoE block; its MoE blocks are {list(config.moe_layers)}.")
+        raise LimoeError(
+            f"block {block} of model {config.name} is not an MoE block; its MoE blocks are {list(config.moe_layers)}."
+        )
     return block
 
 

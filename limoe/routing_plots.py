@@ -37,7 +37,8 @@ def figure(width_px: int, height_px: int) -> Figure:
 def expert_colors(num_experts: int) -> np.ndarray:
     """[E, 4] RGBA, distinct qualitative colours up to 20 experts, a rainbow beyond."""
     if num_experts <= 20:
-        return colormaps["tab10" if num_experts <= 10 else "tab20"](np.arange(num_experts))  # integer → the i-th colour
+        qualitative = colormaps["tab10" if num_experts <= 10 else "tab20"]
+        return qualitative(np.arange(num_experts))  # integer i → the i-th colour
     return colormaps["turbo"](np.linspace(0, 1, num_experts))
 
 
@@ -54,10 +55,10 @@ def _max_layers(reports: list[CheckpointRouting]) -> int:
     return max(len(report.statistics["layers"]) for report in reports)
 
 
-def _expert_legend(fig: Figure, num_experts: int, dropped: bool = True) -> None:
+def _expert_legend(fig: Figure, num_experts: int) -> None:
+    """Expert colours and the dropped-token cross, in a row below the example panels."""
     handles = [Patch(color=color, label=f"expert {e}") for e, color in enumerate(expert_colors(num_experts))]
-    if dropped:
-        handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="dropped"))
+    handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="dropped"))
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=7, frameon=False)
 
 
@@ -79,7 +80,8 @@ def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
             image = _values(layer["image_share"])  # [E]
             x = np.arange(len(image))
             ax.bar(x, np.nan_to_num(image), color=MODALITY_COLORS["image"])
-            ax.bar(x, np.where(np.isnan(image), 0, 1 - image), bottom=np.nan_to_num(image), color=MODALITY_COLORS["text"])
+            text = np.where(np.isnan(image), 0, 1 - image)
+            ax.bar(x, text, bottom=np.nan_to_num(image), color=MODALITY_COLORS["text"])
             ax.set(xticks=x, ylim=(0, 1), xlabel="expert", ylabel="share of tokens")
             ax.set_title(f"{report.name} · block {layer['block']}", fontsize=8)
     fig.legend(handles=[Patch(color=c, label=m) for m, c in MODALITY_COLORS.items()], loc="outside lower center",
@@ -114,22 +116,25 @@ def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
     fig.savefig(path)
 
 
+def _dropped(report: CheckpointRouting) -> np.ndarray:
+    """[layers, M] dropped fraction, 0 for a modality without tokens."""
+    layers = report.statistics["layers"]
+    return np.nan_to_num(np.array([_values([layer[m]["dropped"] for m in MODALITIES]) for layer in layers]))
+
+
 def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
     """Dropped fraction (tokens whose top-1 expert was full) per MoE layer and modality."""
-    rows = _max_layers(reports)
-    fig = figure(len(reports) * (160 + 70 * rows), 260)
+    fig = figure(len(reports) * (160 + 70 * _max_layers(reports)), 260)
     axes = fig.subplots(1, len(reports), squeeze=False, sharey=True)[0]
-    for ax, report in zip(axes, reports):
-        layers = report.statistics["layers"]
-        x = np.arange(len(layers))
-        for offset, modality in zip((-0.2, 0.2), MODALITIES):
-            dropped = np.nan_to_num(_values([layer[modality]["dropped"] for layer in layers]))
-            ax.bar(x + offset, dropped, width=0.4, color=MODALITY_COLORS[modality], label=modality)
-        ax.set(xticks=x, xticklabels=[layer["block"] for layer in layers], xlabel="block", ylabel="dropped fraction")
+    dropped = [_dropped(report) for report in reports]  # [layers, M] each
+    for ax, report, fractions in zip(axes, reports, dropped):
+        blocks = [layer["block"] for layer in report.statistics["layers"]]
+        x = np.arange(len(blocks))
+        for m, (offset, modality) in enumerate(zip((-0.2, 0.2), MODALITIES)):
+            ax.bar(x + offset, fractions[:, m], width=0.4, color=MODALITY_COLORS[modality], label=modality)
+        ax.set(xticks=x, xticklabels=blocks, xlabel="block", ylabel="dropped fraction")
         ax.set_title(report.name, fontsize=8)
-    top = max(max(np.nan_to_num(_values([l[m]["dropped"] for l in r.statistics["layers"] for m in MODALITIES])))
-              for r in reports)
-    axes[0].set_ylim(0, max(0.05, 1.15 * top))
+    axes[0].set_ylim(0, max(0.05, 1.15 * max(fractions.max() for fractions in dropped)))
     axes[0].legend(fontsize=7)
     fig.savefig(path)
 
