@@ -136,9 +136,9 @@ def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Te
 
 
 def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data: str, num_batches: int,
-                       batch_size: int, block: Optional[int], device: torch.device) -> CheckpointRouting:
-    """Route `num_batches` batches of `data` through `model`; statistics plus the first examples."""
-    block = pictured_block(config.model, block)
+                       batch_size: int, block: int, device: torch.device) -> CheckpointRouting:
+    """Route `num_batches` batches of `data` through `model`; statistics, and the first examples
+    in MoE block `block`."""
     position = config.model.moe_layers.index(block)
     loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, WORKERS)
     accumulator = RoutingAccumulator(config.model.moe_layers)
@@ -172,10 +172,11 @@ def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: i
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
     torch_device = resolve_device(device)
     paths = [Path(checkpoint)] + ([Path(compare)] if compare else [])
-    models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # fail early on a bad path
+    models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
+    blocks = [pictured_block(config.model, block) for _, config in models]
     reports = [
-        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, block, torch_device)
-        for (model, config), name, path in zip(models, _names(paths), paths)
+        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device)
+        for (model, config), name, path, shown in zip(models, _names(paths), paths, blocks)
     ]
     result = {"data": data, "num_batches": num_batches, "batch_size": batch_size,
               "checkpoints": [report.to_json() for report in reports]}

@@ -26,7 +26,8 @@ from limoe.checkpoint import load_model, save_model_file
 from limoe.cli import main
 from limoe.config import Config, load_model_config
 from limoe.data import eval_loader
-from limoe.inspect import WORKERS
+from limoe.errors import LimoeError
+from limoe.inspect import WORKERS, run_routing_report
 from limoe.model import PAD_TOKEN, Limoe
 from limoe.routing import entropy, expert_capacity
 from limoe.routing_plots import PICTURES
@@ -363,3 +364,12 @@ def test_a_dense_model_counts_batches_and_reports_no_routing():
     stats = accumulator.statistics()
     assert stats["num_batches"] == 1 and stats["layers"] == []
     assert collapse_warnings(stats) == [] and "no MoE layers" in format_summary_table(stats)
+
+
+def test_a_block_without_experts_is_refused_before_any_output(report, tmp_path):
+    dense = _save(Limoe(load_model_config("limoe-tiny", ["dense=true"])), tmp_path / "dense.safetensors")
+    with pytest.raises(LimoeError, match="no MoE blocks"):
+        run_routing_report(dense, HELDOUT, tmp_path / "out")
+    with pytest.raises(LimoeError, match="block 1 .* is not an MoE block"):
+        run_routing_report(report["exact"], HELDOUT, tmp_path / "out", block=1)
+    assert not (tmp_path / "out").exists()
