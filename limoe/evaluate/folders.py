@@ -1,0 +1,142 @@
+"""Image classification sets stored as folders: one sub-folder per class (torchvision's
+ImageFolder layout), e.g. ImageNet's validation set arranged by synset (n01440764/…).
+
+Labels are the class folders' indices in sorted order, as ImageFolder numbers them; for the
+1000 ImageNet-1k synsets that is the standard label order, the order of open_clip's class names.
+A class folder may be empty (its class just has no samples). Files that cannot be decoded are
+skipped and counted instead of ending a 50,000-image run at image 49,000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from limoe.data import BadSampleCounter, EvalBatch, WorkerTally
+from limoe.errors import LimoeError
+from limoe.evaluate.preprocess import eval_transform
+from limoe.shards import IMAGE_SUFFIXES, to_rgb
+
+IMAGENET_LAYOUT_HINT = (
+    "zero-shot classification expects one folder per class; for ImageNet, the validation images sorted into the "
+    "1000 synset folders (n01440764/ILSVRC2012_val_00000293.JPEG, …), which the standard valprep.sh "
+    "(https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh, run inside the folder) "
+    "creates, or webdataset shards with .cls labels"
+)
+
+
+@lru_cache(maxsize=None)
+def imagenet_synsets() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k synset ids in label order (timm ships the list; open_clip needs timm)."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo().label_names())
+
+
+@dataclass(frozen=True)
+class ImageFolderSet:
+    """A scanned class-folder tree: class folder names in label order and (file, label) pairs."""
+
+    root: Path
+    classes: list[str]
+    files: list[tuple[Path, int]]
+
+    @property
+    def is_imagenet(self) -> bool:
+        return tuple(self.classes) == imagenet_synsets()
+
+
+def looks_like_image_folder(root: Path) -> bool:
+    """Class sub-folders or loose images: what `scan_image_folder` reads or explains. An archive
+    beside them (ILSVRC2012_img_val.tar, often left in val/) does not make it a shard folder."""
+    return any(_is_class_folder(p) or p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+
+
+def scan_image_folder(root: Path) -> ImageFolderSet:
+    """The classes and image files under `root`; a folder of loose images gets the layout hint."""
+    classes = sorted(folder.name for folder in _class_folders(root))
+    if not classes:
+        loose = any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir())
+        found = "holds images directly, not in class folders" if loose else "holds no class folders"
+        raise LimoeError(f"{root} {found}; {IMAGENET_LAYOUT_HINT}.")
+    files = [(path, label) for label, name in enumerate(classes) for path in _image_files(root / name)]
+    if not files:
+        raise LimoeError(f"the {len(classes)} class folders under {root} hold no image files; {IMAGENET_LAYOUT_HINT}.")
+    return ImageFolderSet(root, classes, files)
+
+
+def _is_class_folder(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".")
+
+
+def _class_folders(root: Path) -> Iterator[Path]:
+    return (p for p in root.iterdir() if _is_class_folder(p))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class _Images(Dataset):
+    """(key, image tensor or None when undecodable, label) per file."""
+
+    def __init__(self, dataset: ImageFolderSet, transform: Callable):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset.files)
+
+    def __getitem__(self, index: int) -> tuple[str, Optional[torch.Tensor], int]:
+        path, label = self.dataset.files[index]
+        key = path.relative_to(self.dataset.root).as_posix()
+        try:
+            with Image.open(path) as image:
+                return key, self.transform(to_rgb(image)), label
+        except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, …)
+            return key, None, label
+
+
+def _collate(records: list) -> tuple[Optional[EvalBatch], list[str], int]:
+    """A batch of the decodable records (None if there are none), the others' keys, the count read."""
+    good = [r for r in records if r[1] is not None]
+    unreadable = [key for key, image, _ in records if image is None]
+    if not good:
+        return None, unreadable, len(records)
+    keys, images, labels = zip(*good)
+    batch = EvalBatch(torch.stack(images), list(keys), None, torch.tensor(labels, dtype=torch.int64))
+    return batch, unreadable, len(records)
+
+
+class ImageFolderLoader:
+    """EvalBatch(images, keys, None, labels) over a class-folder tree, in file order.
+
+    Skipped files are counted in `bad_samples` as the shard loaders count theirs (reason
+    'bad_image'), so reports read the same whichever layout the data came in.
+    """
+
+    def __init__(self, dataset: ImageFolderSet, image_size: int, batch_size: int, workers: int):
+        self.root = dataset.root
+        self.loader = DataLoader(_Images(dataset, eval_transform(image_size)), batch_size=batch_size,
+                                 num_workers=workers, collate_fn=_collate)
+        self.bad_samples = BadSampleCounter(max_bad_fraction=1.0, check_after=0)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[EvalBatch]:
+        self.bad_samples.reset()
+        tally = WorkerTally(worker=0)
+        for batch, unreadable, read in self.loader:
+            tally.seen += read
+            for key in unreadable:
+                tally.skip("bad_image", str(self.root), key)
+            self.bad_samples.update(tally.copy())
+            if batch is not None:
+                yield batch

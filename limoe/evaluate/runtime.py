@@ -1,0 +1,56 @@
+"""What every evaluation does around its loop: pick the device, load the model, switch it to
+inference, set the precision, and report the numbers on stdout and in a JSON file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from limoe.checkpoint import atomic_write, load_model
+from limoe.errors import LimoeError
+from limoe.model import Limoe
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LimoeError("--device cuda was given but no CUDA GPU is visible; use --device cpu or auto.")
+    return device
+
+
+def load_for_eval(checkpoint: Path, device: str, capacity_factor: Optional[str]) -> Limoe:
+    """The checkpoint's model on the resolved device, with the eval capacity factor applied."""
+    model, _ = load_model(checkpoint, resolve_device(device), capacity_factor)
+    return model
+
+
+@contextlib.contextmanager
+def inference(model: Limoe) -> Iterator[torch.device]:
+    """Eval mode (no router noise, eval capacity), no autograd and, on CUDA, bf16 autocast, as in
+    training; the model's previous mode comes back afterwards, so the trainer can call evaluations
+    on its live model. Yields the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), autocast:
+            yield device
+    finally:
+        model.train(was_training)
+
+
+def report(title: str, metrics: dict, output: Optional[str]) -> None:
+    """Print `metrics` one per line under `title` and, with `output`, write them as JSON."""
+    print(title)
+    for name, value in metrics.items():
+        print(f"  {name:24s} {value:.4f}" if isinstance(value, float) else f"  {name:24s} {value}")
+    if output is not None:
+        text = json.dumps(metrics, indent=2) + "\n"
+        atomic_write(Path(output), lambda tmp: tmp.write_text(text))
