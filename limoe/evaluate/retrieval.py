@@ -1,0 +1,82 @@
+"""Image-text retrieval on caption shards: recall@1/5/10 from images to texts and back.
+
+Several captions per image are supported the way `limoe shards build` stores them: one sample
+per (image, caption) pair, the image repeated. Samples whose images are identical after the eval
+transform are one image with several captions: each image is encoded once, a text→image hit is
+its own image among the nearest, and an image→text hit is any of its captions among the nearest.
+With one caption per image (data_shards/heldout) this is plain paired retrieval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from limoe.data import EvalBatch, eval_loader
+from limoe.errors import LimoeError
+from limoe.evaluate.metrics import retrieval_metrics
+from limoe.evaluate.runtime import inference, load_for_eval, report
+from limoe.model import Limoe
+
+
+def _digest(image: Tensor) -> bytes:
+    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
+
+
+def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Features of the distinct images [N, D] and of every caption [M, D], and text_to_image [M].
+
+    `batches` are CPU EvalBatches with tokens (one caption per sample).
+    """
+    rows: dict[bytes, int] = {}  # image content digest → row of the image features
+    images, texts, owners = [], [], []
+    with inference(model) as device:
+        for batch in tqdm(batches, desc="pairs", unit="batch", disable=not progress):
+            digests = [_digest(image) for image in batch.images]
+            new = []
+            for i, digest in enumerate(digests):
+                if digest not in rows:
+                    rows[digest] = len(rows)
+                    new.append(i)
+            if new:
+                images.append(model.encode_image(batch.images[new].to(device)).float().cpu())  # [new, D]
+            texts.append(model.encode_text(batch.tokens.to(device)).float().cpu())  # [B, D]
+            owners.append(torch.tensor([rows[digest] for digest in digests]))  # [B]
+    if not texts:
+        raise LimoeError("no image-caption pair of the evaluation set could be read; check the data path and shards.")
+    return torch.cat(images), torch.cat(texts), torch.cat(owners)
+
+
+def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batch_size: int = 64, workers: int = 2,
+                       progress: bool = False) -> dict:
+    """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards).
+
+    `data`: a shard spec (folder, glob, brace pattern) read once in full on every rank, so all
+    ranks step the model together and get the same numbers; or any iterable of EvalBatches with
+    tokens. Returns the recalls plus the numbers of images and texts, and skipped samples when
+    the loader counts them.
+    """
+    config = model.config
+    loader = data if not isinstance(data, str) else eval_loader(
+        data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1
+    )
+    image_features, text_features, text_to_image = encode_pairs(model, loader, progress)
+    metrics = {**retrieval_metrics(image_features, text_features, text_to_image),
+               "images": len(image_features), "texts": len(text_features)}
+    if hasattr(loader, "bad_samples"):
+        metrics["skipped"] = loader.bad_samples.bad
+    return metrics
+
+
+def run_retrieval(checkpoint: Path, data: str, output: Optional[str], batch_size: int, capacity_factor: Optional[str],
+                  device: str, workers: int) -> dict:
+    """`limoe eval retrieval`: load the checkpoint, evaluate, print and optionally save the metrics."""
+    model = load_for_eval(checkpoint, device, capacity_factor)
+    metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True)
+    report(f"image-text retrieval of {checkpoint} on {data}", metrics, output)
+    return metrics
