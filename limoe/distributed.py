@@ -40,6 +40,14 @@ class ExpertSharding:
         return cls(expert_parallel_size, rank_and_world()[0] % expert_parallel_size)
 
 
+def expert_parallel_group(config):
+    """DeepSpeed's expert-parallel group of this process (None without expert parallelism)."""
+    from deepspeed.utils import groups
+
+    size = config.distributed.expert_parallel_size
+    return groups._get_expert_parallel_group(f"ep_size_{size}") if size > 1 else None
+
+
 def experts_all_to_all(buffer: Tensor, group) -> Tensor:
     """[E, N, d] in global expert order → [E_local, ep·N, d]: every rank's slots for my experts.
 

@@ -2,7 +2,7 @@
 
 Per-step values stay on the device and are summed over a logging window; they are read (one host
 sync) only every `train.log_every` steps. Losses are averaged over ranks at that point; routing
-statistics describe rank 0's tokens. Collapse warnings are logged once per (layer, modality).
+the routing table sums all ranks' tokens (the progress bar's routing success is rank 0's). Collapse warnings are logged once per (layer, modality).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class TrainingReporter:
         self._write(record, step)
 
     def _routing_success(self) -> dict:
-        stats = self.routing.statistics()
+        stats = self.routing.statistics()  # this window's routing on this rank
         success = {}
         for modality in MODALITIES:
             kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in stats["layers"])
@@ -97,6 +97,7 @@ class TrainingReporter:
         return success
 
     def _log_routing(self, step: int) -> None:
+        self.routing.all_reduce()  # every rank's tokens; all ranks reach this step together
         stats = self.routing.statistics()
         self.routing.reset()
         if not self.main or not stats["layers"]:

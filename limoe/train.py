@@ -18,13 +18,13 @@ from typing import Optional
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import Tensor, nn
 
 from limoe import checkpoint
 from limoe.config import Config, config_from_dict, dump_config, load_config, to_dict
-from limoe.data import train_loader
-from limoe.distributed import ExpertSharding, init_process_group
+from limoe.data import expand_shards, train_loader
+from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group
 from limoe.errors import LimoeError
 from limoe.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
 from limoe.model import Limoe
@@ -90,7 +90,7 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
         "train_batch_size": config.train.batch_size,
         "train_micro_batch_size_per_gpu": config.train.batch_size // world_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": config.optim.grad_clip,
+        "gradient_clipping": 0.0,  # clipped in `clip_gradients`: DeepSpeed averages per-rank norms under EP
         "zero_optimization": {"stage": config.distributed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
@@ -144,16 +144,47 @@ def build_engine(config: Config, session: Session):
     return engine
 
 
-def train_step(engine, images: Tensor, tokens: Tensor, skip_nonfinite: bool) -> tuple[dict[str, Tensor], list, bool]:
-    """Forward, backward, optimizer step; returns the loss terms, routing, and whether it stepped.
+def global_grad_norm(module: nn.Module, expert_group) -> Tensor:
+    """The 2-norm of the whole model's gradient, every expert counted once.
+
+    After DeepSpeed's reduction the shared gradients are equal on all ranks, while each
+    expert-parallel rank holds the gradients of its own experts; so the squared expert norms
+    are summed over the expert-parallel group and added to the shared part once. (DeepSpeed's
+    own clipping averages the per-rank norms, which is not the global norm with experts sharded.)
+    """
+    shared = torch.zeros((), device=next(module.parameters()).device)
+    experts = torch.zeros_like(shared)
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            squared = parameter.grad.detach().float().pow(2).sum()
+            if is_moe_param(parameter):
+                experts += squared
+            else:
+                shared += squared
+    if expert_group is not None:
+        dist.all_reduce(experts, group=expert_group)
+    return (shared + experts).sqrt()
+
+
+def clip_gradients(engine, max_norm: float, expert_group) -> Tensor:
+    """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
+    norm = global_grad_norm(engine.module, expert_group)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), max_norm, norm)
+    return norm
+
+
+def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[dict[str, Tensor], list, bool]:
+    """Forward, backward, clip, optimizer step; returns the loss terms, routing, and whether it stepped.
 
     Only the skip-on-NaN mode looks at the loss value before stepping (a host sync per step).
     """
     loss, terms, routing = engine(images, tokens)
-    if skip_nonfinite and not torch.isfinite(loss).item():
+    if config.train.skip_nonfinite_steps and not torch.isfinite(loss).item():
         engine.zero_grad()
         return terms, routing, False
     engine.backward(loss)
+    terms["grad_norm"] = clip_gradients(engine, config.optim.grad_clip, expert_parallel_group(config))
     engine.step()
     clamp_logit_scale(engine.module.model.logit_scale)
     return terms, routing, True
@@ -174,6 +205,8 @@ def _check_workdir(workdir: Path, config: Config) -> None:
 
 def train(config: Config, workdir: Path) -> dict:
     """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0)."""
+    for source in config.data.train:  # a missing shard path fails here, before anything is built
+        expand_shards(source.shards)
     session = start_session(config)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(workdir, config)
@@ -203,7 +236,7 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
         images, tokens = next(batches)
         images = images.to(session.device, non_blocking=True)
         tokens = tokens.to(session.device, non_blocking=True)
-        terms, routing, stepped = train_step(engine, images, tokens, config.train.skip_nonfinite_steps)
+        terms, routing, stepped = train_step(engine, images, tokens, config)
         if not stepped:
             reporter.skipped(step)
             continue
