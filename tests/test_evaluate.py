@@ -149,6 +149,11 @@ def test_a_flat_folder_of_images_gets_the_layout_it_needs(checkpoint, tmp_path, 
     assert not (tmp_path / "zs.json").exists()
 
 
+def test_caption_shards_are_not_a_classification_set(checkpoint, tmp_path, capsys):
+    assert _eval("zeroshot", checkpoint, DEMO / "heldout", tmp_path / "zs.json", "--templates", "simple") == 2
+    assert "no_label" in capsys.readouterr().err
+
+
 def test_image_folder_with_class_names(checkpoint, tmp_path):
     for index, name in enumerate(["cat", "dog", "fish"]):
         _image(tmp_path / "pets" / name / "a.png", (80 * index, 0, 0))

@@ -18,9 +18,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from limoe.data import EvalBatch, eval_loader
-from limoe.errors import LimoeError
 from limoe.evaluate.metrics import retrieval_metrics
-from limoe.evaluate.runtime import inference, load_for_eval, report
+from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
 from limoe.model import Limoe
 
 
@@ -48,7 +47,7 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
             texts.append(model.encode_text(batch.tokens.to(device)).float().cpu())  # [B, D]
             owners.append(torch.tensor([rows[digest] for digest in digests]))  # [B]
     if not texts:
-        raise LimoeError("no image-caption pair of the evaluation set could be read; check the data path and shards.")
+        raise nothing_read(batches, "retrieval needs shards of images with .txt captions")
     return torch.cat(images), torch.cat(texts), torch.cat(owners)
 
 

@@ -46,11 +46,27 @@ def inference(model: Limoe) -> Iterator[torch.device]:
         model.train(was_training)
 
 
+def nothing_read(batches, needs: str) -> LimoeError:
+    """The error for an evaluation set that gave no usable sample, with the loader's skip counts
+    (a shard or folder loader's `bad_samples`) when it keeps them."""
+    counter = getattr(batches, "bad_samples", None)
+    counts = f": {counter.summary()}" if counter is not None else ""
+    return LimoeError(f"no usable sample in the evaluation set{counts}; {needs}.")
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict):  # counts by reason
+        return ", ".join(f"{key} {count}" for key, count in value.items()) or "none"
+    return str(value)
+
+
 def report(title: str, metrics: dict, output: Optional[str]) -> None:
     """Print `metrics` one per line under `title` and, with `output`, write them as JSON."""
     print(title)
     for name, value in metrics.items():
-        print(f"  {name:24s} {value:.4f}" if isinstance(value, float) else f"  {name:24s} {value}")
+        print(f"  {name:24s} {_format(value)}")
     if output is not None:
         text = json.dumps(metrics, indent=2) + "\n"
         atomic_write(Path(output), lambda tmp: tmp.write_text(text))

@@ -29,7 +29,7 @@ from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like
 from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
-from limoe.evaluate.runtime import inference, load_for_eval, report
+from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
 from limoe.model import Limoe
 
 PROMPTS_PER_FORWARD = 800  # prompts encoded in one batch: 10 classes of the 80 OpenAI templates
@@ -46,18 +46,17 @@ def zeroshot_classifier(model: Limoe, classnames: Sequence[str], templates: Sequ
     return classifier.float()
 
 
-def classify(model: Limoe, batches: Iterable[EvalBatch], classifier: Tensor,
-             progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Cosine-similarity logits [N, C] and labels [N] of every image in `batches`, on the CPU."""
-    logits, labels = [], []
+def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch],
+                           progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Image features [N, D] and labels [N] of every image in `batches`, on the CPU."""
+    features, labels = [], []
     with inference(model) as device:
         for batch in tqdm(batches, desc="images", unit="batch", disable=not progress):
-            features = model.encode_image(batch.images.to(device, non_blocking=True)).float()  # [B, D]
-            logits.append((features @ classifier.to(device)).cpu())  # [B, C]
+            features.append(model.encode_image(batch.images.to(device, non_blocking=True)).float().cpu())  # [B, D]
             labels.append(batch.labels)
     if not labels:
-        raise LimoeError("no image of the evaluation set could be read; check the data path and files.")
-    return torch.cat(logits), torch.cat(labels)
+        raise nothing_read(batches, "zero-shot classification needs labelled images: class folders or shards with .cls")
+    return torch.cat(features), torch.cat(labels)
 
 
 def open_classification_set(data: str, classnames: Optional[Path], config: ModelConfig, batch_size: int,
@@ -106,15 +105,16 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     `templates`: 'openai' (default), 'simple' or a file. Returns the metrics plus the numbers of
     samples and classes and the skipped samples by reason.
     """
+    prompts = load_templates(templates)  # input errors first, before any encoding
     loader, names = open_classification_set(data, classnames, model.config, batch_size, workers)
-    classifier = zeroshot_classifier(model, names, load_templates(templates), progress)  # [D, C]
-    logits, labels = classify(model, loader, classifier, progress)
+    features, labels = encode_labelled_images(model, loader, progress)  # images first: bad data fails fast
     if labels.max() >= len(names):
         raise LimoeError(
             f"{data} has labels up to {labels.max().item()} but only {len(names)} class names; "
             f"give the set's class names with --classnames."
         )
-    return {**classification_metrics(logits, labels), "samples": len(labels), "classes": len(names),
+    classifier = zeroshot_classifier(model, names, prompts, progress)  # [D, C]
+    return {**classification_metrics(features @ classifier, labels), "samples": len(labels), "classes": len(names),
             "skipped": loader.bad_samples.bad}
 
 
