@@ -65,6 +65,7 @@ def _routing(args) -> int:
     run_routing_report(
         checkpoint=Path(args.checkpoint), data=args.data, output=Path(args.output), num_batches=args.num_batches,
         batch_size=args.batch_size, capacity_factor=args.capacity_factor, compare=args.compare, device=args.device,
+        block=args.block,
     )
     return 0
 
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--batch-size", type=int, default=64)
     routing.add_argument("--capacity-factor", default=None, help="a number or 'dropless' (default: config)")
     routing.add_argument("--compare", default=None, help="a second checkpoint to put side by side")
+    routing.add_argument("--block", type=int, default=None, help="MoE block for the patch and token maps (default: last)")
     routing.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     shards = command("shards", None, "build webdataset shards")

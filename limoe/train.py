@@ -90,7 +90,9 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
         "train_batch_size": config.train.batch_size,
         "train_micro_batch_size_per_gpu": config.train.batch_size // world_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,  # clipped in `clip_gradients`: DeepSpeed averages per-rank norms under EP
+        # Without ZeRO, `clip_gradients` clips by the true global norm (DeepSpeed's own clipping
+        # averages per-rank norms under EP); ZeRO partitions the gradients, so its optimizer clips.
+        "gradient_clipping": config.optim.grad_clip if config.distributed.zero_stage else 0.0,
         "zero_optimization": {"stage": config.distributed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
@@ -184,7 +186,8 @@ def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[
         engine.zero_grad()
         return terms, routing, False
     engine.backward(loss)
-    terms["grad_norm"] = clip_gradients(engine, config.optim.grad_clip, expert_parallel_group(config))
+    if not config.distributed.zero_stage:
+        terms["grad_norm"] = clip_gradients(engine, config.optim.grad_clip, expert_parallel_group(config))
     engine.step()
     clamp_logit_scale(engine.module.model.logit_scale)
     return terms, routing, True
