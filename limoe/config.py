@@ -55,7 +55,7 @@ class MoeConfig:
     eval_capacity_factor: Optional[float] = 2.0  # None: dropless (capacity = group size)
     batch_priority: bool = True
     router_noise: bool = True  # N(0, (1/E)^2) on the logits, training only
-    backend: Literal["auto", "torch", "triton", "tutel"] = "auto"
+    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on CUDA, the reference elsewhere
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,12 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on (the expert matmuls then run in bf16), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 @contextlib.contextmanager
 def _quiet_deepspeed():
     """DeepSpeed logs a line per MoE layer it builds; a model build should not."""
@@ -138,7 +144,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         grouping = Grouping.for_batch(batch, self.config.group_size)
         modality = grouping.group(modality, PADDING)  # [G, S]
         groups, size = modality.shape
-        flat = grouping.group(x, 0.0).reshape(groups * size, width)  # [G·S, d]
+        flat = grouping.group(x, 0.0).reshape(groups * size, width).to(_compute_dtype(x))  # [G·S, d]
 
         logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E], routed in fp32
         noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
@@ -155,7 +161,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         buffer = ops.dispatch(flat, row, self.num_experts * groups * capacity)  # [E·G·C, d]
         buffer = buffer.view(self.num_experts, groups * capacity, width)
         expert_out = self._run_experts(ops, buffer).reshape(-1, width)  # [E·G·C, d]
-        y = ops.combine(expert_out, row, gate.to(x.dtype))  # [G·S, d]
+        y = ops.combine(expert_out, row, gate.to(flat.dtype))  # [G·S, d]
 
         routing = self._routing_record(
             logits.view(groups, size, -1), noise, probs.view(groups, size, -1), modality, expert, slot, grouping, tokens, capacity
@@ -164,7 +170,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
 
     def _run_experts(self, ops, buffer: Tensor) -> Tensor:
         """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""
-        weights = self.stacked_expert_weights()
+        weights = [w.to(buffer.dtype) for w in self.stacked_expert_weights()]
         if self.expert_group is None:
             return ops.expert_ffn(buffer, *weights)
         local = experts_all_to_all(buffer, self.expert_group)  # [E_local, ep·G·C, d]
