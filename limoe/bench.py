@@ -429,21 +429,28 @@ def _prepare(spec: Spec, mode: str, settings: Settings) -> tuple[Callable[[], No
     return model_step(workload, device, compile_loss=mode == "compiled"), workload.flops_per_pair, lambda: None
 
 
+def _time_row(spec: Spec, mode: str, settings: Settings) -> tuple[Timing, int]:
+    """(timing, model FLOPs per pair); the model, engine and loader die when this returns."""
+    step, flops_per_pair, close = _prepare(spec, mode, settings)
+    try:
+        return time_steps(step, settings.warmup, settings.steps, settings.device), flops_per_pair
+    finally:
+        close()
+
+
 def measure(spec: Spec, mode: str, settings: Settings) -> Row:
     """One row; a failure (out of memory, a model that does not build) becomes its note."""
     row = Row(spec.label, mode, spec.partner, settings.batch)
     try:
-        step, row.flops_per_pair, close = _prepare(spec, mode, settings)
-        try:
-            row.timing = time_steps(step, settings.warmup, settings.steps, settings.device)
-        finally:
-            close()
+        row.timing, row.flops_per_pair = _time_row(spec, mode, settings)
     except torch.OutOfMemoryError:
         row.note = "out of memory"
     except Exception as error:  # one failing model must not hide the others
         row.note = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:100]}"
     finally:
-        torch._dynamo.reset()  # frees compiled graphs, and the next model compiles with static shapes
+        # Only now is the last model unreachable: collect its cycles (DeepSpeed's hooks) and cached
+        # blocks, and drop compiled graphs so the next model compiles afresh with static shapes.
+        torch._dynamo.reset()
         gc.collect()
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()
