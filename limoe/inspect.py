@@ -25,6 +25,7 @@ from limoe.checkpoint import load_model
 from limoe.config import Config, ModelConfig
 from limoe.data import eval_loader
 from limoe.errors import LimoeError
+from limoe.evaluate.runtime import resolve_device
 from limoe.model import PAD_TOKEN, Limoe
 from limoe.routing import LayerRouting
 from limoe.routing_plots import write_pictures
@@ -70,15 +71,6 @@ class CheckpointRouting:
             "statistics": self.statistics, "collapse_warnings": collapse_warnings(self.statistics),
             "examples": [example.to_json() for example in self.examples],
         }
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when there is a GPU, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LimoeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    return torch.device(name)
 
 
 def pictured_block(config: ModelConfig, block: Optional[int]) -> int:
@@ -170,7 +162,7 @@ def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: i
     """
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
-    torch_device = resolve_device(device)
+    torch_device = torch.device(resolve_device(device))
     paths = [Path(checkpoint)] + ([Path(compare)] if compare else [])
     models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
     blocks = [pictured_block(config.model, block) for _, config in models]

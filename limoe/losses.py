@@ -39,8 +39,7 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, valid: Tensor, noise_std: fl
     probability that fresh noise lifts ℓ_e over the winner. load_e = mean over the group's tokens.
     """
     threshold = noisy_logits.max(dim=-1, keepdim=True).values  # [G, S, 1]
-    normal = torch.distributions.Normal(0.0, 1.0)
-    chosen = 1.0 - normal.cdf((threshold - logits) / noise_std)  # [G, S, E]
+    chosen = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # [G, S, E], Φ = ndtr
     load = (chosen * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)  # [G, E]
     return squared_coefficient_of_variation(load).mean()
 
@@ -74,26 +73,28 @@ def masked_group_mean(values: Tensor, present: Tensor) -> Tensor:
     return (values * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1)
 
 
-def thresholded_global_entropy(marginal_entropy: Tensor, present: Tensor, min_experts: Tensor) -> Tensor:
+def thresholded_global_entropy(marginal_entropy: Tensor, present: Tensor, min_experts: list[float]) -> Tensor:
     """LIMoE global entropy loss per modality: mean over groups of max(0, log S_m − H(p̄_m)).
 
-    marginal_entropy, present [G, M]; min_experts [M] (S_m) → [M]. Once a modality spreads over
-    at least S_m experts' worth of entropy the loss is off; below it, it pushes to use more.
+    marginal_entropy, present [G, M]; min_experts: S_m per modality → [M]. Once a modality spreads
+    over at least S_m experts' worth of entropy the loss is off; below it, it pushes to use more.
     """
-    gap = torch.relu(torch.log(min_experts)[None, :] - marginal_entropy)  # [G, M]
+    thresholds = marginal_entropy.new_tensor([math.log(s) for s in min_experts])  # [M]
+    gap = torch.relu(thresholds[None, :] - marginal_entropy)  # [G, M]
     return masked_group_mean(gap, present)
 
 
-def auxiliary_loss(routings: list[LayerRouting], config: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Weighted auxiliary loss summed over MoE layers; returns the total and its weighted parts."""
+def auxiliary_loss(routings: list[LayerRouting], config: LossConfig,
+                   device: torch.device = torch.device("cpu")) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted auxiliary loss summed over MoE layers; returns the total and its weighted parts.
+
+    A model without MoE layers (the dense twin) gets a zero on `device`.
+    """
     if not routings:
-        return torch.zeros(()), {}
-    min_experts = torch.tensor([config.global_entropy_min_experts[m] for m in MODALITIES])
+        return torch.zeros((), device=device), {}
+    min_experts = [config.global_entropy_min_experts[m] for m in MODALITIES]
     local = sum(masked_group_mean(r.token_entropy, r.present) for r in routings)  # [M]
-    global_ = sum(
-        thresholded_global_entropy(r.marginal_entropy, r.present, min_experts.to(r.marginal_entropy))
-        for r in routings
-    )  # [M]
+    global_ = sum(thresholded_global_entropy(r.marginal_entropy, r.present, min_experts) for r in routings)  # [M]
     parts = {
         "importance": config.importance * sum(r.importance for r in routings),
         "load": config.load * sum(r.load for r in routings),

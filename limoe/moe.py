@@ -146,7 +146,8 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         groups, size = modality.shape
         flat = grouping.group(x, 0.0).reshape(groups * size, width).to(_compute_dtype(x))  # [G·S, d]
 
-        logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E], routed in fp32
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
+            logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
         noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
         probs, expert, gate = ops.top1_router(logits, noise)  # [G·S, E], [G·S], [G·S]
         valid = modality.reshape(-1) != PADDING

@@ -13,27 +13,18 @@ import torch
 
 from limoe.checkpoint import atomic_write, load_model
 from limoe.config import Config
-from limoe.data import eval_loader
 from limoe.evaluate import evaluate_retrieval
-from limoe.routing_stats import RoutingAccumulator, format_summary_table
+from limoe.evaluate.runtime import resolve_device
+from limoe.inspect import inspect_checkpoint
+from limoe.routing_stats import format_summary_table
 
 ROUTING_BATCHES = 4
 
 
-def heldout_routing(model, config: Config, batch_size: int = 128) -> dict:
-    """Routing statistics of the model (eval capacity) on a few held-out batches."""
-    accumulator = RoutingAccumulator(config.model.moe_layers)
-    loader = eval_loader(config.data.heldout, batch_size, config.model.image_size, config.model.context_length,
-                         workers=0, max_bad_fraction=1.0, rank=0, world_size=1)
-    with torch.no_grad():
-        for index, batch in zip(range(ROUTING_BATCHES), loader):
-            accumulator.add(model(batch.images, batch.tokens).routing)
-    return accumulator.statistics()
-
-
 def final_report(model_file: Path, config: Config, workdir: Path) -> dict:
     """Print held-out image↔text recall (with chance level) and the routing table; save both."""
-    model, _ = load_model(model_file)
+    device = resolve_device("auto")
+    model, _ = load_model(model_file, device)
     retrieval = evaluate_retrieval(model, config.data.heldout, batch_size=128, workers=config.data.workers)
     chance = 5 / retrieval["images"]
     print(
@@ -41,7 +32,10 @@ def final_report(model_file: Path, config: Config, workdir: Path) -> dict:
         f"  image→text  R@1 {retrieval['image_to_text_R@1']:.1%}  R@5 {retrieval['image_to_text_R@5']:.1%}\n"
         f"  text→image  R@1 {retrieval['text_to_image_R@1']:.1%}  R@5 {retrieval['text_to_image_R@5']:.1%}"
     )
-    routing = heldout_routing(model, config) if config.model.moe_layers else None
+    routing = None
+    if config.model.moe_layers:  # the dense twin has no routing
+        routing = inspect_checkpoint(model, config, "final", model_file, config.data.heldout, ROUTING_BATCHES,
+                                     batch_size=128, block=config.model.moe_layers[-1], device=torch.device(device)).statistics
     if routing:
         print(f"\nrouting on held-out pairs (image/text per MoE block):\n{format_summary_table(routing)}")
     metrics = {"retrieval": retrieval, "chance_R@5": chance, "routing": routing}

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 
 from limoe import checkpoint
 from limoe.config import Config, config_from_dict, dump_config, load_config, to_dict
@@ -45,8 +46,8 @@ class ContrastiveTrainer(nn.Module):
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor], list]:
         output = self.model(images, tokens)
         contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale)
-        aux, parts = auxiliary_loss(output.routing, self.loss_config)
-        loss = contrastive + aux.to(contrastive)
+        aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
+        loss = contrastive + aux
         terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts,
                  "logit_scale": output.logit_scale.exp()}
         return loss, {k: v.detach().float() for k, v in terms.items()}, output.routing
@@ -154,18 +155,16 @@ def global_grad_norm(module: nn.Module, expert_group) -> Tensor:
     are summed over the expert-parallel group and added to the shared part once. (DeepSpeed's
     own clipping averages the per-rank norms, which is not the global norm with experts sharded.)
     """
-    shared = torch.zeros((), device=next(module.parameters()).device)
-    experts = torch.zeros_like(shared)
+    shared, experts = [], []
     for parameter in module.parameters():
         if parameter.grad is not None:
-            squared = parameter.grad.detach().float().pow(2).sum()
-            if is_moe_param(parameter):
-                experts += squared
-            else:
-                shared += squared
+            (experts if is_moe_param(parameter) else shared).append(parameter.grad.detach())
+    device = next(module.parameters()).device
+    shared_squared = get_total_norm(shared).to(device).pow(2) if shared else torch.zeros((), device=device)
+    experts_squared = get_total_norm(experts).to(device).pow(2) if experts else torch.zeros((), device=device)
     if expert_group is not None:
-        dist.all_reduce(experts, group=expert_group)
-    return (shared + experts).sqrt()
+        dist.all_reduce(experts_squared, group=expert_group)
+    return (shared_squared + experts_squared).sqrt()
 
 
 def clip_gradients(engine, max_norm: float, expert_group) -> Tensor:
