@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import yaml
 from limoe.errors import LimoeError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# YAML 1.1 (PyYAML) reads `1e-3` and `1.0e30` as strings; for float keys they mean the number.
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 MODALITIES = ("image", "text")
 
 
@@ -246,6 +249,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise LimoeError(f"config key '{path}' must be a mapping, got {value!r}.")
         return from_dict(tp, value, path)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
         return float(value)
     if tp in (int, float, str, bool) and type(value) is tp:
         return value

@@ -32,6 +32,7 @@ from limoe.model import Limoe
 from limoe.progress import TrainingReporter
 
 log = logging.getLogger("limoe.train")
+MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
 
 
 class ContrastiveTrainer(nn.Module):
@@ -175,13 +176,21 @@ def clip_gradients(engine, max_norm: float, expert_group) -> Tensor:
     return norm
 
 
+def _finite_everywhere(loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks must agree to skip a step together)."""
+    finite = torch.isfinite(loss).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[dict[str, Tensor], list, bool]:
     """Forward, backward, clip, optimizer step; returns the loss terms, routing, and whether it stepped.
 
     Only the skip-on-NaN mode looks at the loss value before stepping (a host sync per step).
     """
     loss, terms, routing = engine(images, tokens)
-    if config.train.skip_nonfinite_steps and not torch.isfinite(loss).item():
+    if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         engine.zero_grad()
         return terms, routing, False
     engine.backward(loss)
@@ -232,7 +241,7 @@ def train(config: Config, workdir: Path) -> dict:
 
 
 def _loop(engine, loader, config: Config, session: Session, workdir: Path, reporter, start: int) -> None:
-    step = start
+    step, skipped_in_a_row = start, 0
     batches = iter(loader)
     while step < config.train.steps:
         images, tokens = next(batches)
@@ -240,12 +249,18 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
         tokens = tokens.to(session.device, non_blocking=True)
         terms, routing, stepped = train_step(engine, images, tokens, config)
         if not stepped:
+            skipped_in_a_row += 1
             reporter.skipped(step)
+            if skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
+                raise LimoeError(f"{MAX_SKIPS_IN_A_ROW} steps in a row had a non-finite loss after step {step}; the "
+                                 f"model has diverged. Lower optim.lr and resume from {workdir}.")
             continue
-        step += 1
+        step, skipped_in_a_row = step + 1, 0
         reporter.step(step, terms, routing, engine.get_lr()[0], loader.bad_samples, images.shape[0] * session.world_size)
-        if step % config.train.checkpoint_every == 0 or step == config.train.steps:
+        checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps
+        if checkpoint_due or step % config.train.log_every == 0:
             _stop_if_nonfinite(terms, step, workdir)
+        if checkpoint_due:
             checkpoint.save_training_checkpoint(
                 engine, workdir, step, {"step": step, "config": to_dict(config)}, config.train.keep_checkpoints
             )

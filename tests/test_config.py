@@ -42,6 +42,13 @@ def test_unknown_key_names_its_dotted_path_and_a_suggestion():
         load_config("demo", ["model.moe.num_expert=4"])
 
 
+def test_exponent_notation_is_a_float_even_where_yaml_reads_a_string():
+    assert load_config("demo", ["optim.lr=1e-3"]).optim.lr == 1e-3
+    assert load_config("demo", ["optim.min_lr=2E5"]).optim.min_lr == 2e5
+    with pytest.raises(LimoeError, match="'optim.lr' must be of type float"):
+        load_config("demo", ["optim.lr=1e-3x"])
+
+
 def test_wrong_type_and_bool_is_not_an_int():
     with pytest.raises(LimoeError, match="'model.depth' must be of type int"):
         from_dict(Config, {"model": {"depth": True}})

@@ -116,3 +116,14 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     assert resumed and resumed[-1]["step"] == 24
     config = load_config(str(tmp_path / "config.yaml"))
     assert resumed[-1]["lr"] == pytest.approx(config.optim.lr * lr_multiplier(24, config), rel=1e-6)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_diverged_run_stops_with_a_clear_message_and_keeps_no_bad_checkpoint(tmp_path, capsys, skip):
+    args = _args(tmp_path, "train.steps=40", "optim.lr=1.0e30", "optim.warmup_steps=1", "optim.grad_clip=0",
+                 f"train.skip_nonfinite_steps={str(skip).lower()}", "train.checkpoint_every=1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ("in a row had a non-finite loss" if skip else "the loss became") in err
+    last = checkpoint.latest_checkpoint(tmp_path)
+    assert last is None or int(last.name.split("_")[1]) < 40
