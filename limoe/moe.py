@@ -44,6 +44,18 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def _buffer_rows(expert: Tensor, slot: Tensor, capacity: int) -> Tensor:
+    """Row of each token in the expert-major buffer [E, G·C]: expert·G·C + group·C + slot; −1 if dropped.
+
+    expert, slot [G, S] → [G·S]. Expert-major rows make each expert's slots contiguous, so the
+    expert FFN is one batched matmul and the expert-parallel exchange splits the buffer by rank.
+    """
+    groups = expert.shape[0]
+    group_index = torch.arange(groups, device=expert.device)[:, None]  # [G, 1]
+    row = expert * (groups * capacity) + group_index * capacity + slot
+    return torch.where(slot >= 0, row, -1).view(-1)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The autocast dtype when autocast is on (the expert matmuls then run in bf16), else x's."""
     device = x.device.type
@@ -146,28 +158,32 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         groups, size = modality.shape
         flat = grouping.group(x, 0.0).reshape(groups * size, width).to(_compute_dtype(x))  # [G·S, d]
 
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
-            logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
-        noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
-        probs, expert, gate = ops.top1_router(logits, noise)  # [G·S, E], [G·S], [G·S]
-        valid = modality.reshape(-1) != PADDING
-        expert = torch.where(valid, expert, -1).view(groups, size)
-
+        logits, noise, probs, expert, gate = self._route(ops, flat, modality)  # [G·S, E] ×3, [G, S] ×2
         capacity = expert_capacity(size, self.num_experts, self.capacity_factor)
-        slot = ops.assign_slots(expert, gate.view(groups, size), self.num_experts, capacity,
-                                self.config.batch_priority)  # [G, S]
-        group_index = torch.arange(groups, device=x.device)[:, None]
-        row = torch.where(slot >= 0, expert * (groups * capacity) + group_index * capacity + slot, -1).view(-1)
+        slot = ops.assign_slots(expert, gate, self.num_experts, capacity, self.config.batch_priority)  # [G, S]
+        row = _buffer_rows(expert, slot, capacity)  # [G·S]
 
         buffer = ops.dispatch(flat, row, self.num_experts * groups * capacity)  # [E·G·C, d]
         buffer = buffer.view(self.num_experts, groups * capacity, width)
         expert_out = self._run_experts(ops, buffer).reshape(-1, width)  # [E·G·C, d]
-        y = ops.combine(expert_out, row, gate.to(flat.dtype))  # [G·S, d]
+        y = ops.combine(expert_out, row, gate.reshape(-1).to(flat.dtype))  # [G·S, d]
 
         routing = self._routing_record(
             logits.view(groups, size, -1), noise, probs.view(groups, size, -1), modality, expert, slot, grouping, tokens, capacity
         )
         return grouping.ungroup(y.view(groups, size, width), tokens), routing
+
+    def _route(self, ops, flat: Tensor, modality: Tensor) -> tuple[Tensor, ...]:
+        """Router logits in fp32 (noisy in training) → probs [G·S, E], top-1 expert and gate [G, S].
+
+        Padding tokens get expert −1: they take no slot and count in no statistic.
+        """
+        with torch.autocast(flat.device.type, enabled=False):  # routing decisions in fp32
+            logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
+        noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
+        probs, expert, gate = ops.top1_router(logits, noise)  # [G·S, E], [G·S], [G·S]
+        expert = torch.where(modality.reshape(-1) != PADDING, expert, -1)
+        return logits, noise, probs, expert.view_as(modality), gate.view_as(modality)
 
     def _run_experts(self, ops, buffer: Tensor) -> Tensor:
         """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""
