@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 DPI = 100
 MODALITY_COLORS = {"image": "#2166ac", "text": "#b2182b"}  # the two ends of the heatmap's RdBu
 LEGEND_PX = 60  # a row below the panels for the legend
+LEGEND_ENTRY_PX = 80  # width of one legend entry ("expert 12" and its swatch)
 TOKEN_LABEL_CHARS = 9
 
 
@@ -59,7 +60,8 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     """Expert colours and the dropped-token cross, in a row below the example panels."""
     handles = [Patch(color=color, label=f"expert {e}") for e, color in enumerate(expert_colors(num_experts))]
     handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="dropped"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), fontsize=7, frameon=False)
+    per_row = max(1, int(fig.get_figwidth() * DPI // LEGEND_ENTRY_PX))  # wrap rather than run off a narrow figure
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), per_row), fontsize=7, frameon=False)
 
 
 def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
