@@ -23,7 +23,7 @@ from torchvision.transforms import Compose
 
 from limoe.checkpoint import load_model
 from limoe.errors import LimoeError
-from limoe.evaluate.preprocess import eval_transform, tokenizer
+from limoe.preprocess import eval_transform, tokenizer
 from limoe.model import Limoe
 
 MODEL_TYPE = "limoe"

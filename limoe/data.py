@@ -38,16 +38,15 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Optional
 
 import braceexpand
-import open_clip
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from limoe.config import ShardSource
 from limoe.errors import LimoeError
+from limoe.preprocess import image_transform, tokenizer
 from limoe.shards import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -265,19 +264,12 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer(context_length: int) -> SimpleTokenizer:
-    """open_clip's CLIP BPE tokenizer (what `open_clip.get_tokenizer('ViT-B-32')` returns), built
-    once per process."""
-    return SimpleTokenizer(context_length=context_length)
-
-
 def _collate(records: list, context_length: int, train: bool, classification: bool):
     keys, images, targets = zip(*records)
     images = torch.stack(images)
     if classification:
         return EvalBatch(images, list(keys), None, torch.tensor(targets, dtype=torch.int64))
-    tokens = _tokenizer(context_length)(list(targets))
+    tokens = tokenizer(context_length)(list(targets))
     return TrainBatch(images, tokens) if train else EvalBatch(images, list(keys), tokens, None)
 
 
@@ -309,9 +301,7 @@ class _ShardStream(IterableDataset):
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
         if self.train and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        transform = open_clip.image_transform(
-            self.image_size, is_train=self.train, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD
-        )
+        transform = image_transform(self.image_size, self.train)
         records = ((key, transform(image), target) for key, image, target in self._usable(samples, tally))
         collate = functools.partial(_collate, context_length=self.context_length, train=self.train,
                                     classification=self.classification)

@@ -27,6 +27,7 @@ from limoe.data import eval_loader
 from limoe.errors import LimoeError
 from limoe.evaluate.runtime import resolve_device
 from limoe.model import PAD_TOKEN, Limoe
+from limoe.preprocess import unnormalise
 from limoe.routing import LayerRouting
 from limoe.routing_plots import write_pictures
 from limoe.routing_stats import RoutingAccumulator, collapse_warnings, format_summary_table
@@ -98,10 +99,8 @@ def _decode(token_ids: list[int]) -> list[str]:
 
 
 def _unnormalise(images: Tensor) -> np.ndarray:
-    """[B, 3, H, W] normalised as the data pipeline does (OpenAI CLIP mean, std) → [B, H, W, 3] in [0, 1]."""
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
-    return (images.float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    """[B, 3, H, W] as the data pipeline normalises them → [B, H, W, 3] in [0, 1]."""
+    return unnormalise(images).permute(0, 2, 3, 1).numpy()
 
 
 def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Tensor, routing: LayerRouting,

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import deepspeed
 import torch
@@ -23,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
 from limoe import checkpoint
-from limoe.config import Config, config_from_dict, dump_config, load_config, to_dict
+from limoe.config import Config, dump_config, load_config, to_dict
 from limoe.data import expand_shards, train_loader
 from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group
 from limoe.errors import LimoeError

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from limoe.data import BadSampleCounter, EvalBatch, WorkerTally
 from limoe.errors import LimoeError
-from limoe.evaluate.preprocess import eval_transform
+from limoe.preprocess import eval_transform
 from limoe.shards import IMAGE_SUFFIXES, to_rgb
 
 IMAGENET_LAYOUT_HINT = (

@@ -27,7 +27,7 @@ from limoe.data import EvalBatch, ShardLoader, eval_loader, expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
 from limoe.evaluate.metrics import classification_metrics
-from limoe.evaluate.preprocess import tokenizer
+from limoe.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
 from limoe.model import Limoe
