@@ -42,6 +42,18 @@ def top1_router_reference(logits: Tensor, noise: Tensor | None = None) -> tuple[
 
 
 @triton.jit
+def _row_tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's BLOCK_T rows × BLOCK_E experts of the row-major [T, E] arrays, with masks."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    cols = tl.arange(0, BLOCK_E)  # [BLOCK_E]
+    row_ok = rows < T
+    expert_ok = cols[None, :] < E
+    mask = row_ok[:, None] & expert_ok  # [BLOCK_T, BLOCK_E]
+    offs = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    return rows, cols, row_ok, expert_ok, mask, offs
+
+
+@triton.jit
 def _row_softmax(z):
     """Softmax of a [BLOCK_T, BLOCK_E] tile along experts; padded experts hold −inf."""
     e = tl.exp(z - tl.max(z, axis=1)[:, None])
@@ -66,12 +78,7 @@ def _router_fwd_kernel(
     HAS_NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """One program per BLOCK_T rows: both softmaxes, the noisy argmax and its probability."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    cols = tl.arange(0, BLOCK_E)  # [BLOCK_E]
-    row_ok = rows < T
-    expert_ok = cols[None, :] < E
-    mask = row_ok[:, None] & expert_ok  # [BLOCK_T, BLOCK_E]
-    offs = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    rows, cols, row_ok, expert_ok, mask, offs = _row_tile(T, E, BLOCK_T, BLOCK_E)
     logits, noisy = _load_logits(logits_ptr, noise_ptr, offs, mask, expert_ok, HAS_NOISE)
     probs = _row_softmax(logits)
     noisy_probs = _row_softmax(noisy) if HAS_NOISE else probs
@@ -86,12 +93,7 @@ def _router_bwd_kernel(
     HAS_NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """dℓ from dprobs through the clean softmax plus dgate through the (recomputed) noisy one."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    cols = tl.arange(0, BLOCK_E)  # [BLOCK_E]
-    row_ok = rows < T
-    expert_ok = cols[None, :] < E
-    mask = row_ok[:, None] & expert_ok  # [BLOCK_T, BLOCK_E]
-    offs = rows.to(tl.int64)[:, None] * E + cols[None, :]
+    rows, cols, row_ok, expert_ok, mask, offs = _row_tile(T, E, BLOCK_T, BLOCK_E)
     probs = tl.load(probs_ptr + offs, mask=mask, other=0.0)
     dprobs = tl.load(dprobs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dlogits = probs * (dprobs - tl.sum(dprobs * probs, axis=1)[:, None])
