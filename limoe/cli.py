@@ -94,6 +94,9 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="limoe", description="LIMoE sparse mixture-of-experts contrastive models")
+    # The deepspeed launcher puts --local_rank=N before the subcommand; the rank is read from the
+    # environment (LOCAL_RANK), which every launcher sets, so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable, help: str, parent=commands) -> argparse.ArgumentParser:
@@ -109,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="training config name or path (default: demo)")
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)
