@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from limoe.config import Config, config_from_dict, to_dict
+from limoe.config import Config, config_from_dict, load_config, to_dict
 from limoe.errors import LimoeError
 from limoe.model import Limoe
 
@@ -77,9 +79,14 @@ def load_model(path: Path, device: str = "cpu", capacity_factor: Optional[str] =
     else:
         state, config = read_model_file(path)
     config = with_eval_capacity(config, capacity_factor)
+    return _model_with(state, config).to(device).eval(), config
+
+
+def _model_with(state: dict[str, torch.Tensor], config: Config) -> Limoe:
+    """A model of the config's architecture holding `state` (strict: every weight must match)."""
     model = Limoe(config.model)
     model.load_state_dict(state)
-    return model.to(device).eval(), config
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +111,6 @@ def latest_checkpoint(workdir: Path) -> Optional[Path]:
 
 def save_training_checkpoint(engine, workdir: Path, step: int, client_state: dict, keep: int) -> None:
     """Every rank writes its shard; then rank 0 moves `latest` and prunes old checkpoints."""
-    import torch.distributed as dist
-
     root = Path(workdir) / CHECKPOINT_DIR
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -118,8 +123,6 @@ def save_training_checkpoint(engine, workdir: Path, step: int, client_state: dic
 
 def _prune(root: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (and any half-written one that is not latest)."""
-    import shutil
-
     tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in tags[: max(len(tags) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -142,8 +145,6 @@ def consolidated_state(workdir: Path) -> tuple[dict[str, torch.Tensor], Config]:
     DeepSpeed writes the shared weights once and each expert to its own file under its global
     index, so consolidation is a union of those files — no process group needed.
     """
-    from limoe.config import load_config
-
     path = latest_checkpoint(workdir)
     if path is None:
         raise LimoeError(f"{workdir} holds no complete training checkpoint; train first or give an exported file.")
@@ -163,7 +164,6 @@ def _torch_load(path: Path) -> dict:
 def export_workdir(workdir: Path, output: Path) -> None:
     """`limoe export`: the latest checkpoint as one .safetensors file with the config inside."""
     state, config = consolidated_state(workdir)
-    model = Limoe(config.model)
-    model.load_state_dict(state)
+    model = _model_with(state, config)
     save_model_file(model, config, output)
-    print(f"exported {workdir} ({sum(t.numel() for t in state.values()) / 1e6:.1f}M parameters) to {output}")
+    print(f"exported {workdir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) to {output}")

@@ -39,12 +39,12 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 
 import braceexpand
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from limoe.config import ShardSource
+from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.preprocess import image_transform, tokenizer
 from limoe.shards import to_rgb
@@ -363,11 +363,10 @@ class ShardLoader(DataLoader):
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """The given rank and world size (tests pass them), else the process group's."""
     if rank is not None and world_size is not None:
         return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return rank_and_world()
 
 
 def train_loader(

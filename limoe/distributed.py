@@ -1,4 +1,4 @@
-"""Process groups and the expert-parallel exchange.
+"""Devices, process groups and the expert-parallel exchange.
 
 DeepSpeed owns the process groups (`deepspeed.init_distributed`, and its expert-parallel and
 expert-data-parallel groups from `deepspeed.utils.groups`); this module holds the all-to-all
@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single
+
+from limoe.errors import LimoeError
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main_process() -> bool:
-    return rank_and_world()[0] == 0
+def resolve_device(device: str, option: str = "--device") -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error naming `option`."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LimoeError(f"{option} cuda was given but no CUDA GPU is visible; use {option} cpu or auto.")
+    return device
 
 
 def _free_port() -> int:

@@ -24,8 +24,8 @@ from torch import Tensor
 from limoe.checkpoint import load_model
 from limoe.config import Config, ModelConfig
 from limoe.data import eval_loader
+from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
-from limoe.evaluate.runtime import resolve_device
 from limoe.model import PAD_TOKEN, Limoe
 from limoe.preprocess import unnormalise
 from limoe.routing import LayerRouting

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
 from limoe.config import MODALITIES, LossConfig
+from limoe.distributed import rank_and_world
 from limoe.routing import LayerRouting, entropy
 
 
@@ -116,8 +116,7 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, kind: str):
         super().__init__()
-        distributed = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        rank, world = rank_and_world()
         self.kind = kind
         if kind == "siglip":
             self.loss = SigLipLoss(rank=rank, world_size=world)

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from limoe.checkpoint import atomic_write, load_model
+from limoe.distributed import resolve_device
 from limoe.config import Config
 from limoe.evaluate import evaluate_retrieval
-from limoe.evaluate.runtime import resolve_device
 from limoe.inspect import inspect_checkpoint
 from limoe.routing_stats import format_summary_table
 

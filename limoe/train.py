@@ -23,7 +23,7 @@ from torch.nn.utils import get_total_norm
 from limoe import checkpoint
 from limoe.config import Config, dump_config, load_config, to_dict
 from limoe.data import expand_shards, train_loader
-from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group
+from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, resolve_device
 from limoe.errors import LimoeError
 from limoe.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
 from limoe.model import Limoe
@@ -112,9 +112,7 @@ class Session:
 
 def start_session(config: Config) -> Session:
     """Join (or create) the process group and pick device and precision from the config."""
-    cuda = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
-    if config.train.device == "cuda" and not torch.cuda.is_available():
-        raise LimoeError("train.device is cuda but no CUDA GPU is visible; set train.device=cpu or auto.")
+    cuda = resolve_device(config.train.device, option="train.device") == "cuda"
     rank, world_size, local_rank = init_process_group("nccl" if cuda else "gloo", config.distributed.timeout_minutes)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

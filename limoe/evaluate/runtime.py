@@ -11,17 +11,9 @@ from typing import Iterator, Optional
 import torch
 
 from limoe.checkpoint import atomic_write, load_model
+from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
 from limoe.model import Limoe
-
-
-def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LimoeError("--device cuda was given but no CUDA GPU is visible; use --device cpu or auto.")
-    return device
 
 
 def load_for_eval(checkpoint: Path, device: str, capacity_factor: Optional[str]) -> Limoe:
