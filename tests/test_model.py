@@ -78,3 +78,29 @@ def test_text_padding_changes_nothing_beyond_the_end_of_text():
         a = model.encode_text(tokens)
         model.text_positions.data[6:] += 1.0  # positions past the padding start must not matter
         torch.testing.assert_close(model.encode_text(short), a)
+
+
+def test_bf16_autocast_step_tracks_fp32_with_fp32_routing_and_gradients():
+    """The GPU training precision, run on CPU: bf16 autocast around fp32 weights, as `limoe train` does.
+
+    The router must still decide in fp32, every gradient must be a finite fp32 tensor, and the
+    features must stay close to the fp32 forward of the same weights.
+    """
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", ["moe.eval_capacity_factor=null"])).eval()  # no noise, no drops
+    images = torch.randn(5, 3, 64, 64)
+    tokens = torch.randint(1, 1000, (5, 16))
+    tokens[:, 11:] = 0
+    reference = model(images, tokens)
+    with torch.autocast("cpu", torch.bfloat16):
+        output = model(images, tokens)
+        loss = ContrastiveLoss("clip")(output.image_features, output.text_features, output.logit_scale)
+        loss = loss + auxiliary_loss(output.routing, LossConfig())[0]
+    loss.backward()
+    assert all(r.importance.dtype == torch.float32 for r in output.routing)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+    for ours, fp32 in [(output.image_features, reference.image_features), (output.text_features, reference.text_features)]:
+        cosine = (ours.float() * fp32).sum(-1)
+        assert cosine.min() > 0.98
