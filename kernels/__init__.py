@@ -1,5 +1,6 @@
 """Top-1 expert-layer ops: each file holds one op's plain-PyTorch reference and its Triton version.
-This package never imports `limoe`: it is the layer's compute, not its model.
+The ops never import `limoe`: they are the layer's compute, not its model (only the benchmark
+script does, for its row of the model's whole layer).
 
 `get_ops(backend)` returns the set of ops the MoE layer calls, so a backend is one switch:
 'torch' is the reference, 'triton' the kernels (same names, same signatures, same semantics).

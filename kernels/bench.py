@@ -14,6 +14,10 @@ prices routing, dispatch, combine and capacity padding.
 
 Implementations:
     dense       nn.Linear-GELU-nn.Linear
+    layer       the model's own MoE layer (limoe.moe.MoeMlp, Triton ops on a GPU) as training runs
+                it: image and text tokens of whole examples routed together, router noise, BPR,
+                capacity, DeepSpeed's one-module-per-expert weights, routing statistics and the
+                auxiliary losses' backward included
     triton      router matmul + get_ops('triton') (tokens routed in groups, BPR, capacity)
     torch       the same layer from get_ops('torch'), the plain-PyTorch references
     grouped_mm  sort by expert + torch._grouped_mm, dropless (no capacity, no padding)
@@ -37,10 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.dispatch import expert_major_rows
 from kernels.router import top1_router_reference
 
 SHAPES = {"base": (768, 3072, 8), "large": (1280, 5120, 32)}  # name → (d, h, E)
-IMPLS = ("dense", "triton", "torch", "grouped_mm", "deepspeed", "tutel")
+IMPLS = ("dense", "layer", "triton", "torch", "grouped_mm", "deepspeed", "tutel")
 
 
 @dataclass(frozen=True)
@@ -85,12 +90,11 @@ def top1_moe_layer(
     if padding is not None:
         expert = expert.masked_fill(padding, -1)
     slot = ops.assign_slots(expert.view(groups, size), gate.view(groups, size), num_experts, capacity, batch_priority)
-    group = torch.arange(groups, device=x.device)[:, None]  # [G, 1]
-    row = torch.where(slot >= 0, expert.view(groups, size) * (groups * capacity) + group * capacity + slot, -1)
+    row = expert_major_rows(expert.view(groups, size), slot, capacity)  # [T]
     num_rows = num_experts * groups * capacity
-    buf = ops.dispatch(x, row.view(tokens), num_rows).view(num_experts, groups * capacity, d)
+    buf = ops.dispatch(x, row, num_rows).view(num_experts, groups * capacity, d)
     out = ops.expert_ffn(buf, *ffn)  # [E, G·C, d]
-    return ops.combine(out.view(num_rows, d), row.view(tokens), gate), probs
+    return ops.combine(out.view(num_rows, d), row, gate), probs
 
 
 def _expert_params(case: Case) -> tuple[Tensor, list[Tensor]]:
@@ -124,6 +128,34 @@ def build_ops_layer(case: Case, backend: str) -> Layer:
         return top1_moe_layer(ops, x, w_router, ffn, noise, case.groups, case.capacity)[0]
 
     return forward, [w_router, *ffn]
+
+
+def build_layer(case: Case) -> Layer:
+    """limoe.moe.MoeMlp on examples of 256 tokens (7/8 image, 1/8 text) in groups of S tokens.
+
+    The layer's output gets its auxiliary loss added (a scalar, broadcast), so the backward also
+    runs through the router statistics, as a training step does.
+    """
+    from limoe.config import LossConfig, MoeConfig
+    from limoe.losses import auxiliary_loss
+    from limoe.moe import MoeMlp
+    from limoe.routing import IMAGE, TEXT
+
+    tokens_per_example = min(256, case.group_tokens)
+    image_tokens = tokens_per_example * 7 // 8
+    examples = case.tokens // tokens_per_example
+    config = MoeConfig(num_experts=case.experts, layers=(0,), group_size=case.group_tokens // tokens_per_example,
+                       train_capacity_factor=case.capacity_factor)
+    _init_single_process_group(case.device)
+    layer = MoeMlp(case.d, case.hidden, config).to(case.device, case.dtype).train()
+    modality = torch.full((examples, tokens_per_example), TEXT, device=case.device)  # [B, N]
+    modality[:, :image_tokens] = IMAGE
+
+    def forward(x: Tensor) -> Tensor:
+        y, routing = layer(x.view(examples, tokens_per_example, case.d), modality)
+        return y.view_as(x) + auxiliary_loss([routing], LossConfig(), case.device)[0]
+
+    return forward, list(layer.parameters())
 
 
 def build_grouped_mm(case: Case) -> Layer:
@@ -183,6 +215,7 @@ def _init_single_process_group(device: torch.device) -> None:
 
 BUILDERS: dict[str, Callable[[Case], Layer]] = {
     "dense": build_dense,
+    "layer": build_layer,
     "triton": lambda case: build_ops_layer(case, "triton"),
     "torch": lambda case: build_ops_layer(case, "torch"),
     "grouped_mm": build_grouped_mm,

@@ -19,6 +19,19 @@ from torch import Tensor
 from kernels._launch import check_device, check_float, check_index
 
 
+def expert_major_rows(expert: Tensor, slot: Tensor, capacity: int) -> Tensor:
+    """The buffer row of each token: expert [G, S], slot [G, S] (−1 = dropped) → row [G·S] int64.
+
+    Row = (expert, group, slot) in expert-major order, so each expert's G·C slots are contiguous:
+    the expert FFN is one batched matmul over [E, G·C, d], and the expert-parallel exchange splits
+    the buffer by rank. Dropped and padding tokens (slot −1) get row −1.
+    """
+    groups = expert.shape[0]
+    group_index = torch.arange(groups, device=expert.device)[:, None]  # [G, 1]
+    row = expert * (groups * capacity) + group_index * capacity + slot
+    return torch.where(slot >= 0, row, -1).view(-1)
+
+
 def dispatch_reference(x: Tensor, row: Tensor, num_rows: int) -> Tensor:
     """Plain PyTorch: x [T, d], row [T] int64 (−1 = dropped) → buf [num_rows, d]."""
     kept = row >= 0

@@ -21,6 +21,7 @@ from deepspeed.utils import logger as ds_logger
 from torch import Tensor, nn
 
 import kernels
+from kernels.dispatch import expert_major_rows
 from limoe.config import MoeConfig
 from limoe.distributed import ExpertSharding, experts_all_to_all, experts_all_to_all_back
 from limoe.errors import LimoeError
@@ -42,18 +43,6 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return name
-
-
-def _buffer_rows(expert: Tensor, slot: Tensor, capacity: int) -> Tensor:
-    """Row of each token in the expert-major buffer [E, G·C]: expert·G·C + group·C + slot; −1 if dropped.
-
-    expert, slot [G, S] → [G·S]. Expert-major rows make each expert's slots contiguous, so the
-    expert FFN is one batched matmul and the expert-parallel exchange splits the buffer by rank.
-    """
-    groups = expert.shape[0]
-    group_index = torch.arange(groups, device=expert.device)[:, None]  # [G, 1]
-    row = expert * (groups * capacity) + group_index * capacity + slot
-    return torch.where(slot >= 0, row, -1).view(-1)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -161,7 +150,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         logits, noise, probs, expert, gate = self._route(ops, flat, modality)  # [G·S, E] ×3, [G, S] ×2
         capacity = expert_capacity(size, self.num_experts, self.capacity_factor)
         slot = ops.assign_slots(expert, gate, self.num_experts, capacity, self.config.batch_priority)  # [G, S]
-        row = _buffer_rows(expert, slot, capacity)  # [G·S]
+        row = expert_major_rows(expert, slot, capacity)  # [G·S]
 
         buffer = ops.dispatch(flat, row, self.num_experts * groups * capacity)  # [E·G·C, d]
         buffer = buffer.view(self.num_experts, groups * capacity, width)
