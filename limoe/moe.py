@@ -122,12 +122,20 @@ class MoeMlp(deepspeed.moe.layer.MoE):
     def experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts  # E_local × Mlp
 
-    def stacked_expert_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """w_in [E_l, d, h], b_in [E_l, h], w_out [E_l, h, d], b_out [E_l, d] for the batched FFN."""
-        w_in = torch.stack([e.fc1.weight for e in self.experts]).transpose(1, 2)
-        b_in = torch.stack([e.fc1.bias for e in self.experts])
-        w_out = torch.stack([e.fc2.weight for e in self.experts]).transpose(1, 2)
-        b_out = torch.stack([e.fc2.bias for e in self.experts])
+    def stacked_expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """w_in [E_l, d, h], b_in [E_l, h], w_out [E_l, h, d], b_out [E_l, d] in `dtype`, for the batched FFN.
+
+        DeepSpeed keeps one module per expert, so the weights are stacked on every call; each one
+        is cast first, so under bf16 autocast the copy is made in bf16, not in fp32 and again in bf16.
+        """
+
+        def stack(tensors) -> Tensor:
+            return torch.stack([t.to(dtype) for t in tensors])
+
+        w_in = stack(e.fc1.weight for e in self.experts).transpose(1, 2)
+        b_in = stack(e.fc1.bias for e in self.experts)
+        w_out = stack(e.fc2.weight for e in self.experts).transpose(1, 2)
+        b_out = stack(e.fc2.bias for e in self.experts)
         return w_in, b_in, w_out, b_out
 
     @property
@@ -176,7 +184,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
 
     def _run_experts(self, ops, buffer: Tensor) -> Tensor:
         """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""
-        weights = [w.to(buffer.dtype) for w in self.stacked_expert_weights()]
+        weights = self.stacked_expert_weights(buffer.dtype)
         if self.expert_group is None:
             return ops.expert_ffn(buffer, *weights)
         local = experts_all_to_all(buffer, self.expert_group)  # [E_local, ep·G·C, d]
