@@ -41,7 +41,10 @@ def fixed_batch(config) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(outdir: Path, expert_parallel_size: int, scenario: str) -> None:
-    config = load_config("demo", OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}"])
+    overrides = OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}"]
+    if scenario == "triton" and expert_parallel_size > 1:  # the Triton ops (interpreted on CPU) against the reference
+        overrides.append("model.moe.backend=triton")
+    config = load_config("demo", overrides)
     session = start_session(config)
     engine = build_engine(config, session)
     if scenario == "one_expert":  # equal logits: every token picks expert 0, so rank 1's experts idle
