@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.dispatch import expert_major_rows
-from kernels.router import top1_router_reference
+from kernels.router import RouterOutput
 
 SHAPES = {"base": (768, 3072, 8), "large": (1280, 5120, 32)}  # name → (d, h, E)
 IMPLS = ("dense", "layer", "triton", "torch", "grouped_mm", "deepspeed", "tutel")
@@ -80,21 +80,22 @@ Layer = tuple[Callable[[Tensor], Tensor], list[Tensor]]  # forward x [T, d] → 
 def top1_moe_layer(
     ops, x: Tensor, w_router: Tensor, ffn: list[Tensor], noise: Optional[Tensor], groups: int, capacity: int,
     batch_priority: bool = True, padding: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, RouterOutput]:
     """The top-1 MoE layer from the five ops, composed as the model's MoE layer composes them:
-    x [T, d], w_router [d, E], ffn = (w_in, b_in, w_out, b_out), padding [T] bool → (y [T, d], probs [T, E])."""
+    x [T, d], w_router [d, E], ffn = (w_in, b_in, w_out, b_out), padding [T] bool → (y [T, d], router).
+    Tokens are one modality; padding tokens take no slot and are in none of the router's sums."""
     tokens, d = x.shape
     num_experts = w_router.shape[1]
     size = tokens // groups
-    probs, expert, gate = ops.top1_router(x @ w_router, noise)  # [T, E], [T], [T]
-    if padding is not None:
-        expert = expert.masked_fill(padding, -1)
-    slot = ops.assign_slots(expert.view(groups, size), gate.view(groups, size), num_experts, capacity, batch_priority)
-    row = expert_major_rows(expert.view(groups, size), slot, capacity)  # [T]
+    modality = torch.zeros(tokens, dtype=torch.int64, device=x.device) if padding is None else -padding.long()
+    router = ops.top1_router(x @ w_router, noise, modality, size)
+    expert = router.expert.masked_fill(modality < 0, -1).view(groups, size)  # [G, S]
+    slot = ops.assign_slots(expert, router.gate.view(groups, size), num_experts, capacity, batch_priority)
+    row = expert_major_rows(expert, slot, capacity)  # [T]
     num_rows = num_experts * groups * capacity
     buf = ops.dispatch(x, row, num_rows).view(num_experts, groups * capacity, d)
     out = ops.expert_ffn(buf, *ffn)  # [E, G·C, d]
-    return ops.combine(out.view(num_rows, d), row, gate), probs
+    return ops.combine(out.view(num_rows, d), row, router.gate), router
 
 
 def _expert_params(case: Case) -> tuple[Tensor, list[Tensor]]:
@@ -164,7 +165,7 @@ def build_grouped_mm(case: Case) -> Layer:
 
     def forward(x: Tensor) -> Tensor:
         noise = torch.randn(case.tokens, case.experts, device=case.device) / case.experts
-        _, expert, gate = top1_router_reference(x @ w_router, noise)  # [T]
+        gate, expert = torch.softmax((x @ w_router).float() + noise, dim=-1).max(dim=-1)  # [T], [T]
         order = torch.argsort(expert)  # [T]
         offsets = torch.bincount(expert, minlength=case.experts).cumsum(0).to(torch.int32)  # [E]
         sorted_expert = expert[order]

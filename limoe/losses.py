@@ -23,48 +23,42 @@ def squared_coefficient_of_variation(values: Tensor) -> Tensor:
     return values.var(dim=-1, unbiased=False) / values.mean(dim=-1).pow(2).clamp(min=1e-12)
 
 
-def importance_loss(probs: Tensor, valid: Tensor) -> Tensor:
-    """V-MoE importance loss. probs [G, S, E] clean softmax, valid [G, S] → scalar.
+def importance_loss(prob_sum: Tensor) -> Tensor:
+    """V-MoE importance loss. prob_sum [G, M, E]: Σ p_e(x) per group, modality and expert → scalar.
 
-    Imp_e = Σ_x p_e(x) over the group's tokens; loss = CV(Imp)², averaged over groups.
+    Imp_e = Σ_x p_e(x) over all the group's tokens; loss = CV(Imp)², averaged over groups.
     """
-    importance = (probs * valid[..., None]).sum(dim=1)  # [G, E]
-    return squared_coefficient_of_variation(importance).mean()
+    return squared_coefficient_of_variation(prob_sum.sum(dim=1)).mean()
 
 
-def load_loss(logits: Tensor, noisy_logits: Tensor, valid: Tensor, noise_std: float) -> Tensor:
-    """V-MoE load loss. logits, noisy_logits [G, S, E], valid [G, S] → scalar.
+def load_loss(load_sum: Tensor, counts: Tensor) -> Tensor:
+    """V-MoE load loss. load_sum [G, M, E], counts [G, M] tokens → scalar.
 
-    P(expert e is chosen for x) = 1 − Φ((t(x) − ℓ_e(x)) / σ), t(x) the top noisy logit: the
-    probability that fresh noise lifts ℓ_e over the winner. load_e = mean over the group's tokens.
+    load_sum holds Σ_x P(expert e is chosen for x) = Σ_x Φ((ℓ_e(x) − t(x)) / σ), t(x) the winning
+    noisy logit: the probability that fresh noise lifts ℓ_e over the winner. load_e = mean over
+    the group's tokens; loss = CV(load)², averaged over groups.
     """
-    threshold = noisy_logits.max(dim=-1, keepdim=True).values  # [G, S, 1]
-    chosen = 1.0 - torch.special.ndtr((threshold - logits) / noise_std)  # [G, S, E], Φ = ndtr
-    load = (chosen * valid[..., None]).sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1)  # [G, E]
+    load = load_sum.sum(dim=1) / counts.sum(dim=1, keepdim=True).clamp(min=1)  # [G, E]
     return squared_coefficient_of_variation(load).mean()
 
 
-def router_z_loss(logits: Tensor, valid: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)². logits [G, S, E]."""
-    z = torch.logsumexp(logits, dim=-1).pow(2)  # [G, S]
-    return (z * valid).sum() / valid.sum().clamp(min=1)
+def router_z_loss(z_sum: Tensor, counts: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)². z_sum, counts [G, M]."""
+    return z_sum.sum() / counts.sum().clamp(min=1)
 
 
-def modality_entropies(probs: Tensor, modality: Tensor, num_modalities: int) -> tuple[Tensor, Tensor, Tensor]:
+def modality_entropies(prob_sum: Tensor, entropy_sum: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per group and modality: mean token entropy, marginal entropy, and whether present.
 
-    probs [G, S, E], modality [G, S] (−1 = padding) →
+    prob_sum [G, M, E] Σ p(x), entropy_sum [G, M] Σ H(p(x)), counts [G, M] tokens →
       token_entropy [G, M]:    mean over m's tokens of H(p(x))       (LIMoE local entropy)
       marginal_entropy [G, M]: H(mean over m's tokens of p(x))       (LIMoE global entropy)
       present [G, M] bool:     the group has tokens of modality m
     Each modality is normalised by its own token count, so a short caption weighs as much as
     an image's many patches.
     """
-    masks = torch.stack([modality == m for m in range(num_modalities)], dim=-1).to(probs.dtype)  # [G, S, M]
-    counts = masks.sum(dim=1)  # [G, M]
-    token_entropy = torch.einsum("gs,gsm->gm", entropy(probs), masks) / counts.clamp(min=1)
-    mean_probs = torch.einsum("gse,gsm->gme", probs, masks) / counts.clamp(min=1)[..., None]  # [G, M, E]
-    return token_entropy, entropy(mean_probs), counts > 0
+    tokens = counts.clamp(min=1)
+    return entropy_sum / tokens, entropy(prob_sum / tokens[..., None]), counts > 0
 
 
 def masked_group_mean(values: Tensor, present: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 import kernels
 from kernels.dispatch import expert_major_rows
+from kernels.router import RouterOutput
 from limoe.config import MoeConfig
 from limoe.distributed import ExpertSharding, experts_all_to_all, experts_all_to_all_back
 from limoe.errors import LimoeError
@@ -32,7 +33,6 @@ from limoe.routing import (
     PADDING,
     Grouping,
     LayerRouting,
-    entropy,
     expert_capacity,
     router_noise,
 )
@@ -155,32 +155,34 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         groups, size = modality.shape
         flat = grouping.group(x, 0.0).reshape(groups * size, width).to(_compute_dtype(x))  # [G·S, d]
 
-        logits, noise, probs, expert, gate = self._route(ops, flat, modality)  # [G·S, E] ×3, [G, S] ×2
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions and sums in fp32
+            router = self._route(ops, flat, modality)
+        expert = router.expert.view(groups, size)  # [G, S], −1 for padding
         capacity = expert_capacity(size, self.num_experts, self.capacity_factor)
-        slot = ops.assign_slots(expert, gate, self.num_experts, capacity, self.config.batch_priority)  # [G, S]
+        slot = ops.assign_slots(expert, router.gate.view(groups, size), self.num_experts, capacity,
+                                self.config.batch_priority)  # [G, S]
         row = expert_major_rows(expert, slot, capacity)  # [G·S]
 
         buffer = ops.dispatch(flat, row, self.num_experts * groups * capacity)  # [E·G·C, d]
         buffer = buffer.view(self.num_experts, groups * capacity, width)
         expert_out = self._run_experts(ops, buffer).reshape(-1, width)  # [E·G·C, d]
-        y = ops.combine(expert_out, row, gate.reshape(-1).to(flat.dtype))  # [G·S, d]
+        y = ops.combine(expert_out, row, router.gate.to(flat.dtype))  # [G·S, d]
 
-        routing = self._routing_record(
-            logits.view(groups, size, -1), noise, probs.view(groups, size, -1), modality, expert, slot, grouping, tokens, capacity
-        )
+        with torch.autocast(x.device.type, enabled=False):  # counts and losses in fp32
+            routing = self._routing_record(router, modality, expert, slot, grouping, tokens, capacity)
         return grouping.ungroup(y.view(groups, size, width), tokens), routing
 
-    def _route(self, ops, flat: Tensor, modality: Tensor) -> tuple[Tensor, ...]:
-        """Router logits in fp32 (noisy in training) → probs [G·S, E], top-1 expert and gate [G, S].
+    def _route(self, ops, flat: Tensor, modality: Tensor) -> RouterOutput:
+        """Router logits in fp32 (noisy in training) → per-token choice and per-(group, modality) sums.
 
-        Padding tokens get expert −1: they take no slot and count in no statistic.
+        flat [G·S, d], modality [G, S]. Padding tokens get expert −1: they take no slot and count
+        in no statistic.
         """
-        with torch.autocast(flat.device.type, enabled=False):  # routing decisions in fp32
-            logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
+        logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
         noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
-        probs, expert, gate = ops.top1_router(logits, noise)  # [G·S, E], [G·S], [G·S]
-        expert = torch.where(modality.reshape(-1) != PADDING, expert, -1)
-        return logits, noise, probs, expert.view_as(modality), gate.view_as(modality)
+        size = modality.shape[1]
+        router = ops.top1_router(logits, noise, modality.reshape(-1), size, NUM_MODALITIES, 1.0 / self.num_experts)
+        return router._replace(expert=torch.where(modality.reshape(-1) != PADDING, router.expert, -1))
 
     def _run_experts(self, ops, buffer: Tensor) -> Tensor:
         """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""
@@ -191,24 +193,24 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         local = ops.expert_ffn(local, *weights)
         return experts_all_to_all_back(local, self.expert_group)  # [E, G·C, d]
 
-    def _routing_record(self, logits, noise, probs, modality, expert, slot, grouping, tokens, capacity) -> LayerRouting:
-        """Auxiliary-loss inputs and statistics for this call. Shapes: [G, S, E] and [G, S]."""
-        valid = (modality != PADDING).to(probs.dtype)  # [G, S]
-        noisy_logits = logits if noise is None else logits + noise.view_as(logits)
-        token_entropy, marginal_entropy, present = modality_entropies(probs, modality, NUM_MODALITIES)
-        masks = torch.stack([modality == m for m in range(NUM_MODALITIES)]).to(probs.dtype)  # [M, G, S]
-        chosen = F.one_hot(expert.clamp(min=0), self.num_experts).to(probs.dtype)  # [G, S, E]
+    def _routing_record(self, router: RouterOutput, modality, expert, slot, grouping, tokens, capacity) -> LayerRouting:
+        """Auxiliary-loss inputs and statistics for this call, from the router's sums [G, M, ·]
+        and the choices expert, slot [G, S]."""
+        masks = torch.stack([modality == m for m in range(NUM_MODALITIES)]).to(router.probs.dtype)  # [M, G, S]
+        counts = masks.sum(dim=-1).T  # [G, M]
+        token_entropy, marginal_entropy, present = modality_entropies(router.prob_sum, router.entropy_sum, counts)
+        chosen = F.one_hot(expert.clamp(min=0), self.num_experts).to(masks.dtype)  # [G, S, E]
         return LayerRouting(
-            importance=importance_loss(probs, valid),
-            load=load_loss(logits, noisy_logits, valid, 1.0 / self.num_experts),
-            z=router_z_loss(logits, valid),
+            importance=importance_loss(router.prob_sum),
+            load=load_loss(router.load_sum, counts),
+            z=router_z_loss(router.z_sum, counts),
             token_entropy=token_entropy,
             marginal_entropy=marginal_entropy,
             present=present,
             routed=torch.einsum("mgs,gse->me", masks, chosen),
             kept=torch.einsum("mgs,gse->me", masks * (slot >= 0), chosen),
-            prob_sum=torch.einsum("mgs,gse->me", masks, probs.detach()),
-            entropy_sum=torch.einsum("mgs,gs->m", masks, entropy(probs.detach())),
+            prob_sum=router.prob_sum.detach().sum(dim=0),
+            entropy_sum=router.entropy_sum.detach().sum(dim=0),
             expert=grouping.ungroup(expert, tokens),
             kept_mask=grouping.ungroup(slot >= 0, tokens),
             capacity=capacity,

@@ -30,7 +30,7 @@ def _gate(top: float) -> float:
 
 
 def test_router_picks_argmax_and_unrenormalised_gate():
-    probs, expert, gate = REFERENCE_OPS.top1_router(LOGITS)
+    probs, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
     assert expert.tolist() == [0, 1, 0, 0, 2, 0, 1, 0]
     expected = [_gate(v) for v in (2.0, 1.0, 3.0, 1.0, 2.0, 0.5, 3.0, 4.0)]
     torch.testing.assert_close(gate, torch.tensor(expected))
@@ -38,7 +38,7 @@ def test_router_picks_argmax_and_unrenormalised_gate():
 
 
 def test_bpr_keeps_the_highest_gates_and_vanilla_the_earliest():
-    _, expert, gate = REFERENCE_OPS.top1_router(LOGITS)
+    _, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
     # Expert 0 is wanted by tokens 0, 2, 3, 5, 7 (gates by logit 2, 3, 1, 0.5, 4); capacity 2.
     bpr = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, True)[0]
     assert bpr.tolist() == [-1, 1, 1, -1, 0, -1, 0, 0]  # token 7 (logit 4) then 2 (logit 3) win expert 0
@@ -54,7 +54,7 @@ def test_ties_keep_position_order_and_padding_takes_no_slot():
 
 
 def test_combine_weights_are_the_gates_of_kept_tokens():
-    _, expert, gate = REFERENCE_OPS.top1_router(LOGITS)
+    _, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
     slot = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, True)[0]
     row = torch.where(slot >= 0, expert * 2 + slot, -1)
     buffer = torch.arange(1.0, 7.0)[:, None].repeat(1, 2)  # expert e slot s holds value 2e + s + 1

@@ -77,10 +77,17 @@ def _layer_inputs(device, tokens=96, d=24, hidden=40, num_experts=5):
     return [x, w_router, *ffn], noise, padding
 
 
+def _layer_outputs(ops, *args, **kwargs) -> tuple[Tensor, ...]:
+    """kernels.bench.top1_moe_layer, flattened: y and every float output of its router
+    (probs, gate and the per-group sums), so a test can send a gradient into each."""
+    y, router = top1_moe_layer(ops, *args, **kwargs)
+    return (y, *(value for name, value in zip(router._fields, router) if name != "expert"))
+
+
 @pytest.fixture
 def moe_layer() -> Callable:
-    """The layer composed from an op set, as the benchmark runs it (kernels.bench.top1_moe_layer)."""
-    return top1_moe_layer
+    """The layer composed from an op set, as the benchmark runs it, with flattened outputs."""
+    return _layer_outputs
 
 
 @pytest.fixture

@@ -57,8 +57,10 @@ def _record_launches() -> dict:
     shapes = ((8, 64, 96), (8, 96), (8, 96, 64), (8, 64))
     ffn = [torch.randn(shape, dtype=torch.bfloat16, requires_grad=True) for shape in shapes]
     for noise, batch_priority in ((torch.randn(256, 8), True), (None, False)):
-        y, probs = top1_moe_layer(ops, x, w_router, ffn, noise, 4, 12, batch_priority)
-        torch.autograd.backward([y, probs], [torch.ones_like(y), torch.ones_like(probs)])
+        padding = torch.arange(256) % 7 == 0
+        y, router = top1_moe_layer(ops, x, w_router, ffn, noise, 4, 12, batch_priority, padding)
+        outputs = [y, router.probs, router.prob_sum, router.load_sum, router.entropy_sum, router.z_sum]
+        torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
     return launches
 
 

@@ -24,10 +24,11 @@ def test_get_ops_namespaces():
 def test_layer_matches_reference(device, with_grads, ops_pair, moe_layer, layer_inputs, capacity, batch_priority):
     inputs, noise, padding = layer_inputs(device)
     reference, triton_ops = ops_pair
-    upstream = [torch.randn(96, 24, device=device), torch.randn(96, 5, device=device)]
 
     def layer(ops):
         return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, 4, capacity, batch_priority, padding)
+
+    upstream = [torch.randn_like(out) for out in layer(reference)(*inputs)]  # y, probs, gate, the sums
 
     outputs, grads = with_grads(layer(triton_ops), inputs, upstream)
     outputs_ref, grads_ref = with_grads(layer(reference), inputs, upstream)
@@ -42,10 +43,11 @@ def test_layer_under_torch_compile(device, with_grads, ops_pair, moe_layer, laye
     """Fake kernels and backward ops let torch.compile trace the layer in one graph, backward too."""
     inputs, noise, padding = layer_inputs(device)
     _, triton_ops = ops_pair
-    upstream = [torch.randn(96, 24, device=device), torch.randn(96, 5, device=device)]
 
     def layer(x, w, *ffn):
         return moe_layer(triton_ops, x, w, ffn, noise, 4, 5, True, padding)
+
+    upstream = [torch.randn_like(out) for out in layer(*inputs)]
 
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     outputs, grads = with_grads(compiled, inputs, upstream)
@@ -60,7 +62,10 @@ def _opcheck_cases(device):
     expert = torch.randint(-1, 4, (2, 10), device=device)
     ffn_shapes = ((2, 5, 8), (2, 8, 16), (2, 16), (2, 16, 8), (2, 8))
     return {
-        "top1_router": (kernels.router.top1_router, (logits, torch.randn(20, 5, device=device))),
+        "top1_router": (
+            kernels.router._top1_router,
+            (logits, torch.randn(20, 5, device=device), torch.randint(-1, 2, (20,), device=device), 4, 2, 0.2),
+        ),
         "assign_slots": (kernels.slots.assign_slots, (expert, torch.rand(2, 10, device=device), 4, 2, True)),
         "dispatch": (kernels.dispatch.dispatch, (torch.randn(6, 9, device=device, requires_grad=True), row, 8)),
         "combine": (
