@@ -5,13 +5,15 @@ script does, for its row of the model's whole layer).
 `get_ops(backend)` returns the set of ops the MoE layer calls, so a backend is one switch:
 'torch' is the reference, 'triton' the kernels (same names, same signatures, same semantics).
 
-Triton decides at decoration time, i.e. when a kernel module is imported, whether a kernel is
-compiled for the GPU or run by its CPU interpreter (TRITON_INTERPRET=1). On a machine without CUDA
-only the interpreter can run them, so importing this package there turns it on (unless
-TRITON_INTERPRET is already set) before any kernel is defined. Because every kernel module imports
-this package first, the setting does not depend on who imports what first: the Triton ops work on
-CPU tensors (slowly; for tests) wherever there is no GPU. `triton_available()` still reports only
-what the caller asked for, so automatic backend choice never lands on the interpreter by accident.
+Triton decides at decoration time whether a kernel is compiled for the GPU or run by its CPU
+interpreter (TRITON_INTERPRET=1), and decorates its own library kernels (tl.max, tl.sum, …) when
+`triton` is first imported. On a machine without CUDA only the interpreter can run the kernels,
+so importing this package there turns it on (unless TRITON_INTERPRET is already set). That works
+when it happens before anything imports triton; `torch._dynamo` does (and so torchvision and
+open_clip), which is why `limoe` imports this package first. If triton came first anyway, the
+launchers refuse CPU tensors with an error that says so (`kernels._launch.check_device`).
+`triton_available()` still reports only what the caller asked for, so automatic backend choice
+never lands on the interpreter by accident.
 """
 
 from __future__ import annotations

@@ -9,11 +9,18 @@ from __future__ import annotations
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return bool(triton.knobs.runtime.interpret)
+
+
+def _interpreter_ready() -> bool:
+    """Triton's library kernels (tl.max, tl.sum, …) were decorated for the interpreter, which
+    happens only if it was on when triton was first imported."""
+    return isinstance(triton.language.standard.max, InterpretedFunction)
 
 
 def check_device(op: str, *tensors: Tensor) -> None:
@@ -22,8 +29,13 @@ def check_device(op: str, *tensors: Tensor) -> None:
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+    if device.type == "cuda" or (device.type == "cpu" and interpreting() and _interpreter_ready()):
         return
+    if device.type == "cpu" and interpreting():
+        raise ValueError(
+            f"{op}: triton was imported before its CPU interpreter was switched on; set TRITON_INTERPRET=1 "
+            f"in the environment, or import kernels (or limoe) before torch._dynamo, torchvision or open_clip"
+        )
     raise ValueError(f"{op}: Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
 
 

@@ -15,3 +15,5 @@ if "DS_ACCELERATOR" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+
+import kernels  # noqa: E402,F401  (first: on a machine without CUDA it switches Triton's interpreter on, see kernels/__init__.py)

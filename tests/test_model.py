@@ -104,3 +104,19 @@ def test_bf16_autocast_step_tracks_fp32_with_fp32_routing_and_gradients():
     for ours, fp32 in [(output.image_features, reference.image_features), (output.text_features, reference.text_features)]:
         cosine = (ours.float() * fp32).sum(-1)
         assert cosine.min() > 0.98
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_whole_model_compiles_as_one_graph(backend):
+    """torch.compile(fullgraph=True) traces the tower, routing and both op sets without a graph
+    break (the Triton ops through their fake kernels), and computes what eager mode computes."""
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", [f"moe.backend={backend}"]))
+    images, tokens = torch.randn(3, 3, 64, 64), torch.randint(1, 1000, (3, 16))
+    torch.manual_seed(1)
+    eager = model(images, tokens)
+    torch.manual_seed(1)  # the same router noise
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images, tokens)
+    torch.testing.assert_close(compiled.image_features, eager.image_features)
+    torch.testing.assert_close(compiled.text_features, eager.text_features)
+    torch.testing.assert_close(compiled.routing[0].load, eager.routing[0].load)

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,3 +88,15 @@ def test_op_registration(device, name):
     """torch.library.opcheck: schema, fake kernels, autograd registration and AOT tracing agree."""
     op, args = _opcheck_cases(device)[name]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter's import order")
+def test_triton_imported_before_the_interpreter_is_a_clear_error():
+    """torchvision imports triton (through torch._dynamo) before `kernels` can switch the
+    interpreter on; the Triton ops then refuse CPU tensors with the fix instead of failing deep
+    inside a kernel."""
+    script = "import torchvision, torch, kernels; kernels.get_ops('triton').top1_router(torch.randn(8, 4))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode != 0
+    assert "set TRITON_INTERPRET=1" in result.stderr.splitlines()[-1]
