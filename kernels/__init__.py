@@ -29,21 +29,11 @@ if not torch.cuda.is_available():
 
 from kernels import combine, dispatch, expert_ffn, router, slots  # noqa: E402  (after the switch above)
 
-REFERENCE_OPS = SimpleNamespace(
-    top1_router=router.top1_router_reference,
-    assign_slots=slots.assign_slots_reference,
-    dispatch=dispatch.dispatch_reference,
-    combine=combine.combine_reference,
-    expert_ffn=expert_ffn.expert_ffn_reference,
-)
-
-TRITON_OPS = SimpleNamespace(
-    top1_router=router.top1_router,
-    assign_slots=slots.assign_slots,
-    dispatch=dispatch.dispatch,
-    combine=combine.combine,
-    expert_ffn=expert_ffn.expert_ffn,
-)
+# Each op module defines `<op>_reference` (plain PyTorch) and `<op>` (Triton) with one signature.
+_OP_MODULES = {"top1_router": router, "assign_slots": slots, "dispatch": dispatch, "combine": combine,
+               "expert_ffn": expert_ffn}
+REFERENCE_OPS = SimpleNamespace(**{op: getattr(module, f"{op}_reference") for op, module in _OP_MODULES.items()})
+TRITON_OPS = SimpleNamespace(**{op: getattr(module, op) for op, module in _OP_MODULES.items()})
 
 
 def triton_available() -> bool:

@@ -29,9 +29,11 @@ def check_device(op: str, *tensors: Tensor) -> None:
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and interpreting() and _interpreter_ready()):
+    if device.type == "cuda":
         return
     if device.type == "cpu" and interpreting():
+        if _interpreter_ready():
+            return
         raise ValueError(
             f"{op}: triton was imported before its CPU interpreter was switched on; set TRITON_INTERPRET=1 "
             f"in the environment, or import kernels (or limoe) before torch._dynamo, torchvision or open_clip"
