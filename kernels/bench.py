@@ -89,7 +89,7 @@ def top1_moe_layer(
     size = tokens // groups
     modality = torch.zeros(tokens, dtype=torch.int64, device=x.device) if padding is None else -padding.long()
     router = ops.top1_router(x @ w_router, noise, modality, size)
-    expert = router.expert.masked_fill(modality < 0, -1).view(groups, size)  # [G, S]
+    expert = router.expert.view(groups, size)  # [G, S], −1 for padding
     slot = ops.assign_slots(expert, router.gate.view(groups, size), num_experts, capacity, batch_priority)
     row = expert_major_rows(expert, slot, capacity)  # [T]
     num_rows = num_experts * groups * capacity

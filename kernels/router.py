@@ -6,7 +6,8 @@ n ~ N(0, σ²) with σ = 1/E:
     probs  = softmax(ℓ)              clean routing distribution
     expert = argmax(ℓ + n)           lowest index wins a tie
     gate   = softmax(ℓ + n)[expert]  the combine weight; not renormalised
-Tokens come in G groups of S consecutive rows, each tagged with a modality m (−1: padding).
+Tokens come in G groups of S consecutive rows, each tagged with a modality m. Padding tokens
+(m = −1) are not routed: they get expert −1 and gate 0.
 Summed over the tokens of group g and modality m (padding in no sum):
     prob_sum[g, m, e]    Σ p_e                   importance, global entropy (marginal p̄)
     load_sum[g, m, e]    Σ Φ((ℓ_e − t)/σ)        load: the chance fresh noise lifts e over the winner,
@@ -45,8 +46,8 @@ class RouterOutput(NamedTuple):
     """What the router returns, per token and summed per (group, modality)."""
 
     probs: Tensor  # [T, E] fp32 clean softmax
-    expert: Tensor  # [T] int64 noisy top-1 expert
-    gate: Tensor  # [T] fp32 noisy probability of that expert
+    expert: Tensor  # [T] int64 noisy top-1 expert, −1 for padding
+    gate: Tensor  # [T] fp32 noisy probability of that expert, 0 for padding
     prob_sum: Tensor  # [G, M, E] fp32 Σ p over the group's tokens of modality m
     load_sum: Tensor  # [G, M, E] fp32 Σ Φ((ℓ_e − t)/σ) over the same tokens
     entropy_sum: Tensor  # [G, M] fp32 Σ H(p)
@@ -76,6 +77,7 @@ def top1_router_reference(
     noisy_probs = probs if noise is None else torch.softmax(noisy, dim=-1)
     expert = noisy_probs.argmax(dim=-1)  # [T]
     gate = noisy_probs.gather(-1, expert[:, None]).squeeze(-1)  # [T]
+    routed = modality >= 0  # [T]
     winner = noisy.gather(-1, expert[:, None])  # [T, 1]
     load = torch.special.ndtr((logits - winner) / noise_std)  # [T, E]
     token_entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(dim=-1)  # [T]
@@ -87,7 +89,7 @@ def top1_router_reference(
         return x.view(groups, group_size, -1)
 
     return RouterOutput(
-        probs, expert, gate,
+        probs, torch.where(routed, expert, -1), torch.where(routed, gate, 0.0),
         prob_sum=torch.einsum("gsm,gse->gme", masks, per_token(probs)),
         load_sum=torch.einsum("gsm,gse->gme", masks, per_token(load)),
         entropy_sum=torch.einsum("gsm,gs->gm", masks, token_entropy.view(groups, group_size)),
@@ -158,16 +160,17 @@ def _router_fwd_kernel(
     probs = _row_softmax(logits)
     noisy_probs = _row_softmax(noisy) if HAS_NOISE else probs
     expert = tl.argmax(noisy_probs, axis=1, tie_break_left=True)  # [BLOCK_T]
+    modality = tl.load(modality_ptr + rows, mask=row_ok, other=-1)
+    routed = modality >= 0  # padding: expert −1, gate 0
     tl.store(probs_ptr + offs, probs, mask=mask)
-    tl.store(expert_ptr + rows, expert, mask=row_ok)
-    tl.store(gate_ptr + rows, tl.max(noisy_probs, axis=1), mask=row_ok)
+    tl.store(expert_ptr + rows, tl.where(routed, expert, -1), mask=row_ok)
+    tl.store(gate_ptr + rows, tl.where(routed, tl.max(noisy_probs, axis=1), 0.0), mask=row_ok)
 
     chosen = cols[None, :] == expert[:, None]
     u = _load_terms(logits, noisy, chosen, expert_ok, noise_std)
     load = tl.where(expert_ok, 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476)), 0.0)  # Φ(u)
     entropy = -tl.sum(probs * tl.log(tl.maximum(probs, 1e-30)), axis=1)  # [BLOCK_T]
     lse = _row_logsumexp(logits)
-    modality = tl.load(modality_ptr + rows, mask=row_ok, other=-1)
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     for m in tl.static_range(M):
         selected = modality == m  # [BLOCK_T]
@@ -184,7 +187,8 @@ def _router_bwd_kernel(
     dprob_sum_ptr, dload_sum_ptr, dentropy_sum_ptr, dz_sum_ptr, dlogits_ptr, S, E, noise_std,
     M: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """dℓ per row (see the module docstring): each row reads its (group, modality) sum gradients."""
+    """dℓ per row (see the module docstring): each row reads its (group, modality) sum gradients.
+    A padding row has gate 0, expert −1 and no sums, so only dprobs reaches it."""
     rows, cols, row_ok, expert_ok, mask, offs = _group_tile(S, E, BLOCK_T, BLOCK_E)
     logits, noisy = _load_logits(logits_ptr, noise_ptr, offs, mask, expert_ok, HAS_NOISE)
     probs = tl.load(probs_ptr + offs, mask=mask, other=0.0)

@@ -175,14 +175,13 @@ class MoeMlp(deepspeed.moe.layer.MoE):
     def _route(self, ops, flat: Tensor, modality: Tensor) -> RouterOutput:
         """Router logits in fp32 (noisy in training) → per-token choice and per-(group, modality) sums.
 
-        flat [G·S, d], modality [G, S]. Padding tokens get expert −1: they take no slot and count
-        in no statistic.
+        flat [G·S, d], modality [G, S]. The router gives padding tokens expert −1 and gate 0: they
+        take no slot and count in no statistic.
         """
         logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
         noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
-        size = modality.shape[1]
-        router = ops.top1_router(logits, noise, modality.reshape(-1), size, NUM_MODALITIES, 1.0 / self.num_experts)
-        return router._replace(expert=torch.where(modality.reshape(-1) != PADDING, router.expert, -1))
+        return ops.top1_router(logits, noise, modality.reshape(-1), modality.shape[1], NUM_MODALITIES,
+                               1.0 / self.num_experts)
 
     def _run_experts(self, ops, buffer: Tensor) -> Tensor:
         """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""

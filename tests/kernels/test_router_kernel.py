@@ -63,11 +63,13 @@ def test_a_group_without_text_has_zero_text_sums(device, with_grads):
 
 def test_sums_by_hand(device):
     """Two equal logits: p = ½ each, H = log 2, logsumexp = log 2, and without noise the winner
-    (expert 0, the lower index) leaves u = 0 for both, so each load term is Φ(0) = ½."""
+    (expert 0, the lower index) leaves u = 0 for both, so each load term is Φ(0) = ½. The padding
+    token gets expert −1, gate 0 and is in no sum."""
     logits = torch.zeros(3, 2, device=device)
     modality = torch.tensor([0, 1, -1], device=device)
     out = top1_router(logits, None, modality, 3, 2)
-    assert out.expert.tolist() == [0, 0, 0]
+    assert out.expert.tolist() == [0, 0, -1]  # the padding token is not routed
+    torch.testing.assert_close(out.gate.cpu(), torch.tensor([0.5, 0.5, 0.0]))
     torch.testing.assert_close(out.prob_sum.cpu(), torch.full((1, 2, 2), 0.5))
     torch.testing.assert_close(out.load_sum.cpu(), torch.full((1, 2, 2), 0.5))
     torch.testing.assert_close(out.entropy_sum.cpu(), torch.full((1, 2), math.log(2)))
