@@ -28,7 +28,6 @@ Implementations:
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,10 @@ from torch import Tensor, nn
 import kernels
 from kernels.dispatch import expert_major_rows
 from kernels.router import RouterOutput
+from limoe.config import LossConfig, MoeConfig
+from limoe.losses import auxiliary_loss
+from limoe.moe import MoeMlp
+from limoe.routing import IMAGE, TEXT, expert_capacity
 
 SHAPES = {"base": (768, 3072, 8), "large": (1280, 5120, 32)}  # name → (d, h, E)
 IMPLS = ("dense", "layer", "triton", "torch", "grouped_mm", "deepspeed", "tutel")
@@ -65,8 +68,8 @@ class Case:
 
     @property
     def capacity(self) -> int:
-        """Slots per expert per group: ceil(S·c/E), rounded up to a multiple of 4 as the MoE layer does."""
-        return 4 * math.ceil(math.ceil(self.group_tokens * self.capacity_factor / self.experts) / 4)
+        """Slots per expert per group, as the MoE layer computes them."""
+        return expert_capacity(self.group_tokens, self.experts, self.capacity_factor)
 
 
 Layer = tuple[Callable[[Tensor], Tensor], list[Tensor]]  # forward x [T, d] → y [T, d], trained tensors
@@ -137,11 +140,6 @@ def build_layer(case: Case) -> Layer:
     The layer's output gets its auxiliary loss added (a scalar, broadcast), so the backward also
     runs through the router statistics, as a training step does.
     """
-    from limoe.config import LossConfig, MoeConfig
-    from limoe.losses import auxiliary_loss
-    from limoe.moe import MoeMlp
-    from limoe.routing import IMAGE, TEXT
-
     tokens_per_example = min(256, case.group_tokens)
     image_tokens = tokens_per_example * 7 // 8
     examples = case.tokens // tokens_per_example
