@@ -29,7 +29,7 @@ from pathlib import Path
 import emoji
 from PIL import Image, ImageDraw, ImageFont
 
-from limoe.shards import build_shards
+from limoe.data.shards import build_shards
 
 HERE = Path(__file__).resolve().parent
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

@@ -1,6 +1,7 @@
 """Top-1 expert-layer ops: each file holds one op's plain-PyTorch reference and its Triton version.
-The ops never import `limoe`: they are the layer's compute, not its model (only the benchmark
-script does, for its row of the model's whole layer).
+The ops never import `limoe`: they are the layer's compute, not its model. This folder installs as
+the package `limoe_kernels` (a bare `kernels` would clash with other distributions), so code
+imports `limoe_kernels`, and the modules here import each other relatively.
 
 `get_ops(backend)` returns the set of ops the MoE layer calls, so a backend is one switch:
 'torch' is the reference, 'triton' the kernels (same names, same signatures, same semantics).
@@ -11,7 +12,7 @@ interpreter (TRITON_INTERPRET=1), and decorates its own library kernels (tl.max,
 so importing this package there turns it on (unless TRITON_INTERPRET is already set). That works
 when it happens before anything imports triton; `torch._dynamo` does (and so torchvision and
 open_clip), which is why `limoe` imports this package first. If triton came first anyway, the
-launchers refuse CPU tensors with an error that says so (`kernels._launch.check_device`).
+launchers refuse CPU tensors with an error that says so (`limoe_kernels._launch.check_device`).
 `triton_available()` still reports only what the caller asked for, so automatic backend choice
 never lands on the interpreter by accident.
 """
@@ -27,7 +28,7 @@ _INTERPRET_REQUESTED = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import combine, dispatch, expert_ffn, router, slots  # noqa: E402  (after the switch above)
+from . import combine, dispatch, expert_ffn, router, slots  # noqa: E402  (after the switch above)
 
 # Each op module defines `<op>_reference` (plain PyTorch) and `<op>` (Triton) with one signature.
 _OP_MODULES = {"top1_router": router, "assign_slots": slots, "dispatch": dispatch, "combine": combine,

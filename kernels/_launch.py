@@ -36,7 +36,7 @@ def check_device(op: str, *tensors: Tensor) -> None:
             return
         raise ValueError(
             f"{op}: triton was imported before its CPU interpreter was switched on; set TRITON_INTERPRET=1 "
-            f"in the environment, or import kernels (or limoe) before torch._dynamo, torchvision or open_clip"
+            f"in the environment, or import limoe_kernels (or limoe) before torch._dynamo, torchvision or open_clip"
         )
     raise ValueError(f"{op}: Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
 

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._launch import check_device, check_float, check_index
-from kernels.dispatch import invert_rows
+from ._launch import check_device, check_float, check_index
+from .dispatch import invert_rows
 
 
 def combine_reference(buf: Tensor, row: Tensor, gate: Tensor) -> Tensor:

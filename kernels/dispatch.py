@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._launch import check_device, check_float, check_index
+from ._launch import check_device, check_float, check_index
 
 
 def expert_major_rows(expert: Tensor, slot: Tensor, capacity: int) -> Tensor:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._launch import check_device, check_float
+from ._launch import check_device, check_float
 
 
 def expert_ffn_reference(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._launch import check_device, check_float, check_index
+from ._launch import check_device, check_float, check_index
 
 
 def assign_slots_reference(

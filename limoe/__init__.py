@@ -1,6 +1,6 @@
 """limoe: LIMoE-style sparse mixture-of-experts contrastive image-text models.
 
-The model (`limoe.model.Limoe`) is one transformer tower for images and text whose MoE blocks
+The model (`limoe.model.tower.Limoe`) is one transformer tower for images and text whose MoE blocks
 route both modalities' tokens jointly with top-1 Batch Priority Routing.
 """
 
@@ -16,4 +16,4 @@ if "DS_ACCELERATOR" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
 
-import kernels  # noqa: E402,F401  (first: on a machine without CUDA it switches Triton's interpreter on, see kernels/__init__.py)
+import limoe_kernels  # noqa: E402,F401  (first: on a machine without CUDA it switches Triton's interpreter on, see kernels/__init__.py)

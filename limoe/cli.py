@@ -16,7 +16,7 @@ from limoe.errors import LimoeError
 
 def _info(args) -> int:
     from limoe.config import load_model_config
-    from limoe.info import describe_model
+    from limoe.model.info import describe_model
 
     print(describe_model(load_model_config(args.model, args.set)))
     return 0
@@ -24,7 +24,7 @@ def _info(args) -> int:
 
 def _train(args) -> int:
     from limoe.config import load_config
-    from limoe.train import train
+    from limoe.training.trainer import train
 
     config = load_config(args.config, args.set)
     train(config, Path(args.workdir))
@@ -32,7 +32,7 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
-    from limoe.checkpoint import export_workdir
+    from limoe.checkpoints.training import export_workdir
 
     export_workdir(Path(args.workdir), Path(args.output))
     return 0
@@ -60,7 +60,7 @@ def _eval_retrieval(args) -> int:
 
 
 def _routing(args) -> int:
-    from limoe.inspect import run_routing_report
+    from limoe.routing_report.command import run_routing_report
 
     run_routing_report(
         checkpoint=Path(args.checkpoint), data=args.data, output=Path(args.output), num_batches=args.num_batches,
@@ -71,7 +71,7 @@ def _routing(args) -> int:
 
 
 def _shards_build(args) -> int:
-    from limoe.shards import build_shards
+    from limoe.data.shards import build_shards
 
     counts = build_shards(
         images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=Path(args.output),

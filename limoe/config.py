@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
 import re
 import types
@@ -25,7 +26,18 @@ import yaml
 
 from limoe.errors import LimoeError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """The shipped configs: `limoe.configs` when installed (a wheel, or an editable install, which
+    maps it to the checkout's `configs/`), else the `configs/` beside this package in a checkout."""
+    try:
+        return Path(str(importlib.resources.files("limoe.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 # YAML 1.1 (PyYAML) reads `1e-3` and `1.0e30` as strings; for float keys they mean the number.
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 MODALITIES = ("image", "text")

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from limoe.data import BadSampleCounter, EvalBatch, WorkerTally
+from limoe.data.pipeline import BadSampleCounter, EvalBatch, WorkerTally
 from limoe.errors import LimoeError
-from limoe.preprocess import eval_transform
-from limoe.shards import IMAGE_SUFFIXES, to_rgb
+from limoe.data.preprocess import eval_transform
+from limoe.data.shards import IMAGE_SUFFIXES, to_rgb
 
 IMAGENET_LAYOUT_HINT = (
     "zero-shot classification expects one folder per class; for ImageNet, the validation images sorted into the "

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from limoe.data import EvalBatch, eval_loader
+from limoe.data.pipeline import EvalBatch, eval_loader
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
-from limoe.model import Limoe
+from limoe.model.tower import Limoe
 
 
 def _digest(image: Tensor) -> bytes:

@@ -10,10 +10,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from limoe.checkpoint import atomic_write, load_model
+from limoe.checkpoints import load_model
+from limoe.files import atomic_write
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
-from limoe.model import Limoe
+from limoe.model.tower import Limoe
 
 
 def load_for_eval(checkpoint: Path, device: str, capacity_factor: Optional[str]) -> Limoe:

@@ -23,14 +23,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from limoe.config import ModelConfig
-from limoe.data import EvalBatch, ShardLoader, eval_loader, expand_shards
+from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
 from limoe.evaluate.metrics import classification_metrics
-from limoe.preprocess import tokenizer
+from limoe.data.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
-from limoe.model import Limoe
+from limoe.model.tower import Limoe
 
 PROMPTS_PER_FORWARD = 800  # prompts encoded in one batch: 10 classes of the 80 OpenAI templates
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
-import kernels
-from kernels._launch import interpreting
-from kernels.bench import top1_moe_layer
+import limoe_kernels
+from limoe_kernels._launch import interpreting
+from limoe_kernels.layer import top1_moe_layer
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def device() -> torch.device:
 
 @pytest.fixture
 def ops_pair() -> tuple:
-    return kernels.get_ops("torch"), kernels.get_ops("triton")
+    return limoe_kernels.get_ops("torch"), limoe_kernels.get_ops("triton")
 
 
 def run_with_grads(
@@ -78,7 +78,7 @@ def _layer_inputs(device, tokens=96, d=24, hidden=40, num_experts=5):
 
 
 def _layer_outputs(ops, *args, **kwargs) -> tuple[Tensor, ...]:
-    """kernels.bench.top1_moe_layer, flattened: y and every float output of its router
+    """limoe_kernels.layer.top1_moe_layer, flattened: y and every float output of its router
     (probs, gate and the per-group sums), so a test can send a gradient into each."""
     y, router = top1_moe_layer(ops, *args, **kwargs)
     return (y, *(value for name, value in zip(router._fields, router) if name != "expert"))

@@ -35,9 +35,9 @@ def _record_launches() -> dict:
     import torch
     from triton.runtime.jit import JITFunction
 
-    import kernels
-    import kernels._launch
-    from kernels.bench import top1_moe_layer
+    import limoe_kernels
+    import limoe_kernels._launch
+    from limoe_kernels.layer import top1_moe_layer
 
     launches = {}
 
@@ -50,9 +50,9 @@ def _record_launches() -> dict:
         return launch
 
     JITFunction.__getitem__ = record
-    kernels._launch.interpreting = lambda: True  # let the launchers accept CPU tensors
-    kernels._launch._interpreter_ready = lambda: True
-    ops = kernels.get_ops("triton")
+    limoe_kernels._launch.interpreting = lambda: True  # let the launchers accept CPU tensors
+    limoe_kernels._launch._interpreter_ready = lambda: True
+    ops = limoe_kernels.get_ops("triton")
     x = torch.randn(256, 64, dtype=torch.bfloat16, requires_grad=True)
     w_router = torch.randn(64, 8, dtype=torch.bfloat16, requires_grad=True)
     shapes = ((8, 64, 96), (8, 96), (8, 96, 64), (8, 64))

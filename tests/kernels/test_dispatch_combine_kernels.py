@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.combine import combine, combine_reference
-from kernels.dispatch import dispatch, dispatch_reference
+from limoe_kernels.combine import combine, combine_reference
+from limoe_kernels.dispatch import dispatch, dispatch_reference
 
 
 def _rows(tokens, num_rows, drop_fraction, device):

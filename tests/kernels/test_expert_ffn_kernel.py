@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.expert_ffn import expert_ffn, expert_ffn_reference
+from limoe_kernels.expert_ffn import expert_ffn, expert_ffn_reference
 
 # The kernels add the bias after the GEMM and may get a different cuBLAS algorithm than baddbmm:
 # same math, other rounding, so a little more room than assert_close's fp32 default.

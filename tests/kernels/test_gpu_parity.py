@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import limoe_kernels
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TORCH, TRITON = kernels.get_ops("torch"), kernels.get_ops("triton")
+TORCH, TRITON = limoe_kernels.get_ops("torch"), limoe_kernels.get_ops("triton")
 
 
 def _rel_error(got, want):

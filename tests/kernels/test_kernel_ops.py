@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+import limoe_kernels
 
 OP_NAMES = ("top1_router", "assign_slots", "dispatch", "combine", "expert_ffn")
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # the expert FFN rounds differently from the reference (see its test)
@@ -18,9 +18,9 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # the expert FFN rounds differently from
 
 def test_get_ops_namespaces():
     for backend in ("torch", "triton"):
-        assert all(callable(getattr(kernels.get_ops(backend), name)) for name in OP_NAMES)
+        assert all(callable(getattr(limoe_kernels.get_ops(backend), name)) for name in OP_NAMES)
     with pytest.raises(ValueError, match="unknown"):
-        kernels.get_ops("cuda")
+        limoe_kernels.get_ops("cuda")
 
 
 # 24 tokens per group over 5 experts: capacity 5 ≈ c 1.0, 2 drops many, 8 drops almost none
@@ -67,17 +67,17 @@ def _opcheck_cases(device):
     ffn_shapes = ((2, 5, 8), (2, 8, 16), (2, 16), (2, 16, 8), (2, 8))
     return {
         "top1_router": (
-            kernels.router._top1_router,
+            limoe_kernels.router._top1_router,
             (logits, torch.randn(20, 5, device=device), torch.randint(-1, 2, (20,), device=device), 4, 2, 0.2),
         ),
-        "assign_slots": (kernels.slots.assign_slots, (expert, torch.rand(2, 10, device=device), 4, 2, True)),
-        "dispatch": (kernels.dispatch.dispatch, (torch.randn(6, 9, device=device, requires_grad=True), row, 8)),
+        "assign_slots": (limoe_kernels.slots.assign_slots, (expert, torch.rand(2, 10, device=device), 4, 2, True)),
+        "dispatch": (limoe_kernels.dispatch.dispatch, (torch.randn(6, 9, device=device, requires_grad=True), row, 8)),
         "combine": (
-            kernels.combine.combine,
+            limoe_kernels.combine.combine,
             (torch.randn(8, 9, device=device, requires_grad=True), row, torch.rand(6, device=device).requires_grad_()),
         ),
         "expert_ffn": (
-            kernels.expert_ffn._expert_ffn_with_pre,
+            limoe_kernels.expert_ffn._expert_ffn_with_pre,
             [torch.randn(shape, device=device, requires_grad=True) for shape in ffn_shapes],
         ),
     }
@@ -92,10 +92,10 @@ def test_op_registration(device, name):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter's import order")
 def test_triton_imported_before_the_interpreter_is_a_clear_error():
-    """torchvision imports triton (through torch._dynamo) before `kernels` can switch the
+    """torchvision imports triton (through torch._dynamo) before `limoe_kernels` can switch the
     interpreter on; the Triton ops then refuse CPU tensors with the fix instead of failing deep
     inside a kernel."""
-    script = "import torchvision, torch, kernels; kernels.get_ops('triton').top1_router(torch.randn(8, 4))"
+    script = "import torchvision, torch, limoe_kernels; limoe_kernels.get_ops('triton').top1_router(torch.randn(8, 4))"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0

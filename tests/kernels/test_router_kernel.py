@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels.router import RouterOutput, top1_router, top1_router_reference
+from limoe_kernels.router import RouterOutput, top1_router, top1_router_reference
 
 FLOAT_OUTPUTS = [name for name in RouterOutput._fields if name != "expert"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.slots import assign_slots, assign_slots_reference
+from limoe_kernels.slots import assign_slots, assign_slots_reference
 
 
 def _check(expert, gate, num_experts, capacity):

@@ -1,0 +1,51 @@
+"""Model files: one consolidated `.safetensors` with the resolved config embedded.
+
+The exported file holds every expert (gathered from all expert-parallel ranks) and the config
+it was trained with, so evaluation and routing inspection need nothing else. Writes go to a
+temporary name first and are renamed into place, so a file on disk is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from limoe.config import Config, config_from_dict, to_dict
+from limoe.errors import LimoeError
+from limoe.files import atomic_write
+from limoe.model.tower import Limoe
+
+CONFIG_KEY = "limoe_config"
+
+
+def save_model_file(model: Limoe, config: Config, path: Path) -> None:
+    """Write all weights (contiguous, on CPU) and the config into one safetensors file."""
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    metadata = {CONFIG_KEY: json.dumps(to_dict(config))}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """The state dict and config of an exported file."""
+    if not path.is_file():
+        raise LimoeError(f"checkpoint {path} does not exist; give an exported .safetensors file or a training workdir.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
+    if CONFIG_KEY not in metadata:
+        raise LimoeError(f"checkpoint {path} has no embedded limoe config; export it with `limoe export`.")
+    return state, config_from_dict(json.loads(metadata[CONFIG_KEY]))
+
+
+def model_with(state: dict[str, torch.Tensor], config: Config) -> Limoe:
+    """A model of the config's architecture holding `state` (strict: every weight must match)."""
+    model = Limoe(config.model)
+    model.load_state_dict(state)
+    return model

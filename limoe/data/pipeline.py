@@ -1,0 +1,442 @@
+"""Input pipelines: webdataset shards to batches of normalised images and caption tokens.
+
+Each DataLoader worker runs the whole pipeline on its own share of the shards: read tar files,
+group members into samples, shuffle in memory (training), decode, transform, tokenize and batch.
+Batches cross the process boundary whole, which keeps per-sample Python overhead inside workers.
+
+Training (`train_loader`) is an endless stream: shards are either resampled with replacement
+(each rank and worker drawing with its own seed, LAION-style) or shuffled every epoch and split
+between ranks and workers. Several sources are mixed per sample by weight. Evaluation
+(`eval_loader`) reads every sample exactly once across ranks and workers, in shard order.
+
+Bad data is skipped and counted, never fatal by itself and never silent: a corrupt image, a
+sample without a usable image, caption or label, or a shard that cannot be read to the end. Each
+worker keeps a `WorkerTally` that travels with every batch, so the main process's
+`BadSampleCounter` (`loader.bad_samples`) knows counts from all workers; warnings are logged as
+the count doubles, and once the bad fraction of any worker passes `max_bad_fraction` the loader
+raises LimoeError naming the offending shard and key.
+
+Randomness is seeded: shard order, mixing and shuffling use per-rank, per-worker
+`random.Random` instances derived from `seed`, and the DataLoader's generator seeds torch (for
+the random crops) in each worker. With `workers=0` crops draw from the main process's torch
+generator, which the trainer seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import io
+import itertools
+import logging
+import random
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Optional
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from limoe.config import ShardSource
+from limoe.distributed import rank_and_world
+from limoe.errors import LimoeError
+from limoe.data.preprocess import image_transform, tokenizer
+from limoe.data.shards import to_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # streamed by webdataset; cannot be checked here
+GLOB_CHARACTERS = re.compile(r"[*?\[]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard specs
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths from a spec: brace ranges (`/data/laion/{00000..41455}.tar`), globs, a folder
+    (its .tar / .tar.gz files, sorted) or a comma/space separated list of those.
+
+    Local paths are checked here, so a typo fails before training starts rather than in a worker.
+    `pipe:` commands and URLs are passed to webdataset unchecked (a `pipe:` spec is one command).
+    """
+    spec = spec.strip()
+    items = [spec] if spec.startswith("pipe:") else [i for i in re.split(r"[,\s]+(?![^{]*})", spec) if i]
+    if not items:
+        raise LimoeError("the shard spec is empty; give a folder, a glob or a brace pattern such as data/{00000..00009}.tar.")
+    return [shard for item in items for path in braceexpand.braceexpand(item) for shard in _resolve(path)]
+
+
+def _resolve(path: str) -> list[str]:
+    if REMOTE.match(path):
+        return [path]
+    if Path(path).is_dir():
+        shards = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith(SHARD_SUFFIXES))
+        if not shards:
+            raise LimoeError(f"folder {path} holds no .tar or .tar.gz shards; point the spec at the shard folder.")
+        return shards
+    if GLOB_CHARACTERS.search(path):
+        shards = sorted(glob.glob(path))
+        if not shards:
+            raise LimoeError(f"no files match the shard pattern {path}; check the path and the pattern.")
+        return shards
+    if not Path(path).is_file():
+        raise LimoeError(f"shard {path} does not exist (relative paths start at {Path.cwd()}); check the path.")
+    return [path]
+
+
+def read_classnames(spec: str) -> list[str]:
+    """Class names of a classification shard set, from the classnames.txt beside its first shard."""
+    path = Path(expand_shards(spec)[0]).parent / "classnames.txt"
+    if not path.is_file():
+        raise LimoeError(f"{path} does not exist; build classification shards with `limoe shards build --classification`.")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and bad-sample accounting
+
+
+class TrainBatch(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W] float32, normalised with the OpenAI CLIP mean and std
+    tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
+
+
+class EvalBatch(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W] float32
+    keys: list[str]  # sample keys, to join results with the shards
+    tokens: Optional[torch.Tensor]  # [B, L] int64 for caption sets, else None
+    labels: Optional[torch.Tensor]  # [B] int64 `.cls` labels for classification sets, else None
+
+
+@dataclass
+class WorkerTally:
+    """Samples one data worker has read and skipped; a copy travels with each of its batches."""
+
+    worker: int
+    seen: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    latest: Optional[tuple[str, str, str]] = None  # (reason, shard, key) of the latest bad sample
+    done: bool = False  # the worker has finished its share
+
+    @property
+    def total_bad(self) -> int:
+        return sum(self.bad.values())
+
+    def skip(self, reason: str, shard: str, key: str) -> None:
+        self.bad[reason] = self.bad.get(reason, 0) + 1
+        self.latest = (reason, shard, key)
+
+    def too_bad(self, max_fraction: float, check_after: int) -> bool:
+        """Over the limit, judged once enough samples were read or the worker's share is done."""
+        return (self.seen >= check_after or self.done) and self.total_bad > max_fraction * self.seen
+
+    def copy(self) -> WorkerTally:
+        return replace(self, bad=dict(self.bad))
+
+
+class BadSampleCounter:
+    """Bad samples in the current pass over a loader, summed over its workers' latest tallies."""
+
+    def __init__(self, max_bad_fraction: float, check_after: int):
+        self.max_bad_fraction = max_bad_fraction
+        self.check_after = check_after
+        self.tallies: dict[int, WorkerTally] = {}
+
+    @property
+    def seen(self) -> int:
+        return sum(t.seen for t in self.tallies.values())
+
+    @property
+    def bad(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for tally in self.tallies.values():
+            for reason, count in tally.bad.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.bad.items())) or "none"
+        return f"{sum(self.bad.values())} of {self.seen} samples skipped ({reasons})"
+
+    def update(self, tally: WorkerTally) -> None:
+        before = sum(self.bad.values())
+        self.tallies[tally.worker] = tally
+        after = sum(self.bad.values())
+        if after.bit_length() > before.bit_length():  # log at 1, 2, 4, 8, … bad samples
+            reason, shard, key = tally.latest
+            logger.warning("data: %s; latest: %s at key %s in %s", self.summary(), reason, key, shard)
+        if tally.too_bad(self.max_bad_fraction, self.check_after):
+            reason, shard, key = tally.latest
+            raise LimoeError(
+                f"{tally.total_bad} of {tally.seen} samples read by data worker {tally.worker} were unusable "
+                f"({', '.join(f'{r} {n}' for r, n in sorted(tally.bad.items()))}), more than max_bad_fraction "
+                f"{self.max_bad_fraction}; the latest was {reason} at key {key} in shard {shard}: repair or remove "
+                f"that data, or raise data.max_bad_fraction."
+            )
+
+    def reset(self) -> None:
+        self.tallies.clear()
+
+
+class _BadSample(Exception):
+    """Raised while parsing a sample; `args[0]` is the reason it is skipped."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample parsing
+
+
+def _parse(sample: dict, classification: bool) -> tuple[str, Image.Image, object]:
+    """(key, RGB image, caption or label), or _BadSample. The cheap checks come before decoding."""
+    extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if extension is None:
+        raise _BadSample("no_image")
+    target = _label(sample) if classification else _caption(sample)
+    return sample["__key__"], _decode_image(sample[extension]), target
+
+
+def _caption(sample: dict) -> str:
+    if "txt" not in sample:
+        raise _BadSample("no_caption")
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise _BadSample("bad_caption") from None
+    if not caption:
+        raise _BadSample("empty_caption")
+    return caption
+
+
+def _label(sample: dict) -> int:
+    if "cls" not in sample:
+        raise _BadSample("no_label")
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise _BadSample("bad_label") from None
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return to_rgb(image)
+    except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, struct.error, …)
+        raise _BadSample("bad_image") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What one worker runs
+
+
+def _shard_samples(url: str, tally: WorkerTally) -> Iterator[dict]:
+    """Raw samples of one shard; a shard that cannot be read to the end counts as one bad sample."""
+    key = "(none yet)"
+    try:
+        for sample in wds.tarfile_samples([{"url": url}]):
+            key = sample["__key__"]
+            yield sample
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+        tally.seen += 1
+        tally.skip("broken_shard", url, f"after {key}")
+
+
+def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Each sample from a source picked with probability ∝ weight (wds.RandomMix with a seeded
+    generator). Training sources are endless; one ends only when its data was too bad to go on."""
+    while True:
+        sample = next(rng.choices(streams, weights)[0], None)
+        if sample is None:
+            return
+        yield sample
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _collate(records: list, context_length: int, train: bool, classification: bool):
+    keys, images, targets = zip(*records)
+    images = torch.stack(images)
+    if classification:
+        return EvalBatch(images, list(keys), None, torch.tensor(targets, dtype=torch.int64))
+    tokens = tokenizer(context_length)(list(targets))
+    return TrainBatch(images, tokens) if train else EvalBatch(images, list(keys), tokens, None)
+
+
+@dataclass
+class _ShardStream(IterableDataset):
+    """The per-worker pipeline. Yields (batch, tally) pairs and, when its share is done (or too
+    much of it was bad), a last (None, tally) so the main process gets the final counts."""
+
+    sources: list[list[str]]
+    weights: list[float]
+    train: bool
+    batch_size: int
+    image_size: int
+    context_length: int
+    classification: bool
+    shuffle_buffer: int
+    resampled: bool
+    seed: int
+    rank: int
+    world_size: int
+    max_bad_fraction: float
+    check_after: int
+
+    def __iter__(self) -> Iterator[tuple[Optional[tuple], WorkerTally]]:
+        worker, workers = _worker()
+        tally = WorkerTally(worker)
+        rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
+        streams = [self._read(self._urls(source, worker, workers, rng), tally) for source in range(len(self.sources))]
+        samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
+        if self.train and self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
+        transform = image_transform(self.image_size, self.train)
+        records = ((key, transform(image), target) for key, image, target in self._usable(samples, tally))
+        collate = functools.partial(_collate, context_length=self.context_length, train=self.train,
+                                    classification=self.classification)
+        for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
+            yield batch, tally.copy()
+        tally.done = True
+        yield None, tally.copy()
+
+    def _urls(self, source: int, worker: int, workers: int, rng: random.Random) -> Iterator[str]:
+        """This worker's shards: random draws, or its slice of each epoch's order (one epoch for eval)."""
+        urls = self.sources[source]
+        if self.train and self.resampled:
+            while True:
+                yield rng.choice(urls)
+        for epoch in itertools.count() if self.train else range(1):
+            order = list(urls)
+            if self.train:  # the same order on every rank and worker, so the slices partition it
+                random.Random(f"{self.seed}/{source}/{epoch}").shuffle(order)
+            yield from order[self.rank * workers + worker :: self.world_size * workers]
+
+    def _read(self, urls: Iterable[str], tally: WorkerTally) -> Iterator[dict]:
+        """Samples of these shards, until broken shards alone pass the bad-sample limit (without
+        the check, an endless stream of unreadable shards would never yield and never fail)."""
+        for url in urls:
+            yield from _shard_samples(url, tally)
+            if tally.too_bad(self.max_bad_fraction, self.check_after):
+                return
+
+    def _usable(self, samples: Iterable[dict], tally: WorkerTally) -> Iterator[tuple]:
+        """Parsed samples; bad ones are counted, and reading stops once they pass the limit."""
+        for sample in samples:
+            tally.seen += 1
+            try:
+                yield _parse(sample, self.classification)
+            except _BadSample as bad:
+                tally.skip(bad.args[0], sample["__url__"], sample["__key__"])
+                if tally.too_bad(self.max_bad_fraction, self.check_after):
+                    return
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over shards whose `bad_samples` counts what its workers skipped this pass."""
+
+    def __init__(self, stream: _ShardStream, workers: int, pin_memory: bool):
+        generator = torch.Generator().manual_seed(random.Random(f"{stream.seed}/{stream.rank}/torch").getrandbits(63))
+        super().__init__(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=generator)
+        self.bad_samples = BadSampleCounter(stream.max_bad_fraction, stream.check_after)
+
+    def __iter__(self):
+        self.bad_samples.reset()
+        for batch, tally in super().__iter__():
+            self.bad_samples.update(tally)
+            if batch is not None:
+                yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Public constructors
+
+
+def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """The given rank and world size (tests pass them), else the process group's."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    return rank_and_world()
+
+
+def train_loader(
+    sources: tuple[ShardSource, ...],
+    batch_size: int,
+    image_size: int,
+    context_length: int,
+    workers: int,
+    shuffle_buffer: int,
+    resampled: bool,
+    seed: int,
+    max_bad_fraction: float,
+    *,
+    bad_check_after: int = 1000,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """An endless loader of TrainBatch(images, tokens); `batch_size` is per rank.
+
+    Rank and world size come from torch.distributed when it is initialised (0 and 1 otherwise);
+    the arguments override them. `bad_check_after`: samples a worker reads before the bad
+    fraction is judged (a stray bad sample among the first few should not stop a run).
+    """
+    rank, world_size = _rank_and_world(rank, world_size)
+    if not sources:
+        raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
+    if any(source.weight <= 0 for source in sources):
+        raise LimoeError("data.train: every source weight must be positive; drop a source instead of weighting it 0.")
+    shards = [expand_shards(source.shards) for source in sources]
+    parts = world_size * max(workers, 1)
+    for source, urls in zip(sources, shards):
+        if not resampled and len(urls) < parts:
+            raise LimoeError(
+                f"data.train source {source.shards} has {len(urls)} shards, fewer than ranks x workers = {parts}, "
+                f"so some workers would get none; set data.resampled: true, use fewer workers or split the shards finer."
+            )
+    stream = _ShardStream(
+        shards, [source.weight for source in sources], train=True, batch_size=batch_size, image_size=image_size,
+        context_length=context_length, classification=False, shuffle_buffer=shuffle_buffer, resampled=resampled,
+        seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
+    )
+    return ShardLoader(stream, workers, pin_memory)
+
+
+def eval_loader(
+    spec: str,
+    batch_size: int,
+    image_size: int,
+    context_length: int,
+    workers: int,
+    *,
+    classification: bool = False,
+    max_bad_fraction: float = 0.01,
+    bad_check_after: int = 1000,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """One pass of EvalBatch(images, keys, tokens, labels): every sample exactly once across ranks
+    and workers, eval transforms (resize the shorter side, center crop), the last batch partial.
+
+    Caption sets (`classification=False`) need `.txt` and fill `tokens`; classification sets need
+    `.cls` and fill `labels` (class names: `read_classnames(spec)`). Shards are dealt out whole,
+    so ranks may get different numbers of samples when shard sizes differ.
+    """
+    rank, world_size = _rank_and_world(rank, world_size)
+    stream = _ShardStream(
+        [expand_shards(spec)], [1.0], train=False, batch_size=batch_size, image_size=image_size,
+        context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
+        rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
+    )
+    return ShardLoader(stream, workers, pin_memory)

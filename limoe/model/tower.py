@@ -1,0 +1,190 @@
+"""LIMoE: one transformer tower for images and text, with sparse top-1 expert MLPs.
+
+Read top to bottom: the embeddings are per modality (patches + 2-D positions, tokens + 1-D
+positions); every block weight, routers included, is shared; attention runs over each example's
+own sequence of one modality; in an MoE block an example's patches and caption tokens are routed
+together in one call, tagged by modality; per-modality pooling heads and projections map into the
+joint space, where embeddings are L2-normalised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from limoe.config import ModelConfig
+from limoe.distributed import ExpertSharding
+from limoe.model.layers import Attention, Mlp, Pool
+from limoe.model.moe import MoeMlp
+from limoe.model.routing import IMAGE, PADDING, TEXT, LayerRouting
+
+PAD_TOKEN = 0  # open_clip's tokenizer pads with 0
+
+
+@dataclass
+class Tokens:
+    """One modality's token sequences inside the tower."""
+
+    x: Tensor  # [B, N, d]
+    modality: Tensor  # [B, N] IMAGE, TEXT or PADDING per token
+    key_mask: Optional[Tensor]  # [B, N] True where attention may look (None: everywhere)
+
+
+@dataclass
+class LimoeOutput:
+    image_features: Tensor  # [B, D] L2-normalised
+    text_features: Tensor  # [B, D] L2-normalised
+    logit_scale: Tensor  # [1] learned log-temperature (open_clip multiplies by its exp)
+    routing: list[LayerRouting]  # one per MoE block, in depth order
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x)), the MLP dense or MoE."""
+
+    def __init__(self, config: ModelConfig, sparse: bool, sharding: ExpertSharding):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.width)
+        self.attention = Attention(config.width, config.heads)
+        self.norm2 = nn.LayerNorm(config.width)
+        if sparse:
+            self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe, sharding)
+        else:
+            self.mlp = Mlp(config.width, config.mlp_dim)
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.mlp, MoeMlp)
+
+    def forward(self, streams: list[Tokens]) -> tuple[list[Tokens], Optional[LayerRouting]]:
+        for s in streams:
+            s.x = s.x + self.attention(self.norm1(s.x), s.key_mask)
+        if not self.sparse:
+            for s in streams:
+                s.x = s.x + self.mlp(self.norm2(s.x))
+            return streams, None
+        # One routing call for both modalities: an example's patches and caption tokens share groups.
+        joint = torch.cat([self.norm2(s.x) for s in streams], dim=1)  # [B, N_img + N_txt, d]
+        modality = torch.cat([s.modality for s in streams], dim=1)  # [B, N_img + N_txt]
+        y, routing = self.mlp(joint, modality)
+        for s, part in zip(streams, y.split([s.x.shape[1] for s in streams], dim=1)):
+            s.x = s.x + part
+        return streams, routing
+
+
+class Limoe(nn.Module):
+    """The single-tower contrastive model, with open_clip's `encode_image` / `encode_text` interface.
+
+    With expert parallelism (`sharding.size` = ep > 1) each MoE block holds this rank's E / ep
+    experts; the weights are the same as the unsharded model's for the same seed.
+    """
+
+    def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0),
+                 sharding: ExpertSharding = ExpertSharding()):
+        super().__init__()
+        self.config = config
+        width = config.width
+        self.patch_embed = nn.Conv2d(3, width, config.patch_size, config.patch_size)
+        self.image_positions = nn.Parameter(torch.randn(config.num_patches, width) * 0.02)  # [Np, d]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if config.image_pool == "cls" else None
+        self.token_embed = nn.Embedding(config.vocab_size, width)
+        self.text_positions = nn.Parameter(torch.randn(config.context_length, width) * 0.01)  # [L, d]
+        moe_layers = set(config.moe_layers)
+        self.blocks = nn.ModuleList(Block(config, i in moe_layers, sharding) for i in range(config.depth))
+        self.norm = nn.LayerNorm(width)
+        self.image_pool = Pool(config.image_pool, width, config.heads, config.mlp_dim)
+        self.text_pool = Pool(config.text_pool, width, config.heads, config.mlp_dim)
+        self.image_proj = nn.Linear(width, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(width, config.embed_dim, bias=False)
+        # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
+        self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """ViT practice: Xavier-uniform linear weights, zero biases, N(0, 0.02) token embeddings.
+
+        The MoE layers initialise their router and experts themselves (see `MoeMlp`), so that the
+        global RNG advances the same whether or not the experts are sharded.
+        """
+        inside_moe = {id(m) for moe in self.moe_blocks for m in moe.modules()}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module) not in inside_moe:
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    @property
+    def moe_blocks(self) -> list[MoeMlp]:
+        return [block.mlp for block in self.blocks if block.sparse]
+
+    # --- embeddings -------------------------------------------------------------------------
+
+    def _image_stream(self, images: Tensor) -> Tokens:
+        """images [B, 3, H, W] → patch tokens [B, Np(+1), d] with learned 2-D positions."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.image_positions  # [B, Np, d]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        modality = torch.full(x.shape[:2], IMAGE, device=x.device, dtype=torch.long)
+        return Tokens(x, modality, None)
+
+    def _text_stream(self, tokens: Tensor) -> Tokens:
+        """tokens [B, L] ids → [B, L, d]; padding is masked in attention and never routed."""
+        real = tokens != PAD_TOKEN  # [B, L]
+        x = self.token_embed(tokens) + self.text_positions[: tokens.shape[1]]
+        modality = torch.where(real, TEXT, PADDING)
+        return Tokens(x, modality, real)
+
+    # --- tower ------------------------------------------------------------------------------
+
+    def _tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
+        routing = []
+        for block in self.blocks:
+            streams, layer_routing = block(streams)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+        for s in streams:
+            s.x = self.norm(s.x)
+        return streams, routing
+
+    def _image_features(self, stream: Tokens, normalize: bool = True) -> Tensor:
+        features = self.image_proj(self.image_pool(stream.x))  # [B, D]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _text_features(self, stream: Tokens, tokens: Tensor, normalize: bool = True) -> Tensor:
+        features = self.text_proj(self.text_pool(stream.x, stream.key_mask, tokens))  # [B, D]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """images [B, 3, H, W] → [B, D], L2-normalised by default (open_clip's interface)."""
+        (stream,), _ = self._tower([self._image_stream(images)])
+        return self._image_features(stream, normalize)
+
+    def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
+        """tokens [B, L] → [B, D], L2-normalised by default (open_clip's interface)."""
+        (stream,), _ = self._tower([self._text_stream(tokens)])
+        return self._text_features(stream, tokens, normalize)
+
+    def forward(self, images: Tensor, tokens: Tensor) -> LimoeOutput:
+        """Both modalities of a batch of pairs through the tower together (joint routing)."""
+        (image, text), routing = self._tower([self._image_stream(images), self._text_stream(tokens)])
+        return LimoeOutput(self._image_features(image), self._text_features(text, tokens), self.logit_scale, routing)
+
+
+def parameter_counts(model: Limoe) -> tuple[int, int]:
+    """(total parameters, parameters applied to each token).
+
+    A top-1 token passes through one of E experts, so (E−1)/E of every MoE layer's expert
+    weights are not applied to it (the router is); a text token reads one row of the token
+    embedding table, not the table. Works on the `meta` device.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    unused = model.token_embed.weight.numel() - model.token_embed.weight.shape[1]
+    for moe in model.moe_blocks:
+        expert_params = sum(p.numel() for p in moe.experts.parameters())
+        unused += expert_params * (moe.num_experts - 1) // moe.num_experts
+    return total, total - unused

@@ -1,0 +1,182 @@
+"""`limoe routing`: what a checkpoint's experts do with images and text, in numbers and pictures.
+
+A few held-out batches go through the model (eval mode, the chosen eval capacity); the routing
+statistics of all of them are accumulated, and the first batch's first examples are kept token
+by token for the pictures: which expert each image patch and caption token went to, in one
+chosen MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
+set side by side (e.g. trained with and without the LIMoE entropy losses).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import open_clip
+import torch
+from torch import Tensor
+
+from limoe.checkpoints import load_model
+from limoe.config import Config, ModelConfig
+from limoe.data.pipeline import eval_loader
+from limoe.distributed import resolve_device
+from limoe.errors import LimoeError
+from limoe.model.tower import PAD_TOKEN, Limoe
+from limoe.data.preprocess import unnormalise
+from limoe.model.routing import LayerRouting
+from limoe.routing_report.pictures import write_pictures
+from limoe.routing_report.statistics import RoutingAccumulator, collapse_warnings, format_summary_table
+
+NUM_EXAMPLES = 4  # images and captions pictured per checkpoint
+WORKERS = 2  # data loader processes
+SPECIAL_TOKENS = {"<start_of_text>": "<sot>", "<end_of_text>": "<eot>"}
+
+
+@dataclass
+class ExampleRouting:
+    """One image-caption pair's top-1 experts in the pictured block."""
+
+    key: str
+    image: np.ndarray  # [H, W, 3] in [0, 1], as the model saw it
+    patch_experts: Tensor  # [g, g] expert per patch, row-major like the patch grid
+    patch_kept: Tensor  # [g, g] bool, the patch got a slot
+    tokens: list[str]  # decoded caption tokens, padding left out
+    token_experts: list[int]
+    token_kept: list[bool]
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "patch_experts": self.patch_experts.tolist(), "patch_kept": self.patch_kept.tolist(),
+                "tokens": self.tokens, "token_experts": self.token_experts, "token_kept": self.token_kept}
+
+
+@dataclass
+class CheckpointRouting:
+    """Everything the report says about one checkpoint."""
+
+    name: str
+    path: Path
+    config: Config
+    block: int  # the MoE block in the example pictures
+    statistics: dict  # RoutingAccumulator.statistics()
+    examples: list[ExampleRouting]
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name, "checkpoint": str(self.path), "model": self.config.model.name,
+            "capacity_factor": self.config.model.moe.eval_capacity_factor, "pictured_block": self.block,
+            "statistics": self.statistics, "collapse_warnings": collapse_warnings(self.statistics),
+            "examples": [example.to_json() for example in self.examples],
+        }
+
+
+def pictured_block(config: ModelConfig, block: Optional[int]) -> int:
+    """The MoE block to picture: `block` if given, else the last MoE block."""
+    if not config.moe_layers:
+        raise LimoeError(f"model {config.name} has no MoE blocks (a dense model); there is no routing to inspect.")
+    if block is None:
+        return config.moe_layers[-1]
+    if block not in config.moe_layers:
+        raise LimoeError(
+            f"block {block} of model {config.name} is not an MoE block; its MoE blocks are {list(config.moe_layers)}."
+        )
+    return block
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> open_clip.tokenizer.SimpleTokenizer:
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
+def _decode(token_ids: list[int]) -> list[str]:
+    """Each token id as its own text (byte-level pieces of one character may show as �)."""
+    pieces = (_tokenizer().decode([token]).strip() for token in token_ids)
+    return [SPECIAL_TOKENS.get(piece, piece) for piece in pieces]
+
+
+def _unnormalise(images: Tensor) -> np.ndarray:
+    """[B, 3, H, W] as the data pipeline normalises them → [B, H, W, 3] in [0, 1]."""
+    return unnormalise(images).permute(0, 2, 3, 1).numpy()
+
+
+def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Tensor, routing: LayerRouting,
+                count: int = NUM_EXAMPLES) -> list[ExampleRouting]:
+    """The first `count` examples of a batch, split along the joint token layout of the MoE call:
+    per example [class token if image_pool is cls, Np patches row-major, L text positions]."""
+    side = config.image_size // config.patch_size
+    first_patch = 1 if config.image_pool == "cls" else 0
+    first_text = first_patch + config.num_patches
+    expert, kept = routing.expert[:count].cpu(), routing.kept_mask[:count].cpu()  # [k, N]
+    tokens = tokens[:count].cpu()  # [k, L]
+    examples = []
+    for i, image in enumerate(_unnormalise(images[:count])):
+        real = tokens[i] != PAD_TOKEN  # [L]
+        examples.append(ExampleRouting(
+            key=keys[i], image=image,
+            patch_experts=expert[i, first_patch:first_text].view(side, side),
+            patch_kept=kept[i, first_patch:first_text].view(side, side),
+            tokens=_decode(tokens[i][real].tolist()),
+            token_experts=expert[i, first_text:][real].tolist(),
+            token_kept=kept[i, first_text:][real].tolist(),
+        ))
+    return examples
+
+
+def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data: str, num_batches: int,
+                       batch_size: int, block: int, device: torch.device) -> CheckpointRouting:
+    """Route `num_batches` batches of `data` through `model`; statistics, and the first examples
+    in MoE block `block`."""
+    position = config.model.moe_layers.index(block)
+    loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, WORKERS)
+    accumulator = RoutingAccumulator(config.model.moe_layers)
+    examples = None
+    with torch.inference_mode():
+        for batch in itertools.islice(loader, num_batches):
+            routing = model(batch.images.to(device), batch.tokens.to(device)).routing
+            accumulator.add(routing)
+            if examples is None:
+                examples = examples_of(config.model, batch.keys, batch.images, batch.tokens, routing[position])
+    if examples is None:
+        raise LimoeError(f"no samples could be read from {data}; check the shard spec.")
+    return CheckpointRouting(name, path, config, block, accumulator.statistics(), examples)
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """File names, or the full paths where two file names are the same."""
+    names = [path.name for path in paths]
+    return names if len(set(names)) == len(names) else [str(path) for path in paths]
+
+
+def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: int = 4, batch_size: int = 64,
+                       capacity_factor: Optional[str] = None, compare: Optional[str] = None, device: str = "auto",
+                       block: Optional[int] = None) -> dict:
+    """Write `output/routing.json` and the pictures, print the per-layer tables; returns the JSON.
+
+    `capacity_factor`: None (each checkpoint's eval factor), 'dropless' or a number, applied to
+    both checkpoints. `block`: the MoE block pictured (default: each checkpoint's last).
+    """
+    if num_batches < 1 or batch_size < 1:
+        raise LimoeError("--num-batches and --batch-size must be at least 1.")
+    torch_device = torch.device(resolve_device(device))
+    paths = [Path(checkpoint)] + ([Path(compare)] if compare else [])
+    models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
+    blocks = [pictured_block(config.model, block) for _, config in models]
+    reports = [
+        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device)
+        for (model, config), name, path, shown in zip(models, _names(paths), paths, blocks)
+    ]
+    result = {"data": data, "num_batches": num_batches, "batch_size": batch_size,
+              "checkpoints": [report.to_json() for report in reports]}
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "routing.json").write_text(json.dumps(result, indent=1))
+    write_pictures(reports, output)
+    for report in reports:
+        print(f"{report.name}:\n{format_summary_table(report.statistics)}")
+        for warning in collapse_warnings(report.statistics):
+            print(f"warning: {warning}")
+    return result

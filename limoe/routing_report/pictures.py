@@ -1,0 +1,221 @@
+"""Pictures of routing: per-expert modality mix, layer × expert map, drop rates, tinted patches, tokens.
+
+Each picture puts the checkpoints of a report side by side (one column of panels each). Figures
+are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch) and sized
+in whole pixels from the numbers of layers, experts and examples, without tight cropping, so a
+picture's size is predictable. Colours: images blue and text red throughout; experts take the
+colours of `expert_colors` in both example pictures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from matplotlib import colormaps, font_manager, ft2font
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from limoe.config import MODALITIES
+
+if TYPE_CHECKING:
+    from limoe.routing_report.command import CheckpointRouting
+
+DPI = 100
+MODALITY_COLORS = {"image": "#2166ac", "text": "#b2182b"}  # the two ends of the heatmap's RdBu
+LEGEND_PX = 60  # a row below the panels for the legend
+LEGEND_ENTRY_PX = 80  # width of one legend entry ("expert 12" and its swatch)
+TOKEN_LABEL_CHARS = 9
+
+
+def figure(width_px: int, height_px: int) -> Figure:
+    """A constrained-layout figure of exactly width_px × height_px when saved at DPI."""
+    return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout="constrained")
+
+
+def expert_colors(num_experts: int) -> np.ndarray:
+    """[E, 4] RGBA, distinct qualitative colours up to 20 experts, a rainbow beyond."""
+    if num_experts <= 20:
+        qualitative = colormaps["tab10" if num_experts <= 10 else "tab20"]
+        return qualitative(np.arange(num_experts))  # integer i → the i-th colour
+    return colormaps["turbo"](np.linspace(0, 1, num_experts))
+
+
+def _values(values: list) -> np.ndarray:
+    """A JSON list with None → float array with NaN."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _max_experts(reports: list[CheckpointRouting]) -> int:
+    return max(report.statistics["num_experts"] for report in reports)
+
+
+def _max_layers(reports: list[CheckpointRouting]) -> int:
+    return max(len(report.statistics["layers"]) for report in reports)
+
+
+def _expert_legend(fig: Figure, num_experts: int) -> None:
+    """Expert colours and the dropped-token cross, in a row below the example panels."""
+    handles = [Patch(color=color, label=f"expert {e}") for e, color in enumerate(expert_colors(num_experts))]
+    handles.append(Line2D([], [], marker="x", linestyle="", color="black", label="dropped"))
+    per_row = max(1, int(fig.get_figwidth() * DPI // LEGEND_ENTRY_PX))  # wrap rather than run off a narrow figure
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), per_row), fontsize=7, frameon=False)
+
+
+def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
+    """Per MoE layer (rows) and checkpoint (columns): each expert's share of image vs text tokens.
+
+    The LIMoE paper's expert-by-modality chart: image and text experts show as all-blue and
+    all-red bars. An expert that received no tokens has no bar.
+    """
+    rows, experts = _max_layers(reports), _max_experts(reports)
+    fig = figure(len(reports) * (160 + 45 * experts), rows * 200 + LEGEND_PX)
+    axes = fig.subplots(rows, len(reports), squeeze=False)
+    for column, report in enumerate(reports):
+        for row, ax in enumerate(axes[:, column]):
+            if row >= len(report.statistics["layers"]):
+                ax.set_axis_off()
+                continue
+            layer = report.statistics["layers"][row]
+            image = _values(layer["image_share"])  # [E]
+            x = np.arange(len(image))
+            ax.bar(x, np.nan_to_num(image), color=MODALITY_COLORS["image"])
+            text = np.where(np.isnan(image), 0, 1 - image)
+            ax.bar(x, text, bottom=np.nan_to_num(image), color=MODALITY_COLORS["text"])
+            ax.set(xticks=x, ylim=(0, 1), xlabel="expert", ylabel="share of tokens")
+            ax.set_title(f"{report.name} · block {layer['block']}", fontsize=8)
+    fig.legend(handles=[Patch(color=c, label=m) for m, c in MODALITY_COLORS.items()], loc="outside lower center",
+               ncols=2, fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
+def _load(layer: dict) -> np.ndarray:
+    """[E] share of all the layer's tokens (both modalities) routed to each expert."""
+    routed = sum(np.array(layer[m]["routed"], dtype=float) for m in MODALITIES)
+    return routed / max(routed.sum(), 1.0)
+
+
+def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
+    """Layer × expert map per checkpoint: colour = image share of the expert's tokens (blue image,
+    red text, grey unused); the number in a cell = the expert's share of all the layer's tokens."""
+    rows, experts = _max_layers(reports), _max_experts(reports)
+    fig = figure(len(reports) * (140 + 50 * experts), 130 + 40 * rows)
+    axes = fig.subplots(1, len(reports), squeeze=False)[0]
+    cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
+    for ax, report in zip(axes, reports):
+        layers = report.statistics["layers"]
+        share = np.array([_values(layer["image_share"]) for layer in layers])  # [layers, E]
+        shown = ax.imshow(share, cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        for (row, e), load in np.ndenumerate(np.array([_load(layer) for layer in layers])):
+            dark = abs(np.nan_to_num(share[row, e], nan=0.5) - 0.5) > 0.3
+            ax.text(e, row, f"{load:.0%}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        ax.set(xticks=range(share.shape[1]), yticks=range(len(layers)), yticklabels=[l["block"] for l in layers],
+               xlabel="expert", ylabel="block")
+        ax.set_title(report.name, fontsize=8)
+    fig.colorbar(shown, ax=axes, label="image share", shrink=0.9)
+    fig.savefig(path)
+
+
+def _dropped(report: CheckpointRouting) -> np.ndarray:
+    """[layers, M] dropped fraction, 0 for a modality without tokens."""
+    layers = report.statistics["layers"]
+    return np.nan_to_num(np.array([_values([layer[m]["dropped"] for m in MODALITIES]) for layer in layers]))
+
+
+def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
+    """Dropped fraction (tokens whose top-1 expert was full) per MoE layer and modality."""
+    fig = figure(len(reports) * (160 + 70 * _max_layers(reports)), 260)
+    axes = fig.subplots(1, len(reports), squeeze=False, sharey=True)[0]
+    dropped = [_dropped(report) for report in reports]  # [layers, M] each
+    for ax, report, fractions in zip(axes, reports, dropped):
+        blocks = [layer["block"] for layer in report.statistics["layers"]]
+        x = np.arange(len(blocks))
+        for m, (offset, modality) in enumerate(zip((-0.2, 0.2), MODALITIES)):
+            ax.bar(x + offset, fractions[:, m], width=0.4, color=MODALITY_COLORS[modality], label=modality)
+        ax.set(xticks=x, xticklabels=blocks, xlabel="block", ylabel="dropped fraction")
+        ax.set_title(report.name, fontsize=8)
+    axes[0].set_ylim(0, max(0.05, 1.15 * max(fractions.max() for fractions in dropped)))
+    axes[0].legend(fontsize=7)
+    fig.savefig(path)
+
+
+def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
+    """Example images (rows) per checkpoint (columns), each patch tinted by its top-1 expert in the
+    pictured block, one cell per patch; a cross marks a patch its expert had no room for."""
+    rows, experts = max(len(r.examples) for r in reports), _max_experts(reports)
+    colors = expert_colors(experts)
+    fig = figure(len(reports) * 240, rows * 260 + LEGEND_PX)
+    axes = fig.subplots(rows, len(reports), squeeze=False)
+    for column, report in enumerate(reports):
+        for row, ax in enumerate(axes[:, column]):
+            ax.set_axis_off()
+            if row >= len(report.examples):
+                continue
+            example = report.examples[row]
+            side = example.patch_experts.shape[0]
+            extent = (0, side, side, 0)  # one data unit per patch
+            ax.imshow(example.image, extent=extent)
+            ax.imshow(colors[example.patch_experts.numpy()], alpha=0.45, extent=extent, interpolation="nearest")
+            ax.hlines(range(1, side), 0, side, color="white", linewidth=0.3, alpha=0.6)
+            ax.vlines(range(1, side), 0, side, color="white", linewidth=0.3, alpha=0.6)
+            rows_dropped, columns_dropped = np.nonzero(~example.patch_kept.numpy())
+            ax.scatter(columns_dropped + 0.5, rows_dropped + 0.5, marker="x", color="black", s=12, linewidths=0.8)
+            ax.set_title(f"{report.name} · block {report.block}\n{example.key}", fontsize=7)
+    _expert_legend(fig, experts)
+    fig.savefig(path)
+
+
+def _glyphs() -> set[int]:
+    """Code points the default matplotlib font can draw."""
+    return set(ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def _label(token: str, glyphs: set[int]) -> str:
+    """A short drawable label: characters the font lacks (emoji, CJK) become '?'."""
+    text = "".join(c if ord(c) in glyphs else "?" for c in token)
+    return text if len(text) <= TOKEN_LABEL_CHARS else text[: TOKEN_LABEL_CHARS - 1] + "…"
+
+
+def plot_token_experts(reports: list[CheckpointRouting], path: Path) -> None:
+    """Example captions token by token: one row per caption and checkpoint, each token a cell
+    coloured by its top-1 expert in the pictured block; hatched, with a cross, if it was dropped."""
+    captions = max(len(r.examples) for r in reports)
+    width = max(len(example.tokens) for r in reports for example in r.examples)
+    experts, glyphs = _max_experts(reports), _glyphs()
+    colors = expert_colors(experts)
+    fig = figure(160 + 80 * width, captions * len(reports) * 70 + LEGEND_PX)
+    axes = fig.subplots(captions * len(reports), 1, squeeze=False)[:, 0]
+    for index, ax in enumerate(axes):
+        ax.set_axis_off()
+        ax.set(xlim=(0, width), ylim=(0, 1))
+        report = reports[index % len(reports)]
+        if index // len(reports) >= len(report.examples):
+            continue
+        example = report.examples[index // len(reports)]
+        for i, (token, expert, kept) in enumerate(zip(example.tokens, example.token_experts, example.token_kept)):
+            ax.add_patch(Rectangle((i + 0.03, 0.05), 0.94, 0.9, facecolor=colors[expert], alpha=0.55,
+                                   hatch=None if kept else "///", edgecolor="none" if kept else "black"))
+            ax.text(i + 0.5, 0.5, _label(token, glyphs) + ("" if kept else " ×"), ha="center", va="center", fontsize=7)
+        ax.set_title(f"{report.name} · block {report.block} · {example.key}", fontsize=7, loc="left")
+    _expert_legend(fig, experts)
+    fig.savefig(path)
+
+
+PICTURES: dict[str, Callable[[list, Path], None]] = {
+    "modality_mix.png": plot_modality_mix,
+    "expert_heatmap.png": plot_expert_heatmap,
+    "drop_rates.png": plot_drop_rates,
+    "patch_experts.png": plot_patch_experts,
+    "token_experts.png": plot_token_experts,
+}
+
+
+def write_pictures(reports: list[CheckpointRouting], output: Path) -> list[Path]:
+    """Every picture of PICTURES into `output`; returns the paths written."""
+    paths = []
+    for name, plot in PICTURES.items():
+        plot(reports, output / name)
+        paths.append(output / name)
+    return paths

@@ -1,0 +1,131 @@
+"""What a training run tells its user: a progress bar, `metrics.jsonl`, TensorBoard, routing logs.
+
+Per-step values stay on the device and are summed over a logging window; they are read (one host
+sync) only every `train.log_every` steps. Losses are averaged over ranks at that point; routing
+the routing table sums all ranks' tokens (the progress bar's routing success is rank 0's). Collapse warnings are logged once per (layer, modality).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from tqdm import tqdm
+
+from limoe.config import MODALITIES, Config
+from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
+
+log = logging.getLogger("limoe.training.trainer")
+
+
+class TrainingReporter:
+    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int):
+        self.config = config
+        self.main = rank == 0
+        self.routing = RoutingAccumulator(config.model.moe_layers)
+        self.warned: set[tuple[int, str]] = set()
+        self.skipped_steps = 0
+        self._reset_window()
+        self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", disable=not self.main,
+                        dynamic_ncols=True, unit="step")
+        self.metrics = (workdir / "metrics.jsonl").open("a") if self.main else None
+        self.tensorboard = None
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def _reset_window(self) -> None:
+        self.window_terms: dict[str, Tensor] = {}
+        self.window_steps = 0
+        self.window_pairs = 0
+        self.window_start = time.perf_counter()
+
+    def step(self, step: int, terms: dict[str, Tensor], routing: list, lr: float, bad_samples, pairs: int) -> None:
+        """Record one optimizer step; log when the window is full."""
+        for key, value in terms.items():
+            self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
+        self.window_steps += 1
+        self.window_pairs += pairs
+        self.routing.add(routing)
+        self.bar.update(1)
+        last = step == self.config.train.steps
+        if step % self.config.train.log_every == 0 or last:
+            self._log(step, lr, bad_samples)
+        if step % self.config.train.routing_stats_every == 0 or last:
+            self._log_routing(step)
+
+    def _window_means(self) -> dict[str, float]:
+        names = sorted(self.window_terms)
+        values = torch.stack([self.window_terms[n] for n in names]) / self.window_steps
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        return dict(zip(names, values.tolist()))
+
+    def _log(self, step: int, lr: float, bad_samples) -> None:
+        means = self._window_means()
+        seconds = time.perf_counter() - self.window_start
+        success = self._routing_success()
+        record = {
+            "step": step, "lr": lr, "pairs_per_s": self.window_pairs / seconds,
+            **means, "skipped_steps": self.skipped_steps, "bad_samples": bad_samples.bad,
+            "samples_seen": bad_samples.seen,
+            **{f"routing_success_{m}": s for m, s in success.items()},
+        }
+        self._reset_window()
+        if not self.main:
+            return
+        self.bar.set_postfix_str(
+            f"loss {means['loss']:.3f}  {record['pairs_per_s']:.0f} pairs/s  routed img/txt "
+            + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
+        )
+        self._write(record, step)
+
+    def _routing_success(self) -> dict:
+        stats = self.routing.statistics()  # this window's routing on this rank
+        success = {}
+        for modality in MODALITIES:
+            kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in stats["layers"])
+            tokens = sum(layer[modality]["tokens"] for layer in stats["layers"])
+            success[modality] = kept / tokens if tokens else None
+        return success
+
+    def _log_routing(self, step: int) -> None:
+        self.routing.all_reduce()  # every rank's tokens; all ranks reach this step together
+        stats = self.routing.statistics()
+        self.routing.reset()
+        if not self.main or not stats["layers"]:
+            return
+        self._write({"step": step, "routing": stats}, step)
+        log.info("routing at step %d\n%s", step, format_summary_table(stats))
+        for collapse in collapses(stats):
+            if (collapse.block, collapse.modality) not in self.warned:
+                self.warned.add((collapse.block, collapse.modality))
+                log.warning("step %d: %s", step, collapse.message)
+
+    def _write(self, record: dict, step: int) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+        for key, value in record.get("bad_samples", {}).items():
+            self.tensorboard.add_scalar(f"data/bad_{key}", value, step)
+
+    def skipped(self, step: int) -> None:
+        self.skipped_steps += 1
+        if self.main:
+            log.warning("step %d: the loss is not finite; skipped the update (%d skipped so far)",
+                        step + 1, self.skipped_steps)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.main:
+            self.metrics.close()
+            self.tensorboard.close()

@@ -1,0 +1,233 @@
+"""Input pipelines: shard specs, bad-sample accounting, epoch-exact eval, seeding, mixing, demo data."""
+
+import collections
+import io
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+
+from limoe.config import ShardSource
+from limoe.data.pipeline import eval_loader, expand_shards, read_classnames, train_loader
+from limoe.errors import LimoeError
+
+DEMO = Path(__file__).resolve().parents[2] / "data_shards"
+CONTEXT = 16
+
+
+def _image_bytes(seed: int, fmt: str = "JPEG", size=(24, 20)) -> bytes:
+    image = Image.effect_noise(size, 40 + seed).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _write_shard(path: Path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return str(path)
+
+
+def _good(key: str, caption: str = None, extension: str = "jpg", seed: int = 0) -> dict:
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[extension]
+    return {"__key__": key, extension: _image_bytes(seed, fmt), "txt": caption or f"caption {key}",
+            "json": json.dumps({"key": key, "status": "success"})}
+
+
+def _captioned_shards(folder: Path, sizes: list[int], prefix: str = "s") -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        _write_shard(folder / f"{index:05d}.tar", [_good(f"{prefix}{index}x{i}", seed=i) for i in range(size)])
+        for index, size in enumerate(sizes)
+    ]
+
+
+def _eval_keys(spec: str, **kwargs) -> list[str]:
+    loader = eval_loader(spec, kwargs.pop("batch_size", 4), 16, CONTEXT, kwargs.pop("workers", 0), **kwargs)
+    return [key for batch in loader for key in batch.keys]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard specs
+
+
+def test_expand_shards_accepts_folders_braces_globs_and_lists(tmp_path):
+    shards = _captioned_shards(tmp_path / "set", [1, 1, 1])
+    (tmp_path / "set" / "notes.txt").write_text("not a shard")
+    folder = str(tmp_path / "set")
+    assert expand_shards(folder) == shards
+    assert expand_shards(f"{folder}/{{00000..00001}}.tar") == shards[:2]
+    assert expand_shards(f"{folder}/0000[12].tar") == shards[1:]
+    assert expand_shards(f"{shards[2]}, {shards[0]}  {shards[1]}") == [shards[2], shards[0], shards[1]]
+    assert expand_shards("https://host/{0..1}.tar") == ["https://host/0.tar", "https://host/1.tar"]
+    assert expand_shards("pipe:aws s3 cp s3://bucket/000.tar -") == ["pipe:aws s3 cp s3://bucket/000.tar -"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{tmp}/missing/{{000..001}}.tar", "does not exist"),
+    ("{tmp}/set/*.tgz", "no files match"),
+    ("{tmp}/empty", "holds no .tar"),
+    ("  ", "empty"),
+])
+def test_expand_shards_rejects_specs_that_match_nothing(tmp_path, spec, message):
+    _captioned_shards(tmp_path / "set", [1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LimoeError, match=message):
+        expand_shards(spec.format(tmp=tmp_path))
+
+
+def test_missing_shards_fail_when_the_loader_is_built(tmp_path):
+    with pytest.raises(LimoeError, match="does not exist"):
+        train_loader((ShardSource(str(tmp_path / "nope")),), 4, 16, CONTEXT, 0, 10, True, 0, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data
+
+
+def _shard_with_planted_faults(path: Path) -> tuple[str, set]:
+    good = [_good("g0"), _good("g1", extension="png", seed=1), _good("g2", extension="webp", seed=2),
+            _good("g3", extension="jpeg", seed=3)]
+    jpeg = _image_bytes(7)
+    bad = [
+        {"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "txt": "corrupt bytes"},
+        {"__key__": "truncated", "jpg": jpeg[: len(jpeg) // 2], "txt": "cut in half"},
+        {"__key__": "empty", "jpg": jpeg, "txt": "   "},
+        {"__key__": "uncaptioned", "jpg": jpeg, "json": "{}"},
+        {"__key__": "gif", "gif": _image_bytes(8, "GIF"), "txt": "unsupported extension"},
+    ]
+    return _write_shard(path, good[:2] + bad + good[2:]), {"g0", "g1", "g2", "g3"}
+
+
+PLANTED = {"bad_image": 2, "empty_caption": 1, "no_caption": 1, "no_image": 1}
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(tmp_path):
+    shard, good = _shard_with_planted_faults(tmp_path / "faulty.tar")
+    loader = eval_loader(shard, 3, 16, CONTEXT, workers=2, max_bad_fraction=1.0)
+    assert sorted(key for batch in loader for key in batch.keys) == sorted(good)
+    assert loader.bad_samples.bad == PLANTED
+    assert loader.bad_samples.seen == 9
+    assert loader.bad_samples.summary() == "5 of 9 samples skipped (bad_image 2, empty_caption 1, no_caption 1, no_image 1)"
+
+
+def test_training_yields_only_good_captions(tmp_path):
+    shard, good = _shard_with_planted_faults(tmp_path / "faulty.tar")
+    loader = train_loader((ShardSource(shard),), 4, 16, CONTEXT, 0, 10, True, 0, max_bad_fraction=1.0)
+    expected = {tuple(row.tolist()) for row in SimpleTokenizer(context_length=CONTEXT)([f"caption {k}" for k in good])}
+    batches = list(itertools.islice(loader, 6))
+    assert {tuple(row.tolist()) for batch in batches for row in batch.tokens} <= expected
+    assert set(loader.bad_samples.bad) == set(PLANTED)
+
+
+@pytest.mark.parametrize("kind", ["eval", "train"])
+def test_too_much_bad_data_names_a_shard_and_key(tmp_path, kind):
+    shard, _ = _shard_with_planted_faults(tmp_path / "faulty.tar")
+    if kind == "eval":
+        loader = eval_loader(shard, 2, 16, CONTEXT, workers=0, max_bad_fraction=0.1, bad_check_after=5)
+    else:
+        loader = train_loader((ShardSource(shard),), 2, 16, CONTEXT, 2, 10, True, 0, 0.1, bad_check_after=5)
+    with pytest.raises(LimoeError, match=r"at key \w+ in shard .*faulty\.tar"):
+        list(itertools.islice(loader, 100))
+
+
+def test_unreadable_shards_count_and_stop_an_endless_stream(tmp_path):
+    good = _captioned_shards(tmp_path / "set", [6])[0]
+    jpeg_bytes = Path(good).read_bytes()
+    broken = tmp_path / "set" / "00001.tar"
+    broken.write_bytes(jpeg_bytes[: len(jpeg_bytes) // 2])  # cut inside the third sample
+    loader = eval_loader(str(tmp_path / "set"), 4, 16, CONTEXT, 0, max_bad_fraction=1.0)
+    keys = [key for batch in loader for key in batch.keys]
+    assert len(keys) == 6 + 2 and loader.bad_samples.bad == {"broken_shard": 1}
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file" * 100)
+    endless = train_loader((ShardSource(str(garbage)),), 2, 16, CONTEXT, 0, 10, True, 0, 0.5, bad_check_after=10)
+    with pytest.raises(LimoeError, match="broken_shard"):
+        next(iter(endless))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout, epochs, seeds and mixing
+
+
+def test_img2dataset_shards_load_without_conversion(tmp_path):
+    samples = []
+    for index in range(1, 6):
+        key = f"{index:09d}"
+        meta = {"url": f"https://example.com/{index}.jpg", "key": key, "status": "success", "error_message": None,
+                "width": 24, "height": 20, "original_width": 480, "original_height": 400}
+        samples.append({"__key__": key, "jpg": _image_bytes(index), "txt": f"photo {index}", "json": json.dumps(meta)})
+    shard = _write_shard(tmp_path / "00000.tar", samples)
+    (tmp_path / "00000_stats.json").write_text("{}")  # img2dataset writes these beside the shards
+    (tmp_path / "00000.parquet").write_bytes(b"")
+    assert _eval_keys(str(tmp_path)) == [s["__key__"] for s in samples]
+    batch = next(iter(train_loader((ShardSource(shard),), 3, 32, CONTEXT, 0, 10, True, 0, 0.01)))
+    assert batch.images.shape == (3, 3, 32, 32) and batch.tokens.shape == (3, CONTEXT)
+
+
+def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):
+    shards = _captioned_shards(tmp_path / "set", [3, 7, 1, 4, 6])
+    keys = []
+    for rank in range(2):
+        keys += _eval_keys(str(tmp_path / "set"), rank=rank, world_size=2, workers=2, batch_size=4)
+    counts = collections.Counter(keys)
+    assert len(counts) == 21 and set(counts.values()) == {1}
+    assert len(shards) == 5
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_training_is_deterministic_given_a_seed(tmp_path, resampled):
+    _captioned_shards(tmp_path / "set", [10, 10, 10, 10])
+    source = (ShardSource(str(tmp_path / "set")),)
+
+    def batches(seed):
+        loader = train_loader(source, 8, 16, CONTEXT, 2, 16, resampled, seed, 0.01)
+        return list(itertools.islice(loader, 4))
+
+    first, again, other = batches(0), batches(0), batches(1)
+    for a, b in zip(first, again):
+        assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens)
+    assert not all(torch.equal(a.tokens, c.tokens) for a, c in zip(first, other))
+
+
+def test_sources_mix_by_weight(tmp_path):
+    alpha = _captioned_shards(tmp_path / "alpha", [20, 20], prefix="alpha")
+    beta = _captioned_shards(tmp_path / "beta", [20, 20], prefix="beta")
+    sources = (ShardSource(",".join(alpha), weight=3.0), ShardSource(",".join(beta), weight=1.0))
+    loader = train_loader(sources, 50, 16, CONTEXT, 0, 10, True, 0, 0.01)
+    alpha_token = SimpleTokenizer()("caption alpha0x0")[0, 2].item()  # the first BPE piece of the key
+    rows = torch.cat([batch.tokens for batch in itertools.islice(loader, 8)])
+    assert 0.65 < (rows[:, 2] == alpha_token).float().mean().item() < 0.85
+
+
+def test_epoch_shuffled_training_needs_a_shard_per_worker(tmp_path):
+    shard = _captioned_shards(tmp_path / "set", [4])[0]
+    with pytest.raises(LimoeError, match="fewer than ranks x workers"):
+        train_loader((ShardSource(shard),), 2, 16, CONTEXT, 2, 10, False, 0, 0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped demo shards
+
+
+@pytest.mark.parametrize("split, shards, samples", [("train", 7, 3439), ("heldout", 2, 343), ("heldout_cls", 2, 331)])
+def test_demo_shards_load_with_the_documented_counts(split, shards, samples):
+    spec = str(DEMO / split)
+    assert len(expand_shards(spec)) == shards
+    classification = split == "heldout_cls"
+    loader = eval_loader(spec, 256, 64, CONTEXT, workers=2, classification=classification)
+    batches = list(loader)
+    assert sum(len(batch.keys) for batch in batches) == samples
+    assert loader.bad_samples.bad == {}
+    assert batches[0].images.shape[1:] == (3, 64, 64)
+    if classification:
+        assert len(read_classnames(spec)) == 69
+        assert max(batch.labels.max().item() for batch in batches) < 69
+    else:
+        assert batches[0].tokens.shape[1] == CONTEXT

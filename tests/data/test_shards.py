@@ -1,0 +1,141 @@
+"""Shard building: captions and class folders in, img2dataset-layout shards out, read back."""
+
+import io
+import json
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from limoe.errors import LimoeError
+from limoe.data.shards import build_shards
+
+
+def _image(path, size, mode="RGB", color=(200, 30, 60)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else color + (128,)).save(path)
+
+
+def _read(folder):
+    shards = sorted(str(p) for p in folder.iterdir() if ".tar" in p.name)
+    return {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False)}
+
+
+def _size(sample):
+    return Image.open(io.BytesIO(sample["jpg"])).size
+
+
+@pytest.fixture
+def captioned(tmp_path):
+    images = tmp_path / "images"
+    _image(images / "a.png", (40, 30))
+    _image(images / "sub" / "b.jpg", (20, 50))
+    _image(images / "c.webp", (33, 33), mode="RGBA")
+    _image(images / "uncaptioned.png", (8, 8))
+    captions = tmp_path / "captions.csv"
+    captions.write_text(
+        "file,caption\n"
+        "a.png,a red square\n"
+        "sub/b.jpg,  a tall block  \n"
+        "c.webp,half transparent\n"
+        "missing.jpg,no such image\n"
+        "a.png,\n"
+    )
+    return images, captions
+
+
+def test_captioned_images_round_trip(captioned, tmp_path):
+    images, captions = captioned
+    counts = build_shards(images, captions, tmp_path / "out", maxcount=2)
+    assert counts == {"samples": 3, "shards": 2, "unreadable_images": 0, "captions_without_image": 1,
+                      "empty_captions": 1, "uncaptioned_images": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.tar", "00001.tar"]
+    samples = _read(tmp_path / "out")
+    assert sorted(samples) == ["000000000", "000000001", "000000002"]
+    got = {json.loads(s["json"])["file"]: (s["txt"].decode(), _size(s)) for s in samples.values()}
+    assert got == {"a.png": ("a red square", (40, 30)), "c.webp": ("half transparent", (33, 33)),
+                   "sub/b.jpg": ("a tall block", (20, 50))}
+    transparent = Image.open(io.BytesIO(samples["000000001"]["jpg"])).getpixel((5, 5))
+    assert min(transparent) > 100  # composited onto white, not black
+
+
+def test_resize_center_crops_and_records_the_original_size(captioned, tmp_path):
+    images, captions = captioned
+    build_shards(images, captions, tmp_path / "out", image_size=16)
+    for sample in _read(tmp_path / "out").values():
+        meta = json.loads(sample["json"])
+        assert _size(sample) == (16, 16) and (meta["width"], meta["height"]) == (16, 16)
+        assert (meta["original_width"], meta["original_height"]) != (16, 16)
+
+
+def test_jsonl_captions_allow_several_captions_per_image(tmp_path):
+    _image(tmp_path / "images" / "x.jpg", (10, 10))
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"image": "x.jpg", "text": "one"}\n\n{"image": "x.jpg", "text": "two"}\n')
+    build_shards(tmp_path / "images", captions, tmp_path / "out")
+    assert sorted(s["txt"].decode() for s in _read(tmp_path / "out").values()) == ["one", "two"]
+
+
+def test_classification_folders_round_trip_labels_and_classnames(tmp_path):
+    root = tmp_path / "folders"
+    for synset, count in (("n02085620", 2), ("n01440764", 3)):  # created out of order on purpose
+        for i in range(count):
+            _image(root / synset / f"{i}.JPEG", (12 + i, 9))
+    counts = build_shards(root, None, tmp_path / "out", classification=True)
+    assert counts == {"samples": 5, "shards": 1, "unreadable_images": 0, "classes": 2}
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "n01440764\nn02085620\n"
+    labels = {json.loads(s["json"])["file"]: int(s["cls"]) for s in _read(tmp_path / "out").values()}
+    assert labels == {"n01440764/0.JPEG": 0, "n01440764/1.JPEG": 0, "n01440764/2.JPEG": 0,
+                      "n02085620/0.JPEG": 1, "n02085620/1.JPEG": 1}
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    _image(tmp_path / "images" / "good.png", (8, 8))
+    (tmp_path / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    captions = tmp_path / "c.csv"
+    captions.write_text("filename,caption\ngood.png,fine\nbad.jpg,broken\n")
+    counts = build_shards(tmp_path / "images", captions, tmp_path / "out")
+    assert (counts["samples"], counts["unreadable_images"]) == (1, 1)
+
+
+def test_compressed_builds_are_byte_identical(captioned, tmp_path):
+    images, captions = captioned
+    first = build_shards(images, captions, tmp_path / "one", compress=True)
+    build_shards(images, captions, tmp_path / "two", compress=True)
+    assert first["shards"] == 1
+    assert (tmp_path / "one" / "00000.tar.gz").read_bytes() == (tmp_path / "two" / "00000.tar.gz").read_bytes()
+    assert len(_read(tmp_path / "one")) == 3
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_folder", "does not exist"),
+        ("no_match", "no caption"),
+        ("bad_columns", "needs one of"),
+        ("existing_shards", "already holds shards"),
+        ("no_captions", "no captions given"),
+        ("empty_classes", "no class folders"),
+    ],
+)
+def test_bad_input_is_a_limoe_error(case, message, tmp_path):
+    images = tmp_path / "images"
+    _image(images / "a.png", (8, 8))
+    captions = tmp_path / "c.csv"
+    captions.write_text("file,caption\nother.png,nothing here\n")
+    output = tmp_path / "out"
+    kwargs = {}
+    if case == "missing_folder":
+        images = tmp_path / "nope"
+    elif case == "bad_columns":
+        captions.write_text("path,label\na.png,x\n")
+    elif case == "existing_shards":
+        captions.write_text("file,caption\na.png,fine\n")
+        output.mkdir()
+        (output / "00000.tar").write_bytes(b"")
+    elif case == "no_captions":
+        captions = None
+    elif case == "empty_classes":
+        captions, kwargs = None, {"classification": True}
+    with pytest.raises(LimoeError, match=message):
+        build_shards(images, captions, output, **kwargs)

@@ -1,0 +1,268 @@
+"""Evaluation: metric arithmetic by hand, data layouts and class mapping, the `limoe eval`
+commands end to end on a random limoe-tiny checkpoint, and parity with clip_benchmark."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+from PIL import Image
+
+from limoe.checkpoints import load_model, save_model_file
+from limoe.cli import main
+from limoe.evaluate.clip_benchmark import load_limoe
+from limoe.config import Config, load_model_config
+from limoe.data.pipeline import expand_shards
+from limoe.errors import LimoeError
+from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
+from limoe.evaluate.folders import imagenet_synsets
+from limoe.evaluate.zeroshot import open_classification_set
+from limoe.model.tower import Limoe
+from limoe.data.shards import build_shards
+
+DEMO = Path(__file__).resolve().parents[2] / "data_shards"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = Config(model=load_model_config("limoe-tiny"))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model_file(Limoe(config.model), config, path)
+    return path
+
+
+def _image(path: Path, colour: tuple[int, int, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), colour).save(path)
+
+
+def _eval(command: str, checkpoint: Path, data, output: Path, *options: str) -> int:
+    return main(["eval", command, "--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
+                 "--device", "cpu", "--workers", "0", "--batch-size", "64", *options])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, against values worked out by hand
+
+
+def test_classification_metrics_by_hand():
+    logits = torch.tensor([
+        [9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # label 0: first
+        [3.0, 2.0, 4.0, 1.0, 1.0, 1.0, 1.0],  # label 1: two classes above → top-5 only
+        [6.0, 1.0, 5.0, 4.0, 3.0, 2.0, 0.0],  # label 1: five classes above → neither
+        [1.0, 7.0, 7.0, 1.0, 1.0, 1.0, 1.0],  # label 2: tied with class 1, ties count against
+        [1.0, 1.0, 8.0, 1.0, 1.0, 1.0, 1.0],  # label 2: first
+    ])
+    labels = torch.tensor([0, 1, 1, 2, 2])
+    metrics = classification_metrics(logits, labels)
+    assert metrics["top1"] == pytest.approx(2 / 5)
+    assert metrics["top5"] == pytest.approx(4 / 5)
+    # Classes 0, 1, 2 occur (3-6 do not): recalls 1/1, 0/2, 1/2.
+    assert metrics["mean_per_class_recall"] == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_text_to_image_recall_by_hand():
+    images = torch.eye(12)  # so text m's score for image n is texts[m, n]
+    texts = torch.zeros(5, 12)
+    texts[0, 0] = 1.0  # its image first
+    texts[1, 1], texts[1, 2:5] = 0.5, 0.9  # three images above
+    texts[2, 2], texts[2, 3:10] = 0.5, 0.9  # seven images above
+    texts[3] = 0.2
+    texts[3, 3] = 0.1  # all eleven others above
+    texts[4, 4], texts[4, 5] = 0.5, 0.5  # tied with image 5: counts as rank 2
+    metrics = retrieval_metrics(images, texts, torch.arange(5))
+    assert metrics["text_to_image_R@1"] == pytest.approx(1 / 5)
+    assert metrics["text_to_image_R@5"] == pytest.approx(3 / 5)
+    assert metrics["text_to_image_R@10"] == pytest.approx(4 / 5)
+
+
+def test_image_to_text_recall_counts_any_caption_and_skips_images_without_one():
+    images = torch.eye(3)
+    texts = torch.tensor([
+        [0.1, 0.0, 0.0],  # image 0, caption a: low
+        [0.9, 0.0, 0.0],  # image 0, caption b: image 0's nearest text
+        [0.0, 0.3, 0.0],  # image 1's only caption …
+        [0.2, 0.8, 0.0],  # … beaten by this caption of image 0
+    ])
+    metrics = retrieval_metrics(images, texts, torch.tensor([0, 0, 1, 0]))
+    assert metrics["image_to_text_R@1"] == pytest.approx(1 / 2)  # image 2 has no caption: not a query
+    assert metrics["image_to_text_R@5"] == pytest.approx(1.0)
+    assert metrics["text_to_image_R@1"] == pytest.approx(3 / 4)
+
+
+def test_a_collapsed_model_gets_no_recall():
+    features = torch.ones(20, 4)
+    metrics = retrieval_metrics(features, features, torch.arange(20))
+    assert metrics["image_to_text_R@10"] == metrics["text_to_image_R@10"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification on image folders
+
+
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory) -> Path:
+    """The 1000 ImageNet-1k synset folders; four hold images, one a corrupt file; the archive was left beside them."""
+    root = tmp_path_factory.mktemp("imagenet") / "val"
+    for synset in imagenet_synsets():
+        (root / synset).mkdir(parents=True)
+    _image(root / "n01440764" / "ILSVRC2012_val_00000293.JPEG", (200, 30, 30))  # label 0, tench
+    _image(root / "n01440764" / "ILSVRC2012_val_00002138.JPEG", (190, 40, 30))
+    _image(root / "n01443537" / "ILSVRC2012_val_00000236.JPEG", (30, 200, 30))  # label 1, goldfish
+    _image(root / "n04548362" / "ILSVRC2012_val_00000911.JPEG", (30, 30, 200))  # label 893, wallet
+    _image(root / "n15075141" / "ILSVRC2012_val_00000011.JPEG", (90, 90, 90))  # label 999, toilet paper
+    (root / "n01443537" / "ILSVRC2012_val_00001234.JPEG").write_bytes(b"not a jpeg")
+    (root / "ILSVRC2012_img_val.tar").write_bytes(b"")
+    return root
+
+
+def test_imagenet_synset_folders_map_to_open_clip_class_order(imagenet_tree):
+    loader, names = open_classification_set(str(imagenet_tree), None, load_model_config("limoe-tiny"), 4, 0)
+    labels = {key.split("/")[0]: int(label) for batch in loader for key, label in zip(batch.keys, batch.labels)}
+    assert names == list(IMAGENET_CLASSNAMES)
+    assert labels == {"n01440764": 0, "n01443537": 1, "n04548362": 893, "n15075141": 999}
+    assert [names[labels[s]] for s in ("n01440764", "n04548362", "n15075141")] == ["tench", "wallet", "toilet paper"]
+    assert loader.bad_samples.bad == {"bad_image": 1}
+
+
+def test_zeroshot_command_on_an_imagenet_tree(checkpoint, imagenet_tree, tmp_path, capsys):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of a {c}.\n")
+    assert _eval("zeroshot", checkpoint, imagenet_tree, tmp_path / "zs.json", "--templates", str(templates)) == 0
+    metrics = json.loads((tmp_path / "zs.json").read_text())
+    assert metrics["samples"] == 5 and metrics["classes"] == 1000
+    assert metrics["skipped"] == {"bad_image": 1}
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    assert "top1" in capsys.readouterr().out
+
+
+def test_a_flat_folder_of_images_gets_the_layout_it_needs(checkpoint, tmp_path, capsys):
+    for index in range(3):
+        _image(tmp_path / "val" / f"ILSVRC2012_val_{index:08d}.JPEG", (index, 0, 0))
+    assert _eval("zeroshot", checkpoint, tmp_path / "val", tmp_path / "zs.json") == 2
+    error = capsys.readouterr().err
+    assert "holds images directly" in error and "valprep.sh" in error and "n01440764" in error
+    assert not (tmp_path / "zs.json").exists()
+
+
+def test_caption_shards_are_not_a_classification_set(checkpoint, tmp_path, capsys):
+    assert _eval("zeroshot", checkpoint, DEMO / "heldout", tmp_path / "zs.json", "--templates", "simple") == 2
+    assert "no_label" in capsys.readouterr().err
+
+
+def test_image_folder_with_class_names(checkpoint, tmp_path):
+    for index, name in enumerate(["cat", "dog", "fish"]):
+        _image(tmp_path / "pets" / name / "a.png", (80 * index, 0, 0))
+    classnames = tmp_path / "names.txt"
+    classnames.write_text("cat\ndog\nfish\n")
+    assert _eval("zeroshot", checkpoint, tmp_path / "pets", tmp_path / "zs.json", "--classnames", str(classnames),
+                 "--templates", "simple") == 0
+    assert json.loads((tmp_path / "zs.json").read_text())["classes"] == 3
+
+
+@pytest.mark.parametrize("names, message", [("cat\ndog\n", "has 2 class names but"), (None, "give --classnames")])
+def test_class_names_must_match_the_class_folders(tmp_path, names, message):
+    for name in ["cat", "dog", "fish"]:
+        _image(tmp_path / "pets" / name / "a.png", (0, 0, 0))
+    path = None
+    if names is not None:
+        path = tmp_path / "names.txt"
+        path.write_text(names)
+    with pytest.raises(LimoeError, match=message):
+        open_classification_set(str(tmp_path / "pets"), path, load_model_config("limoe-tiny"), 4, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot classification on shards, and clip_benchmark
+
+
+CLIP_BENCHMARK_CLASSES = 16  # of heldout_cls's 69, to keep clip_benchmark's one-class-at-a-time classifier quick
+
+
+@pytest.fixture(scope="module")
+def clip_benchmark_set(tmp_path_factory) -> Path:
+    """The samples of heldout_cls's first shard in its first classes, in clip_benchmark's wds layout."""
+    root = tmp_path_factory.mktemp("wds_emoji")
+    (root / "test").mkdir()
+    with tarfile.open(expand_shards(str(DEMO / "heldout_cls"))[0]) as source:
+        members = {m.name: source.extractfile(m).read() for m in source.getmembers()}
+    keep = {name.split(".")[0] for name, data in members.items()
+            if name.endswith(".cls") and int(data) < CLIP_BENCHMARK_CLASSES}
+    with tarfile.open(root / "test" / "0.tar", "w") as target:
+        for name, data in members.items():
+            if name.split(".")[0] in keep:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                target.addfile(info, io.BytesIO(data))
+    (root / "test" / "nshards.txt").write_text("1\n")
+    names = (DEMO / "heldout_cls" / "classnames.txt").read_text().splitlines()[:CLIP_BENCHMARK_CLASSES]
+    (root / "classnames.txt").write_text("\n".join(names) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\nan emoji of {c}.\n")
+    return root
+
+
+def test_zeroshot_matches_clip_benchmark(checkpoint, clip_benchmark_set, tmp_path):
+    """clip_benchmark's dataset, classifier and classification loop through `load_limoe`, against
+    `limoe eval zeroshot` on the same shards. Its `accuracy` helper is not called: in
+    clip_benchmark 1.6.2 it fails under NumPy 2.4, so its logits are scored here. Dropless
+    capacity makes every embedding independent of how the two tools batch their inputs."""
+    pytest.importorskip("clip_benchmark")
+    from clip_benchmark.datasets.builder import build_dataset
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from sklearn.metrics import balanced_accuracy_score
+
+    model, transform, tokenizer = load_limoe("limoe:dropless", str(checkpoint), "cpu")
+    dataset = build_dataset("wds/emoji", root=str(clip_benchmark_set), transform=transform, split="test")
+    batches = torch.utils.data.DataLoader(dataset.batched(64), batch_size=None, num_workers=0)
+    classifier = zero_shot_classifier(model, tokenizer, dataset.classes, dataset.templates, "cpu", amp=False)
+    logits, labels = run_classification(model, classifier, batches, "cpu", amp=False)
+    predictions = logits.argmax(dim=1)
+
+    templates = str(clip_benchmark_set / "zeroshot_classification_templates.txt")
+    assert _eval("zeroshot", checkpoint, clip_benchmark_set, tmp_path / "zs.json", "--capacity-factor", "dropless",
+                 "--templates", templates) == 0
+    ours = json.loads((tmp_path / "zs.json").read_text())
+    assert ours["samples"] == len(labels) and ours["classes"] == len(dataset.classes)
+    assert ours["top1"] == pytest.approx((predictions == labels).float().mean().item())
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, predictions))
+    theirs = classification_metrics(logits, labels)  # top-5 too, from clip_benchmark's logits
+    assert {name: ours[name] for name in theirs} == pytest.approx(theirs)
+
+
+def test_clip_benchmark_loader_follows_the_checkpoint_config(checkpoint):
+    model, transform, tokenizer = load_limoe("limoe", str(checkpoint), "cpu")
+    assert tokenizer(["a photo of a cat"]).shape == (1, model.config.context_length)
+    assert transform(Image.new("RGB", (100, 80))).shape == (3, model.config.image_size, model.config.image_size)
+    assert model.config.moe.eval_capacity_factor == 2.0
+    assert load_limoe("limoe:dropless", str(checkpoint), "cpu")[0].config.moe.eval_capacity_factor is None
+    with pytest.raises(LimoeError, match="limoe:dropless"):
+        load_limoe("ViT-B-32", str(checkpoint), "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def test_retrieval_command_on_the_heldout_shards(checkpoint, tmp_path):
+    assert _eval("retrieval", checkpoint, DEMO / "heldout", tmp_path / "retrieval.json") == 0
+    metrics = json.loads((tmp_path / "retrieval.json").read_text())
+    assert metrics["images"] == metrics["texts"] > 300  # one caption per image
+    for direction in ("image_to_text", "text_to_image"):
+        assert 0 <= metrics[f"{direction}_R@1"] <= metrics[f"{direction}_R@5"] <= metrics[f"{direction}_R@10"] <= 1
+
+
+def test_evaluate_retrieval_groups_repeated_images_and_restores_train_mode(checkpoint, tmp_path):
+    for index in range(3):
+        _image(tmp_path / "images" / f"{index}.png", (90 * index, 20, 20))
+    captions = tmp_path / "captions.csv"
+    captions.write_text("file,caption\n0.png,a red square\n0.png,a crimson block\n1.png,a green square\n2.png,blue\n")
+    build_shards(tmp_path / "images", captions, tmp_path / "shards")
+    model, _ = load_model(checkpoint)
+    model.train()
+    metrics = evaluate_retrieval(model, str(tmp_path / "shards"), batch_size=2, workers=0)
+    assert (metrics["images"], metrics["texts"]) == (3, 4)
+    assert model.training

@@ -1,0 +1,73 @@
+"""Routing worked by hand: capacity, top-1 gates, BPR versus first-come slot filling."""
+
+import math
+
+import pytest
+import torch
+
+from limoe_kernels import REFERENCE_OPS
+from limoe.model.routing import Grouping, expert_capacity
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, factor, expected",
+    [(16, 4, 1.0, 4), (10, 4, 1.05, 4), (100, 8, 1.25, 16), (100, 8, 1.0, 16), (96, 8, 1.0, 12), (10, 4, None, 12),
+     (1704, 8, 1.05, 224)],
+)
+def test_capacity_is_ceil_kSc_over_E_rounded_up_to_4(tokens, experts, factor, expected):
+    assert expert_capacity(tokens, experts, factor) == expected
+
+
+# One group of 8 tokens, 3 experts. Logits chosen so the softmax gates are easy to check.
+LOGITS = torch.tensor(
+    [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0], [1.0, 0.0, 0.0],
+     [0.0, 0.0, 2.0], [0.5, 0.0, 0.0], [0.0, 3.0, 0.0], [4.0, 0.0, 0.0]]
+)
+
+
+def _gate(top: float) -> float:
+    return math.exp(top) / (math.exp(top) + 2.0)
+
+
+def test_router_picks_argmax_and_unrenormalised_gate():
+    probs, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
+    assert expert.tolist() == [0, 1, 0, 0, 2, 0, 1, 0]
+    expected = [_gate(v) for v in (2.0, 1.0, 3.0, 1.0, 2.0, 0.5, 3.0, 4.0)]
+    torch.testing.assert_close(gate, torch.tensor(expected))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(8))
+
+
+def test_bpr_keeps_the_highest_gates_and_vanilla_the_earliest():
+    _, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
+    # Expert 0 is wanted by tokens 0, 2, 3, 5, 7 (gates by logit 2, 3, 1, 0.5, 4); capacity 2.
+    bpr = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, True)[0]
+    assert bpr.tolist() == [-1, 1, 1, -1, 0, -1, 0, 0]  # token 7 (logit 4) then 2 (logit 3) win expert 0
+    vanilla = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, False)[0]
+    assert vanilla.tolist() == [0, 0, 1, -1, 0, -1, 1, -1]  # tokens 0 and 2 came first
+
+
+def test_ties_keep_position_order_and_padding_takes_no_slot():
+    expert = torch.tensor([[1, -1, 1, 1, 1]])
+    gate = torch.tensor([[0.5, 0.9, 0.5, 0.7, 0.5]])
+    slots = REFERENCE_OPS.assign_slots(expert, gate, 2, 3, True)[0]
+    assert slots.tolist() == [1, -1, 2, 0, -1]
+
+
+def test_combine_weights_are_the_gates_of_kept_tokens():
+    _, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
+    slot = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, True)[0]
+    row = torch.where(slot >= 0, expert * 2 + slot, -1)
+    buffer = torch.arange(1.0, 7.0)[:, None].repeat(1, 2)  # expert e slot s holds value 2e + s + 1
+    y = REFERENCE_OPS.combine(buffer, row, gate)
+    expected = torch.tensor([0.0, _gate(1.0) * 4, _gate(3.0) * 2, 0.0, _gate(2.0) * 5, 0.0, _gate(3.0) * 3, _gate(4.0)])
+    torch.testing.assert_close(y[:, 0], expected)
+
+
+def test_grouping_spreads_examples_evenly_and_round_trips():
+    grouping = Grouping.for_batch(20, 8)
+    assert (grouping.num_groups, grouping.per_group) == (3, 7)
+    x = torch.randn(20, 5, 3)
+    grouped = grouping.group(x, 0.0)
+    assert grouped.shape == (3, 35, 3)
+    torch.testing.assert_close(grouping.ungroup(grouped, 5), x)
+    assert Grouping.for_batch(3, 8).num_groups == 1

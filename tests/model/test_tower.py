@@ -1,0 +1,122 @@
+"""The tower: every config builds and trains a step; parameter arithmetic; batch independence."""
+
+import pytest
+import torch
+import torchvision
+
+from limoe.config import LossConfig, load_model_config
+from limoe.training.losses import ContrastiveLoss, auxiliary_loss
+from limoe.model.tower import Limoe, parameter_counts
+
+MODELS = ["limoe-tiny", "limoe-s32", "limoe-b32", "limoe-b16", "limoe-l16", "limoe-h14"]
+# The large ones keep their width, experts and resolution but shrink to two blocks here.
+SHRINK = {name: ["depth=2", "moe.layers=[1]"] for name in MODELS[1:]}
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_h14_has_5_6B_parameters_and_675M_applied_per_token():
+    with torch.device("meta"):
+        total, per_token = parameter_counts(Limoe(load_model_config("limoe-h14")))
+    assert total == pytest.approx(5.6e9, rel=0.03)
+    assert per_token == pytest.approx(675e6, rel=0.03)
+
+
+@pytest.mark.parametrize("name, vit", [("limoe-b16", "vit_b_16"), ("limoe-b32", "vit_b_32"), ("limoe-l16", "vit_l_16")])
+def test_dense_twin_tower_matches_torchvision_vit(name, vit):
+    with torch.device("meta"):
+        model = Limoe(load_model_config(name, ["dense=true"]))
+        reference = getattr(torchvision.models, vit)()
+    tower = _count(model.blocks) + _count(model.patch_embed) + model.image_positions.numel() + _count(model.norm)
+    reference_tower = _count(reference) - _count(reference.heads)
+    assert tower == pytest.approx(reference_tower, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dense", [False, True])
+def test_every_config_runs_forward_and_backward(name, dense):
+    torch.manual_seed(0)
+    config = load_model_config(name, SHRINK.get(name, []) + [f"dense={str(dense).lower()}"])
+    model = Limoe(config)
+    images = torch.randn(2, 3, config.image_size, config.image_size)
+    tokens = torch.randint(1, config.vocab_size, (2, config.context_length))
+    tokens[1, 5:] = 0
+    output = model(images, tokens)
+    assert output.image_features.shape == output.text_features.shape == (2, config.embed_dim)
+    torch.testing.assert_close(output.image_features.norm(dim=-1), torch.ones(2))
+    assert len(output.routing) == (0 if dense else len(config.moe.layers))
+    aux, _ = auxiliary_loss(output.routing, LossConfig())
+    loss = ContrastiveLoss("clip")(output.image_features, output.text_features, output.logit_scale) + aux
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+@pytest.mark.parametrize("pool", [("map", "map"), ("cls", "cls"), ("mean", "mean"), ("map", "eos")])
+def test_dropless_encodings_do_not_depend_on_the_rest_of_the_batch(pool):
+    torch.manual_seed(0)
+    config = load_model_config("limoe-tiny", ["moe.eval_capacity_factor=null", f"image_pool={pool[0]}",
+                                              f"text_pool={pool[1]}"])
+    model = Limoe(config).eval()
+    images = torch.randn(11, 3, 64, 64)
+    tokens = torch.randint(1, 1000, (11, 16))
+    tokens[:, 9:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images[3:4]), model.encode_image(images)[3:4], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(tokens[5:6]), model.encode_text(tokens)[5:6], atol=1e-5, rtol=1e-4)
+
+
+def test_text_padding_changes_nothing_beyond_the_end_of_text():
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", ["moe.eval_capacity_factor=null"])).eval()
+    tokens = torch.randint(1, 1000, (1, 16))
+    tokens[:, 6:] = 0
+    short = tokens.clone()
+    with torch.no_grad():
+        a = model.encode_text(tokens)
+        model.text_positions.data[6:] += 1.0  # positions past the padding start must not matter
+        torch.testing.assert_close(model.encode_text(short), a)
+
+
+def test_bf16_autocast_step_tracks_fp32_with_fp32_routing_and_gradients():
+    """The GPU training precision, run on CPU: bf16 autocast around fp32 weights, as `limoe train` does.
+
+    The router must still decide in fp32, every gradient must be a finite fp32 tensor, and the
+    features must stay close to the fp32 forward of the same weights.
+    """
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", ["moe.eval_capacity_factor=null"])).eval()  # no noise, no drops
+    images = torch.randn(5, 3, 64, 64)
+    tokens = torch.randint(1, 1000, (5, 16))
+    tokens[:, 11:] = 0
+    reference = model(images, tokens)
+    with torch.autocast("cpu", torch.bfloat16):
+        output = model(images, tokens)
+        loss = ContrastiveLoss("clip")(output.image_features, output.text_features, output.logit_scale)
+        loss = loss + auxiliary_loss(output.routing, LossConfig())[0]
+    loss.backward()
+    assert all(r.importance.dtype == torch.float32 for r in output.routing)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+    for ours, fp32 in [(output.image_features, reference.image_features), (output.text_features, reference.text_features)]:
+        cosine = (ours.float() * fp32).sum(-1)
+        assert cosine.min() > 0.98
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_whole_model_compiles_as_one_graph(backend):
+    """torch.compile(fullgraph=True) traces the tower, routing and both op sets without a graph
+    break (the Triton ops through their fake kernels), and computes what eager mode computes."""
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", [f"moe.backend={backend}"]))
+    images, tokens = torch.randn(3, 3, 64, 64), torch.randint(1, 1000, (3, 16))
+    torch.manual_seed(1)
+    eager = model(images, tokens)
+    torch.manual_seed(1)  # the same router noise
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(images, tokens)
+    torch.testing.assert_close(compiled.image_features, eager.image_features)
+    torch.testing.assert_close(compiled.text_features, eager.text_features)
+    torch.testing.assert_close(compiled.routing[0].load, eager.routing[0].load)
