@@ -31,6 +31,14 @@ def _train(args) -> int:
     return 0
 
 
+def _config_show(args) -> int:
+    from limoe.config import load_config
+    from limoe.config_docs import describe_config
+
+    print(describe_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
 def _export(args) -> int:
     from limoe.checkpoints.training import export_workdir
 
@@ -113,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
+    config = command("config", None, "inspect training configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = command("show", _config_show, "print the resolved config with each key's meaning and valid values",
+                   config_commands)
+    show.add_argument("--config", default=None, help="training config name or path (default: demo)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)
     export.add_argument("--output", required=True)
@@ -141,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard_commands = shards.add_subparsers(dest="shard_command", required=True, metavar="ACTION")
     build = command("build", _shards_build, "write img2dataset-layout shards from images and captions", shard_commands)
     build.add_argument("--images", required=True, help="folder of images (or class folders with --classification)")
-    build.add_argument("--captions", default=None, help="CSV or JSONL mapping file name to caption")
+    build.add_argument("--captions", default=None, help="CSV, TSV or JSONL mapping file name to caption (open_clip's filepath/title columns too)")
     build.add_argument("--output", required=True)
     build.add_argument("--image-size", type=int, default=None, help="resize the shorter side and center-crop")
     build.add_argument("--maxcount", type=int, default=1000, help="samples per shard")

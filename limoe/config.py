@@ -43,9 +43,48 @@ _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 MODALITIES = ("image", "text")
 
 
+# ---------------------------------------------------------------------------------------------
+# Documented keys: every key says what it means and, if it holds numbers, which values are valid
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of a numeric key, written as in mathematics: `[1, inf)`, `(0, 1]`."""
+
+    text: str
+
+    def __post_init__(self):
+        if _INTERVAL.fullmatch(self.text) is None:
+            raise ValueError(f"cannot read the interval {self.text!r}; write it like '[1, inf)' or '(0, 1]'.")
+
+    def __contains__(self, number: float) -> bool:
+        left, low, high, right = _INTERVAL.fullmatch(self.text).groups()
+        above = number >= float(low) if left == "[" else number > float(low)
+        below = number <= float(high) if right == "]" else number < float(high)
+        return above and below  # False for NaN; an open end at inf excludes inf
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_INTERVAL = re.compile(r"([\[(])(-inf|[-+\d.e]+), (inf|[-+\d.e]+)([\])])")
+
+
+def setting(default: Any = dataclasses.MISSING, meaning: str = "", valid: Optional[str] = None) -> Any:
+    """A config key: its default, what it means, and for a numeric key the interval every number it
+    holds must lie in (checked when a config is loaded). `limoe config show` prints the meaning
+    beside the key; docs/CONFIG.md lists every key and a test keeps it in step with this file."""
+    return field(default=default, metadata={"meaning": meaning, "valid": Interval(valid) if valid else None})
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration
+
+
 @dataclass(frozen=True)
 class PerModality:
-    """One number per modality (loss weights, entropy thresholds)."""
+    """One number per modality (loss weights, entropy thresholds); the key holding it says which
+    values are valid."""
 
     image: float
     text: float
@@ -62,34 +101,41 @@ class MoeConfig:
     or `last N` (the last N of those), as V-MoE does.
     """
 
-    num_experts: int = 8
-    layers: tuple[int, ...] = ()
-    top_k: int = 1
-    group_size: int = 8  # examples per routing group; their image and text tokens compete together
-    train_capacity_factor: float = 1.05
-    eval_capacity_factor: Optional[float] = 2.0  # None: dropless (capacity = group size)
-    batch_priority: bool = True
-    router_noise: bool = True  # N(0, (1/E)^2) on the logits, training only
-    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on CUDA, the reference elsewhere
+    num_experts: int = setting(8, "experts per MoE layer (E)", "[1, inf)")
+    layers: tuple[int, ...] = setting((), "0-based blocks whose MLP is a mixture of experts; YAML may write "
+                                      "'every 2' (blocks 1, 3, 5, …) or 'last N' (the last N of those)", "[0, inf)")
+    top_k: int = setting(1, "experts each token is sent to (only top-1 is implemented)", "[1, inf)")
+    group_size: int = setting(8, "examples per routing group; their image and text tokens compete for the same "
+                                 "expert slots", "[1, inf)")
+    train_capacity_factor: float = setting(1.05, "expert slots per group in training: ceil(k·S·c/E) for S tokens, "
+                                                 "rounded up to a multiple of 4", "(0, inf)")
+    eval_capacity_factor: Optional[float] = setting(2.0, "the same factor in evaluation; null: dropless (every token "
+                                                         "gets its expert)", "(0, inf)")
+    batch_priority: bool = setting(True, "Batch Priority Routing: fill expert slots by gate value, highest first "
+                                         "(false: by position)")
+    router_noise: bool = setting(True, "add N(0, (1/E)²) noise to the router logits in training")
+    backend: Literal["auto", "torch", "triton"] = setting("auto", "expert layer implementation; auto: Triton on "
+                                                                  "CUDA, the PyTorch reference elsewhere")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A single-tower image-text transformer (ViT sizes; DESIGN: S/32 has 8 layers)."""
+    """A single-tower image-text transformer: ViT sizes, text, pooling and where the experts sit."""
 
-    name: str = "custom"
-    image_size: int = 224
-    patch_size: int = 32
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int = 3072
-    embed_dim: int = 512  # joint image-text embedding space
-    vocab_size: int = 49408  # open_clip's BPE vocabulary
-    context_length: int = 16
-    image_pool: Literal["map", "cls", "mean"] = "map"  # MAP: attention pooling with a learned probe
-    text_pool: Literal["map", "cls", "mean", "eos"] = "map"  # eos: the end-of-text token
-    dense: bool = False  # True: the MoE blocks become dense MLPs (the dense baseline)
+    name: str = setting("custom", "the architecture's name, shown in reports and model cards")
+    image_size: int = setting(224, "input images are image_size × image_size pixels", "[1, inf)")
+    patch_size: int = setting(32, "side of the square image patches; must divide image_size", "[1, inf)")
+    width: int = setting(768, "token width d of the tower", "[1, inf)")
+    depth: int = setting(12, "transformer blocks", "[1, inf)")
+    heads: int = setting(12, "attention heads; must divide width", "[1, inf)")
+    mlp_dim: int = setting(3072, "hidden width of each MLP and each expert", "[1, inf)")
+    embed_dim: int = setting(512, "width of the joint image-text embedding space", "[1, inf)")
+    vocab_size: int = setting(49408, "token embedding rows (open_clip's BPE vocabulary has 49408)", "[1, inf)")
+    context_length: int = setting(16, "caption tokens, start and end of text included", "[2, inf)")
+    image_pool: Literal["map", "cls", "mean"] = setting("map", "image pooling: map = attention pooling with a "
+                                                               "learned probe, cls token, or mean")
+    text_pool: Literal["map", "cls", "mean", "eos"] = setting("map", "text pooling; eos: the end-of-text token")
+    dense: bool = setting(False, "true: the MoE blocks become dense MLPs (the dense baseline)")
     moe: MoeConfig = field(default_factory=MoeConfig)
 
     def __post_init__(self):
@@ -108,8 +154,6 @@ class ModelConfig:
                 )
         if self.moe.top_k != 1:
             raise LimoeError("model.moe.top_k: only top-1 routing is implemented; set it to 1.")
-        if self.moe.num_experts < 1 or self.moe.group_size < 1:
-            raise LimoeError("model.moe.num_experts and model.moe.group_size must be at least 1.")
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -125,76 +169,119 @@ class ModelConfig:
 class LossConfig:
     """Contrastive loss and the V-MoE / LIMoE auxiliary losses (weights and thresholds)."""
 
-    contrastive: Literal["clip", "siglip"] = "clip"
-    logit_scale_init: float = math.log(10.0)
-    importance: float = 0.005
-    load: float = 0.005
-    local_entropy: PerModality = PerModality(image=0.01, text=0.01)
-    global_entropy: PerModality = PerModality(image=0.01, text=0.01)
-    # S_m: the global entropy loss is off once a modality's marginal routing entropy reaches log S_m.
-    global_entropy_min_experts: PerModality = PerModality(image=8.0, text=3.0)
-    router_z: float = 0.0
+    contrastive: Literal["clip", "siglip"] = setting("clip", "clip: symmetric InfoNCE over the global batch; "
+                                                             "siglip: the pairwise sigmoid loss")
+    logit_scale_init: float = setting(math.log(10.0), "initial log-temperature (log 10); training keeps it in "
+                                                      "[0, log 100]", "[0, 4.6052]")
+    logit_bias_init: float = setting(-10.0, "initial logit bias of the siglip loss (unused by clip)", "(-inf, inf)")
+    importance: float = setting(0.005, "weight of V-MoE's importance loss", "[0, inf)")
+    load: float = setting(0.005, "weight of V-MoE's load loss", "[0, inf)")
+    local_entropy: PerModality = setting(PerModality(image=0.01, text=0.01), "weight of LIMoE's local entropy "
+                                         "loss, per modality", "[0, inf)")
+    global_entropy: PerModality = setting(PerModality(image=0.01, text=0.01), "weight of LIMoE's global entropy "
+                                          "loss, per modality", "[0, inf)")
+    global_entropy_min_experts: PerModality = setting(
+        PerModality(image=8.0, text=3.0), "S_m: the global entropy loss is off once a modality's marginal routing "
+        "entropy reaches log S_m", "[1, inf)")
+    router_z: float = setting(0.0, "weight of ST-MoE's router z-loss (0: off)", "[0, inf)")
 
 
 @dataclass(frozen=True)
 class ShardSource:
-    """A set of webdataset shards and its sampling weight when mixed with others."""
+    """A set of webdataset shards and how often it is drawn when mixed with other sources."""
 
-    shards: str
-    weight: float = 1.0
+    shards: str = setting(meaning="shard spec: a folder, glob, brace pattern, list of those, pipe: command or URL")
+    weight: Optional[float] = setting(None, "sampling weight relative to the other sources; null: in proportion "
+                                            "to the source's size (docs/DATA.md)", "(0, inf)")
+    upsampling: float = setting(1.0, "multiplies the size-proportional weight (open_clip's "
+                                     "--train-data-upsampling-factors)", "(0, inf)")
+
+    def __post_init__(self):
+        if self.weight is not None and self.upsampling != 1.0:
+            raise LimoeError(f"data.train source {self.shards}: give a weight or an upsampling factor, not both.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: tuple[ShardSource, ...] = (ShardSource("data_shards/train"),)
-    heldout: str = "data_shards/heldout"
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = True
-    max_bad_fraction: float = 0.01
+    """Where training and held-out pairs come from and how they are read."""
+
+    train: tuple[ShardSource, ...] = setting(
+        (ShardSource("data_shards/train"),), "training sources: one shard spec, open_clip's 'a::b' list of specs, "
+        "or a list of sources with the keys below")
+    heldout: str = setting("data_shards/heldout", "caption shards for the end-of-training retrieval report")
+    workers: int = setting(2, "data loading processes per rank", "[0, inf)")
+    shuffle_buffer: int = setting(1000, "samples in each worker's shuffle buffer (0 or 1: no shuffling)", "[0, inf)")
+    resampled: bool = setting(True, "draw shards with replacement (LAION-style); false: shuffled epochs")
+    max_bad_fraction: float = setting(0.01, "stop once a worker's fraction of unusable samples passes this",
+                                      "[0, 1]")
+
+    def __post_init__(self):
+        if len({source.weight is None for source in self.train}) > 1:
+            raise LimoeError("data.train: give every source a weight, or none (then sources are mixed in "
+                             "proportion to their sizes).")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 1e-4
-    betas: tuple[float, ...] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 10_000
-    schedule: Literal["cosine", "linear"] = "linear"
-    grad_clip: float = 1.0
+    """AdamW with decoupled weight decay, linear warmup, then cosine or linear decay."""
+
+    lr: float = setting(1e-3, "peak learning rate, reached at the end of the warmup", "(0, inf)")
+    min_lr: float = setting(1e-5, "learning rate at the last step", "[0, inf)")
+    weight_decay: float = setting(1e-4, "decoupled weight decay (not on norms, biases, embeddings, the logit "
+                                        "scale)", "[0, inf)")
+    betas: tuple[float, ...] = setting((0.9, 0.999), "Adam's β1 and β2", "[0, 1)")
+    eps: float = setting(1e-8, "Adam's ε", "(0, inf)")
+    warmup_steps: int = setting(10_000, "steps of linear warmup from 0 to lr", "[0, inf)")
+    schedule: Literal["cosine", "linear"] = setting("linear", "decay from lr to min_lr after the warmup")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", "[0, inf)")
+
+    def __post_init__(self):
+        if len(self.betas) != 2:
+            raise LimoeError(f"optim.betas must be two numbers [β1, β2], got {list(self.betas)}.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100_000
-    batch_size: int = 16_384  # global, across all data-parallel ranks
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    routing_stats_every: int = 500
-    skip_nonfinite_steps: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """How long, how big a batch, on what, and how often to log and save."""
+
+    steps: int = setting(100_000, "optimizer steps of the whole run", "[1, inf)")
+    batch_size: int = setting(16_384, "pairs per step, summed over all data-parallel ranks", "[1, 10000000]")
+    seed: int = setting(0, "seeds the weights, the data order and the router noise", "[0, 4294967295]")
+    log_every: int = setting(50, "steps between lines of metrics.jsonl", "[1, inf)")
+    checkpoint_every: int = setting(1000, "steps between checkpoints", "[1, inf)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept on disk", "[1, inf)")
+    routing_stats_every: int = setting(500, "steps between per-layer routing statistics", "[1, inf)")
+    skip_nonfinite_steps: bool = setting(False, "skip and count steps with a non-finite loss instead of stopping")
+    precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when a GPU is visible")
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    expert_parallel_size: int = 1
-    zero_stage: int = 0
-    timeout_minutes: int = 30
+    """How the processes share the work."""
+
+    expert_parallel_size: int = setting(1, "ranks each MoE layer's experts are sharded over; divides the number "
+                                           "of processes and of experts", "[1, inf)")
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage", "[0, 3]")
+    timeout_minutes: int = setting(30, "collective operations wait this long before failing", "[1, inf)")
 
 
 @dataclass(frozen=True)
 class Config:
+    """A training run: the model, its losses, the data, the optimizer, the run and its processes."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        experts, shards = self.model.moe.num_experts, self.distributed.expert_parallel_size
+        if self.model.moe_layers and experts % shards:
+            raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "
+                             f"{shards}; every rank must hold the same number of experts.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +311,8 @@ def _resolve_layer_spec(spec: Any, depth: int) -> Any:
     words = spec.split()
     if len(words) == 2 and words[1].isdigit() and words[0] in ("every", "last"):
         number = int(words[1])
+        if words[0] == "every" and number < 1:
+            raise LimoeError(f"model.moe.layers: {spec!r} places no experts; write 'every N' with N ≥ 1.")
         return list(every_n_layers(depth, number) if words[0] == "every" else last_n_layers(depth, number))
     raise LimoeError(
         f"model.moe.layers: cannot read {spec!r}; write a list of block indices, 'every 2' or 'last 12'."
@@ -238,28 +327,41 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp` and build dataclasses; errors name `path`."""
+def _convert(value: Any, tp: Any, path: str, valid: Optional[Interval] = None) -> Any:
+    """Check `value` against the annotation `tp` and build dataclasses; errors name `path`.
+
+    `valid` applies to every number `value` holds (each item of a list, both of a `PerModality`).
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path)
+        return _convert(value, inner, path, valid)
     if origin is Literal:
         if value not in args:
             raise LimoeError(f"config key '{path}' must be one of {list(args)}, got {value!r}.")
         return value
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]  # a scalar is a 1-list
-        return tuple(_convert(item, args[0], f"{path}[{i}]") for i, item in enumerate(items))
+        if args[0] is ShardSource:  # open_clip's "a::b" lists several sources in one string
+            items = [part for item in items for part in (item.split("::") if isinstance(item, str) else [item])]
+        return tuple(_convert(item, args[0], f"{path}[{i}]", valid) for i, item in enumerate(items))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is ShardSource:
             value = {"shards": value}
         if not isinstance(value, dict):
             raise LimoeError(f"config key '{path}' must be a mapping, got {value!r}.")
-        return from_dict(tp, value, path)
+        return from_dict(tp, value, path, valid)
+    value = _scalar(value, tp, path)
+    if valid is not None and value not in valid:
+        kind = "an integer" if tp is int else "a number"
+        raise LimoeError(f"config key '{path}' is {value!r}; it must be {kind} in {valid}.")
+    return value
+
+
+def _scalar(value: Any, tp: Any, path: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
@@ -271,9 +373,14 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     )
 
 
-def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
+def _key(cls: type, name: str, value: Any, path: str, valid: Optional[Interval] = None) -> Any:
+    """One key of dataclass `cls`, converted and checked against its own interval (else `valid`)."""
+    declared = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return _convert(value, typing.get_type_hints(cls)[name], path, declared.metadata.get("valid") or valid)
+
+
+def from_dict(cls: type, data: dict, path: str = "", valid: Optional[Interval] = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and numbers out of range."""
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -282,7 +389,7 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
             raise LimoeError(f"unknown config key '{dotted}'{hint}.")
-        kwargs[key] = _convert(value, hints[key], dotted)
+        kwargs[key] = _key(cls, key, value, dotted, valid)
     return cls(**kwargs)
 
 
@@ -389,7 +496,7 @@ def _finish_model_mapping(raw: dict) -> dict:
     model = _resolve_model_mapping(raw)
     moe = model.get("moe")
     if isinstance(moe, dict) and "layers" in moe:
-        depth = model.get("depth", ModelConfig.depth)
+        depth = _key(ModelConfig, "depth", model.get("depth", ModelConfig.depth), "model.depth")
         model["moe"] = {**moe, "layers": _resolve_layer_spec(moe["layers"], depth)}
     return model
 

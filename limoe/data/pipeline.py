@@ -6,7 +6,8 @@ Batches cross the process boundary whole, which keeps per-sample Python overhead
 
 Training (`train_loader`) is an endless stream: shards are either resampled with replacement
 (each rank and worker drawing with its own seed, LAION-style) or shuffled every epoch and split
-between ranks and workers. Several sources are mixed per sample by weight. Evaluation
+between ranks and workers. Several sources are mixed per sample (`limoe.data.sources` says in what
+proportions: by size unless the config gives weights, as open_clip does). Evaluation
 (`eval_loader`) reads every sample exactly once across ranks and workers, in shard order.
 
 Bad data is skipped and counted, never fatal by itself and never silent: a corrupt image, a
@@ -48,6 +49,7 @@ from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.preprocess import image_transform, tokenizer
 from limoe.data.shards import to_rgb
+from limoe.data.sources import mixing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -394,8 +396,6 @@ def train_loader(
     rank, world_size = _rank_and_world(rank, world_size)
     if not sources:
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
-    if any(source.weight <= 0 for source in sources):
-        raise LimoeError("data.train: every source weight must be positive; drop a source instead of weighting it 0.")
     shards = [expand_shards(source.shards) for source in sources]
     parts = world_size * max(workers, 1)
     for source, urls in zip(sources, shards):
@@ -405,7 +405,7 @@ def train_loader(
                 f"so some workers would get none; set data.resampled: true, use fewer workers or split the shards finer."
             )
     stream = _ShardStream(
-        shards, [source.weight for source in sources], train=True, batch_size=batch_size, image_size=image_size,
+        shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=False, shuffle_buffer=shuffle_buffer, resampled=resampled,
         seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
     )

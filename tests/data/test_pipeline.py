@@ -196,10 +196,17 @@ def test_training_is_deterministic_given_a_seed(tmp_path, resampled):
     assert not all(torch.equal(a.tokens, c.tokens) for a, c in zip(first, other))
 
 
-def test_sources_mix_by_weight(tmp_path):
+@pytest.mark.parametrize("by", ["weight", "size"])
+def test_sources_mix_by_weight_or_by_recorded_size(tmp_path, by):
+    """3:1 either as weights or as the sizes img2dataset recorded (the shards themselves hold 20 each)."""
     alpha = _captioned_shards(tmp_path / "alpha", [20, 20], prefix="alpha")
     beta = _captioned_shards(tmp_path / "beta", [20, 20], prefix="beta")
-    sources = (ShardSource(",".join(alpha), weight=3.0), ShardSource(",".join(beta), weight=1.0))
+    if by == "weight":
+        sources = (ShardSource(",".join(alpha), weight=3.0), ShardSource(",".join(beta), weight=1.0))
+    else:
+        for shard, successes in zip(alpha + beta, [45, 45, 15, 15]):
+            Path(shard.replace(".tar", "_stats.json")).write_text(json.dumps({"count": 50, "successes": successes}))
+        sources = (ShardSource(",".join(alpha)), ShardSource(",".join(beta)))
     loader = train_loader(sources, 50, 16, CONTEXT, 0, 10, True, 0, 0.01)
     alpha_token = SimpleTokenizer()("caption alpha0x0")[0, 2].item()  # the first BPE piece of the key
     rows = torch.cat([batch.tokens for batch in itertools.islice(loader, 8)])
