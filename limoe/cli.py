@@ -42,7 +42,7 @@ def _config_show(args) -> int:
 def _export(args) -> int:
     from limoe.checkpoints.training import export_workdir
 
-    export_workdir(Path(args.workdir), Path(args.output))
+    export_workdir(Path(args.workdir), Path(args.output), hub_layout=args.format == "hf", repo_id=args.repo_id)
     return 0
 
 
@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)
-    export.add_argument("--output", required=True)
+    export.add_argument("--output", required=True, help="the .safetensors file, or the folder with --format hf")
+    export.add_argument("--format", default="safetensors", choices=["safetensors", "hf"],
+                        help="hf: a model folder in Hugging Face layout (weights, config JSON, model card)")
+    export.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="the Hub name the model card loads")
 
     evaluate = command("eval", None, "evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")

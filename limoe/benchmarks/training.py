@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from limoe.config import CONFIG_DIR, Config, ModelConfig, load_config
 from limoe.data.pipeline import train_loader
-from limoe.model.tower import Limoe
+from limoe.model.tower import build_model
 from limoe.training.progress import TrainingReporter
 from limoe.training.trainer import ContrastiveTrainer, build_engine, optimizer_groups, start_session, train_step
 
@@ -225,7 +225,7 @@ def random_batch(batch: int, image_size: int, context_length: int, vocab_size: i
 def limoe_workload(spec: Spec, batch: int, device: torch.device) -> Workload:
     config = train_config(spec, batch, device)
     torch.manual_seed(config.train.seed)
-    module = ContrastiveTrainer(Limoe(config.model, config.loss.logit_scale_init), config).to(device)
+    module = ContrastiveTrainer(build_model(config), config).to(device)
     model = config.model
     return Workload(lambda images, tokens: module(images, tokens)[0], module,
                     random_batch(batch, model.image_size, model.context_length, model.vocab_size, device),

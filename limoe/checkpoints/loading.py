@@ -1,4 +1,5 @@
-"""Loading a model for evaluation from whatever a user points at: an exported file or a workdir."""
+"""Loading a model for evaluation from whatever a user points at: an exported file, a training
+workdir, a model folder in Hugging Face layout, or `hf-hub:org/name`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from limoe.checkpoints.model_file import model_with, read_model_file
+from limoe.checkpoints import hub
+from limoe.checkpoints.model_file import model_with, read_embedded_config, read_model_file
 from limoe.checkpoints.training import consolidated_state
-from limoe.config import Config
+from limoe.config import Config, load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe
 
@@ -28,12 +30,35 @@ def with_eval_capacity(config: Config, capacity_factor: Optional[str]) -> Config
     return dataclasses.replace(config, model=dataclasses.replace(config.model, moe=moe))
 
 
-def load_model(path: Path, device: str = "cpu", capacity_factor: Optional[str] = None) -> tuple[Limoe, Config]:
-    """An evaluation-ready model (eval mode, on `device`) from an exported file or a workdir."""
-    path = Path(path)
-    if path.is_dir():
+def load_model(checkpoint: str | Path, device: str = "cpu", capacity_factor: Optional[str] = None,
+               cache_dir: Optional[str] = None) -> tuple[Limoe, Config]:
+    """An evaluation-ready model (eval mode, on `device`) from any checkpoint reference;
+    `cache_dir` is huggingface_hub's cache for `hf-hub:` references (default: its own)."""
+    path = _local(checkpoint, cache_dir, (hub.CONFIG_FILE, hub.WEIGHTS_FILE))
+    if hub.is_model_folder(path):
+        state, config = read_model_file(path / hub.WEIGHTS_FILE)
+    elif path.is_dir():
         state, config = consolidated_state(path)
     else:
         state, config = read_model_file(path)
     config = with_eval_capacity(config, capacity_factor)
     return model_with(state, config).to(device).eval(), config
+
+
+def read_config(checkpoint: str | Path, cache_dir: Optional[str] = None) -> Config:
+    """The config of any checkpoint reference, without reading (or downloading) its weights."""
+    path = _local(checkpoint, cache_dir, (hub.CONFIG_FILE,))
+    if hub.is_model_folder(path):
+        return hub.read_folder_config(path)
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise LimoeError(f"{path} holds no config.yaml; give an exported file, a model folder or a training workdir.")
+        return load_config(str(path / "config.yaml"))
+    return read_embedded_config(path)
+
+
+def _local(checkpoint: str | Path, cache_dir: Optional[str], files: tuple[str, ...]) -> Path:
+    """The local path of a checkpoint reference (an `hf-hub:` one is fetched into the cache)."""
+    if hub.is_hub_reference(checkpoint):
+        return hub.fetch(str(checkpoint), files, cache_dir)
+    return Path(checkpoint)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
-from limoe.model.tower import Limoe
+from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
 
@@ -31,21 +31,30 @@ def save_model_file(model: Limoe, config: Config, path: Path) -> None:
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     """The state dict and config of an exported file."""
+    config = read_embedded_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
+    return state, config
+
+
+def read_embedded_config(path: Path) -> Config:
+    """The config embedded in an exported file, read from its header alone (no weights)."""
     if not path.is_file():
         raise LimoeError(f"checkpoint {path} does not exist; give an exported .safetensors file or a training workdir.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        state = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
     if CONFIG_KEY not in metadata:
         raise LimoeError(f"checkpoint {path} has no embedded limoe config; export it with `limoe export`.")
-    return state, config_from_dict(json.loads(metadata[CONFIG_KEY]))
+    return config_from_dict(json.loads(metadata[CONFIG_KEY]))
 
 
 def model_with(state: dict[str, torch.Tensor], config: Config) -> Limoe:
     """A model of the config's architecture holding `state` (strict: every weight must match)."""
-    model = Limoe(config.model)
+    model = build_model(config)
     model.load_state_dict(state)
     return model

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from limoe.checkpoints.hub import save_model_folder
 from limoe.checkpoints.model_file import model_with, save_model_file
 from limoe.config import Config, load_config
 from limoe.errors import LimoeError
@@ -85,9 +86,13 @@ def _torch_load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def export_workdir(workdir: Path, output: Path) -> None:
-    """`limoe export`: the latest checkpoint as one .safetensors file with the config inside."""
+def export_workdir(workdir: Path, output: Path, hub_layout: bool = False, repo_id: Optional[str] = None) -> None:
+    """`limoe export`: the latest checkpoint as one .safetensors file with the config inside, or
+    (`hub_layout`) as a model folder in Hugging Face layout whose card names `repo_id`."""
     state, config = consolidated_state(workdir)
     model = model_with(state, config)
-    save_model_file(model, config, output)
+    if hub_layout:
+        save_model_folder(model, config, output, repo_id)
+    else:
+        save_model_file(model, config, output)
     print(f"exported {workdir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) to {output}")

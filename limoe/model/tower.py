@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from limoe.config import ModelConfig
+from limoe.config import Config, ModelConfig
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Attention, Mlp, Pool
 from limoe.model.moe import MoeMlp
@@ -37,9 +37,12 @@ class Tokens:
 
 @dataclass
 class LimoeOutput:
+    """What `model(images, tokens)` returns; the first fields are those of open_clip's output dict."""
+
     image_features: Tensor  # [B, D] L2-normalised
     text_features: Tensor  # [B, D] L2-normalised
-    logit_scale: Tensor  # [1] learned log-temperature (open_clip multiplies by its exp)
+    logit_scale: Tensor  # [1] the temperature exp(model.logit_scale) that multiplies the cosine logits
+    logit_bias: Optional[Tensor]  # [1] SigLIP's learned logit bias (None for the CLIP loss)
     routing: list[LayerRouting]  # one per MoE block, in depth order
 
 
@@ -81,10 +84,13 @@ class Limoe(nn.Module):
 
     With expert parallelism (`sharding.size` = ep > 1) each MoE block holds this rank's E / ep
     experts; the weights are the same as the unsharded model's for the same seed.
+
+    As in open_clip, the learned scalars of the contrastive loss are the model's: `logit_scale`
+    (the log-temperature) and, for SigLIP, `logit_bias`, so they are saved and exported with it.
     """
 
     def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0),
-                 sharding: ExpertSharding = ExpertSharding()):
+                 logit_bias_init: Optional[float] = None, sharding: ExpertSharding = ExpertSharding()):
         super().__init__()
         self.config = config
         width = config.width
@@ -102,6 +108,7 @@ class Limoe(nn.Module):
         self.text_proj = nn.Linear(width, config.embed_dim, bias=False)
         # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor([logit_bias_init]))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -172,7 +179,15 @@ class Limoe(nn.Module):
     def forward(self, images: Tensor, tokens: Tensor) -> LimoeOutput:
         """Both modalities of a batch of pairs through the tower together (joint routing)."""
         (image, text), routing = self._tower([self._image_stream(images), self._text_stream(tokens)])
-        return LimoeOutput(self._image_features(image), self._text_features(text, tokens), self.logit_scale, routing)
+        return LimoeOutput(self._image_features(image), self._text_features(text, tokens), self.logit_scale.exp(),
+                           self.logit_bias, routing)
+
+
+def build_model(config: Config, sharding: ExpertSharding = ExpertSharding()) -> Limoe:
+    """The model a training config describes: its architecture, with the logit scale (and, for the
+    SigLIP loss, the logit bias) initialised as its loss config says."""
+    bias = config.loss.logit_bias_init if config.loss.contrastive == "siglip" else None
+    return Limoe(config.model, config.loss.logit_scale_init, bias, sharding)
 
 
 def parameter_counts(model: Limoe) -> tuple[int, int]:

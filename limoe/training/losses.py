@@ -7,6 +7,7 @@ them per routing group; this module weights them by the `LossConfig` and sums th
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
@@ -45,7 +46,8 @@ class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE (open_clip `ClipLoss`) or sigmoid loss (`SigLipLoss`) over the global batch.
 
     When torch.distributed is initialised, features from every data-parallel rank are gathered
-    with gradients, so each pair sees the whole global batch as negatives.
+    with gradients, so each pair sees the whole global batch as negatives. The temperature and
+    SigLIP's bias are the model's (`LimoeOutput.logit_scale`, `.logit_bias`), as in open_clip.
     """
 
     def __init__(self, kind: str):
@@ -54,17 +56,16 @@ class ContrastiveLoss(nn.Module):
         self.kind = kind
         if kind == "siglip":
             self.loss = SigLipLoss(rank=rank, world_size=world)
-            self.logit_bias = nn.Parameter(torch.tensor([-10.0]))  # [1]: see Limoe.logit_scale
         else:
             self.loss = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world)
-            self.logit_bias = None
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
-        """Features [B, D] L2-normalised; logit_scale is the learned log-temperature."""
-        scale = logit_scale.exp()
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                logit_bias: Optional[Tensor] = None) -> Tensor:
+        """Features [B, D] L2-normalised; logit_scale [1] the temperature (the exponent of the
+        learned log-scale, as open_clip's losses take it); logit_bias [1] for SigLIP."""
         if self.kind == "siglip":
-            return self.loss(image_features, text_features, scale, self.logit_bias)
-        return self.loss(image_features, text_features, scale)
+            return self.loss(image_features, text_features, logit_scale, logit_bias)
+        return self.loss(image_features, text_features, logit_scale)
 
 
 def clamp_logit_scale(logit_scale: nn.Parameter, max_scale: float = math.log(100.0)) -> None:

@@ -27,7 +27,7 @@ from limoe.distributed import ExpertSharding, expert_parallel_group, init_proces
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
-from limoe.model.tower import Limoe
+from limoe.model.tower import Limoe, build_model
 from limoe.training.progress import TrainingReporter
 
 log = logging.getLogger("limoe.training.trainer")
@@ -35,7 +35,7 @@ MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a r
 
 
 class ContrastiveTrainer(nn.Module):
-    """The module DeepSpeed wraps: model + contrastive loss (+ SigLIP bias) → loss and its parts."""
+    """The module DeepSpeed wraps: model + contrastive loss → loss and its parts."""
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__()
@@ -45,11 +45,14 @@ class ContrastiveTrainer(nn.Module):
 
     def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor], list]:
         output = self.model(images, tokens)
-        contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale)
+        contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
+                                       output.logit_bias)
         aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
         loss = contrastive + aux
         terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts,
-                 "logit_scale": output.logit_scale.exp()}
+                 "logit_scale": output.logit_scale}  # the temperature, as open_clip logs it
+        if output.logit_bias is not None:
+            terms["logit_bias"] = output.logit_bias
         return loss, {k: v.detach().float() for k, v in terms.items()}, output.routing
 
 
@@ -131,7 +134,7 @@ def build_engine(config: Config, session: Session):
     """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine."""
     torch.manual_seed(config.train.seed)  # same dense weights on every rank; experts by global index
     sharding = ExpertSharding.for_process(config.distributed.expert_parallel_size)
-    model = Limoe(config.model, config.loss.logit_scale_init, sharding)
+    model = build_model(config, sharding)
     module = ContrastiveTrainer(model, config)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, config.optim.weight_decay), lr=config.optim.lr,

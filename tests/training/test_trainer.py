@@ -76,19 +76,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, message):
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_export_then_load_gives_the_live_models_embeddings(tmp_path):
-    config = load_config("demo", ["train.batch_size=8", "train.device=cpu"])
+@pytest.mark.parametrize("contrastive, layout", [("clip", "safetensors"), ("siglip", "hf")])
+def test_export_then_load_gives_the_live_models_embeddings(tmp_path, contrastive, layout):
+    """Also the learned temperature and SigLIP's bias, which the model holds and exports."""
+    config = load_config("demo", ["train.batch_size=8", "train.device=cpu", f"loss.contrastive={contrastive}"])
     engine = build_engine(config, start_session(config))
     images, tokens = torch.randn(8, 3, 64, 64), torch.randint(1, 1000, (8, 16))
     train_step(engine, images, tokens, config)
     dump_config(config, tmp_path / "config.yaml")
     checkpoint.save_training_checkpoint(engine, tmp_path, 1, {"step": 1}, keep=1)
-    assert main(["export", "--workdir", str(tmp_path), "--output", str(tmp_path / "m.safetensors")]) == 0
-    loaded, _ = load_model(tmp_path / "m.safetensors")
+    output = tmp_path / ("m.safetensors" if layout == "safetensors" else "model")
+    assert main(["export", "--workdir", str(tmp_path), "--output", str(output), "--format", layout]) == 0
+    loaded, _ = load_model(output)
     live = engine.module.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images), live.encode_image(images))
         torch.testing.assert_close(loaded.encode_text(tokens), live.encode_text(tokens))
+    assert loaded.logit_scale.item() == live.logit_scale.item() != config.loss.logit_scale_init
+    if contrastive == "siglip":
+        assert loaded.logit_bias.item() == live.logit_bias.item() != config.loss.logit_bias_init
 
 
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
