@@ -24,8 +24,12 @@ log = logging.getLogger("limoe.training.trainer")
 
 
 class TrainingReporter:
-    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int):
+    """`pairs_seen` counts the image-text pairs trained on since the run began, across resumes (it
+    starts from the checkpoint's count); the bad-sample counts are this process's data loader's."""
+
+    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int, pairs_seen: int = 0):
         self.config = config
+        self.pairs_seen = pairs_seen
         self.main = rank == 0
         self.routing = RoutingAccumulator(config.model.moe_layers)
         self.warned: set[tuple[int, str]] = set()
@@ -52,6 +56,7 @@ class TrainingReporter:
             self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
         self.window_steps += 1
         self.window_pairs += pairs
+        self.pairs_seen += pairs
         self.routing.add(routing)
         self.bar.update(1)
         last = step == self.config.train.steps
@@ -74,8 +79,8 @@ class TrainingReporter:
         success = self._routing_success()
         record = {
             "step": step, "lr": lr, "pairs_per_s": self.window_pairs / seconds,
-            **means, "skipped_steps": self.skipped_steps, "bad_samples": bad_samples.bad,
-            "samples_seen": bad_samples.seen,
+            "pairs_seen": self.pairs_seen, **means, "skipped_steps": self.skipped_steps,
+            "bad_samples": bad_samples.bad, "samples_read_this_process": bad_samples.seen,
             **{f"routing_success_{m}": s for m, s in success.items()},
         }
         self._reset_window()

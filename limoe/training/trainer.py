@@ -224,7 +224,7 @@ def train(config: Config, workdir: Path) -> dict:
     if session.rank == 0:
         atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
     engine = build_engine(config, session)
-    state = checkpoint.load_training_checkpoint(engine, workdir) or {"step": 0}
+    state = checkpoint.load_training_checkpoint(engine, workdir) or {"step": 0, "pairs_seen": 0}
     start = state["step"]
     if start >= config.train.steps:
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)
@@ -234,7 +234,9 @@ def train(config: Config, workdir: Path) -> dict:
         seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
         pin_memory=session.device.type == "cuda",
     )
-    reporter = TrainingReporter(config, workdir, session.rank, start)
+    # Checkpoints written before pairs were counted: assume today's batch size throughout.
+    reporter = TrainingReporter(config, workdir, session.rank, start,
+                                state.get("pairs_seen", start * config.train.batch_size))
     _loop(engine, loader, config, session, workdir, reporter, start)
     reporter.close()
     return finish(config, workdir, session)
@@ -262,7 +264,8 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
             _stop_if_nonfinite(terms, step, workdir)
         if checkpoint_due:
             checkpoint.save_training_checkpoint(
-                engine, workdir, step, {"step": step, "config": to_dict(config)}, config.train.keep_checkpoints
+                engine, workdir, step, {"step": step, "pairs_seen": reporter.pairs_seen, "config": to_dict(config)},
+                config.train.keep_checkpoints,
             )
 
 

@@ -41,6 +41,7 @@ def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
     records = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4]
+    assert [r["pairs_seen"] for r in steps] == [32, 64]  # batch 16
     for key in ("contrastive", "importance", "load", "local_entropy_image", "global_entropy_text", "logit_scale",
                 "lr", "pairs_per_s", "grad_norm", "bad_samples", "routing_success_image"):
         assert key in steps[-1], key
@@ -121,6 +122,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if "loss" in r and r["step"] > killed_at]
     assert resumed and resumed[-1]["step"] == 24
+    assert resumed[-1]["pairs_seen"] == 24 * 16  # counted across the kill, not from the resume
     config = load_config(str(tmp_path / "config.yaml"))
     assert resumed[-1]["lr"] == pytest.approx(config.optim.lr * lr_multiplier(24, config), rel=1e-6)
 
