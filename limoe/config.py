@@ -30,7 +30,8 @@ from limoe.errors import LimoeError
 
 def _config_dir() -> Path:
     """The shipped configs: `limoe.configs` when installed (a wheel, or an editable install, which
-    maps it to the checkout's `configs/`), else the `configs/` beside this package in a checkout."""
+    maps it to the checkout's `configs/`; a regular package, so that this is a plain path), else
+    the `configs/` beside this package in a checkout that is not installed."""
     try:
         return Path(str(importlib.resources.files("limoe.configs")))
     except ModuleNotFoundError:
