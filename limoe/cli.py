@@ -90,7 +90,8 @@ def _shards_build(args) -> int:
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="exported .safetensors file or a training workdir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="exported .safetensors file, training workdir, model folder or hf-hub:org/name")
     parser.add_argument("--data", required=True, help="shards (spec, directory) or an image folder tree")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--capacity-factor", default=None,
