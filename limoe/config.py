@@ -7,6 +7,12 @@ in a config silently falling back to a default can waste a week of GPU time.
 A training config names its model by reference (`model: limoe-b16`, a file in `configs/models/`)
 or as a mapping with `base:` plus the keys it changes, so architectures are written down once.
 `--set a.b=v` overrides are parsed as YAML scalars and go through the same type checks.
+
+Every key is declared with `setting(default, meaning, valid)`: what it means, and for numbers the
+interval they must lie in (`"[1, inf)"`), checked on load so that a bad value is one line naming
+the key before any data is read or model built. A new key is added the same way, then
+`python -m limoe.config_docs` regenerates docs/CONFIG.md; the tests fail on a key without a
+meaning or interval and on a stale docs/CONFIG.md.
 """
 
 from __future__ import annotations

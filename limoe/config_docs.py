@@ -3,8 +3,9 @@
 Each key in `limoe.config` is declared with `setting(default, meaning, valid)`. This module walks
 the dataclasses and writes them out two ways: a resolved config with each key's meaning beside it
 (YAML that `--config` loads again), and the Markdown reference in docs/CONFIG.md, regenerated with
-`python -m limoe.config_docs`. `undocumented_keys()` names every key declared without a meaning or,
-if it holds numbers, without an interval; the tests require none and that docs/CONFIG.md is current.
+`python -m limoe.config_docs` from the repository root. `undocumented_keys()` names every key
+declared without a meaning or, if it holds numbers, without an interval; the tests require none
+and that docs/CONFIG.md is current.
 """
 
 from __future__ import annotations
@@ -155,10 +156,10 @@ def describe_config(config: Config) -> str:
         elif _is_record(_element(item.annotation)) and item.value:
             lines.append((f"{indent}{name}:", _comment(item)))
             for record in item.value:
-                for index, field in enumerate(walk(record, item.path + "[]", item.depth + 1)):
+                for index, key in enumerate(walk(record, item.path + "[]", item.depth + 1)):
                     bullet = "- " if index == 0 else "  "
-                    field_name = field.path.rsplit(".", 1)[-1]
-                    lines.append((f"{indent}  {bullet}{field_name}: {_yaml(field.value)}", _comment(field)))
+                    key_name = key.path.rsplit(".", 1)[-1]
+                    lines.append((f"{indent}  {bullet}{key_name}: {_yaml(key.value)}", _comment(key)))
         else:
             lines.append((f"{indent}{name}: {_yaml(item.value)}", _comment(item)))
     column = min(max(len(text) for text, _ in lines), 48)
@@ -192,7 +193,7 @@ the two differ or a key has no meaning.
 def _type_text(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_text(arg) for arg in args).replace("NoneType", "null")
+        return " or ".join(_type_text(arg) for arg in args)
     if origin is Literal:
         return "one of " + ", ".join(f"`{arg}`" for arg in args)
     if origin is tuple:
@@ -202,7 +203,7 @@ def _type_text(annotation: Any) -> str:
     if dataclasses.is_dataclass(annotation):
         hints = typing.get_type_hints(annotation)
         return "{" + ", ".join(f"{f.name}: {_type_text(hints[f.name])}" for f in dataclasses.fields(annotation)) + "}"
-    return {str: "string", type(None): "NoneType"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+    return {str: "string", type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def config_reference() -> str:
