@@ -89,20 +89,55 @@ def _shards_build(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one LimoeError line (exit status 2) instead of usage text."""
+
+    def error(self, message: str):
+        raise LimoeError(f"{message} (see `{self.prog} --help`).")
+
+
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An option type: an integer ≥ `minimum`, else an error naming the value and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give a whole number ≥ {minimum}")
+        return value
+
+    return parse
+
+
+def _capacity_factor(text: str) -> str:
+    """An option type: 'dropless' or a positive, finite number (kept as text for the library)."""
+    from limoe.checkpoints.loading import parse_capacity_factor
+
+    try:
+        parse_capacity_factor(text)
+    except LimoeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a number > 0 such as 2.0, or "
+                                         f"'dropless'") from None
+    return text
+
+
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="exported .safetensors file, training workdir, model folder or hf-hub:org/name")
+                        help="exported .safetensors file, training workdir (or one of its checkpoint directories), "
+                             "model folder or hf-hub:org/name")
     parser.add_argument("--data", required=True, help="shards (spec, directory) or an image folder tree")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--capacity-factor", default=None,
+    parser.add_argument("--batch-size", type=_whole_number(1), default=64)
+    parser.add_argument("--capacity-factor", type=_capacity_factor, default=None,
                         help="eval capacity factor, or 'dropless' (default: the checkpoint's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=_whole_number(0), default=2)
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="limoe", description="LIMoE sparse mixture-of-experts contrastive models")
+    parser = _Parser(prog="limoe", description="LIMoE sparse mixture-of-experts contrastive models")
     # The deepspeed launcher puts --local_rank=N before the subcommand; the rank is read from the
     # environment (LOCAL_RANK), which every launcher sets, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -149,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--checkpoint", required=True)
     routing.add_argument("--data", required=True)
     routing.add_argument("--output", required=True, help="directory for routing.json and the plots")
-    routing.add_argument("--num-batches", type=int, default=4)
-    routing.add_argument("--batch-size", type=int, default=64)
-    routing.add_argument("--capacity-factor", default=None, help="a number or 'dropless' (default: config)")
+    routing.add_argument("--num-batches", type=_whole_number(1), default=4)
+    routing.add_argument("--batch-size", type=_whole_number(1), default=64)
+    routing.add_argument("--capacity-factor", type=_capacity_factor, default=None,
+                         help="a number or 'dropless' (default: config)")
     routing.add_argument("--compare", default=None, help="a second checkpoint to put side by side")
     routing.add_argument("--block", type=int, default=None, help="MoE block for the patch and token maps (default: last)")
     routing.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -162,15 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--images", required=True, help="folder of images (or class folders with --classification)")
     build.add_argument("--captions", default=None, help="CSV, TSV or JSONL mapping file name to caption (open_clip's filepath/title columns too)")
     build.add_argument("--output", required=True)
-    build.add_argument("--image-size", type=int, default=None, help="resize the shorter side and center-crop")
-    build.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    build.add_argument("--image-size", type=_whole_number(1), default=None,
+                       help="resize the shorter side and center-crop")
+    build.add_argument("--maxcount", type=_whole_number(1), default=1000, help="samples per shard")
     build.add_argument("--classification", action="store_true", help="write .cls labels and classnames.txt")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except LimoeError as error:
         print(f"limoe: error: {error}", file=sys.stderr)

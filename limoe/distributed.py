@@ -9,7 +9,6 @@ for rank-aware code.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -89,26 +88,48 @@ def resolve_device(device: str, option: str = "--device") -> str:
     return device
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def init_process_group(backend: str, timeout_minutes: int) -> tuple[int, int, int]:
     """Join the launcher's process group, or make a one-process group; → (rank, world, local rank).
 
     `deepspeed` and `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK and the master address; a plain
-    `limoe train` gets a single-process group on a free local port, so one code path serves both.
+    `limoe train` gets a one-process group whose store listens on a port the system picks while
+    binding it (probing for a free port and binding later would race other processes for it).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if backend == "gloo":
         # DeepSpeed compiles a shared-memory all-reduce for CPU inference on first use (a minute of
         # C++ build); gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    timeout = timedelta(minutes=timeout_minutes)
+    if "RANK" not in os.environ:
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group made above
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _flag_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process must call; True without a group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=_flag_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def from_first_process(value: int) -> int:
+    """Process 0's `value` on every process (every process must call)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_flag_device())
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

@@ -30,7 +30,7 @@ def save_model_file(model: Limoe, config: Config, path: Path) -> None:
 
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """The state dict and config of an exported file."""
+    """The state dict and config of an exported file; anything wrong with it is one LimoeError."""
     config = read_embedded_config(path)
     try:
         state = load_file(str(path))
@@ -50,11 +50,32 @@ def read_embedded_config(path: Path) -> Config:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
     if CONFIG_KEY not in metadata:
         raise LimoeError(f"checkpoint {path} has no embedded limoe config; export it with `limoe export`.")
-    return config_from_dict(json.loads(metadata[CONFIG_KEY]))
+    try:
+        data = json.loads(metadata[CONFIG_KEY])
+    except json.JSONDecodeError as error:
+        raise LimoeError(f"checkpoint {path}: the embedded config is not valid JSON ({error}).") from None
+    if not isinstance(data, dict):
+        raise LimoeError(f"checkpoint {path}: the embedded config is a {type(data).__name__}, not a mapping of keys.")
+    try:
+        return config_from_dict(data)
+    except LimoeError as error:
+        raise LimoeError(f"checkpoint {path}: the embedded config is unusable: {error}") from None
 
 
-def model_with(state: dict[str, torch.Tensor], config: Config) -> Limoe:
-    """A model of the config's architecture holding `state` (strict: every weight must match)."""
+def model_with(state: dict[str, torch.Tensor], config: Config, source: Path) -> Limoe:
+    """A model of the config's architecture holding `state` (strict: every weight must match);
+    a missing, extra or misshapen tensor is a LimoeError naming it and `source`."""
     model = build_model(config)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshapen = [name for name in expected.keys() & state.keys() if expected[name].shape != state[name].shape]
+    if missing or unexpected or misshapen:
+        name = (missing or unexpected or sorted(misshapen))[0]
+        problem = ("is missing" if missing else "is not part of the model" if unexpected else
+                   f"has shape {list(state[name].shape)}, not {list(expected[name].shape)}")
+        count = len(missing) + len(unexpected) + len(misshapen)
+        raise LimoeError(f"checkpoint {source} does not fit its config's model: tensor '{name}' {problem}"
+                         f"{f' (and {count - 1} more)' if count > 1 else ''}.")
     model.load_state_dict(state)
     return model

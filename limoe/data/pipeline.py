@@ -30,6 +30,7 @@ import glob
 import io
 import itertools
 import logging
+import os
 import random
 import re
 import tarfile
@@ -48,7 +49,7 @@ from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.preprocess import image_transform, tokenizer
-from limoe.data.shards import to_rgb
+from limoe.data.images import UnusableImage, decode_rgb
 from limoe.data.sources import mixing_weights
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sam
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # streamed by webdataset; cannot be checked here
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
+EMPTY_SHARDS_IN_A_ROW = 64  # a training worker that reads this many shards without a sample gives up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,10 +73,19 @@ def expand_shards(spec: str) -> list[str]:
     `pipe:` commands and URLs are passed to webdataset unchecked (a `pipe:` spec is one command).
     """
     spec = spec.strip()
-    items = [spec] if spec.startswith("pipe:") else [i for i in re.split(r"[,\s]+(?![^{]*})", spec) if i]
+    if spec.startswith("pipe:") or Path(spec).exists():  # one command, or one path even if it has spaces
+        items = [spec]
+    else:
+        items = [i for i in re.split(r"[,\s]+(?![^{]*})", spec) if i]
     if not items:
         raise LimoeError("the shard spec is empty; give a folder, a glob or a brace pattern such as data/{00000..00009}.tar.")
-    return [shard for item in items for path in braceexpand.braceexpand(item) for shard in _resolve(path)]
+    try:
+        return [shard for item in items for path in braceexpand.braceexpand(item) for shard in _resolve(path)]
+    except LimoeError as error:
+        if len(items) == 1:
+            raise
+        raise LimoeError(f"{error} (in the shard spec {spec!r}, which lists {len(items)} items separated by commas or "
+                         f"spaces)") from None
 
 
 def _resolve(path: str) -> list[str]:
@@ -125,9 +136,11 @@ class WorkerTally:
 
     worker: int
     seen: int = 0
+    raw: int = 0  # samples found in shards, before parsing
     bad: dict[str, int] = field(default_factory=dict)
     latest: Optional[tuple[str, str, str]] = None  # (reason, shard, key) of the latest bad sample
     done: bool = False  # the worker has finished its share
+    starved_at: Optional[str] = None  # a training worker gave up after shards without one sample; the last
 
     @property
     def total_bad(self) -> int:
@@ -170,6 +183,11 @@ class BadSampleCounter:
         return f"{sum(self.bad.values())} of {self.seen} samples skipped ({reasons})"
 
     def update(self, tally: WorkerTally) -> None:
+        if tally.starved_at is not None:
+            raise LimoeError(
+                f"data worker {tally.worker} read {EMPTY_SHARDS_IN_A_ROW} shards in a row without a single sample "
+                f"(the last was {tally.starved_at}): the training shards are empty or unreadable; check data.train."
+            )
         before = sum(self.bad.values())
         self.tallies[tally.worker] = tally
         after = sum(self.bad.values())
@@ -229,10 +247,9 @@ def _label(sample: dict) -> int:
 
 def _decode_image(data: bytes) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return to_rgb(image)
-    except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, struct.error, …)
-        raise _BadSample("bad_image") from None
+        return decode_rgb(io.BytesIO(data))
+    except UnusableImage as unusable:
+        raise _BadSample(unusable.args[0]) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +262,7 @@ def _shard_samples(url: str, tally: WorkerTally) -> Iterator[dict]:
     try:
         for sample in wds.tarfile_samples([{"url": url}]):
             key = sample["__key__"]
+            tally.raw += 1
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
         tally.seen += 1
@@ -325,10 +343,17 @@ class _ShardStream(IterableDataset):
             yield from order[self.rank * workers + worker :: self.world_size * workers]
 
     def _read(self, urls: Iterable[str], tally: WorkerTally) -> Iterator[dict]:
-        """Samples of these shards, until broken shards alone pass the bad-sample limit (without
-        the check, an endless stream of unreadable shards would never yield and never fail)."""
+        """Samples of these shards, until broken shards alone pass the bad-sample limit or, in
+        training, `EMPTY_SHARDS_IN_A_ROW` shards in a row gave no sample: an endless stream of
+        unreadable or empty shards would otherwise never yield and never fail."""
+        empty_in_a_row = 0
         for url in urls:
+            read = tally.raw
             yield from _shard_samples(url, tally)
+            empty_in_a_row = empty_in_a_row + 1 if tally.raw == read else 0
+            if self.train and empty_in_a_row == EMPTY_SHARDS_IN_A_ROW:
+                tally.starved_at = url
+                return
             if tally.too_bad(self.max_bad_fraction, self.check_after):
                 return
 
@@ -369,6 +394,24 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
     if rank is not None and world_size is not None:
         return rank, world_size
     return rank_and_world()
+
+
+def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -> None:
+    """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
+    this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
+    more is being trained on and one collated (two with no workers)."""
+    batch_bytes = batch_size * 3 * image_size * image_size * 4  # float32 [B, 3, S, S]
+    in_flight = 2 * workers + 2
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    needed = batch_bytes * in_flight * processes_here
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise LimoeError(
+            f"train.batch_size gives {batch_size} pairs per process, whose images alone need {needed / 2**30:.3g} GiB "
+            f"of host memory ({in_flight} batches in flight with data.workers {workers}, x {processes_here} "
+            f"processes on this machine), more than its {available / 2**30:.0f} GiB; lower train.batch_size or "
+            f"spread it over more machines."
+        )
 
 
 def train_loader(

@@ -2,7 +2,8 @@
 
 The same code runs as one CPU process and as many GPU processes under `deepspeed` or
 `torchrun`. DeepSpeed owns the process groups, the optimizer step, gradient reduction (expert
-gradients over the expert-data-parallel group only), clipping, ZeRO and checkpoints; this module
+gradients over the expert-data-parallel group only), clipping and ZeRO; checkpoints are limoe's
+own (`limoe.checkpoints.training`: code-free, resumable on another process layout); this module
 builds the pieces, runs the loop, and reports.
 """
 
@@ -21,14 +22,15 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
 from limoe.checkpoints import training as checkpoint
-from limoe.config import Config, dump_config, load_config, to_dict
-from limoe.data.pipeline import expand_shards, train_loader
+from limoe.config import Config, dump_config
+from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
 from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
 from limoe.model.tower import Limoe, build_model
 from limoe.training.progress import TrainingReporter
+from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
@@ -201,31 +203,29 @@ def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[
     return terms, routing, True
 
 
-def _check_workdir(workdir: Path, config: Config) -> None:
-    """A workdir belongs to one architecture; its saved config must match this run's model."""
-    saved = workdir / "config.yaml"
-    if checkpoint.latest_checkpoint(workdir) is None or not saved.exists():
-        return
-    previous = load_config(str(saved))
-    if previous.model != config.model:
-        raise LimoeError(
-            f"{workdir} holds a checkpoint of a different architecture ({previous.model.name}, width "
-            f"{previous.model.width}, depth {previous.model.depth}); use a new --workdir or the same model config."
-        )
-
-
 def train(config: Config, workdir: Path) -> dict:
     """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0)."""
     for source in config.data.train:  # a missing shard path fails here, before anything is built
         expand_shards(source.shards)
     session = start_session(config)
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_workdir(workdir, config)
+    check_batch_fits_in_memory(config.train.batch_size // session.world_size, config.model.image_size,
+                               config.data.workers)
+    with locked_workdir(workdir, session.rank):
+        return _train_in(config, workdir, session)
+
+
+def _train_in(config: Config, workdir: Path, session: Session) -> dict:
+    resume = checkpoint.find_resume_checkpoint(workdir)
+    if resume is not None:
+        check_same_architecture(checkpoint.checkpoint_config(resume).model, config.model, resume.path)
     if session.rank == 0:
         atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
     engine = build_engine(config, session)
-    state = checkpoint.load_training_checkpoint(engine, workdir) or {"step": 0, "pairs_seen": 0}
+    state = (checkpoint.restore_training_checkpoint(engine, resume, config) if resume is not None
+             else {"step": 0, "pairs_seen": 0})
     start = state["step"]
+    if session.rank == 0:
+        keep_metrics_until(workdir, start)
     if start >= config.train.steps:
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)
     loader = train_loader(
@@ -263,10 +263,7 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
         if checkpoint_due or step % config.train.log_every == 0:
             _stop_if_nonfinite(terms, step, workdir)
         if checkpoint_due:
-            checkpoint.save_training_checkpoint(
-                engine, workdir, step, {"step": step, "pairs_seen": reporter.pairs_seen, "config": to_dict(config)},
-                config.train.keep_checkpoints,
-            )
+            checkpoint.save_training_checkpoint(engine, workdir, step, config, {"pairs_seen": reporter.pairs_seen})
 
 
 def _stop_if_nonfinite(terms: dict[str, Tensor], step: int, workdir: Path) -> None:

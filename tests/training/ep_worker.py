@@ -58,7 +58,7 @@ def main(outdir: Path, expert_parallel_size: int, scenario: str) -> None:
     torch.save(engine.module.model.state_dict(), outdir / f"rank{session.rank}.pt")
     if session.rank == 0:
         dump_config(config, outdir / "config.yaml")
-    checkpoint.save_training_checkpoint(engine, outdir, 1, {"step": 1}, keep=1)
+    checkpoint.save_training_checkpoint(engine, outdir, 1, config)
     if session.rank == 0:
         kept = sum(int(r.kept.sum()) for r in routing)
         result = {"loss": loss.item() / session.world_size, "grad_norm": terms["grad_norm"].item(),

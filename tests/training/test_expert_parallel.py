@@ -7,40 +7,18 @@ run on the Triton ops (Triton's interpreter on CPU) against 1 process on the PyT
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from limoe.checkpoints.training import consolidated_state
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.training.processes import run_processes
 
 
 def run_workers(outdir: Path, world_size: int, ep: int, scenario: str) -> dict:
     outdir.mkdir()
-    port = str(_port())
-    processes = []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.training.ep_worker", str(outdir), str(ep), scenario],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    for process in processes:
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, output[-3000:]
+    run_processes("tests.training.ep_worker", [str(outdir), str(ep), scenario], world_size)
     return json.loads((outdir / "result.json").read_text())
 
 

@@ -85,7 +85,7 @@ def test_export_then_load_gives_the_live_models_embeddings(tmp_path, contrastive
     images, tokens = torch.randn(8, 3, 64, 64), torch.randint(1, 1000, (8, 16))
     train_step(engine, images, tokens, config)
     dump_config(config, tmp_path / "config.yaml")
-    checkpoint.save_training_checkpoint(engine, tmp_path, 1, {"step": 1}, keep=1)
+    checkpoint.save_training_checkpoint(engine, tmp_path, 1, config)
     output = tmp_path / ("m.safetensors" if layout == "safetensors" else "model")
     assert main(["export", "--workdir", str(tmp_path), "--output", str(output), "--format", layout]) == 0
     loaded, _ = load_model(output)
