@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from limoe.errors import LimoeError
 
@@ -50,6 +51,21 @@ def atomic_replace(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    """safetensors' `save_file`, with its I/O failures raised as OSError (it has its own error
+    type, whose message carries the system's error number)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        code = re.search(r"os error (\d+)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
 
 
 def fsync_file(path: Path) -> None:

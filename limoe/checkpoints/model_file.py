@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
-from limoe.files import atomic_write
+from limoe.files import atomic_write, save_safetensors
 from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
@@ -26,7 +26,7 @@ def save_model_file(model: Limoe, config: Config, path: Path) -> None:
     """Write all weights (contiguous, on CPU) and the config into one safetensors file."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {CONFIG_KEY: json.dumps(to_dict(config))}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:

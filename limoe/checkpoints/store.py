@@ -34,10 +34,9 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from limoe.errors import LimoeError
-from limoe.files import atomic_replace, fsync_directory, fsync_file
+from limoe.files import atomic_replace, fsync_directory, fsync_file, save_safetensors
 
 log = logging.getLogger("limoe.checkpoints")
 
@@ -269,7 +268,7 @@ class CheckpointWriter:
     def write_tensors(self, kind: str, tensors: dict[str, torch.Tensor]) -> None:
         if tensors:
             self._record(self.partial / tensor_file_name(kind, self.rank),
-                         lambda path: save_file({k: v.contiguous() for k, v in tensors.items()}, str(path)))
+                         lambda path: save_safetensors({k: v.contiguous() for k, v in tensors.items()}, path))
 
     def write_json(self, name: str, data: dict) -> None:
         text = json.dumps(data, indent=1, allow_nan=False) + "\n"

@@ -193,7 +193,7 @@ def checkpoint_at(path: Path) -> StoredCheckpoint:
         return open_checkpoint(path)
     found = newest_complete(path) if path.is_dir() else None
     if found is None:
-        raise LimoeError(f"{path} holds no training checkpoint; train first, or give an exported .safetensors file.")
+        raise LimoeError(f"{path} holds no complete training checkpoint; train first, or give an exported .safetensors file.")
     return found
 
 

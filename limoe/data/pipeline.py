@@ -73,7 +73,7 @@ def expand_shards(spec: str) -> list[str]:
     `pipe:` commands and URLs are passed to webdataset unchecked (a `pipe:` spec is one command).
     """
     spec = spec.strip()
-    if spec.startswith("pipe:") or Path(spec).exists():  # one command, or one path even if it has spaces
+    if spec.startswith("pipe:") or (spec and Path(spec).exists()):  # one command, or one path even with spaces
         items = [spec]
     else:
         items = [i for i in re.split(r"[,\s]+(?![^{]*})", spec) if i]
