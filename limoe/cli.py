@@ -42,7 +42,7 @@ def _config_show(args) -> int:
 def _export(args) -> int:
     from limoe.checkpoints.training import export_workdir
 
-    export_workdir(Path(args.workdir), Path(args.output), hub_layout=args.format == "hf", repo_id=args.repo_id)
+    export_workdir(Path(args.workdir), args.output, hub_layout=args.format == "hf", repo_id=args.repo_id)
     return 0
 
 
@@ -71,7 +71,7 @@ def _routing(args) -> int:
     from limoe.routing_report.command import run_routing_report
 
     run_routing_report(
-        checkpoint=Path(args.checkpoint), data=args.data, output=Path(args.output), num_batches=args.num_batches,
+        checkpoint=Path(args.checkpoint), data=args.data, output=args.output, num_batches=args.num_batches,
         batch_size=args.batch_size, capacity_factor=args.capacity_factor, compare=args.compare, device=args.device,
         block=args.block,
     )

@@ -226,8 +226,8 @@ def newest_complete(workdir: Path) -> Optional[StoredCheckpoint]:
     if problems:
         path, problem = problems[0]
         others = f" (and {len(problems) - 1} older ones)" if len(problems) > 1 else ""
-        raise LimoeError(f"no complete checkpoint in {root}: {path.name}{others} cannot be used: {problem}; move "
-                         f"{root} aside to start afresh, or give another workdir.")
+        raise LimoeError(f"no complete checkpoint in {root}: {path.name}{others} cannot be used: {problem}; restore "
+                         f"the checkpoint from a copy, or move {root} aside to train afresh.")
     return None
 
 

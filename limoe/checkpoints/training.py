@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -213,7 +213,8 @@ def consolidated_state(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     return state, config
 
 
-def export_workdir(workdir: Path, output: Path, hub_layout: bool = False, repo_id: Optional[str] = None) -> None:
+def export_workdir(workdir: Path, output: Union[str, Path], hub_layout: bool = False,
+                   repo_id: Optional[str] = None) -> None:
     """`limoe export`: the newest complete checkpoint as one .safetensors file with the config
     inside, or (`hub_layout`) as a model folder in Hugging Face layout whose card names `repo_id`."""
     output = check_output_directory(output, "--output") if hub_layout else check_output_file(output, "--output")

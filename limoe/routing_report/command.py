@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import open_clip
@@ -152,7 +152,7 @@ def _names(paths: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
-def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: int = 4, batch_size: int = 64,
+def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], num_batches: int = 4, batch_size: int = 64,
                        capacity_factor: Optional[str] = None, compare: Optional[str] = None, device: str = "auto",
                        block: Optional[int] = None) -> dict:
     """Write `output/routing.json` and the pictures, print the per-layer tables; returns the JSON.

@@ -4,6 +4,7 @@ import collections
 import io
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,15 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from limoe.config import ShardSource
-from limoe.data.pipeline import eval_loader, expand_shards, read_classnames, train_loader
+from limoe.data import images
+from limoe.data.pipeline import (
+    EMPTY_SHARDS_IN_A_ROW,
+    check_batch_fits_in_memory,
+    eval_loader,
+    expand_shards,
+    read_classnames,
+    train_loader,
+)
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -238,3 +247,63 @@ def test_demo_shards_load_with_the_documented_counts(split, shards, samples):
         assert max(batch.labels.max().item() for batch in batches) < 69
     else:
         assert batches[0].tokens.shape[1] == CONTEXT
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that give nothing, images too large to decode safely, batches too large to hold
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_on_an_empty_shard_is_one_line_not_a_hang(tmp_path, workers):
+    empty = _write_shard(tmp_path / "empty.tar", [])  # a valid tar without a single member
+    loader = train_loader((ShardSource(empty),), 2, 16, CONTEXT, workers, 10, True, 0, 0.01)
+    with pytest.raises(LimoeError, match=rf"read {EMPTY_SHARDS_IN_A_ROW} shards in a row without a single sample "
+                                         rf"\(the last was .*empty\.tar\)"):
+        next(iter(loader))
+
+
+def test_an_empty_source_among_good_ones_is_named(tmp_path):
+    good = _captioned_shards(tmp_path / "good", [4])[0]
+    empty = _write_shard(tmp_path / "empty.tar", [])
+    loader = train_loader((ShardSource(good), ShardSource(empty)), 2, 16, CONTEXT, 0, 0, False, 0, 0.01)
+    with pytest.raises(LimoeError, match=r"empty\.tar"):
+        list(itertools.islice(loader, 10_000))
+
+
+def _png(size: tuple[int, int], mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_beyond_the_size_bounds_are_skipped_before_decoding(tmp_path, monkeypatch):
+    """A 60000×1 sliver (a few hundred bytes) and an 8193² image are counted, never decoded."""
+    decoded = []
+    monkeypatch.setattr(images, "to_rgb", lambda image: decoded.append(image.size) or image.convert("RGB"))
+    shard = _write_shard(tmp_path / "bounds.tar", [
+        _good("fine"),
+        {"__key__": "sliver", "png": _png((60_000, 1)), "txt": "a sliver"},
+        {"__key__": "tall", "png": _png((10, 10 * images.MAX_ASPECT_RATIO + 1)), "txt": "too tall"},
+        {"__key__": "huge", "png": _png((8193, 8193), "1"), "txt": "too many pixels"},
+        {"__key__": "panorama", "png": _png((images.MAX_ASPECT_RATIO * 10, 10)), "txt": "wide but within bounds"},
+    ])
+    loader = eval_loader(shard, 8, 16, CONTEXT, 0, max_bad_fraction=1.0)
+    assert sorted(key for batch in loader for key in batch.keys) == ["fine", "panorama"]
+    assert loader.bad_samples.bad == {"image_aspect_ratio": 2, "image_too_large": 1}
+    assert sorted(decoded) == [(24, 20), (images.MAX_ASPECT_RATIO * 10, 10)]
+
+
+def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
+    with pytest.raises(LimoeError, match=r"train.batch_size gives 1000000000000000000000 pairs per process, whose "
+                                         r"images alone need .* GiB of host memory"):
+        check_batch_fits_in_memory(10**21, 224, 2)
+    check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 2.6 GiB
+
+
+def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):
+    shards = _captioned_shards(tmp_path / "my shards", [1, 1])
+    assert expand_shards(str(tmp_path / "my shards")) == shards
+    assert expand_shards(shards[1]) == [shards[1]]
+    missing = str(tmp_path / "my shards" / "00009.tar")
+    with pytest.raises(LimoeError, match=re.escape(f"in the shard spec {missing!r}")):
+        expand_shards(missing)

@@ -21,7 +21,7 @@ from limoe.config import Config, load_model_config
 from limoe.data.pipeline import expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
-from limoe.evaluate.folders import imagenet_synsets
+from limoe.evaluate.folders import ImageFolderLoader, imagenet_synsets, scan_image_folder
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.model.tower import Limoe
 from limoe.data.shards import build_shards
@@ -130,6 +130,16 @@ def test_imagenet_synset_folders_map_to_open_clip_class_order(imagenet_tree):
     assert labels == {"n01440764": 0, "n01443537": 1, "n04548362": 893, "n15075141": 999}
     assert [names[labels[s]] for s in ("n01440764", "n04548362", "n15075141")] == ["tench", "wallet", "toilet paper"]
     assert loader.bad_samples.bad == {"bad_image": 1}
+
+
+def test_an_image_folder_skips_and_counts_images_beyond_the_size_bounds(tmp_path):
+    """A 60000×1 PNG would become a 13-gigapixel image when the eval resize enlarges its short side."""
+    _image(tmp_path / "a" / "fine.png", (10, 20, 30))
+    (tmp_path / "b").mkdir()
+    Image.new("L", (60_000, 1)).save(tmp_path / "b" / "sliver.png")
+    loader = ImageFolderLoader(scan_image_folder(tmp_path), image_size=64, batch_size=4, workers=0)
+    assert [key for batch in loader for key in batch.keys] == ["a/fine.png"]
+    assert loader.bad_samples.bad == {"image_aspect_ratio": 1}
 
 
 def test_zeroshot_command_on_an_imagenet_tree(checkpoint, imagenet_tree, tmp_path, capsys):
