@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from limoe.checkpoints.model_file import save_model_file
-from limoe.config import Config, config_from_dict, to_dict
+from limoe.checkpoints.model_file import config_from_json, save_model_file
+from limoe.config import Config, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.model.tower import Limoe
@@ -47,9 +47,10 @@ def save_model_folder(model: Limoe, config: Config, folder: Path, repo_id: Optio
 
 def read_folder_config(folder: Path) -> Config:
     try:
-        return config_from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (OSError, json.JSONDecodeError) as error:
+        text = (folder / CONFIG_FILE).read_bytes()
+    except OSError as error:
         raise LimoeError(f"cannot read {folder / CONFIG_FILE} ({error}); export the model folder again.") from None
+    return config_from_json(text, str(folder / CONFIG_FILE))
 
 
 def fetch(reference: str, files: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE), cache_dir: Optional[str] = None) -> Path:

@@ -50,16 +50,27 @@ def read_embedded_config(path: Path) -> Config:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
     if CONFIG_KEY not in metadata:
         raise LimoeError(f"checkpoint {path} has no embedded limoe config; export it with `limoe export`.")
+    return config_from_json(metadata[CONFIG_KEY], f"checkpoint {path}")
+
+
+def config_from_json(text: str | bytes, source: str) -> Config:
+    """A resolved config stored as JSON (in a model file or folder); anything wrong with it is one
+    LimoeError naming `source`."""
     try:
-        data = json.loads(metadata[CONFIG_KEY])
-    except json.JSONDecodeError as error:
-        raise LimoeError(f"checkpoint {path}: the embedded config is not valid JSON ({error}).") from None
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LimoeError(f"{source}: the stored config is not valid JSON ({error}).") from None
+    return config_from_data(data, source)
+
+
+def config_from_data(data: object, source: str) -> Config:
+    """A resolved config from already parsed JSON; a wrong shape or value is one LimoeError."""
     if not isinstance(data, dict):
-        raise LimoeError(f"checkpoint {path}: the embedded config is a {type(data).__name__}, not a mapping of keys.")
+        raise LimoeError(f"{source}: the stored config is a {type(data).__name__}, not a mapping of keys.")
     try:
         return config_from_dict(data)
     except LimoeError as error:
-        raise LimoeError(f"checkpoint {path}: the embedded config is unusable: {error}") from None
+        raise LimoeError(f"{source}: the stored config is unusable: {error}") from None
 
 
 def model_with(state: dict[str, torch.Tensor], config: Config, source: Path) -> Limoe:

@@ -29,7 +29,7 @@ from limoe.checkpoints.engine_state import (
     rng_states,
 )
 from limoe.checkpoints.hub import save_model_folder
-from limoe.checkpoints.model_file import model_with, save_model_file
+from limoe.checkpoints.model_file import config_from_data, model_with, save_model_file
 from limoe.checkpoints.store import (
     CHECKPOINT_DIR,
     STATE,
@@ -40,7 +40,7 @@ from limoe.checkpoints.store import (
     open_checkpoint,
     step_dir_name,
 )
-from limoe.config import Config, config_from_dict, to_dict
+from limoe.config import Config, to_dict
 from limoe.distributed import any_process, from_first_process, rank_and_world
 from limoe.errors import LimoeError
 from limoe.files import check_output_directory, check_output_file, describe_os_error
@@ -137,10 +137,7 @@ def find_resume_checkpoint(workdir: Path) -> Optional[StoredCheckpoint]:
 
 def checkpoint_config(checkpoint: StoredCheckpoint) -> Config:
     """The resolved config a checkpoint was trained with; a bad one is a LimoeError naming it."""
-    try:
-        return config_from_dict(checkpoint.state["config"])
-    except LimoeError as error:
-        raise LimoeError(f"{checkpoint.path / STATE} holds an unusable config: {error}") from None
+    return config_from_data(checkpoint.state["config"], str(checkpoint.path / STATE))
 
 
 def restore_training_checkpoint(engine, checkpoint: StoredCheckpoint, config: Config) -> dict:
