@@ -80,9 +80,11 @@ def _routing(args) -> int:
 
 def _shards_build(args) -> int:
     from limoe.data.shards import build_shards
+    from limoe.files import check_output_directory
 
+    output = check_output_directory(args.output, "--output")
     counts = build_shards(
-        images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=Path(args.output),
+        images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=output,
         image_size=args.image_size, maxcount=args.maxcount, classification=args.classification,
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))

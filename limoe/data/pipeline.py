@@ -240,9 +240,12 @@ def _label(sample: dict) -> int:
     if "cls" not in sample:
         raise _BadSample("no_label")
     try:
-        return int(sample["cls"].decode("ascii").strip())
+        label = int(sample["cls"].decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise _BadSample("bad_label") from None
+    if label < 0:  # a class index; a negative one would silently index classes from the end
+        raise _BadSample("bad_label")
+    return label
 
 
 def _decode_image(data: bytes) -> Image.Image:

@@ -307,3 +307,13 @@ def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_pat
     missing = str(tmp_path / "my shards" / "00009.tar")
     with pytest.raises(LimoeError, match=re.escape(f"in the shard spec {missing!r}")):
         expand_shards(missing)
+
+
+def test_a_negative_or_unreadable_class_label_is_a_bad_label(tmp_path):
+    jpeg = _image_bytes(0)
+    shard = _write_shard(tmp_path / "labels.tar", [{"__key__": "ok", "jpg": jpeg, "cls": b"3"},
+                                                    {"__key__": "negative", "jpg": jpeg, "cls": b"-1"},
+                                                    {"__key__": "word", "jpg": jpeg, "cls": b"three"}])
+    loader = eval_loader(shard, 4, 16, CONTEXT, 0, classification=True, max_bad_fraction=1.0)
+    assert [(key, int(label)) for batch in loader for key, label in zip(batch.keys, batch.labels)] == [("ok", 3)]
+    assert loader.bad_samples.bad == {"bad_label": 2}
