@@ -159,7 +159,8 @@ def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
 
 
 class Prefixed(Mapping):
-    """The entries under `prefix`, keyed without it (an MoE layer's view of the checkpoint)."""
+    """The entries under `prefix`, keyed without it: one MoE layer's, or one optimizer key's,
+    view of the checkpoint."""
 
     def __init__(self, entries: Mapping[str, Tensor], prefix: str):
         self.entries, self.prefix = entries, prefix
@@ -240,7 +241,11 @@ def rng_states() -> dict[str, Tensor]:
 
 
 def restore_rng_states(states: Mapping[str, Tensor]) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
+    """Put back the states `rng_states` saved (those this process has a generator for)."""
+    try:
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"])
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise LimoeError(f"the checkpoint's random number generator state is unusable ({error}); it is damaged.") from None

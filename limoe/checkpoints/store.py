@@ -46,7 +46,10 @@ MANIFEST = "manifest.json"
 STATE = "state.json"
 FORMAT = "limoe-training-checkpoint"
 VERSION = 1
-KINDS = ("model", "optimizer", "rng")
+# What state.json holds: the step, the run's own counters, the LR schedule's state, the resolved
+# config, and the shape of the run that wrote it.
+STATE_KEYS = {"step": int, "progress": dict, "lr_schedule": dict, "config": dict, "processes": int,
+              "expert_parallel_size": int, "zero_stage": int}
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _TENSOR_FILE = re.compile(r"[a-z]+\.rank\d{5}\.safetensors")
 _PARTIAL = re.compile(r"\.step_\d{8,}\.(partial|replaced)")
@@ -180,8 +183,11 @@ def _verify(path: Path, hash_files: bool = True) -> StoredCheckpoint:
     if STATE not in manifest["files"]:
         raise ValueError(f"{MANIFEST} lists no {STATE}")
     state = _read_json(path / STATE)
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
-        raise ValueError(f"{STATE} does not hold a step and a config")
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE} does not hold a mapping")
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"{STATE} has no {kind.__name__} '{key}'")
     return StoredCheckpoint(path, tuple(manifest["files"]), state)
 
 

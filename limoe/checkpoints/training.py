@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -83,13 +83,12 @@ def save_training_checkpoint(engine, workdir: Path, step: int, config: Config, p
         writer.write_tensors("rng", rng_states())
         writer.finish()
 
-    _on_every_process(writer, writer.start if rank == 0 else None, "start")
-    _on_every_process(writer, write, "write")
-    _on_every_process(writer, (lambda: writer.publish(processes, config.train.keep_checkpoints)) if rank == 0 else None,
-                      "publish")
+    _on_every_process(writer, writer.start if rank == 0 else None)
+    _on_every_process(writer, write)
+    _on_every_process(writer, (lambda: writer.publish(processes, config.train.keep_checkpoints)) if rank == 0 else None)
 
 
-def _on_every_process(writer: CheckpointWriter, action, stage: str) -> None:
+def _on_every_process(writer: CheckpointWriter, action: Optional[Callable[[], object]]) -> None:
     """Run `action` (if any) here, then agree: if it failed on any process, every process raises
     one line (the failing one with its reason) and process 0 removes the partial directory."""
     failure: Optional[OSError] = None
@@ -160,8 +159,7 @@ def restore_training_checkpoint(engine, checkpoint: StoredCheckpoint, config: Co
         restore_rng_states(checkpoint.process_tensors("rng", rank))
     if rank == 0:
         log.warning(_resume_line(checkpoint, saved, now))
-    progress = checkpoint.state.get("progress")
-    return {**(progress if isinstance(progress, dict) else {}), "step": checkpoint.step}
+    return {**checkpoint.state["progress"], "step": checkpoint.step}
 
 
 def _resume_line(checkpoint: StoredCheckpoint, saved: dict, now: dict) -> str:
