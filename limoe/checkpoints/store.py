@@ -317,7 +317,12 @@ class CheckpointWriter:
 
 
 def _prune(root: Path, keep: int, latest: Path) -> None:
-    """Delete all but the newest `keep` (at least 1) checkpoints; never the one `latest` names."""
-    for old in _step_dirs(root)[max(keep, 1):]:
-        if old != latest:
-            shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest `keep` (at least 1) checkpoints up to `latest`, never `latest` itself.
+
+    Directories of later steps are what the run passed over when it resumed from an earlier one
+    (damaged or incomplete, and named then); the run has gone on from `latest`, so they go."""
+    newest_first = _step_dirs(root)
+    passed_over = newest_first[:newest_first.index(latest)]
+    kept_history = newest_first[newest_first.index(latest):]
+    for old in passed_over + kept_history[max(keep, 1):]:
+        shutil.rmtree(old, ignore_errors=True)

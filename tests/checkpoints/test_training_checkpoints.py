@@ -127,6 +127,18 @@ def test_pruning_keeps_the_newest_and_never_what_latest_names(trained, tmp_path,
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
 
 
+def test_saving_after_a_fallback_replaces_the_checkpoints_passed_over(trained, run):
+    """Resumed from step 1 past a damaged step 2: the next save (here of step 1 again, which
+    replaces the old one in place) leaves the run's own timeline only."""
+    workdir, config, _ = run
+    _flip_bytes(_step_dir(workdir, 2) / "model.rank00000.safetensors")
+    assert checkpoint.find_resume_checkpoint(workdir).step == 1
+    checkpoint.save_training_checkpoint(trained[0], workdir, 1, config)
+    root = workdir / store.CHECKPOINT_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+    assert checkpoint.find_resume_checkpoint(workdir).step == 1
+
+
 def _failing_writes(monkeypatch, error_number: int):
     """The next tensor file write gets half way, then fails as the system would."""
     def write(tensors, path, metadata=None):
