@@ -4,7 +4,7 @@
 CONTINUED more steps and record every loss (the uninterrupted run). `resume`: on another process
 layout, restore that checkpoint, compare every restored weight, Adam moment and step with the
 checkpoint's entries, train CONTINUED steps and record the losses.
-Run as: python -m tests.training.reshape_worker WORKDIR EXPERT_PARALLEL_SIZE PHASE (rank from env).
+Run as: python -m tests.training.reshape_worker WORKDIR EXPERT_PARALLEL_SIZE ZERO_STAGE PHASE (rank from env).
 """
 
 import json
@@ -66,8 +66,9 @@ def compare_unsharded(engine, workdir: Path, stored) -> int:
     return len(consolidated)
 
 
-def main(workdir: Path, expert_parallel_size: int, phase: str) -> None:
-    config = load_config("demo", OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}"])
+def main(workdir: Path, expert_parallel_size: int, zero_stage: int, phase: str) -> None:
+    config = load_config("demo", OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}",
+                                              f"distributed.zero_stage={zero_stage}"])
     session = start_session(config)
     engine = build_engine(config, session)
     result = {}
@@ -80,11 +81,11 @@ def main(workdir: Path, expert_parallel_size: int, phase: str) -> None:
         result["step"] = checkpoint.restore_training_checkpoint(engine, stored, config)["step"]
         result["lr"] = engine.get_lr()[0]
         result["checked"] = compare_with_checkpoint(engine, stored)
-        if session.world_size == 1:
+        if session.world_size == 1 and zero_stage == 0:
             result["unsharded_checked"] = compare_unsharded(engine, workdir, stored)
         result["losses"] = losses(engine, config, session, CONTINUED)
     (workdir / f"{phase}.rank{session.rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
