@@ -405,7 +405,7 @@ def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -
     more is being trained on and one collated (two with no workers)."""
     batch_bytes = batch_size * 3 * image_size * image_size * 4  # float32 [B, 3, S, S]
     in_flight = 2 * workers + 2
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
     needed = batch_bytes * in_flight * processes_here
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
