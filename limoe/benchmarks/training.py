@@ -55,7 +55,8 @@ from limoe.config import CONFIG_DIR, Config, ModelConfig, load_config
 from limoe.data.pipeline import train_loader
 from limoe.model.tower import build_model
 from limoe.training.progress import TrainingReporter
-from limoe.training.trainer import ContrastiveTrainer, build_engine, optimizer_groups, start_session, train_step
+from limoe.training.step import ContrastiveTrainer, train_step
+from limoe.training.trainer import build_engine, optimizer_groups, start_session
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense (no 2:4 sparsity) bf16 peak; H200 has the same, H100 PCIe 756
 

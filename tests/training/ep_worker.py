@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from limoe.checkpoints import training as checkpoint
 from limoe.config import dump_config, load_config
-from limoe.training.trainer import build_engine, start_session, train_step
+from limoe.training.step import train_step
+from limoe.training.trainer import build_engine, start_session
 
 GLOBAL_BATCH = 16
 OVERRIDES = [

@@ -15,7 +15,8 @@ from limoe.checkpoints import training as checkpoint
 from limoe.cli import main
 from limoe.checkpoints import load_model
 from limoe.config import dump_config, load_config
-from limoe.training.trainer import build_engine, lr_multiplier, start_session, train_step
+from limoe.training.step import train_step
+from limoe.training.trainer import build_engine, lr_multiplier, start_session
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
