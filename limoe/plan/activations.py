@@ -28,8 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from limoe.config import Config
-from limoe.model.tower import Limoe, build_model
+from limoe.model.tower import build_model
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
+from limoe.training.step import ContrastiveTrainer
 
 CHECKPOINTING = ("none", "moe", "all")
 LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
@@ -55,7 +56,7 @@ class _KeptStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = [StorageWeakRef(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         origins = {self.derived.get(key, "activation") for key in inputs}
         origin = "activation" if not inputs or "activation" in origins else ("expert" if "expert" in origins else "shared")
         for tensor in tree_flatten(out)[0]:
@@ -64,7 +65,8 @@ class _KeptStorages(TorchDispatchMode):
             key = StorageWeakRef(tensor.untyped_storage())
             if origin != "activation":
                 self.derived.setdefault(key, origin)
-            self.created.setdefault(key, (tensor.untyped_storage().nbytes(), origin))
+            if key not in inputs:  # a view or an in-place result shares an input's storage: nothing new
+                self.created.setdefault(key, (tensor.untyped_storage().nbytes(), origin))
         return out
 
     def kept(self) -> Kept:
@@ -86,15 +88,15 @@ class ActivationProfile:
     gathered_feature_bytes: float  # per pair of the global batch: the gathered features the loss keeps
 
 
-def _fake_module(config: Config) -> tuple[Limoe, set[str]]:
-    """The model with every expert (ep = 1), as fake CPU tensors; and the names of its expert parameters."""
+def _fake_module(config: Config) -> tuple[ContrastiveTrainer, set[str]]:
+    """The trained module with every expert (ep = 1) as fake CPU tensors, and its expert parameters' names."""
     model_config = dataclasses.replace(config.model, moe=dataclasses.replace(config.model.moe, backend="triton"))
     with torch.device("meta"):
-        model = build_model(dataclasses.replace(config, model=model_config))
-    experts = {name for name, parameter in model.named_parameters() if is_moe_param(parameter)}
+        module = ContrastiveTrainer(build_model(dataclasses.replace(config, model=model_config)), config)
+    experts = {name for name, parameter in module.named_parameters() if is_moe_param(parameter)}
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model.to_empty(device="cpu")
-    return model.train(), experts
+        module = module.to_empty(device="cpu")
+    return module.train(), experts
 
 
 def _kept_after(run: Callable[[], object], parameters: dict[StorageWeakRef, str]) -> Kept:
@@ -107,32 +109,33 @@ def _kept_after(run: Callable[[], object], parameters: dict[StorageWeakRef, str]
 
 
 def measure_activations(config: Config, bf16: bool) -> ActivationProfile:
-    """Run the config's model forward (with its auxiliary losses) and its contrastive loss in fake mode."""
-    model, expert_names = _fake_module(config)
+    """Run the config's model forward (uint8 images in, with its auxiliary losses) and its contrastive
+    loss in fake mode."""
+    module, expert_names = _fake_module(config)
     parameters = {StorageWeakRef(p.untyped_storage()): "expert" if name in expert_names else "shared"
-                  for name, p in model.named_parameters()}
-    mode = model.parameters().__next__().fake_mode
+                  for name, p in module.named_parameters()}
+    mode = next(module.parameters()).fake_mode
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=bf16)  # the CPU's bf16 autocast casts what CUDA's does here
     model_config = config.model
     batch = model_config.moe.group_size if model_config.moe_layers else DENSE_BATCH
 
     def forward():
-        images = torch.empty(batch, 3, model_config.image_size, model_config.image_size)
+        images = torch.empty(batch, 3, model_config.image_size, model_config.image_size, dtype=torch.uint8)
         tokens = torch.ones(batch, model_config.context_length, dtype=torch.long)  # all real tokens: all routed
         with autocast:
-            output = model(images, tokens)
+            output = module.encode(images, tokens)
             aux, _ = auxiliary_loss(output.routing, config.loss)
         return output, aux
 
     per_pair, shared_copies, expert_copies = {}, {}, {}
     with mode:
         for checkpointing in CHECKPOINTING:
-            model.set_activation_checkpointing(checkpointing)
+            module.model.set_activation_checkpointing(checkpointing)
             kept = _kept_after(forward, parameters)
             per_pair[checkpointing] = kept.activations / batch
             shared_copies[checkpointing] = kept.shared_weight_copies
             expert_copies[checkpointing] = kept.expert_weight_copies
-        model.set_activation_checkpointing("none")
+        module.model.set_activation_checkpointing("none")
         logit_bytes, feature_bytes = _measure_loss(config, bf16)
     return ActivationProfile(per_pair, shared_copies, expert_copies, logit_bytes, feature_bytes)
 

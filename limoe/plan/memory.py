@@ -20,7 +20,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional
 
-from limoe.config import Config
+from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
@@ -133,8 +133,9 @@ def _bf16(config: Config) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _profile(config: Config) -> ActivationProfile:
-    return measure_activations(config, _bf16(config))
+def _profile(model: ModelConfig, loss: LossConfig, bf16: bool) -> ActivationProfile:
+    """Activations depend on the model, the losses and the precision only; measured once per process."""
+    return measure_activations(Config(model=model, loss=loss), bf16)
 
 
 def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
@@ -149,16 +150,8 @@ def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
                  ds_config["zero_optimization"].get("allgather_bucket_size", 0))
     counts = count_parameters(config)
     state = state_bytes(counts, gpus, ep, config.distributed.zero_stage, int(bucket))
-    return MemoryPlan(config, gpus, gpu_memory, counts, state, _profile(_hashable(config)),
+    return MemoryPlan(config, gpus, gpu_memory, counts, state, _profile(config.model, config.loss, _bf16(config)),
                       Setting(config.train.activation_checkpointing, micro))
-
-
-def _hashable(config: Config) -> Config:
-    """The parts of the config the activation profile depends on (a DeepSpeed mapping is not hashable)."""
-    from dataclasses import replace
-
-    return replace(config, distributed=replace(config.distributed, deepspeed_config=None),
-                   data=replace(config.data, train=()))
 
 
 def _gib(nbytes: float) -> str:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from limoe.config import ShardSource
 from limoe.data.pipeline import eval_loader, expand_shards, read_classnames, train_loader
+from limoe.data.preprocess import image_transform, normalise, train_transform
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -169,6 +170,17 @@ def test_img2dataset_shards_load_without_conversion(tmp_path):
     assert _eval_keys(str(tmp_path)) == [s["__key__"] for s in samples]
     batch = next(iter(train_loader((ShardSource(shard),), 3, 32, CONTEXT, 0, 10, True, 0, 0.01)))
     assert batch.images.shape == (3, 3, 32, 32) and batch.tokens.shape == (3, CONTEXT)
+    assert batch.images.dtype == torch.uint8  # normalised on the device
+
+
+def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_gives():
+    image = Image.open(io.BytesIO(_image_bytes(3, size=(40, 30)))).convert("RGB")
+    torch.manual_seed(5)  # the random crop
+    expected = image_transform(32, train=True)(image)  # [3, 32, 32] float32, normalised
+    torch.manual_seed(5)
+    cropped = train_transform(32)(image)  # [3, 32, 32] uint8
+    assert cropped.dtype == torch.uint8
+    assert torch.equal(normalise(cropped[None])[0], expected)
 
 
 def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):

@@ -15,6 +15,7 @@ from limoe.plan import GiB, Setting, plan_memory, refuse_if_it_cannot_fit
 from limoe.plan.activations import _KeptStorages, measure_activations
 from limoe.plan.state import count_parameters, state_bytes
 from limoe.training.losses import auxiliary_loss
+from limoe.training.step import ContrastiveTrainer, train_step
 from limoe.training.trainer import build_engine, start_session
 
 # The demo model in fp32 on the Triton ops (the plan measures the GPU's ops), one routing group.
@@ -28,17 +29,18 @@ def tiny():
 
 
 def _real_forward(config, checkpointing: str, batch: int):
+    """A real training forward of `batch` pairs (uint8 images in, as the loader gives them)."""
     torch.manual_seed(0)
-    model = Limoe(config.model).train()
-    model.set_activation_checkpointing(checkpointing)
-    images = torch.randn(batch, 3, config.model.image_size, config.model.image_size)
+    module = ContrastiveTrainer(Limoe(config.model), config).train()
+    module.model.set_activation_checkpointing(checkpointing)
+    images = torch.randint(0, 256, (batch, 3, config.model.image_size, config.model.image_size), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (batch, config.model.context_length))
 
     def run():
-        output = model(images, tokens)
+        output = module.encode(images, tokens)
         return output, auxiliary_loss(output.routing, config.loss)[0]
 
-    return model, run
+    return module, run
 
 
 def test_activation_bytes_agree_with_what_a_real_cpu_step_saves_for_backward(tiny):
@@ -113,8 +115,6 @@ def test_optimizer_state_bytes_are_what_a_zero1_engine_holds():
     config = load_config("demo", ["train.batch_size=8", "train.device=cpu", "distributed.zero_stage=1"])
     engine = build_engine(config, start_session(config))
     images, tokens = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8), torch.randint(1, 1000, (8, 16))
-    from limoe.training.step import train_step
-
     train_step(engine, images, tokens, config)
     zero = engine.optimizer
     held = {StorageWeakRef(t.untyped_storage()): t.untyped_storage().nbytes() for t in zero.single_partition_of_fp32_groups}
@@ -136,14 +136,16 @@ def test_plan_for_b16_on_8_gpus_picks_a_fitting_setting():
         assert largest is not None and plan.fits(Setting(checkpointing, largest))
         bigger = [m for m in plan.micro_batches if m > largest]
         assert not bigger or not plan.fits(Setting(checkpointing, min(bigger)))
-    logits = dataclasses.replace(plan.config, loss=dataclasses.replace(plan.config.loss, local_loss=False))
-    whole = plan_memory(logits, 8, 80 * GiB).breakdown(Setting("all", 2048)).logits
-    assert whole == pytest.approx(8 * plan.breakdown(Setting("all", 2048)).logits, rel=0.05)  # B_global² vs B_local·B_global
+    global_loss = dataclasses.replace(plan.config, loss=dataclasses.replace(plan.config.loss, local_loss=False))
+    whole = plan_memory(global_loss, 8, 80 * GiB).breakdown(Setting("all", 2048)).logits
+    local = plan.breakdown(Setting("all", 2048)).logits
+    # 16384² logits per rank instead of 2048 × 16384: the difference is 7 × 2048 × 16384 logits
+    assert whole - local == pytest.approx(plan.profile.logit_bytes * 7 * 2048 * 16384, abs=2)
 
 
 def test_train_refuses_a_run_that_cannot_fit_in_one_line():
     with pytest.raises(LimoeError) as error:
-        refuse_if_it_cannot_fit(load_config("limoe-b16"), 8, 80 * GiB)
+        refuse_if_it_cannot_fit(load_config("limoe-b16", ["train.activation_checkpointing=none"]), 8, 80 * GiB)
     message = str(error.value)
     assert "GiB per GPU" in message and "set train.micro_batch_size=" in message and "\n" not in message
 

@@ -112,3 +112,19 @@ def test_compiled_step_matches_the_eager_step_on_two_processes(tmp_path):
         torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
         for name, parameter in eager["parameters"].items():
             torch.testing.assert_close(compiled["parameters"][name], parameter, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_zero_with_each_expert_on_two_gpus_matches_one_process(runs, tmp_path):
+    """4 processes, ep=2: each expert lives on 2 ranks, so ZeRO partitions its gradient and optimizer
+    state over them and must count each partition once in the global norm."""
+    run_workers(tmp_path / "four", 4, 2, ["zero1", "zero2"])
+    single = runs[0] / "balanced"
+    reference, _ = consolidated_state(single)
+    for scenario in ("zero1", "zero2"):
+        parallel = tmp_path / "four" / scenario
+        assert _result(parallel)["loss"] == pytest.approx(_result(single)["loss"], rel=1e-5)
+        assert _result(parallel)["grad_norm"] == pytest.approx(_result(single)["grad_norm"], rel=1e-5)
+        state, _ = consolidated_state(parallel)
+        for name, tensor in reference.items():
+            torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=f"{scenario} {name}")
