@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from limoe.config import Config
+from limoe.config import Config, deep_merge
 from limoe.errors import LimoeError
 
 # Flattened key paths limoe sets from its own config; a user value must agree with limoe's.
@@ -124,16 +124,6 @@ def _without_owned(mapping: dict, prefix: str = "") -> dict:
     return kept
 
 
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _check_owned_key(key: str, ours: Optional[Any], theirs: Any) -> None:
     """A user value of an owned key must be limoe's own value; otherwise one line naming both."""
     if ours == theirs:
@@ -155,4 +145,4 @@ def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
     for key, value in _flatten(theirs).items():
         if key in OWNED_KEYS:
             _check_owned_key(key, limoe_values.get(key), value)
-    return _merge(ours, _without_owned(theirs))
+    return deep_merge(ours, _without_owned(theirs))

@@ -38,6 +38,12 @@ class RoutingCounts:
         return RoutingCounts(self.groups + other.groups, self.tokens + other.tokens, self.present + other.present)
 
 
+def whole_batch_counts(micro_batches: list[list[LayerRouting]]) -> list[RoutingCounts]:
+    """Per MoE layer, the counts of all micro-batches together (each gives one routing record per layer)."""
+    per_layer = zip(*([RoutingCounts.of(r) for r in routing] for routing in micro_batches))
+    return [sum(counts[1:], counts[0]) for counts in per_layer]
+
+
 def auxiliary_loss(routings: list[LayerRouting], config: LossConfig, device: torch.device = torch.device("cpu"),
                    whole_batch: Optional[list[RoutingCounts]] = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Weighted auxiliary loss summed over MoE layers; returns the total and its weighted parts.

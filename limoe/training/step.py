@@ -37,7 +37,7 @@ from limoe.errors import LimoeError
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe, LimoeOutput
 from limoe.training.deepspeed_config import zero_clips_by_itself
-from limoe.training.losses import ContrastiveLoss, RoutingCounts, auxiliary_loss, clamp_logit_scale
+from limoe.training.losses import ContrastiveLoss, RoutingCounts, auxiliary_loss, clamp_logit_scale, whole_batch_counts
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
             text_features.append(output.text_features)
             routings.append(output.routing)
     after = _rng_state(device)
-    whole = [sum(layer[1:], layer[0]) for layer in zip(*([RoutingCounts.of(r) for r in rs] for rs in routings))]
+    whole = whole_batch_counts(routings)
 
     cached_images = torch.cat(image_features).requires_grad_()  # [B_local, D]
     cached_texts = torch.cat(text_features).requires_grad_()

@@ -5,7 +5,8 @@ the demo model through the trainer's own functions on its slice of a fixed globa
 - step scenarios take one optimizer step, save a training checkpoint and write what the test
   compares with one process: `balanced`, `one_expert` (every token on expert 0: rank 1's experts
   idle), `triton` (the Triton ops, interpreted on CPU, against one process on the reference),
-  `zero1`, `zero2` (DeepSpeed's ZeRO, whose clipping must use the true global norm);
+  `zero1`, `zero2` (DeepSpeed's ZeRO, whose clipping must use the true global norm), `zero2_micro`
+  (the same over micro-batches, with the MoE blocks checkpointed);
 - `gradients` saves this rank's reduced gradient per parameter for variants of one batch that
   must agree: the whole batch, micro-batches of a quarter, activation checkpointing, the global
   (not local) contrastive loss;
@@ -44,6 +45,8 @@ STEP_SCENARIOS = {
     "triton": [],
     "zero1": ["distributed.zero_stage=1"],
     "zero2": ["distributed.zero_stage=2"],
+    # ZeRO 2 reducing partitioned gradients over micro-batches, MoE blocks recomputed in backward
+    "zero2_micro": ["distributed.zero_stage=2", "train.micro_batch_size=2", "train.activation_checkpointing=moe"],
 }
 GRADIENT_VARIANTS = {
     "whole_batch": [],

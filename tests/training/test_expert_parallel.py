@@ -4,7 +4,8 @@ Both runs start from the same weights (experts are initialised by global index),
 groups (router noise off, groups of whole examples), and take one AdamW step with clipping.
 Step scenarios: balanced routing; every token on expert 0 (rank 1's experts idle); the 2-process
 run on the Triton ops (Triton's interpreter on CPU) against 1 process on the PyTorch reference;
-ZeRO stages 1 and 2 against 1 process without ZeRO. On 2 processes, the gradient of a batch is
+ZeRO stages 1 and 2 against 1 process without ZeRO (stage 2 also over micro-batches with the MoE
+blocks checkpointed). On 2 processes, the gradient of a batch is
 also the same per parameter whether it is taken whole, in micro-batches of a quarter, under
 activation checkpointing, or with the global instead of the local contrastive loss.
 All scenarios of a world size run in one launch of ep_worker.py.
@@ -24,9 +25,9 @@ from limoe.checkpoints.training import consolidated_state
 
 ROOT = Path(__file__).resolve().parents[2]
 SINGLE = ["balanced", "one_expert", "triton"]
-PARALLEL = ["balanced", "one_expert", "triton", "zero1", "zero2", "gradients"]
+PARALLEL = ["balanced", "one_expert", "triton", "zero1", "zero2", "zero2_micro", "gradients"]
 REFERENCE = {"balanced": "balanced", "one_expert": "one_expert", "triton": "triton", "zero1": "balanced",
-             "zero2": "balanced"}
+             "zero2": "balanced", "zero2_micro": "balanced"}
 
 
 def run_workers(outdir: Path, world_size: int, ep: int, scenarios: list[str]) -> Path:

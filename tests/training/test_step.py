@@ -15,7 +15,7 @@ from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe
 from limoe.training.deepspeed_config import deepspeed_config
-from limoe.training.losses import RoutingCounts, auxiliary_loss
+from limoe.training.losses import auxiliary_loss, whole_batch_counts
 from limoe.training.step import ContrastiveTrainer, forward_backward, train_step
 from limoe.training.trainer import build_engine, start_session
 
@@ -68,7 +68,7 @@ def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass():
     images, tokens = _batch(config)
     torch.manual_seed(7)
     outputs = [reference.encode(i, t) for i, t in zip(images.split(4), tokens.split(4))]
-    whole = [sum(layer[1:], layer[0]) for layer in zip(*([RoutingCounts.of(r) for r in o.routing] for o in outputs))]
+    whole = whole_batch_counts([o.routing for o in outputs])
     loss = reference.contrastive_loss(torch.cat([o.image_features for o in outputs]),
                                       torch.cat([o.text_features for o in outputs]))
     loss = loss + sum(auxiliary_loss(o.routing, config.loss, whole_batch=whole)[0] for o in outputs)
