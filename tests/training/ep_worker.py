@@ -10,7 +10,8 @@ the demo model through the trainer's own functions on its slice of a fixed globa
 - `gradients` saves this rank's reduced gradient per parameter for variants of one batch that
   must agree: the whole batch, micro-batches of a quarter, activation checkpointing, the global
   (not local) contrastive loss;
-- `compiled` saves the parameters after one step with the tower under torch.compile, and eagerly.
+- `compiled` traces the tower on the Triton ops as one graph, then saves the parameters after one
+  step with the tower under torch.compile, and eagerly.
 Run as: python -m tests.training.ep_worker OUTDIR EXPERT_PARALLEL_SIZE SCENARIO[,SCENARIO…] (rank from env).
 """
 
@@ -116,6 +117,13 @@ def gradients_scenario(outdir: Path, expert_parallel_size: int) -> None:
 
 def compiled_scenario(outdir: Path, expert_parallel_size: int) -> None:
     outdir.mkdir(exist_ok=True)
+    # On the GPU's op set (the Triton ops, interpreted here) the tower traces as one graph, forward and
+    # backward, the expert all-to-all included: fullgraph=True fails on any graph break.
+    config = _config(expert_parallel_size, ["model.moe.backend=triton"])
+    model = build_engine(config, start_session(config)).module.model
+    images, tokens = fixed_batch(config)
+    output = torch.compile(model, backend="aot_eager", fullgraph=True)(_local(images).float(), _local(tokens))
+    (output.image_features.sum() + output.text_features.sum()).backward()
     for variant, extra in {"eager": [], "compiled": ["train.compile=true"]}.items():
         config = _config(expert_parallel_size, extra)
         engine = build_engine(config, start_session(config), compile_backend="aot_eager")

@@ -104,8 +104,9 @@ def test_every_parameters_gradient_is_the_whole_batchs(runs, variant):
 
 @pytest.mark.slow
 def test_compiled_step_matches_the_eager_step_on_two_processes(tmp_path):
-    """The tower under torch.compile (aot_eager: the traced graphs, expert all-to-all included,
-    run op by op) takes the eager step: loss and parameters after it agree to 1e-5."""
+    """The tower on the Triton ops traces as one graph with the expert all-to-all in it (the worker
+    compiles it with fullgraph=True), and under torch.compile (aot_eager: the traced graphs run op
+    by op) takes the eager step: loss and parameters after it agree to 1e-5."""
     run_workers(tmp_path / "compiled", 2, 2, ["compiled"])
     for rank in range(2):
         eager = torch.load(tmp_path / "compiled" / "compiled" / f"eager_rank{rank}.pt")
