@@ -32,9 +32,10 @@ def _args(workdir: Path, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo config for 4 steps, run in-process like a user would from the shell."""
+    """The demo config for 4 steps, run in-process like a user would from the shell; in two
+    micro-batches of one routing group each, with the MoE blocks checkpointed."""
     workdir = tmp_path_factory.mktemp("demo")
-    assert main(_args(workdir, "train.steps=4")) == 0
+    assert main(_args(workdir, "train.steps=4", "train.micro_batch_size=8", "train.activation_checkpointing=moe")) == 0
     return workdir
 
 
@@ -58,7 +59,7 @@ def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
 
 def test_rerunning_a_finished_run_resumes_without_training(demo_run):
     before = (demo_run / "metrics.jsonl").read_text()
-    assert main(_args(demo_run, "train.steps=4")) == 0
+    assert main(_args(demo_run, "train.steps=4", "train.micro_batch_size=8")) == 0
     assert (demo_run / "metrics.jsonl").read_text() == before
 
 
