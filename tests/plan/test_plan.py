@@ -10,7 +10,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from limoe.cli import main
 from limoe.config import load_config
 from limoe.errors import LimoeError
-from limoe.model.tower import Limoe
+from limoe.model.tower import build_model
 from limoe.plan import GiB, Setting, plan_memory, refuse_if_it_cannot_fit
 from limoe.plan.activations import _KeptStorages, measure_activations
 from limoe.plan.state import count_parameters, state_bytes
@@ -31,7 +31,7 @@ def tiny():
 def _real_forward(config, checkpointing: str, batch: int):
     """A real training forward of `batch` pairs (uint8 images in, as the loader gives them)."""
     torch.manual_seed(0)
-    module = ContrastiveTrainer(Limoe(config.model), config).train()
+    module = ContrastiveTrainer(build_model(config), config).train()
     module.model.set_activation_checkpointing(checkpointing)
     images = torch.randint(0, 256, (batch, 3, config.model.image_size, config.model.image_size), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (batch, config.model.context_length))

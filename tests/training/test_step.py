@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from limoe.cli import main
 from limoe.config import load_config
 from limoe.errors import LimoeError
-from limoe.model.tower import Limoe
+from limoe.model.tower import build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.losses import auxiliary_loss, whole_batch_counts
 from limoe.training.step import ContrastiveTrainer, forward_backward, train_step
@@ -64,7 +64,7 @@ def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass():
     config = load_config("demo", BASE + ["train.micro_batch_size=4"])
     micro, _ = _gradients(["train.micro_batch_size=4"], seed=7)
     torch.manual_seed(config.train.seed)  # build_engine's weights
-    reference = ContrastiveTrainer(Limoe(config.model, config.loss.logit_scale_init), config)
+    reference = ContrastiveTrainer(build_model(config), config)
     images, tokens = _batch(config)
     torch.manual_seed(7)
     outputs = [reference.encode(i, t) for i, t in zip(images.split(4), tokens.split(4))]
