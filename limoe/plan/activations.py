@@ -17,6 +17,7 @@ its logits grow with the local times the global batch.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +26,6 @@ from deepspeed.moe.utils import is_moe_param
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from limoe.config import Config
 from limoe.model.tower import build_model
@@ -46,7 +46,18 @@ class Kept:
     expert_weight_copies: int  # computed from expert parameters alone
 
 
-class _KeptStorages(TorchDispatchMode):
+def _tensors(values) -> list[torch.Tensor]:
+    """The tensors among an op's arguments or results (aten ops nest them at most one list deep)."""
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+class KeptStorages(TorchDispatchMode):
     """Notes each storage an op creates, and whether it was computed from parameters alone."""
 
     def __init__(self, parameters: dict[StorageWeakRef, str]):
@@ -56,12 +67,10 @@ class _KeptStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
         origins = {self.derived.get(key, "activation") for key in inputs}
         origin = "activation" if not inputs or "activation" in origins else ("expert" if "expert" in origins else "shared")
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, torch.Tensor):
-                continue
+        for tensor in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
             key = StorageWeakRef(tensor.untyped_storage())
             if origin != "activation":
                 self.derived.setdefault(key, origin)
@@ -70,6 +79,8 @@ class _KeptStorages(TorchDispatchMode):
         return out
 
     def kept(self) -> Kept:
+        """What is still alive now; unreachable cycles (checkpointing makes some) are collected first."""
+        gc.collect()
         totals = {"activation": 0, "shared": 0, "expert": 0}
         for key, (nbytes, origin) in self.created.items():
             if not key.expired():
@@ -100,7 +111,7 @@ def _fake_module(config: Config) -> tuple[ContrastiveTrainer, set[str]]:
 
 
 def _kept_after(run: Callable[[], object], parameters: dict[StorageWeakRef, str]) -> Kept:
-    tracker = _KeptStorages(parameters)
+    tracker = KeptStorages(parameters)
     with tracker:
         output = run()
     kept = tracker.kept()

@@ -32,10 +32,29 @@ def _batch(config):
     return images, tokens
 
 
-def _gradients(overrides: list[str], seed: int = 7) -> tuple[dict, dict]:
+NOISE_OFF = ["model.moe.router_noise=false"]
+
+
+@pytest.fixture(scope="module")
+def quiet_engine():
+    """An engine whose routers add no noise, so that the whole batch and its micro-batches route alike."""
+    config = load_config("demo", BASE + NOISE_OFF)
+    return build_engine(config, start_session(config))
+
+
+@pytest.fixture(scope="module")
+def noisy_engine():
+    config = load_config("demo", BASE)
+    return build_engine(config, start_session(config))
+
+
+def _gradients(engine, overrides: list[str], seed: int = 7) -> tuple[dict, dict]:
+    """This process's gradient of the fixed batch with `overrides` (micro-batching, checkpointing) on
+    `engine`, whose weights no test changes; the router noise drawn from `seed`."""
     config = load_config("demo", BASE + overrides)
-    engine = build_engine(config, start_session(config))
-    torch.manual_seed(seed)  # the router noise
+    engine.module.model.set_activation_checkpointing(config.train.activation_checkpointing)
+    engine.zero_grad()
+    torch.manual_seed(seed)
     terms, _, _ = forward_backward(engine, *_batch(config), config)
     return {name: p.grad.clone() for name, p in engine.module.named_parameters()}, terms
 
@@ -48,21 +67,21 @@ def _assert_same(gradients: dict, reference: dict, tolerance: float = 1e-5) -> N
         torch.testing.assert_close(gradients[name], grad, rtol=0, atol=tolerance * grad.abs().max().item(), msg=name)
 
 
-def test_micro_batches_of_a_quarter_give_the_whole_batch_gradient():
-    """Router noise off, so the whole batch and the micro-batches route alike; fp32, summation order only."""
-    whole, whole_terms = _gradients(["model.moe.router_noise=false"])
-    micro, micro_terms = _gradients(["model.moe.router_noise=false", "train.micro_batch_size=4"])
+def test_micro_batches_of_a_quarter_give_the_whole_batch_gradient(quiet_engine):
+    """fp32; the loss terms and every parameter's gradient."""
+    whole, whole_terms = _gradients(quiet_engine, NOISE_OFF)
+    micro, micro_terms = _gradients(quiet_engine, NOISE_OFF + ["train.micro_batch_size=4"])
     _assert_same(micro, whole)
     for name, value in whole_terms.items():
         torch.testing.assert_close(micro_terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass():
+def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass(noisy_engine):
     """With router noise, the feature-cache gradient equals back-propagating through all micro-batches
     kept alive at once (drawn from the same RNG state, in the same order): the reference keeps every
     graph, the step recomputes each micro-batch and must see the same noise to get the same features."""
     config = load_config("demo", BASE + ["train.micro_batch_size=4"])
-    micro, _ = _gradients(["train.micro_batch_size=4"], seed=7)
+    micro, _ = _gradients(noisy_engine, ["train.micro_batch_size=4"], seed=7)
     torch.manual_seed(config.train.seed)  # build_engine's weights
     reference = ContrastiveTrainer(build_model(config), config)
     images, tokens = _batch(config)
@@ -76,14 +95,16 @@ def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass():
     _assert_same(micro, {name: p.grad for name, p in reference.named_parameters()})
 
 
-@pytest.mark.parametrize("checkpointing", ["moe", "all"])
-def test_activation_checkpointing_gives_identical_gradients_with_router_noise(checkpointing):
-    """torch.utils.checkpoint restores the RNG state for the recompute: the same noise, routing and gradient."""
-    plain, _ = _gradients([])
-    checkpointed, _ = _gradients([f"train.activation_checkpointing={checkpointing}"])
-    _assert_same(checkpointed, plain, tolerance=0)
+def test_activation_checkpointing_gives_identical_gradients_with_router_noise(noisy_engine):
+    """torch.utils.checkpoint restores the RNG state for the recompute: the same noise, routing and
+    gradient, bit for bit."""
+    plain, _ = _gradients(noisy_engine, [])
+    for checkpointing in ("moe", "all"):
+        checkpointed, _ = _gradients(noisy_engine, [f"train.activation_checkpointing={checkpointing}"])
+        _assert_same(checkpointed, plain, tolerance=0)
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_the_eager_step():
     """One step with the tower under torch.compile (aot_eager on CPU: the traced forward and backward
     graphs run op by op; Inductor's code generation is GPU territory) against the eager step: loss and
@@ -119,19 +140,20 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("overrides, syncs", [
-    ([], 0),
-    (["train.micro_batch_size=4", "train.activation_checkpointing=moe"], 0),
-    (["train.skip_nonfinite_steps=true"], 1),  # the loss is checked on every rank before the update
-])
-def test_a_training_step_reads_nothing_back_from_the_device(overrides, syncs):
-    config = load_config("demo", BASE + overrides)
+def test_a_training_step_reads_nothing_back_from_the_device():
+    """Neither the whole batch nor micro-batches with checkpointing read anything back; the
+    skip_nonfinite_steps mode reads once (the loss, checked on every rank before the update)."""
+    config = load_config("demo", BASE)
     engine = build_engine(config, start_session(config))
     images, tokens = _batch(config)
     train_step(engine, images, tokens, config)  # the first step builds the optimizer state
-    with HostReads() as counter:
-        train_step(engine, images, tokens, config)
-    assert counter.count == syncs
+    for overrides, reads in ([], 0), (["train.micro_batch_size=4", "train.activation_checkpointing=moe"], 0), \
+                            (["train.skip_nonfinite_steps=true"], 1):
+        variant = load_config("demo", BASE + overrides)
+        engine.module.model.set_activation_checkpointing(variant.train.activation_checkpointing)
+        with HostReads() as counter:
+            train_step(engine, images, tokens, variant)
+        assert counter.count == reads, overrides
 
 
 def test_the_deepspeed_config_merges_a_file_and_keeps_limoe_keys(tmp_path):

@@ -33,9 +33,9 @@ def _args(workdir: Path, *overrides: str) -> list[str]:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo config for 4 steps, run in-process like a user would from the shell; in two
-    micro-batches of one routing group each, with the MoE blocks checkpointed."""
+    micro-batches of one routing group each."""
     workdir = tmp_path_factory.mktemp("demo")
-    assert main(_args(workdir, "train.steps=4", "train.micro_batch_size=8", "train.activation_checkpointing=moe")) == 0
+    assert main(_args(workdir, "train.steps=4", "train.micro_batch_size=8")) == 0
     return workdir
 
 
