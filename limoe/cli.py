@@ -38,6 +38,15 @@ def _config_show(args) -> int:
     print(describe_config(load_config(args.config, args.set)), end="")
     return 0
 
+def _plan(args) -> int:
+    from limoe.config import load_config
+    from limoe.plan import GiB, format_plan, plan_memory
+
+    config = load_config(args.config, args.set)
+    plan = plan_memory(config, args.gpus, int(args.gpu_memory * GiB))
+    print(format_plan(plan, args.config or "demo"))
+    return 0 if plan.fits(plan.configured) else 1
+
 
 def _export(args) -> int:
     from limoe.checkpoints.training import export_workdir
@@ -165,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                    config_commands)
     show.add_argument("--config", default=None, help="training config name or path (default: demo)")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    plan = command("plan", _plan, "per-GPU memory of a training config and the micro-batch and "
+                                  "checkpointing settings that fit (exit 1 if the configured ones do not)")
+    plan.add_argument("--config", default=None, help="training config name or path (default: demo)")
+    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs (processes) of the run")
+    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB, e.g. 80")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)

@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -191,6 +191,9 @@ class LossConfig:
         PerModality(image=8.0, text=3.0), "S_m: the global entropy loss is off once a modality's marginal routing "
         "entropy reaches log S_m", "[1, inf)")
     router_z: float = setting(0.0, "weight of ST-MoE's router z-loss (0: off)", "[0, inf)")
+    local_loss: bool = setting(True, "clip: each rank computes its own pairs' rows of the logits, B_local × B_global "
+                                     "instead of B_global²; the loss averaged over ranks and the gradient are the "
+                                     "same (siglip always works in local blocks)")
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,14 @@ class TrainConfig:
     skip_nonfinite_steps: bool = setting(False, "skip and count steps with a non-finite loss instead of stopping")
     precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when a GPU is visible")
+    micro_batch_size: Optional[int] = setting(None, "pairs per GPU per forward, a multiple of model.moe.group_size "
+                                                    "that divides the per-GPU batch; the gradient is the whole "
+                                                    "batch's (feature caching); null: the whole per-GPU batch",
+                                              "[1, inf)")
+    activation_checkpointing: Literal["none", "moe", "all"] = setting(
+        "none", "recompute blocks in backward instead of keeping their activations: none, the MoE blocks, or all")
+    compile: bool = setting(False, "torch.compile the tower inside the engine (Inductor); off until measured faster "
+                                   "on a GPU")
 
 
 @dataclass(frozen=True)
@@ -269,8 +280,12 @@ class DistributedConfig:
 
     expert_parallel_size: int = setting(1, "ranks each MoE layer's experts are sharded over; divides the number "
                                            "of processes and of experts", "[1, inf)")
-    zero_stage: int = setting(0, "DeepSpeed ZeRO stage", "[0, 3]")
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage: 1 partitions the optimizer state, 2 also the gradients "
+                                 "(3 is refused: DeepSpeed's MoE layers do not support it)", "[0, 3]")
     timeout_minutes: int = setting(30, "collective operations wait this long before failing", "[1, inf)")
+    deepspeed_config: Union[str, dict, None] = setting(
+        None, "extra DeepSpeed settings merged into the generated config: a JSON file's path or a mapping; keys "
+              "limoe sets (batch sizes, precision, clipping, ZeRO stage, optimizer) may only repeat its values")
 
 
 @dataclass(frozen=True)
@@ -344,8 +359,16 @@ def _convert(value: Any, tp: Any, path: str, valid: Optional[Interval] = None) -
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path, valid)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], path, valid)
+        for candidate in inner:  # the first type that takes the value
+            try:
+                return _convert(value, candidate, path, valid)
+            except LimoeError:
+                pass
+        names = " or ".join(_type_name(a) for a in inner)
+        raise LimoeError(f"config key '{path}' must be of type {names}, got {value!r} ({type(value).__name__}).")
     if origin is Literal:
         if value not in args:
             raise LimoeError(f"config key '{path}' must be one of {list(args)}, got {value!r}.")
@@ -373,7 +396,7 @@ def _scalar(value: Any, tp: Any, path: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
         return float(value)
-    if tp in (int, float, str, bool) and type(value) is tp:
+    if tp in (int, float, str, bool, dict) and type(value) is tp:
         return value
     raise LimoeError(
         f"config key '{path}' must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__})."
@@ -445,11 +468,12 @@ def find_config(name_or_path: str, kind: str) -> Path:
     raise LimoeError(f"no {kind} config named '{name_or_path}'; known: {', '.join(known)}, or give a .yaml path.")
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` updated by `update`, nested mappings merged key by key (neither is modified)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -461,7 +485,7 @@ def _with_base(raw: dict, kind: str) -> dict:
         return raw
     raw = dict(raw)
     base = _with_base(_read_yaml(find_config(str(raw.pop("base")), kind)), kind)
-    return _deep_merge(base, raw)
+    return deep_merge(base, raw)
 
 
 def _resolve_model_mapping(raw: Any) -> dict:

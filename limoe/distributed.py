@@ -3,7 +3,8 @@
 DeepSpeed owns the process groups (`deepspeed.init_distributed`, and its expert-parallel and
 expert-data-parallel groups from `deepspeed.utils.groups`); this module holds the all-to-all
 that carries the expert-major token buffer to the experts' ranks and back, and small helpers
-for rank-aware code.
+for rank-aware code. The all-to-all is torch's functional collective, which `torch.compile`
+traces into the graph (with its backward, the reverse all-to-all).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import deepspeed.ops
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from limoe.errors import LimoeError
 
@@ -57,7 +58,7 @@ def experts_all_to_all(buffer: Tensor, group) -> Tensor:
     """
     ep = dist.get_world_size(group)
     experts, slots, width = buffer.shape
-    received = all_to_all_single(torch.empty_like(buffer), buffer.contiguous(), group=group)  # [ep·E_l, N, d]
+    received = all_to_all_single_autograd(buffer.contiguous(), None, None, group)  # [ep·E_l, N, d]
     received = received.view(ep, experts // ep, slots, width)  # [source rank, E_l, N, d]
     return received.transpose(0, 1).reshape(experts // ep, ep * slots, width)
 
@@ -68,7 +69,7 @@ def experts_all_to_all_back(local: Tensor, group) -> Tensor:
     local_experts, total_slots, width = local.shape
     slots = total_slots // ep
     outgoing = local.view(local_experts, ep, slots, width).transpose(0, 1).contiguous()  # [dest rank, E_l, N, d]
-    returned = all_to_all_single(torch.empty_like(outgoing), outgoing, group=group)  # [source rank, E_l, N, d]
+    returned = all_to_all_single_autograd(outgoing, None, None, group)  # [source rank, E_l, N, d]
     return returned.view(ep * local_experts, slots, width)
 
 

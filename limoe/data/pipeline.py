@@ -1,4 +1,4 @@
-"""Input pipelines: webdataset shards to batches of normalised images and caption tokens.
+"""Input pipelines: webdataset shards to batches of images and caption tokens.
 
 Each DataLoader worker runs the whole pipeline on its own share of the shards: read tar files,
 group members into samples, shuffle in memory (training), decode, transform, tokenize and batch.
@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.data.preprocess import image_transform, tokenizer
+from limoe.data.preprocess import image_transform, tokenizer, train_transform
 from limoe.data.images import UnusableImage, decode_rgb
 from limoe.data.sources import mixing_weights
 
@@ -119,7 +119,7 @@ def read_classnames(spec: str) -> list[str]:
 
 
 class TrainBatch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] float32, normalised with the OpenAI CLIP mean and std
+    images: torch.Tensor  # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalise)
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
 
 
@@ -324,7 +324,7 @@ class _ShardStream(IterableDataset):
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
         if self.train and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        transform = image_transform(self.image_size, self.train)
+        transform = train_transform(self.image_size) if self.train else image_transform(self.image_size, train=False)
         records = ((key, transform(image), target) for key, image, target in self._usable(samples, tally))
         collate = functools.partial(_collate, context_length=self.context_length, train=self.train,
                                     classification=self.classification)
@@ -403,7 +403,7 @@ def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -
     """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
     this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
     more is being trained on and one collated (two with no workers)."""
-    batch_bytes = batch_size * 3 * image_size * image_size * 4  # float32 [B, 3, S, S]
+    batch_bytes = batch_size * 3 * image_size * image_size  # uint8 [B, 3, S, S], as training batches travel
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
     needed = batch_bytes * in_flight * processes_here

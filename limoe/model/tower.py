@@ -10,12 +10,13 @@ joint space, where embeddings are L2-normalised.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from limoe.config import Config, ModelConfig
 from limoe.distributed import ExpertSharding
@@ -109,6 +110,7 @@ class Limoe(nn.Module):
         # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor([logit_bias_init]))
+        self.checkpointed_blocks: frozenset[int] = frozenset()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -128,6 +130,13 @@ class Limoe(nn.Module):
     @property
     def moe_blocks(self) -> list[MoeMlp]:
         return [block.mlp for block in self.blocks if block.sparse]
+
+    def set_activation_checkpointing(self, blocks: Literal["none", "moe", "all"]) -> None:
+        """Recompute these blocks' forward in backward instead of keeping their activations: none,
+        the MoE blocks (their capacity buffers are the largest) or all. Gradients are unchanged."""
+        self.checkpointed_blocks = frozenset(
+            index for index, block in enumerate(self.blocks) if blocks == "all" or (blocks == "moe" and block.sparse)
+        )
 
     # --- embeddings -------------------------------------------------------------------------
 
@@ -150,8 +159,11 @@ class Limoe(nn.Module):
 
     def _tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
         routing = []
-        for block in self.blocks:
-            streams, layer_routing = block(streams)
+        for index, block in enumerate(self.blocks):
+            if index in self.checkpointed_blocks and torch.is_grad_enabled():
+                streams, layer_routing = _checkpointed(block, streams)
+            else:
+                streams, layer_routing = block(streams)
             if layer_routing is not None:
                 routing.append(layer_routing)
         for s in streams:
@@ -188,6 +200,21 @@ def build_model(config: Config, sharding: ExpertSharding = ExpertSharding()) -> 
     SigLIP loss, the logit bias) initialised as its loss config says."""
     bias = config.loss.logit_bias_init if config.loss.contrastive == "siglip" else None
     return Limoe(config.model, config.loss.logit_scale_init, bias, sharding)
+
+
+def _checkpointed(block: Block, streams: list[Tokens]) -> tuple[list[Tokens], Optional[LayerRouting]]:
+    """block(streams), keeping only the block's inputs for backward and running it again there.
+
+    torch.utils.checkpoint restores the RNG state for the second run, so the router noise and
+    hence the routing are the same. The residual tensors are its arguments, so it sees their device
+    (and keeps that device's RNG state too); each run gets fresh `Tokens`, since a block updates
+    the ones it is given.
+    """
+
+    def run(*xs: Tensor):
+        return block([replace(s, x=x) for s, x in zip(streams, xs)])
+
+    return checkpoint(run, *(s.x for s in streams), use_reentrant=False)
 
 
 def parameter_counts(model: Limoe) -> tuple[int, int]:

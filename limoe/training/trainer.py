@@ -2,9 +2,14 @@
 
 The same code runs as one CPU process and as many GPU processes under `deepspeed` or
 `torchrun`. DeepSpeed owns the process groups, the optimizer step, gradient reduction (expert
-gradients over the expert-data-parallel group only), clipping and ZeRO; checkpoints are limoe's
-own (`limoe.checkpoints.training`: code-free, resumable on another process layout); this module
-builds the pieces, runs the loop, and reports.
+gradients over the expert-data-parallel group only) and ZeRO; checkpoints are limoe's own
+(`limoe.checkpoints.training`: code-free, resumable on another process layout); this module
+builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe.training.step`
+one exact step at any micro-batch size), runs the loop, and reports. On a GPU the memory plan
+(`limoe plan`) is checked before anything is allocated.
+
+The loop never waits on the device except on logging and checkpoint steps (and every step in
+skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
 """
 
 from __future__ import annotations
@@ -17,54 +22,39 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import Tensor, nn
-from torch.nn.utils import get_total_norm
 
 from limoe.checkpoints import training as checkpoint
 from limoe.config import Config, dump_config
 from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
-from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, resolve_device
+from limoe.distributed import ExpertSharding, init_process_group, resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
-from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
-from limoe.model.tower import Limoe, build_model
+from limoe.model.tower import build_model
+from limoe.training.deepspeed_config import deepspeed_config
+from limoe.training.device_batches import DeviceBatches
 from limoe.training.progress import TrainingReporter
+from limoe.training.step import ContrastiveTrainer, micro_batch_size, train_step
 from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
 
 
-class ContrastiveTrainer(nn.Module):
-    """The module DeepSpeed wraps: model + contrastive loss → loss and its parts."""
-
-    def __init__(self, model: Limoe, config: Config):
-        super().__init__()
-        self.model = model
-        self.contrastive = ContrastiveLoss(config.loss.contrastive)
-        self.loss_config = config.loss
-
-    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor], list]:
-        output = self.model(images, tokens)
-        contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
-                                       output.logit_bias)
-        aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
-        loss = contrastive + aux
-        terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts,
-                 "logit_scale": output.logit_scale}  # the temperature, as open_clip logs it
-        if output.logit_bias is not None:
-            terms["logit_bias"] = output.logit_bias
-        return loss, {k: v.detach().float() for k, v in terms.items()}, output.routing
-
-
 def _no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
-    """Norms, biases, embeddings, positions, pooling probes and the logit scale are not decayed."""
-    return parameter.ndim < 2 or any(word in name for word in ("embed", "positions", "probe", "cls_token", "logit"))
+    """Decayed: the kernels (matrices) of linear and convolution layers, as vmoe decays `.*/kernel`.
+    Not decayed: norms, biases, the token embedding, positions, pooling probes and the logit scale."""
+    return parameter.ndim < 2 or any(word in name for word in ("token_embed", "positions", "probe", "cls_token", "logit"))
 
 
 def optimizer_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups with and without decay, split again by DeepSpeed into shared and expert groups."""
+    """AdamW groups with and without decay, split again by DeepSpeed into shared and expert groups.
+
+    torch's AdamW decays by lr(t) · weight_decay · θ per step, which is how vmoe applies its
+    "decoupled" weight decay (optax: scale_by_adam, add_decayed_weights(wd), scale(−lr(t))); so a
+    paper value such as 0.1 is used as it is.
+    """
     decay, no_decay = [], []
     for name, parameter in module.named_parameters():
         (no_decay if _no_weight_decay(name, parameter) else decay).append(parameter)
@@ -84,26 +74,6 @@ def lr_multiplier(step: int, config: Config) -> float:
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
     floor = optim.min_lr / optim.lr
     return floor + (1 - floor) * shape
-
-
-def deepspeed_config(config: Config, world_size: int, bf16: bool) -> dict:
-    if config.train.batch_size % world_size:
-        raise LimoeError(
-            f"train.batch_size {config.train.batch_size} is not divisible by the {world_size} processes; "
-            f"pick a global batch that splits evenly."
-        )
-    return {
-        "train_batch_size": config.train.batch_size,
-        "train_micro_batch_size_per_gpu": config.train.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
-        # Without ZeRO, `clip_gradients` clips by the true global norm (DeepSpeed's own clipping
-        # averages per-rank norms under EP); ZeRO partitions the gradients, so its optimizer clips.
-        "gradient_clipping": config.optim.grad_clip if config.distributed.zero_stage else 0.0,
-        "zero_optimization": {"stage": config.distributed.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "torch_autocast": {"enabled": bf16, "dtype": "bfloat16"},
-        "steps_per_print": 2**62,
-    }
 
 
 @dataclass
@@ -132,75 +102,38 @@ def start_session(config: Config) -> Session:
     return Session(device, bf16, rank, world_size)
 
 
-def build_engine(config: Config, session: Session):
-    """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine."""
+def build_engine(config: Config, session: Session, compile_backend: str = "inductor"):
+    """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine.
+
+    With train.compile the tower is compiled (`compile_backend`, Inductor by default), the
+    expert all-to-all inside its graph; the contrastive loss, whose feature gather breaks graphs,
+    and the optimizer stay eager.
+    """
+    micro_batch_size(config, session.world_size)  # a bad micro-batch size fails before anything is built
+    ds_config = deepspeed_config(config, session.world_size, session.bf16)
     torch.manual_seed(config.train.seed)  # same dense weights on every rank; experts by global index
     sharding = ExpertSharding.for_process(config.distributed.expert_parallel_size)
     model = build_model(config, sharding)
+    model.set_activation_checkpointing(config.train.activation_checkpointing)
     module = ContrastiveTrainer(model, config)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, config.optim.weight_decay), lr=config.optim.lr,
         betas=tuple(config.optim.betas), eps=config.optim.eps,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(config, session.world_size, session.bf16),
-    )
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if config.train.compile:
+        engine.module.model.compile(backend=compile_backend)
     return engine
 
 
-def global_grad_norm(module: nn.Module, expert_group) -> Tensor:
-    """The 2-norm of the whole model's gradient, every expert counted once.
+def check_memory_plan(config: Config, session: Session) -> None:
+    """On a GPU, refuse (one line, with the numbers and the fix) a run whose memory plan does not fit."""
+    if session.device.type != "cuda":
+        return
+    from limoe.plan import refuse_if_it_cannot_fit
 
-    After DeepSpeed's reduction the shared gradients are equal on all ranks, while each
-    expert-parallel rank holds the gradients of its own experts; so the squared expert norms
-    are summed over the expert-parallel group and added to the shared part once. (DeepSpeed's
-    own clipping averages the per-rank norms, which is not the global norm with experts sharded.)
-    """
-    shared, experts = [], []
-    for parameter in module.parameters():
-        if parameter.grad is not None:
-            (experts if is_moe_param(parameter) else shared).append(parameter.grad.detach())
-    device = next(module.parameters()).device
-    shared_squared = get_total_norm(shared).to(device).pow(2) if shared else torch.zeros((), device=device)
-    experts_squared = get_total_norm(experts).to(device).pow(2) if experts else torch.zeros((), device=device)
-    if expert_group is not None:
-        dist.all_reduce(experts_squared, group=expert_group)
-    return (shared_squared + experts_squared).sqrt()
-
-
-def clip_gradients(engine, max_norm: float, expert_group) -> Tensor:
-    """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
-    norm = global_grad_norm(engine.module, expert_group)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), max_norm, norm)
-    return norm
-
-
-def _finite_everywhere(loss: Tensor) -> bool:
-    """Whether the loss is finite on every rank (all ranks must agree to skip a step together)."""
-    finite = torch.isfinite(loss).float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[dict[str, Tensor], list, bool]:
-    """Forward, backward, clip, optimizer step; returns the loss terms, routing, and whether it stepped.
-
-    Only the skip-on-NaN mode looks at the loss value before stepping (a host sync per step).
-    """
-    loss, terms, routing = engine(images, tokens)
-    if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
-        engine.zero_grad()
-        return terms, routing, False
-    engine.backward(loss)
-    if not config.distributed.zero_stage:
-        terms["grad_norm"] = clip_gradients(engine, config.optim.grad_clip, expert_parallel_group(config))
-    engine.step()
-    clamp_logit_scale(engine.module.model.logit_scale)
-    return terms, routing, True
+    refuse_if_it_cannot_fit(config, session.world_size, torch.cuda.get_device_properties(session.device).total_memory)
 
 
 def train(config: Config, workdir: Path) -> dict:
@@ -208,6 +141,7 @@ def train(config: Config, workdir: Path) -> dict:
     for source in config.data.train:  # a missing shard path fails here, before anything is built
         expand_shards(source.shards)
     session = start_session(config)
+    check_memory_plan(config, session)
     check_batch_fits_in_memory(config.train.batch_size // session.world_size, config.model.image_size,
                                config.data.workers)
     with locked_workdir(workdir, session.rank):
@@ -244,11 +178,9 @@ def _train_in(config: Config, workdir: Path, session: Session) -> dict:
 
 def _loop(engine, loader, config: Config, session: Session, workdir: Path, reporter, start: int) -> None:
     step, skipped_in_a_row = start, 0
-    batches = iter(loader)
+    batches = iter(DeviceBatches(loader, session.device))
     while step < config.train.steps:
         images, tokens = next(batches)
-        images = images.to(session.device, non_blocking=True)
-        tokens = tokens.to(session.device, non_blocking=True)
         terms, routing, stepped = train_step(engine, images, tokens, config)
         if not stepped:
             skipped_in_a_row += 1
@@ -258,7 +190,7 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
                                  f"model has diverged. Lower optim.lr and resume from {workdir}.")
             continue
         step, skipped_in_a_row = step + 1, 0
-        reporter.step(step, terms, routing, engine.get_lr()[0], loader.bad_samples, images.shape[0] * session.world_size)
+        reporter.step(step, terms, routing, engine.get_lr()[0], loader.bad_samples, config.train.batch_size)
         checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps
         if checkpoint_due or step % config.train.log_every == 0:
             _stop_if_nonfinite(terms, step, workdir)

@@ -23,6 +23,7 @@ from limoe.data.pipeline import (
     read_classnames,
     train_loader,
 )
+from limoe.data.preprocess import image_transform, normalise, train_transform
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -178,6 +179,17 @@ def test_img2dataset_shards_load_without_conversion(tmp_path):
     assert _eval_keys(str(tmp_path)) == [s["__key__"] for s in samples]
     batch = next(iter(train_loader((ShardSource(shard),), 3, 32, CONTEXT, 0, 10, True, 0, 0.01)))
     assert batch.images.shape == (3, 3, 32, 32) and batch.tokens.shape == (3, CONTEXT)
+    assert batch.images.dtype == torch.uint8  # normalised on the device
+
+
+def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_gives():
+    image = Image.open(io.BytesIO(_image_bytes(3, size=(40, 30)))).convert("RGB")
+    torch.manual_seed(5)  # the random crop
+    expected = image_transform(32, train=True)(image)  # [3, 32, 32] float32, normalised
+    torch.manual_seed(5)
+    cropped = train_transform(32)(image)  # [3, 32, 32] uint8
+    assert cropped.dtype == torch.uint8
+    assert torch.equal(normalise(cropped[None])[0], expected)
 
 
 def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):
@@ -297,7 +309,7 @@ def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
     with pytest.raises(LimoeError, match=r"train.batch_size gives 1000000000000000000000 pairs per process, whose "
                                          r"images alone need .* GiB of host memory"):
         check_batch_fits_in_memory(10**21, 224, 2)
-    check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 2.6 GiB
+    check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 0.65 GiB
 
 
 def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):

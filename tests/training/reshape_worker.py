@@ -17,7 +17,8 @@ import torch.distributed as dist
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.engine_state import engine_entries
 from limoe.config import load_config
-from limoe.training.trainer import build_engine, start_session, train_step
+from limoe.training.step import train_step
+from limoe.training.trainer import build_engine, start_session
 from tests.training.ep_worker import GLOBAL_BATCH, OVERRIDES, fixed_batch
 
 SAVED_AT = 2

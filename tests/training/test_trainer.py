@@ -16,7 +16,8 @@ from limoe.checkpoints import training as checkpoint
 from limoe.cli import main
 from limoe.checkpoints import load_model
 from limoe.config import dump_config, load_config
-from limoe.training.trainer import build_engine, lr_multiplier, start_session, train_step
+from limoe.training.step import train_step
+from limoe.training.trainer import build_engine, lr_multiplier, start_session
 from limoe.training.workdir import keep_metrics_until, locked_workdir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,9 +34,10 @@ def _args(workdir: Path, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo config for 4 steps, run in-process like a user would from the shell."""
+    """The demo config for 4 steps, run in-process like a user would from the shell; in two
+    micro-batches of one routing group each."""
     workdir = tmp_path_factory.mktemp("demo")
-    assert main(_args(workdir, "train.steps=4")) == 0
+    assert main(_args(workdir, "train.steps=4", "train.micro_batch_size=8")) == 0
     return workdir
 
 
@@ -60,7 +62,8 @@ def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
 def test_rerunning_a_finished_run_resumes_without_training(demo_run):
     """Also with another kernel backend and eval capacity: how the weights are computed, not which."""
     before = (demo_run / "metrics.jsonl").read_text()
-    assert main(_args(demo_run, "train.steps=4", "model.moe.backend=triton", "model.moe.eval_capacity_factor=4.0")) == 0
+    assert main(_args(demo_run, "train.steps=4", "train.micro_batch_size=8", "model.moe.backend=triton",
+                      "model.moe.eval_capacity_factor=4.0")) == 0
     assert (demo_run / "metrics.jsonl").read_text() == before
 
 
