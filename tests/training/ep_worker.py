@@ -26,6 +26,7 @@ from limoe.checkpoints import training as checkpoint
 from limoe.config import dump_config, load_config
 from limoe.training.step import forward_backward, train_step
 from limoe.training.trainer import build_engine, start_session
+from tests.training.processes import leave_process_group
 
 GLOBAL_BATCH = 16
 OVERRIDES = [
@@ -145,3 +146,4 @@ def main(outdir: Path, expert_parallel_size: int, scenarios: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","))
+    leave_process_group()

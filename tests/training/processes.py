@@ -33,3 +33,10 @@ def run_processes(module: str, args: list[str], world_size: int, timeout: float 
         assert process.returncode == 0, output[-3000:]
     del store
     return outputs
+
+
+def leave_process_group() -> None:
+    """End of a worker: wait for every rank, then close the group, so that no rank exits while
+    another still has gloo traffic in flight to it (that aborts the other at its exit)."""
+    dist.barrier()
+    dist.destroy_process_group()

@@ -20,6 +20,7 @@ from limoe.config import load_config
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine, start_session
 from tests.training.ep_worker import GLOBAL_BATCH, OVERRIDES, fixed_batch
+from tests.training.processes import leave_process_group
 
 SAVED_AT = 2
 CONTINUED = 2
@@ -90,3 +91,4 @@ def main(workdir: Path, expert_parallel_size: int, zero_stage: int, phase: str) 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    leave_process_group()
