@@ -8,8 +8,8 @@ builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe
 one exact step at any micro-batch size), runs the loop, and reports. On a GPU the memory plan
 (`limoe plan`) is checked before anything is allocated.
 
-The loop never waits on the device except on logging and checkpoint steps (and every step in
-skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
+The loop never waits on the device except on logging, checkpoint and evaluation steps (and every
+step in skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from limoe.files import atomic_write
 from limoe.model.tower import build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches
+from limoe.training.evaluation import check_eval_sets, evaluate_live
 from limoe.training.progress import TrainingReporter
 from limoe.training.step import ContrastiveTrainer, micro_batch_size, train_step
 from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
@@ -140,6 +141,7 @@ def train(config: Config, workdir: Path) -> dict:
     """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0)."""
     for source in config.data.train:  # a missing shard path fails here, before anything is built
         expand_shards(source.shards)
+    check_eval_sets(config)
     session = start_session(config)
     check_memory_plan(config, session)
     check_batch_fits_in_memory(config.train.batch_size // session.world_size, config.model.image_size,
@@ -196,6 +198,8 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
             _stop_if_nonfinite(terms, step, workdir)
         if checkpoint_due:
             checkpoint.save_training_checkpoint(engine, workdir, step, config, {"pairs_seen": reporter.pairs_seen})
+        if config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps):
+            reporter.evaluation(step, evaluate_live(engine.module.model, config))
 
 
 def _stop_if_nonfinite(terms: dict[str, Tensor], step: int, workdir: Path) -> None:
