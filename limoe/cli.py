@@ -61,7 +61,30 @@ def _eval_zeroshot(args) -> int:
     run_zeroshot(
         checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
         output=args.output, batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device,
-        workers=args.workers,
+        workers=args.workers, candidate_images=args.candidate_images,
+    )
+    return 0
+
+
+def _eval_choice(args) -> int:
+    from limoe.evaluate.choice import run_choice
+
+    run_choice(
+        checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,
+        batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
+    )
+    return 0
+
+
+def _tune(args) -> int:
+    from limoe.tuning import TuneRecipe, run_tune
+
+    options = {"lr": args.lr, "batch_size": args.tune_batch_size, "prompt_tokens": args.prompt_tokens, "seed": args.seed}
+    recipe = TuneRecipe(steps=args.steps, **{name: value for name, value in options.items() if value is not None})
+    run_tune(
+        checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
+        shots=args.shots, recipe=recipe, output=Path(args.output), metrics_output=args.metrics,
+        batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
     )
     return 0
 
@@ -195,8 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(zeroshot)
     zeroshot.add_argument("--classnames", default=None, help="class names file, one per line (default: ImageNet-1k)")
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
+    zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
+                          help="classes given by exemplar images, one sub-folder per class, instead of names")
     retrieval = command("retrieval", _eval_retrieval, "image-text retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
+    choice = command("choice", _eval_choice, "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)",
+                     evaluations)
+    _add_eval_options(choice)
+    choice.add_argument("--format", required=True, choices=["sugar_crepe", "winoground", "jsonl"])
+    choice.add_argument("--subsets", nargs="+", default=None,
+                        help="SugarCrepe subsets (<NAME>.json files; default: every SugarCrepe subset present)")
+
+    tune = command("tune", _tune, "few-shot prompt tuning of a checkpoint on a labelled set (Uni-Perceiver)")
+    tune.add_argument("--checkpoint", required=True, help="exported .safetensors file or a training workdir")
+    tune.add_argument("--data", required=True, help="labelled images: class folders or shards with .cls")
+    tune.add_argument("--classnames", default=None, help="class names file (default: the data's classnames.txt)")
+    tune.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
+    tune.add_argument("--shots", type=int, required=True, help="support samples per class; the rest are queries")
+    tune.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    tune.add_argument("--output", required=True, help="the tuned model file (.safetensors)")
+    # Recipe options default to limoe.tuning.TuneRecipe's values (docs/EVALUATION.md lists them).
+    tune.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
+    tune.add_argument("--tune-batch-size", type=int, default=None, help="support images per step (default 64)")
+    tune.add_argument("--prompt-tokens", type=int, default=None, help="deep prompt tokens per block (default 10)")
+    tune.add_argument("--seed", type=int, default=None, help="support draw, prompt init, batch order (default 0)")
+    tune.add_argument("--metrics", default=None, help="write the query metrics to this JSON file")
+    tune.add_argument("--batch-size", type=int, default=64, help="images per forward pass when encoding the set")
+    tune.add_argument("--capacity-factor", default=None, help="eval capacity factor, or 'dropless' (default: config)")
+    tune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tune.add_argument("--workers", type=int, default=2)
 
     routing = command("routing", _routing, "expert routing statistics and plots for a checkpoint")
     routing.add_argument("--checkpoint", required=True)
