@@ -67,7 +67,7 @@ def _eval_zeroshot(args) -> int:
 
 
 def _eval_choice(args) -> int:
-    from limoe.evaluate.choice import run_choice
+    from limoe.evaluate import run_choice
 
     run_choice(
         checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,

@@ -14,7 +14,7 @@ from limoe.cli import main
 def test_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "limoe", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("info", "train", "export", "eval", "routing", "shards"):
+    for command in ("info", "train", "export", "eval", "tune", "routing", "shards"):
         assert command in result.stdout
 
 

@@ -47,7 +47,7 @@ class DeepPrompts(nn.Module):
     def __init__(self, tokens: Tensor, heads: int):
         super().__init__()
         self.tokens = nn.Parameter(tokens)  # [P, d], in the space the attention's qkv projection reads
-        self.gate = nn.Parameter(torch.zeros(heads))  # [h]
+        self.gate = nn.Parameter(torch.zeros(heads, device=tokens.device))  # [h]
 
     def forward(self, q: Tensor, qkv: nn.Linear) -> Tensor:
         """The gated attention of queries q [B, h, N, d/h] over the prompts → [B, h, N, d/h]."""

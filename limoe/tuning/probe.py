@@ -18,7 +18,7 @@ PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ of mean CE
 
 
 def fit_linear_probe(features: Tensor, labels: Tensor, num_classes: int, weight_decay: float,
-                     max_iterations: int = 200) -> nn.Linear:
+                     max_iterations: int = 100) -> nn.Linear:
     """A linear classifier [D → C] of features [N, D] for labels [N], from zero weights."""
     probe = nn.Linear(features.shape[1], num_classes)
     nn.init.zeros_(probe.weight)
