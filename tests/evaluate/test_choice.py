@@ -10,15 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from limoe.checkpoints import load_model, save_model_file
+from limoe.checkpoints import load_model
 from limoe.cli import main
-from limoe.config import Config, load_model_config
 from limoe.evaluate.choice import encode_image_files, encode_texts
 from limoe.evaluate.clip_benchmark import load_limoe
 from limoe.evaluate.folders import scan_image_folder
 from limoe.evaluate.metrics import selection_metrics
 from limoe.evaluate.zeroshot import exemplar_classifier
-from limoe.model.tower import Limoe
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 
@@ -28,15 +26,6 @@ def _builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = Config(model=load_model_config("limoe-tiny"))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model_file(Limoe(config.model), config, path)
-    return path
 
 
 @pytest.fixture(scope="module")

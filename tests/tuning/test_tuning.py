@@ -11,27 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from limoe.checkpoints import load_model, save_model_file
+from limoe.checkpoints import load_model
 from limoe.cli import main
-from limoe.config import Config, load_model_config
 from limoe.data.pipeline import expand_shards
+from limoe.evaluate.zeroshot import open_classification_set
 from limoe.model.prompts import add_prompt_tuning, classification_logits
-from limoe.model.tower import Limoe
 from limoe.tuning.few_shot import read_few_shot_split
 from limoe.tuning.prompt_tuning import TuneRecipe, tuned_parameters
-from limoe.evaluate.zeroshot import open_classification_set, zeroshot_classifier
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 HELDOUT_CLS = DEMO / "heldout_cls"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = Config(model=load_model_config("limoe-tiny"))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model_file(Limoe(config.model), config, path)
-    return path
 
 
 @pytest.fixture(scope="module")
