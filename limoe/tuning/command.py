@@ -24,6 +24,7 @@ from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.prompts import load_templates
 from limoe.evaluate.runtime import report
 from limoe.evaluate.zeroshot import open_classification_set, zeroshot_classifier
+from limoe.files import check_output_file
 from limoe.model.prompts import add_prompt_tuning, classification_logits, label_head
 from limoe.tuning.few_shot import FewShotSplit, read_few_shot_split
 from limoe.tuning.probe import best_linear_probe
@@ -33,12 +34,17 @@ RECIPE_KEY = "limoe_prompt_tuning"  # tuned-file metadata: recipe, support set a
 
 
 def run_tune(checkpoint: Path, data: str, classnames: Optional[str], templates: Optional[str], shots: int,
-             recipe: TuneRecipe, output: Path, metrics_output: Optional[str] = None, batch_size: int = 64,
+             recipe: TuneRecipe, output: str | Path, metrics_output: Optional[str] = None, batch_size: int = 64,
              capacity_factor: Optional[str] = None, device: str = "auto", workers: int = 2) -> dict:
     """Tune `checkpoint` on K shots per class of `data`, write `output`, and report query metrics."""
     if shots < 1:
         raise LimoeError(f"--shots {shots}: give at least one support sample per class.")
-    prompts = template_strings(load_templates(templates))  # input errors first
+    output = check_output_file(output, "--output")  # input errors first, before any work
+    if output.exists() and Path(checkpoint).exists() and output.resolve() == Path(checkpoint).resolve():
+        raise LimoeError(f"--output {output} is the checkpoint being tuned; write the tuned model to another file.")
+    if metrics_output is not None:
+        check_output_file(metrics_output, "--metrics")
+    prompts = template_strings(load_templates(templates))
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
     if label_head(model) is not None:
         raise LimoeError(f"{checkpoint} is already prompt-tuned; tune the model it was tuned from.")
@@ -57,7 +63,7 @@ def run_tune(checkpoint: Path, data: str, classnames: Optional[str], templates: 
         metrics.update(first_loss=losses[0], last_loss=losses[-1])
     notes = {RECIPE_KEY: json.dumps({"checkpoint": str(checkpoint), "data": data, "shots": shots,
                                      "support": metrics["support"], **dataclasses.asdict(recipe)})}
-    save_model_file(model, config, Path(output), notes)
+    save_model_file(model, config, output, notes)
 
     if metrics["queries"]:
         tuned = read_few_shot_split(model, loader, shots, recipe.seed)  # the tuned model's features
