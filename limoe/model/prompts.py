@@ -121,5 +121,19 @@ def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict
     if "label_head.linear.weight" in state:
         if LABEL_SET_KEY not in metadata:
             raise LimoeError("this model file has a tuned label head but no label set in its metadata; re-run `limoe tune`.")
-        label_set = json.loads(metadata[LABEL_SET_KEY])
-        model.label_head = LabelHead(model.config.embed_dim, label_set["classnames"], label_set["templates"])
+        classnames, templates = _label_set(metadata[LABEL_SET_KEY])
+        model.label_head = LabelHead(model.config.embed_dim, classnames, templates)
+
+
+def _label_set(text: str) -> tuple[list[str], list[str]]:
+    """The class names and templates recorded by `prompt_tuning_metadata`; anything else is one line."""
+    try:
+        label_set = json.loads(text)
+        classnames, templates = label_set["classnames"], label_set["templates"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        classnames = templates = None
+    if not all(isinstance(names, list) and names and all(isinstance(name, str) for name in names)
+               for names in (classnames, templates)):
+        raise LimoeError(f"this model file's {LABEL_SET_KEY} metadata is not a list of class names and templates; "
+                         f"re-run `limoe tune`.")
+    return classnames, templates

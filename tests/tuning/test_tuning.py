@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from limoe.checkpoints import load_model
 from limoe.cli import main
 from limoe.data.pipeline import expand_shards
 from limoe.evaluate.zeroshot import open_classification_set
-from limoe.model.prompts import add_prompt_tuning, classification_logits
+from limoe.errors import LimoeError
+from limoe.model.prompts import LABEL_SET_KEY, add_prompt_tuning, classification_logits
 from limoe.tuning.few_shot import read_few_shot_split
 from limoe.tuning.prompt_tuning import TuneRecipe, tuned_parameters
 
@@ -124,6 +126,15 @@ def test_a_tuned_file_refuses_another_label_set(small_set, step_zero, tmp_path, 
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"limoe: error: the checkpoint was prompt-tuned for {len(names)} classes") and "\n" not in error
     assert not (tmp_path / "zs.json").exists()
+
+
+@pytest.mark.parametrize("label_set", ['{"classnames": ["a"]}', "[1, 2]", "not json"])
+def test_a_tuned_file_with_a_damaged_label_set_is_one_line(step_zero, tmp_path, label_set):
+    with safe_open(str(step_zero[0]), framework="pt") as handle:
+        metadata = {**handle.metadata(), LABEL_SET_KEY: label_set}
+    save_file(load_file(str(step_zero[0])), str(tmp_path / "damaged.safetensors"), metadata)
+    with pytest.raises(LimoeError, match="limoe_label_set metadata is not a list of class names and templates"):
+        load_model(tmp_path / "damaged.safetensors")
 
 
 def test_the_support_draw_is_seeded_and_takes_k_per_class(checkpoint, small_set):
