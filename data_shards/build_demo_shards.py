@@ -14,6 +14,9 @@ Held out: about 10% of base emoji, chosen by a hash of the emoji with skin tones
 skin-tone variants of an emoji fall on the same side and the split survives new emoji versions.
 `heldout_cls` holds the held-out emoji whose Unicode 15.0 sub-group (emoji-test.txt, Debian
 package `unicode-data`) is known, labelled by that sub-group; Emoji 15.1 additions have none there.
+`train_cls` labels training emoji the same way, keeping only the sub-groups that no held-out emoji
+has: its images and its classes are both disjoint from `heldout_cls`, so classifying the held-out
+set stays zero-shot for a model co-trained on it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}
 VARIATION_SELECTOR = "\ufe0f"
 FLAG_SUBGROUPS = ("country-flag", "subdivision-flag")
 HELDOUT_PERCENT = 10
-SHARD_SIZES = {"train": 500, "heldout": 200, "heldout_cls": 200}
+SHARD_SIZES = {"train": 500, "heldout": 200, "heldout_cls": 200, "train_cls": 200}
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,15 @@ def build(output: Path, font_path: Path, emoji_test: Path) -> dict[str, dict]:
                 render(glyph, font, scratch / name / glyph.file_name)
             write_captions(members, scratch / f"{name}.csv")
             counts[name] = _rebuild(scratch / name, scratch / f"{name}.csv", output / name, SHARD_SIZES[name], False)
-        for glyph in splits["heldout"]:
-            if glyph.subgroup is not None:
-                render(glyph, font, scratch / "heldout_cls" / glyph.subgroup / glyph.file_name)
-        counts["heldout_cls"] = _rebuild(scratch / "heldout_cls", None, output / "heldout_cls",
-                                         SHARD_SIZES["heldout_cls"], True)
+        heldout_classes = {glyph.subgroup for glyph in splits["heldout"]} - {None}
+        labelled = {
+            "heldout_cls": [g for g in splits["heldout"] if g.subgroup is not None],
+            "train_cls": [g for g in splits["train"] if g.subgroup is not None and g.subgroup not in heldout_classes],
+        }
+        for name, members in labelled.items():
+            for glyph in members:
+                render(glyph, font, scratch / name / glyph.subgroup / glyph.file_name)
+            counts[name] = _rebuild(scratch / name, None, output / name, SHARD_SIZES[name], True)
     return counts
 
 

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -244,19 +245,21 @@ def test_epoch_shuffled_training_needs_a_shard_per_worker(tmp_path):
 # The shipped demo shards
 
 
-@pytest.mark.parametrize("split, shards, samples", [("train", 7, 3439), ("heldout", 2, 343), ("heldout_cls", 2, 331)])
-def test_demo_shards_load_with_the_documented_counts(split, shards, samples):
+@pytest.mark.parametrize("split, shards, samples, classes", [
+    ("train", 7, 3439, None), ("heldout", 2, 343, None), ("heldout_cls", 2, 331, 69), ("train_cls", 2, 371, 32),
+])
+def test_demo_shards_load_with_the_documented_counts(split, shards, samples, classes):
     spec = str(DEMO / split)
     assert len(expand_shards(spec)) == shards
-    classification = split == "heldout_cls"
+    classification = classes is not None
     loader = eval_loader(spec, 256, 64, CONTEXT, workers=2, classification=classification)
     batches = list(loader)
     assert sum(len(batch.keys) for batch in batches) == samples
     assert loader.bad_samples.bad == {}
     assert batches[0].images.shape[1:] == (3, 64, 64)
     if classification:
-        assert len(read_classnames(spec)) == 69
-        assert max(batch.labels.max().item() for batch in batches) < 69
+        assert len(read_classnames(spec)) == classes
+        assert max(batch.labels.max().item() for batch in batches) < classes
     else:
         assert batches[0].tokens.shape[1] == CONTEXT
 
@@ -329,3 +332,19 @@ def test_a_negative_or_unreadable_class_label_is_a_bad_label(tmp_path):
     loader = eval_loader(shard, 4, 16, CONTEXT, 0, classification=True, max_bad_fraction=1.0)
     assert [(key, int(label)) for batch in loader for key, label in zip(batch.keys, batch.labels)] == [("ok", 3)]
     assert loader.bad_samples.bad == {"bad_label": 2}
+
+
+def _source_files(split: str) -> set[str]:
+    """The emoji (source file names, code points) of a demo split, from each sample's .json."""
+    files = set()
+    for shard in expand_shards(str(DEMO / split)):
+        with tarfile.open(shard) as archive:
+            files |= {Path(json.load(archive.extractfile(m))["file"]).name for m in archive if m.name.endswith(".json")}
+    return files
+
+
+def test_the_training_classification_set_shares_no_class_and_no_image_with_the_heldout_one():
+    assert not set(read_classnames(str(DEMO / "train_cls"))) & set(read_classnames(str(DEMO / "heldout_cls")))
+    train_cls, heldout = _source_files("train_cls"), _source_files("heldout") | _source_files("heldout_cls")
+    assert len(train_cls) == 371 and not train_cls & heldout
+    assert train_cls <= _source_files("train")  # labelled training emoji, the same pictures as the pairs
