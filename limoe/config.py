@@ -143,6 +143,8 @@ class ModelConfig:
                                                                "learned probe, cls token, or mean")
     text_pool: Literal["map", "cls", "mean", "eos"] = setting("map", "text pooling; eos: the end-of-text token")
     dense: bool = setting(False, "true: the MoE blocks become dense MLPs (the dense baseline)")
+    modality_adapter_layers: int = setting(0, "PolyViT's L_adapt: the first N blocks are modality-specific (one "
+                                              "dense copy per modality), the rest shared", "[0, inf)")
     moe: MoeConfig = field(default_factory=MoeConfig)
 
     def __post_init__(self):
@@ -161,6 +163,18 @@ class ModelConfig:
                 )
         if self.moe.top_k != 1:
             raise LimoeError("model.moe.top_k: only top-1 routing is implemented; set it to 1.")
+        if self.modality_adapter_layers > self.depth:
+            raise LimoeError(
+                f"model.modality_adapter_layers {self.modality_adapter_layers} must be between 0 and the depth "
+                f"{self.depth}."
+            )
+        adapters_with_experts = [i for i in self.moe_layers if i < self.modality_adapter_layers]
+        if adapters_with_experts:
+            raise LimoeError(
+                f"model.modality_adapter_layers {self.modality_adapter_layers} makes MoE block "
+                f"{adapters_with_experts[0]} modality-specific, but an adapter block may not be a MoE block; "
+                f"lower modality_adapter_layers or move model.moe.layers past it."
+            )
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -277,6 +291,54 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """One dataset and objective of a co-training run, with PolyViT's per-task settings.
+
+    `contrastive`: image-text pairs, the usual InfoNCE (or SigLIP) loss. `classification`: images
+    with `.cls` labels, scored against their class names' prompts encoded by the same tower
+    (Uni-Perceiver); `candidates` is `all` (the whole label set every step) or a number N of
+    classes that always includes the batch's labels.
+    """
+
+    name: str = setting(meaning="names the task in metrics and logs (`<name>/loss`)")
+    kind: Literal["contrastive", "classification"] = setting(
+        meaning="contrastive: image-caption shards; classification: shards with .cls labels")
+    data: str = setting(meaning="shard spec, as for data.train")
+    batch_size: Optional[int] = setting(None, "images per step of this task, summed over all data-parallel ranks; "
+                                              "null: train.batch_size", "[1, 10000000]")
+    steps: Optional[int] = setting(None, "U_j, this task's step budget; the weighted and task_by_task schedules "
+                                         "run it exactly this often", "[1, inf)")
+    lr_scale: float = setting(1.0, "PolyViT's lr_coefs: multiplies the learning rate of the steps that run this "
+                                   "task", "(0, inf)")
+    loss_weight: float = setting(1.0, "multiplies this task's loss, its routing losses included", "[0, inf)")
+    classnames: Optional[str] = setting(None, "classification: class names, one per line in label order; null: "
+                                              "classnames.txt beside the shards")
+    templates: str = setting("simple", "classification: prompt templates, 'simple' (7), 'openai' (80) or a file; "
+                                       "every class's prompts are encoded every step")
+    candidates: Union[Literal["all"], int] = setting(
+        "all", "classification: score against all classes, or against N that always include the batch's labels",
+        "[2, inf)")
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise LimoeError(f"tasks: a task name must be non-empty and free of '/', got {self.name!r}.")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Which task each optimizer step trains (PolyViT's schedules); a pure function of (seed, step).
+
+    task_by_task: every step of one task, then the next, in a random task order; alternating:
+    round robin; uniform: every task equally often; weighted: task j exactly `steps` times; all
+    three shuffled once with `seed`. accumulate: one batch of every task per step, gradients summed.
+    """
+
+    kind: Literal["task_by_task", "alternating", "uniform", "weighted", "accumulate"] = setting(
+        "weighted", "co-training schedule: which task each step trains (docs/TRAINING.md)")
+    seed: int = setting(0, "seeds the schedule's shuffles and the candidate draws", "[0, 4294967295]")
+
+
+@dataclass(frozen=True)
 class DistributedConfig:
     """How the processes share the work."""
 
@@ -323,6 +385,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tasks: tuple[TaskConfig, ...] = setting((), "co-training: the datasets and their objectives, with the keys "
+                                                "below; empty: contrastive training on data.train")
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
         if self.train.eval_every and self.eval.zeroshot.data is None and self.eval.retrieval is None:
@@ -332,6 +397,32 @@ class Config:
         if self.model.moe_layers and experts % shards:
             raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "
                              f"{shards}; every rank must hold the same number of experts.")
+        if self.tasks:
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        names = [task.name for task in self.tasks]
+        if len(set(names)) < len(names):
+            raise LimoeError(f"tasks: task names must be unique, got {names}.")
+        kind = self.schedule.kind
+        if kind in ("weighted", "task_by_task"):
+            missing = [task.name for task in self.tasks if task.steps is None]
+            if missing:
+                raise LimoeError(f"schedule {kind} needs every task's steps (its step budget U_j); task "
+                                 f"'{missing[0]}' has none.")
+            total = sum(task.steps for task in self.tasks)
+            if total != self.train.steps:
+                raise LimoeError(
+                    f"the tasks' steps add up to {total} but train.steps is {self.train.steps}; with schedule {kind} "
+                    f"each task runs exactly its steps, so make train.steps their sum."
+                )
+        if kind == "accumulate" and any(task.lr_scale != 1.0 for task in self.tasks):
+            raise LimoeError("schedule accumulate takes one optimizer step for all tasks together, so a task's "
+                             "lr_scale cannot apply; weight the tasks with loss_weight instead.")
+
+    def task_batch_size(self, task: TaskConfig) -> int:
+        """A task's global batch size (the train batch size unless the task sets its own)."""
+        return task.batch_size if task.batch_size is not None else self.train.batch_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,16 +478,19 @@ def _convert(value: Any, tp: Any, path: str, valid: Optional[Interval] = None) -
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _convert(value, inner[0], path, valid)
-        for candidate in inner:  # the first type that takes the value
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(value, options[0], path, valid)
+        for option in options:  # the first type that accepts the value
             try:
-                return _convert(value, candidate, path, valid)
+                return _convert(value, option, path, valid)
             except LimoeError:
                 pass
-        names = " or ".join(_type_name(a) for a in inner)
-        raise LimoeError(f"config key '{path}' must be of type {names}, got {value!r} ({type(value).__name__}).")
+        described = " or ".join(
+            f"one of {list(typing.get_args(o))}" if typing.get_origin(o) is Literal else f"{_type_name(o)} in {valid}"
+            for o in options
+        )
+        raise LimoeError(f"config key '{path}' must be {described}, got {value!r}.")
     if origin is Literal:
         if value not in args:
             raise LimoeError(f"config key '{path}' must be one of {list(args)}, got {value!r}.")
@@ -448,6 +542,11 @@ def from_dict(cls: type, data: dict, path: str = "", valid: Optional[Interval] =
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
             raise LimoeError(f"unknown config key '{dotted}'{hint}.")
         kwargs[key] = _key(cls, key, value, dotted, valid)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise LimoeError(f"config key '{path or cls.__name__}' is missing '{missing[0]}'; it has no default.")
     return cls(**kwargs)
 
 
