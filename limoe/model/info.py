@@ -26,6 +26,8 @@ def describe_model(config: ModelConfig) -> str:
         f"text             {config.context_length} tokens, vocabulary {config.vocab_size}, pool {config.text_pool}",
         f"joint embedding  {config.embed_dim}",
     ]
+    if config.modality_adapter_layers:
+        lines.append(f"adapter blocks   the first {config.modality_adapter_layers}, one copy per modality")
     if config.moe_layers:
         lines += [
             f"MoE blocks       {list(config.moe_layers)} ({len(config.moe_layers)} of {config.depth})",

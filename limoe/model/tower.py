@@ -1,8 +1,9 @@
 """LIMoE: one transformer tower for images and text, with sparse top-1 expert MLPs.
 
 Read top to bottom: the embeddings are per modality (patches + 2-D positions, tokens + 1-D
-positions); every block weight, routers included, is shared; attention runs over each example's
-own sequence of one modality; in an MoE block an example's patches and caption tokens are routed
+positions); every block weight, routers included, is shared, except in the first
+`modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
+attention runs over each example's own sequence of one modality; in an MoE block an example's patches and caption tokens are routed
 together in one call, tagged by modality; per-modality pooling heads and projections map into the
 joint space, where embeddings are L2-normalised.
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from limoe.config import Config, ModelConfig
+from limoe.config import MODALITIES, Config, ModelConfig
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Attention, Mlp, Pool
 from limoe.model.moe import MoeMlp
@@ -31,6 +32,7 @@ PAD_TOKEN = 0  # open_clip's tokenizer pads with 0
 class Tokens:
     """One modality's token sequences inside the tower."""
 
+    name: str  # "image" or "text"
     x: Tensor  # [B, N, d]
     modality: Tensor  # [B, N] IMAGE, TEXT or PADDING per token
     key_mask: Optional[Tensor]  # [B, N] True where attention may look (None: everywhere)
@@ -40,8 +42,8 @@ class Tokens:
 class LimoeOutput:
     """What `model(images, tokens)` returns; the first fields are those of open_clip's output dict."""
 
-    image_features: Tensor  # [B, D] L2-normalised
-    text_features: Tensor  # [B, D] L2-normalised
+    image_features: Optional[Tensor]  # [B, D] L2-normalised (None when no images were given)
+    text_features: Optional[Tensor]  # [B', D] L2-normalised (None when no texts were given)
     logit_scale: Tensor  # [1] the temperature exp(model.logit_scale) that multiplies the cosine logits
     logit_bias: Optional[Tensor]  # [1] SigLIP's learned logit bias (None for the CLIP loss)
     routing: list[LayerRouting]  # one per MoE block, in depth order
@@ -80,6 +82,21 @@ class Block(nn.Module):
         return streams, routing
 
 
+class ModalityAdapter(nn.ModuleDict):
+    """A modality-specific tower position (PolyViT's L_adapt): one dense Block per modality, and each
+    stream goes through its own modality's copy. Called like a Block; it never routes."""
+
+    sparse = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__({modality: Block(config, False, ExpertSharding()) for modality in MODALITIES})
+
+    def forward(self, streams: list[Tokens]) -> tuple[list[Tokens], None]:
+        for s in streams:
+            self[s.name]([s])
+        return streams, None
+
+
 class Limoe(nn.Module):
     """The single-tower contrastive model, with open_clip's `encode_image` / `encode_text` interface.
 
@@ -101,7 +118,10 @@ class Limoe(nn.Module):
         self.token_embed = nn.Embedding(config.vocab_size, width)
         self.text_positions = nn.Parameter(torch.randn(config.context_length, width) * 0.01)  # [L, d]
         moe_layers = set(config.moe_layers)
-        self.blocks = nn.ModuleList(Block(config, i in moe_layers, sharding) for i in range(config.depth))
+        self.blocks = nn.ModuleList(
+            ModalityAdapter(config) if i < config.modality_adapter_layers else Block(config, i in moe_layers, sharding)
+            for i in range(config.depth)
+        )
         self.norm = nn.LayerNorm(width)
         self.image_pool = Pool(config.image_pool, width, config.heads, config.mlp_dim)
         self.text_pool = Pool(config.text_pool, width, config.heads, config.mlp_dim)
@@ -146,14 +166,14 @@ class Limoe(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         modality = torch.full(x.shape[:2], IMAGE, device=x.device, dtype=torch.long)
-        return Tokens(x, modality, None)
+        return Tokens("image", x, modality, None)
 
     def _text_stream(self, tokens: Tensor) -> Tokens:
         """tokens [B, L] ids → [B, L, d]; padding is masked in attention and never routed."""
         real = tokens != PAD_TOKEN  # [B, L]
         x = self.token_embed(tokens) + self.text_positions[: tokens.shape[1]]
         modality = torch.where(real, TEXT, PADDING)
-        return Tokens(x, modality, real)
+        return Tokens("text", x, modality, real)
 
     # --- tower ------------------------------------------------------------------------------
 
@@ -188,11 +208,18 @@ class Limoe(nn.Module):
         (stream,), _ = self._tower([self._text_stream(tokens)])
         return self._text_features(stream, tokens, normalize)
 
-    def forward(self, images: Tensor, tokens: Tensor) -> LimoeOutput:
-        """Both modalities of a batch of pairs through the tower together (joint routing)."""
-        (image, text), routing = self._tower([self._image_stream(images), self._text_stream(tokens)])
-        return LimoeOutput(self._image_features(image), self._text_features(text, tokens), self.logit_scale.exp(),
-                           self.logit_bias, routing)
+    def forward(self, images: Optional[Tensor], tokens: Optional[Tensor]) -> LimoeOutput:
+        """Both modalities of a batch of pairs through the tower together (joint routing).
+
+        Either may be None: one modality alone, with its routing (a classification batch's images,
+        or its class prompts, whose counts differ from the images').
+        """
+        streams = ([self._image_stream(images)] if images is not None else []) + (
+            [self._text_stream(tokens)] if tokens is not None else [])
+        streams, routing = self._tower(streams)
+        image = self._image_features(streams[0]) if images is not None else None
+        text = self._text_features(streams[-1], tokens) if tokens is not None else None
+        return LimoeOutput(image, text, self.logit_scale.exp(), self.logit_bias, routing)
 
 
 def build_model(config: Config, sharding: ExpertSharding = ExpertSharding()) -> Limoe:
@@ -221,7 +248,7 @@ def parameter_counts(model: Limoe) -> tuple[int, int]:
     """(total parameters, parameters applied to each token).
 
     A top-1 token passes through one of E experts, so (E−1)/E of every MoE layer's expert
-    weights are not applied to it (the router is); a text token reads one row of the token
+    weights are not applied to it (the router is), nor the other modality's adapter blocks; a text token reads one row of the token
     embedding table, not the table. Works on the `meta` device.
     """
     total = sum(p.numel() for p in model.parameters())
@@ -229,4 +256,7 @@ def parameter_counts(model: Limoe) -> tuple[int, int]:
     for moe in model.moe_blocks:
         expert_params = sum(p.numel() for p in moe.experts.parameters())
         unused += expert_params * (moe.num_experts - 1) // moe.num_experts
+    for adapter in model.blocks:
+        if isinstance(adapter, ModalityAdapter):  # a token goes through its own modality's copy only
+            unused += sum(p.numel() for p in adapter.parameters()) * (len(adapter) - 1) // len(adapter)
     return total, total - unused
