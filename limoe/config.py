@@ -637,16 +637,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _apply_override(raw: dict, keys: list[str], value: Any) -> None:
+    """Set raw[k1][k2]…; a number picks an entry of a list (`tasks.1.steps=50`)."""
     node = raw
-    for i, key in enumerate(keys[:-1]):
-        child = node.get(key)
+    for i, key in enumerate(keys):
+        if isinstance(node, list):
+            if not (key.isdigit() and int(key) < len(node)):
+                raise LimoeError(f"--set {'.'.join(keys)}: '{'.'.join(keys[:i])}' is a list of {len(node)}; "
+                                 f"index it with 0..{len(node) - 1}.")
+            key = int(key)
+        if i == len(keys) - 1:
+            node[key] = value
+            return
+        child = node[key] if isinstance(node, list) else node.get(key)
         if child is None:
             child = node[key] = {}
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             section = ".".join(keys[: i + 1])
             raise LimoeError(f"--set {'.'.join(keys)}: '{section}' is not a section of the config.")
         node = child
-    node[keys[-1]] = value
 
 
 def _finish_model_mapping(raw: dict) -> dict:

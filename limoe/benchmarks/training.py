@@ -60,7 +60,7 @@ from limoe.data.pipeline import train_loader
 from limoe.model.tower import build_model
 from limoe.training.progress import TrainingReporter
 from limoe.training.device_batches import DeviceBatches
-from limoe.training.step import ContrastiveTrainer, train_step
+from limoe.training.step import ContrastiveTrainer, StepOutcome, train_step
 from limoe.training.trainer import build_engine, optimizer_groups, start_session
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense (no 2:4 sparsity) bf16 peak; H200 has the same, H100 PCIe 756
@@ -323,8 +323,9 @@ def trainer_run(spec: Spec, batch: int, device: torch.device, shards: Path, work
 
     def step() -> None:
         images, tokens = next(batches)
-        terms, routing, _ = train_step(engine, images, tokens, config)
-        reporter.step(next(steps), terms, routing, engine.get_lr()[0], loader.bad_samples, images.shape[0])
+        terms, routing, stepped = train_step(engine, images, tokens, config)
+        outcome = StepOutcome(terms, routing, stepped, images.shape[0])
+        reporter.step(next(steps), outcome, engine.get_lr()[0], loader.bad_samples)
 
     def close() -> None:
         nonlocal batches

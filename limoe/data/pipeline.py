@@ -4,7 +4,8 @@ Each DataLoader worker runs the whole pipeline on its own share of the shards: r
 group members into samples, shuffle in memory (training), decode, transform, tokenize and batch.
 Batches cross the process boundary whole, which keeps per-sample Python overhead inside workers.
 
-Training (`train_loader`) is an endless stream: shards are either resampled with replacement
+Training (`train_loader`) is an endless stream of image-caption pairs, or of labelled images
+for a classification task: shards are either resampled with replacement
 (each rank and worker drawing with its own seed, LAION-style) or shuffled every epoch and split
 between ranks and workers. Several sources are mixed per sample (`limoe.data.sources` says in what
 proportions: by size unless the config gives weights, as open_clip does). Evaluation
@@ -106,6 +107,22 @@ def _resolve(path: str) -> list[str]:
     return [path]
 
 
+def require_labels(spec: str) -> None:
+    """Fail early when a classification set's first sample has no `.cls` label (local shards only)."""
+    first = expand_shards(spec)[0]
+    if REMOTE.match(first):
+        return
+    try:
+        sample = next(iter(wds.tarfile_samples([{"url": first}])), None)
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+        return  # an unreadable shard is the loader's to count as bad data
+    if sample is None or "cls" not in sample:
+        raise LimoeError(
+            f"shard {first} holds no .cls labels, so it cannot feed a classification task; build labelled shards "
+            f"with `limoe shards build --classification`, or make the task contrastive."
+        )
+
+
 def read_classnames(spec: str) -> list[str]:
     """Class names of a classification shard set, from the classnames.txt beside its first shard."""
     path = Path(expand_shards(spec)[0]).parent / "classnames.txt"
@@ -121,6 +138,11 @@ def read_classnames(spec: str) -> list[str]:
 class TrainBatch(NamedTuple):
     images: torch.Tensor  # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalise)
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
+
+
+class LabelledBatch(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W] uint8, as in TrainBatch
+    labels: torch.Tensor  # [B] int64 `.cls` labels
 
 
 class EvalBatch(NamedTuple):
@@ -291,7 +313,8 @@ def _collate(records: list, context_length: int, train: bool, classification: bo
     keys, images, targets = zip(*records)
     images = torch.stack(images)
     if classification:
-        return EvalBatch(images, list(keys), None, torch.tensor(targets, dtype=torch.int64))
+        labels = torch.tensor(targets, dtype=torch.int64)
+        return LabelledBatch(images, labels) if train else EvalBatch(images, list(keys), None, labels)
     tokens = tokenizer(context_length)(list(targets))
     return TrainBatch(images, tokens) if train else EvalBatch(images, list(keys), tokens, None)
 
@@ -428,12 +451,14 @@ def train_loader(
     seed: int,
     max_bad_fraction: float,
     *,
+    classification: bool = False,
     bad_check_after: int = 1000,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     pin_memory: bool = False,
 ) -> ShardLoader:
-    """An endless loader of TrainBatch(images, tokens); `batch_size` is per rank.
+    """An endless loader of TrainBatch(images, tokens), or with `classification` of
+    LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank.
 
     Rank and world size come from torch.distributed when it is initialised (0 and 1 otherwise);
     the arguments override them. `bad_check_after`: samples a worker reads before the bad
@@ -452,8 +477,9 @@ def train_loader(
             )
     stream = _ShardStream(
         shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
-        context_length=context_length, classification=False, shuffle_buffer=shuffle_buffer, resampled=resampled,
-        seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
+        context_length=context_length, classification=classification, shuffle_buffer=shuffle_buffer,
+        resampled=resampled, seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
+        check_after=bad_check_after,
     )
     return ShardLoader(stream, workers, pin_memory)
 

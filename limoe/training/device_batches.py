@@ -1,6 +1,6 @@
 """Training batches on the GPU, each copied while the step before it runs.
 
-The loader's workers hand over uint8 images and int64 tokens in pinned memory (DataLoader
+The loader's workers hand over uint8 images and int64 tokens (or labels) in pinned memory (DataLoader
 `pin_memory`). On CUDA, `DeviceBatches` issues the copy of batch n+1 on a side stream as soon as
 batch n is handed out, so the copy overlaps step n; when batch n+1 is taken the compute stream
 waits for the copy on the device (an event, not the host). On a CPU batches pass through.
@@ -30,7 +30,7 @@ class DeviceBatches:
 
         def copy(batch: TrainBatch) -> TrainBatch:
             with torch.cuda.stream(copies):
-                return TrainBatch(*(t.to(self.device, non_blocking=True) for t in batch))
+                return type(batch)(*(t.to(self.device, non_blocking=True) for t in batch))
 
         ahead = copy(next(batches))
         for batch in batches:

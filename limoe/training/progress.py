@@ -3,6 +3,9 @@
 Per-step values stay on the device and are summed over a logging window; they are read (one host
 sync) only every `train.log_every` steps. Losses are averaged over ranks at that point; routing
 the routing table sums all ranks' tokens (the progress bar's routing success is rank 0's). Collapse warnings are logged once per (layer, modality).
+
+Co-training logs each task's terms as `<task>/<term>`, averaged over the steps that ran the task,
+and routing statistics for each task besides those of all tasks together.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,19 +23,25 @@ from tqdm import tqdm
 
 from limoe.config import MODALITIES, Config
 from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
+from limoe.training.step import StepOutcome
 
 log = logging.getLogger("limoe.training.trainer")
 
 
 class TrainingReporter:
-    """`pairs_seen` counts the image-text pairs trained on since the run began, across resumes (it
-    starts from the checkpoint's count); the bad-sample counts are this process's data loader's."""
+    """`pairs_seen` counts the samples trained on since the run began, across resumes (it starts
+    from the checkpoint's count); co-training also counts each task's steps and samples
+    (`tasks_seen`, likewise resumed). The bad-sample counts are this process's data loaders'."""
 
-    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int, pairs_seen: int = 0):
+    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int, pairs_seen: int = 0,
+                 tasks_seen: Optional[dict] = None):
         self.config = config
         self.pairs_seen = pairs_seen
+        self.tasks_seen = {task.name: {"steps": 0, "samples": 0, **(tasks_seen or {}).get(task.name, {})}
+                           for task in config.tasks}
         self.main = rank == 0
         self.routing = RoutingAccumulator(config.model.moe_layers)
+        self.task_routing = {task.name: RoutingAccumulator(config.model.moe_layers) for task in config.tasks}
         self.warned: set[tuple[int, str]] = set()
         self.skipped_steps = 0
         self.evaluated = ""  # the last evaluation's headline numbers, kept on the progress line
@@ -47,18 +57,33 @@ class TrainingReporter:
 
     def _reset_window(self) -> None:
         self.window_terms: dict[str, Tensor] = {}
+        self.window_counts: dict[str, int] = {}  # steps that reported each term (a task's, only its own)
         self.window_steps = 0
         self.window_pairs = 0
         self.window_start = time.perf_counter()
 
-    def step(self, step: int, terms: dict[str, Tensor], routing: list, lr: float, bad_samples, pairs: int) -> None:
-        """Record one optimizer step; log when the window is full."""
+    def progress(self) -> dict:
+        """The counters a checkpoint keeps, given back to the reporter of a resumed run."""
+        return {"pairs_seen": self.pairs_seen, **({"tasks": self.tasks_seen} if self.tasks_seen else {})}
+
+    def step(self, step: int, outcome: StepOutcome, lr: float, bad_samples) -> None:
+        """Record one optimizer step; log when the window is full. Co-training reports the routing of
+        each forward pass with its task's name (`outcome.task_routing`) instead of `outcome.routing`."""
+        terms, pairs = outcome.terms, outcome.samples
+        for task, samples in outcome.task_samples.items():
+            self.tasks_seen[task]["steps"] += 1
+            self.tasks_seen[task]["samples"] += samples
         for key, value in terms.items():
             self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
+            self.window_counts[key] = self.window_counts.get(key, 0) + 1
         self.window_steps += 1
         self.window_pairs += pairs
         self.pairs_seen += pairs
-        self.routing.add(routing)
+        for task, records in outcome.task_routing:
+            self.task_routing[task].add(records)
+            self.routing.add(records)
+        if not outcome.task_routing:
+            self.routing.add(outcome.routing)
         self.bar.update(1)
         last = step == self.config.train.steps
         if step % self.config.train.log_every == 0 or last:
@@ -68,7 +93,7 @@ class TrainingReporter:
 
     def _window_means(self) -> dict[str, float]:
         names = sorted(self.window_terms)
-        values = torch.stack([self.window_terms[n] for n in names]) / self.window_steps
+        values = torch.stack([self.window_terms[n] / self.window_counts[n] for n in names])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(values)
             values /= dist.get_world_size()
@@ -80,16 +105,18 @@ class TrainingReporter:
         success = self._routing_success()
         record = {
             "step": step, "lr": lr, "pairs_per_s": self.window_pairs / seconds,
-            "pairs_seen": self.pairs_seen, **means, "skipped_steps": self.skipped_steps,
+            "pairs_seen": self.pairs_seen, **({"tasks_seen": self.tasks_seen} if self.tasks_seen else {}), **means, "skipped_steps": self.skipped_steps,
             "bad_samples": bad_samples.bad, "samples_read_this_process": bad_samples.seen,
             **{f"routing_success_{m}": s for m, s in success.items()},
         }
         self._reset_window()
         if not self.main:
             return
+        tasks = "".join(f"  {task} {means[f'{task}/loss']:.3f}" for task in self.task_routing if f"{task}/loss" in means)
         self.bar.set_postfix_str(
-            f"loss {means['loss']:.3f}  {record['pairs_per_s']:.0f} pairs/s  routed img/txt "
-            + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES) + self.evaluated
+            f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {'samples' if tasks else 'pairs'}/s  "
+            f"routed img/txt " + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
+            + self.evaluated
         )
         self._write(record, step)
 
@@ -103,17 +130,27 @@ class TrainingReporter:
         return success
 
     def _log_routing(self, step: int) -> None:
-        self.routing.all_reduce()  # every rank's tokens; all ranks reach this step together
-        stats = self.routing.statistics()
-        self.routing.reset()
+        stats, by_task = self._reduced_statistics(self.routing), {}
+        for task, accumulator in self.task_routing.items():  # the same order on every rank
+            by_task[task] = self._reduced_statistics(accumulator)
         if not self.main or not stats["layers"]:
             return
-        self._write({"step": step, "routing": stats}, step)
+        self._write({"step": step, "routing": stats, **({"routing_by_task": by_task} if by_task else {})}, step)
         log.info("routing at step %d\n%s", step, format_summary_table(stats))
+        for task, task_stats in by_task.items():
+            log.info("routing of task %s\n%s", task, format_summary_table(task_stats))
         for collapse in collapses(stats):
             if (collapse.block, collapse.modality) not in self.warned:
                 self.warned.add((collapse.block, collapse.modality))
                 log.warning("step %d: %s", step, collapse.message)
+
+    @staticmethod
+    def _reduced_statistics(accumulator: RoutingAccumulator) -> dict:
+        """This window's statistics over every rank's tokens (all ranks call it together); then reset."""
+        accumulator.all_reduce()
+        stats = accumulator.statistics()
+        accumulator.reset()
+        return stats
 
     def _write(self, record: dict, step: int) -> None:
         self.metrics.write(json.dumps(record) + "\n")

@@ -16,11 +16,16 @@ The parameter gradient is then the full batch's, up to summation order; the cost
 forward without gradient. A micro-batch must hold whole routing groups, so that it routes
 exactly as the full batch does. The micro-batches mark DeepSpeed's gradient-accumulation boundary
 (so ZeRO reduces as it would for any accumulation), and the step happens once, after the last one.
+
+Co-training (`limoe.training.cotraining`) builds its step from the same pieces: a contrastive
+task's batch goes through `forward_backward`, a classification task's through
+`whole_batch_backward`, each scaled by the task's loss weight; under the accumulating schedule only
+the last task's backward marks the boundary, so the tasks' gradients are summed before one update.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,6 +53,18 @@ class MicroBatchShare:
     text_grad: Tensor  # [m, D]
     whole_batch: list[RoutingCounts]  # per MoE layer: what the auxiliary losses average over
     loss_parameter_grads: list[Tensor]  # d(contrastive loss)/d(logit scale, bias); given to one micro-batch only
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did, for the training loop and its reporter."""
+
+    terms: dict[str, Tensor]
+    routing: list[LayerRouting]  # the step's routing (training on pairs; co-training reports per task instead)
+    stepped: bool
+    samples: int  # over all ranks
+    task_routing: list[tuple[str, list[LayerRouting]]] = field(default_factory=list)  # (task, routing) per forward
+    task_samples: dict[str, int] = field(default_factory=dict)  # co-training: samples of each task run, all ranks
 
 
 class TrainerOutput(NamedTuple):
@@ -104,6 +121,11 @@ class ContrastiveTrainer(nn.Module):
         surrogate = ((output.image_features * share.image_grad).sum() + (output.text_features * share.text_grad).sum()
                      + aux + sum((p * g).sum() for p, g in zip(self.loss_parameters(), share.loss_parameter_grads)))
         return TrainerOutput(surrogate, {}, output.routing)
+
+
+    def clamp_temperatures(self) -> None:
+        """After each update: the learned temperatures stay within CLIP's bound."""
+        clamp_logit_scale(self.model.logit_scale)
 
 
 def _detached(terms: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -176,8 +198,8 @@ def _merged_routing(micro: list[list[LayerRouting]], whole: list[RoutingCounts])
     return merged
 
 
-def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config,
-                            micro: int) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
+def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int, weight: float,
+                            last: bool) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
     """Steps 1–3 of the module docstring; backward runs only if the loss is finite (or skipping is off)."""
     module: ContrastiveTrainer = engine.module
     device = images.device
@@ -214,9 +236,9 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
         _set_rng_state(states[index], device)
         pairs = slice(index * micro, (index + 1) * micro)
         share = MicroBatchShare(image_grad[pairs], text_grad[pairs], whole, parameter_grads if index == 0 else [])
-        engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)
+        engine.set_gradient_accumulation_boundary(last and index == len(chunks) - 1)
         objective, _, _ = engine(chunk_images, chunk_tokens, share=share)
-        engine.backward(objective, scale_wrt_gas=False)
+        engine.backward(_weighted(objective, weight), scale_wrt_gas=False)
     _set_rng_state(after, device)
     return terms, routing, True
 
@@ -225,18 +247,31 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
 # Forward, backward, clipping, update
 
 
-def forward_backward(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[dict[str, Tensor], list, bool]:
-    """This rank's gradient of the batch (reduced over ranks by DeepSpeed); returns the loss terms,
-    the routing, and False if the step is to be skipped (non-finite loss with skip_nonfinite_steps)."""
+def forward_backward(engine, images: Tensor, tokens: Tensor, config: Config, weight: float = 1.0,
+                     last: bool = True) -> tuple[dict[str, Tensor], list, bool]:
+    """This rank's gradient of the batch's loss times `weight`, added to the gradients already
+    there; `last`: no other backward follows before the update (DeepSpeed reduces over ranks then).
+    Returns the loss terms, the routing, and False if the step is to be skipped (a non-finite loss
+    with skip_nonfinite_steps)."""
     micro = micro_batch_size(config, dist.get_world_size())
     if micro < images.shape[0]:
-        return _feature_cache_backward(engine, images, tokens, config, micro)
-    engine.set_gradient_accumulation_boundary(True)
-    loss, terms, routing = engine(images, tokens)
+        return _feature_cache_backward(engine, images, tokens, config, micro, weight, last)
+    return whole_batch_backward(engine, (images, tokens), config, weight, last)
+
+
+def whole_batch_backward(engine, inputs: tuple, config: Config, weight: float = 1.0,
+                         last: bool = True) -> tuple[dict[str, Tensor], list, bool]:
+    """`forward_backward` of one forward `engine(*inputs)` (a batch taken whole)."""
+    engine.set_gradient_accumulation_boundary(last)
+    loss, terms, routing = engine(*inputs)
     if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         return terms, routing, False
-    engine.backward(loss, scale_wrt_gas=False)
+    engine.backward(_weighted(loss, weight), scale_wrt_gas=False)
     return terms, routing, True
+
+
+def _weighted(loss: Tensor, weight: float) -> Tensor:
+    return loss if weight == 1.0 else loss * weight
 
 
 def global_grad_norm(module: nn.Module, expert_group) -> Tensor:
@@ -278,7 +313,7 @@ def apply_update(engine, terms: dict[str, Tensor], config: Config) -> None:
     engine.step()
     if zero_clips_by_itself(config):
         terms["grad_norm"] = torch.as_tensor(engine.get_global_grad_norm()).float()
-    clamp_logit_scale(engine.module.model.logit_scale)
+    engine.module.clamp_temperatures()
 
 
 def _finite_everywhere(loss: Tensor) -> bool:

@@ -18,6 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import torch
@@ -36,7 +37,7 @@ from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches
 from limoe.training.evaluation import check_eval_sets, evaluate_live
 from limoe.training.progress import TrainingReporter
-from limoe.training.step import ContrastiveTrainer, micro_batch_size, train_step
+from limoe.training.step import ContrastiveTrainer, StepOutcome, micro_batch_size, train_step
 from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
 
 log = logging.getLogger("limoe.training.trainer")
@@ -108,7 +109,8 @@ def build_engine(config: Config, session: Session, compile_backend: str = "induc
 
     With train.compile the tower is compiled (`compile_backend`, Inductor by default), the
     expert all-to-all inside its graph; the contrastive loss, whose feature gather breaks graphs,
-    and the optimizer stay eager.
+    and the optimizer stay eager. With `tasks:` the module also holds the classification loss, and
+    each step's learning rate is multiplied by the lr_scale of the task the schedule runs then.
     """
     micro_batch_size(config, session.world_size)  # a bad micro-batch size fails before anything is built
     ds_config = deepspeed_config(config, session.world_size, session.bf16)
@@ -116,12 +118,17 @@ def build_engine(config: Config, session: Session, compile_backend: str = "induc
     sharding = ExpertSharding.for_process(config.distributed.expert_parallel_size)
     model = build_model(config, sharding)
     model.set_activation_checkpointing(config.train.activation_checkpointing)
-    module = ContrastiveTrainer(model, config)
+    if config.tasks:
+        from limoe.training import cotraining  # it builds on the step functions
+
+        module, task_scale = cotraining.CoTrainer(model, config), cotraining.lr_scale(config)
+    else:
+        module, task_scale = ContrastiveTrainer(model, config), lambda step: 1.0
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, config.optim.weight_decay), lr=config.optim.lr,
         betas=tuple(config.optim.betas), eps=config.optim.eps,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config) * task_scale(step))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if config.train.compile:
         engine.module.model.compile(backend=compile_backend)
@@ -139,13 +146,18 @@ def check_memory_plan(config: Config, session: Session) -> None:
 
 def train(config: Config, workdir: Path) -> dict:
     """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0)."""
-    for source in config.data.train:  # a missing shard path fails here, before anything is built
-        expand_shards(source.shards)
+    if not config.tasks:  # (co-training reads the tasks' data instead)
+        for source in config.data.train:  # a missing shard path fails here, before anything is built
+            expand_shards(source.shards)
     check_eval_sets(config)
     session = start_session(config)
+    if config.tasks:
+        from limoe.training import cotraining
+
+        cotraining.check_tasks(config, session.world_size)
     check_memory_plan(config, session)
-    check_batch_fits_in_memory(config.train.batch_size // session.world_size, config.model.image_size,
-                               config.data.workers)
+    largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
+    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers)
     with locked_workdir(workdir, session.rank):
         return _train_in(config, workdir, session)
 
@@ -164,27 +176,45 @@ def _train_in(config: Config, workdir: Path, session: Session) -> dict:
         keep_metrics_until(workdir, start)
     if start >= config.train.steps:
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)
-    loader = train_loader(
-        config.data.train, config.train.batch_size // session.world_size, config.model.image_size,
-        config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
-        seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
-        pin_memory=session.device.type == "cuda",
-    )
+    if config.tasks:
+        from limoe.training import cotraining
+
+        run_step, bad_samples = cotraining.task_steps(engine, config, session, start)
+    else:
+        loader = train_loader(
+            config.data.train, config.train.batch_size // session.world_size, config.model.image_size,
+            config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
+            seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
+            pin_memory=session.device.type == "cuda",
+        )
+        run_step, bad_samples = _pair_steps(engine, loader, config, session), loader.bad_samples
     # Checkpoints written before pairs were counted: assume today's batch size throughout.
     reporter = TrainingReporter(config, workdir, session.rank, start,
-                                state.get("pairs_seen", start * config.train.batch_size))
-    _loop(engine, loader, config, session, workdir, reporter, start)
+                                state.get("pairs_seen", start * config.train.batch_size), state.get("tasks", {}))
+    _loop(engine, run_step, bad_samples, config, workdir, reporter, start)
     reporter.close()
     return finish(config, workdir, session)
 
 
-def _loop(engine, loader, config: Config, session: Session, workdir: Path, reporter, start: int) -> None:
-    step, skipped_in_a_row = start, 0
+def _pair_steps(engine, loader, config: Config, session: Session) -> Callable[[int], StepOutcome]:
+    """Training on `data.train`: each step one batch of pairs."""
     batches = iter(DeviceBatches(loader, session.device))
-    while step < config.train.steps:
+
+    def run(step: int) -> StepOutcome:
         images, tokens = next(batches)
         terms, routing, stepped = train_step(engine, images, tokens, config)
-        if not stepped:
+        return StepOutcome(terms, routing, stepped, config.train.batch_size)
+
+    return run
+
+
+def _loop(engine, run_step: Callable[[int], StepOutcome], bad_samples, config: Config, workdir: Path, reporter,
+          start: int) -> None:
+    step, skipped_in_a_row = start, 0
+    while step < config.train.steps:
+        outcome = run_step(step)
+        terms = outcome.terms
+        if not outcome.stepped:
             skipped_in_a_row += 1
             reporter.skipped(step)
             if skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
@@ -192,12 +222,12 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
                                  f"model has diverged. Lower optim.lr and resume from {workdir}.")
             continue
         step, skipped_in_a_row = step + 1, 0
-        reporter.step(step, terms, routing, engine.get_lr()[0], loader.bad_samples, config.train.batch_size)
+        reporter.step(step, outcome, engine.get_lr()[0], bad_samples)
         checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps
         if checkpoint_due or step % config.train.log_every == 0:
             _stop_if_nonfinite(terms, step, workdir)
         if checkpoint_due:
-            checkpoint.save_training_checkpoint(engine, workdir, step, config, {"pairs_seen": reporter.pairs_seen})
+            checkpoint.save_training_checkpoint(engine, workdir, step, config, reporter.progress())
         if config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps):
             reporter.evaluation(step, evaluate_live(engine.module.model, config))
 

@@ -1,0 +1,295 @@
+"""Co-training one model on several datasets (PolyViT), classification included (Uni-Perceiver).
+
+`tasks:` in the config lists the datasets; each becomes a `Task` here: its loader, and what one of
+its batches feeds the model. The schedule (`limoe.training.schedules`) names each step's task; it
+is a pure function of (seed, step), so every rank runs the same task with the same shapes and the
+expert all-to-all always pairs up. A step of one task is a forward through `CoTrainer` (the module
+DeepSpeed wraps), a backward of the task's loss times its `loss_weight`, and an update whose
+learning rate is the schedule's times the task's `lr_scale` (PolyViT's `lr_coefs`). `accumulate`
+runs one batch of every task, sums their gradients, then updates once.
+
+A contrastive task trains exactly as `limoe train` without tasks does (through
+`limoe.training.step`, micro-batches included); a classification task scores its images against
+its class names' prompts (`limoe.training.candidates`), its batch taken whole. A task's loss
+includes the auxiliary routing losses of its own forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from limoe.config import Config, LossConfig, ShardSource, TaskConfig
+from limoe.data.pipeline import ShardLoader, expand_shards, read_classnames, require_labels, train_loader
+from limoe.errors import LimoeError
+from limoe.evaluate.prompts import load_classnames, load_templates
+from limoe.model.routing import LayerRouting
+from limoe.model.tower import Limoe
+from limoe.training.candidates import (
+    CandidateLoss,
+    candidate_subset,
+    class_embeddings,
+    encode_prompts,
+    positions,
+    prompt_rows,
+    prompt_tokens,
+)
+from limoe.training.device_batches import DeviceBatches
+from limoe.training.losses import auxiliary_loss, clamp_logit_scale
+from limoe.training.schedules import TaskSchedule
+from limoe.training.step import (
+    ContrastiveTrainer,
+    MicroBatchShare,
+    StepOutcome,
+    TrainerOutput,
+    apply_update,
+    forward_backward,
+    whole_batch_backward,
+)
+from limoe.training.trainer import Session
+
+log = logging.getLogger("limoe.training.trainer")
+
+
+# ---------------------------------------------------------------------------------------------
+# The module DeepSpeed wraps
+
+
+def _summed_auxiliary(calls: list[list[LayerRouting]], config: LossConfig, device) -> tuple[Tensor, dict[str, Tensor]]:
+    """The auxiliary losses of several forward passes (a classification step's images and prompts)."""
+    total, parts = torch.zeros((), device=device), {}
+    for routing in calls:
+        aux, call_parts = auxiliary_loss(routing, config, device)
+        total = total + aux
+        for name, value in call_parts.items():
+            parts[name] = parts.get(name, 0.0) + value
+    return total, parts
+
+
+class CoTrainer(ContrastiveTrainer):
+    """The contrastive trainer plus the classification task type: its loss and its temperature.
+
+    `forward(images, targets, share, prompts, templates)` → (loss, detached terms, routing). For
+    pairs (`prompts` None) `targets` are caption tokens and everything is the contrastive
+    trainer's, micro-batch shares included. For classification `targets` index the candidate
+    classes, whose prompts [K·T, L] are encoded here; the routing is then one list per forward
+    pass (the images', the prompts').
+    """
+
+    def __init__(self, model: Limoe, config: Config):
+        super().__init__(model, config)
+        self.classification = CandidateLoss()
+
+    def forward(self, images: Tensor, targets: Tensor, share: Optional[MicroBatchShare] = None,
+                prompts: Optional[Tensor] = None, templates: int = 1) -> TrainerOutput:
+        if prompts is None:
+            return super().forward(images, targets, share)
+        image = self.encode(images, None)  # [B, D] and the image tokens' routing
+        prompt_features, prompt_routing = encode_prompts(self.model, prompts)  # [K·T, D]
+        classes = class_embeddings(prompt_features, templates)  # [K, D]
+        classification, accuracy = self.classification(image.image_features, classes, targets)
+        calls = [image.routing, prompt_routing]
+        aux, parts = _summed_auxiliary(calls, self.loss_config, classification.device)
+        loss = classification + aux
+        terms = {"loss": loss, "classification": classification, "accuracy": accuracy, "auxiliary": aux, **parts,
+                 "logit_scale": self.classification.logit_scale.exp(), "candidates": loss.new_tensor(len(classes))}
+        return TrainerOutput(loss, {k: v.detach().float().reshape(()) for k, v in terms.items()}, calls)
+
+    def clamp_temperatures(self) -> None:
+        super().clamp_temperatures()
+        clamp_logit_scale(self.classification.logit_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: a loader and the gradient of one of its batches
+
+
+class Task:
+    """One dataset of a co-training run, as the loop sees it: image-caption pairs."""
+
+    def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device):
+        self.config = config
+        self.loader = loader
+        self._batches = iter(DeviceBatches(loader, device))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def backward(self, engine, step: int, config: Config, last: bool) -> tuple[dict[str, Tensor], list, bool, int]:
+        """Gradient of this task's next batch, times its loss weight, at optimizer step `step`:
+        (terms, routing of each forward pass, whether the loss was finite, images on this rank)."""
+        images, tokens = next(self._batches)
+        terms, routing, finite = forward_backward(engine, images, tokens, config, self.config.loss_weight, last)
+        return terms, [routing], finite, images.shape[0]
+
+
+class ClassificationTask(Task):
+    """Labelled images scored against class-name prompts: all classes, or N that include the labels."""
+
+    def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device, classnames: list[str],
+                 prompts: Tensor, templates: int, seed: int):
+        super().__init__(config, loader, device)
+        self.classnames = classnames
+        self.prompts = prompts  # [C·T, L] every class's prompts, class-major, on the device
+        self.templates = templates  # T, prompts per class
+        self.seed = seed  # for drawing the other candidates (the schedule's seed: the same on every rank)
+
+    def backward(self, engine, step: int, config: Config, last: bool) -> tuple[dict[str, Tensor], list, bool, int]:
+        images, labels = next(self._batches)
+        self._check(labels)
+        targets, prompts = labels, self.prompts
+        if self.config.candidates != "all":
+            everyone = _gather(labels)  # the candidates must be the same on every rank
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            classes = candidate_subset(everyone, len(self.classnames), self.config.candidates, generator)
+            classes = classes.to(labels.device)
+            targets, prompts = positions(classes, labels), self.prompts[prompt_rows(classes, self.templates)]
+        terms, calls, finite = whole_batch_backward(engine, (images, targets, None, prompts, self.templates), config,
+                                                    self.config.loss_weight, last)
+        return terms, calls, finite, images.shape[0]
+
+    def _check(self, labels: Tensor) -> None:
+        outside = (labels < 0) | (labels >= len(self.classnames))
+        if outside.any():
+            raise LimoeError(
+                f"task '{self.name}': a sample of {self.config.data} has label {labels[outside][0].item()}, outside "
+                f"its {len(self.classnames)} class names; give the task the shards' own classnames file."
+            )
+
+
+def _gather(labels: Tensor) -> Tensor:
+    """Every data-parallel rank's labels [W·B] (ranks hold equal batches)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return labels
+    gathered = torch.empty(dist.get_world_size() * labels.numel(), dtype=labels.dtype, device=labels.device)
+    dist.all_gather_into_tensor(gathered, labels)
+    return gathered
+
+
+def check_tasks(config: Config, world_size: int) -> None:
+    """Every task's input, before anything is built: shards, batch split, labels, class names, templates."""
+    for task in config.tasks:
+        batch_size = config.task_batch_size(task)
+        if batch_size % world_size:
+            raise LimoeError(
+                f"task '{task.name}': batch_size {batch_size} does not split over the {world_size} processes; "
+                f"give it a multiple of {world_size}."
+            )
+        micro = config.train.micro_batch_size
+        if micro is not None and task.kind == "classification":
+            raise LimoeError(
+                f"task '{task.name}': train.micro_batch_size applies to contrastive tasks only, and a classification "
+                f"batch is encoded whole; remove train.micro_batch_size or lower the task's batch_size instead."
+            )
+        if micro is not None and (batch_size // world_size) % micro:
+            raise LimoeError(
+                f"task '{task.name}': train.micro_batch_size {micro} does not divide its {batch_size // world_size} "
+                f"pairs per process; give the task a batch_size that is a multiple of {micro * world_size}."
+            )
+        expand_shards(task.data)
+        if task.kind == "classification":
+            require_labels(task.data)
+            _classnames(task)
+            load_templates(task.templates)
+
+
+def _classnames(task: TaskConfig) -> list[str]:
+    return load_classnames(Path(task.classnames)) if task.classnames else read_classnames(task.data)
+
+
+def build_tasks(config: Config, world_size: int, device: torch.device, start: int) -> list[Task]:
+    """Every task's loader (reseeded for a resume at `start`) and, for classification, its prompts."""
+    tasks = []
+    for index, task in enumerate(config.tasks):
+        classification = task.kind == "classification"
+        loader = train_loader(
+            (ShardSource(task.data),), config.task_batch_size(task) // world_size, config.model.image_size,
+            config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
+            seed=config.train.seed + 1_000_003 * start + 7_919 * index, max_bad_fraction=config.data.max_bad_fraction,
+            classification=classification, pin_memory=device.type == "cuda",
+        )
+        if not classification:
+            tasks.append(Task(task, loader, device))
+            continue
+        classnames, templates = _classnames(task), load_templates(task.templates)
+        tokens = prompt_tokens(classnames, templates, config.model.context_length).to(device)
+        tasks.append(ClassificationTask(task, loader, device, classnames, tokens, len(templates), config.schedule.seed))
+    return tasks
+
+
+class BadSamplesOfAllTasks:
+    """The loaders' skipped samples added up, in the shape the progress report reads."""
+
+    def __init__(self, tasks: list[Task]):
+        self.counters = [task.loader.bad_samples for task in tasks]
+
+    @property
+    def seen(self) -> int:
+        return sum(counter.seen for counter in self.counters)
+
+    @property
+    def bad(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counter in self.counters:
+            for reason, count in counter.bad.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning rate and one optimizer step
+
+
+def lr_scale(config: Config) -> Callable[[int], float]:
+    """step → the lr_scale of the task that step trains (1 for accumulate), for the LR schedule."""
+    schedule = TaskSchedule.from_config(config)
+    scales = [task.lr_scale for task in config.tasks]
+    if schedule.accumulates:
+        return lambda step: 1.0
+    return lambda step: scales[schedule.tasks_at(min(step, schedule.total - 1))[0]]
+
+
+def cotrain_step(engine, tasks: list[Task], runs: tuple[int, ...], step: int, config: Config,
+                 world_size: int) -> StepOutcome:
+    """Optimizer step `step`: the gradients of the tasks in `runs` (one, or all for accumulate),
+    summed, then one update. Only the last task's backward marks DeepSpeed's boundary, so the
+    gradients are reduced over ranks once.
+
+    Terms: `loss`, the weighted sum that is optimised, and `<task>/<term>` for each task run.
+    """
+    terms, task_routing, task_samples = {}, [], {}
+    total = 0.0
+    for position, index in enumerate(runs):
+        task = tasks[index]
+        task_terms, calls, finite, images = task.backward(engine, step, config, last=position == len(runs) - 1)
+        if not finite:
+            engine.zero_grad()
+            return StepOutcome({**terms, "loss": task_terms["loss"]}, [], False, 0)
+        total = total + task.config.loss_weight * task_terms["loss"]
+        terms.update({f"{task.name}/{key}": value for key, value in task_terms.items()})
+        task_routing += [(task.name, routing) for routing in calls]
+        task_samples[task.name] = images * world_size
+    terms["loss"] = total
+    apply_update(engine, terms, config)
+    return StepOutcome(terms, [], True, sum(task_samples.values()), task_routing, task_samples)
+
+
+def task_steps(engine, config: Config, session: Session, start: int) -> tuple[Callable[[int], StepOutcome], object]:
+    """The training loop's step function for `tasks:` (resuming at `start`), and the bad-sample counts."""
+    tasks = build_tasks(config, session.world_size, session.device, start)
+    schedule = TaskSchedule.from_config(config)
+    if session.rank == 0:
+        unit = "batches" if schedule.accumulates else "steps"
+        log.info("schedule %s: %s", schedule.kind,
+                 ", ".join(f"{task.name} {count} {unit}" for task, count in zip(tasks, schedule.counts())))
+
+    def run(step: int) -> StepOutcome:
+        return cotrain_step(engine, tasks, schedule.tasks_at(step), step, config, session.world_size)
+
+    return run, BadSamplesOfAllTasks(tasks)

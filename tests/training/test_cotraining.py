@@ -1,0 +1,157 @@
+"""Co-training (`tasks:`): accumulation, per-task reports, the LR per task, 2 processes = 1, bad input."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from limoe.checkpoints.training import consolidated_state
+from limoe.cli import main
+from limoe.config import load_config
+from limoe.data.pipeline import LabelledBatch, TrainBatch
+from limoe.training.candidates import prompt_tokens
+from limoe.training.cotraining import ClassificationTask, Task, task_gradients
+from limoe.training.schedules import TaskSchedule
+from limoe.training.trainer import Session, build_engine, lr_multiplier, start_session
+from tests.training.test_expert_parallel import run_workers
+
+QUICK = ["data.workers=0", "train.log_every=2", "train.checkpoint_every=2", "train.routing_stats_every=2",
+         "optim.warmup_steps=2"]
+TASKS = """
+tasks:
+  - {{name: pairs, kind: contrastive, data: data_shards/train, batch_size: 8, steps: 3}}
+  - {{name: subgroups, kind: classification, data: {cls}, batch_size: 6, steps: 1, lr_scale: 0.25, {extra}}}
+schedule: {{kind: {schedule}, seed: 0}}
+"""
+
+
+def _config_file(tmp_path: Path, schedule="weighted", cls="data_shards/train_cls", extra="candidates: all",
+                 kind="classification") -> str:
+    path = tmp_path / "cotrain.yaml"
+    text = "base: demo\ntrain: {steps: 4}\n" + TASKS.format(schedule=schedule, cls=cls, extra=extra)
+    path.write_text(text.replace("kind: classification", f"kind: {kind}"))
+    return str(path)
+
+
+def _train(tmp_path: Path, config: str, *overrides: str) -> int:
+    args = ["train", "--config", config, "--workdir", str(tmp_path / "run")]
+    for override in (*QUICK, *overrides):
+        args += ["--set", override]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def cotrain_run(tmp_path_factory):
+    """The demo model on pairs + train_cls for 4 weighted steps, in-process as from the shell."""
+    tmp_path = tmp_path_factory.mktemp("cotrain")
+    assert _train(tmp_path, _config_file(tmp_path)) == 0
+    return tmp_path / "run"
+
+
+def test_each_task_reports_its_own_terms_routing_and_learning_rate(cotrain_run):
+    records = [json.loads(line) for line in (cotrain_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    logged = set().union(*steps)
+    for key in ("pairs/contrastive", "pairs/logit_scale", "subgroups/classification", "subgroups/accuracy",
+                "subgroups/logit_scale", "subgroups/candidates", "subgroups/local_entropy_text", "grad_norm"):
+        assert key in logged, key
+    classification = next(r for r in steps if "subgroups/classification" in r)
+    assert classification["subgroups/logit_scale"] == pytest.approx(1 / 0.07, rel=0.05)
+    assert classification["subgroups/candidates"] == 32  # candidates: all of train_cls's classes
+    routing = [r for r in records if "routing_by_task" in r]
+    assert routing and set(routing[-1]["routing_by_task"]) <= {"pairs", "subgroups"}
+    config = load_config(str(cotrain_run / "config.yaml"))
+    schedule = TaskSchedule.from_config(config)
+    for record in steps:  # the LR logged after step s is the one for step s: its task's lr_scale applies
+        scale = 0.25 if schedule.tasks_at(min(record["step"], 3)) == (1,) else 1.0
+        assert record["lr"] == pytest.approx(config.optim.lr * lr_multiplier(record["step"], config) * scale)
+    events = EventAccumulator(str(cotrain_run / "tensorboard")).Reload()
+    assert {"train/pairs/contrastive", "train/subgroups/classification"} <= set(events.Tags()["scalars"])
+
+
+def test_accumulate_gradient_is_the_sum_of_the_single_task_gradients(tmp_path):
+    config = load_config(_config_file(tmp_path, schedule="accumulate", extra="candidates: 5, loss_weight: 0.5"),
+                         ["model.moe.router_noise=false", "train.device=cpu", "schedule.seed=0",
+                          "tasks.1.lr_scale=1.0"])
+    engine = build_engine(config, start_session(config))
+    generator = torch.Generator().manual_seed(0)
+    pairs = TrainBatch(torch.randn(8, 3, 64, 64, generator=generator), torch.randint(1, 999, (8, 16), generator=generator))
+    labelled = LabelledBatch(torch.randn(6, 3, 64, 64, generator=generator), torch.tensor([0, 3, 3, 7, 1, 0]))
+    names = [f"class {i}" for i in range(9)]
+    tasks = [Task(config.tasks[0], itertools.repeat(pairs)),
+             ClassificationTask(config.tasks[1], itertools.repeat(labelled), names,
+                                prompt_tokens(names, ["{}", "a {}"], 16), 2, config.schedule.seed)]
+
+    def gradients(runs):
+        engine.zero_grad()
+        assert task_gradients(engine, tasks, runs, 0, config, torch.device("cpu"), 1).stepped
+        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in engine.module.named_parameters()}
+
+    pairs_only, labels_only, both = gradients((0,)), gradients((1,)), gradients((0, 1))
+    assert labels_only["classification.logit_scale"].abs() > 0 and pairs_only["model.logit_scale"].abs() > 0
+    for name, gradient in both.items():
+        torch.testing.assert_close(gradient, pairs_only[name] + labels_only[name], rtol=1e-4, atol=1e-7, msg=name)
+    engine.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cotrain_ep")
+    worker = "tests.training.cotrain_worker"
+    return root, run_workers(root / "single", 1, 1, worker=worker), run_workers(root / "parallel", 2, 2, worker=worker)
+
+
+def test_two_processes_with_expert_parallelism_equal_one_on_a_mixed_schedule(distributed_runs):
+    _, single, parallel = distributed_runs
+    assert [tuple(s["tasks"]) for s in single] == [tuple(s["tasks"]) for s in parallel]
+    assert {tuple(s["tasks"]) for s in single} == {(0,), (1,), (2,), (0, 1, 2)}  # every task, then accumulation
+    for one, two in zip(single, parallel):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+
+
+def test_two_processes_end_with_the_parameters_of_one(distributed_runs):
+    root, _, _ = distributed_runs
+    single, _ = consolidated_state(root / "single")
+    parallel, _ = consolidated_state(root / "parallel")
+    assert single.keys() == parallel.keys()
+    for name, tensor in single.items():
+        torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _one_line_error(capsys) -> str:
+    """The error line (stderr also carries the progress bar)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if "limoe: error" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kind": "regression"}, "'tasks[1].kind' must be one of ['contrastive', 'classification']"),
+    ({"cls": "data_shards/heldout"}, "holds no .cls labels"),
+])
+def test_bad_task_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
+    assert _train(tmp_path, _config_file(tmp_path, **change)) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_a_label_outside_the_class_list_is_one_line_and_exit_2(tmp_path, capsys):
+    names = tmp_path / "three.txt"
+    names.write_text("arrow\nzodiac\nhousehold\n")
+    assert _train(tmp_path, _config_file(tmp_path, schedule="alternating", extra=f"classnames: {names}")) == 2
+    assert "outside its 3 class names" in _one_line_error(capsys)
+
+
+def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """As 2 processes would see it (the session's world size is the only input the check reads)."""
+    def two_ranks(config):
+        return Session(torch.device("cpu"), False, 0, 2)
+
+    monkeypatch.setattr("limoe.training.trainer.start_session", two_ranks)
+    assert _train(tmp_path, _config_file(tmp_path), "tasks.1.batch_size=5") == 2
+    assert "task 'subgroups': batch_size 5 does not split over the 2 processes" in _one_line_error(capsys)
