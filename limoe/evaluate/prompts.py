@@ -53,4 +53,5 @@ def load_templates(choice: Optional[str]) -> Sequence[Template]:
 def class_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:
     """Every class's prompts, class-major (class 0 with each template, then class 1, …): the order
     open_clip's zero-shot classifier builder encodes them in, which training on class names shares."""
-    return [template(name) if callable(template) else template.format(name) for name in classnames for template in templates]
+    return [template(name) if callable(template) else template.format(name)
+            for name in classnames for template in templates]

@@ -3,9 +3,9 @@
 Read top to bottom: the embeddings are per modality (patches + 2-D positions, tokens + 1-D
 positions); every block weight, routers included, is shared, except in the first
 `modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
-attention runs over each example's own sequence of one modality; in an MoE block an example's patches and caption tokens are routed
-together in one call, tagged by modality; per-modality pooling heads and projections map into the
-joint space, where embeddings are L2-normalised.
+attention runs over each example's own sequence of one modality; in an MoE block an example's
+patches and caption tokens are routed together in one call, tagged by modality; per-modality
+pooling heads and projections map into the joint space, where embeddings are L2-normalised.
 """
 
 from __future__ import annotations
@@ -248,8 +248,8 @@ def parameter_counts(model: Limoe) -> tuple[int, int]:
     """(total parameters, parameters applied to each token).
 
     A top-1 token passes through one of E experts, so (E−1)/E of every MoE layer's expert
-    weights are not applied to it (the router is), nor the other modality's adapter blocks; a text token reads one row of the token
-    embedding table, not the table. Works on the `meta` device.
+    weights are not applied to it (the router is), nor the other modality's adapter blocks; a
+    text token reads one row of the token embedding table, not the table. Works on the `meta` device.
     """
     total = sum(p.numel() for p in model.parameters())
     unused = model.token_embed.weight.numel() - model.token_embed.weight.shape[1]

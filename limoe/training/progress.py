@@ -112,7 +112,7 @@ class TrainingReporter:
         self._reset_window()
         if not self.main:
             return
-        tasks = "".join(f"  {task} {means[f'{task}/loss']:.3f}" for task in self.task_routing if f"{task}/loss" in means)
+        tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_routing if f"{name}/loss" in means)
         self.bar.set_postfix_str(
             f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {'samples' if tasks else 'pairs'}/s  "
             f"routed img/txt " + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)

@@ -64,8 +64,8 @@ def main(outdir: Path, expert_parallel_size: int) -> None:
     prompts = prompt_tokens(CLASSES, TEMPLATES, config.model.context_length)
     tasks = [Task(config.tasks[0], _batches(0, 4, config, session.rank, session.world_size))]
     for index in (1, 2):
-        tasks.append(ClassificationTask(config.tasks[index], _batches(index, 3, config, session.rank, session.world_size),
-                                        CLASSES, prompts, len(TEMPLATES), config.schedule.seed))
+        batches = _batches(index, 3, config, session.rank, session.world_size)
+        tasks.append(ClassificationTask(config.tasks[index], batches, CLASSES, prompts, len(TEMPLATES), config.schedule.seed))
     weighted, accumulate = TaskSchedule.from_config(config), TaskSchedule("accumulate", 0, 3, 2)
     losses = []
     for step, schedule in enumerate([weighted] * 4 + [accumulate] * 2):

@@ -6,27 +6,21 @@ import math
 import pytest
 import torch
 
-from limoe.config import Config, load_config, load_model_config
+from limoe.config import load_config
 from limoe.data.pipeline import eval_loader, read_classnames
 from limoe.evaluate.prompts import load_templates
 from limoe.evaluate.zeroshot import encode_labelled_images, zeroshot_classifier
 from limoe.model.tower import PAD_TOKEN, Limoe
-from limoe.training.candidates import (
-    LOGIT_SCALE_INIT,
-    candidate_subset,
-    class_embeddings,
-    encode_prompts,
-    positions,
-    prompt_rows,
-    prompt_tokens,
-)
+from limoe.training import candidates
+from limoe.training.candidates import LOGIT_SCALE_INIT, class_embeddings, encode_prompts, prompt_tokens
 from limoe.training.cotraining import CoTrainer
 
 CLASSES = ["zodiac", "household", "arrow"]
 TEMPLATES = ["a photo of {}.", "{} emoji", "an icon of the {}"]
 # No drops while training (capacity = group size, E=4) and no router noise: every token's output is
 # its own, so prompts encoded one by one equal prompts encoded together.
-DROPLESS = ["model.moe.train_capacity_factor=4.0", "model.moe.router_noise=false", "model.moe.eval_capacity_factor=null"]
+DROPLESS = ["model.moe.train_capacity_factor=4.0", "model.moe.router_noise=false",
+            "model.moe.eval_capacity_factor=null"]
 
 
 @pytest.fixture(scope="module")
@@ -100,22 +94,23 @@ def test_a_candidate_subset_scores_its_classes_as_the_whole_set_does(trainer):
     images, labels = torch.randn(3, 3, 64, 64), torch.tensor([4, 1, 4])
     names = [f"class {i}" for i in range(7)]
     tokens = prompt_tokens(names, TEMPLATES, 16)
-    classes = candidate_subset(labels, len(names), 4, torch.Generator().manual_seed(0))
+    classes = candidates.candidate_subset(labels, len(names), 4, torch.Generator().manual_seed(0))
     assert len(classes) == 4 and set(labels.tolist()) <= set(classes.tolist())
     with torch.no_grad():
         image = trainer.model(images, None).image_features
         everything = class_embeddings(encode_prompts(trainer.model, tokens)[0], 3)  # [7, D]
-        subset = class_embeddings(encode_prompts(trainer.model, tokens[prompt_rows(classes, 3)])[0], 3)  # [4, D]
+        rows = candidates.prompt_rows(classes, 3)
+        subset = class_embeddings(encode_prompts(trainer.model, tokens[rows])[0], 3)  # [4, D]
     torch.testing.assert_close(trainer.classification.logits(image, subset),
                                trainer.classification.logits(image, everything)[:, classes], atol=1e-5, rtol=1e-5)
-    assert torch.equal(classes[positions(classes, labels)], labels)
+    assert torch.equal(classes[candidates.positions(classes, labels)], labels)
 
 
 def test_candidate_subsets_are_fixed_size_contain_the_labels_and_follow_the_generator():
     labels = torch.tensor([3, 3, 9, 0])
-    draws = [candidate_subset(labels, 20, 6, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    draws = [candidates.candidate_subset(labels, 20, 6, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
     assert all(len(d) == 6 and {0, 3, 9} <= set(d.tolist()) and len(set(d.tolist())) == 6 for d in draws)
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     many = torch.arange(8)  # more classes in the batch than N: all of them, nothing else
-    assert candidate_subset(many, 20, 6, torch.Generator()).tolist() == list(range(8))
-    assert prompt_rows(torch.tensor([2, 0]), 3).tolist() == [6, 7, 8, 0, 1, 2]
+    assert candidates.candidate_subset(many, 20, 6, torch.Generator()).tolist() == list(range(8))
+    assert candidates.prompt_rows(torch.tensor([2, 0]), 3).tolist() == [6, 7, 8, 0, 1, 2]

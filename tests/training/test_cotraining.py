@@ -79,7 +79,8 @@ def test_accumulate_gradient_is_the_sum_of_the_single_task_gradients(tmp_path):
                           "tasks.1.lr_scale=1.0"])
     engine = build_engine(config, start_session(config))
     generator = torch.Generator().manual_seed(0)
-    pairs = TrainBatch(torch.randn(8, 3, 64, 64, generator=generator), torch.randint(1, 999, (8, 16), generator=generator))
+    pairs = TrainBatch(torch.randn(8, 3, 64, 64, generator=generator),
+                       torch.randint(1, 999, (8, 16), generator=generator))
     labelled = LabelledBatch(torch.randn(6, 3, 64, 64, generator=generator), torch.tensor([0, 3, 3, 7, 1, 0]))
     names = [f"class {i}" for i in range(9)]
     tasks = [Task(config.tasks[0], itertools.repeat(pairs)),
@@ -89,7 +90,8 @@ def test_accumulate_gradient_is_the_sum_of_the_single_task_gradients(tmp_path):
     def gradients(runs):
         engine.zero_grad()
         assert task_gradients(engine, tasks, runs, 0, config, torch.device("cpu"), 1).stepped
-        return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in engine.module.named_parameters()}
+        return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for name, p in engine.module.named_parameters()}
 
     pairs_only, labels_only, both = gradients((0,)), gradients((1,)), gradients((0, 1))
     assert labels_only["classification.logit_scale"].abs() > 0 and pairs_only["model.logit_scale"].abs() > 0

@@ -71,8 +71,8 @@ def test_the_weighted_schedule_is_pinned_for_a_seed():
 
 def test_budgets_must_add_up_to_the_training_steps(tmp_path):
     (tmp_path / "c.yaml").write_text(
-        "model: limoe-tiny\ntrain: {steps: 10}\n"
-        "tasks:\n  - {name: a, kind: contrastive, data: x, steps: 6}\n  - {name: b, kind: contrastive, data: y, steps: 3}\n"
+        "model: limoe-tiny\ntrain: {steps: 10}\ntasks:\n"
+        "  - {name: a, kind: contrastive, data: x, steps: 6}\n  - {name: b, kind: contrastive, data: y, steps: 3}\n"
     )
     with pytest.raises(LimoeError, match="add up to 9 but train.steps is 10"):
         load_config(str(tmp_path / "c.yaml"))
