@@ -319,10 +319,6 @@ class TaskConfig:
         "all", "classification: score against all classes, or against N that always include the batch's labels",
         "[2, inf)")
 
-    def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise LimoeError(f"tasks: a task name must be non-empty and free of '/', got {self.name!r}.")
-
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -402,8 +398,8 @@ class Config:
 
     def _check_tasks(self) -> None:
         names = [task.name for task in self.tasks]
-        if len(set(names)) < len(names):
-            raise LimoeError(f"tasks: task names must be unique, got {names}.")
+        if len(set(names)) < len(names) or any(not name or "/" in name for name in names):
+            raise LimoeError(f"tasks: task names must be unique, non-empty and free of '/', got {names}.")
         kind = self.schedule.kind
         if kind in ("weighted", "task_by_task"):
             missing = [task.name for task in self.tasks if task.steps is None]
