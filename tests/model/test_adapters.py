@@ -5,6 +5,7 @@ import torch
 
 from limoe.config import load_model_config
 from limoe.errors import LimoeError
+from limoe.model.info import describe_model
 from limoe.model.tower import Block, Limoe, ModalityAdapter, parameter_counts
 
 
@@ -54,3 +55,9 @@ def test_an_adapter_on_a_moe_block_is_a_one_line_error():
     assert "\n" not in str(error.value)
     with pytest.raises(LimoeError, match="between 0 and the depth"):
         load_model_config("limoe-tiny", ["modality_adapter_layers=5", "moe.layers=[]"])
+
+
+def test_limoe_info_lists_the_adapters():
+    text = describe_model(load_model_config("limoe-tiny", ["modality_adapter_layers=1"]))
+    assert "adapter blocks   the first 1, one copy per modality" in text
+    assert "adapter" not in describe_model(load_model_config("limoe-tiny"))
