@@ -114,7 +114,7 @@ class TrainingReporter:
             return
         tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_routing if f"{name}/loss" in means)
         self.bar.set_postfix_str(
-            f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {'samples' if tasks else 'pairs'}/s  "
+            f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {'samples' if self.task_routing else 'pairs'}/s  "
             f"routed img/txt " + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
             + self.evaluated
         )
