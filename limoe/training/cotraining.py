@@ -255,11 +255,11 @@ def lr_scale(config: Config) -> Callable[[int], float]:
     return lambda step: scales[schedule.tasks_at(min(step, schedule.total - 1))[0]]
 
 
-def cotrain_step(engine, tasks: list[Task], runs: tuple[int, ...], step: int, config: Config,
-                 world_size: int) -> StepOutcome:
-    """Optimizer step `step`: the gradients of the tasks in `runs` (one, or all for accumulate),
-    summed, then one update. Only the last task's backward marks DeepSpeed's boundary, so the
-    gradients are reduced over ranks once.
+def task_gradients(engine, tasks: list[Task], runs: tuple[int, ...], step: int, config: Config,
+                   world_size: int) -> StepOutcome:
+    """The gradients of the tasks in `runs` (one, or all for accumulate) at optimizer step `step`,
+    summed, without the update. Only the last task's backward marks DeepSpeed's boundary, so the
+    gradients are reduced over ranks once. A non-finite loss (skip_nonfinite_steps) drops them all.
 
     Terms: `loss`, the weighted sum that is optimised, and `<task>/<term>` for each task run.
     """
@@ -276,8 +276,16 @@ def cotrain_step(engine, tasks: list[Task], runs: tuple[int, ...], step: int, co
         task_routing += [(task.name, routing) for routing in calls]
         task_samples[task.name] = images * world_size
     terms["loss"] = total
-    apply_update(engine, terms, config)
     return StepOutcome(terms, [], True, sum(task_samples.values()), task_routing, task_samples)
+
+
+def cotrain_step(engine, tasks: list[Task], runs: tuple[int, ...], step: int, config: Config,
+                 world_size: int) -> StepOutcome:
+    """Optimizer step `step`: the gradients of the tasks in `runs`, then one update."""
+    outcome = task_gradients(engine, tasks, runs, step, config, world_size)
+    if outcome.stepped:
+        apply_update(engine, outcome.terms, config)
+    return outcome
 
 
 def task_steps(engine, config: Config, session: Session, start: int) -> tuple[Callable[[int], StepOutcome], object]:

@@ -23,11 +23,12 @@ from limoe.training.schedules import TaskSchedule
 from limoe.training.trainer import build_engine, start_session
 
 from tests.training.ep_worker import OVERRIDES
+from tests.training.processes import leave_process_group
 
 GLOBAL_BATCH = 16
 CLASSES = [f"class {i}" for i in range(8)]
 # 2 templates: 16 prompts (8 per rank) for `all`, 8 (4 per rank) for 4 candidates, so the prompts'
-# routing groups of 4 are the same on 1 and 2 processes.
+# routing groups are the same on 1 and 2 processes.
 TEMPLATES = ["a photo of {}.", "{} emoji"]
 TASKS = """
 tasks:
@@ -62,23 +63,25 @@ def main(outdir: Path, expert_parallel_size: int) -> None:
     session = start_session(config)
     engine = build_engine(config, session)
     prompts = prompt_tokens(CLASSES, TEMPLATES, config.model.context_length)
-    tasks = [Task(config.tasks[0], _batches(0, 4, config, session.rank, session.world_size))]
+    tasks = [Task(config.tasks[0], _batches(0, 4, config, session.rank, session.world_size), session.device)]
     for index in (1, 2):
         batches = _batches(index, 3, config, session.rank, session.world_size)
-        tasks.append(ClassificationTask(config.tasks[index], batches, CLASSES, prompts, len(TEMPLATES), config.schedule.seed))
+        tasks.append(ClassificationTask(config.tasks[index], batches, session.device, CLASSES, prompts,
+                                        len(TEMPLATES), config.schedule.seed))
     weighted, accumulate = TaskSchedule.from_config(config), TaskSchedule("accumulate", 0, 3, 2)
     losses = []
     for step, schedule in enumerate([weighted] * 4 + [accumulate] * 2):
-        outcome = cotrain_step(engine, tasks, schedule, step, config, session.device, session.world_size)
+        outcome = cotrain_step(engine, tasks, schedule.tasks_at(step), step, config, session.world_size)
         loss = torch.stack([outcome.terms["loss"], outcome.terms["grad_norm"]])
         dist.all_reduce(loss)
         losses.append({"tasks": schedule.tasks_at(step), "loss": loss[0].item() / session.world_size,
                        "grad_norm": outcome.terms["grad_norm"].item()})
     if session.rank == 0:
         dump_config(config, outdir / "config.yaml")
-    checkpoint.save_training_checkpoint(engine, outdir, 6, {"step": 6}, keep=1)
+    checkpoint.save_training_checkpoint(engine, outdir, 6, config)
     if session.rank == 0:
         (outdir / "result.json").write_text(json.dumps(losses))
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def test_the_loss_is_a_cross_entropy_worked_by_hand(trainer):
     images = torch.randn(2, 3, 64, 64)
     labels = torch.tensor([2, 0])
     tokens = prompt_tokens(CLASSES, TEMPLATES, 16)  # [3·3, 16], class-major
-    loss, terms, calls = trainer("classification", images, labels, tokens, len(TEMPLATES))
+    loss, terms, calls = trainer(images, labels, prompts=tokens, templates=len(TEMPLATES))
 
     scale = math.exp(LOGIT_SCALE_INIT)
     with torch.no_grad():
@@ -60,7 +60,7 @@ def test_the_loss_is_a_cross_entropy_worked_by_hand(trainer):
 def test_the_gradient_reaches_the_token_embedding_and_the_temperature(trainer):
     trainer.zero_grad()
     tokens = prompt_tokens(CLASSES, TEMPLATES, 16)
-    loss, _, _ = trainer("classification", torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1]), tokens, 3)
+    loss, _, _ = trainer(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1]), prompts=tokens, templates=3)
     loss.backward()
     embedding = trainer.model.token_embed.weight.grad  # [V, d]
     used = tokens[tokens != PAD_TOKEN].unique()

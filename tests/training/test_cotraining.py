@@ -8,6 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.training import consolidated_state
 from limoe.cli import main
 from limoe.config import load_config
@@ -16,7 +17,7 @@ from limoe.training.candidates import prompt_tokens
 from limoe.training.cotraining import ClassificationTask, Task, task_gradients
 from limoe.training.schedules import TaskSchedule
 from limoe.training.trainer import Session, build_engine, lr_multiplier, start_session
-from tests.training.test_expert_parallel import run_workers
+from tests.training.processes import run_processes
 
 QUICK = ["data.workers=0", "train.log_every=2", "train.checkpoint_every=2", "train.routing_stats_every=2",
          "optim.warmup_steps=2"]
@@ -73,6 +74,35 @@ def test_each_task_reports_its_own_terms_routing_and_learning_rate(cotrain_run):
     assert {"train/pairs/contrastive", "train/subgroups/classification"} <= set(events.Tags()["scalars"])
 
 
+class _Killed(BaseException):
+    """Stands for a SIGKILL right after a checkpoint is published: nothing after it runs."""
+
+
+def _steps(workdir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_a_killed_run_resumes_its_schedule_and_task_counters_exactly(tmp_path, cotrain_run, monkeypatch):
+    save = checkpoint.save_training_checkpoint
+
+    def save_then_die(engine, workdir, step, config, progress):
+        save(engine, workdir, step, config, progress)
+        if step == 2:
+            raise _Killed
+
+    monkeypatch.setattr(checkpoint, "save_training_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        _train(tmp_path, _config_file(tmp_path))
+    monkeypatch.undo()
+    assert _train(tmp_path, _config_file(tmp_path)) == 0
+    resumed, uninterrupted = _steps(tmp_path / "run"), _steps(cotrain_run)
+    assert [r["step"] for r in resumed] == [2, 4]
+    # the same tasks ran in each logging window, and the counters carried over the kill
+    assert [sorted(k for k in r if "/" in k) for r in resumed] == [sorted(k for k in r if "/" in k) for r in uninterrupted]
+    assert [r["tasks_seen"] for r in resumed] == [r["tasks_seen"] for r in uninterrupted]
+    assert resumed[-1]["tasks_seen"] == {"pairs": {"steps": 3, "samples": 24}, "subgroups": {"steps": 1, "samples": 6}}
+
+
 def test_accumulate_gradient_is_the_sum_of_the_single_task_gradients(tmp_path):
     config = load_config(_config_file(tmp_path, schedule="accumulate", extra="candidates: 5, loss_weight: 0.5"),
                          ["model.moe.router_noise=false", "train.device=cpu", "schedule.seed=0",
@@ -83,28 +113,58 @@ def test_accumulate_gradient_is_the_sum_of_the_single_task_gradients(tmp_path):
                        torch.randint(1, 999, (8, 16), generator=generator))
     labelled = LabelledBatch(torch.randn(6, 3, 64, 64, generator=generator), torch.tensor([0, 3, 3, 7, 1, 0]))
     names = [f"class {i}" for i in range(9)]
-    tasks = [Task(config.tasks[0], itertools.repeat(pairs)),
-             ClassificationTask(config.tasks[1], itertools.repeat(labelled), names,
+    cpu = torch.device("cpu")
+    tasks = [Task(config.tasks[0], itertools.repeat(pairs), cpu),
+             ClassificationTask(config.tasks[1], itertools.repeat(labelled), cpu, names,
                                 prompt_tokens(names, ["{}", "a {}"], 16), 2, config.schedule.seed)]
 
-    def gradients(runs):
-        engine.zero_grad()
-        assert task_gradients(engine, tasks, runs, 0, config, torch.device("cpu"), 1).stepped
-        return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
-                for name, p in engine.module.named_parameters()}
-
-    pairs_only, labels_only, both = gradients((0,)), gradients((1,)), gradients((0, 1))
+    pairs_only, labels_only, both = (_gradients(engine, tasks, runs, config) for runs in ((0,), (1,), (0, 1)))
     assert labels_only["classification.logit_scale"].abs() > 0 and pairs_only["model.logit_scale"].abs() > 0
     for name, gradient in both.items():
         torch.testing.assert_close(gradient, pairs_only[name] + labels_only[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _gradients(engine, tasks, runs, config) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient after one co-training step's backward passes (no update)."""
     engine.zero_grad()
+    assert task_gradients(engine, tasks, runs, 0, config, 1).stepped
+    gradients = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                 for name, p in engine.module.named_parameters()}
+    engine.zero_grad()
+    return gradients
+
+
+def test_accumulating_contrastive_tasks_in_micro_batches_sums_their_whole_batch_gradients(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("base: demo\ntrain: {steps: 2, batch_size: 8}\nschedule: {kind: accumulate}\ntasks:\n"
+                    "  - {name: a, kind: contrastive, data: data_shards/train}\n"
+                    "  - {name: b, kind: contrastive, data: data_shards/train, loss_weight: 0.5}\n")
+    overrides = ["model.moe.router_noise=false", "model.moe.group_size=2", "train.device=cpu"]
+    whole, micro = (load_config(str(path), overrides + extra) for extra in ([], ["train.micro_batch_size=4"]))
+    generator, cpu = torch.Generator().manual_seed(1), torch.device("cpu")
+    batches = [TrainBatch(torch.randn(8, 3, 64, 64, generator=generator), torch.randint(1, 999, (8, 16), generator=generator))
+               for _ in range(2)]
+    engines = {}
+    for name, config in (("whole", whole), ("micro", micro)):
+        engine = build_engine(config, start_session(config))
+        tasks = [Task(task, itertools.repeat(batch), cpu) for task, batch in zip(config.tasks, batches)]
+        engines[name] = {runs: _gradients(engine, tasks, runs, config) for runs in ((0,), (1,), (0, 1))}
+    for name, gradient in engines["micro"][(0, 1)].items():
+        summed = engines["micro"][(0,)][name] + engines["micro"][(1,)][name]
+        torch.testing.assert_close(gradient, summed, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(gradient, engines["whole"][(0, 1)][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _run_workers(outdir: Path, world_size: int) -> list[dict]:
+    outdir.mkdir()
+    run_processes("tests.training.cotrain_worker", [str(outdir), str(world_size)], world_size, timeout=600)
+    return json.loads((outdir / "result.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def distributed_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cotrain_ep")
-    worker = "tests.training.cotrain_worker"
-    return root, run_workers(root / "single", 1, 1, worker=worker), run_workers(root / "parallel", 2, 2, worker=worker)
+    return root, _run_workers(root / "single", 1), _run_workers(root / "parallel", 2)
 
 
 def test_two_processes_with_expert_parallelism_equal_one_on_a_mixed_schedule(distributed_runs):
@@ -113,7 +173,8 @@ def test_two_processes_with_expert_parallelism_equal_one_on_a_mixed_schedule(dis
     assert {tuple(s["tasks"]) for s in single} == {(0,), (1,), (2,), (0, 1, 2)}  # every task, then accumulation
     for one, two in zip(single, parallel):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
-        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+        # the gathered prompt features' gradients are summed in another order on 2 ranks: rounding of about 1e-5
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=5e-5)
 
 
 def test_two_processes_end_with_the_parameters_of_one(distributed_runs):
@@ -147,6 +208,11 @@ def test_a_label_outside_the_class_list_is_one_line_and_exit_2(tmp_path, capsys)
     names.write_text("arrow\nzodiac\nhousehold\n")
     assert _train(tmp_path, _config_file(tmp_path, schedule="alternating", extra=f"classnames: {names}")) == 2
     assert "outside its 3 class names" in _one_line_error(capsys)
+
+
+def test_micro_batches_with_a_classification_task_are_one_line_and_exit_2(tmp_path, capsys):
+    assert _train(tmp_path, _config_file(tmp_path), "train.micro_batch_size=2") == 2
+    assert "train.micro_batch_size applies to contrastive tasks only" in _one_line_error(capsys)
 
 
 def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):

@@ -1,5 +1,5 @@
-"""What co-training buys on the demo, measured (slow: three demo trainings, about 4 minutes each on
-an idle 2-core CPU): the numbers are in docs/TRAINING.md ("The demo: does it help?").
+"""What co-training buys on the demo (slow: three 300-step demo trainings; docs/TRAINING.md, "The
+demo: does it help?", says what has been measured).
 
 Equal total steps (300 of batch 128): the demo on pairs alone; PolyViT's weighted schedule over
 pairs (240 steps) and train_cls classification (60 steps); and task-by-task with classification
@@ -28,9 +28,9 @@ RUNS = {
     "weighted": ["--config", COTRAIN],
     "task_by_task": ["--config", COTRAIN, "--set", "schedule.kind=task_by_task"],  # seed 0: classification last
 }
-ZEROSHOT_GAIN = None  # measured margin, filled in below
+# The issue's own bound on the retrieval cost. The zero-shot gain and the forgetting are asserted as
+# strict improvements until the three runs have been measured; then their measured margins go here.
 RETRIEVAL_DROP_LIMIT = 0.03
-FORGETTING = None
 
 
 def _train(name: str, workdir: Path) -> dict:
@@ -62,7 +62,7 @@ def test_task_by_task_trains_classification_last():
 
 def test_weighted_cotraining_raises_zeroshot_and_keeps_retrieval(results):
     pairs, weighted = results["pairs"], results["weighted"]
-    assert weighted["zeroshot_top1"] >= pairs["zeroshot_top1"] + ZEROSHOT_GAIN
+    assert weighted["zeroshot_top1"] > pairs["zeroshot_top1"]
     for direction in ("image_to_text_R@5", "text_to_image_R@5"):
         assert weighted[direction] >= pairs[direction] - RETRIEVAL_DROP_LIMIT, direction
 
@@ -70,4 +70,4 @@ def test_weighted_cotraining_raises_zeroshot_and_keeps_retrieval(results):
 def test_task_by_task_forgets_retrieval(results):
     weighted, last = results["weighted"], results["task_by_task"]
     for direction in ("image_to_text_R@5", "text_to_image_R@5"):
-        assert last[direction] <= weighted[direction] - FORGETTING, direction
+        assert last[direction] < weighted[direction], direction
