@@ -105,7 +105,8 @@ class TrainingReporter:
         success = self._routing_success()
         record = {
             "step": step, "lr": lr, "pairs_per_s": self.window_pairs / seconds,
-            "pairs_seen": self.pairs_seen, **({"tasks_seen": self.tasks_seen} if self.tasks_seen else {}), **means, "skipped_steps": self.skipped_steps,
+            "pairs_seen": self.pairs_seen, **({"tasks_seen": self.tasks_seen} if self.tasks_seen else {}), **means,
+            "skipped_steps": self.skipped_steps,
             "bad_samples": bad_samples.bad, "samples_read_this_process": bad_samples.seen,
             **{f"routing_success_{m}": s for m, s in success.items()},
         }
@@ -113,8 +114,9 @@ class TrainingReporter:
         if not self.main:
             return
         tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_routing if f"{name}/loss" in means)
+        unit = "samples" if self.task_routing else "pairs"
         self.bar.set_postfix_str(
-            f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {'samples' if self.task_routing else 'pairs'}/s  "
+            f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  "
             f"routed img/txt " + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
             + self.evaluated
         )

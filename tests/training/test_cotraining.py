@@ -98,7 +98,10 @@ def test_a_killed_run_resumes_its_schedule_and_task_counters_exactly(tmp_path, c
     resumed, uninterrupted = _steps(tmp_path / "run"), _steps(cotrain_run)
     assert [r["step"] for r in resumed] == [2, 4]
     # the same tasks ran in each logging window, and the counters carried over the kill
-    assert [sorted(k for k in r if "/" in k) for r in resumed] == [sorted(k for k in r if "/" in k) for r in uninterrupted]
+    def task_terms(records: list[dict]) -> list[list[str]]:
+        return [sorted(key for key in record if "/" in key) for record in records]
+
+    assert task_terms(resumed) == task_terms(uninterrupted)
     assert [r["tasks_seen"] for r in resumed] == [r["tasks_seen"] for r in uninterrupted]
     assert resumed[-1]["tasks_seen"] == {"pairs": {"steps": 3, "samples": 24}, "subgroups": {"steps": 1, "samples": 6}}
 
@@ -142,8 +145,8 @@ def test_accumulating_contrastive_tasks_in_micro_batches_sums_their_whole_batch_
     overrides = ["model.moe.router_noise=false", "model.moe.group_size=2", "train.device=cpu"]
     whole, micro = (load_config(str(path), overrides + extra) for extra in ([], ["train.micro_batch_size=4"]))
     generator, cpu = torch.Generator().manual_seed(1), torch.device("cpu")
-    batches = [TrainBatch(torch.randn(8, 3, 64, 64, generator=generator), torch.randint(1, 999, (8, 16), generator=generator))
-               for _ in range(2)]
+    batches = [TrainBatch(torch.randn(8, 3, 64, 64, generator=generator),
+                          torch.randint(1, 999, (8, 16), generator=generator)) for _ in range(2)]
     engines = {}
     for name, config in (("whole", whole), ("micro", micro)):
         engine = build_engine(config, start_session(config))
