@@ -31,6 +31,15 @@ def _train(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    from limoe.config import load_config
+    from limoe.pretraining.command import pretrain
+
+    config = load_config(args.config, args.set, kind="pretrain")
+    pretrain(config, Path(args.workdir))
+    return 0
+
+
 def _export(args) -> int:
     from limoe.checkpoints.training import export_workdir
 
@@ -112,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="training config name or path (default: demo)")
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    pretrain = command("pretrain", _pretrain, "masked image and caption pretraining of the tower (resumes in an existing workdir)")
+    pretrain.add_argument("--config", default=None, help="pretraining config name or path (default: configs/pretrain/demo.yaml)")
+    pretrain.add_argument("--workdir", default="runs/pretrain", help="checkpoints, metrics and logs go here")
+    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)

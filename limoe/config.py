@@ -178,6 +178,62 @@ class TrainConfig:
     skip_nonfinite_steps: bool = False
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Weights to start from when the workdir has no checkpoint of its own: an exported .safetensors
+    # file or a training workdir of the same architecture (e.g. `limoe pretrain`'s). Optimizer and
+    # step start fresh.
+    init_from: Optional[str] = None
+    # FLIP: drop this fraction of each image's patches before the tower (0: off), except in the
+    # last `unmasked_steps` steps. Evaluation never masks.
+    image_mask_ratio: float = 0.0
+    unmasked_steps: int = 0
+
+    def __post_init__(self):
+        _check_mask_ratio(self.image_mask_ratio, "train.image_mask_ratio")
+        if not 0 <= self.unmasked_steps <= self.steps:
+            raise LimoeError(f"train.unmasked_steps {self.unmasked_steps} must be between 0 and train.steps {self.steps}.")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`limoe pretrain`: OmniVec2's masked stages, unimodal then bimodal (see docs/TRAINING.md).
+
+    The run takes `unimodal_steps + bimodal_steps` steps, which must equal `train.steps`. The
+    defaults are MAE's (image) and BERT's (text); OmniVec2 published no ratios.
+    """
+
+    unimodal_steps: int = 50_000  # masked image modelling alternating with masked language modelling
+    bimodal_steps: int = 50_000  # the same, each given the other modality through cross-attention fusion
+    image_mask_ratio: float = 0.75  # MAE: fraction of patches hidden from the encoder
+    text_mask_ratio: float = 0.15  # BERT: fraction of caption tokens predicted
+    text_replace_with_mask: float = 0.8  # BERT: of the predicted tokens, replaced by the learned mask embedding
+    text_replace_with_random: float = 0.1  # … by a random token; the rest stay unchanged
+    decoder_width: int = 512  # MAE's ViT-L decoder: 8 blocks of width 512, 16 heads
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    fusion_depth: int = 1  # cross-attention blocks per direction, training only
+    image_loss_weight: float = 1.0
+    text_loss_weight: float = 1.0
+
+    def __post_init__(self):
+        _check_mask_ratio(self.image_mask_ratio, "pretrain.image_mask_ratio")
+        if not 0 < self.text_mask_ratio < 1:
+            raise LimoeError(f"pretrain.text_mask_ratio {self.text_mask_ratio} must be between 0 and 1 (BERT: 0.15).")
+        if min(self.text_replace_with_mask, self.text_replace_with_random) < 0 or self.text_replace_with_mask + self.text_replace_with_random > 1:
+            raise LimoeError(
+                "pretrain.text_replace_with_mask and pretrain.text_replace_with_random are shares of the masked tokens: "
+                "each at least 0 and together at most 1 (BERT: 0.8 and 0.1)."
+            )
+        if min(self.unimodal_steps, self.bimodal_steps) < 0:
+            raise LimoeError("pretrain.unimodal_steps and pretrain.bimodal_steps must be at least 0.")
+        if self.decoder_width % self.decoder_heads:
+            raise LimoeError(
+                f"pretrain.decoder_width {self.decoder_width} is not divisible by pretrain.decoder_heads {self.decoder_heads}."
+            )
+
+
+def _check_mask_ratio(ratio: float, key: str) -> None:
+    if not 0 <= ratio < 1:
+        raise LimoeError(f"{key} {ratio} must be at least 0 and below 1: it is the share of patches dropped.")
 
 
 @dataclass(frozen=True)
@@ -195,6 +251,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,9 +459,13 @@ def load_model_config(name_or_path: str, overrides: list[str] = ()) -> ModelConf
     return from_dict(ModelConfig, _finish_model_mapping(raw), "model")
 
 
-def load_config(name_or_path: Optional[str] = None, overrides: list[str] = ()) -> Config:
-    """A full training config (default `configs/train/demo.yaml`) with `a.b=value` overrides."""
-    raw = _with_base(_read_yaml(find_config(name_or_path or "demo", "train")), "train")
+def load_config(name_or_path: Optional[str] = None, overrides: list[str] = (), kind: str = "train") -> Config:
+    """A full run config (default `configs/<kind>/demo.yaml`) with `a.b=value` overrides.
+
+    `kind` is where a name is looked up (`train` or `pretrain`); a `base:` always names a
+    training recipe, so a pretraining config states only what it changes.
+    """
+    raw = _with_base(_read_yaml(find_config(name_or_path or "demo", kind)), "train")
     if "model" in raw:
         raw["model"] = _resolve_model_mapping(raw["model"])
     for keys, value in map(parse_override, overrides):

@@ -21,7 +21,7 @@ from limoe.files import atomic_write
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-TRAINER_PREFIX = "model."  # ContrastiveTrainer.model
+TRAINER_PREFIX = "model."  # the objective's `model` (ContrastiveTrainer, MaskedPretraining)
 
 
 def latest_checkpoint(workdir: Path) -> Optional[Path]:
@@ -63,8 +63,9 @@ def load_training_checkpoint(engine, workdir: Path) -> Optional[dict]:
     return client_state
 
 
-def consolidated_state(workdir: Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """All weights of a workdir's latest checkpoint with every expert gathered, and its config.
+def objective_state(workdir: Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """Every tensor the engine's module held at the latest checkpoint (the model under `model.`,
+    plus the objective's own: loss parameters, pretraining heads), every expert gathered; and the config.
 
     DeepSpeed writes the shared weights once and each expert to its own file under its global
     index, so consolidation is a union of those files — no process group needed.
@@ -75,9 +76,14 @@ def consolidated_state(workdir: Path) -> tuple[dict[str, torch.Tensor], Config]:
     state = dict(_torch_load(path / MODEL_STATES)["module"])
     for expert_file in sorted(path.glob("layer_*_expert_*_model_states.pt")):
         state.update(_torch_load(expert_file))
+    return state, load_config(str(Path(workdir) / "config.yaml"))
+
+
+def consolidated_state(workdir: Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """The model's weights of a workdir's latest checkpoint (every expert gathered), and its config."""
+    state, config = objective_state(workdir)
     prefix = TRAINER_PREFIX  # the engine wraps the model together with its loss
-    model_state = {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
-    return model_state, load_config(str(Path(workdir) / "config.yaml"))
+    return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}, config
 
 
 def _torch_load(path: Path) -> dict:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ class TrainingReporter:
     def __init__(self, config: Config, workdir: Path, rank: int, start_step: int):
         self.config = config
         self.main = rank == 0
-        self.routing = RoutingAccumulator(config.model.moe_layers)
+        self.routing: dict[Optional[str], RoutingAccumulator] = {}  # per stage (None: a run of one stage)
         self.warned: set[tuple[int, str]] = set()
         self.skipped_steps = 0
         self._reset_window()
@@ -42,17 +43,22 @@ class TrainingReporter:
 
     def _reset_window(self) -> None:
         self.window_terms: dict[str, Tensor] = {}
+        self.window_counts: dict[str, int] = {}  # steps that reported each term (stages report different ones)
         self.window_steps = 0
         self.window_pairs = 0
         self.window_start = time.perf_counter()
 
-    def step(self, step: int, terms: dict[str, Tensor], routing: list, lr: float, bad_samples, pairs: int) -> None:
-        """Record one optimizer step; log when the window is full."""
+    def step(self, step: int, terms: dict[str, Tensor], routing: list, lr: float, bad_samples, pairs: int,
+             stage: Optional[str] = None) -> None:
+        """Record one optimizer step of `stage`; log when the window is full."""
         for key, value in terms.items():
             self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
+            self.window_counts[key] = self.window_counts.get(key, 0) + 1
         self.window_steps += 1
         self.window_pairs += pairs
-        self.routing.add(routing)
+        if stage not in self.routing:
+            self.routing[stage] = RoutingAccumulator(self.config.model.moe_layers)
+        self.routing[stage].add(routing)
         self.bar.update(1)
         last = step == self.config.train.steps
         if step % self.config.train.log_every == 0 or last:
@@ -62,7 +68,7 @@ class TrainingReporter:
 
     def _window_means(self) -> dict[str, float]:
         names = sorted(self.window_terms)
-        values = torch.stack([self.window_terms[n] for n in names]) / self.window_steps
+        values = torch.stack([self.window_terms[n] / self.window_counts[n] for n in names])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(values)
             values /= dist.get_world_size()
@@ -88,26 +94,29 @@ class TrainingReporter:
         self._write(record, step)
 
     def _routing_success(self) -> dict:
-        stats = self.routing.statistics()  # this window's routing on this rank
+        layers = [layer for routing in self.routing.values() for layer in routing.statistics()["layers"]]  # this rank
         success = {}
         for modality in MODALITIES:
-            kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in stats["layers"])
-            tokens = sum(layer[modality]["tokens"] for layer in stats["layers"])
+            kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in layers)
+            tokens = sum(layer[modality]["tokens"] for layer in layers)
             success[modality] = kept / tokens if tokens else None
         return success
 
     def _log_routing(self, step: int) -> None:
-        self.routing.all_reduce()  # every rank's tokens; all ranks reach this step together
-        stats = self.routing.statistics()
-        self.routing.reset()
-        if not self.main or not stats["layers"]:
-            return
-        self._write({"step": step, "routing": stats}, step)
-        log.info("routing at step %d\n%s", step, format_summary_table(stats))
-        for collapse in collapses(stats):
-            if (collapse.block, collapse.modality) not in self.warned:
-                self.warned.add((collapse.block, collapse.modality))
-                log.warning("step %d: %s", step, collapse.message)
+        """Each stage's routing since the last report, as its own record (`stage` names it)."""
+        for stage in sorted(self.routing, key=str):  # every rank holds the same stages: same schedule
+            routing = self.routing[stage]
+            routing.all_reduce()  # every rank's tokens; all ranks reach this step together
+            stats = routing.statistics()
+            routing.reset()
+            if not self.main or not stats["layers"]:
+                continue
+            self._write({"step": step, **({"stage": stage} if stage else {}), "routing": stats}, step)
+            log.info("routing at step %d%s\n%s", step, f" ({stage})" if stage else "", format_summary_table(stats))
+            for collapse in collapses(stats):
+                if (collapse.block, collapse.modality) not in self.warned:
+                    self.warned.add((collapse.block, collapse.modality))
+                    log.warning("step %d: %s", step, collapse.message)
 
     def _write(self, record: dict, step: int) -> None:
         self.metrics.write(json.dumps(record) + "\n")

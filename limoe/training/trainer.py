@@ -12,6 +12,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Protocol
 
 import deepspeed
 import torch
@@ -21,30 +22,73 @@ from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
 from limoe.checkpoints import training as checkpoint
+from limoe.checkpoints.warm_start import warm_start
 from limoe.config import Config, dump_config, load_config, to_dict
 from limoe.data.pipeline import expand_shards, train_loader
-from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, resolve_device
+from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, rank_and_world, resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
+from limoe.model.masking import BatchShard, random_patch_keep, step_generator
 from limoe.model.tower import Limoe
 from limoe.training.progress import TrainingReporter
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
+FinalReport = Callable[[Path, Config, Path], dict]  # (exported model file, config, workdir) → metrics
+
+
+class Objective(Protocol):
+    """What a run optimises: the module DeepSpeed wraps, built as `objective(model, config)`.
+
+    `forward(images, tokens, step)` → (loss, its parts detached, the MoE layers' routing);
+    `stage(step)` names the phase a step belongs to, so routing statistics are kept apart per
+    phase (None: one phase). Both depend on the step alone, so a resumed run continues exactly.
+    `model` is the `Limoe` being trained: checkpoints export it and drop everything else.
+    """
+
+    model: Limoe
+
+    def __call__(self, images: Tensor, tokens: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], list]: ...
+
+    def stage(self, step: int) -> Optional[str]: ...
 
 
 class ContrastiveTrainer(nn.Module):
-    """The module DeepSpeed wraps: model + contrastive loss (+ SigLIP bias) → loss and its parts."""
+    """The module DeepSpeed wraps: model + contrastive loss (+ SigLIP bias) → loss and its parts.
+
+    With `train.image_mask_ratio` > 0 it is FLIP: each image enters the tower with a random share
+    of its patches dropped, until the last `train.unmasked_steps` steps; evaluation never masks.
+    """
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__()
         self.model = model
         self.contrastive = ContrastiveLoss(config.loss.contrastive)
         self.loss_config = config.loss
+        self.train_config = config.train
 
-    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor], list]:
-        output = self.model(images, tokens)
+    def _masked(self, step: int) -> bool:
+        train = self.train_config
+        return train.image_mask_ratio > 0 and step < train.steps - train.unmasked_steps
+
+    def stage(self, step: int) -> Optional[str]:
+        """FLIP's masked and unmasked phases route different token counts: their statistics stay apart."""
+        if self.train_config.image_mask_ratio == 0:
+            return None
+        return "masked" if self._masked(step) else "unmasked"
+
+    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
+        """The patches each image keeps at `step` [B, K], or None (unmasked step, or evaluation)."""
+        if not (self.training and self._masked(step)):
+            return None
+        generator = step_generator(self.train_config.seed, step, "flip", images.device)
+        shard = BatchShard.for_rank(*rank_and_world(), images.shape[0])
+        return random_patch_keep(images.shape[0], self.model.config.num_patches, self.train_config.image_mask_ratio,
+                                 generator, shard)
+
+    def forward(self, images: Tensor, tokens: Tensor, step: int = 0) -> tuple[Tensor, dict[str, Tensor], list]:
+        output = self.model(images, tokens, self.image_keep(images, step))
         contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale)
         aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
         loss = contrastive + aux
@@ -127,12 +171,19 @@ def start_session(config: Config) -> Session:
     return Session(device, bf16, rank, world_size)
 
 
-def build_engine(config: Config, session: Session):
-    """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine."""
+def build_engine(config: Config, session: Session, objective: type[Objective] = ContrastiveTrainer,
+                 init_from: Optional[str] = None):
+    """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine.
+
+    `init_from`: weights loaded into the fresh model before the engine copies it (ZeRO keeps its
+    own fp32 partitions, so they must be in place before `deepspeed.initialize`).
+    """
     torch.manual_seed(config.train.seed)  # same dense weights on every rank; experts by global index
     sharding = ExpertSharding.for_process(config.distributed.expert_parallel_size)
     model = Limoe(config.model, config.loss.logit_scale_init, sharding)
-    module = ContrastiveTrainer(model, config)
+    if init_from is not None:
+        warm_start(model, Path(init_from))
+    module = objective(model, config)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, config.optim.weight_decay), lr=config.optim.lr,
         betas=tuple(config.optim.betas), eps=config.optim.eps,
@@ -181,12 +232,14 @@ def _finite_everywhere(loss: Tensor) -> bool:
     return bool(finite.item())
 
 
-def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[dict[str, Tensor], list, bool]:
+def train_step(engine, images: Tensor, tokens: Tensor, config: Config,
+               step: int = 0) -> tuple[dict[str, Tensor], list, bool]:
     """Forward, backward, clip, optimizer step; returns the loss terms, routing, and whether it stepped.
 
+    `step` (0-based, the number of updates so far) picks what the objective does: its stage and masks.
     Only the skip-on-NaN mode looks at the loss value before stepping (a host sync per step).
     """
-    loss, terms, routing = engine(images, tokens)
+    loss, terms, routing = engine(images, tokens, step)
     if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         engine.zero_grad()
         return terms, routing, False
@@ -211,8 +264,14 @@ def _check_workdir(workdir: Path, config: Config) -> None:
         )
 
 
-def train(config: Config, workdir: Path) -> dict:
-    """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0)."""
+def train(config: Config, workdir: Path, objective: type[Objective] = ContrastiveTrainer,
+          report: Optional[FinalReport] = None) -> dict:
+    """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0).
+
+    `objective` is what is optimised (contrastive training by default; `limoe pretrain` passes
+    its masked-modelling objective) and `report` what is measured at the end (default: held-out
+    retrieval and routing of the exported model).
+    """
     for source in config.data.train:  # a missing shard path fails here, before anything is built
         expand_shards(source.shards)
     session = start_session(config)
@@ -220,7 +279,8 @@ def train(config: Config, workdir: Path) -> dict:
     _check_workdir(workdir, config)
     if session.rank == 0:
         atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
-    engine = build_engine(config, session)
+    fresh = checkpoint.latest_checkpoint(workdir) is None  # train.init_from seeds a fresh run only
+    engine = build_engine(config, session, objective, config.train.init_from if fresh else None)
     state = checkpoint.load_training_checkpoint(engine, workdir) or {"step": 0}
     start = state["step"]
     if start >= config.train.steps:
@@ -234,7 +294,7 @@ def train(config: Config, workdir: Path) -> dict:
     reporter = TrainingReporter(config, workdir, session.rank, start)
     _loop(engine, loader, config, session, workdir, reporter, start)
     reporter.close()
-    return finish(config, workdir, session)
+    return finish(config, workdir, session, report)
 
 
 def _loop(engine, loader, config: Config, session: Session, workdir: Path, reporter, start: int) -> None:
@@ -244,7 +304,7 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
         images, tokens = next(batches)
         images = images.to(session.device, non_blocking=True)
         tokens = tokens.to(session.device, non_blocking=True)
-        terms, routing, stepped = train_step(engine, images, tokens, config)
+        terms, routing, stepped = train_step(engine, images, tokens, config, step)
         if not stepped:
             skipped_in_a_row += 1
             reporter.skipped(step)
@@ -252,8 +312,10 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
                 raise LimoeError(f"{MAX_SKIPS_IN_A_ROW} steps in a row had a non-finite loss after step {step}; the "
                                  f"model has diverged. Lower optim.lr and resume from {workdir}.")
             continue
+        stage = engine.module.stage(step)
         step, skipped_in_a_row = step + 1, 0
-        reporter.step(step, terms, routing, engine.get_lr()[0], loader.bad_samples, images.shape[0] * session.world_size)
+        reporter.step(step, terms, routing, engine.get_lr()[0], loader.bad_samples, images.shape[0] * session.world_size,
+                      stage)
         checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps
         if checkpoint_due or step % config.train.log_every == 0:
             _stop_if_nonfinite(terms, step, workdir)
@@ -273,14 +335,14 @@ def _stop_if_nonfinite(terms: dict[str, Tensor], step: int, workdir: Path) -> No
         )
 
 
-def finish(config: Config, workdir: Path, session: Session) -> dict:
-    """Export the model, then (rank 0) held-out retrieval and a routing summary."""
+def finish(config: Config, workdir: Path, session: Session, report: Optional[FinalReport] = None) -> dict:
+    """Export the model, then (rank 0) the final report: by default held-out retrieval and routing."""
     from limoe.training.final_report import final_report
 
     output = workdir / "model.safetensors"
     if session.rank == 0:
         checkpoint.export_workdir(workdir, output)
-        metrics = final_report(output, config, workdir)
+        metrics = (report or final_report)(output, config, workdir)
     else:
         metrics = {}
     dist.barrier()
