@@ -3,6 +3,8 @@ on the masked caption tokens (BERT)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,10 +35,16 @@ def masked_patch_loss(prediction: Tensor, target: Tensor, hidden: Tensor) -> Ten
     return (patch_errors(prediction, target) * weights).sum() / weights.sum().clamp(min=1)
 
 
-def masked_token_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def masked_token_loss(logits: Tensor, targets: Tensor, divisor: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Cross-entropy and accuracy over the predicted tokens. logits [T, V], targets [T].
-    With no token to predict (T = 0) both are 0, and the loss still has a graph."""
-    count = max(targets.numel(), 1)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / count
-    accuracy = (logits.argmax(dim=-1) == targets).sum() / count
+
+    Both are sums over the T tokens divided by `divisor` (default T). With data parallelism the
+    objective passes the global count over the number of ranks, so that the mean of the ranks'
+    losses — what averaging their gradients optimises — is the mean over the global batch, however
+    the masked tokens fall on the ranks. With no token to predict both are 0 (the loss keeps a graph).
+    """
+    divisor = logits.new_tensor(targets.numel()) if divisor is None else divisor
+    divisor = divisor.clamp(min=1e-6)  # 0 / 0 → 0
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / divisor
+    accuracy = (logits.argmax(dim=-1) == targets).sum() / divisor
     return loss, accuracy

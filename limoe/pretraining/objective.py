@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from limoe.config import Config, PretrainConfig
@@ -69,6 +70,16 @@ def task_at(step: int, config: PretrainConfig) -> Task:
     """The task of 0-based `step`: the stage's tasks in turn."""
     tasks = STAGES[stage_at(step, config)]
     return tasks[step % len(tasks)]
+
+
+def _per_rank_share(targets: Tensor) -> Tensor:
+    """The number of predicted tokens over all ranks, divided by the number of ranks (see
+    `masked_token_loss`); one scalar all-reduce. Masked patches need none: every image hides as many."""
+    count = torch.tensor(float(targets.numel()), device=targets.device)
+    world = rank_and_world()[1]
+    if world > 1:
+        dist.all_reduce(count)
+    return count / world
 
 
 @dataclass
@@ -117,7 +128,8 @@ class MaskedPretraining(nn.Module):
             weight = self.config.image_loss_weight
         else:
             predicted, routing = self.predict_text(tokens, images if task.given_other else None, step)
-            loss, terms[f"{task.name}_accuracy"] = masked_token_loss(predicted.logits, predicted.targets)
+            loss, terms[f"{task.name}_accuracy"] = masked_token_loss(predicted.logits, predicted.targets,
+                                                                     _per_rank_share(predicted.targets))
             weight = self.config.text_loss_weight
         aux, parts = auxiliary_loss(routing, self.loss_config, loss.device)
         total = weight * loss + aux

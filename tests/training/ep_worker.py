@@ -2,6 +2,8 @@
 
 Builds the demo model through the trainer's own functions, takes one optimizer step on its
 slice of a fixed global batch, saves a training checkpoint, and writes what the test compares.
+The `pretrain` scenario takes four steps of the masked-pretraining objective instead, one of each
+task (masked image, masked text, each given the other).
 Run as: python -m tests.training.ep_worker OUTDIR EXPERT_PARALLEL_SIZE SCENARIO (rank from env).
 """
 
@@ -14,7 +16,8 @@ import torch.distributed as dist
 
 from limoe.checkpoints import training as checkpoint
 from limoe.config import dump_config, load_config
-from limoe.training.trainer import build_engine, start_session, train_step
+from limoe.pretraining.objective import MaskedPretraining
+from limoe.training.trainer import ContrastiveTrainer, build_engine, start_session, train_step
 
 GLOBAL_BATCH = 16
 OVERRIDES = [
@@ -29,6 +32,8 @@ OVERRIDES = [
     "optim.grad_clip=0.5",  # below the first step's norm, so clipping acts
     "data.workers=0",
 ]
+PRETRAIN = ["train.steps=4", "pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2", "pretrain.decoder_width=32",
+            "pretrain.decoder_depth=1", "pretrain.decoder_heads=2"]
 
 
 def fixed_batch(config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,16 +49,20 @@ def main(outdir: Path, expert_parallel_size: int, scenario: str) -> None:
     overrides = OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}"]
     if scenario == "triton" and expert_parallel_size > 1:  # the Triton ops (interpreted on CPU) against the reference
         overrides.append("model.moe.backend=triton")
+    if scenario == "pretrain":
+        overrides += PRETRAIN
     config = load_config("demo", overrides)
     session = start_session(config)
-    engine = build_engine(config, session)
+    engine = build_engine(config, session, MaskedPretraining if scenario == "pretrain" else ContrastiveTrainer)
     if scenario == "one_expert":  # equal logits: every token picks expert 0, so rank 1's experts idle
         for moe in engine.module.model.moe_blocks:
             moe.router_weight.data.zero_()
     images, tokens = fixed_batch(config)
     local = slice(session.rank * GLOBAL_BATCH // session.world_size, (session.rank + 1) * GLOBAL_BATCH // session.world_size)
-    terms, routing, _ = train_step(engine, images[local], tokens[local], config)
-    loss = terms["loss"].clone()
+    loss = torch.zeros(())
+    for step in range(config.train.steps if scenario == "pretrain" else 1):
+        terms, routing, _ = train_step(engine, images[local], tokens[local], config, step)
+        loss += terms["loss"]
     dist.all_reduce(loss)
     torch.save(engine.module.model.state_dict(), outdir / f"rank{session.rank}.pt")
     if session.rank == 0:

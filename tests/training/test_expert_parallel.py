@@ -2,8 +2,10 @@
 
 Both runs start from the same weights (experts are initialised by global index), route the same
 groups (router noise off, groups of whole examples), and take one AdamW step with clipping.
-Scenarios: balanced routing; every token on expert 0 (rank 1's experts idle); and the 2-process
-run on the Triton ops (Triton's interpreter on CPU) against 1 process on the PyTorch reference.
+Scenarios: balanced routing; every token on expert 0 (rank 1's experts idle); the 2-process
+run on the Triton ops (Triton's interpreter on CPU) against 1 process on the PyTorch reference;
+and four steps of masked pretraining, one per task (masks drawn for the global batch, so both
+runs mask the same patches and tokens; the masked-token loss is a global-batch mean).
 """
 
 import json
@@ -44,7 +46,7 @@ def run_workers(outdir: Path, world_size: int, ep: int, scenario: str) -> dict:
     return json.loads((outdir / "result.json").read_text())
 
 
-@pytest.fixture(scope="module", params=["balanced", "one_expert", "triton"])
+@pytest.fixture(scope="module", params=["balanced", "one_expert", "triton", "pretrain"])
 def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     single = run_workers(root / "single", 1, 1, request.param)
