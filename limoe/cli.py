@@ -68,6 +68,16 @@ def _eval_retrieval(args) -> int:
     return 0
 
 
+def _eval_knn(args) -> int:
+    from limoe.evaluate.knn import run_knn
+
+    run_knn(
+        checkpoint=Path(args.checkpoint), data=args.data, k=args.k, output=args.output, batch_size=args.batch_size,
+        capacity_factor=args.capacity_factor, device=args.device, workers=args.workers, random_init=args.random_init,
+    )
+    return 0
+
+
 def _routing(args) -> int:
     from limoe.routing_report.command import run_routing_report
 
@@ -139,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
     retrieval = command("retrieval", _eval_retrieval, "image-text retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
+    knn = command("knn", _eval_knn, "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
+    _add_eval_options(knn)
+    knn.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")
 
     routing = command("routing", _routing, "expert routing statistics and plots for a checkpoint")
     routing.add_argument("--checkpoint", required=True)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from limoe.distributed import rank_and_world
+
 IGNORE = -100  # target of a token that is not predicted (cross_entropy's ignore_index)
 
 
@@ -63,6 +65,14 @@ def random_patch_keep(batch: int, num_patches: int, mask_ratio: float, generator
     keep = kept_patch_count(num_patches, mask_ratio)
     noise = _uniform((batch, num_patches), shard, generator)  # [B, N]
     return noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # [B, K]
+
+
+def patch_keep_at(step: int, seed: int, purpose: str, images: Tensor, num_patches: int, mask_ratio: float) -> Tensor:
+    """This rank's share of the kept patches [B, K] that `step` draws for its global batch (`purpose`
+    keeps the draws of different uses apart); images [B, 3, H, W] give the batch and device."""
+    shard = BatchShard.for_rank(*rank_and_world(), images.shape[0])
+    generator = step_generator(seed, step, purpose, images.device)
+    return random_patch_keep(images.shape[0], num_patches, mask_ratio, generator, shard)
 
 
 def masked_patches(keep: Tensor, num_patches: int) -> Tensor:

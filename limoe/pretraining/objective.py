@@ -30,14 +30,7 @@ from torch import Tensor, nn
 from limoe.config import Config, PretrainConfig
 from limoe.data.preprocess import tokenizer
 from limoe.distributed import rank_and_world
-from limoe.model.masking import (
-    IGNORE,
-    BatchShard,
-    corrupt_tokens,
-    masked_patches,
-    random_patch_keep,
-    step_generator,
-)
+from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
@@ -136,16 +129,12 @@ class MaskedPretraining(nn.Module):
         terms.update({"loss": total, f"{task.name}_loss": loss, "auxiliary": aux, **parts})
         return total, {k: v.detach().float() for k, v in terms.items()}, routing
 
-    def _shard(self, batch: int) -> BatchShard:
-        return BatchShard.for_rank(*rank_and_world(), batch)
-
     def predict_image(self, images: Tensor, tokens: Optional[Tensor], step: int) -> tuple[PatchPrediction, list[LayerRouting]]:
         """MAE on images [B, 3, H, W]: encode the visible patches (with the caption tokens [B, L]
         alongside when given, fused in after the tower), decode every patch."""
         config = self.model.config
-        generator = step_generator(self.seed, step, "masked_image", images.device)
-        keep = random_patch_keep(images.shape[0], config.num_patches, self.config.image_mask_ratio, generator,
-                                 self._shard(images.shape[0]))  # [B, K]
+        keep = patch_keep_at(step, self.seed, "masked_image", images, config.num_patches,
+                             self.config.image_mask_ratio)  # [B, K]
         streams = [self.model.embed_image(images, keep)]
         if tokens is not None:
             streams.append(self.model.embed_text(tokens))
@@ -165,7 +154,7 @@ class MaskedPretraining(nn.Module):
         maskable = (tokens != PAD_TOKEN) & (tokens < self.first_special_id)  # [B, L]
         corrupted = corrupt_tokens(tokens, maskable, self.config.text_mask_ratio, self.config.text_replace_with_mask,
                                    self.config.text_replace_with_random, (PAD_TOKEN + 1, self.first_special_id),
-                                   generator, self._shard(tokens.shape[0]))
+                                   generator, BatchShard.for_rank(*rank_and_world(), tokens.shape[0]))
         text = self.model.embed_text(corrupted.tokens, corrupted.at_mask, self.mask_embedding)
         streams = [text] if images is None else [self.model.embed_image(images), text]
         streams, routing = self.model.tower(streams)

@@ -1,8 +1,10 @@
 """What a training run tells its user: a progress bar, `metrics.jsonl`, TensorBoard, routing logs.
 
 Per-step values stay on the device and are summed over a logging window; they are read (one host
-sync) only every `train.log_every` steps. Losses are averaged over ranks at that point; routing
-the routing table sums all ranks' tokens (the progress bar's routing success is rank 0's). Collapse warnings are logged once per (layer, modality).
+sync) only every `train.log_every` steps. Losses are averaged over ranks at that point (each term
+over the steps that reported it: pretraining tasks report different terms); the routing table
+sums all ranks' tokens, kept apart per stage of the objective (the progress bar's routing success
+is rank 0's). Collapse warnings are logged once per (layer, modality).
 """
 
 from __future__ import annotations

@@ -25,12 +25,12 @@ from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.warm_start import warm_start
 from limoe.config import Config, dump_config, load_config, to_dict
 from limoe.data.pipeline import expand_shards, train_loader
-from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, rank_and_world, resolve_device
+from limoe.distributed import ExpertSharding, expert_parallel_group, init_process_group, resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
-from limoe.model.masking import BatchShard, random_patch_keep, step_generator
 from limoe.model.tower import Limoe
+from limoe.training.flip import PatchDropping
 from limoe.training.progress import TrainingReporter
 
 log = logging.getLogger("limoe.training.trainer")
@@ -66,29 +66,14 @@ class ContrastiveTrainer(nn.Module):
         self.model = model
         self.contrastive = ContrastiveLoss(config.loss.contrastive)
         self.loss_config = config.loss
-        self.train_config = config.train
-
-    def _masked(self, step: int) -> bool:
-        train = self.train_config
-        return train.image_mask_ratio > 0 and step < train.steps - train.unmasked_steps
+        self.patch_dropping = PatchDropping.from_config(config)
 
     def stage(self, step: int) -> Optional[str]:
-        """FLIP's masked and unmasked phases route different token counts: their statistics stay apart."""
-        if self.train_config.image_mask_ratio == 0:
-            return None
-        return "masked" if self._masked(step) else "unmasked"
-
-    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
-        """The patches each image keeps at `step` [B, K], or None (unmasked step, or evaluation)."""
-        if not (self.training and self._masked(step)):
-            return None
-        generator = step_generator(self.train_config.seed, step, "flip", images.device)
-        shard = BatchShard.for_rank(*rank_and_world(), images.shape[0])
-        return random_patch_keep(images.shape[0], self.model.config.num_patches, self.train_config.image_mask_ratio,
-                                 generator, shard)
+        return self.patch_dropping.stage(step)
 
     def forward(self, images: Tensor, tokens: Tensor, step: int = 0) -> tuple[Tensor, dict[str, Tensor], list]:
-        output = self.model(images, tokens, self.image_keep(images, step))
+        keep = self.patch_dropping.keep(images, step) if self.training else None  # evaluation sees every patch
+        output = self.model(images, tokens, keep)
         contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale)
         aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
         loss = contrastive + aux

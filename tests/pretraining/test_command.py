@@ -49,12 +49,16 @@ def test_pretraining_logs_each_task_and_routing_per_stage(pretrained):
     assert final["masked_image"]["patches"] == 143 * 48
 
 
-def test_the_export_is_exactly_a_contrastive_model_and_evaluates(pretrained):
+def test_the_export_is_exactly_a_contrastive_model_and_evaluates(pretrained, tmp_path):
     exported = load_file(str(pretrained / "model.safetensors"))
     expected = Limoe(load_config(str(pretrained / "config.yaml")).model).state_dict()
     assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in expected.items()}
     assert main(["eval", "retrieval", "--checkpoint", str(pretrained / "model.safetensors"), "--data", HELDOUT,
                  "--workers", "0"]) == 0
+    assert main(["eval", "knn", "--checkpoint", str(pretrained / "model.safetensors"), "--data",
+                 "data_shards/heldout_cls", "--workers", "0", "--random-init", "--output", str(tmp_path / "knn.json")]) == 0
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert knn["images"] == 331 and 0 < knn["knn_top1"] < 1 and 0 < knn["random_init_knn_top1"] < 1
 
 
 def test_contrastive_training_starts_from_the_pretrained_workdir_with_flip(pretrained, tmp_path, caplog):

@@ -50,9 +50,9 @@ def test_the_last_unmasked_steps_and_evaluation_see_every_patch():
 def test_masks_are_a_function_of_the_step():
     trainer = _trainer()
     images, _ = _batch()
-    keep = trainer.image_keep(images, 4)
-    assert keep.shape == (12, 32) and torch.equal(keep, trainer.image_keep(images, 4))
-    assert not torch.equal(keep, trainer.image_keep(images, 5))
+    keep = trainer.patch_dropping.keep(images, 4)
+    assert keep.shape == (12, 32) and torch.equal(keep, trainer.patch_dropping.keep(images, 4))
+    assert not torch.equal(keep, trainer.patch_dropping.keep(images, 5))
 
 
 @pytest.mark.parametrize("override, message", [
