@@ -218,7 +218,8 @@ class PretrainConfig:
         _check_mask_ratio(self.image_mask_ratio, "pretrain.image_mask_ratio")
         if not 0 < self.text_mask_ratio < 1:
             raise LimoeError(f"pretrain.text_mask_ratio {self.text_mask_ratio} must be between 0 and 1 (BERT: 0.15).")
-        if min(self.text_replace_with_mask, self.text_replace_with_random) < 0 or self.text_replace_with_mask + self.text_replace_with_random > 1:
+        shares = (self.text_replace_with_mask, self.text_replace_with_random)
+        if min(shares) < 0 or sum(shares) > 1:
             raise LimoeError(
                 "pretrain.text_replace_with_mask and pretrain.text_replace_with_random are shares of the masked tokens: "
                 "each at least 0 and together at most 1 (BERT: 0.8 and 0.1)."

@@ -57,7 +57,12 @@ def load_training_checkpoint(engine, workdir: Path) -> Optional[dict]:
     path = latest_checkpoint(workdir)
     if path is None:
         return None
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    try:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except RuntimeError as error:  # load_state_dict: the checkpoint holds another module's tensors
+        raise LimoeError(f"checkpoint {path} does not fit this run (it was written by another objective, e.g. "
+                         f"`limoe pretrain` against `limoe train`): {str(error).splitlines()[0]} Use a new --workdir, "
+                         f"and train.init_from to start from its weights.") from None
     if client_state is None:
         raise LimoeError(f"checkpoint {path} could not be loaded; delete it or start a new --workdir.")
     return client_state

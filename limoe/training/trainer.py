@@ -262,11 +262,11 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
     session = start_session(config)
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(workdir, config)
-    if session.rank == 0:
-        atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
     fresh = checkpoint.latest_checkpoint(workdir) is None  # train.init_from seeds a fresh run only
     engine = build_engine(config, session, objective, config.train.init_from if fresh else None)
     state = checkpoint.load_training_checkpoint(engine, workdir) or {"step": 0}
+    if session.rank == 0:  # after the checkpoint was found to fit: a refused run leaves the workdir as it was
+        atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
     start = state["step"]
     if start >= config.train.steps:
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)

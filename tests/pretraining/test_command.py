@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from limoe.cli import main
@@ -77,6 +76,14 @@ def test_contrastive_training_starts_from_the_pretrained_workdir_with_flip(pretr
     with caplog.at_level(logging.INFO, logger="limoe.checkpoints.warm_start"):
         assert main(args) == 0
     assert not [r for r in caplog.records if r.name == "limoe.checkpoints.warm_start"]
+
+
+def test_contrastive_training_in_the_pretraining_workdir_is_refused_and_changes_nothing(pretrained, capsys):
+    saved = (pretrained / "config.yaml").read_text()
+    assert main(_args("train", pretrained)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit this run" in err and len(err.splitlines()) == 1
+    assert (pretrained / "config.yaml").read_text() == saved
 
 
 def test_stages_that_do_not_fill_the_run_are_one_line_and_exit_2(tmp_path, capsys):
