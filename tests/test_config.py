@@ -72,3 +72,21 @@ def test_missing_config_file_is_a_clear_error():
         load_config("no/such/file.yaml")
     with pytest.raises(LimoeError, match="no models config named 'limoe-xl'"):
         load_model_config("limoe-xl")
+
+
+def test_pretraining_config_builds_on_the_training_demo():
+    config = load_config(None, kind="pretrain")  # configs/pretrain/demo.yaml, whose base is configs/train/demo.yaml
+    assert config.model.name == "limoe-tiny" and config.optim.warmup_steps == 30
+    assert (config.pretrain.unimodal_steps, config.pretrain.bimodal_steps, config.train.steps) == (200, 100, 300)
+    assert (config.pretrain.decoder_width, config.pretrain.image_mask_ratio, config.pretrain.text_mask_ratio) == (64, 0.75, 0.15)
+    assert load_config("demo").pretrain.decoder_width == 512  # MAE's default where a config says nothing
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.text_replace_with_random=0.3", "together at most 1"),
+    ("pretrain.image_mask_ratio=1.0", "pretrain.image_mask_ratio 1.0 must be at least 0 and below 1"),
+    ("pretrain.decoder_heads=5", "not divisible by pretrain.decoder_heads 5"),
+])
+def test_bad_pretraining_settings_are_clear_errors(override, message):
+    with pytest.raises(LimoeError, match=message):
+        load_config(None, [override], kind="pretrain")

@@ -95,7 +95,7 @@ class MaskedPretraining(nn.Module):
     def __init__(self, model: Limoe, config: Config):
         super().__init__()
         self.model = model
-        self.config = config.pretrain
+        self.pretrain_config = config.pretrain
         self.loss_config = config.loss
         self.seed = config.train.seed
         m, p = model.config, config.pretrain
@@ -109,21 +109,21 @@ class MaskedPretraining(nn.Module):
         self.first_special_id = min(ids.sot_token_id, ids.eot_token_id, m.vocab_size)  # ids at or above: markers
 
     def stage(self, step: int) -> str:
-        return stage_at(step, self.config)
+        return stage_at(step, self.pretrain_config)
 
     def forward(self, images: Tensor, tokens: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], list]:
         """One step's task on a batch of pairs → (loss, its parts detached, routing)."""
-        task = task_at(step, self.config)
+        task = task_at(step, self.pretrain_config)
         terms = {}
         if task.predicts == "image":
             predicted, routing = self.predict_image(images, tokens if task.given_other else None, step)
             loss = masked_patch_loss(predicted.prediction, predicted.target, predicted.hidden)
-            weight = self.config.image_loss_weight
+            weight = self.pretrain_config.image_loss_weight
         else:
             predicted, routing = self.predict_text(tokens, images if task.given_other else None, step)
             loss, terms[f"{task.name}_accuracy"] = masked_token_loss(predicted.logits, predicted.targets,
                                                                      _per_rank_share(predicted.targets))
-            weight = self.config.text_loss_weight
+            weight = self.pretrain_config.text_loss_weight
         aux, parts = auxiliary_loss(routing, self.loss_config, loss.device)
         total = weight * loss + aux
         terms.update({"loss": total, f"{task.name}_loss": loss, "auxiliary": aux, **parts})
@@ -134,7 +134,7 @@ class MaskedPretraining(nn.Module):
         alongside when given, fused in after the tower), decode every patch."""
         config = self.model.config
         keep = patch_keep_at(step, self.seed, "masked_image", images, config.num_patches,
-                             self.config.image_mask_ratio)  # [B, K]
+                             self.pretrain_config.image_mask_ratio)  # [B, K]
         streams = [self.model.embed_image(images, keep)]
         if tokens is not None:
             streams.append(self.model.embed_text(tokens))
@@ -152,8 +152,8 @@ class MaskedPretraining(nn.Module):
         never masked; padding is never routed."""
         generator = step_generator(self.seed, step, "masked_text", tokens.device)
         maskable = (tokens != PAD_TOKEN) & (tokens < self.first_special_id)  # [B, L]
-        corrupted = corrupt_tokens(tokens, maskable, self.config.text_mask_ratio, self.config.text_replace_with_mask,
-                                   self.config.text_replace_with_random, (PAD_TOKEN + 1, self.first_special_id),
+        corrupted = corrupt_tokens(tokens, maskable, self.pretrain_config.text_mask_ratio, self.pretrain_config.text_replace_with_mask,
+                                   self.pretrain_config.text_replace_with_random, (PAD_TOKEN + 1, self.first_special_id),
                                    generator, BatchShard.for_rank(*rank_and_world(), tokens.shape[0]))
         text = self.model.embed_text(corrupted.tokens, corrupted.at_mask, self.mask_embedding)
         streams = [text] if images is None else [self.model.embed_image(images), text]
@@ -162,5 +162,7 @@ class MaskedPretraining(nn.Module):
         if images is not None:
             x = self.text_fusion(x, streams[0].x, x_real=text.key_mask)
         predicted = corrupted.targets != IGNORE  # [B, L]
+        # Only the T masked tokens are scored against the vocabulary (a selection that costs one
+        # host sync; scoring all B·L positions against ~49k ids would cost far more).
         logits = self.mlm_head(x[predicted], self.model.token_embed.weight)  # [T, V]
         return TokenPrediction(logits, corrupted.targets[predicted]), routing
