@@ -77,7 +77,7 @@ def test_missing_config_file_is_a_clear_error():
 def test_pretraining_config_builds_on_the_training_demo():
     config = load_config(None, kind="pretrain")  # configs/pretrain/demo.yaml, whose base is configs/train/demo.yaml
     assert config.model.name == "limoe-tiny" and config.optim.warmup_steps == 30
-    assert (config.pretrain.unimodal_steps, config.pretrain.bimodal_steps, config.train.steps) == (200, 100, 300)
+    assert (config.pretrain.unimodal_steps, config.pretrain.bimodal_steps, config.train.steps) == (500, 100, 600)
     assert (config.pretrain.decoder_width, config.pretrain.image_mask_ratio, config.pretrain.text_mask_ratio) == (64, 0.75, 0.15)
     assert load_config("demo").pretrain.decoder_width == 512  # MAE's default where a config says nothing
 
