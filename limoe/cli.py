@@ -40,10 +40,28 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _config_show(args) -> int:
+    from limoe.config import load_config
+    from limoe.config_docs import describe_config
+
+    print(describe_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def _plan(args) -> int:
+    from limoe.config import load_config
+    from limoe.plan import GiB, format_plan, plan_memory
+
+    config = load_config(args.config, args.set)
+    plan = plan_memory(config, args.gpus, int(args.gpu_memory * GiB))
+    print(format_plan(plan, args.config or "demo"))
+    return 0 if plan.fits(plan.configured) else 1
+
+
 def _export(args) -> int:
     from limoe.checkpoints.training import export_workdir
 
-    export_workdir(Path(args.workdir), Path(args.output))
+    export_workdir(Path(args.workdir), args.output, hub_layout=args.format == "hf", repo_id=args.repo_id)
     return 0
 
 
@@ -82,7 +100,7 @@ def _routing(args) -> int:
     from limoe.routing_report.command import run_routing_report
 
     run_routing_report(
-        checkpoint=Path(args.checkpoint), data=args.data, output=Path(args.output), num_batches=args.num_batches,
+        checkpoint=Path(args.checkpoint), data=args.data, output=args.output, num_batches=args.num_batches,
         batch_size=args.batch_size, capacity_factor=args.capacity_factor, compare=args.compare, device=args.device,
         block=args.block,
     )
@@ -91,28 +109,66 @@ def _routing(args) -> int:
 
 def _shards_build(args) -> int:
     from limoe.data.shards import build_shards
+    from limoe.files import check_output_directory
 
+    output = check_output_directory(args.output, "--output")
     counts = build_shards(
-        images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=Path(args.output),
+        images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=output,
         image_size=args.image_size, maxcount=args.maxcount, classification=args.classification,
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one LimoeError line (exit status 2) instead of usage text."""
+
+    def error(self, message: str):
+        raise LimoeError(f"{message} (see `{self.prog} --help`).")
+
+
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An option type: an integer ≥ `minimum`, else an error naming the value and the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give a whole number ≥ {minimum}")
+        return value
+
+    return parse
+
+
+def _capacity_factor(text: str) -> str:
+    """An option type: 'dropless' or a positive, finite number (kept as text for the library)."""
+    from limoe.checkpoints.loading import parse_capacity_factor
+
+    try:
+        parse_capacity_factor(text)
+    except LimoeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a number > 0 such as 2.0, or "
+                                         f"'dropless'") from None
+    return text
+
+
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="exported .safetensors file or a training workdir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="exported .safetensors file, training workdir (or one of its checkpoint directories), "
+                             "model folder or hf-hub:org/name")
     parser.add_argument("--data", required=True, help="shards (spec, directory) or an image folder tree")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--capacity-factor", default=None,
+    parser.add_argument("--batch-size", type=_whole_number(1), default=64)
+    parser.add_argument("--capacity-factor", type=_capacity_factor, default=None,
                         help="eval capacity factor, or 'dropless' (default: the checkpoint's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=_whole_number(0), default=2)
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="limoe", description="LIMoE sparse mixture-of-experts contrastive models")
+    parser = _Parser(prog="limoe", description="LIMoE sparse mixture-of-experts contrastive models")
     # The deepspeed launcher puts --local_rank=N before the subcommand; the rank is read from the
     # environment (LOCAL_RANK), which every launcher sets, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -137,9 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--workdir", default="runs/pretrain", help="checkpoints, metrics and logs go here")
     pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
+    config = command("config", None, "inspect training configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = command("show", _config_show, "print the resolved config with each key's meaning and valid values",
+                   config_commands)
+    show.add_argument("--config", default=None, help="training config name or path (default: demo)")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    plan = command("plan", _plan, "per-GPU memory of a training config and the micro-batch and "
+                                  "checkpointing settings that fit (exit 1 if the configured ones do not)")
+    plan.add_argument("--config", default=None, help="training config name or path (default: demo)")
+    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs (processes) of the run")
+    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB, e.g. 80")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)
-    export.add_argument("--output", required=True)
+    export.add_argument("--output", required=True, help="the .safetensors file, or the folder with --format hf")
+    export.add_argument("--format", default="safetensors", choices=["safetensors", "hf"],
+                        help="hf: a model folder in Hugging Face layout (weights, config JSON, model card)")
+    export.add_argument("--repo-id", default=None, metavar="ORG/NAME", help="the Hub name the model card loads")
 
     evaluate = command("eval", None, "evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
@@ -158,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--checkpoint", required=True)
     routing.add_argument("--data", required=True)
     routing.add_argument("--output", required=True, help="directory for routing.json and the plots")
-    routing.add_argument("--num-batches", type=int, default=4)
-    routing.add_argument("--batch-size", type=int, default=64)
-    routing.add_argument("--capacity-factor", default=None, help="a number or 'dropless' (default: config)")
+    routing.add_argument("--num-batches", type=_whole_number(1), default=4)
+    routing.add_argument("--batch-size", type=_whole_number(1), default=64)
+    routing.add_argument("--capacity-factor", type=_capacity_factor, default=None,
+                         help="a number or 'dropless' (default: config)")
     routing.add_argument("--compare", default=None, help="a second checkpoint to put side by side")
     routing.add_argument("--block", type=int, default=None, help="MoE block for the patch and token maps (default: last)")
     routing.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -169,17 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     shard_commands = shards.add_subparsers(dest="shard_command", required=True, metavar="ACTION")
     build = command("build", _shards_build, "write img2dataset-layout shards from images and captions", shard_commands)
     build.add_argument("--images", required=True, help="folder of images (or class folders with --classification)")
-    build.add_argument("--captions", default=None, help="CSV or JSONL mapping file name to caption")
+    build.add_argument("--captions", default=None, help="CSV, TSV or JSONL mapping file name to caption (open_clip's filepath/title columns too)")
     build.add_argument("--output", required=True)
-    build.add_argument("--image-size", type=int, default=None, help="resize the shorter side and center-crop")
-    build.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    build.add_argument("--image-size", type=_whole_number(1), default=None,
+                       help="resize the shorter side and center-crop")
+    build.add_argument("--maxcount", type=_whole_number(1), default=1000, help="samples per shard")
     build.add_argument("--classification", action="store_true", help="write .cls labels and classnames.txt")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except LimoeError as error:
         print(f"limoe: error: {error}", file=sys.stderr)

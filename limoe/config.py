@@ -7,6 +7,12 @@ in a config silently falling back to a default can waste a week of GPU time.
 A training config names its model by reference (`model: limoe-b16`, a file in `configs/models/`)
 or as a mapping with `base:` plus the keys it changes, so architectures are written down once.
 `--set a.b=v` overrides are parsed as YAML scalars and go through the same type checks.
+
+Every key is declared with `setting(default, meaning, valid)`: what it means, and for numbers the
+interval they must lie in (`"[1, inf)"`), checked on load so that a bad value is one line naming
+the key before any data is read or model built. A new key is added the same way, then
+`python -m limoe.config_docs` regenerates docs/CONFIG.md; the tests fail on a key without a
+meaning or interval and on a stale docs/CONFIG.md.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -30,7 +36,8 @@ from limoe.errors import LimoeError
 
 def _config_dir() -> Path:
     """The shipped configs: `limoe.configs` when installed (a wheel, or an editable install, which
-    maps it to the checkout's `configs/`), else the `configs/` beside this package in a checkout."""
+    maps it to the checkout's `configs/`; a regular package, so that this is a plain path), else
+    the `configs/` beside this package in a checkout that is not installed."""
     try:
         return Path(str(importlib.resources.files("limoe.configs")))
     except ModuleNotFoundError:
@@ -43,9 +50,48 @@ _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 MODALITIES = ("image", "text")
 
 
+# ---------------------------------------------------------------------------------------------
+# Documented keys: every key says what it means and, if it holds numbers, which values are valid
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of a numeric key, written as in mathematics: `[1, inf)`, `(0, 1]`."""
+
+    text: str
+
+    def __post_init__(self):
+        if _INTERVAL.fullmatch(self.text) is None:
+            raise ValueError(f"cannot read the interval {self.text!r}; write it like '[1, inf)' or '(0, 1]'.")
+
+    def __contains__(self, number: float) -> bool:
+        left, low, high, right = _INTERVAL.fullmatch(self.text).groups()
+        above = number >= float(low) if left == "[" else number > float(low)
+        below = number <= float(high) if right == "]" else number < float(high)
+        return above and below  # False for NaN; an open end at inf excludes inf
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_INTERVAL = re.compile(r"([\[(])(-inf|[-+\d.e]+), (inf|[-+\d.e]+)([\])])")
+
+
+def setting(default: Any = dataclasses.MISSING, meaning: str = "", valid: Optional[str] = None) -> Any:
+    """A config key: its default, what it means, and for a numeric key the interval every number it
+    holds must lie in (checked when a config is loaded). `limoe config show` prints the meaning
+    beside the key; docs/CONFIG.md lists every key and a test keeps it in step with this file."""
+    return field(default=default, metadata={"meaning": meaning, "valid": Interval(valid) if valid else None})
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration
+
+
 @dataclass(frozen=True)
 class PerModality:
-    """One number per modality (loss weights, entropy thresholds)."""
+    """One number per modality (loss weights, entropy thresholds); the key holding it says which
+    values are valid."""
 
     image: float
     text: float
@@ -62,34 +108,41 @@ class MoeConfig:
     or `last N` (the last N of those), as V-MoE does.
     """
 
-    num_experts: int = 8
-    layers: tuple[int, ...] = ()
-    top_k: int = 1
-    group_size: int = 8  # examples per routing group; their image and text tokens compete together
-    train_capacity_factor: float = 1.05
-    eval_capacity_factor: Optional[float] = 2.0  # None: dropless (capacity = group size)
-    batch_priority: bool = True
-    router_noise: bool = True  # N(0, (1/E)^2) on the logits, training only
-    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton on CUDA, the reference elsewhere
+    num_experts: int = setting(8, "experts per MoE layer (E)", "[1, inf)")
+    layers: tuple[int, ...] = setting((), "0-based blocks whose MLP is a mixture of experts; YAML may write "
+                                      "'every 2' (blocks 1, 3, 5, …) or 'last N' (the last N of those)", "[0, inf)")
+    top_k: int = setting(1, "experts each token is sent to (only top-1 is implemented)", "[1, inf)")
+    group_size: int = setting(8, "examples per routing group; their image and text tokens compete for the same "
+                                 "expert slots", "[1, inf)")
+    train_capacity_factor: float = setting(1.05, "expert slots per group in training: ceil(k·S·c/E) for S tokens, "
+                                                 "rounded up to a multiple of 4", "(0, inf)")
+    eval_capacity_factor: Optional[float] = setting(2.0, "the same factor in evaluation; null: dropless (every token "
+                                                         "gets its expert)", "(0, inf)")
+    batch_priority: bool = setting(True, "Batch Priority Routing: fill expert slots by gate value, highest first "
+                                         "(false: by position)")
+    router_noise: bool = setting(True, "add N(0, (1/E)²) noise to the router logits in training")
+    backend: Literal["auto", "torch", "triton"] = setting("auto", "expert layer implementation; auto: Triton on "
+                                                                  "CUDA, the PyTorch reference elsewhere")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A single-tower image-text transformer (ViT sizes; DESIGN: S/32 has 8 layers)."""
+    """A single-tower image-text transformer: ViT sizes, text, pooling and where the experts sit."""
 
-    name: str = "custom"
-    image_size: int = 224
-    patch_size: int = 32
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_dim: int = 3072
-    embed_dim: int = 512  # joint image-text embedding space
-    vocab_size: int = 49408  # open_clip's BPE vocabulary
-    context_length: int = 16
-    image_pool: Literal["map", "cls", "mean"] = "map"  # MAP: attention pooling with a learned probe
-    text_pool: Literal["map", "cls", "mean", "eos"] = "map"  # eos: the end-of-text token
-    dense: bool = False  # True: the MoE blocks become dense MLPs (the dense baseline)
+    name: str = setting("custom", "the architecture's name, shown in reports and model cards")
+    image_size: int = setting(224, "input images are image_size × image_size pixels", "[1, inf)")
+    patch_size: int = setting(32, "side of the square image patches; must divide image_size", "[1, inf)")
+    width: int = setting(768, "token width d of the tower", "[1, inf)")
+    depth: int = setting(12, "transformer blocks", "[1, inf)")
+    heads: int = setting(12, "attention heads; must divide width", "[1, inf)")
+    mlp_dim: int = setting(3072, "hidden width of each MLP and each expert", "[1, inf)")
+    embed_dim: int = setting(512, "width of the joint image-text embedding space", "[1, inf)")
+    vocab_size: int = setting(49408, "token embedding rows (open_clip's BPE vocabulary has 49408)", "[1, inf)")
+    context_length: int = setting(16, "caption tokens, start and end of text included", "[2, inf)")
+    image_pool: Literal["map", "cls", "mean"] = setting("map", "image pooling: map = attention pooling with a "
+                                                               "learned probe, cls token, or mean")
+    text_pool: Literal["map", "cls", "mean", "eos"] = setting("map", "text pooling; eos: the end-of-text token")
+    dense: bool = setting(False, "true: the MoE blocks become dense MLPs (the dense baseline)")
     moe: MoeConfig = field(default_factory=MoeConfig)
 
     def __post_init__(self):
@@ -108,8 +161,6 @@ class ModelConfig:
                 )
         if self.moe.top_k != 1:
             raise LimoeError("model.moe.top_k: only top-1 routing is implemented; set it to 1.")
-        if self.moe.num_experts < 1 or self.moe.group_size < 1:
-            raise LimoeError("model.moe.num_experts and model.moe.group_size must be at least 1.")
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -125,72 +176,114 @@ class ModelConfig:
 class LossConfig:
     """Contrastive loss and the V-MoE / LIMoE auxiliary losses (weights and thresholds)."""
 
-    contrastive: Literal["clip", "siglip"] = "clip"
-    logit_scale_init: float = math.log(10.0)
-    importance: float = 0.005
-    load: float = 0.005
-    local_entropy: PerModality = PerModality(image=0.01, text=0.01)
-    global_entropy: PerModality = PerModality(image=0.01, text=0.01)
-    # S_m: the global entropy loss is off once a modality's marginal routing entropy reaches log S_m.
-    global_entropy_min_experts: PerModality = PerModality(image=8.0, text=3.0)
-    router_z: float = 0.0
+    contrastive: Literal["clip", "siglip"] = setting("clip", "clip: symmetric InfoNCE over the global batch; "
+                                                             "siglip: the pairwise sigmoid loss")
+    logit_scale_init: float = setting(math.log(10.0), "initial log-temperature (log 10); training keeps it in "
+                                                      "[0, log 100]", "[0, 4.6052]")
+    logit_bias_init: float = setting(-10.0, "initial logit bias of the siglip loss (unused by clip)", "(-inf, inf)")
+    importance: float = setting(0.005, "weight of V-MoE's importance loss", "[0, inf)")
+    load: float = setting(0.005, "weight of V-MoE's load loss", "[0, inf)")
+    local_entropy: PerModality = setting(PerModality(image=0.01, text=0.01), "weight of LIMoE's local entropy "
+                                         "loss, per modality", "[0, inf)")
+    global_entropy: PerModality = setting(PerModality(image=0.01, text=0.01), "weight of LIMoE's global entropy "
+                                          "loss, per modality", "[0, inf)")
+    global_entropy_min_experts: PerModality = setting(
+        PerModality(image=8.0, text=3.0), "S_m: the global entropy loss is off once a modality's marginal routing "
+        "entropy reaches log S_m", "[1, inf)")
+    router_z: float = setting(0.0, "weight of ST-MoE's router z-loss (0: off)", "[0, inf)")
+    local_loss: bool = setting(True, "clip: each rank computes its own pairs' rows of the logits, B_local × B_global "
+                                     "instead of B_global²; the loss averaged over ranks and the gradient are the "
+                                     "same (siglip always works in local blocks)")
 
 
 @dataclass(frozen=True)
 class ShardSource:
-    """A set of webdataset shards and its sampling weight when mixed with others."""
+    """A set of webdataset shards and how often it is drawn when mixed with other sources."""
 
-    shards: str
-    weight: float = 1.0
+    shards: str = setting(meaning="shard spec: a folder, glob, brace pattern, list of those, pipe: command or URL")
+    weight: Optional[float] = setting(None, "sampling weight relative to the other sources; null: in proportion "
+                                            "to the source's size (docs/DATA.md)", "(0, inf)")
+    upsampling: float = setting(1.0, "multiplies the size-proportional weight (open_clip's "
+                                     "--train-data-upsampling-factors)", "(0, inf)")
+
+    def __post_init__(self):
+        if self.weight is not None and self.upsampling != 1.0:
+            raise LimoeError(f"data.train source {self.shards}: give a weight or an upsampling factor, not both.")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: tuple[ShardSource, ...] = (ShardSource("data_shards/train"),)
-    heldout: str = "data_shards/heldout"
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    resampled: bool = True
-    max_bad_fraction: float = 0.01
+    """Where training and held-out pairs come from and how they are read."""
+
+    train: tuple[ShardSource, ...] = setting(
+        (ShardSource("data_shards/train"),), "training sources: one shard spec, open_clip's 'a::b' list of specs, "
+        "or a list of sources with the keys below")
+    heldout: str = setting("data_shards/heldout", "caption shards for the end-of-training retrieval report")
+    workers: int = setting(2, "data loading processes per rank", "[0, inf)")
+    shuffle_buffer: int = setting(1000, "samples in each worker's shuffle buffer (0 or 1: no shuffling)", "[0, inf)")
+    resampled: bool = setting(True, "draw shards with replacement (LAION-style); false: shuffled epochs")
+    max_bad_fraction: float = setting(0.01, "stop once a worker's fraction of unusable samples passes this",
+                                      "[0, 1]")
+
+    def __post_init__(self):
+        if len({source.weight is None for source in self.train}) > 1:
+            raise LimoeError("data.train: give every source a weight, or none (then sources are mixed in "
+                             "proportion to their sizes).")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    weight_decay: float = 1e-4
-    betas: tuple[float, ...] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 10_000
-    schedule: Literal["cosine", "linear"] = "linear"
-    grad_clip: float = 1.0
+    """AdamW with decoupled weight decay, linear warmup, then cosine or linear decay."""
+
+    lr: float = setting(1e-3, "peak learning rate, reached at the end of the warmup", "(0, inf)")
+    min_lr: float = setting(1e-5, "learning rate at the last step", "[0, inf)")
+    weight_decay: float = setting(1e-4, "decoupled weight decay (not on norms, biases, embeddings, the logit "
+                                        "scale)", "[0, inf)")
+    betas: tuple[float, ...] = setting((0.9, 0.999), "Adam's β1 and β2", "[0, 1)")
+    eps: float = setting(1e-8, "Adam's ε", "(0, inf)")
+    warmup_steps: int = setting(10_000, "steps of linear warmup from 0 to lr", "[0, inf)")
+    schedule: Literal["cosine", "linear"] = setting("linear", "decay from lr to min_lr after the warmup")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: no clipping)", "[0, inf)")
+
+    def __post_init__(self):
+        if len(self.betas) != 2:
+            raise LimoeError(f"optim.betas must be two numbers [β1, β2], got {list(self.betas)}.")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100_000
-    batch_size: int = 16_384  # global, across all data-parallel ranks
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    routing_stats_every: int = 500
-    skip_nonfinite_steps: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Weights to start from when the workdir has no checkpoint of its own: an exported .safetensors
-    # file or a training workdir of the same architecture (e.g. `limoe pretrain`'s). Optimizer and
-    # step start fresh.
-    init_from: Optional[str] = None
-    # FLIP: drop this fraction of each image's patches before the tower (0: off), except in the
-    # last `unmasked_steps` steps. Evaluation never masks.
-    image_mask_ratio: float = 0.0
-    unmasked_steps: int = 0
+    """How long, how big a batch, on what, and how often to log and save."""
+
+    steps: int = setting(100_000, "optimizer steps of the whole run", "[1, inf)")
+    batch_size: int = setting(16_384, "pairs per step, summed over all data-parallel ranks", "[1, 10000000]")
+    seed: int = setting(0, "seeds the weights, the data order and the router noise", "[0, 4294967295]")
+    log_every: int = setting(50, "steps between lines of metrics.jsonl", "[1, inf)")
+    checkpoint_every: int = setting(1000, "steps between checkpoints", "[1, inf)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept on disk", "[1, inf)")
+    routing_stats_every: int = setting(500, "steps between per-layer routing statistics", "[1, inf)")
+    skip_nonfinite_steps: bool = setting(False, "skip and count steps with a non-finite loss instead of stopping")
+    precision: Literal["auto", "fp32", "bf16"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto: CUDA when a GPU is visible")
+    micro_batch_size: Optional[int] = setting(None, "pairs per GPU per forward, a multiple of model.moe.group_size "
+                                                    "that divides the per-GPU batch; the gradient is the whole "
+                                                    "batch's (feature caching); null: the whole per-GPU batch",
+                                              "[1, inf)")
+    activation_checkpointing: Literal["none", "moe", "all"] = setting(
+        "none", "recompute blocks in backward instead of keeping their activations: none, the MoE blocks, or all")
+    compile: bool = setting(False, "torch.compile the tower inside the engine (Inductor); off until measured faster "
+                                   "on a GPU")
+    init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "
+                                             "workdir of the same architecture (e.g. limoe pretrain's); optimizer "
+                                             "and step start fresh; ignored when the workdir has a checkpoint")
+    image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
+                                           "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
+    unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images (at most train.steps)",
+                                  "[0, inf)")
 
     def __post_init__(self):
-        _check_mask_ratio(self.image_mask_ratio, "train.image_mask_ratio")
-        if not 0 <= self.unmasked_steps <= self.steps:
-            raise LimoeError(f"train.unmasked_steps {self.unmasked_steps} must be between 0 and train.steps {self.steps}.")
+        if self.unmasked_steps > self.steps:
+            raise LimoeError(f"train.unmasked_steps {self.unmasked_steps} is more than train.steps {self.steps}; "
+                             f"lower it.")
 
 
 @dataclass(frozen=True)
@@ -201,51 +294,54 @@ class PretrainConfig:
     defaults are MAE's (image) and BERT's (text); OmniVec2 published no ratios.
     """
 
-    unimodal_steps: int = 50_000  # masked image modelling alternating with masked language modelling
-    bimodal_steps: int = 50_000  # the same, each given the other modality through cross-attention fusion
-    image_mask_ratio: float = 0.75  # MAE: fraction of patches hidden from the encoder
-    text_mask_ratio: float = 0.15  # BERT: fraction of caption tokens predicted
-    text_replace_with_mask: float = 0.8  # BERT: of the predicted tokens, replaced by the learned mask embedding
-    text_replace_with_random: float = 0.1  # … by a random token; the rest stay unchanged
-    decoder_width: int = 512  # MAE's ViT-L decoder: 8 blocks of width 512, 16 heads
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    fusion_depth: int = 1  # cross-attention blocks per direction, training only
-    image_loss_weight: float = 1.0
-    text_loss_weight: float = 1.0
+    unimodal_steps: int = setting(50_000, "steps of masked image modelling alternating with masked language "
+                                          "modelling", "[0, inf)")
+    bimodal_steps: int = setting(50_000, "then steps of the same two tasks, each given the other modality through "
+                                         "training-only cross-attention fusion", "[0, inf)")
+    image_mask_ratio: float = setting(0.75, "share of patches hidden from the encoder (MAE: 0.75)", "[0, 1)")
+    text_mask_ratio: float = setting(0.15, "share of caption tokens predicted (BERT: 0.15)", "(0, 1)")
+    text_replace_with_mask: float = setting(0.8, "of the predicted tokens, the share shown as the learned mask "
+                                                 "embedding (BERT: 0.8)", "[0, 1]")
+    text_replace_with_random: float = setting(0.1, "… the share replaced by a random token (BERT: 0.1); the rest "
+                                                   "stay unchanged", "[0, 1]")
+    decoder_width: int = setting(512, "width of MAE's pixel decoder (MAE ViT-L: 512)", "[1, inf)")
+    decoder_depth: int = setting(8, "blocks of the pixel decoder (MAE ViT-L: 8)", "[1, inf)")
+    decoder_heads: int = setting(16, "attention heads of the pixel decoder (MAE ViT-L: 16)", "[1, inf)")
+    fusion_depth: int = setting(1, "cross-attention fusion blocks per direction (training only, dropped by the "
+                                   "export)", "[1, inf)")
+    image_loss_weight: float = setting(1.0, "weight of the masked-image loss", "[0, inf)")
+    text_loss_weight: float = setting(1.0, "weight of the masked-token loss", "[0, inf)")
 
     def __post_init__(self):
-        _check_mask_ratio(self.image_mask_ratio, "pretrain.image_mask_ratio")
-        if not 0 < self.text_mask_ratio < 1:
-            raise LimoeError(f"pretrain.text_mask_ratio {self.text_mask_ratio} must be between 0 and 1 (BERT: 0.15).")
-        shares = (self.text_replace_with_mask, self.text_replace_with_random)
-        if min(shares) < 0 or sum(shares) > 1:
+        if self.text_replace_with_mask + self.text_replace_with_random > 1:
             raise LimoeError(
-                "pretrain.text_replace_with_mask and pretrain.text_replace_with_random are shares of the masked tokens: "
-                "each at least 0 and together at most 1 (BERT: 0.8 and 0.1)."
+                "pretrain.text_replace_with_mask and pretrain.text_replace_with_random are shares of the masked tokens, "
+                "together at most 1 (BERT: 0.8 and 0.1)."
             )
-        if min(self.unimodal_steps, self.bimodal_steps) < 0:
-            raise LimoeError("pretrain.unimodal_steps and pretrain.bimodal_steps must be at least 0.")
         if self.decoder_width % self.decoder_heads:
             raise LimoeError(
                 f"pretrain.decoder_width {self.decoder_width} is not divisible by pretrain.decoder_heads {self.decoder_heads}."
             )
 
 
-def _check_mask_ratio(ratio: float, key: str) -> None:
-    if not 0 <= ratio < 1:
-        raise LimoeError(f"{key} {ratio} must be at least 0 and below 1: it is the share of patches dropped.")
-
-
 @dataclass(frozen=True)
 class DistributedConfig:
-    expert_parallel_size: int = 1
-    zero_stage: int = 0
-    timeout_minutes: int = 30
+    """How the processes share the work."""
+
+    expert_parallel_size: int = setting(1, "ranks each MoE layer's experts are sharded over; divides the number "
+                                           "of processes and of experts", "[1, inf)")
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage: 1 partitions the optimizer state, 2 also the gradients "
+                                 "(3 is refused: DeepSpeed's MoE layers do not support it)", "[0, 3]")
+    timeout_minutes: int = setting(30, "collective operations wait this long before failing", "[1, inf)")
+    deepspeed_config: Union[str, dict, None] = setting(
+        None, "extra DeepSpeed settings merged into the generated config: a JSON file's path or a mapping; keys "
+              "limoe sets (batch sizes, precision, clipping, ZeRO stage, optimizer) may only repeat its values")
 
 
 @dataclass(frozen=True)
 class Config:
+    """A training run: the model, its losses, the data, the optimizer, the run and its processes."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,6 +349,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self):
+        experts, shards = self.model.moe.num_experts, self.distributed.expert_parallel_size
+        if self.model.moe_layers and experts % shards:
+            raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "
+                             f"{shards}; every rank must hold the same number of experts.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +384,8 @@ def _resolve_layer_spec(spec: Any, depth: int) -> Any:
     words = spec.split()
     if len(words) == 2 and words[1].isdigit() and words[0] in ("every", "last"):
         number = int(words[1])
+        if words[0] == "every" and number < 1:
+            raise LimoeError(f"model.moe.layers: {spec!r} places no experts; write 'every N' with N ≥ 1.")
         return list(every_n_layers(depth, number) if words[0] == "every" else last_n_layers(depth, number))
     raise LimoeError(
         f"model.moe.layers: cannot read {spec!r}; write a list of block indices, 'every 2' or 'last 12'."
@@ -296,42 +400,68 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp` and build dataclasses; errors name `path`."""
+def _convert(value: Any, tp: Any, path: str, valid: Optional[Interval] = None) -> Any:
+    """Check `value` against the annotation `tp` and build dataclasses; errors name `path`.
+
+    `valid` applies to every number `value` holds (each item of a list, both of a `PerModality`).
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, path)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], path, valid)
+        for candidate in inner:  # the first type that takes the value
+            try:
+                return _convert(value, candidate, path, valid)
+            except LimoeError:
+                pass
+        names = " or ".join(_type_name(a) for a in inner)
+        raise LimoeError(f"config key '{path}' must be of type {names}, got {value!r} ({type(value).__name__}).")
     if origin is Literal:
         if value not in args:
             raise LimoeError(f"config key '{path}' must be one of {list(args)}, got {value!r}.")
         return value
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]  # a scalar is a 1-list
-        return tuple(_convert(item, args[0], f"{path}[{i}]") for i, item in enumerate(items))
+        if args[0] is ShardSource:  # open_clip's "a::b" lists several sources in one string
+            items = [part for item in items for part in (item.split("::") if isinstance(item, str) else [item])]
+        return tuple(_convert(item, args[0], f"{path}[{i}]", valid) for i, item in enumerate(items))
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str) and tp is ShardSource:
             value = {"shards": value}
         if not isinstance(value, dict):
             raise LimoeError(f"config key '{path}' must be a mapping, got {value!r}.")
-        return from_dict(tp, value, path)
+        return from_dict(tp, value, path, valid)
+    value = _scalar(value, tp, path)
+    if valid is not None and value not in valid:
+        kind = "an integer" if tp is int else "a number"
+        raise LimoeError(f"config key '{path}' is {value!r}; it must be {kind} in {valid}.")
+    return value
+
+
+def _scalar(value: Any, tp: Any, path: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
         return float(value)
-    if tp in (int, float, str, bool) and type(value) is tp:
+    if tp in (int, float, str, bool, dict) and type(value) is tp:
         return value
     raise LimoeError(
         f"config key '{path}' must be of type {_type_name(tp)}, got {value!r} ({type(value).__name__})."
     )
 
 
-def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
+def _key(cls: type, name: str, value: Any, path: str, valid: Optional[Interval] = None) -> Any:
+    """One key of dataclass `cls`, converted and checked against its own interval (else `valid`)."""
+    declared = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return _convert(value, typing.get_type_hints(cls)[name], path, declared.metadata.get("valid") or valid)
+
+
+def from_dict(cls: type, data: dict, path: str = "", valid: Optional[Interval] = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and numbers out of range."""
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -340,7 +470,7 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(names)}"
             raise LimoeError(f"unknown config key '{dotted}'{hint}.")
-        kwargs[key] = _convert(value, hints[key], dotted)
+        kwargs[key] = _key(cls, key, value, dotted, valid)
     return cls(**kwargs)
 
 
@@ -389,11 +519,12 @@ def find_config(name_or_path: str, kind: str) -> Path:
     raise LimoeError(f"no {kind} config named '{name_or_path}'; known: {', '.join(known)}, or give a .yaml path.")
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` updated by `update`, nested mappings merged key by key (neither is modified)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -405,7 +536,7 @@ def _with_base(raw: dict, kind: str) -> dict:
         return raw
     raw = dict(raw)
     base = _with_base(_read_yaml(find_config(str(raw.pop("base")), kind)), kind)
-    return _deep_merge(base, raw)
+    return deep_merge(base, raw)
 
 
 def _resolve_model_mapping(raw: Any) -> dict:
@@ -447,7 +578,7 @@ def _finish_model_mapping(raw: dict) -> dict:
     model = _resolve_model_mapping(raw)
     moe = model.get("moe")
     if isinstance(moe, dict) and "layers" in moe:
-        depth = model.get("depth", ModelConfig.depth)
+        depth = _key(ModelConfig, "depth", model.get("depth", ModelConfig.depth), "model.depth")
         model["moe"] = {**moe, "layers": _resolve_layer_spec(moe["layers"], depth)}
     return model
 

@@ -3,13 +3,13 @@
 DeepSpeed owns the process groups (`deepspeed.init_distributed`, and its expert-parallel and
 expert-data-parallel groups from `deepspeed.utils.groups`); this module holds the all-to-all
 that carries the expert-major token buffer to the experts' ranks and back, and small helpers
-for rank-aware code.
+for rank-aware code. The all-to-all is torch's functional collective, which `torch.compile`
+traces into the graph (with its backward, the reverse all-to-all).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,7 +18,7 @@ import deepspeed.ops
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from limoe.errors import LimoeError
 
@@ -58,7 +58,7 @@ def experts_all_to_all(buffer: Tensor, group) -> Tensor:
     """
     ep = dist.get_world_size(group)
     experts, slots, width = buffer.shape
-    received = all_to_all_single(torch.empty_like(buffer), buffer.contiguous(), group=group)  # [ep·E_l, N, d]
+    received = all_to_all_single_autograd(buffer.contiguous(), None, None, group)  # [ep·E_l, N, d]
     received = received.view(ep, experts // ep, slots, width)  # [source rank, E_l, N, d]
     return received.transpose(0, 1).reshape(experts // ep, ep * slots, width)
 
@@ -69,7 +69,7 @@ def experts_all_to_all_back(local: Tensor, group) -> Tensor:
     local_experts, total_slots, width = local.shape
     slots = total_slots // ep
     outgoing = local.view(local_experts, ep, slots, width).transpose(0, 1).contiguous()  # [dest rank, E_l, N, d]
-    returned = all_to_all_single(torch.empty_like(outgoing), outgoing, group=group)  # [source rank, E_l, N, d]
+    returned = all_to_all_single_autograd(outgoing, None, None, group)  # [source rank, E_l, N, d]
     return returned.view(ep * local_experts, slots, width)
 
 
@@ -89,26 +89,48 @@ def resolve_device(device: str, option: str = "--device") -> str:
     return device
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def init_process_group(backend: str, timeout_minutes: int) -> tuple[int, int, int]:
     """Join the launcher's process group, or make a one-process group; → (rank, world, local rank).
 
     `deepspeed` and `torchrun` set RANK, WORLD_SIZE, LOCAL_RANK and the master address; a plain
-    `limoe train` gets a single-process group on a free local port, so one code path serves both.
+    `limoe train` gets a one-process group whose store listens on a port the system picks while
+    binding it (probing for a free port and binding later would race other processes for it).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if backend == "gloo":
         # DeepSpeed compiles a shared-memory all-reduce for CPU inference on first use (a minute of
         # C++ build); gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    timeout = timedelta(minutes=timeout_minutes)
+    if "RANK" not in os.environ:
+        store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group made above
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _flag_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL reduces CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process must call; True without a group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=_flag_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def from_first_process(value: int) -> int:
+    """Process 0's `value` on every process (every process must call)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_flag_device())
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

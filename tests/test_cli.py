@@ -1,7 +1,10 @@
 """The command line: subcommands exist, `info` reports, launcher flags and bad input are handled."""
 
+import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +39,65 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "argument --batch-size: 0 is out of range; give a whole number ≥ 1"),
+    (["--batch-size", "many"], "argument --batch-size: 'many' is not a whole number"),
+    (["--workers", "-1"], "argument --workers: -1 is out of range; give a whole number ≥ 0"),
+    (["--capacity-factor", "-1"], "argument --capacity-factor: '-1' is out of range"),
+    (["--capacity-factor", "nan"], "argument --capacity-factor: 'nan' is out of range"),
+    (["--capacity-factor", "inf"], "argument --capacity-factor: 'inf' is out of range"),
+])
+def test_eval_options_out_of_range_are_one_line_before_anything_is_loaded(capsys, args, message):
+    """The checkpoint does not exist: an error about it would mean the options were checked too late."""
+    for command in (["eval", "zeroshot"], ["eval", "retrieval"]):
+        assert main([*command, "--checkpoint", "/no/such/model", "--data", "/no/such/data", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_routing_options_out_of_range_are_one_line(capsys):
+    base = ["routing", "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--output", "out"]
+    for args, message in ((["--num-batches", "0"], "--num-batches: 0 is out of range"),
+                          (["--batch-size", "-3"], "--batch-size: -3 is out of range"),
+                          (["--capacity-factor", "0"], "--capacity-factor: '0' is out of range")):
+        assert main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def _read_only_below(monkeypatch, folder: Path) -> None:
+    """Creating files in `folder` fails as on a read-only mount (root ignores permission bits)."""
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if Path(path).parent == folder and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "retrieval", "routing", "export"])
+@pytest.mark.parametrize("where", ["empty", "a directory", "read-only"])
+def test_output_paths_are_checked_before_the_work_starts(tmp_path, capsys, monkeypatch, command, where):
+    target = {"empty": "", "a directory": str(tmp_path), "read-only": str(tmp_path / "locked" / "out.json")}[where]
+    if where == "read-only":
+        (tmp_path / "locked").mkdir()
+        _read_only_below(monkeypatch, tmp_path / "locked")
+    if command == "routing" and where == "a directory":
+        target = str(tmp_path / "file.txt")
+        Path(target).write_text("")
+    if command == "export":
+        args = ["export", "--workdir", "/no/such/run", "--output", target]
+    elif command == "routing":
+        args = ["routing", "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--output", target]
+    else:
+        args = ["eval", command, "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--output", target]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    expected = {"empty": "--output is empty", "a directory": "is a directory" if command != "routing" else "is a file",
+                "read-only": "the file system is read-only"}[where]
+    assert expected in err and err.count("\n") == 1, err
+    assert "/no/such" not in err

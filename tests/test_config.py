@@ -1,4 +1,10 @@
-"""Config parsing: strict keys and types with dotted paths, overrides, layer helpers."""
+"""Config parsing: strict keys, types and ranges with dotted paths, overrides, layer helpers, and
+the documentation of every key (`limoe config show`, docs/CONFIG.md)."""
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +18,12 @@ from limoe.config import (
     load_model_config,
     to_dict,
 )
+from limoe.cli import main
+from limoe.config import CONFIG_DIR, setting
+from limoe.config_docs import REFERENCE, Key, config_reference, describe_config, undocumented_keys, walk_all
 from limoe.errors import LimoeError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_layer_helpers_follow_vmoe_placement():
@@ -63,8 +74,19 @@ def test_moe_index_beyond_depth_is_an_error():
 
 def test_shard_source_shorthand_and_round_trip():
     config = load_config("demo", ["data.train=/data/{00000..00003}.tar"])
-    assert config.data.train == (ShardSource("/data/{00000..00003}.tar", 1.0),)
+    assert config.data.train == (ShardSource("/data/{00000..00003}.tar"),)
     assert from_dict(Config, to_dict(config)) == config
+
+
+def test_open_clip_source_lists_and_upsampling_factors():
+    assert load_config("demo", ["data.train=/a/{0..9}.tar::/b/{0..4}.tar"]).data.train == (
+        ShardSource("/a/{0..9}.tar"), ShardSource("/b/{0..4}.tar"))
+    sources = load_config("demo", ["data.train=[{shards: /a, upsampling: 1}, {shards: /b, upsampling: 2}]"]).data.train
+    assert [s.upsampling for s in sources] == [1.0, 2.0] and all(s.weight is None for s in sources)
+    with pytest.raises(LimoeError, match="give every source a weight, or none"):
+        load_config("demo", ["data.train=[{shards: /a, weight: 2}, /b]"])
+    with pytest.raises(LimoeError, match="not both"):
+        load_config("demo", ["data.train=[{shards: /a, weight: 2, upsampling: 3}]"])
 
 
 def test_missing_config_file_is_a_clear_error():
@@ -84,9 +106,98 @@ def test_pretraining_config_builds_on_the_training_demo():
 
 @pytest.mark.parametrize("override, message", [
     ("pretrain.text_replace_with_random=0.3", "together at most 1"),
-    ("pretrain.image_mask_ratio=1.0", "pretrain.image_mask_ratio 1.0 must be at least 0 and below 1"),
+    ("train.unmasked_steps=700", "train.unmasked_steps 700 is more than train.steps 600"),
+    ("pretrain.image_mask_ratio=1.0", "'pretrain.image_mask_ratio' is 1.0; it must be a number in [0, 1)"),
     ("pretrain.decoder_heads=5", "not divisible by pretrain.decoder_heads 5"),
 ])
 def test_bad_pretraining_settings_are_clear_errors(override, message):
-    with pytest.raises(LimoeError, match=message):
+    with pytest.raises(LimoeError, match=re.escape(message)):
         load_config(None, [override], kind="pretrain")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges: one line naming the key, the value and the interval, before anything is built or read
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.patch_size=0", "'model.patch_size' is 0; it must be an integer in [1, inf)"),
+    ("model.heads=0", "'model.heads' is 0; it must be an integer in [1, inf)"),
+    ("model.depth=0", "'model.depth' is 0; it must be an integer in [1, inf)"),
+    ("model.moe.layers=every 0", "'every 0' places no experts"),
+    ("model.moe.train_capacity_factor=0", "'model.moe.train_capacity_factor' is 0.0; it must be a number in (0, inf)"),
+    ("distributed.expert_parallel_size=0", "'distributed.expert_parallel_size' is 0"),
+    ("optim.lr=.nan", "'optim.lr' is nan; it must be a number in (0, inf)"),
+    ("optim.lr=-1", "'optim.lr' is -1.0"),
+    ("optim.betas=[0.9, 1.0]", "'optim.betas[1]' is 1.0; it must be a number in [0, 1)"),
+    ("loss.local_entropy={image: .inf, text: 0}", "'loss.local_entropy.image' is inf"),
+    ("train.batch_size=0", "'train.batch_size' is 0; it must be an integer in [1, 10000000]"),
+    ("train.batch_size=1000000000000000000000", "'train.batch_size' is 1000000000000000000000"),
+    ("data.workers=-1", "'data.workers' is -1; it must be an integer in [0, inf)"),
+    ("data.train=[{shards: a, weight: 0}]", "'data.train[0].weight' is 0.0; it must be a number in (0, inf)"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' is 0"),
+    ("train.keep_checkpoints=0", "'train.keep_checkpoints' is 0; it must be an integer in [1, inf)"),
+])
+def test_out_of_range_values_fail_in_one_line_before_data_or_model(tmp_path, capsys, override, message):
+    """`data.train` names no real shards, so reaching the data would give another error."""
+    args = ["train", "--workdir", str(tmp_path), "--set", "data.train=/no/such/shards", "--set", override]
+    if override.startswith("data.train"):
+        args = args[:3] + args[5:]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_info_checks_ranges_too(capsys):
+    assert main(["info", "limoe-tiny", "--set", "heads=0"]) == 2
+    assert "'model.heads' is 0" in capsys.readouterr().err
+
+
+def test_every_shipped_config_and_every_default_is_in_range():
+    for recipe in sorted((CONFIG_DIR / "train").glob("*.yaml")):
+        if recipe.stem != "laion-recipe":  # a base for the others, with no model of its own
+            load_config(recipe.stem)
+    for item in walk_all(Config()):
+        if isinstance(item, Key) and item.valid is not None:
+            values = item.value if isinstance(item.value, tuple) else [item.value]
+            numbers = [n for v in values for n in (dataclasses.astuple(v) if dataclasses.is_dataclass(v) else [v])]
+            assert all(n is None or n in item.valid for n in numbers), item.path
+
+
+# ---------------------------------------------------------------------------------------------
+# Every key documented: `limoe config show` and docs/CONFIG.md
+
+
+def test_every_key_has_a_meaning_and_every_number_an_interval():
+    assert undocumented_keys() == []
+
+
+def test_a_key_added_without_setting_is_reported():
+    @dataclass(frozen=True)
+    class Section:
+        """A section."""
+
+        documented: int = setting(1, "a documented key", "[0, inf)")
+        added: float = 0.5
+        unranged: int = setting(2, "a number without an interval")
+
+    assert undocumented_keys(Section()) == [
+        "added: no meaning (declare it with setting(default, meaning, valid))",
+        "added: holds numbers but declares no interval of valid values",
+        "unranged: holds numbers but declares no interval of valid values",
+    ]
+
+
+def test_config_reference_in_docs_is_current():
+    """Regenerate with `python -m limoe.config_docs` after changing a key in limoe/config.py."""
+    assert (ROOT / REFERENCE).read_text() == config_reference()
+
+
+def test_config_show_prints_meanings_and_loads_back_as_the_same_config(tmp_path, capsys):
+    overrides = ["optim.lr=3e-4", "data.train=/a::/b", "model.moe.eval_capacity_factor=null"]
+    assert main(["config", "show", "--config", "limoe-b16", *[a for o in overrides for a in ("--set", o)]]) == 0
+    shown = capsys.readouterr().out
+    assert "  lr: 0.0003" in shown and "# peak learning rate" in shown and "valid: (0, inf)" in shown
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert load_config(str(tmp_path / "shown.yaml")) == load_config("limoe-b16", overrides)
+    assert describe_config(load_config("limoe-b16", overrides)) == shown

@@ -4,6 +4,7 @@
     python -m limoe.benchmarks.training --compile               # every model also under torch.compile
     python -m limoe.benchmarks.training --models limoe-b16 ViT-B-16 --compile ViT-B-16
     python -m limoe.benchmarks.training --through-trainer       # LIMoE rows also through the real training loop
+    python -m limoe.benchmarks.training --compile --through-trainer   # … and through it with train.compile too
     python -m limoe.benchmarks.training --cpu [--through-trainer]   # tiny fp32 smoke run on CPU; numbers mean nothing
 
 A model-only step is one optimizer update with the batch already on the device: the forward
@@ -14,10 +15,13 @@ function (forward + loss) in `torch.compile`; backward and optimizer stay eager.
 
 A trainer step (`--through-trainer`) is one iteration of the `limoe train` loop: the next batch
 from `limoe.data.pipeline.train_loader` over temporary webdataset shards of random JPEGs at the model's
-image size, its copy to the GPU, `limoe.training.trainer.train_step` on the engine from
-`limoe.training.trainer.build_engine` (DeepSpeed, global gradient clipping, AdamW, schedule) and the
-`TrainingReporter`'s per-step bookkeeping. Checkpoints are not in it. Its ratio to the
-model-only eager row of the same model is the cost of the real loop: data, DeepSpeed, clipping.
+image size (uint8, copied to the GPU ahead of its step by `DeviceBatches`), `limoe.training.step.train_step`
+on the engine from `limoe.training.trainer.build_engine` (DeepSpeed, global gradient clipping, AdamW,
+schedule) and the `TrainingReporter`'s per-step bookkeeping. Checkpoints are not in it. With
+`--compile` for that model, a second trainer row runs with `train.compile: true` (the tower under
+Inductor inside the engine). The recipe's micro-batching and activation checkpointing are turned
+off, so every row does the same model work. Its ratio to the model-only eager row of the same
+model is the cost of the real loop: data, DeepSpeed, clipping.
 
 Timing: after `--warmup` steps, `--steps` steps run back to back with a CUDA event recorded
 between consecutive steps and no synchronisation until after the last one, so the GPU queue is
@@ -53,9 +57,11 @@ from torch import Tensor, nn
 
 from limoe.config import CONFIG_DIR, Config, ModelConfig, load_config
 from limoe.data.pipeline import train_loader
-from limoe.model.tower import Limoe
+from limoe.model.tower import build_model
 from limoe.training.progress import TrainingReporter
-from limoe.training.trainer import ContrastiveTrainer, build_engine, optimizer_groups, start_session, train_step
+from limoe.training.device_batches import DeviceBatches
+from limoe.training.step import ContrastiveTrainer, train_step
+from limoe.training.trainer import build_engine, optimizer_groups, start_session
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense (no 2:4 sparsity) bf16 peak; H200 has the same, H100 PCIe 756
 
@@ -196,7 +202,7 @@ def train_config(spec: Spec, batch: int, device: torch.device, overrides: list[s
     return load_config(spec.name if has_recipe else None, [
         f"model={{base: {spec.name}, dense: {str(spec.dense).lower()}}}",
         f"train.batch_size={batch}", f"train.device={device.type}", "distributed.expert_parallel_size=1",
-        *overrides,
+        "train.micro_batch_size=null", "train.activation_checkpointing=none", *overrides,
     ])
 
 
@@ -225,7 +231,7 @@ def random_batch(batch: int, image_size: int, context_length: int, vocab_size: i
 def limoe_workload(spec: Spec, batch: int, device: torch.device) -> Workload:
     config = train_config(spec, batch, device)
     torch.manual_seed(config.train.seed)
-    module = ContrastiveTrainer(Limoe(config.model, config.loss.logit_scale_init), config).to(device)
+    module = ContrastiveTrainer(build_model(config), config).to(device)
     model = config.model
     return Workload(lambda images, tokens: module(images, tokens)[0], module,
                     random_batch(batch, model.image_size, model.context_length, model.vocab_size, device),
@@ -298,9 +304,11 @@ class TrainerRun:
     close: Callable[[], None]
 
 
-def trainer_run(spec: Spec, batch: int, device: torch.device, shards: Path, workers: int, workdir: Path) -> TrainerRun:
+def trainer_run(spec: Spec, batch: int, device: torch.device, shards: Path, workers: int, workdir: Path,
+                compile_tower: bool = False) -> TrainerRun:
     """build_engine + train_loader + train_step + TrainingReporter.step, as `limoe train` runs them."""
-    config = train_config(spec, batch, device, [f"data.train={shards}", f"data.workers={workers}"])
+    config = train_config(spec, batch, device, [f"data.train={shards}", f"data.workers={workers}",
+                                                f"train.compile={str(compile_tower).lower()}"])
     session = start_session(config)
     engine = build_engine(config, session)
     data = config.data
@@ -311,11 +319,10 @@ def trainer_run(spec: Spec, batch: int, device: torch.device, shards: Path, work
     )
     workdir.mkdir(parents=True, exist_ok=True)
     reporter = TrainingReporter(config, workdir, session.rank, 0)
-    batches, steps = iter(loader), itertools.count(1)
+    batches, steps = iter(DeviceBatches(loader, device)), itertools.count(1)
 
     def step() -> None:
         images, tokens = next(batches)
-        images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         terms, routing, _ = train_step(engine, images, tokens, config)
         reporter.step(next(steps), terms, routing, engine.get_lr()[0], loader.bad_samples, images.shape[0])
 
@@ -386,7 +393,8 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
 # Rows and the table
 # ---------------------------------------------------------------------------------------------
 
-MODES = ("eager", "compiled", "trainer")
+MODES = ("eager", "compiled", "trainer", "trainer-compiled")
+TRAINER_MODES = ("trainer", "trainer-compiled")
 COLUMNS = ("model", "mode", "pairs/s", "step ms", "peak GiB", "GFLOP/pair", "MFU", "vs open_clip", "vs model-only")
 
 
@@ -418,11 +426,12 @@ class Settings:
 def _prepare(spec: Spec, mode: str, settings: Settings) -> tuple[Callable[[], None], int, Callable[[], None]]:
     """(step, model FLOPs per pair, cleanup) for one row."""
     batch, device = settings.batch, settings.device
-    if mode == "trainer":
+    if mode in TRAINER_MODES:
         recipe = train_config(spec, batch, device)
         workers = recipe.data.workers if settings.workers is None else settings.workers
         shards = shards_for(settings.workdir, recipe.model.image_size, batch, workers)
-        run = trainer_run(spec, batch, device, shards, workers, settings.workdir / f"run-{spec.label}")
+        run = trainer_run(spec, batch, device, shards, workers, settings.workdir / f"run-{spec.label}-{mode}",
+                          compile_tower=mode == "trainer-compiled")
         return run.step, run.flops_per_pair, run.close
     build = limoe_workload if spec.kind == "limoe" else open_clip_workload
     workload = build(spec, batch, device)
@@ -467,20 +476,20 @@ def _ratio(value: float, reference: Optional[float]) -> str:
 
 
 def format_row(row: Row, rows: list[Row], peak_tflops: float) -> str:
-    label = f"{row.label:<18} {row.mode:<9}"
+    label = f"{row.label:<18} {row.mode:<16}"
     if row.timing is None:
         return f"{label} {row.note}"
     pairs = row.pairs_per_s
     peak = "-" if row.timing.peak_bytes is None else f"{row.timing.peak_bytes / 2**30:.1f}"
     mfu = row.flops_per_pair * pairs / (peak_tflops * 1e12)
     vs_open_clip = _ratio(pairs, _best_pairs_per_s(rows, row.partner, ("eager", "compiled")))
-    vs_model = _ratio(pairs, _best_pairs_per_s(rows, row.label, ("eager",))) if row.mode == "trainer" else "-"
+    vs_model = _ratio(pairs, _best_pairs_per_s(rows, row.label, ("eager",))) if row.mode in TRAINER_MODES else "-"
     return (f"{label} {pairs:>9.1f} {statistics.median(row.timing.step_ms):>9.1f} {peak:>9} "
             f"{row.flops_per_pair / 1e9:>11.2f} {mfu:>7.2%} {vs_open_clip:>13} {vs_model:>14}")
 
 
 def format_table(rows: list[Row], peak_tflops: float) -> list[str]:
-    widths = (18, 9, 9, 9, 9, 11, 7, 13, 14)
+    widths = (18, 16, 9, 9, 9, 11, 7, 13, 14)
     header = " ".join(f"{name:<{w}}" if i < 2 else f"{name:>{w}}" for i, (name, w) in enumerate(zip(COLUMNS, widths)))
     return [header] + [format_row(row, rows, peak_tflops) for row in rows]
 
@@ -532,7 +541,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Spec, str]]:
-    """Each model eager; compiled if asked; through the trainer if asked and it is a LIMoE model."""
+    """Each model eager; compiled if asked; through the trainer if asked and it is a LIMoE model (compiled
+    there too if asked)."""
     runs = []
     for spec in args.specs:
         runs.append((spec, "eager"))
@@ -540,6 +550,8 @@ def plan(args: argparse.Namespace) -> list[tuple[Spec, str]]:
             runs.append((spec, "compiled"))
         if args.through_trainer and spec.kind == "limoe":
             runs.append((spec, "trainer"))
+            if spec.label in args.compile:
+                runs.append((spec, "trainer-compiled"))
     return runs
 
 

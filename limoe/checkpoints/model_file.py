@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
-from limoe.files import atomic_write
-from limoe.model.tower import Limoe
+from limoe.files import atomic_write, save_safetensors
+from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
 
@@ -26,26 +26,67 @@ def save_model_file(model: Limoe, config: Config, path: Path) -> None:
     """Write all weights (contiguous, on CPU) and the config into one safetensors file."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {CONFIG_KEY: json.dumps(to_dict(config))}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """The state dict and config of an exported file."""
+    """The state dict and config of an exported file; anything wrong with it is one LimoeError."""
+    config = read_embedded_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
+    return state, config
+
+
+def read_embedded_config(path: Path) -> Config:
+    """The config embedded in an exported file, read from its header alone (no weights)."""
     if not path.is_file():
         raise LimoeError(f"checkpoint {path} does not exist; give an exported .safetensors file or a training workdir.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        state = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
     if CONFIG_KEY not in metadata:
         raise LimoeError(f"checkpoint {path} has no embedded limoe config; export it with `limoe export`.")
-    return state, config_from_dict(json.loads(metadata[CONFIG_KEY]))
+    return config_from_json(metadata[CONFIG_KEY], f"checkpoint {path}")
 
 
-def model_with(state: dict[str, torch.Tensor], config: Config) -> Limoe:
-    """A model of the config's architecture holding `state` (strict: every weight must match)."""
-    model = Limoe(config.model)
+def config_from_json(text: str | bytes, source: str) -> Config:
+    """A resolved config stored as JSON (in a model file or folder); anything wrong with it is one
+    LimoeError naming `source`."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LimoeError(f"{source}: the stored config is not valid JSON ({error}).") from None
+    return config_from_data(data, source)
+
+
+def config_from_data(data: object, source: str) -> Config:
+    """A resolved config from already parsed JSON; a wrong shape or value is one LimoeError."""
+    if not isinstance(data, dict):
+        raise LimoeError(f"{source}: the stored config is a {type(data).__name__}, not a mapping of keys.")
+    try:
+        return config_from_dict(data)
+    except LimoeError as error:
+        raise LimoeError(f"{source}: the stored config is unusable: {error}") from None
+
+
+def model_with(state: dict[str, torch.Tensor], config: Config, source: Path) -> Limoe:
+    """A model of the config's architecture holding `state` (strict: every weight must match);
+    a missing, extra or misshapen tensor is a LimoeError naming it and `source`."""
+    model = build_model(config)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshapen = [name for name in expected.keys() & state.keys() if expected[name].shape != state[name].shape]
+    if missing or unexpected or misshapen:
+        name = (missing or unexpected or sorted(misshapen))[0]
+        problem = ("is missing" if missing else "is not part of the model" if unexpected else
+                   f"has shape {list(state[name].shape)}, not {list(expected[name].shape)}")
+        count = len(missing) + len(unexpected) + len(misshapen)
+        raise LimoeError(f"checkpoint {source} does not fit its config's model: tensor '{name}' {problem}"
+                         f"{f' (and {count - 1} more)' if count > 1 else ''}.")
     model.load_state_dict(state)
     return model

@@ -1,113 +1,127 @@
 """Starting a run from another run's weights (`train.init_from`), e.g. contrastive training from
-`limoe pretrain`'s model: an exported model file or a workdir's latest checkpoint, loaded into a
-freshly built model of the same architecture. Only weights move; optimizer, schedule and step
-start fresh.
+`limoe pretrain`'s model: an exported model file or a workdir's newest complete training
+checkpoint (limoe's code-free format; nothing is unpickled), loaded into a freshly built model of
+the same architecture. Only weights move; optimizer, schedule and step start fresh.
 
-Strict on purpose: every tensor of the new model must be found with its shape, or the run stops
-with one line naming the tensor. Besides the model's, a source may hold only the known
-training-only tensors of an objective (pretraining decoder, heads and fusion blocks, the SigLIP
-bias), which are left out and listed; any other tensor is refused, because an ignored tensor
-usually means the wrong file.
+Strict on purpose: every tensor of the new model must be found with its shape, and a source may
+hold no tensor the model lacks, or the run stops with one line naming the tensor; an ignored
+tensor usually means the wrong file. The exceptions are the contrastive loss's own parameters
+(`LOSS_PARAMETERS`): SigLIP's bias exists only under that loss, so it is taken when both sides
+have it, kept at its initial value when the source lacks it, and left out when the model does.
+A workdir's training-only heads (pretraining's decoder and fusion blocks) are never read: only
+the model's entries are.
 
-Experts are matched by global index, so a model sharded over ep ranks takes its own experts from
-a source that holds all of them. `source_name` is the one place that says where a tensor's
-values come from: a warm start that is not one-to-one (sparse upcycling: each expert from the
-dense twin's MLP) changes that mapping, not the checks around it.
+`check_init_from` makes these checks from the source's names and shapes alone, before the
+workdir is touched; `warm_start` loads the values into each rank's model. Experts are matched by
+global index, so a model sharded over expert-parallel ranks takes its own experts from a source
+that holds all of them.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
 from pathlib import Path
-
+import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from limoe.checkpoints.model_file import read_model_file
-from limoe.checkpoints.training import TRAINER_PREFIX, objective_state
+from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consolidated_state
+from limoe.config import Config
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.model.moe import MoeMlp
-from limoe.model.tower import Limoe
+from limoe.model.moe import MoeMlp, expert_checkpoint_entries
+from limoe.model.tower import Limoe, build_model
 
 log = logging.getLogger(__name__)
-
-# Tensors of training objectives that are not part of the model, by name in the objective module:
-# the SigLIP bias (ContrastiveTrainer) and MaskedPretraining's heads, dropped by every export.
-TRAINING_ONLY = ("contrastive.", "image_decoder.", "mlm_head.", "mask_embedding", "image_fusion.", "text_fusion.")
-_EXPERT = re.compile(r"^(?P<layer>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<index>\d+)\.(?P<tensor>.+)$")
+LOSS_PARAMETERS = ("logit_bias",)  # exists only under the loss that uses it (SigLIP)
 
 
-@dataclass(frozen=True)
-class WarmStart:
-    """What `warm_start` did."""
-
-    source: Path
-    loaded: int  # tensors copied into the model
-    dropped: tuple[str, ...]  # the source's training-only tensors, left out
-
-
-def read_source(source: Path) -> dict[str, Tensor]:
-    """All tensors of an exported file or a workdir's latest checkpoint: the model's under their
-    `Limoe.state_dict()` names (experts by global index), an objective's under its own names."""
+def _source(init_from: str) -> Path:
+    source = Path(init_from)
     if not source.exists():
         raise LimoeError(f"train.init_from {source} does not exist; give an exported .safetensors file or a workdir.")
-    if not source.is_dir():
-        return read_model_file(source)[0]
-    state, _ = objective_state(source)
-    return {name.removeprefix(TRAINER_PREFIX): tensor for name, tensor in state.items()}
+    return source
 
 
-def source_name(name: str, model: Limoe) -> str:
-    """Where the model's tensor `name` is found in a source: the same name, except that local
-    expert l of a sharded MoE layer is the source's expert with this rank's global index."""
-    match = _EXPERT.match(name)
-    if match is None:
-        return name
-    moe: MoeMlp = model.get_submodule(match["layer"])
-    index = moe.sharding.global_index(int(match["index"]), moe.num_local_experts)
-    return _expert_name(match, index)
+def source_shapes(source: Path) -> dict[str, torch.Size]:
+    """Names and shapes of the model tensors `source` holds, read without loading any values."""
+    if source.is_dir():
+        try:
+            config = checkpoint_config(checkpoint_at(source))
+        except LimoeError as error:
+            raise LimoeError(f"train.init_from: {error}") from None
+        with torch.device("meta"):
+            skeleton = build_model(config)
+        return {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            return {name: torch.Size(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise LimoeError(f"train.init_from {source} is not a readable safetensors file ({error}).") from None
 
 
-def _expert_name(match: re.Match, index: int) -> str:
-    return f"{match['layer']}.deepspeed_moe.experts.deepspeed_experts.{index}.{match['tensor']}"
+def _unsharded_shapes(config: Config) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {name: tensor.shape for name, tensor in build_model(config).state_dict().items()}
 
 
-def _names_of_all_ranks(model: Limoe) -> set[str]:
-    """The source names every rank's model together reads: all experts of each MoE layer."""
-    names = set()
-    for name in model.state_dict():
-        match = _EXPERT.match(name)
-        if match is None:
-            names.add(name)
-        else:
-            names.update(_expert_name(match, i) for i in range(model.get_submodule(match["layer"]).num_experts))
-    return names
-
-
-def warm_start(model: Limoe, source: Path) -> WarmStart:
-    """Load the weights of `source` (exported file or workdir) into `model` in place; see the module."""
-    state = read_source(Path(source))
-    architecture = f"{model.config.name} (width {model.config.width}, depth {model.config.depth})"
-    loaded = {}
-    for name, target in model.state_dict().items():
-        origin = source_name(name, model)
-        if origin not in state:
-            raise LimoeError(f"train.init_from {source} has no tensor {origin}, which the {architecture} model needs; "
+def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config) -> None:
+    """One line naming the first tensor of the model `config` describes that `source` lacks or
+    holds in another shape, or the first tensor of `source` the model does not have."""
+    architecture = f"{config.model.name} (width {config.model.width}, depth {config.model.depth})"
+    wanted = _unsharded_shapes(config)
+    for name, shape in wanted.items():
+        if name not in shapes and name not in LOSS_PARAMETERS:
+            raise LimoeError(f"train.init_from {source} has no tensor {name}, which the {architecture} model needs; "
                              f"start from a model of the same architecture.")
-        if state[origin].shape != target.shape:
-            raise LimoeError(f"train.init_from {source}: tensor {origin} has shape {tuple(state[origin].shape)}, the "
-                             f"{architecture} model's is {tuple(target.shape)}; start from a model of the same architecture.")
-        loaded[name] = state[origin]
-    extra = sorted(set(state) - _names_of_all_ranks(model))
-    unknown = [name for name in extra if not name.startswith(TRAINING_ONLY)]
+        if name in shapes and shapes[name] != shape:
+            raise LimoeError(f"train.init_from {source}: tensor {name} has shape {tuple(shapes[name])}, the "
+                             f"{architecture} model's is {tuple(shape)}; start from a model of the same architecture.")
+    unknown = sorted(set(shapes) - set(wanted) - set(LOSS_PARAMETERS))
     if unknown:
-        raise LimoeError(f"train.init_from {source} holds tensor {unknown[0]}, which is neither in the {architecture} "
-                         f"model nor a known training-only head; it was saved from another architecture or objective.")
-    model.load_state_dict(loaded)
-    result = WarmStart(Path(source), len(loaded), tuple(extra))
+        raise LimoeError(f"train.init_from {source} holds tensor {unknown[0]}, which the {architecture} model does "
+                         f"not have; it was saved from another architecture.")
+
+
+def check_init_from(config: Config) -> None:
+    """Refuse a `train.init_from` that cannot seed this run, in one line, reading names and shapes only."""
+    if config.train.init_from is not None:
+        source = _source(config.train.init_from)
+        _check_fits(source, source_shapes(source), config)
+
+
+def _read_source(source: Path) -> dict[str, Tensor]:
+    """The model tensors of an exported file or a workdir's newest checkpoint, unsharded names."""
+    return consolidated_state(source)[0] if source.is_dir() else read_model_file(source)[0]
+
+
+def _local_values(model: Limoe, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` (unsharded names) as this rank's `model.state_dict()`: its own experts only."""
+    local = {}
+    sharded = {}
+    for prefix, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, MoeMlp)):
+        names = {id(p): n for n, p in layer.named_parameters()}
+        global_names = expert_checkpoint_entries(layer, lambda parameter: parameter)
+        for global_name, parameter in global_names.items():
+            sharded[f"{prefix}.{names[id(parameter)]}"] = f"{prefix}.{global_name}"
+    for name in model.state_dict():
+        origin = sharded.get(name, name)
+        if origin in state:
+            local[name] = state[origin]
+    return local
+
+
+def warm_start(model: Limoe, config: Config) -> int:
+    """Load the weights of `config.train.init_from` (exported file or workdir) into `model`, this
+    rank's part of the model `config` describes, in place; returns the number of tensors loaded."""
+    source = _source(config.train.init_from)
+    state = _read_source(source)
+    _check_fits(source, {name: tensor.shape for name, tensor in state.items()}, config)
+    values = _local_values(model, state)
+    model.load_state_dict(values, strict=False)  # only LOSS_PARAMETERS may be absent (checked above)
     if rank_and_world()[0] == 0:
-        log.info("started from %s: %d tensors loaded%s", source, result.loaded,
-                 f", {len(extra)} training-only tensors left out" if extra else "")
-    return result
+        kept = [name for name in LOSS_PARAMETERS if name in model.state_dict() and name not in values]
+        log.info("started from %s: %d tensors loaded%s", source, len(values),
+                 f"; {', '.join(kept)} kept at its initial value" if kept else "")
+    return len(values)

@@ -1,4 +1,4 @@
-"""Input pipelines: webdataset shards to batches of normalised images and caption tokens.
+"""Input pipelines: webdataset shards to batches of images and caption tokens.
 
 Each DataLoader worker runs the whole pipeline on its own share of the shards: read tar files,
 group members into samples, shuffle in memory (training), decode, transform, tokenize and batch.
@@ -6,7 +6,8 @@ Batches cross the process boundary whole, which keeps per-sample Python overhead
 
 Training (`train_loader`) is an endless stream: shards are either resampled with replacement
 (each rank and worker drawing with its own seed, LAION-style) or shuffled every epoch and split
-between ranks and workers. Several sources are mixed per sample by weight. Evaluation
+between ranks and workers. Several sources are mixed per sample (`limoe.data.sources` says in what
+proportions: by size unless the config gives weights, as open_clip does). Evaluation
 (`eval_loader`) reads every sample exactly once across ranks and workers, in shard order.
 
 Bad data is skipped and counted, never fatal by itself and never silent: a corrupt image, a
@@ -29,6 +30,7 @@ import glob
 import io
 import itertools
 import logging
+import os
 import random
 import re
 import tarfile
@@ -46,8 +48,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.data.preprocess import image_transform, tokenizer
-from limoe.data.shards import to_rgb
+from limoe.data.preprocess import image_transform, tokenizer, train_transform
+from limoe.data.images import UnusableImage, decode_rgb
+from limoe.data.sources import mixing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sam
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # streamed by webdataset; cannot be checked here
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
+EMPTY_SHARDS_IN_A_ROW = 64  # a training worker that reads this many shards without a sample gives up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +73,19 @@ def expand_shards(spec: str) -> list[str]:
     `pipe:` commands and URLs are passed to webdataset unchecked (a `pipe:` spec is one command).
     """
     spec = spec.strip()
-    items = [spec] if spec.startswith("pipe:") else [i for i in re.split(r"[,\s]+(?![^{]*})", spec) if i]
+    if spec.startswith("pipe:") or (spec and Path(spec).exists()):  # one command, or one path even with spaces
+        items = [spec]
+    else:
+        items = [i for i in re.split(r"[,\s]+(?![^{]*})", spec) if i]
     if not items:
         raise LimoeError("the shard spec is empty; give a folder, a glob or a brace pattern such as data/{00000..00009}.tar.")
-    return [shard for item in items for path in braceexpand.braceexpand(item) for shard in _resolve(path)]
+    try:
+        return [shard for item in items for path in braceexpand.braceexpand(item) for shard in _resolve(path)]
+    except LimoeError as error:
+        if len(items) == 1:
+            raise
+        raise LimoeError(f"{error} (in the shard spec {spec!r}, which lists {len(items)} items separated by commas or "
+                         f"spaces)") from None
 
 
 def _resolve(path: str) -> list[str]:
@@ -106,7 +119,7 @@ def read_classnames(spec: str) -> list[str]:
 
 
 class TrainBatch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] float32, normalised with the OpenAI CLIP mean and std
+    images: torch.Tensor  # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalise)
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
 
 
@@ -123,9 +136,11 @@ class WorkerTally:
 
     worker: int
     seen: int = 0
+    raw: int = 0  # samples found in shards, before parsing
     bad: dict[str, int] = field(default_factory=dict)
     latest: Optional[tuple[str, str, str]] = None  # (reason, shard, key) of the latest bad sample
     done: bool = False  # the worker has finished its share
+    starved_at: Optional[str] = None  # a training worker gave up after shards without one sample; the last
 
     @property
     def total_bad(self) -> int:
@@ -168,6 +183,11 @@ class BadSampleCounter:
         return f"{sum(self.bad.values())} of {self.seen} samples skipped ({reasons})"
 
     def update(self, tally: WorkerTally) -> None:
+        if tally.starved_at is not None:
+            raise LimoeError(
+                f"data worker {tally.worker} read {EMPTY_SHARDS_IN_A_ROW} shards in a row without a single sample "
+                f"(the last was {tally.starved_at}): the training shards are empty or unreadable; check data.train."
+            )
         before = sum(self.bad.values())
         self.tallies[tally.worker] = tally
         after = sum(self.bad.values())
@@ -220,17 +240,19 @@ def _label(sample: dict) -> int:
     if "cls" not in sample:
         raise _BadSample("no_label")
     try:
-        return int(sample["cls"].decode("ascii").strip())
+        label = int(sample["cls"].decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise _BadSample("bad_label") from None
+    if label < 0:  # a class index; a negative one would silently index classes from the end
+        raise _BadSample("bad_label")
+    return label
 
 
 def _decode_image(data: bytes) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return to_rgb(image)
-    except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, struct.error, …)
-        raise _BadSample("bad_image") from None
+        return decode_rgb(io.BytesIO(data))
+    except UnusableImage as unusable:
+        raise _BadSample(unusable.args[0]) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +265,7 @@ def _shard_samples(url: str, tally: WorkerTally) -> Iterator[dict]:
     try:
         for sample in wds.tarfile_samples([{"url": url}]):
             key = sample["__key__"]
+            tally.raw += 1
             yield sample
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
         tally.seen += 1
@@ -301,7 +324,7 @@ class _ShardStream(IterableDataset):
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
         if self.train and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        transform = image_transform(self.image_size, self.train)
+        transform = train_transform(self.image_size) if self.train else image_transform(self.image_size, train=False)
         records = ((key, transform(image), target) for key, image, target in self._usable(samples, tally))
         collate = functools.partial(_collate, context_length=self.context_length, train=self.train,
                                     classification=self.classification)
@@ -323,10 +346,17 @@ class _ShardStream(IterableDataset):
             yield from order[self.rank * workers + worker :: self.world_size * workers]
 
     def _read(self, urls: Iterable[str], tally: WorkerTally) -> Iterator[dict]:
-        """Samples of these shards, until broken shards alone pass the bad-sample limit (without
-        the check, an endless stream of unreadable shards would never yield and never fail)."""
+        """Samples of these shards, until broken shards alone pass the bad-sample limit or, in
+        training, `EMPTY_SHARDS_IN_A_ROW` shards in a row gave no sample: an endless stream of
+        unreadable or empty shards would otherwise never yield and never fail."""
+        empty_in_a_row = 0
         for url in urls:
+            read = tally.raw
             yield from _shard_samples(url, tally)
+            empty_in_a_row = empty_in_a_row + 1 if tally.raw == read else 0
+            if self.train and empty_in_a_row == EMPTY_SHARDS_IN_A_ROW:
+                tally.starved_at = url
+                return
             if tally.too_bad(self.max_bad_fraction, self.check_after):
                 return
 
@@ -369,6 +399,24 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
     return rank_and_world()
 
 
+def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -> None:
+    """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
+    this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
+    more is being trained on and one collated (two with no workers)."""
+    batch_bytes = batch_size * 3 * image_size * image_size  # uint8 [B, 3, S, S], as training batches travel
+    in_flight = 2 * workers + 2
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
+    needed = batch_bytes * in_flight * processes_here
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise LimoeError(
+            f"train.batch_size gives {batch_size} pairs per process, whose images alone need {needed / 2**30:.3g} GiB "
+            f"of host memory ({in_flight} batches in flight with data.workers {workers}, x {processes_here} "
+            f"processes on this machine), more than its {available / 2**30:.0f} GiB; lower train.batch_size or "
+            f"spread it over more machines."
+        )
+
+
 def train_loader(
     sources: tuple[ShardSource, ...],
     batch_size: int,
@@ -394,8 +442,6 @@ def train_loader(
     rank, world_size = _rank_and_world(rank, world_size)
     if not sources:
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
-    if any(source.weight <= 0 for source in sources):
-        raise LimoeError("data.train: every source weight must be positive; drop a source instead of weighting it 0.")
     shards = [expand_shards(source.shards) for source in sources]
     parts = world_size * max(workers, 1)
     for source, urls in zip(sources, shards):
@@ -405,7 +451,7 @@ def train_loader(
                 f"so some workers would get none; set data.resampled: true, use fewer workers or split the shards finer."
             )
     stream = _ShardStream(
-        shards, [source.weight for source in sources], train=True, batch_size=batch_size, image_size=image_size,
+        shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=False, shuffle_buffer=shuffle_buffer, resampled=resampled,
         seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
     )

@@ -5,6 +5,9 @@ these, so a checkpoint always sees the tensors it was trained on: open_clip's tr
 config's resolution, normalised with the OpenAI CLIP mean and std (train: random resized crop;
 eval: resize the shorter side, center crop), and open_clip's CLIP BPE tokenizer cut to the
 config's context length (zero padded, end-of-text kept when truncating).
+
+Training batches travel as uint8 (a quarter of the bytes of float32) and are normalised on the
+device by `normalise`, with the arithmetic of open_clip's ToTensor + Normalize.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
-from torchvision.transforms import Compose
+from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
 MEAN = open_clip.OPENAI_DATASET_MEAN
 STD = open_clip.OPENAI_DATASET_STD
@@ -28,6 +31,19 @@ def image_transform(image_size: int, train: bool) -> Compose:
 
 def eval_transform(image_size: int) -> Compose:
     return image_transform(image_size, train=False)
+
+
+def train_transform(image_size: int) -> Compose:
+    """PIL image → [3, image_size, image_size] uint8: open_clip's training crop, not yet normalised."""
+    crop = [t for t in image_transform(image_size, train=True).transforms if not isinstance(t, (ToTensor, Normalize))]
+    return Compose([*crop, PILToTensor()])
+
+
+def normalise(images: Tensor) -> Tensor:
+    """[B, 3, H, W] uint8 → float32 normalised, exactly as `image_transform` would have made it."""
+    mean = images.new_tensor(MEAN, dtype=torch.float32)[:, None, None]  # [3, 1, 1]
+    std = images.new_tensor(STD, dtype=torch.float32)[:, None, None]
+    return (images.float().div(255) - mean) / std
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,8 +33,8 @@ from PIL import Image, ImageOps
 from limoe.errors import LimoeError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-FILE_COLUMNS = ("file", "filename", "image")
-CAPTION_COLUMNS = ("caption", "text")
+FILE_COLUMNS = ("file", "filename", "image", "filepath")  # filepath, title: open_clip's CsvDataset defaults
+CAPTION_COLUMNS = ("caption", "text", "title")
 JPEG_QUALITY = 90
 SHARD_MTIME = 0  # fixed member times so that the same input gives byte-identical shards
 
@@ -150,6 +150,8 @@ def _image_finder(root: Path, files: list[Path]):
         by_name.setdefault(path.name, []).append(path)
 
     def find(name: str) -> Optional[Path]:
+        if Path(name).is_absolute() and Path(name).is_relative_to(root.resolve()):  # open_clip CSVs hold full paths
+            name = Path(name).relative_to(root.resolve()).as_posix()
         if name in by_relative:
             return by_relative[name]
         matches = by_name.get(Path(name).name, [])
@@ -164,11 +166,15 @@ def _image_finder(root: Path, files: list[Path]):
 
 
 def _read_captions(path: Path) -> Iterator[tuple[str, str]]:
-    """(file name, caption) rows from a CSV with a header row, or from JSON lines with the same keys."""
+    """(file name, caption) rows from a CSV or TSV with a header row, or from JSON lines with the
+    same keys. A `.csv` whose header holds a tab is tab-separated: open_clip's CsvDataset reads
+    `.csv` files with `sep="\\t"` by default, so its users' files often are."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
+    if suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            tabs = suffix == ".tsv" or "\t" in handle.readline()
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
             file_key, caption_key = _caption_columns(reader.fieldnames or [], path)
             for row in reader:
                 yield row[file_key] or "", row[caption_key] or ""
@@ -180,7 +186,7 @@ def _read_captions(path: Path) -> Iterator[tuple[str, str]]:
                     file_key, caption_key = _caption_columns(list(row), path)
                     yield str(row[file_key]), str(row[caption_key] or "")
     else:
-        raise LimoeError(f"captions file {path} must be .csv or .jsonl; convert it to one of those.")
+        raise LimoeError(f"captions file {path} must be .csv, .tsv or .jsonl; convert it to one of those.")
 
 
 def _json_row(line: str, path: Path, number: int) -> dict:

@@ -3,10 +3,14 @@
 clip_benchmark builds models through loaders registered by name in `clip_benchmark.models`,
 each returning (model, image transform, tokenizer); it has no plugin hook, so `register()` adds
 `load_limoe` as model type 'limoe', and running this module registers it and hands the
-arguments to clip_benchmark's own command line:
+arguments to clip_benchmark's own command line (`pip install 'limoe[eval]'` installs
+clip_benchmark and the `requests` it imports without declaring it):
 
     python -m limoe.evaluate.clip_benchmark eval --model_type limoe --model limoe \\
         --pretrained model.safetensors --dataset wds/imagenet1k --dataset_root DIR
+
+`--pretrained` takes any checkpoint reference: an exported file, a workdir, a model folder or
+`hf-hub:org/name`.
 
 `--model` is `limoe` for the checkpoint's eval capacity factor, or `limoe:dropless` /
 `limoe:4.0` to override it, as `limoe eval --capacity-factor` does.
@@ -15,10 +19,10 @@ arguments to clip_benchmark's own command line:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 from open_clip.tokenizer import SimpleTokenizer
+from torch import Tensor
 from torchvision.transforms import Compose
 
 from limoe.checkpoints import load_model
@@ -34,22 +38,35 @@ def load_limoe(model_name: str, pretrained: str, device: str = "cpu",
     """(model, transform, tokenizer) of the checkpoint `pretrained`, clip_benchmark's loader contract.
 
     The transform and tokenizer follow the checkpoint's config (image size, context length), as
-    in `limoe eval`. `cache_dir` is part of the contract and unused: checkpoints are local files.
+    in `limoe eval`. `cache_dir` (clip_benchmark's `--model_cache_dir`) is huggingface_hub's cache
+    for `hf-hub:` checkpoints.
     """
     name, _, capacity_factor = model_name.partition(":")
     if name != MODEL_TYPE:
         raise LimoeError(f"clip_benchmark --model {model_name!r}: write 'limoe', 'limoe:dropless' or 'limoe:FACTOR'.")
-    model, config = load_model(Path(pretrained), device, capacity_factor or None)
+    model, config = load_model(pretrained, device, capacity_factor or None, cache_dir)
     return model, eval_transform(config.model.image_size), tokenizer(config.model.context_length)
 
 
+def topk_accuracy(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+    """clip_benchmark's `accuracy(output, target, topk)`: per k, the fraction of rows [N, C] whose
+    target [N] is among the k largest logits."""
+    hits = logits.topk(max(topk), dim=1).indices == target[:, None]  # [N, K]
+    return [hits[:, :k].any(dim=1).float().mean().item() for k in topk]
+
+
 def register() -> None:
-    """Make `--model_type limoe` known to clip_benchmark in this process."""
+    """Make `--model_type limoe` known to clip_benchmark in this process, and put `topk_accuracy`
+    in place of its `accuracy` helper: clip_benchmark 1.6.2's converts a one-element array with
+    `float()`, which NumPy ≥ 2.4 (what a fresh install resolves to) refuses with "TypeError: only
+    0-dimensional arrays can be converted to Python scalars" (LAION-AI/CLIP_benchmark#147)."""
     from clip_benchmark import models
+    from clip_benchmark.metrics import zeroshot_classification
 
     models.TYPE2FUNC[MODEL_TYPE] = load_limoe
     if MODEL_TYPE not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(MODEL_TYPE)  # the list clip_benchmark's parser takes its choices from
+    zeroshot_classification.accuracy = topk_accuracy
 
 
 def main(argv: list[str]) -> int:

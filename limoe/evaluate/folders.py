@@ -12,16 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from limoe.data.pipeline import BadSampleCounter, EvalBatch, WorkerTally
 from limoe.errors import LimoeError
 from limoe.data.preprocess import eval_transform
-from limoe.data.shards import IMAGE_SUFFIXES, to_rgb
+from limoe.data.images import UnusableImage, decode_rgb
+from limoe.data.shards import IMAGE_SUFFIXES
 
 IMAGENET_LAYOUT_HINT = (
     "zero-shot classification expects one folder per class; for ImageNet, the validation images sorted into the "
@@ -93,32 +93,33 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.dataset.files)
 
-    def __getitem__(self, index: int) -> tuple[str, Optional[torch.Tensor], int]:
+    def __getitem__(self, index: int) -> tuple[str, Union[torch.Tensor, str], int]:
+        """(key, image tensor, label), or (key, the reason it is skipped, label)."""
         path, label = self.dataset.files[index]
         key = path.relative_to(self.dataset.root).as_posix()
         try:
-            with Image.open(path) as image:
-                return key, self.transform(to_rgb(image)), label
-        except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, …)
-            return key, None, label
+            return key, self.transform(decode_rgb(path)), label
+        except UnusableImage as unusable:
+            return key, unusable.args[0], label
 
 
-def _collate(records: list) -> tuple[Optional[EvalBatch], list[str], int]:
-    """A batch of the decodable records (None if there are none), the others' keys, the count read."""
-    good = [r for r in records if r[1] is not None]
-    unreadable = [key for key, image, _ in records if image is None]
+def _collate(records: list) -> tuple[Optional[EvalBatch], list[tuple[str, str]], int]:
+    """A batch of the decoded records (None if there are none), the others' (key, reason), the count read."""
+    good = [r for r in records if isinstance(r[1], torch.Tensor)]
+    skipped = [(key, image) for key, image, _ in records if isinstance(image, str)]
     if not good:
-        return None, unreadable, len(records)
+        return None, skipped, len(records)
     keys, images, labels = zip(*good)
     batch = EvalBatch(torch.stack(images), list(keys), None, torch.tensor(labels, dtype=torch.int64))
-    return batch, unreadable, len(records)
+    return batch, skipped, len(records)
 
 
 class ImageFolderLoader:
     """EvalBatch(images, keys, None, labels) over a class-folder tree, in file order.
 
-    Skipped files are counted in `bad_samples` as the shard loaders count theirs (reason
-    'bad_image'), so reports read the same whichever layout the data came in.
+    Skipped files are counted in `bad_samples` as the shard loaders count theirs (reasons
+    'bad_image', 'image_too_large', 'image_aspect_ratio'), so reports read the same whichever
+    layout the data came in.
     """
 
     def __init__(self, dataset: ImageFolderSet, image_size: int, batch_size: int, workers: int):
@@ -133,10 +134,10 @@ class ImageFolderLoader:
     def __iter__(self) -> Iterator[EvalBatch]:
         self.bad_samples.reset()
         tally = WorkerTally(worker=0)
-        for batch, unreadable, read in self.loader:
+        for batch, skipped, read in self.loader:
             tally.seen += read
-            for key in unreadable:
-                tally.skip("bad_image", str(self.root), key)
+            for key, reason in skipped:
+                tally.skip(reason, str(self.root), key)
             self.bad_samples.update(tally.copy())
             if batch is not None:
                 yield batch

@@ -29,6 +29,7 @@ from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like
 from limoe.evaluate.metrics import classification_metrics
 from limoe.data.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
+from limoe.files import check_output_file
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
 from limoe.model.tower import Limoe
 
@@ -122,6 +123,8 @@ def run_zeroshot(checkpoint: Path, data: str, classnames: Optional[str], templat
                  output: Optional[str], batch_size: int, capacity_factor: Optional[str], device: str,
                  workers: int) -> dict:
     """`limoe eval zeroshot`: load the checkpoint, evaluate, print and optionally save the metrics."""
+    if output is not None:
+        check_output_file(output, "--output")
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_zeroshot(model, data, Path(classnames) if classnames else None, templates, batch_size,
                                 workers, progress=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 import deepspeed.moe.layer
 import torch
@@ -215,3 +215,38 @@ class MoeMlp(deepspeed.moe.layer.MoE):
             capacity=capacity,
             num_groups=expert.shape[0],
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts in checkpoints: the one place that knows how a rank's experts map to the unsharded layer
+
+_EXPERTS = "deepspeed_moe.experts.deepspeed_experts"  # the expert ModuleList's path inside MoeMlp
+
+
+def expert_checkpoint_entries(layer: MoeMlp, tensor_of: Callable[[nn.Parameter], Tensor]) -> dict[str, Tensor]:
+    """This rank's experts as checkpoint entries that do not depend on how experts are sharded.
+
+    `tensor_of(parameter)` gives what to store for one of this rank's expert parameters (its
+    value, an optimizer moment of its shape, or its optimizer step); the returned keys are that tensor's names in the
+    unsharded layer, relative to the layer (`deepspeed_moe.experts.deepspeed_experts.5.fc1.weight`
+    for global expert 5), so the entries of all expert-parallel ranks together are the same for
+    any expert-parallel size. `tensor_of` is called for every expert parameter in the same order
+    on every rank (it may be a collective).
+    """
+    entries = {}
+    for local_index, expert in enumerate(layer.experts):
+        global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
+        for name, parameter in expert.named_parameters():
+            entries[f"{_EXPERTS}.{global_index}.{name}"] = tensor_of(parameter)
+    return entries
+
+
+def restore_expert_entries(layer: MoeMlp, entries: Mapping[str, Tensor],
+                           put: Callable[[nn.Parameter, Tensor], None]) -> None:
+    """The reverse of `expert_checkpoint_entries`: `put(parameter, tensor)` for each of this rank's
+    expert parameters, the tensor taken from `entries` (keyed as in the unsharded layer, so written
+    by any number of ranks); a missing entry raises what `entries` raises for a missing key."""
+    for local_index, expert in enumerate(layer.experts):
+        global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
+        for name, parameter in expert.named_parameters():
+            put(parameter, entries[f"{_EXPERTS}.{global_index}.{name}"])

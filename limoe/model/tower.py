@@ -10,14 +10,15 @@ joint space, where embeddings are L2-normalised.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from limoe.config import ModelConfig
+from limoe.config import Config, ModelConfig
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Attention, Mlp, Pool
 from limoe.model.moe import MoeMlp
@@ -37,9 +38,12 @@ class Tokens:
 
 @dataclass
 class LimoeOutput:
+    """What `model(images, tokens)` returns; the first fields are those of open_clip's output dict."""
+
     image_features: Tensor  # [B, D] L2-normalised
     text_features: Tensor  # [B, D] L2-normalised
-    logit_scale: Tensor  # [1] learned log-temperature (open_clip multiplies by its exp)
+    logit_scale: Tensor  # [1] the temperature exp(model.logit_scale) that multiplies the cosine logits
+    logit_bias: Optional[Tensor]  # [1] SigLIP's learned logit bias (None for the CLIP loss)
     routing: list[LayerRouting]  # one per MoE block, in depth order
 
 
@@ -81,10 +85,13 @@ class Limoe(nn.Module):
 
     With expert parallelism (`sharding.size` = ep > 1) each MoE block holds this rank's E / ep
     experts; the weights are the same as the unsharded model's for the same seed.
+
+    As in open_clip, the learned scalars of the contrastive loss are the model's: `logit_scale`
+    (the log-temperature) and, for SigLIP, `logit_bias`, so they are saved and exported with it.
     """
 
     def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0),
-                 sharding: ExpertSharding = ExpertSharding()):
+                 logit_bias_init: Optional[float] = None, sharding: ExpertSharding = ExpertSharding()):
         super().__init__()
         self.config = config
         width = config.width
@@ -102,6 +109,8 @@ class Limoe(nn.Module):
         self.text_proj = nn.Linear(width, config.embed_dim, bias=False)
         # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
+        self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor([logit_bias_init]))
+        self.checkpointed_blocks: frozenset[int] = frozenset()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -121,6 +130,13 @@ class Limoe(nn.Module):
     @property
     def moe_blocks(self) -> list[MoeMlp]:
         return [block.mlp for block in self.blocks if block.sparse]
+
+    def set_activation_checkpointing(self, blocks: Literal["none", "moe", "all"]) -> None:
+        """Recompute these blocks' forward in backward instead of keeping their activations: none,
+        the MoE blocks (their capacity buffers are the largest) or all. Gradients are unchanged."""
+        self.checkpointed_blocks = frozenset(
+            index for index, block in enumerate(self.blocks) if blocks == "all" or (blocks == "moe" and block.sparse)
+        )
 
     # --- embeddings -------------------------------------------------------------------------
 
@@ -159,8 +175,11 @@ class Limoe(nn.Module):
     def tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
         """The shared blocks and the final norm over one or both modalities' streams (routed jointly)."""
         routing = []
-        for block in self.blocks:
-            streams, layer_routing = block(streams)
+        for index, block in enumerate(self.blocks):
+            if index in self.checkpointed_blocks and torch.is_grad_enabled():
+                streams, layer_routing = _checkpointed(block, streams)
+            else:
+                streams, layer_routing = block(streams)
             if layer_routing is not None:
                 routing.append(layer_routing)
         for s in streams:
@@ -190,9 +209,31 @@ class Limoe(nn.Module):
 
         `image_keep` [B, K]: encode only these patches of each image (FLIP); None: all of them.
         """
-        streams = [self.embed_image(images, image_keep), self.embed_text(tokens)]
-        (image, text), routing = self.tower(streams)
-        return LimoeOutput(self._image_features(image), self._text_features(text, tokens), self.logit_scale, routing)
+        (image, text), routing = self.tower([self.embed_image(images, image_keep), self.embed_text(tokens)])
+        return LimoeOutput(self._image_features(image), self._text_features(text, tokens), self.logit_scale.exp(),
+                           self.logit_bias, routing)
+
+
+def build_model(config: Config, sharding: ExpertSharding = ExpertSharding()) -> Limoe:
+    """The model a training config describes: its architecture, with the logit scale (and, for the
+    SigLIP loss, the logit bias) initialised as its loss config says."""
+    bias = config.loss.logit_bias_init if config.loss.contrastive == "siglip" else None
+    return Limoe(config.model, config.loss.logit_scale_init, bias, sharding)
+
+
+def _checkpointed(block: Block, streams: list[Tokens]) -> tuple[list[Tokens], Optional[LayerRouting]]:
+    """block(streams), keeping only the block's inputs for backward and running it again there.
+
+    torch.utils.checkpoint restores the RNG state for the second run, so the router noise and
+    hence the routing are the same. The residual tensors are its arguments, so it sees their device
+    (and keeps that device's RNG state too); each run gets fresh `Tokens`, since a block updates
+    the ones it is given.
+    """
+
+    def run(*xs: Tensor):
+        return block([replace(s, x=x) for s, x in zip(streams, xs)])
+
+    return checkpoint(run, *(s.x for s in streams), use_reentrant=False)
 
 
 def parameter_counts(model: Limoe) -> tuple[int, int]:

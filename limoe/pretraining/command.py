@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from limoe.checkpoints.training import objective_state
+from limoe.checkpoints.training import checkpoint_at, checkpoint_config, load_module_weights
 from limoe.config import Config
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
-from limoe.model.tower import Limoe
+from limoe.model.tower import build_model
 from limoe.pretraining.evaluation import evaluate_masked_modelling
 from limoe.pretraining.objective import MaskedPretraining
 from limoe.training.trainer import train
@@ -32,6 +32,9 @@ def check_pretraining_config(config: Config) -> None:
             f"pretrain.bimodal_steps {config.pretrain.bimodal_steps}) but train.steps is {config.train.steps}; "
             f"make them agree."
         )
+    if config.train.micro_batch_size is not None:
+        raise LimoeError("train.micro_batch_size splits contrastive training's batch by feature caching; pretraining "
+                         "steps on the whole per-GPU batch. Remove train.micro_batch_size or lower train.batch_size.")
     if config.train.image_mask_ratio:
         raise LimoeError("train.image_mask_ratio is contrastive training's patch dropping (FLIP); pretraining masks "
                          "images with pretrain.image_mask_ratio. Remove train.image_mask_ratio.")
@@ -45,9 +48,10 @@ def pretrain(config: Config, workdir: Path) -> dict:
 
 def load_objective(workdir: Path, device: str = "cpu") -> MaskedPretraining:
     """The model and its pretraining heads as of the workdir's latest checkpoint (every expert)."""
-    state, config = objective_state(workdir)
-    objective = MaskedPretraining(Limoe(config.model, config.loss.logit_scale_init), config)
-    objective.load_state_dict(state)
+    checkpoint = checkpoint_at(workdir)
+    config = checkpoint_config(checkpoint)
+    objective = MaskedPretraining(build_model(config), config)
+    load_module_weights(objective, checkpoint)
     return objective.to(device)
 
 

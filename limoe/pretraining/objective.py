@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from limoe.checkpoints.training import PRETRAINING
 from limoe.config import Config, PretrainConfig
-from limoe.data.preprocess import tokenizer
+from limoe.data.preprocess import normalise, tokenizer
 from limoe.distributed import rank_and_world
 from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator
 from limoe.model.routing import LayerRouting
@@ -36,6 +37,7 @@ from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
 from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalised_pixels, patchify
 from limoe.training.losses import auxiliary_loss
+from limoe.training.step import TrainerOutput
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ class TokenPrediction:
 
 class MaskedPretraining(nn.Module):
     """The module the training engine wraps for `limoe pretrain`: the model plus its training-only
-    heads (their names are listed in `limoe.checkpoints.warm_start.TRAINING_ONLY`)."""
+    heads, which only its checkpoints hold (exports and warm starts take the model alone)."""
+
+    name = PRETRAINING
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__()
@@ -111,9 +115,11 @@ class MaskedPretraining(nn.Module):
     def stage(self, step: int) -> str:
         return stage_at(step, self.pretrain_config)
 
-    def forward(self, images: Tensor, tokens: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor], list]:
-        """One step's task on a batch of pairs → (loss, its parts detached, routing)."""
+    def forward(self, images: Tensor, tokens: Tensor, step: int) -> TrainerOutput:
+        """One step's task on a batch of pairs → (loss, its parts detached, routing). Images come as
+        the loader's uint8 or as normalised floats."""
         task = task_at(step, self.pretrain_config)
+        images = normalise(images) if images.dtype == torch.uint8 else images
         terms = {}
         if task.predicts == "image":
             predicted, routing = self.predict_image(images, tokens if task.given_other else None, step)
@@ -127,7 +133,7 @@ class MaskedPretraining(nn.Module):
         aux, parts = auxiliary_loss(routing, self.loss_config, loss.device)
         total = weight * loss + aux
         terms.update({"loss": total, f"{task.name}_loss": loss, "auxiliary": aux, **parts})
-        return total, {k: v.detach().float() for k, v in terms.items()}, routing
+        return TrainerOutput(total, {k: v.detach().float() for k, v in terms.items()}, routing)
 
     def predict_image(self, images: Tensor, tokens: Optional[Tensor], step: int) -> tuple[PatchPrediction, list[LayerRouting]]:
         """MAE on images [B, 3, H, W]: encode the visible patches (with the caption tokens [B, L]

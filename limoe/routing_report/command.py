@@ -14,7 +14,7 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import open_clip
@@ -26,6 +26,7 @@ from limoe.config import Config, ModelConfig
 from limoe.data.pipeline import eval_loader
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
+from limoe.files import atomic_write, check_output_directory
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.data.preprocess import unnormalise
 from limoe.model.routing import LayerRouting
@@ -151,7 +152,7 @@ def _names(paths: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(path) for path in paths]
 
 
-def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: int = 4, batch_size: int = 64,
+def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], num_batches: int = 4, batch_size: int = 64,
                        capacity_factor: Optional[str] = None, compare: Optional[str] = None, device: str = "auto",
                        block: Optional[int] = None) -> dict:
     """Write `output/routing.json` and the pictures, print the per-layer tables; returns the JSON.
@@ -161,6 +162,7 @@ def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: i
     """
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
+    output = check_output_directory(output, "--output")
     torch_device = torch.device(resolve_device(device))
     paths = [Path(checkpoint)] + ([Path(compare)] if compare else [])
     models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
@@ -171,9 +173,8 @@ def run_routing_report(checkpoint: Path, data: str, output: Path, num_batches: i
     ]
     result = {"data": data, "num_batches": num_batches, "batch_size": batch_size,
               "checkpoints": [report.to_json() for report in reports]}
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "routing.json").write_text(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    atomic_write(output / "routing.json", lambda tmp: tmp.write_text(text))
     write_pictures(reports, output)
     for report in reports:
         print(f"{report.name}:\n{format_summary_table(report.statistics)}")

@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from limoe.config import MODALITIES
+from limoe.files import atomic_write
 
 if TYPE_CHECKING:
     from limoe.routing_report.command import CheckpointRouting
@@ -28,6 +29,11 @@ MODALITY_COLORS = {"image": "#2166ac", "text": "#b2182b"}  # the two ends of the
 LEGEND_PX = 60  # a row below the panels for the legend
 LEGEND_ENTRY_PX = 80  # width of one legend entry ("expert 12" and its swatch)
 TOKEN_LABEL_CHARS = 9
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Write a figure atomically: a failed write leaves no partial picture behind."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
 
 
 def figure(width_px: int, height_px: int) -> Figure:
@@ -88,7 +94,7 @@ def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
             ax.set_title(f"{report.name} · block {layer['block']}", fontsize=8)
     fig.legend(handles=[Patch(color=c, label=m) for m, c in MODALITY_COLORS.items()], loc="outside lower center",
                ncols=2, fontsize=8, frameon=False)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def _load(layer: dict) -> np.ndarray:
@@ -115,7 +121,7 @@ def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
                xlabel="expert", ylabel="block")
         ax.set_title(report.name, fontsize=8)
     fig.colorbar(shown, ax=axes, label="image share", shrink=0.9)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def _dropped(report: CheckpointRouting) -> np.ndarray:
@@ -138,7 +144,7 @@ def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
         ax.set_title(report.name, fontsize=8)
     axes[0].set_ylim(0, max(0.05, 1.15 * max(fractions.max() for fractions in dropped)))
     axes[0].legend(fontsize=7)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
@@ -164,7 +170,7 @@ def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
             ax.scatter(columns_dropped + 0.5, rows_dropped + 0.5, marker="x", color="black", s=12, linewidths=0.8)
             ax.set_title(f"{report.name} · block {report.block}\n{example.key}", fontsize=7)
     _expert_legend(fig, experts)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 def _glyphs() -> set[int]:
@@ -200,7 +206,7 @@ def plot_token_experts(reports: list[CheckpointRouting], path: Path) -> None:
             ax.text(i + 0.5, 0.5, _label(token, glyphs) + ("" if kept else " ×"), ha="center", va="center", fontsize=7)
         ax.set_title(f"{report.name} · block {report.block} · {example.key}", fontsize=7, loc="left")
     _expert_legend(fig, experts)
-    fig.savefig(path)
+    _save(fig, path)
 
 
 PICTURES: dict[str, Callable[[list, Path], None]] = {

@@ -27,8 +27,12 @@ log = logging.getLogger("limoe.training.trainer")
 
 
 class TrainingReporter:
-    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int):
+    """`pairs_seen` counts the image-text pairs trained on since the run began, across resumes (it
+    starts from the checkpoint's count); the bad-sample counts are this process's data loader's."""
+
+    def __init__(self, config: Config, workdir: Path, rank: int, start_step: int, pairs_seen: int = 0):
         self.config = config
+        self.pairs_seen = pairs_seen
         self.main = rank == 0
         self.routing: dict[Optional[str], RoutingAccumulator] = {}  # per stage (None: a run of one stage)
         self.warned: set[tuple[int, str]] = set()
@@ -46,7 +50,6 @@ class TrainingReporter:
     def _reset_window(self) -> None:
         self.window_terms: dict[str, Tensor] = {}
         self.window_counts: dict[str, int] = {}  # steps that reported each term (stages report different ones)
-        self.window_steps = 0
         self.window_pairs = 0
         self.window_start = time.perf_counter()
 
@@ -56,8 +59,8 @@ class TrainingReporter:
         for key, value in terms.items():
             self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
             self.window_counts[key] = self.window_counts.get(key, 0) + 1
-        self.window_steps += 1
         self.window_pairs += pairs
+        self.pairs_seen += pairs
         if stage not in self.routing:
             self.routing[stage] = RoutingAccumulator(self.config.model.moe_layers)
         self.routing[stage].add(routing)
@@ -82,8 +85,8 @@ class TrainingReporter:
         success = self._routing_success()
         record = {
             "step": step, "lr": lr, "pairs_per_s": self.window_pairs / seconds,
-            **means, "skipped_steps": self.skipped_steps, "bad_samples": bad_samples.bad,
-            "samples_seen": bad_samples.seen,
+            "pairs_seen": self.pairs_seen, **means, "skipped_steps": self.skipped_steps,
+            "bad_samples": bad_samples.bad, "samples_read_this_process": bad_samples.seen,
             **{f"routing_success_{m}": s for m, s in success.items()},
         }
         self._reset_window()

@@ -4,6 +4,7 @@ import collections
 import io
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,16 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from limoe.config import ShardSource
-from limoe.data.pipeline import eval_loader, expand_shards, read_classnames, train_loader
+from limoe.data import images
+from limoe.data.pipeline import (
+    EMPTY_SHARDS_IN_A_ROW,
+    check_batch_fits_in_memory,
+    eval_loader,
+    expand_shards,
+    read_classnames,
+    train_loader,
+)
+from limoe.data.preprocess import image_transform, normalise, train_transform
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -169,6 +179,17 @@ def test_img2dataset_shards_load_without_conversion(tmp_path):
     assert _eval_keys(str(tmp_path)) == [s["__key__"] for s in samples]
     batch = next(iter(train_loader((ShardSource(shard),), 3, 32, CONTEXT, 0, 10, True, 0, 0.01)))
     assert batch.images.shape == (3, 3, 32, 32) and batch.tokens.shape == (3, CONTEXT)
+    assert batch.images.dtype == torch.uint8  # normalised on the device
+
+
+def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_gives():
+    image = Image.open(io.BytesIO(_image_bytes(3, size=(40, 30)))).convert("RGB")
+    torch.manual_seed(5)  # the random crop
+    expected = image_transform(32, train=True)(image)  # [3, 32, 32] float32, normalised
+    torch.manual_seed(5)
+    cropped = train_transform(32)(image)  # [3, 32, 32] uint8
+    assert cropped.dtype == torch.uint8
+    assert torch.equal(normalise(cropped[None])[0], expected)
 
 
 def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):
@@ -196,10 +217,17 @@ def test_training_is_deterministic_given_a_seed(tmp_path, resampled):
     assert not all(torch.equal(a.tokens, c.tokens) for a, c in zip(first, other))
 
 
-def test_sources_mix_by_weight(tmp_path):
+@pytest.mark.parametrize("by", ["weight", "size"])
+def test_sources_mix_by_weight_or_by_recorded_size(tmp_path, by):
+    """3:1 either as weights or as the sizes img2dataset recorded (the shards themselves hold 20 each)."""
     alpha = _captioned_shards(tmp_path / "alpha", [20, 20], prefix="alpha")
     beta = _captioned_shards(tmp_path / "beta", [20, 20], prefix="beta")
-    sources = (ShardSource(",".join(alpha), weight=3.0), ShardSource(",".join(beta), weight=1.0))
+    if by == "weight":
+        sources = (ShardSource(",".join(alpha), weight=3.0), ShardSource(",".join(beta), weight=1.0))
+    else:
+        for shard, successes in zip(alpha + beta, [45, 45, 15, 15]):
+            Path(shard.replace(".tar", "_stats.json")).write_text(json.dumps({"count": 50, "successes": successes}))
+        sources = (ShardSource(",".join(alpha)), ShardSource(",".join(beta)))
     loader = train_loader(sources, 50, 16, CONTEXT, 0, 10, True, 0, 0.01)
     alpha_token = SimpleTokenizer()("caption alpha0x0")[0, 2].item()  # the first BPE piece of the key
     rows = torch.cat([batch.tokens for batch in itertools.islice(loader, 8)])
@@ -231,3 +259,73 @@ def test_demo_shards_load_with_the_documented_counts(split, shards, samples):
         assert max(batch.labels.max().item() for batch in batches) < 69
     else:
         assert batches[0].tokens.shape[1] == CONTEXT
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that give nothing, images too large to decode safely, batches too large to hold
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_on_an_empty_shard_is_one_line_not_a_hang(tmp_path, workers):
+    empty = _write_shard(tmp_path / "empty.tar", [])  # a valid tar without a single member
+    loader = train_loader((ShardSource(empty),), 2, 16, CONTEXT, workers, 10, True, 0, 0.01)
+    with pytest.raises(LimoeError, match=rf"read {EMPTY_SHARDS_IN_A_ROW} shards in a row without a single sample "
+                                         rf"\(the last was .*empty\.tar\)"):
+        next(iter(loader))
+
+
+def test_an_empty_source_among_good_ones_is_named(tmp_path):
+    good = _captioned_shards(tmp_path / "good", [4])[0]
+    empty = _write_shard(tmp_path / "empty.tar", [])
+    loader = train_loader((ShardSource(good), ShardSource(empty)), 2, 16, CONTEXT, 0, 0, False, 0, 0.01)
+    with pytest.raises(LimoeError, match=r"empty\.tar"):
+        list(itertools.islice(loader, 10_000))
+
+
+def _png(size: tuple[int, int], mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_beyond_the_size_bounds_are_skipped_before_decoding(tmp_path, monkeypatch):
+    """A 60000×1 sliver (a few hundred bytes) and an 8193² image are counted, never decoded."""
+    decoded = []
+    monkeypatch.setattr(images, "to_rgb", lambda image: decoded.append(image.size) or image.convert("RGB"))
+    shard = _write_shard(tmp_path / "bounds.tar", [
+        _good("fine"),
+        {"__key__": "sliver", "png": _png((60_000, 1)), "txt": "a sliver"},
+        {"__key__": "tall", "png": _png((10, 10 * images.MAX_ASPECT_RATIO + 1)), "txt": "too tall"},
+        {"__key__": "huge", "png": _png((8193, 8193), "1"), "txt": "too many pixels"},
+        {"__key__": "panorama", "png": _png((images.MAX_ASPECT_RATIO * 10, 10)), "txt": "wide but within bounds"},
+    ])
+    loader = eval_loader(shard, 8, 16, CONTEXT, 0, max_bad_fraction=1.0)
+    assert sorted(key for batch in loader for key in batch.keys) == ["fine", "panorama"]
+    assert loader.bad_samples.bad == {"image_aspect_ratio": 2, "image_too_large": 1}
+    assert sorted(decoded) == [(24, 20), (images.MAX_ASPECT_RATIO * 10, 10)]
+
+
+def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
+    with pytest.raises(LimoeError, match=r"train.batch_size gives 1000000000000000000000 pairs per process, whose "
+                                         r"images alone need .* GiB of host memory"):
+        check_batch_fits_in_memory(10**21, 224, 2)
+    check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 0.65 GiB
+
+
+def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):
+    shards = _captioned_shards(tmp_path / "my shards", [1, 1])
+    assert expand_shards(str(tmp_path / "my shards")) == shards
+    assert expand_shards(shards[1]) == [shards[1]]
+    missing = str(tmp_path / "my shards" / "00009.tar")
+    with pytest.raises(LimoeError, match=re.escape(f"in the shard spec {missing!r}")):
+        expand_shards(missing)
+
+
+def test_a_negative_or_unreadable_class_label_is_a_bad_label(tmp_path):
+    jpeg = _image_bytes(0)
+    shard = _write_shard(tmp_path / "labels.tar", [{"__key__": "ok", "jpg": jpeg, "cls": b"3"},
+                                                    {"__key__": "negative", "jpg": jpeg, "cls": b"-1"},
+                                                    {"__key__": "word", "jpg": jpeg, "cls": b"three"}])
+    loader = eval_loader(shard, 4, 16, CONTEXT, 0, classification=True, max_bad_fraction=1.0)
+    assert [(key, int(label)) for batch in loader for key, label in zip(batch.keys, batch.labels)] == [("ok", 3)]
+    assert loader.bad_samples.bad == {"bad_label": 2}

@@ -68,6 +68,16 @@ def test_resize_center_crops_and_records_the_original_size(captioned, tmp_path):
         assert (meta["original_width"], meta["original_height"]) != (16, 16)
 
 
+@pytest.mark.parametrize("name", ["train.csv", "train.tsv"])
+def test_open_clip_tab_separated_filepath_title_files(captioned, tmp_path, name):
+    """open_clip's CsvDataset layout: tab-separated even when named .csv, full paths, commas in titles."""
+    images, _ = captioned
+    captions = tmp_path / name
+    captions.write_text(f"filepath\ttitle\n{images / 'a.png'}\ta red, square thing\nsub/b.jpg\ta tall block\n")
+    build_shards(images, captions, tmp_path / "out")
+    assert sorted(s["txt"].decode() for s in _read(tmp_path / "out").values()) == ["a red, square thing", "a tall block"]
+
+
 def test_jsonl_captions_allow_several_captions_per_image(tmp_path):
     _image(tmp_path / "images" / "x.jpg", (10, 10))
     captions = tmp_path / "captions.jsonl"

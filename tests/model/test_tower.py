@@ -1,12 +1,15 @@
 """The tower: every config builds and trains a step; parameter arithmetic; batch independence."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
-from limoe.config import LossConfig, load_model_config
+from limoe.config import LossConfig, load_config, load_model_config
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
-from limoe.model.tower import Limoe, parameter_counts
+from limoe.model.tower import Limoe, build_model, parameter_counts
 
 MODELS = ["limoe-tiny", "limoe-s32", "limoe-b32", "limoe-b16", "limoe-l16", "limoe-h14"]
 # The large ones keep their width, experts and resolution but shrink to two blocks here.
@@ -52,6 +55,30 @@ def test_every_config_runs_forward_and_backward(name, dense):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
+
+
+@pytest.mark.parametrize("contrastive", ["clip", "siglip"])
+def test_forward_returns_the_temperature_and_the_losses_use_it_as_open_clip_does(contrastive):
+    """`output.logit_scale` is exp(model.logit_scale), as open_clip's models return it; SigLIP's bias
+    is the model's. Both losses are checked against their formulas written out here."""
+    torch.manual_seed(0)
+    config = load_config("demo", [f"loss.contrastive={contrastive}", "loss.logit_scale_init=1.5",
+                                  "loss.logit_bias_init=-3.0"])
+    model = build_model(config).eval()
+    output = model(torch.randn(3, 3, 64, 64), torch.randint(1, 1000, (3, 16)))
+    assert output.logit_scale.item() == pytest.approx(math.exp(1.5))
+    logits = math.exp(1.5) * output.image_features @ output.text_features.T  # [B, B]
+    if contrastive == "clip":
+        assert output.logit_bias is None
+        labels = torch.arange(3)
+        expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    else:
+        assert output.logit_bias.item() == -3.0 and "logit_bias" in dict(model.named_parameters())
+        signs = 2 * torch.eye(3) - 1  # +1 on the matching pairs, −1 elsewhere
+        expected = -F.logsigmoid(signs * (logits - 3.0)).sum() / 3
+    loss = ContrastiveLoss(contrastive)(output.image_features, output.text_features, output.logit_scale,
+                                        output.logit_bias)
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.parametrize("pool", [("map", "map"), ("cls", "cls"), ("mean", "mean"), ("map", "eos")])

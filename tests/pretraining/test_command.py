@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_contrastive_training_starts_from_the_pretrained_workdir_with_flip(pretr
     with caplog.at_level(logging.INFO, logger="limoe.checkpoints.warm_start"):
         assert main(args) == 0
     started = [r.message for r in caplog.records if r.name == "limoe.checkpoints.warm_start"]
-    assert len(started) == 1 and "training-only tensors left out" in started[0]
+    assert len(started) == 1 and "tensors loaded" in started[0]
     routing = {r["stage"]: r["routing"]["layers"][0]["image"]["tokens"] for r in _records(tmp_path) if "routing" in r}
     assert routing == {"masked": 2 * 16 * 32, "unmasked": 2 * 16 * 64}
     caplog.clear()
@@ -82,11 +83,34 @@ def test_contrastive_training_in_the_pretraining_workdir_is_refused_and_changes_
     saved = (pretrained / "config.yaml").read_text()
     assert main(_args("train", pretrained)) == 2
     err = capsys.readouterr().err.strip()
-    assert "does not fit this run" in err and len(err.splitlines()) == 1
+    assert "was written by limoe pretrain, not limoe train" in err and len(err.splitlines()) == 1
     assert (pretrained / "config.yaml").read_text() == saved
 
 
-def test_stages_that_do_not_fill_the_run_are_one_line_and_exit_2(tmp_path, capsys):
-    assert main(_args("pretrain", tmp_path, "pretrain.unimodal_steps=1", "pretrain.bimodal_steps=1")) == 2
+def test_a_killed_pretraining_run_resumes_from_its_last_checkpoint(pretrained, tmp_path, caplog):
+    """Killed after step 2's checkpoint: step 4's is gone (never published) and nothing was exported.
+    The re-run resumes at step 2 in the bimodal stage, logs steps 3 and 4 once, and exports."""
+    workdir = tmp_path / "killed"
+    shutil.copytree(pretrained, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "step_00000004")
+    (workdir / "model.safetensors").unlink()
+    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints"):
+        assert main(_args("pretrain", workdir, *STAGES)) == 0
+    assert any("resuming from" in r.message and "at step 2" in r.message for r in caplog.records)
+    steps = [r["step"] for r in _records(workdir) if "loss" in r]
+    assert steps == [2, 4]
+    resumed = [r for r in _records(workdir) if "routing" in r and r["step"] == 4]
+    assert [r["stage"] for r in resumed] == ["bimodal"]
+    state = json.loads((workdir / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["objective"] == "pretraining"
+    assert (workdir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pretrain.unimodal_steps=1", "pretrain.bimodal_steps=1"], "the pretraining stages take 2 steps"),
+    (["train.micro_batch_size=8"], "train.micro_batch_size splits contrastive training's batch"),
+])
+def test_settings_pretraining_cannot_run_are_one_line_and_exit_2(tmp_path, capsys, overrides, message):
+    assert main(_args("pretrain", tmp_path, *STAGES, *overrides)) == 2
     err = capsys.readouterr().err.strip()
-    assert "the pretraining stages take 2 steps" in err and len(err.splitlines()) == 1
+    assert message in err and len(err.splitlines()) == 1

@@ -153,9 +153,10 @@ def test_all_reduce_gives_every_rank_the_statistics_of_all_batches(tmp_path):
     both = RoutingAccumulator((1, 3))
     for record in routing:
         both.add(record)
-    results = multiprocessing.get_context("fork").SimpleQueue()
+    # Spawned, not forked: the test process may hold a process group of its own (in-process training).
+    results = multiprocessing.get_context("spawn").SimpleQueue()
     torch.multiprocessing.start_processes(_accumulate_and_reduce, (str(tmp_path / "init"), routing, results),
-                                          nprocs=2, start_method="fork")
+                                          nprocs=2, start_method="spawn")
     for _ in range(2):
         _, statistics = results.get()
         assert statistics["num_batches"] == 2

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,9 @@ from limoe.checkpoints import training as checkpoint
 from limoe.cli import main
 from limoe.checkpoints import load_model
 from limoe.config import dump_config, load_config
-from limoe.training.trainer import build_engine, lr_multiplier, start_session, train_step
+from limoe.training.step import train_step
+from limoe.training.trainer import build_engine, lr_multiplier, start_session
+from limoe.training.workdir import keep_metrics_until, locked_workdir
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
@@ -31,9 +34,10 @@ def _args(workdir: Path, *overrides: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo config for 4 steps, run in-process like a user would from the shell."""
+    """The demo config for 4 steps, run in-process like a user would from the shell; in two
+    micro-batches of one routing group each."""
     workdir = tmp_path_factory.mktemp("demo")
-    assert main(_args(workdir, "train.steps=4")) == 0
+    assert main(_args(workdir, "train.steps=4", "train.micro_batch_size=8")) == 0
     return workdir
 
 
@@ -41,6 +45,7 @@ def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
     records = [json.loads(line) for line in (demo_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4]
+    assert [r["pairs_seen"] for r in steps] == [32, 64]  # batch 16
     for key in ("contrastive", "importance", "load", "local_entropy_image", "global_entropy_text", "logit_scale",
                 "lr", "pairs_per_s", "grad_norm", "bad_samples", "routing_success_image"):
         assert key in steps[-1], key
@@ -55,20 +60,47 @@ def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
 
 
 def test_rerunning_a_finished_run_resumes_without_training(demo_run):
+    """Also with another kernel backend and eval capacity: how the weights are computed, not which."""
     before = (demo_run / "metrics.jsonl").read_text()
-    assert main(_args(demo_run, "train.steps=4")) == 0
+    assert main(_args(demo_run, "train.steps=4", "train.micro_batch_size=8", "model.moe.backend=triton",
+                      "model.moe.eval_capacity_factor=4.0")) == 0
     assert (demo_run / "metrics.jsonl").read_text() == before
 
 
 def test_a_workdir_of_another_architecture_is_refused(demo_run, capsys):
     assert main(_args(demo_run, "train.steps=4", "model.width=64", "model.heads=2")) == 2
+    err = capsys.readouterr().err
+    assert "different architecture: model.heads is 4 there and 2 now (and 1 more keys)" in err, err
+
+
+def test_the_architecture_check_reads_the_checkpoint_not_config_yaml(demo_run, capsys):
+    (demo_run / "config.yaml").unlink()
+    assert main(_args(demo_run, "train.steps=4", "model.width=64", "model.heads=2")) == 2
     assert "different architecture" in capsys.readouterr().err
+
+
+def test_a_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path, capsys):
+    with locked_workdir(tmp_path, rank=0):  # a trainer is running in this workdir
+        assert main(_args(tmp_path, "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert f"is in use by limoe train (pid {os.getpid()} on host {socket.gethostname()}" in err
+    assert err.count("\n") == 1 and not (tmp_path / "checkpoints").exists()
+    with locked_workdir(tmp_path, rank=0):  # released when the first run ends
+        pass
+
+
+def test_an_unwritable_workdir_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(_args(tmp_path / "file" / "run", "train.steps=2")) == 2
+    err = capsys.readouterr().err
+    assert "cannot write in workdir" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("override, message", [
     ("data.train=/no/such/shards", "/no/such/shards"),
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("train.steps=three", "'train.steps' must be of type int"),
+    ("train.batch_size=10000000", "GiB of host memory"),  # within its range, beyond any machine at 64 px
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, message):
     assert main(_args(tmp_path / "run", override)) == 2
@@ -76,19 +108,25 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, message):
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_export_then_load_gives_the_live_models_embeddings(tmp_path):
-    config = load_config("demo", ["train.batch_size=8", "train.device=cpu"])
+@pytest.mark.parametrize("contrastive, layout", [("clip", "safetensors"), ("siglip", "hf")])
+def test_export_then_load_gives_the_live_models_embeddings(tmp_path, contrastive, layout):
+    """Also the learned temperature and SigLIP's bias, which the model holds and exports."""
+    config = load_config("demo", ["train.batch_size=8", "train.device=cpu", f"loss.contrastive={contrastive}"])
     engine = build_engine(config, start_session(config))
     images, tokens = torch.randn(8, 3, 64, 64), torch.randint(1, 1000, (8, 16))
     train_step(engine, images, tokens, config)
     dump_config(config, tmp_path / "config.yaml")
-    checkpoint.save_training_checkpoint(engine, tmp_path, 1, {"step": 1}, keep=1)
-    assert main(["export", "--workdir", str(tmp_path), "--output", str(tmp_path / "m.safetensors")]) == 0
-    loaded, _ = load_model(tmp_path / "m.safetensors")
+    checkpoint.save_training_checkpoint(engine, tmp_path, 1, config)
+    output = tmp_path / ("m.safetensors" if layout == "safetensors" else "model")
+    assert main(["export", "--workdir", str(tmp_path), "--output", str(output), "--format", layout]) == 0
+    loaded, _ = load_model(output)
     live = engine.module.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images), live.encode_image(images))
         torch.testing.assert_close(loaded.encode_text(tokens), live.encode_text(tokens))
+    assert loaded.logit_scale.item() == live.logit_scale.item() != config.loss.logit_scale_init
+    if contrastive == "siglip":
+        assert loaded.logit_bias.item() == live.logit_bias.item() != config.loss.logit_bias_init
 
 
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
@@ -109,14 +147,41 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     first.wait()
     killed_at = int(checkpoint.latest_checkpoint(tmp_path).name.split("_")[1])
     assert killed_at < 24
+    with (tmp_path / "metrics.jsonl").open("a") as metrics:  # what a kill between a log and its checkpoint leaves
+        metrics.write(json.dumps({"step": killed_at + 2, "loss": 9.9}) + "\n" + '{"step": 99, "lo')
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000024"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records if "loss" in r and r["step"] > killed_at]
     assert resumed and resumed[-1]["step"] == 24
+    for kind in ("loss", "routing"):
+        logged = [r["step"] for r in records if kind in r]
+        assert logged == sorted(set(logged)), f"{kind} records repeat a step: {logged}"
+    assert resumed[-1]["pairs_seen"] == 24 * 16  # counted across the kill, not from the resume
     config = load_config(str(tmp_path / "config.yaml"))
     assert resumed[-1]["lr"] == pytest.approx(config.optim.lr * lr_multiplier(24, config), rel=1e-6)
+
+
+def test_metrics_keep_each_step_once_after_any_number_of_kills(tmp_path):
+    """Each resume drops what was logged after its checkpoint (and a line cut short), so the
+    steps logged again appear once."""
+    metrics = tmp_path / "metrics.jsonl"
+
+    def log(*steps):
+        with metrics.open("a") as file:
+            file.writelines(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in steps)
+
+    log(2, 4, 6)  # checkpoints at 4: killed after logging 6
+    metrics.write_text(metrics.read_text() + '{"step": 8, "lo')  # and in the middle of a line
+    keep_metrics_until(tmp_path, 4)
+    log(6, 8, 10)  # resumed at 4; killed again after logging 10, checkpoint at 8
+    keep_metrics_until(tmp_path, 8)
+    log(10, 12)
+    before = metrics.read_bytes()
+    keep_metrics_until(tmp_path, 12)  # nothing to drop: the file is left as it is
+    assert metrics.read_bytes() == before
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
 
 
 @pytest.mark.parametrize("skip", [False, True])

@@ -1,0 +1,120 @@
+"""Model folders in Hugging Face Hub layout, and `hf-hub:org/name` references to them.
+
+A folder holds `model.safetensors` (the exported model file: every weight, with the resolved
+config embedded), `limoe_config.json` (the same config as JSON: what marks the folder as a limoe
+model and what `get_tokenizer` reads without fetching the weights) and `README.md` (a model card
+with the architecture, the training recipe and how to load it). `limoe export --format hf`
+writes one; `huggingface-cli upload org/name FOLDER` publishes it. `hf-hub:org/name` fetches
+those files through huggingface_hub's cache, so with `HF_HUB_OFFLINE=1` a cached model loads
+without a network, as open_clip's `hf-hub:` models do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from limoe.checkpoints.model_file import config_from_json, save_model_file
+from limoe.config import Config, to_dict
+from limoe.errors import LimoeError
+from limoe.files import atomic_write
+from limoe.model.tower import Limoe
+
+HUB_PREFIX = "hf-hub:"
+CONFIG_FILE = "limoe_config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+
+
+def is_hub_reference(reference: str | Path) -> bool:
+    return str(reference).startswith(HUB_PREFIX)
+
+
+def is_model_folder(path: Path) -> bool:
+    """A folder in this layout (a training workdir has no `limoe_config.json`)."""
+    return (path / CONFIG_FILE).is_file()
+
+
+def save_model_folder(model: Limoe, config: Config, folder: Path, repo_id: Optional[str] = None) -> None:
+    """Write `folder` in Hub layout; `repo_id` (org/name) is what the model card tells users to load."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(to_dict(config), indent=1) + "\n"))
+    card = model_card(config, repo_id or f"<org>/{folder.resolve().name}")
+    atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(card))
+    save_model_file(model, config, folder / WEIGHTS_FILE)
+
+
+def read_folder_config(folder: Path) -> Config:
+    try:
+        text = (folder / CONFIG_FILE).read_bytes()
+    except OSError as error:
+        raise LimoeError(f"cannot read {folder / CONFIG_FILE} ({error}); export the model folder again.") from None
+    return config_from_json(text, str(folder / CONFIG_FILE))
+
+
+def fetch(reference: str, files: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE), cache_dir: Optional[str] = None) -> Path:
+    """The local folder holding `files` of the Hub model `hf-hub:org/name`, downloaded into (or
+    found in) huggingface_hub's cache."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
+
+    repo_id = reference.removeprefix(HUB_PREFIX)
+    try:
+        paths = [Path(hf_hub_download(repo_id, name, cache_dir=cache_dir, library_name="limoe")) for name in files]
+    except (HfHubHTTPError, EntryNotFoundError, HFValidationError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LimoeError(
+            f"cannot fetch {', '.join(files)} of {reference} from the Hugging Face Hub ({reason}); check the name and "
+            f"the network, or with HF_HUB_OFFLINE=1 that the model is in the cache."
+        ) from None
+    return paths[0].parent
+
+
+def model_card(config: Config, repo_id: str) -> str:
+    """A model card: Hub metadata, the architecture, the training recipe, and how to load the model."""
+    from limoe.model.info import describe_model  # builds the model on the meta device
+
+    train, sources = config.train, ", ".join(f"`{source.shards}`" for source in config.data.train)
+    return f"""---
+library_name: limoe
+tags:
+- limoe
+- clip
+- mixture-of-experts
+- zero-shot-image-classification
+pipeline_tag: zero-shot-image-classification
+---
+
+# {repo_id.split("/")[-1]}
+
+A LIMoE-style sparse mixture-of-experts image-text model trained with limoe: one transformer
+tower for images and text whose expert layers route both modalities' tokens with top-1 Batch
+Priority Routing.
+
+```text
+{describe_model(config.model)}
+```
+
+Trained for {train.steps} steps of {train.batch_size} pairs with the `{config.loss.contrastive}` loss on {sources}.
+The full training config is in `{CONFIG_FILE}`.
+
+## Use
+
+```python
+import limoe
+
+model, preprocess_train, preprocess_val = limoe.create_model_and_transforms("hf-hub:{repo_id}")
+tokenizer = limoe.get_tokenizer("hf-hub:{repo_id}")
+image_features = model.encode_image(preprocess_val(image)[None])   # [1, {config.model.embed_dim}], L2-normalised
+text_features = model.encode_text(tokenizer(["a photo of a cat"]))
+```
+
+`limoe eval zeroshot --checkpoint hf-hub:{repo_id} --data /datasets/imagenet/val` and clip_benchmark
+(`python -m limoe.evaluate.clip_benchmark eval --model_type limoe --model limoe --pretrained hf-hub:{repo_id} …`)
+load it too.
+
+## Training data, evaluation and license
+
+Describe the training data, its license, the evaluation results and the intended use here before publishing.
+"""

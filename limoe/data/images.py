@@ -1,0 +1,40 @@
+"""Decoding untrusted image bytes at a bounded cost.
+
+A few hundred bytes of PNG can decode to gigapixels (a decompression bomb), or to a sliver such
+as 60000×1 that resizing the shorter side to 224 px turns into a 13-gigapixel image. The size is
+read from the file's header, before any pixel is decoded or resized, and checked against two
+bounds; an image beyond them is skipped and counted like any other bad sample.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Union
+from pathlib import Path
+
+from PIL import Image
+
+from limoe.data.shards import to_rgb
+
+MAX_PIXELS = 8192 * 8192  # 67 megapixels: 200 MB decoded, beyond any photo a crawl keeps at full size
+MAX_ASPECT_RATIO = 20  # long side / short side: panoramas pass, slivers do not
+
+
+class UnusableImage(Exception):
+    """An image that is skipped; `args[0]` is the reason counted: bad_image, image_too_large or
+    image_aspect_ratio."""
+
+
+def decode_rgb(source: Union[str, Path, BinaryIO]) -> Image.Image:
+    """The RGB image in `source` (a path or a binary file object), or UnusableImage."""
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UnusableImage("image_too_large")
+            if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+                raise UnusableImage("image_aspect_ratio")
+            return to_rgb(image)
+    except UnusableImage:
+        raise
+    except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, struct.error, …)
+        raise UnusableImage("bad_image") from None

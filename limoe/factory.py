@@ -1,0 +1,80 @@
+"""open_clip's entry points for limoe models: `create_model_and_transforms`, `get_tokenizer`,
+`list_models`.
+
+One string names a model, as in open_clip: a model config name (`limoe-b16`, random weights), a
+model config `.yaml`, an exported `.safetensors` file, a training workdir, a model folder in
+Hugging Face layout, or `hf-hub:org/name`:
+
+    import limoe
+    model, preprocess_train, preprocess_val = limoe.create_model_and_transforms("hf-hub:org/limoe-b16")
+    tokenizer = limoe.get_tokenizer("hf-hub:org/limoe-b16")
+    image_features = model.encode_image(preprocess_val(image)[None])   # [1, D], L2-normalised
+    text_features = model.encode_text(tokenizer(["a photo of a cat"]))  # [1, D]
+    output = model(images, tokens)   # output.logit_scale: the temperature, exp(model.logit_scale)
+
+Models come back in eval mode (`model.train()` before fine-tuning): for a MoE model that switches
+off the router noise and applies the eval capacity factor, which `capacity_factor` overrides
+(a number or 'dropless').
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from open_clip.tokenizer import SimpleTokenizer
+from torchvision.transforms import Compose
+
+from limoe.checkpoints import load_model, read_config, with_eval_capacity
+from limoe.checkpoints.hub import is_hub_reference
+from limoe.config import CONFIG_DIR, Config, load_model_config
+from limoe.data.preprocess import image_transform, tokenizer
+from limoe.errors import LimoeError
+from limoe.model.tower import Limoe, build_model
+
+
+def list_models() -> list[str]:
+    """The model config names `create_model_and_transforms` builds with random weights."""
+    return sorted(path.stem for path in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+def _names_a_config(name_or_path: str) -> bool:
+    """A model config (random weights), else a checkpoint; a name that is neither is an error."""
+    if name_or_path in list_models() or Path(name_or_path).suffix in (".yaml", ".yml"):
+        return True
+    if not is_hub_reference(name_or_path) and not Path(name_or_path).exists():
+        raise LimoeError(
+            f"{name_or_path!r} is neither a model config ({', '.join(list_models())}) nor an existing checkpoint "
+            f"file or folder; hub models are named hf-hub:org/name."
+        )
+    return False
+
+
+def _config(name_or_path: str, cache_dir: Optional[str]) -> Config:
+    if _names_a_config(name_or_path):
+        return Config(model=load_model_config(name_or_path))
+    return read_config(name_or_path, cache_dir)
+
+
+def create_model(name_or_path: str, device: str = "cpu", capacity_factor: Optional[str] = None,
+                 cache_dir: Optional[str] = None) -> Limoe:
+    """The model, in eval mode on `device`: random weights for a config, else the checkpoint's.
+    `cache_dir` is huggingface_hub's cache for `hf-hub:` names (default: its own)."""
+    if _names_a_config(name_or_path):
+        config = with_eval_capacity(Config(model=load_model_config(name_or_path)), capacity_factor)
+        return build_model(config).to(device).eval()
+    return load_model(name_or_path, device, capacity_factor, cache_dir)[0]
+
+
+def create_model_and_transforms(name_or_path: str, device: str = "cpu", capacity_factor: Optional[str] = None,
+                                cache_dir: Optional[str] = None) -> tuple[Limoe, Compose, Compose]:
+    """(model, preprocess_train, preprocess_val) as open_clip returns them: the transforms take a
+    PIL image to the model's resolution (train: random resized crop; val: resize and center crop)."""
+    model = create_model(name_or_path, device, capacity_factor, cache_dir)
+    size = model.config.image_size
+    return model, image_transform(size, train=True), image_transform(size, train=False)
+
+
+def get_tokenizer(name_or_path: str, cache_dir: Optional[str] = None) -> SimpleTokenizer:
+    """open_clip's BPE tokenizer cut to the model's context length: list of str → [B, L] int64."""
+    return tokenizer(_config(name_or_path, cache_dir).model.context_length)

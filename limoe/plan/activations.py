@@ -1,0 +1,169 @@
+"""Activation memory measured on the real code: what a training forward keeps for backward.
+
+The config's model is built on the `meta` device and run under `FakeTensorMode` (shapes and
+dtypes, no data, no memory), with the GPU's precision (bf16 autocast) and its expert ops (the
+Triton ops' fake kernels). A dispatch mode notes every storage the forward creates; the ones still
+alive when it returns are what backward will read: activations saved by autograd, the inputs a
+checkpointed block keeps, and the bf16 copies of weights that autocast made and autograd saved.
+So the numbers follow the code — a new layer, a different checkpointing granularity or a leaner
+kernel changes them without anyone updating a formula.
+
+Measured per checkpointing mode on one routing group's worth of pairs: every activation grows
+with the number of groups (weight copies, which do not, are told apart by their origin), so the
+bytes per pair hold at any micro-batch size. The contrastive loss is measured on its own, since
+its logits grow with the local times the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from deepspeed.moe.utils import is_moe_param
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from limoe.config import Config
+from limoe.model.tower import build_model
+from limoe.training.losses import ContrastiveLoss, auxiliary_loss
+from limoe.training.step import ContrastiveTrainer
+
+CHECKPOINTING = ("none", "moe", "all")
+LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
+DENSE_BATCH = 8  # pairs measured for a model without routing groups
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Bytes of the storages created by a run and alive at its end, by where they come from."""
+
+    activations: int  # derived from the inputs (anything not computed from parameters alone)
+    shared_weight_copies: int  # computed from shared parameters alone (e.g. their bf16 casts)
+    expert_weight_copies: int  # computed from expert parameters alone
+
+
+def _tensors(values) -> list[torch.Tensor]:
+    """The tensors among an op's arguments or results (aten ops nest them at most one list deep)."""
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+class KeptStorages(TorchDispatchMode):
+    """Notes each storage an op creates, and whether it was computed from parameters alone."""
+
+    def __init__(self, parameters: dict[StorageWeakRef, str]):
+        super().__init__()
+        self.derived = dict(parameters)  # storage → "shared" / "expert": computed from parameters only
+        self.created: dict[StorageWeakRef, tuple[int, str]] = {}  # storage → (bytes, origin)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in _tensors(args)}
+        origins = {self.derived.get(key, "activation") for key in inputs}
+        origin = "activation" if not inputs or "activation" in origins else ("expert" if "expert" in origins else "shared")
+        for tensor in _tensors(out if isinstance(out, (tuple, list)) else (out,)):
+            key = StorageWeakRef(tensor.untyped_storage())
+            if origin != "activation":
+                self.derived.setdefault(key, origin)
+            if key not in inputs:  # a view or an in-place result shares an input's storage: nothing new
+                self.created.setdefault(key, (tensor.untyped_storage().nbytes(), origin))
+        return out
+
+    def kept(self) -> Kept:
+        """What is still alive now; unreachable cycles (checkpointing makes some) are collected first."""
+        gc.collect()
+        totals = {"activation": 0, "shared": 0, "expert": 0}
+        for key, (nbytes, origin) in self.created.items():
+            if not key.expired():
+                totals[origin] += nbytes
+        return Kept(totals["activation"], totals["shared"], totals["expert"])
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """What one GPU keeps for backward, per checkpointing mode (bytes)."""
+
+    per_pair: dict[str, float]  # mode → activations per pair of the micro-batch
+    shared_weight_copies: dict[str, int]  # mode → copies of shared weights kept (all ranks hold these)
+    expert_weight_copies: dict[str, int]  # mode → copies of all E experts' weights kept (a rank holds E_local/E)
+    logit_bytes: float  # per element of one rank's logits (B_local × B_global, or B_global² without local_loss)
+    gathered_feature_bytes: float  # per pair of the global batch: the gathered features the loss keeps
+
+
+def _fake_module(config: Config) -> tuple[ContrastiveTrainer, set[str]]:
+    """The trained module with every expert (ep = 1) as fake CPU tensors, and its expert parameters' names."""
+    model_config = dataclasses.replace(config.model, moe=dataclasses.replace(config.model.moe, backend="triton"))
+    with torch.device("meta"):
+        module = ContrastiveTrainer(build_model(dataclasses.replace(config, model=model_config)), config)
+    experts = {name for name, parameter in module.named_parameters() if is_moe_param(parameter)}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        module = module.to_empty(device="cpu")
+    return module.train(), experts
+
+
+def _kept_after(run: Callable[[], object], parameters: dict[StorageWeakRef, str]) -> Kept:
+    tracker = KeptStorages(parameters)
+    with tracker:
+        output = run()
+    kept = tracker.kept()
+    del output
+    return kept
+
+
+def measure_activations(config: Config, bf16: bool) -> ActivationProfile:
+    """Run the config's model forward (uint8 images in, with its auxiliary losses) and its contrastive
+    loss in fake mode."""
+    module, expert_names = _fake_module(config)
+    parameters = {StorageWeakRef(p.untyped_storage()): "expert" if name in expert_names else "shared"
+                  for name, p in module.named_parameters()}
+    mode = next(module.parameters()).fake_mode
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=bf16)  # the CPU's bf16 autocast casts what CUDA's does here
+    model_config = config.model
+    batch = model_config.moe.group_size if model_config.moe_layers else DENSE_BATCH
+
+    def forward():
+        images = torch.empty(batch, 3, model_config.image_size, model_config.image_size, dtype=torch.uint8)
+        tokens = torch.ones(batch, model_config.context_length, dtype=torch.long)  # all real tokens: all routed
+        with autocast:
+            output = module.encode(images, tokens)
+            aux, _ = auxiliary_loss(output.routing, config.loss)
+        return output, aux
+
+    per_pair, shared_copies, expert_copies = {}, {}, {}
+    with mode:
+        for checkpointing in CHECKPOINTING:
+            module.model.set_activation_checkpointing(checkpointing)
+            kept = _kept_after(forward, parameters)
+            per_pair[checkpointing] = kept.activations / batch
+            shared_copies[checkpointing] = kept.shared_weight_copies
+            expert_copies[checkpointing] = kept.expert_weight_copies
+        module.model.set_activation_checkpointing("none")
+        logit_bytes, feature_bytes = _measure_loss(config, bf16)
+    return ActivationProfile(per_pair, shared_copies, expert_copies, logit_bytes, feature_bytes)
+
+
+def _measure_loss(config: Config, bf16: bool) -> tuple[float, float]:
+    """Bytes the contrastive loss keeps, fitted as a·B² + b·B over two batch sizes of one process."""
+    loss = ContrastiveLoss(config.loss.contrastive, config.loss.local_loss, rank_and_world_size=(0, 1))
+    scale = torch.zeros(1, requires_grad=True)
+    kept = []
+    for batch in LOSS_BATCHES:
+        features = [torch.empty(batch, config.model.embed_dim, requires_grad=True) for _ in range(2)]
+
+        def run():
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                return loss(*features, scale)
+
+        kept.append(_kept_after(run, {}).activations)
+    (b1, b2), (k1, k2) = LOSS_BATCHES, kept
+    quadratic = (k2 / b2 - k1 / b1) / (b2 - b1)
+    return quadratic, max(0.0, k1 / b1 - quadratic * b1)

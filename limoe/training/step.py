@@ -1,0 +1,334 @@
+"""One optimizer step of `limoe train`, exact at any micro-batch size.
+
+The contrastive loss couples every pair of the global batch, so a per-GPU batch that does not
+fit in memory cannot simply be split into micro-batches whose losses are added. It is split by
+feature caching (GradCache; open_clip's `--accum-freq`):
+
+1. encode every micro-batch without gradient, remembering the RNG state before each;
+2. compute the contrastive loss on the cached features of the whole batch (gathered over ranks
+   as usual) and its gradient with respect to each pair's features and the loss's own
+   parameters (logit scale, SigLIP bias);
+3. encode each micro-batch again with gradient, from its remembered RNG state (the same router
+   noise, hence the same routing and the same features), and back-propagate the cached feature
+   gradients through it, plus its share of the auxiliary losses.
+
+The parameter gradient is then the full batch's, up to summation order; the cost is one extra
+forward without gradient. A micro-batch must hold whole routing groups, so that it routes
+exactly as the full batch does. The micro-batches mark DeepSpeed's gradient-accumulation boundary
+(so ZeRO reduces as it would for any accumulation), and the step happens once, after the last one.
+
+With FLIP's patch dropping (`limoe.training.flip`) the kept patches are drawn once per step for
+the whole batch and each micro-batch encodes its own rows of them, in both of its forwards.
+
+The engine may also wrap another objective (`limoe pretrain`'s masked modelling): anything called
+as `objective(images, tokens, step)` → `TrainerOutput`, whose loss is a sum over examples, so it
+needs no feature cache and is stepped over the whole per-GPU batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
+from deepspeed.runtime.torch_autocast import autocast_if_enabled
+from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
+
+from limoe.checkpoints.training import CONTRASTIVE
+from limoe.config import Config
+from limoe.data.preprocess import normalise
+from limoe.distributed import expert_parallel_group
+from limoe.errors import LimoeError
+from limoe.model.routing import LayerRouting
+from limoe.model.tower import Limoe, LimoeOutput
+from limoe.training.deepspeed_config import zero_clips_by_itself
+from limoe.training.flip import PatchDropping
+from limoe.training.losses import ContrastiveLoss, RoutingCounts, auxiliary_loss, clamp_logit_scale, whole_batch_counts
+
+
+@dataclass
+class MicroBatchShare:
+    """What one micro-batch's forward needs to produce its share of the whole batch's gradient."""
+
+    image_grad: Tensor  # [m, D] d(contrastive loss)/d(image features) of these pairs, from the cached features
+    text_grad: Tensor  # [m, D]
+    whole_batch: list[RoutingCounts]  # per MoE layer: what the auxiliary losses average over
+    loss_parameter_grads: list[Tensor]  # d(contrastive loss)/d(logit scale, bias); given to one micro-batch only
+    image_keep: Optional[Tensor]  # [m, K] the patches these images keep (FLIP), None: all of them
+
+
+class TrainerOutput(NamedTuple):
+    objective: Tensor  # [] what backward runs on
+    terms: dict[str, Tensor]  # the loss and its parts, detached
+    routing: list[LayerRouting]
+
+
+class ContrastiveTrainer(nn.Module):
+    """The module DeepSpeed wraps: model + contrastive loss.
+
+    With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
+    random share of its patches dropped, until the last `train.unmasked_steps` steps. Images may come as uint8 (the training loader's; normalised here, on the device) or as
+    normalised floats. The engine's forward must produce what backward runs on (DeepSpeed hooks
+    its gradient bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's
+    share of it are computed in `forward`.
+    """
+
+    name = CONTRASTIVE
+
+    def __init__(self, model: Limoe, config: Config):
+        super().__init__()
+        self.model = model
+        self.contrastive = ContrastiveLoss(config.loss.contrastive, config.loss.local_loss)
+        self.loss_config = config.loss
+        self.patch_dropping = PatchDropping.from_config(config)
+
+    def stage(self, step: int) -> Optional[str]:
+        """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase."""
+        return self.patch_dropping.stage(step)
+
+    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
+        """The patches each image [B, 3, H, W] keeps at `step` [B, K]; None (all of them) outside
+        FLIP's masked phase and in evaluation."""
+        return self.patch_dropping.keep(images, step) if self.training else None
+
+    def encode(self, images: Tensor, tokens: Tensor, image_keep: Optional[Tensor] = None) -> LimoeOutput:
+        return self.model(normalise(images) if images.dtype == torch.uint8 else images, tokens, image_keep)
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
+        bias = self.model.logit_bias
+        return [self.model.logit_scale] + ([bias] if bias is not None else [])
+
+    def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        return self.contrastive(image_features, text_features, self.model.logit_scale.exp(), self.model.logit_bias)
+
+    def logged_parameters(self) -> dict[str, Tensor]:
+        """The temperature (as open_clip logs it) and SigLIP's bias."""
+        logged = {"logit_scale": self.model.logit_scale.exp()}
+        if self.model.logit_bias is not None:
+            logged["logit_bias"] = self.model.logit_bias
+        return logged
+
+    def forward(self, images: Tensor, tokens: Tensor, step: int = 0,
+                share: Optional[MicroBatchShare] = None) -> TrainerOutput:
+        """The full loss of this batch at `step`; or, given `share`, a micro-batch's surrogate whose gradient
+        is its share of the whole batch's (the feature gradients back-propagated, plus its auxiliary share)."""
+        output = self.encode(images, tokens, self.image_keep(images, step) if share is None else share.image_keep)
+        if share is None:
+            contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
+                                           output.logit_bias)
+            aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
+            loss = contrastive + aux
+            terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts, **self.logged_parameters()}
+            return TrainerOutput(loss, _detached(terms), output.routing)
+        aux, _ = auxiliary_loss(output.routing, self.loss_config, images.device, share.whole_batch)
+        surrogate = ((output.image_features * share.image_grad).sum() + (output.text_features * share.text_grad).sum()
+                     + aux + sum((p * g).sum() for p, g in zip(self.loss_parameters(), share.loss_parameter_grads)))
+        return TrainerOutput(surrogate, {}, output.routing)
+
+
+def _detached(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().float() for k, v in terms.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches
+
+
+def micro_batch_size(config: Config, world_size: int) -> int:
+    """Pairs per GPU per forward: train.micro_batch_size, checked; the whole per-GPU batch by default."""
+    batch = config.train.batch_size
+    if batch % world_size:
+        raise LimoeError(f"train.batch_size {batch} is not divisible by the {world_size} processes; "
+                         f"pick a global batch that splits evenly.")
+    local = batch // world_size
+    micro = config.train.micro_batch_size
+    if micro is None:
+        return local
+    if micro < 1 or local % micro:
+        divisors = [d for d in range(1, local + 1) if local % d == 0 and d % _whole_groups(config) == 0]
+        raise LimoeError(f"train.micro_batch_size {micro} does not divide the {local} pairs per GPU (train.batch_size "
+                         f"{batch} / {world_size} processes); use a divisor such as {_some(divisors)}.")
+    group = _whole_groups(config)
+    if micro % group:
+        raise LimoeError(f"train.micro_batch_size {micro} is not a multiple of model.moe.group_size {group}: a "
+                         f"micro-batch must hold whole routing groups to route as the full batch does.")
+    return micro
+
+
+def _whole_groups(config: Config) -> int:
+    """A micro-batch holds a multiple of this many examples (the routing group; 1 for a dense model)."""
+    return config.model.moe.group_size if config.model.moe_layers else 1
+
+
+def _some(values: list[int]) -> str:
+    return ", ".join(map(str, values[-4:])) if values else "the whole per-GPU batch"
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _merged_routing(micro: list[list[LayerRouting]], whole: list[RoutingCounts]) -> list[LayerRouting]:
+    """Per MoE layer, the micro-batches' routing records as one record of the whole batch."""
+    merged = []
+    for records, counts in zip(zip(*micro), whole):
+        def total(name: str) -> Tensor:
+            return sum(getattr(r, name) for r in records)
+
+        def cat(name: str) -> Tensor:
+            return torch.cat([getattr(r, name) for r in records])
+
+        merged.append(replace(
+            records[0],
+            importance=sum(r.importance * r.num_groups for r in records) / counts.groups,
+            load=sum(r.load * r.num_groups for r in records) / counts.groups,
+            z=sum(r.z * RoutingCounts.of(r).tokens for r in records) / counts.tokens.clamp(min=1),
+            token_entropy=cat("token_entropy"), marginal_entropy=cat("marginal_entropy"), present=cat("present"),
+            routed=total("routed"), kept=total("kept"), prob_sum=total("prob_sum"), entropy_sum=total("entropy_sum"),
+            expert=cat("expert"), kept_mask=cat("kept_mask"), num_groups=counts.groups,
+        ))
+    return merged
+
+
+def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int,
+                            step: int) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
+    """Steps 1–3 of the module docstring; backward runs only if the loss is finite (or skipping is off)."""
+    module: ContrastiveTrainer = engine.module
+    device = images.device
+    keep = module.image_keep(images, step)  # [B_local, K] or None
+    keeps = keep.split(micro) if keep is not None else [None] * (images.shape[0] // micro)
+    chunks = list(zip(images.split(micro), tokens.split(micro), keeps))
+    states, image_features, text_features, routings = [], [], [], []
+    with torch.no_grad(), autocast_if_enabled(engine):
+        for chunk_images, chunk_tokens, chunk_keep in chunks:
+            states.append(_rng_state(device))
+            output = module.encode(chunk_images, chunk_tokens, chunk_keep)
+            image_features.append(output.image_features)  # [m, D]
+            text_features.append(output.text_features)
+            routings.append(output.routing)
+    after = _rng_state(device)
+    whole = whole_batch_counts(routings)
+
+    cached_images = torch.cat(image_features).requires_grad_()  # [B_local, D]
+    cached_texts = torch.cat(text_features).requires_grad_()
+    with autocast_if_enabled(engine):
+        contrastive = module.contrastive_loss(cached_images, cached_texts)
+    image_grad, text_grad, *parameter_grads = torch.autograd.grad(
+        contrastive, [cached_images, cached_texts, *module.loss_parameters()])
+    with torch.no_grad():
+        shares = [auxiliary_loss(r, config.loss, device, whole) for r in routings]
+        parts = {name: sum(share[1][name] for share in shares) for name in shares[0][1]}
+        aux = sum(share[0] for share in shares)
+        loss = contrastive.detach() + aux
+        terms = _detached({"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts,
+                           **module.logged_parameters()})
+    routing = _merged_routing(routings, whole) if whole else []
+    if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
+        return terms, routing, False
+
+    for index, (chunk_images, chunk_tokens, chunk_keep) in enumerate(chunks):
+        _set_rng_state(states[index], device)
+        pairs = slice(index * micro, (index + 1) * micro)
+        share = MicroBatchShare(image_grad[pairs], text_grad[pairs], whole, parameter_grads if index == 0 else [],
+                                chunk_keep)
+        engine.set_gradient_accumulation_boundary(index == len(chunks) - 1)
+        objective, _, _ = engine(chunk_images, chunk_tokens, step, share=share)
+        engine.backward(objective, scale_wrt_gas=False)
+    _set_rng_state(after, device)
+    return terms, routing, True
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward, backward, clipping, update
+
+
+def forward_backward(engine, images: Tensor, tokens: Tensor, config: Config,
+                     step: int = 0) -> tuple[dict[str, Tensor], list, bool]:
+    """This rank's gradient of the batch at 0-based `step` (reduced over ranks by DeepSpeed); returns the loss
+    terms, the routing, and False if the step is to be skipped (non-finite loss with skip_nonfinite_steps)."""
+    micro = micro_batch_size(config, dist.get_world_size())
+    if micro < images.shape[0]:
+        return _feature_cache_backward(engine, images, tokens, config, micro, step)
+    engine.set_gradient_accumulation_boundary(True)
+    loss, terms, routing = engine(images, tokens, step)
+    if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
+        return terms, routing, False
+    engine.backward(loss, scale_wrt_gas=False)
+    return terms, routing, True
+
+
+def global_grad_norm(module: nn.Module, expert_group) -> Tensor:
+    """The 2-norm of the whole model's gradient, every expert counted once.
+
+    After DeepSpeed's reduction the shared gradients are equal on all ranks, while each
+    expert-parallel rank holds the gradients of its own experts; so the squared expert norms
+    are summed over the expert-parallel group and added to the shared part once. (DeepSpeed's
+    own clipping averages the per-rank norms, which is not the global norm with experts sharded.)
+    """
+    shared, experts = [], []
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            (experts if is_moe_param(parameter) else shared).append(parameter.grad.detach())
+    device = next(module.parameters()).device
+    shared_squared = get_total_norm(shared).to(device).pow(2) if shared else torch.zeros((), device=device)
+    experts_squared = get_total_norm(experts).to(device).pow(2) if experts else torch.zeros((), device=device)
+    if expert_group is not None:
+        dist.all_reduce(experts_squared, group=expert_group)
+    return (shared_squared + experts_squared).sqrt()
+
+
+def clip_gradients(engine, max_norm: float, expert_group) -> Tensor:
+    """Scale all gradients so their global norm is at most `max_norm`; returns the norm before."""
+    norm = global_grad_norm(engine.module, expert_group)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(engine.module.parameters(), max_norm, norm)
+    return norm
+
+
+def apply_update(engine, terms: dict[str, Tensor], config: Config) -> None:
+    """Clip by the global norm and take the optimizer step; records the norm before clipping in `terms`.
+
+    Without ZeRO the gradients are whole on every rank and limoe clips them; ZeRO holds them in
+    partitions and clips them itself, inside its step.
+    """
+    if not zero_clips_by_itself(config):
+        terms["grad_norm"] = clip_gradients(engine, config.optim.grad_clip, expert_parallel_group(config))
+    engine.step()
+    if zero_clips_by_itself(config):
+        terms["grad_norm"] = torch.as_tensor(engine.get_global_grad_norm()).float()
+    clamp_logit_scale(engine.module.model.logit_scale)
+
+
+def _finite_everywhere(loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank (all ranks must agree to skip a step together).
+
+    Reading the answer is a host sync, paid every step in skip_nonfinite_steps mode only.
+    """
+    finite = torch.isfinite(loss).float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def train_step(engine, images: Tensor, tokens: Tensor, config: Config,
+               step: int = 0) -> tuple[dict[str, Tensor], list, bool]:
+    """Forward, backward, clip, optimizer step; returns the loss terms, the routing, and whether it stepped.
+
+    `step` (0-based, the updates so far) picks what the objective does: its stage and masks. No host sync, except in skip_nonfinite_steps mode (the loss is checked before the update).
+    """
+    terms, routing, finite = forward_backward(engine, images, tokens, config, step)
+    if not finite:
+        engine.zero_grad()
+        return terms, routing, False
+    apply_update(engine, terms, config)
+    return terms, routing, True

@@ -1,0 +1,152 @@
+"""`limoe plan`: measured activation bytes against a real CPU step, the state arithmetic by hand,
+the settings it recommends, and bad input. (The state against a real ZeRO engine, which needs a
+process group: tests/training/test_engine_state.py.)"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from limoe.cli import main
+from limoe.config import load_config
+from limoe.errors import LimoeError
+from limoe.model.tower import build_model
+from limoe.plan import GiB, Setting, plan_memory, refuse_if_it_cannot_fit
+from limoe.plan.activations import KeptStorages, measure_activations
+from limoe.plan.state import count_parameters, state_bytes
+from limoe.training.losses import auxiliary_loss
+from limoe.training.step import ContrastiveTrainer
+
+# The demo model in fp32 on the Triton ops (the plan measures the GPU's ops), one routing group.
+TINY = ["train.precision=fp32", "model.moe.backend=triton", "model.moe.group_size=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = load_config("demo", TINY)
+    return config, measure_activations(config, bf16=False)
+
+
+def _real_forward(config, checkpointing: str, batch: int):
+    """A real training forward of `batch` pairs (uint8 images in, as the loader gives them)."""
+    torch.manual_seed(0)
+    module = ContrastiveTrainer(build_model(config), config).train()
+    module.model.set_activation_checkpointing(checkpointing)
+    images = torch.randint(0, 256, (batch, 3, config.model.image_size, config.model.image_size), dtype=torch.uint8)
+    tokens = torch.randint(1, 1000, (batch, config.model.context_length))
+
+    def run():
+        output = module.encode(images, tokens)
+        return output, auxiliary_loss(output.routing, config.loss)[0]
+
+    return module, run
+
+
+def test_activation_bytes_agree_with_what_a_real_cpu_step_saves_for_backward(tiny):
+    """Reference: the storages autograd saves in a real forward (its saved-tensor hooks), parameters excluded."""
+    config, profile = tiny
+    batch = config.model.moe.group_size
+    model, run = _real_forward(config, "none", batch)
+    parameters = {StorageWeakRef(p.untyped_storage()) for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        key = StorageWeakRef(tensor.untyped_storage())
+        if key not in parameters:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()
+    planned = profile.per_pair["none"] * batch + profile.shared_weight_copies["none"] + profile.expert_weight_copies["none"]
+    assert planned == pytest.approx(sum(saved.values()), rel=0.10)
+    del output
+
+
+@pytest.mark.parametrize("checkpointing", ["moe", "all"])
+def test_checkpointed_activation_bytes_agree_with_a_real_cpu_step(tiny, checkpointing):
+    """Under checkpointing a block keeps its inputs, not autograd's saved tensors, so the reference is
+    what a real forward leaves alive; the plan's numbers come from fake tensors."""
+    config, profile = tiny
+    batch = config.model.moe.group_size
+    model, run = _real_forward(config, checkpointing, batch)
+    tracker = KeptStorages({StorageWeakRef(p.untyped_storage()): "shared" for p in model.parameters()})
+    with tracker:
+        output = run()
+    kept = tracker.kept()
+    planned = (profile.per_pair[checkpointing] * batch + profile.shared_weight_copies[checkpointing]
+               + profile.expert_weight_copies[checkpointing])
+    assert planned == pytest.approx(kept.activations + kept.shared_weight_copies, rel=0.10)
+    assert profile.per_pair["all"] < profile.per_pair["moe"] < profile.per_pair["none"]
+    del output
+
+
+def test_state_arithmetic_by_hand_for_h14_on_32_gpus():
+    """LIMoE-H/14, 32 GPUs, expert parallelism 8 (each expert on 4 GPUs), ZeRO 1."""
+    config = load_config("limoe-h14", ["distributed.zero_stage=1"])
+    d, h, experts, moe_layers, depth, dense_layers = 1280, 5120, 32, 12, 32, 20
+    mlp = 2 * d * h + h + d  # fc1 and fc2 with biases: 13,113,600
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d)  # two LayerNorms, qkv, output projection
+    map_head = d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + mlp  # probe, attention, norm, MLP
+    shared = (3 * 14 * 14 * d + d  # patch embedding
+              + 256 * d + 49408 * d + 16 * d  # image positions, token embedding, text positions
+              + depth * block + dense_layers * mlp + moe_layers * experts * d  # blocks, dense MLPs, routers
+              + 2 * d  # final LayerNorm
+              + 2 * map_head + 2 * d * 1024 + 1)  # pooling heads, projections, logit scale
+    all_experts = moe_layers * experts * mlp
+    counts = count_parameters(config)
+    assert (counts.shared, counts.all_experts, counts.local_experts) == (shared, all_experts, all_experts // 8)
+    assert counts.shared + counts.all_experts == pytest.approx(5.6e9, rel=0.01)  # the paper's 5.6B
+
+    state = state_bytes(counts, gpus=32, expert_parallel=8, zero_stage=1, zero_bucket_elements=0)
+    held = shared + all_experts // 8  # each GPU: all shared weights and 4 experts per MoE layer
+    assert state.parameters == 4 * held and state.gradients == 4 * held  # fp32; ZeRO 1 keeps whole gradients
+    # fp32 master copy and two moments of this GPU's partition: shared over 32 GPUs, experts over their 4 replicas
+    assert state.optimizer == round(12 * (shared / 32 + all_experts // 8 / 4))
+    zero0 = state_bytes(counts, gpus=32, expert_parallel=8, zero_stage=0, zero_bucket_elements=0)
+    assert zero0.optimizer == 8 * held
+    zero2 = state_bytes(counts, gpus=32, expert_parallel=8, zero_stage=2, zero_bucket_elements=0)
+    assert zero2.gradients == round(4 * (shared / 32 + all_experts // 8 / 4))
+
+
+def test_plan_for_b16_on_8_gpus_picks_a_fitting_setting():
+    plan = plan_memory(load_config("limoe-b16"), 8, 80 * GiB)
+    assert plan.local_batch == 2048
+    assert not plan.fits(Setting("none", 2048))  # 2048 pairs of B/16 activations do not fit 80 GiB
+    best = plan.recommended()
+    assert best is not None and plan.fits(best)
+    for checkpointing in ("none", "moe", "all"):
+        largest = plan.largest_micro_batch(checkpointing)
+        assert largest is not None and plan.fits(Setting(checkpointing, largest))
+        bigger = [m for m in plan.micro_batches if m > largest]
+        assert not bigger or not plan.fits(Setting(checkpointing, min(bigger)))
+    global_loss = dataclasses.replace(plan.config, loss=dataclasses.replace(plan.config.loss, local_loss=False))
+    whole = plan_memory(global_loss, 8, 80 * GiB).breakdown(Setting("all", 2048)).logits
+    local = plan.breakdown(Setting("all", 2048)).logits
+    # 16384² logits per rank instead of 2048 × 16384: the difference is 7 × 2048 × 16384 logits
+    assert whole - local == pytest.approx(plan.profile.logit_bytes * 7 * 2048 * 16384, abs=2)
+
+
+def test_train_refuses_a_run_that_cannot_fit_in_one_line():
+    with pytest.raises(LimoeError) as error:
+        refuse_if_it_cannot_fit(load_config("limoe-b16", ["train.activation_checkpointing=none"]), 8, 80 * GiB)
+    message = str(error.value)
+    assert "GiB per GPU" in message and "set train.micro_batch_size=" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("gpus, overrides, message", [
+    (8, ["train.micro_batch_size=300"], "does not divide the 2048 pairs per GPU"),
+    (8, ["train.micro_batch_size=4"], "multiple of model.moe.group_size 8"),
+    (8, ["distributed.zero_stage=3"], "zero_stage 3 partitions parameters"),
+    (8, ["distributed.deepspeed_config={train_batch_size: 4096}"], "'train_batch_size' to 4096"),
+    (8, ["distributed.deepspeed_config={bf16: {enabled: true}}"], "sets 'bf16'"),
+    (6, ["distributed.expert_parallel_size=4"], "does not divide the 6 GPUs"),
+])
+def test_bad_settings_are_one_line_and_exit_2(capsys, gpus, overrides, message):
+    args = ["plan", "--config", "limoe-b16", "--gpus", str(gpus), "--gpu-memory", "80"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
