@@ -4,7 +4,7 @@
     python -m limoe.benchmarks.masking                         # limoe-b16 on a GPU, batch 256, bf16 autocast
     python -m limoe.benchmarks.masking --models limoe-b32 --ratios 0 0.5 0.75 --batch 512
 
-A row is `limoe.training.trainer.train_step` on an engine from `build_engine` (DeepSpeed, global
+A row is `limoe.training.step.train_step` on an engine from `build_engine` (DeepSpeed, global
 gradient clipping, AdamW, schedule) with `train.image_mask_ratio` set, on a fixed batch of random
 images and full-length random captions already on the device: the step FLIP shortens. Data
 loading, which masking does not shorten, is not in it. The rows are timed in interleaved rounds
@@ -24,7 +24,8 @@ import torch
 
 from limoe.benchmarks.training import benchmark_device, random_batch, resolve_spec, time_steps, train_config
 from limoe.model.masking import kept_patch_count
-from limoe.training.trainer import build_engine, start_session, train_step
+from limoe.training.step import train_step
+from limoe.training.trainer import build_engine, start_session
 
 
 @dataclass
