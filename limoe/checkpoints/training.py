@@ -144,9 +144,10 @@ def check_same_objective(checkpoint: StoredCheckpoint, objective: str) -> None:
     saved = checkpoint.state.get(OBJECTIVE, CONTRASTIVE)  # checkpoints from before objectives were named
     if saved != objective:
         commands = {CONTRASTIVE: "limoe train", PRETRAINING: "limoe pretrain"}
+        workdir = checkpoint.path.parent.parent
         raise LimoeError(f"{checkpoint.path} was written by {commands.get(saved, saved)}, not "
-                         f"{commands.get(objective, objective)}; use a new --workdir, with train.init_from={checkpoint.path.parent.parent} "
-                         f"to start from its weights.")
+                         f"{commands.get(objective, objective)}; use a new --workdir (with "
+                         f"train.init_from={workdir} to start from its weights).")
 
 
 def checkpoint_config(checkpoint: StoredCheckpoint) -> Config:

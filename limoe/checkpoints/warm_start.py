@@ -97,19 +97,15 @@ def _read_source(source: Path) -> dict[str, Tensor]:
 
 
 def _local_values(model: Limoe, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` (unsharded names) as this rank's `model.state_dict()`: its own experts only."""
-    local = {}
-    sharded = {}
-    for prefix, layer in ((n, m) for n, m in model.named_modules() if isinstance(m, MoeMlp)):
-        names = {id(p): n for n, p in layer.named_parameters()}
-        global_names = expert_checkpoint_entries(layer, lambda parameter: parameter)
-        for global_name, parameter in global_names.items():
-            sharded[f"{prefix}.{names[id(parameter)]}"] = f"{prefix}.{global_name}"
-    for name in model.state_dict():
-        origin = sharded.get(name, name)
-        if origin in state:
-            local[name] = state[origin]
-    return local
+    """`state` (unsharded names) under this rank's `model.state_dict()` names: its own experts only,
+    found through the MoE layer's own mapping from local to global expert names."""
+    origin = {name: name for name in model.state_dict()}
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, MoeMlp):
+            local_names = {parameter: name for name, parameter in layer.named_parameters()}
+            for global_name, parameter in expert_checkpoint_entries(layer, lambda parameter: parameter).items():
+                origin[f"{prefix}.{local_names[parameter]}"] = f"{prefix}.{global_name}"
+    return {name: state[source] for name, source in origin.items() if source in state}
 
 
 def warm_start(model: Limoe, config: Config) -> int:

@@ -28,6 +28,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from limoe.checkpoints import training as checkpoint
+from limoe.checkpoints.store import has_checkpoints
 from limoe.checkpoints.warm_start import check_init_from, warm_start
 from limoe.config import Config, dump_config
 from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
@@ -174,7 +175,8 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
     """
     for source in config.data.train:  # a missing shard path fails here, before anything is built
         expand_shards(source.shards)
-    check_init_from(config)  # a bad train.init_from fails here, before the workdir is touched
+    if not has_checkpoints(workdir):  # a fresh run: a bad train.init_from fails here, before the workdir is touched
+        check_init_from(config)
     session = start_session(config)
     check_memory_plan(config, session)
     check_batch_fits_in_memory(config.train.batch_size // session.world_size, config.model.image_size,
@@ -192,7 +194,8 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
     if session.rank == 0:
         atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
     # train.init_from seeds a fresh run only; a resumed one continues from its own checkpoint
-    engine = build_engine(config, session, objective=objective, warm=resume is None and config.train.init_from is not None)
+    warm = resume is None and config.train.init_from is not None
+    engine = build_engine(config, session, objective=objective, warm=warm)
     state = (checkpoint.restore_training_checkpoint(engine, resume, config) if resume is not None
              else {"step": 0, "pairs_seen": 0})
     start = state["step"]
