@@ -272,6 +272,8 @@ class TrainConfig:
         "none", "recompute blocks in backward instead of keeping their activations: none, the MoE blocks, or all")
     compile: bool = setting(False, "torch.compile the tower inside the engine (Inductor); off until measured faster "
                                    "on a GPU")
+    eval_every: int = setting(0, "steps between evaluations of the live model on eval.zeroshot and eval.retrieval "
+                                 "(also at the last step); 0: none", "[0, inf)")
     init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "
                                              "workdir of the same architecture (e.g. limoe pretrain's); optimizer "
                                              "and step start fresh; ignored when the workdir has a checkpoint")
@@ -339,8 +341,30 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class ZeroshotEvalConfig:
+    """Zero-shot classification during training, as `limoe eval zeroshot` does it."""
+
+    data: Optional[str] = setting(None, "labelled images: an ImageNet-style class-folder tree, a clip_benchmark "
+                                        "folder or webdataset shards with .cls; null: no zero-shot evaluation")
+    classnames: Optional[str] = setting(None, "class names, one per line; null: classnames.txt beside the shards, "
+                                              "else ImageNet-1k's")
+    templates: str = setting("openai", "prompt templates: openai (CLIP's 80), simple, or a file with one per line")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What train.eval_every evaluates: every rank runs it on the whole set (the expert all-to-all
+    needs them all), with the same code and numbers as `limoe eval` on that step's checkpoint."""
+
+    zeroshot: ZeroshotEvalConfig = field(default_factory=ZeroshotEvalConfig)
+    retrieval: Optional[str] = setting(None, "caption shards for image↔text recall@1/5/10; null: none")
+    batch_size: int = setting(64, "images per evaluation forward on each rank", "[1, inf)")
+
+
+@dataclass(frozen=True)
 class Config:
-    """A training run: the model, its losses, the data, the optimizer, the run and its processes."""
+    """A training run: the model, its losses, the data, the optimizer, the run, its processes and what it
+    evaluates while it trains."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -349,8 +373,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        if self.train.eval_every and self.eval.zeroshot.data is None and self.eval.retrieval is None:
+            raise LimoeError(f"train.eval_every is {self.train.eval_every} but there is nothing to evaluate; set "
+                             f"eval.zeroshot.data or eval.retrieval, or train.eval_every=0.")
         experts, shards = self.model.moe.num_experts, self.distributed.expert_parallel_size
         if self.model.moe_layers and experts % shards:
             raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "

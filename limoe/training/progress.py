@@ -37,6 +37,7 @@ class TrainingReporter:
         self.routing: dict[Optional[str], RoutingAccumulator] = {}  # per stage (None: a run of one stage)
         self.warned: set[tuple[int, str]] = set()
         self.skipped_steps = 0
+        self.evaluated = ""  # the last evaluation's headline numbers, kept on the progress line
         self._reset_window()
         self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", disable=not self.main,
                         dynamic_ncols=True, unit="step")
@@ -94,7 +95,7 @@ class TrainingReporter:
             return
         self.bar.set_postfix_str(
             f"loss {means['loss']:.3f}  {record['pairs_per_s']:.0f} pairs/s  routed img/txt "
-            + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
+            + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES) + self.evaluated
         )
         self._write(record, step)
 
@@ -131,6 +132,24 @@ class TrainingReporter:
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
         for key, value in record.get("bad_samples", {}).items():
             self.tensorboard.add_scalar(f"data/bad_{key}", value, step)
+
+    def evaluation(self, step: int, results: dict) -> None:
+        """Record the evaluation at `step` ({set: metrics}): a metrics.jsonl line, TensorBoard
+        scalars eval/<set>/<metric>, and its headline numbers on the progress line from now on."""
+        if not self.main:
+            return
+        self._write({"step": step, "eval": results}, step)
+        for name, metrics in results.items():
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"eval/{name}/{key}", value, step)
+        headline = []
+        if "zeroshot" in results:
+            headline.append(f"zero-shot top-1 {results['zeroshot']['top1']:.1%}")
+        if "retrieval" in results:
+            headline.append(f"i→t R@1 {results['retrieval']['image_to_text_R@1']:.1%}")
+        self.evaluated = "  " + "  ".join(headline)
+        log.info("evaluation at step %d: %s", step, ", ".join(headline))
 
     def skipped(self, step: int) -> None:
         self.skipped_steps += 1

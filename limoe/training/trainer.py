@@ -9,8 +9,8 @@ one exact step at any micro-batch size), runs the loop, and reports. On a GPU th
 (`limoe plan`) is checked before anything is allocated. `limoe pretrain` runs this same loop with
 its masked-modelling objective in place of the contrastive one.
 
-The loop never waits on the device except on logging and checkpoint steps (and every step in
-skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
+The loop never waits on the device except on logging, checkpoint and evaluation steps (and every
+step in skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from limoe.files import atomic_write
 from limoe.model.tower import Limoe, build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches
+from limoe.training.evaluation import check_eval_sets, evaluate_live
 from limoe.training.progress import TrainingReporter
 from limoe.training.step import ContrastiveTrainer, TrainerOutput, micro_batch_size, train_step
 from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
@@ -175,6 +176,7 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
     """
     for source in config.data.train:  # a missing shard path fails here, before anything is built
         expand_shards(source.shards)
+    check_eval_sets(config)
     if not has_checkpoints(workdir):  # a fresh run: a bad train.init_from fails here, before the workdir is touched
         check_init_from(config)
     session = start_session(config)
@@ -239,6 +241,8 @@ def _loop(engine, loader, config: Config, session: Session, workdir: Path, repor
         if checkpoint_due:
             checkpoint.save_training_checkpoint(engine, workdir, step, config, {"pairs_seen": reporter.pairs_seen},
                                                 engine.module.name)
+        if config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps):
+            reporter.evaluation(step, evaluate_live(engine.module.model, config))
 
 
 def _stop_if_nonfinite(terms: dict[str, Tensor], step: int, workdir: Path) -> None:

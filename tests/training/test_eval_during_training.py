@@ -1,0 +1,82 @@
+"""Evaluation during training: the numbers a run logs at a step equal `limoe eval` on that step's
+checkpoint, on one process and on two with expert parallelism 2; bad evaluation sets fail before
+training starts."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from limoe.cli import main
+from tests.training.processes import run_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+# One shard of each held-out set keeps the four evaluations per run short.
+ZEROSHOT = ROOT / "data_shards/heldout_cls/00000.tar.gz"
+RETRIEVAL = ROOT / "data_shards/heldout/00000.tar.gz"
+RUN = ["train.steps=4", "train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
+       "train.routing_stats_every=2", "optim.warmup_steps=2", "train.eval_every=2", "eval.zeroshot.templates=simple",
+       f"eval.zeroshot.data={ZEROSHOT}", f"eval.retrieval={RETRIEVAL}", f"data.heldout={RETRIEVAL}"]
+
+
+def _train_args(workdir: Path, *overrides: str) -> list[str]:
+    return ["train", "--workdir", str(workdir), *[arg for o in (*RUN, *overrides) for arg in ("--set", o)]]
+
+
+def _logged_evaluations(workdir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval"] for r in records if "eval" in r}
+
+
+def _limoe_eval(checkpoint: Path, output: Path) -> dict:
+    """Both evaluations through the `limoe eval` command on one checkpoint directory."""
+    common = ["--checkpoint", str(checkpoint), "--workers", "0", "--device", "cpu"]
+    assert main(["eval", "zeroshot", *common, "--data", str(ZEROSHOT), "--templates", "simple",
+                 "--output", str(output / "zeroshot.json")]) == 0
+    assert main(["eval", "retrieval", *common, "--data", str(RETRIEVAL),
+                 "--output", str(output / "retrieval.json")]) == 0
+    return {name: json.loads((output / f"{name}.json").read_text()) for name in ("zeroshot", "retrieval")}
+
+
+def _assert_equal_to_limoe_eval(workdir: Path, tmp_path: Path) -> None:
+    logged = _logged_evaluations(workdir)
+    assert sorted(logged) == [2, 4]
+    for step, results in logged.items():
+        expected = _limoe_eval(workdir / "checkpoints" / f"step_{step:08d}", tmp_path)
+        assert results == expected, step
+    assert logged[2] != logged[4]  # the model changed between the two evaluations
+    assert logged[4]["zeroshot"]["samples"] > 100 and logged[4]["retrieval"]["images"] > 100
+
+
+def test_one_process_logs_what_limoe_eval_reports_on_the_same_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    assert main(_train_args(workdir)) == 0
+    _assert_equal_to_limoe_eval(workdir, tmp_path)
+    assert list((workdir / "tensorboard").iterdir())
+
+
+def test_two_processes_with_expert_parallelism_evaluate_together(tmp_path):
+    """Both ranks evaluate (the all-to-all needs them); nothing hangs, and rank 0 logs what a
+    single process reports on the checkpoint."""
+    workdir = tmp_path / "run"
+    run_processes("limoe", _train_args(workdir, "distributed.expert_parallel_size=2", "train.device=cpu"),
+                  world_size=2, timeout=900)
+    _assert_equal_to_limoe_eval(workdir, tmp_path)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("eval.retrieval=no/such/shards", "eval.retrieval"),
+    ("eval.zeroshot.classnames=no-such-file.txt", "eval.zeroshot.classnames"),
+    ("eval.zeroshot.templates=no-such-templates.txt", "no-such-templates.txt"),
+])
+def test_a_bad_evaluation_set_fails_before_training(tmp_path, capsys, override, named):
+    workdir = tmp_path / "run"
+    assert main(_train_args(workdir, override)) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and named in error[0]
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_eval_every_without_a_set_is_refused(tmp_path, capsys):
+    assert main(["train", "--workdir", str(tmp_path / "run"), "--set", "train.eval_every=10"]) == 2
+    assert "eval.zeroshot.data or eval.retrieval" in capsys.readouterr().err
