@@ -7,6 +7,7 @@ A `LimoeError` (bad input) becomes one line on stderr and exit status 2, never a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -71,7 +72,30 @@ def _eval_zeroshot(args) -> int:
     run_zeroshot(
         checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
         output=args.output, batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device,
-        workers=args.workers,
+        workers=args.workers, candidate_images=args.candidate_images,
+    )
+    return 0
+
+
+def _eval_choice(args) -> int:
+    from limoe.evaluate import run_choice
+
+    run_choice(
+        checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,
+        batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
+    )
+    return 0
+
+
+def _tune(args) -> int:
+    from limoe.tuning import TuneRecipe, run_tune
+
+    options = {"lr": args.lr, "batch_size": args.tune_batch_size, "prompt_tokens": args.prompt_tokens, "seed": args.seed}
+    recipe = TuneRecipe(steps=args.steps, **{name: value for name, value in options.items() if value is not None})
+    run_tune(
+        checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
+        shots=args.shots, recipe=recipe, output=args.output, metrics_output=args.metrics,
+        batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
     )
     return 0
 
@@ -154,16 +178,33 @@ def _capacity_factor(text: str) -> str:
     return text
 
 
-def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+def _positive_number(text: str) -> float:
+    """An option type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a number > 0 such as 1e-3")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser,
+                       data: str = "shards (spec, directory) or an image folder tree") -> None:
+    """The options of every command that runs a checkpoint over a data set."""
     parser.add_argument("--checkpoint", required=True,
                         help="exported .safetensors file, training workdir (or one of its checkpoint directories), "
                              "model folder or hf-hub:org/name")
-    parser.add_argument("--data", required=True, help="shards (spec, directory) or an image folder tree")
-    parser.add_argument("--batch-size", type=_whole_number(1), default=64)
+    parser.add_argument("--data", required=True, help=data)
+    parser.add_argument("--batch-size", type=_whole_number(1), default=64, help="images per forward pass")
     parser.add_argument("--capacity-factor", type=_capacity_factor, default=None,
                         help="eval capacity factor, or 'dropless' (default: the checkpoint's config)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--workers", type=_whole_number(0), default=2)
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
 
 
@@ -220,12 +261,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(zeroshot)
     zeroshot.add_argument("--classnames", default=None, help="class names file, one per line (default: ImageNet-1k)")
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
+    zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
+                          help="classes given by exemplar images, one sub-folder per class, instead of names")
     retrieval = command("retrieval", _eval_retrieval, "image-text retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
     knn = command("knn", _eval_knn, "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
     _add_eval_options(knn)
     knn.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")
+
+    choice = command("choice", _eval_choice, "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)",
+                     evaluations)
+    _add_eval_options(choice)
+    choice.add_argument("--format", required=True, choices=["sugar_crepe", "winoground", "jsonl"])
+    choice.add_argument("--subsets", nargs="+", default=None,
+                        help="SugarCrepe subsets (<NAME>.json files; default: every SugarCrepe subset present)")
+
+    tune = command("tune", _tune, "few-shot prompt tuning of a checkpoint on a labelled set (Uni-Perceiver)")
+    _add_model_options(tune, data="labelled images: class folders or shards with .cls")
+    tune.add_argument("--classnames", default=None, help="class names file (default: the data's classnames.txt)")
+    tune.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
+    tune.add_argument("--shots", type=_whole_number(1), required=True,
+                      help="support samples per class; the rest are the queries it is scored on")
+    tune.add_argument("--steps", type=_whole_number(0), required=True, help="optimizer steps")
+    tune.add_argument("--output", required=True, help="the tuned model file (.safetensors)")
+    # Recipe options default to limoe.tuning.TuneRecipe's values (docs/EVALUATION.md lists them).
+    tune.add_argument("--lr", type=_positive_number, default=None, help="peak learning rate (default 1e-3)")
+    tune.add_argument("--tune-batch-size", type=_whole_number(1), default=None,
+                      help="support images per step (default 64)")
+    tune.add_argument("--prompt-tokens", type=_whole_number(1), default=None,
+                      help="deep prompt tokens per block (default 10)")
+    tune.add_argument("--seed", type=_whole_number(0), default=None,
+                      help="support draw, prompt init, batch order (default 0)")
+    tune.add_argument("--metrics", default=None, help="write the query metrics to this JSON file")
 
     routing = command("routing", _routing, "expert routing statistics and plots for a checkpoint")
     routing.add_argument("--checkpoint", required=True)

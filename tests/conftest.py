@@ -3,3 +3,24 @@ through torch._dynamo), so that on a machine without CUDA Triton's interpreter i
 start and the Triton ops run on CPU tensors in every test, whatever the collection order."""
 
 import limoe_kernels  # noqa: F401
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random-initialised limoe-tiny model file (seed 0): what the evaluation and tuning tests
+    read when they need a model but not a trained one."""
+    import torch
+
+    from limoe.checkpoints import save_model_file
+    from limoe.config import Config, load_model_config
+    from limoe.model.tower import build_model
+
+    torch.manual_seed(0)
+    config = Config(model=load_model_config("limoe-tiny"))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model_file(build_model(config), config, path)
+    return path

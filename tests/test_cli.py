@@ -14,7 +14,7 @@ from limoe.cli import main
 def test_help_lists_every_subcommand():
     result = subprocess.run([sys.executable, "-m", "limoe", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("info", "train", "export", "eval", "routing", "shards"):
+    for command in ("info", "train", "export", "eval", "tune", "routing", "shards"):
         assert command in result.stdout
 
 
@@ -51,7 +51,8 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(capsys, args, message):
 ])
 def test_eval_options_out_of_range_are_one_line_before_anything_is_loaded(capsys, args, message):
     """The checkpoint does not exist: an error about it would mean the options were checked too late."""
-    for command in (["eval", "zeroshot"], ["eval", "retrieval"]):
+    tune = ["tune", "--shots", "1", "--steps", "1", "--output", "tuned.safetensors"]
+    for command in (["eval", "zeroshot"], ["eval", "retrieval"], ["eval", "choice", "--format", "jsonl"], tune):
         assert main([*command, "--checkpoint", "/no/such/model", "--data", "/no/such/data", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
@@ -67,6 +68,35 @@ def test_routing_options_out_of_range_are_one_line(capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--shots", "0"], "argument --shots: 0 is out of range; give a whole number ≥ 1"),
+    (["--steps", "-1"], "argument --steps: -1 is out of range; give a whole number ≥ 0"),
+    (["--lr", "0"], "argument --lr: '0' is out of range; give a number > 0"),
+    (["--lr", "nan"], "argument --lr: 'nan' is out of range; give a number > 0"),
+    (["--tune-batch-size", "0"], "argument --tune-batch-size: 0 is out of range"),
+    (["--prompt-tokens", "0"], "argument --prompt-tokens: 0 is out of range"),
+    (["--seed", "x"], "argument --seed: 'x' is not a whole number"),
+    (["--metrics", "/"], "--metrics / is a directory"),
+])
+def test_tune_options_out_of_range_are_one_line_before_anything_is_loaded(capsys, args, message):
+    base = {"--shots": "1", "--steps": "1"}
+    base.update(zip(args[::2], args[1::2]))
+    argv = ["tune", "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--output", "tuned.safetensors"]
+    assert main([*argv, *(item for pair in base.items() for item in pair)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_tune_refuses_to_overwrite_the_checkpoint_it_tunes(tmp_path, capsys):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    assert main(["tune", "--checkpoint", str(model), "--data", "/no/such/data", "--shots", "1", "--steps", "1",
+                 "--output", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "is the checkpoint being tuned" in err and err.count("\n") == 1, err
+    assert model.read_bytes() == b"weights"
+
+
 def _read_only_below(monkeypatch, folder: Path) -> None:
     """Creating files in `folder` fails as on a read-only mount (root ignores permission bits)."""
     real_open = os.open
@@ -79,7 +109,7 @@ def _read_only_below(monkeypatch, folder: Path) -> None:
     monkeypatch.setattr(os, "open", open_)
 
 
-@pytest.mark.parametrize("command", ["zeroshot", "retrieval", "routing", "export"])
+@pytest.mark.parametrize("command", ["zeroshot", "retrieval", "choice", "tune", "routing", "export"])
 @pytest.mark.parametrize("where", ["empty", "a directory", "read-only"])
 def test_output_paths_are_checked_before_the_work_starts(tmp_path, capsys, monkeypatch, command, where):
     target = {"empty": "", "a directory": str(tmp_path), "read-only": str(tmp_path / "locked" / "out.json")}[where]
@@ -93,6 +123,12 @@ def test_output_paths_are_checked_before_the_work_starts(tmp_path, capsys, monke
         args = ["export", "--workdir", "/no/such/run", "--output", target]
     elif command == "routing":
         args = ["routing", "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--output", target]
+    elif command == "tune":
+        args = ["tune", "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--shots", "1", "--steps", "1",
+                "--output", target]
+    elif command == "choice":
+        args = ["eval", "choice", "--format", "jsonl", "--checkpoint", "/no/such/model", "--data", "/no/such/data",
+                "--output", target]
     else:
         args = ["eval", command, "--checkpoint", "/no/such/model", "--data", "/no/such/data", "--output", target]
     assert main(args) == 2

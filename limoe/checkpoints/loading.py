@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from limoe.checkpoints import hub
-from limoe.checkpoints.model_file import model_with, read_embedded_config, read_model_file
+from limoe.checkpoints.model_file import model_with, read_embedded_config, read_model_file, read_model_metadata
 from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consolidated_state
 from limoe.config import Config
 from limoe.errors import LimoeError
@@ -43,14 +43,15 @@ def load_model(checkpoint: str | Path, device: str = "cpu", capacity_factor: Opt
     """An evaluation-ready model (eval mode, on `device`) from any checkpoint reference;
     `cache_dir` is huggingface_hub's cache for `hf-hub:` references (default: its own)."""
     path = _local(checkpoint, cache_dir, (hub.CONFIG_FILE, hub.WEIGHTS_FILE))
-    if hub.is_model_folder(path):
-        state, config = read_model_file(path / hub.WEIGHTS_FILE)
-    elif path.is_dir():
+    metadata = {}
+    if path.is_dir() and not hub.is_model_folder(path):
         state, config = consolidated_state(path)
     else:
-        state, config = read_model_file(path)
+        weights = path / hub.WEIGHTS_FILE if hub.is_model_folder(path) else path
+        state, config = read_model_file(weights)
+        metadata = read_model_metadata(weights)  # a prompt-tuned model's label set
     config = with_eval_capacity(config, capacity_factor)
-    return model_with(state, config, path).to(device).eval(), config
+    return model_with(state, config, path, metadata).to(device).eval(), config
 
 
 def read_config(checkpoint: str | Path, cache_dir: Optional[str] = None) -> Config:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,15 +18,17 @@ from safetensors.torch import load_file
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write, save_safetensors
+from limoe.model.prompts import prompt_tuning_metadata, restore_prompt_tuning
 from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
 
 
-def save_model_file(model: Limoe, config: Config, path: Path) -> None:
-    """Write all weights (contiguous, on CPU) and the config into one safetensors file."""
+def save_model_file(model: Limoe, config: Config, path: Path, notes: Optional[dict[str, str]] = None) -> None:
+    """Write all weights (contiguous, on CPU) and the config into one safetensors file; a prompt-tuned
+    model's label set goes into the metadata too, and so do `notes` (JSON strings, e.g. a recipe)."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    metadata = {CONFIG_KEY: json.dumps(to_dict(config))}
+    metadata = {**(notes or {}), CONFIG_KEY: json.dumps(to_dict(config)), **prompt_tuning_metadata(model)}
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
@@ -41,6 +44,12 @@ def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
 
 def read_embedded_config(path: Path) -> Config:
     """The config embedded in an exported file, read from its header alone (no weights)."""
+    return config_from_json(read_model_metadata(path)[CONFIG_KEY], f"checkpoint {path}")
+
+
+def read_model_metadata(path: Path) -> dict[str, str]:
+    """The JSON metadata of an exported file, from its header alone: its config and, for a
+    prompt-tuned model, its label set."""
     if not path.is_file():
         raise LimoeError(f"checkpoint {path} does not exist; give an exported .safetensors file or a training workdir.")
     try:
@@ -50,7 +59,7 @@ def read_embedded_config(path: Path) -> Config:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
     if CONFIG_KEY not in metadata:
         raise LimoeError(f"checkpoint {path} has no embedded limoe config; export it with `limoe export`.")
-    return config_from_json(metadata[CONFIG_KEY], f"checkpoint {path}")
+    return metadata
 
 
 def config_from_json(text: str | bytes, source: str) -> Config:
@@ -73,10 +82,13 @@ def config_from_data(data: object, source: str) -> Config:
         raise LimoeError(f"{source}: the stored config is unusable: {error}") from None
 
 
-def model_with(state: dict[str, torch.Tensor], config: Config, source: Path) -> Limoe:
-    """A model of the config's architecture holding `state` (strict: every weight must match);
-    a missing, extra or misshapen tensor is a LimoeError naming it and `source`."""
+def model_with(state: dict[str, torch.Tensor], config: Config, source: Path,
+               metadata: Optional[dict[str, str]] = None) -> Limoe:
+    """A model of the config's architecture holding `state` (strict: every weight must match), with
+    the prompt-tuning parts that `state` and the file's `metadata` describe, if any; a missing,
+    extra or misshapen tensor is a LimoeError naming it and `source`."""
     model = build_model(config)
+    restore_prompt_tuning(model, state, metadata or {})
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

@@ -83,20 +83,22 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-class _Images(Dataset):
-    """(key, image tensor or None when undecodable, label) per file."""
+class ImageFiles(Dataset):
+    """(key, image tensor or the reason it is unusable, label) per (file, label); the key is the
+    file's path relative to `root`, or the whole path without one."""
 
-    def __init__(self, dataset: ImageFolderSet, transform: Callable):
-        self.dataset = dataset
+    def __init__(self, root: Optional[Path], files: list[tuple[Path, int]], transform: Callable):
+        self.root = root
+        self.files = files
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.dataset.files)
+        return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[str, Union[torch.Tensor, str], int]:
         """(key, image tensor, label), or (key, the reason it is skipped, label)."""
-        path, label = self.dataset.files[index]
-        key = path.relative_to(self.dataset.root).as_posix()
+        path, label = self.files[index]
+        key = (path if self.root is None else path.relative_to(self.root)).as_posix()
         try:
             return key, self.transform(decode_rgb(path)), label
         except UnusableImage as unusable:
@@ -124,8 +126,9 @@ class ImageFolderLoader:
 
     def __init__(self, dataset: ImageFolderSet, image_size: int, batch_size: int, workers: int):
         self.root = dataset.root
-        self.loader = DataLoader(_Images(dataset, eval_transform(image_size)), batch_size=batch_size,
-                                 num_workers=workers, collate_fn=_collate)
+        self.classes = dataset.classes
+        self.loader = DataLoader(ImageFiles(dataset.root, dataset.files, eval_transform(image_size)),
+                                 batch_size=batch_size, num_workers=workers, collate_fn=_collate)
         self.bad_samples = BadSampleCounter(max_bad_fraction=1.0, check_after=0)
 
     def __len__(self) -> int:

@@ -10,6 +10,8 @@ scores chance or worse, never a perfect recall.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -52,6 +54,31 @@ def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_ima
         metrics[f"image_to_text_R@{k}"] = (image_rank < k).float().mean().item()
         metrics[f"text_to_image_R@{k}"] = (text_rank < k).float().mean().item()
     return metrics
+
+
+def selection_metrics(scores: Sequence[Tensor], matches: Sequence[Sequence[tuple[int, int]]]) -> dict[str, float]:
+    """clip_benchmark's image-caption selection metrics of choice items.
+
+    Item n has scores[n] [I, T] (image i against text t) and the (image, text) pairs `matches[n]`
+    that belong together. Its text choice is right when, for every matching pair, the pair's text
+    scores strictly above every other text for the pair's image; its image choice is right when
+    the pair's image scores strictly above every other image for the pair's text. A side with a
+    single candidate has nothing to choose from and counts as right (as in clip_benchmark, where
+    SugarCrepe's image_acc is therefore 1). Returns the fractions of items whose text choice
+    (`text_acc`), image choice (`image_acc`) and both (`acc`) are right.
+    """
+    text_right, image_right = [], []
+    for item_scores, pairs in zip(scores, matches):
+        text_right.append(all(_alone_at_top(item_scores[i], t) for i, t in pairs))
+        image_right.append(all(_alone_at_top(item_scores[:, t], i) for i, t in pairs))
+    text, image = torch.tensor(text_right), torch.tensor(image_right)
+    return {"acc": (text & image).float().mean().item(), "text_acc": text.float().mean().item(),
+            "image_acc": image.float().mean().item()}
+
+
+def _alone_at_top(candidates: Tensor, right: int) -> bool:
+    """Whether candidate `right` of candidates [K] scores strictly above all the others."""
+    return int((candidates >= candidates[right]).sum()) == 1
 
 
 def _wrong_above(scores: Tensor, correct: Tensor) -> Tensor:

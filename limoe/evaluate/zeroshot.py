@@ -1,8 +1,11 @@
-"""Zero-shot classification: classify images by their nearest class-name prompt embedding.
+"""Zero-shot classification: classify images by their nearest class embedding.
 
 Each class's embedding is the mean of its prompt embeddings (one per template), renormalised
-(open_clip's `build_zero_shot_classifier`, the CLIP paper's protocol); an image's predicted
-classes are those whose embeddings are most cosine-similar to its own.
+(open_clip's `build_zero_shot_classifier`, the CLIP paper's protocol), or, with classes given by
+exemplar images (Uni-Perceiver's handwritten-digit example), the mean of its exemplars'
+normalised image embeddings, renormalised. An image's predicted classes are those whose
+embeddings are most cosine-similar to its own; a prompt-tuned model (`limoe tune`) adds its
+learned linear term to the scaled cosines.
 
 The data may come in three layouts, recognised in this order:
   - a clip_benchmark webdataset folder (`test/0.tar …`, `test/nshards.txt`, `classnames.txt`),
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch import Tensor
@@ -31,6 +35,7 @@ from limoe.data.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
 from limoe.files import check_output_file
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
+from limoe.model.prompts import classification_logits, label_head
 from limoe.model.tower import Limoe
 
 PROMPTS_PER_FORWARD = 800  # prompts encoded in one batch: 10 classes of the 80 OpenAI templates
@@ -60,9 +65,13 @@ def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch],
     return torch.cat(features), torch.cat(labels)
 
 
-def open_classification_set(data: str, classnames: Optional[Path], config: ModelConfig, batch_size: int,
-                            workers: int) -> tuple[Union[ImageFolderLoader, ShardLoader], list[str]]:
-    """A loader of labelled EvalBatches for `data` in any supported layout, and its class names."""
+def open_classification_set(data: str, classnames: Union[None, Path, Sequence[str]], config: ModelConfig,
+                            batch_size: int, workers: int) -> tuple[Union[ImageFolderLoader, ShardLoader], list[str]]:
+    """A loader of labelled EvalBatches for `data` in any supported layout, and its class names.
+
+    `classnames` is a names file, None (the data's own or ImageNet-1k's), or the class list itself
+    (exemplar folders' names): then a class-folder tree must have exactly those folders.
+    """
     path = Path(data)
     if path.is_dir() and (path / "test" / "nshards.txt").is_file():
         count = int((path / "test" / "nshards.txt").read_text().strip())
@@ -78,11 +87,18 @@ def open_classification_set(data: str, classnames: Optional[Path], config: Model
         classnames = beside
     loader = eval_loader(spec, batch_size, config.image_size, config.context_length, workers, classification=True,
                          max_bad_fraction=1.0, rank=0, world_size=1)
-    return loader, load_classnames(classnames)
+    return loader, list(classnames) if isinstance(classnames, (list, tuple)) else load_classnames(classnames)
 
 
-def _folder_classnames(folder: ImageFolderSet, path: Optional[Path]) -> list[str]:
+def _folder_classnames(folder: ImageFolderSet, path: Union[None, Path, Sequence[str]]) -> list[str]:
     """The class-names file's names, one per class folder; ImageNet-1k's for its synset folders."""
+    if isinstance(path, (list, tuple)):
+        if list(path) != folder.classes:
+            raise LimoeError(
+                f"the class folders of {folder.root} ({', '.join(folder.classes[:3])}, …) are not the exemplar folders "
+                f"({', '.join(path[:3])}, …); give both the same class folder names."
+            )
+        return list(path)
     if path is None:
         if not folder.is_imagenet:
             raise LimoeError(
@@ -99,34 +115,72 @@ def _folder_classnames(folder: ImageFolderSet, path: Optional[Path]) -> list[str
     return names
 
 
+def exemplar_classifier(model: Limoe, folder: ImageFolderSet, batch_size: int = 64, workers: int = 2,
+                        progress: bool = False) -> Tensor:
+    """Class embeddings [D, C] from exemplar images, one folder per class: each class's normalised
+    image embeddings averaged, then L2-normalised, as prompt embeddings are averaged over templates."""
+    loader = ImageFolderLoader(folder, model.config.image_size, batch_size, workers)
+    features, labels = encode_labelled_images(model, loader, progress)  # [N, D], [N]
+    counts = torch.bincount(labels, minlength=len(folder.classes))  # [C]
+    if (counts == 0).any():
+        empty = folder.classes[int((counts == 0).nonzero()[0])]
+        raise LimoeError(f"class folder {folder.root / empty} has no readable exemplar image; give every class at least one.")
+    sums = torch.zeros(len(folder.classes), features.shape[1]).index_add_(0, labels, features)  # [C, D]
+    return F.normalize(sums / counts[:, None], dim=-1).T
+
+
 def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None, templates: Optional[str] = None,
-                      batch_size: int = 64, workers: int = 2, progress: bool = False) -> dict:
+                      batch_size: int = 64, workers: int = 2, progress: bool = False,
+                      candidate_images: Optional[Path] = None) -> dict:
     """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above).
 
-    `templates`: 'openai' (default), 'simple' or a file. Returns the metrics plus the numbers of
-    samples and classes and the skipped samples by reason.
+    Classes are given by name, as prompts from `templates` ('openai' (default), 'simple' or a
+    file), or by exemplar images: `candidate_images` is a folder with one sub-folder of images
+    per class, whose sorted order is the label order. A prompt-tuned model adds its linear term
+    and must be given the label set it was tuned for; its templates are the default. Returns the
+    metrics plus the numbers of samples and classes and the skipped samples by reason.
     """
-    prompts = load_templates(templates)  # input errors first, before any encoding
-    loader, names = open_classification_set(data, classnames, model.config, batch_size, workers)
+    head = label_head(model)
+    if candidate_images is not None:  # input errors first, before any encoding
+        if classnames is not None or templates is not None:
+            raise LimoeError("--candidate-images gives the classes by example; drop --classnames and --templates.")
+        if head is not None:
+            raise LimoeError("this checkpoint was prompt-tuned on class names; use its base model with --candidate-images.")
+        exemplars = scan_image_folder(Path(candidate_images))
+        classes: Union[None, Path, list[str]] = exemplars.classes
+    else:
+        prompts = list(head.templates) if head is not None and templates is None else load_templates(templates)
+        classes = classnames
+    loader, names = open_classification_set(data, classes, model.config, batch_size, workers)
+    if head is not None and tuple(names) != head.classnames:
+        raise LimoeError(
+            f"the checkpoint was prompt-tuned for {len(head.classnames)} classes ({', '.join(head.classnames[:3])}, …), "
+            f"not the {len(names)} class names of {data} ({', '.join(names[:3])}, …); evaluate it on its own label set."
+        )
     features, labels = encode_labelled_images(model, loader, progress)  # images first: bad data fails fast
     if labels.max() >= len(names):
         raise LimoeError(
             f"{data} has labels up to {labels.max().item()} but only {len(names)} class names; "
             f"give the set's class names with --classnames."
         )
-    classifier = zeroshot_classifier(model, names, prompts, progress)  # [D, C]
-    return {**classification_metrics(features @ classifier, labels), "samples": len(labels), "classes": len(names),
+    if candidate_images is not None:
+        classifier = exemplar_classifier(model, exemplars, batch_size, workers, progress)  # [D, C]
+    else:
+        classifier = zeroshot_classifier(model, names, prompts, progress)  # [D, C]
+    logits = classification_logits(model, features, classifier)  # [N, C]
+    return {**classification_metrics(logits, labels), "samples": len(labels), "classes": len(names),
             "skipped": loader.bad_samples.bad}
 
 
 def run_zeroshot(checkpoint: Path, data: str, classnames: Optional[str], templates: Optional[str],
                  output: Optional[str], batch_size: int, capacity_factor: Optional[str], device: str,
-                 workers: int) -> dict:
+                 workers: int, candidate_images: Optional[str] = None) -> dict:
     """`limoe eval zeroshot`: load the checkpoint, evaluate, print and optionally save the metrics."""
     if output is not None:
         check_output_file(output, "--output")
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_zeroshot(model, data, Path(classnames) if classnames else None, templates, batch_size,
-                                workers, progress=True)
+                                workers, progress=True,
+                                candidate_images=Path(candidate_images) if candidate_images else None)
     report(f"zero-shot classification of {checkpoint} on {data}", metrics, output)
     return metrics

@@ -21,6 +21,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
+        self.prompts: Optional[nn.Module] = None  # prompt tuning's DeepPrompts (limoe.model.prompts), if attached
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None) -> Tensor:
         """x [B, N, d]; key_mask [B, N] bool, True where a token may be attended to."""
@@ -28,6 +29,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # 3×[B, h, N, d/h]
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, h, N, d/h]
+        if self.prompts is not None:
+            y = y + self.prompts(q, self.qkv)  # gated attention over learned prompt tokens, [B, h, N, d/h]
         return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
 

@@ -14,28 +14,18 @@ import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 
-from limoe.checkpoints import load_model, save_model_file
+from limoe.checkpoints import load_model
 from limoe.cli import main
 from limoe.evaluate.clip_benchmark import load_limoe, topk_accuracy
-from limoe.config import Config, load_model_config
+from limoe.config import load_model_config
 from limoe.data.pipeline import expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
 from limoe.evaluate.folders import ImageFolderLoader, imagenet_synsets, scan_image_folder
 from limoe.evaluate.zeroshot import open_classification_set
-from limoe.model.tower import Limoe
 from limoe.data.shards import build_shards
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    config = Config(model=load_model_config("limoe-tiny"))
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model_file(Limoe(config.model), config, path)
-    return path
 
 
 def _image(path: Path, colour: tuple[int, int, int]) -> None:

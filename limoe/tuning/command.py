@@ -1,0 +1,89 @@
+"""`limoe tune`: few-shot prompt tuning of a checkpoint on a labelled set, and how it compares.
+
+Reads the set once with the checkpoint as it is (zero-shot features of every image, and the
+K-shot support images), tunes (limoe.tuning.prompt_tuning), writes the tuned model file, and
+scores the samples left out of the support set (the queries) three ways: zero-shot, the best
+linear probe on the same shots (limoe.tuning.probe), and the tuned model. The tuned file is a
+model file like `limoe export`'s, with the prompt tokens and label head among its tensors and
+the label set, templates and recipe in its metadata; `limoe eval zeroshot` uses it as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from limoe.checkpoints import load_model, save_model_file
+from limoe.distributed import resolve_device
+from limoe.errors import LimoeError
+from limoe.evaluate.metrics import classification_metrics
+from limoe.evaluate.prompts import load_templates
+from limoe.evaluate.runtime import report
+from limoe.evaluate.zeroshot import open_classification_set, zeroshot_classifier
+from limoe.files import check_output_file
+from limoe.model.prompts import add_prompt_tuning, classification_logits, label_head
+from limoe.tuning.few_shot import FewShotSplit, read_few_shot_split
+from limoe.tuning.probe import best_linear_probe
+from limoe.tuning.prompt_tuning import TuneRecipe, template_strings, tune_prompts
+
+RECIPE_KEY = "limoe_prompt_tuning"  # tuned-file metadata: recipe, support set and base checkpoint, as JSON
+
+
+def run_tune(checkpoint: Path, data: str, classnames: Optional[str], templates: Optional[str], shots: int,
+             recipe: TuneRecipe, output: str | Path, metrics_output: Optional[str] = None, batch_size: int = 64,
+             capacity_factor: Optional[str] = None, device: str = "auto", workers: int = 2) -> dict:
+    """Tune `checkpoint` on K shots per class of `data`, write `output`, and report query metrics."""
+    if shots < 1:
+        raise LimoeError(f"--shots {shots}: give at least one support sample per class.")
+    output = check_output_file(output, "--output")  # input errors first, before any work
+    if output.exists() and Path(checkpoint).exists() and output.resolve() == Path(checkpoint).resolve():
+        raise LimoeError(f"--output {output} is the checkpoint being tuned; write the tuned model to another file.")
+    if metrics_output is not None:
+        check_output_file(metrics_output, "--metrics")
+    prompts = template_strings(load_templates(templates))
+    model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
+    if label_head(model) is not None:
+        raise LimoeError(f"{checkpoint} is already prompt-tuned; tune the model it was tuned from.")
+    loader, names = open_classification_set(data, Path(classnames) if classnames else None, model.config,
+                                            batch_size, workers)
+    split = read_few_shot_split(model, loader, shots, recipe.seed, progress=True)
+    if split.labels.max() >= len(names):
+        raise LimoeError(f"{data} has labels up to {split.labels.max().item()} but only {len(names)} class names; "
+                         f"give the set's class names with --classnames.")
+    metrics = {"classes": len(names), "shots": shots, "support": int(split.support.sum()),
+               "queries": int(split.queries.sum()), **_baselines(model, split, names, prompts)}
+
+    add_prompt_tuning(model, recipe.prompt_tokens, names, prompts, generator=torch.Generator().manual_seed(recipe.seed))
+    losses = tune_prompts(model, split.support_images, split.support_labels, names, prompts, recipe, progress=True)
+    if losses:
+        metrics.update(first_loss=losses[0], last_loss=losses[-1])
+    notes = {RECIPE_KEY: json.dumps({"checkpoint": str(checkpoint), "data": data, "shots": shots,
+                                     "support": metrics["support"], **dataclasses.asdict(recipe)})}
+    save_model_file(model, config, output, notes)
+
+    if metrics["queries"]:
+        tuned = read_few_shot_split(model, loader, shots, recipe.seed)  # the tuned model's features
+        rows = {key: row for row, key in enumerate(tuned.keys)}
+        features = tuned.features[[rows[key] for key in split.keys]]  # [N, D] in the first pass's order
+        logits = classification_logits(model, features, zeroshot_classifier(model, names, prompts))
+        queries = split.queries
+        metrics.update({f"tuned_{name}": value
+                        for name, value in classification_metrics(logits[queries], split.labels[queries]).items()})
+    report(f"prompt tuning of {checkpoint} on {shots} shots per class of {data} → {output}", metrics, metrics_output)
+    return metrics
+
+
+def _baselines(model, split: FewShotSplit, names: list[str], prompts: list[str]) -> dict:
+    """Query metrics of zero-shot classification and of the best linear probe on the support features."""
+    if not split.queries.any():
+        return {}
+    queries, support = split.queries, split.support
+    logits = classification_logits(model, split.features, zeroshot_classifier(model, names, prompts))  # [N, C]
+    zeroshot = classification_metrics(logits[queries], split.labels[queries])
+    probe = best_linear_probe(split.features[support], split.labels[support], split.features[queries],
+                              split.labels[queries], len(names))
+    return {**{f"zeroshot_{name}": value for name, value in zeroshot.items()}, **probe}
