@@ -10,5 +10,5 @@ from setuptools import find_packages, setup
 setup(
     packages=[*find_packages(include=["limoe", "limoe.*"]), "limoe_kernels", "limoe.configs"],
     package_dir={"limoe_kernels": "kernels", "limoe.configs": "configs"},
-    package_data={"limoe.configs": ["models/*.yaml", "train/*.yaml"]},
+    package_data={"limoe.configs": ["models/*.yaml", "train/*.yaml", "pretrain/*.yaml"]},
 )

@@ -32,12 +32,22 @@ def _train(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    from limoe.config import load_config
+    from limoe.pretraining.command import pretrain
+
+    config = load_config(args.config, args.set, kind="pretrain")
+    pretrain(config, Path(args.workdir))
+    return 0
+
+
 def _config_show(args) -> int:
     from limoe.config import load_config
     from limoe.config_docs import describe_config
 
     print(describe_config(load_config(args.config, args.set)), end="")
     return 0
+
 
 def _plan(args) -> int:
     from limoe.config import load_config
@@ -96,6 +106,16 @@ def _eval_retrieval(args) -> int:
     run_retrieval(
         checkpoint=Path(args.checkpoint), data=args.data, output=args.output, batch_size=args.batch_size,
         capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
+    )
+    return 0
+
+
+def _eval_knn(args) -> int:
+    from limoe.evaluate.knn import run_knn
+
+    run_knn(
+        checkpoint=Path(args.checkpoint), data=args.data, k=args.k, output=args.output, batch_size=args.batch_size,
+        capacity_factor=args.capacity_factor, device=args.device, workers=args.workers, random_init=args.random_init,
     )
     return 0
 
@@ -209,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
+    pretrain = command("pretrain", _pretrain, "masked image and caption pretraining of the tower (resumes in an existing workdir)")
+    pretrain.add_argument("--config", default=None, help="pretraining config name or path (default: configs/pretrain/demo.yaml)")
+    pretrain.add_argument("--workdir", default="runs/pretrain", help="checkpoints, metrics and logs go here")
+    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
     config = command("config", None, "inspect training configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = command("show", _config_show, "print the resolved config with each key's meaning and valid values",
@@ -240,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
     retrieval = command("retrieval", _eval_retrieval, "image-text retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
+    knn = command("knn", _eval_knn, "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
+    _add_eval_options(knn)
+    knn.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")
+
     choice = command("choice", _eval_choice, "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)",
                      evaluations)
     _add_eval_options(choice)

@@ -288,6 +288,56 @@ class TrainConfig:
                                    "on a GPU")
     eval_every: int = setting(0, "steps between evaluations of the live model on eval.zeroshot and eval.retrieval "
                                  "(also at the last step); 0: none", "[0, inf)")
+    init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "
+                                             "workdir of the same architecture (e.g. limoe pretrain's); optimizer "
+                                             "and step start fresh; ignored when the workdir has a checkpoint")
+    image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
+                                           "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
+    unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images (at most train.steps)",
+                                  "[0, inf)")
+
+    def __post_init__(self):
+        if self.unmasked_steps > self.steps:
+            raise LimoeError(f"train.unmasked_steps {self.unmasked_steps} is more than train.steps {self.steps}; "
+                             f"lower it.")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """`limoe pretrain`: OmniVec2's masked stages, unimodal then bimodal (see docs/TRAINING.md).
+
+    The run takes `unimodal_steps + bimodal_steps` steps, which must equal `train.steps`. The
+    defaults are MAE's (image) and BERT's (text); OmniVec2 published no ratios.
+    """
+
+    unimodal_steps: int = setting(50_000, "steps of masked image modelling alternating with masked language "
+                                          "modelling", "[0, inf)")
+    bimodal_steps: int = setting(50_000, "then steps of the same two tasks, each given the other modality through "
+                                         "training-only cross-attention fusion", "[0, inf)")
+    image_mask_ratio: float = setting(0.75, "share of patches hidden from the encoder (MAE: 0.75)", "[0, 1)")
+    text_mask_ratio: float = setting(0.15, "share of caption tokens predicted (BERT: 0.15)", "(0, 1)")
+    text_replace_with_mask: float = setting(0.8, "of the predicted tokens, the share shown as the learned mask "
+                                                 "embedding (BERT: 0.8)", "[0, 1]")
+    text_replace_with_random: float = setting(0.1, "… the share replaced by a random token (BERT: 0.1); the rest "
+                                                   "stay unchanged", "[0, 1]")
+    decoder_width: int = setting(512, "width of MAE's pixel decoder (MAE ViT-L: 512)", "[1, inf)")
+    decoder_depth: int = setting(8, "blocks of the pixel decoder (MAE ViT-L: 8)", "[1, inf)")
+    decoder_heads: int = setting(16, "attention heads of the pixel decoder (MAE ViT-L: 16)", "[1, inf)")
+    fusion_depth: int = setting(1, "cross-attention fusion blocks per direction (training only, dropped by the "
+                                   "export)", "[1, inf)")
+    image_loss_weight: float = setting(1.0, "weight of the masked-image loss", "[0, inf)")
+    text_loss_weight: float = setting(1.0, "weight of the masked-token loss", "[0, inf)")
+
+    def __post_init__(self):
+        if self.text_replace_with_mask + self.text_replace_with_random > 1:
+            raise LimoeError(
+                "pretrain.text_replace_with_mask and pretrain.text_replace_with_random are shares of the masked tokens, "
+                "together at most 1 (BERT: 0.8 and 0.1)."
+            )
+        if self.decoder_width % self.decoder_heads:
+            raise LimoeError(
+                f"pretrain.decoder_width {self.decoder_width} is not divisible by pretrain.decoder_heads {self.decoder_heads}."
+            )
 
 
 @dataclass(frozen=True)
@@ -380,6 +430,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tasks: tuple[TaskConfig, ...] = setting((), "co-training: the datasets and their objectives, with the keys "
                                                 "below; empty: contrastive training on data.train")
@@ -671,9 +722,13 @@ def load_model_config(name_or_path: str, overrides: list[str] = ()) -> ModelConf
     return from_dict(ModelConfig, _finish_model_mapping(raw), "model")
 
 
-def load_config(name_or_path: Optional[str] = None, overrides: list[str] = ()) -> Config:
-    """A full training config (default `configs/train/demo.yaml`) with `a.b=value` overrides."""
-    raw = _with_base(_read_yaml(find_config(name_or_path or "demo", "train")), "train")
+def load_config(name_or_path: Optional[str] = None, overrides: list[str] = (), kind: str = "train") -> Config:
+    """A full run config (default `configs/<kind>/demo.yaml`) with `a.b=value` overrides.
+
+    `kind` is where a name is looked up (`train` or `pretrain`); a `base:` always names a
+    training recipe, so a pretraining config states only what it changes.
+    """
+    raw = _with_base(_read_yaml(find_config(name_or_path or "demo", kind)), "train")
     if "model" in raw:
         raw["model"] = _resolve_model_mapping(raw["model"])
     for keys, value in map(parse_override, overrides):

@@ -2,6 +2,7 @@
 the documentation of every key (`limoe config show`, docs/CONFIG.md)."""
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,25 @@ def test_missing_config_file_is_a_clear_error():
         load_config("no/such/file.yaml")
     with pytest.raises(LimoeError, match="no models config named 'limoe-xl'"):
         load_model_config("limoe-xl")
+
+
+def test_pretraining_config_builds_on_the_training_demo():
+    config = load_config(None, kind="pretrain")  # configs/pretrain/demo.yaml, whose base is configs/train/demo.yaml
+    assert config.model.name == "limoe-tiny" and config.optim.warmup_steps == 30
+    assert (config.pretrain.unimodal_steps, config.pretrain.bimodal_steps, config.train.steps) == (500, 100, 600)
+    assert (config.pretrain.decoder_width, config.pretrain.image_mask_ratio, config.pretrain.text_mask_ratio) == (64, 0.75, 0.15)
+    assert load_config("demo").pretrain.decoder_width == 512  # MAE's default where a config says nothing
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.text_replace_with_random=0.3", "together at most 1"),
+    ("train.unmasked_steps=700", "train.unmasked_steps 700 is more than train.steps 600"),
+    ("pretrain.image_mask_ratio=1.0", "'pretrain.image_mask_ratio' is 1.0; it must be a number in [0, 1)"),
+    ("pretrain.decoder_heads=5", "not divisible by pretrain.decoder_heads 5"),
+])
+def test_bad_pretraining_settings_are_clear_errors(override, message):
+    with pytest.raises(LimoeError, match=re.escape(message)):
+        load_config(None, [override], kind="pretrain")
 
 
 # ---------------------------------------------------------------------------------------------

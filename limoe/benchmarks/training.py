@@ -556,14 +556,24 @@ def plan(args: argparse.Namespace) -> list[tuple[Spec, str]]:
     return runs
 
 
+def benchmark_device(cpu: bool, needs_gpu: str) -> Optional[torch.device]:
+    """The device a benchmark measures on: the GPU, or with `--cpu` the CPU on one intra-op thread
+    (several on a busy small machine run many times slower than one). Without a GPU and without
+    `--cpu`, prints `needs_gpu` and returns None."""
+    if not cpu and not torch.cuda.is_available():
+        print(needs_gpu)
+        return None
+    if cpu:
+        torch.set_num_threads(1)
+    return torch.device("cpu" if cpu else "cuda")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
-        print("limoe.benchmarks.training needs a CUDA GPU (bf16 timings). Use --cpu for a tiny smoke run of the harness.")
+    device = benchmark_device(args.cpu, "limoe.benchmarks.training needs a CUDA GPU (bf16 timings). "
+                                        "Use --cpu for a tiny smoke run of the harness.")
+    if device is None:
         return 2
-    device = torch.device("cpu" if args.cpu else "cuda")
-    if args.cpu:  # several intra-op threads on a busy small machine run many times slower than one
-        torch.set_num_threads(1)
     # Library chatter goes to stderr, so stdout holds the table alone.
     with tempfile.TemporaryDirectory(prefix="limoe-bench-") as workdir, contextlib.redirect_stdout(sys.stderr):
         settings = Settings(args.batch, args.warmup, args.steps, args.workers, device, Path(workdir))

@@ -212,6 +212,11 @@ def _step_dirs(root: Path) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
+def has_checkpoints(workdir: Path) -> bool:
+    """Whether `workdir` holds any checkpoint directory, complete or not (nothing is read or hashed)."""
+    return bool(_step_dirs(Path(workdir) / CHECKPOINT_DIR))
+
+
 def newest_complete(workdir: Path) -> Optional[StoredCheckpoint]:
     """The newest checkpoint of `workdir` whose files all match their checksums, or None if the
     workdir has no checkpoint at all. Each damaged or incomplete one passed over is logged in one

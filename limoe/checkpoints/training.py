@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
+from torch import nn
 
 from limoe.checkpoints.engine_state import (
     Prefixed,
@@ -47,7 +48,9 @@ from limoe.files import check_output_directory, check_output_file, describe_os_e
 from limoe.model.tower import build_model
 
 log = logging.getLogger("limoe.checkpoints")
-TRAINER_PREFIX = "model."  # ContrastiveTrainer.model: the engine wraps the model together with its loss
+TRAINER_PREFIX = "model."  # the objective's `model`: the engine wraps the model together with its loss or heads
+OBJECTIVE = "objective"  # state.json: which objective wrote the checkpoint
+CONTRASTIVE, PRETRAINING, COTRAINING = "contrastive", "pretraining", "co-training"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +62,11 @@ def _run_shape(config: Config, processes: int) -> dict:
             "zero_stage": config.distributed.zero_stage}
 
 
-def save_training_checkpoint(engine, workdir: Path, step: int, config: Config, progress: Optional[dict] = None) -> None:
+def save_training_checkpoint(engine, workdir: Path, step: int, config: Config, progress: Optional[dict] = None,
+                             objective: str = CONTRASTIVE) -> None:
     """Write step `step` of the run in `engine` to `workdir/checkpoints/` (every process calls);
-    `progress` holds the run's own counters (plain numbers), given back on resume.
+    `progress` holds the run's own counters (plain numbers), given back on resume; `objective`
+    names what the engine's module optimises (its entries differ: pretraining has its heads).
 
     Process 0 writes the shared parameters, the processes of the first expert-data-parallel
     replica (ranks below the expert-parallel size, DeepSpeed's groups being consecutive) their
@@ -72,7 +77,7 @@ def save_training_checkpoint(engine, workdir: Path, step: int, config: Config, p
     writer = CheckpointWriter(workdir, step, rank)
     model, optimizer = engine_entries(engine, keep_shared=rank == 0,
                                       keep_experts=rank < config.distributed.expert_parallel_size)
-    state = {"step": step, "progress": progress or {}, **_run_shape(config, processes),
+    state = {"step": step, "progress": progress or {}, OBJECTIVE: objective, **_run_shape(config, processes),
              "lr_schedule": engine.lr_scheduler.state_dict(), "config": to_dict(config)}
 
     def write() -> None:
@@ -132,6 +137,18 @@ def find_resume_checkpoint(workdir: Path) -> Optional[StoredCheckpoint]:
     if chosen == -1:
         return None
     return found or open_checkpoint(Path(workdir) / CHECKPOINT_DIR / step_dir_name(chosen), hash_files=False)
+
+
+def check_same_objective(checkpoint: StoredCheckpoint, objective: str) -> None:
+    """A workdir resumes under the objective that wrote it (`limoe train` or `limoe pretrain`)."""
+    saved = checkpoint.state.get(OBJECTIVE, CONTRASTIVE)  # checkpoints from before objectives were named
+    if saved != objective:
+        commands = {CONTRASTIVE: "limoe train", PRETRAINING: "limoe pretrain",
+                    COTRAINING: "limoe train with tasks:"}
+        workdir = checkpoint.path.parent.parent
+        raise LimoeError(f"{checkpoint.path} was written by {commands.get(saved, saved)}, not "
+                         f"{commands.get(objective, objective)}; use a new --workdir (with "
+                         f"train.init_from={workdir} to start from its weights).")
 
 
 def checkpoint_config(checkpoint: StoredCheckpoint) -> Config:
@@ -206,6 +223,15 @@ def consolidated_state(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
         state.update({name: model_entries[name] for name in persistent_buffers(skeleton)})
         put_entries(skeleton, model_entries, lambda parameter, value: state.__setitem__(names[parameter], value))
     return state, config
+
+
+def load_module_weights(module: nn.Module, checkpoint: StoredCheckpoint) -> None:
+    """Fill `module`, unsharded and built as the training engine's module was (the model with its
+    loss or its training-only heads), with the weights of `checkpoint`. No process group needed."""
+    with checkpoint.entries("model") as entries, torch.no_grad():
+        for name, buffer in persistent_buffers(module).items():
+            buffer.copy_(entries[name])
+        put_entries(module, entries, lambda parameter, value: parameter.copy_(value))
 
 
 def export_workdir(workdir: Path, output: Union[str, Path], hub_layout: bool = False,

@@ -160,24 +160,40 @@ class Limoe(nn.Module):
 
     # --- embeddings -------------------------------------------------------------------------
 
-    def _image_stream(self, images: Tensor) -> Tokens:
-        """images [B, 3, H, W] → patch tokens [B, Np(+1), d] with learned 2-D positions."""
+    def embed_image(self, images: Tensor, keep: Optional[Tensor] = None) -> Tokens:
+        """images [B, 3, H, W] → patch tokens [B, Np(+1), d] with learned 2-D positions.
+
+        With `keep` [B, K] (patch indices) only those patches enter the tower: MAE's visible
+        patches, FLIP's kept share. They are selected here, before any block, so attention,
+        routing groups, expert capacity and Batch Priority Routing all work on the K kept tokens.
+        """
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.image_positions  # [B, Np, d]
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         modality = torch.full(x.shape[:2], IMAGE, device=x.device, dtype=torch.long)
         return Tokens("image", x, modality, None)
 
-    def _text_stream(self, tokens: Tensor) -> Tokens:
-        """tokens [B, L] ids → [B, L, d]; padding is masked in attention and never routed."""
+    def embed_text(self, tokens: Tensor, at_mask: Optional[Tensor] = None,
+                   mask_embedding: Optional[Tensor] = None) -> Tokens:
+        """tokens [B, L] ids → [B, L, d]; padding is masked in attention and never routed.
+
+        Masked language modelling shows `mask_embedding` [d] instead of the token's embedding
+        where `at_mask` [B, L] is True (BERT's [MASK]); such tokens stay text and are routed.
+        """
         real = tokens != PAD_TOKEN  # [B, L]
-        x = self.token_embed(tokens) + self.text_positions[: tokens.shape[1]]
+        x = self.token_embed(tokens)  # [B, L, d]
+        if at_mask is not None:
+            x = torch.where(at_mask[..., None], mask_embedding.to(x.dtype), x)
+        x = x + self.text_positions[: tokens.shape[1]]
         modality = torch.where(real, TEXT, PADDING)
         return Tokens("text", x, modality, real)
 
     # --- tower ------------------------------------------------------------------------------
 
-    def _tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
+    def tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
+        """The shared blocks and the final norm over one or both modalities' streams (routed jointly)."""
         routing = []
         for index, block in enumerate(self.blocks):
             if index in self.checkpointed_blocks and torch.is_grad_enabled():
@@ -200,23 +216,25 @@ class Limoe(nn.Module):
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """images [B, 3, H, W] → [B, D], L2-normalised by default (open_clip's interface)."""
-        (stream,), _ = self._tower([self._image_stream(images)])
+        (stream,), _ = self.tower([self.embed_image(images)])
         return self._image_features(stream, normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         """tokens [B, L] → [B, D], L2-normalised by default (open_clip's interface)."""
-        (stream,), _ = self._tower([self._text_stream(tokens)])
+        (stream,), _ = self.tower([self.embed_text(tokens)])
         return self._text_features(stream, tokens, normalize)
 
-    def forward(self, images: Optional[Tensor], tokens: Optional[Tensor]) -> LimoeOutput:
+    def forward(self, images: Optional[Tensor], tokens: Optional[Tensor],
+                image_keep: Optional[Tensor] = None) -> LimoeOutput:
         """Both modalities of a batch of pairs through the tower together (joint routing).
 
         Either may be None: one modality alone, with its routing (a classification batch's images,
         or its class prompts, whose counts differ from the images').
+        `image_keep` [B, K]: encode only these patches of each image (FLIP); None: all of them.
         """
-        streams = ([self._image_stream(images)] if images is not None else []) + (
-            [self._text_stream(tokens)] if tokens is not None else [])
-        streams, routing = self._tower(streams)
+        streams = ([self.embed_image(images, image_keep)] if images is not None else []) + (
+            [self.embed_text(tokens)] if tokens is not None else [])
+        streams, routing = self.tower(streams)
         image = self._image_features(streams[0]) if images is not None else None
         text = self._text_features(streams[-1], tokens) if tokens is not None else None
         return LimoeOutput(image, text, self.logit_scale.exp(), self.logit_bias, routing)

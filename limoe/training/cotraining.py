@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from limoe.checkpoints.training import COTRAINING
 from limoe.config import Config, LossConfig, ShardSource, TaskConfig
 from limoe.data.pipeline import ShardLoader, expand_shards, read_classnames, require_labels, train_loader
 from limoe.errors import LimoeError
@@ -74,22 +75,25 @@ def _summed_auxiliary(calls: list[list[LayerRouting]], config: LossConfig, devic
 class CoTrainer(ContrastiveTrainer):
     """The contrastive trainer plus the classification task type: its loss and its temperature.
 
-    `forward(images, targets, share, prompts, templates)` → (loss, detached terms, routing). For
-    pairs (`prompts` None) `targets` are caption tokens and everything is the contrastive
-    trainer's, micro-batch shares included. For classification `targets` index the candidate
-    classes, whose prompts [K·T, L] are encoded here; the routing is then one list per forward
-    pass (the images', the prompts').
+    `forward(images, targets, step, share, prompts, templates)` → (loss, detached terms, routing).
+    For pairs (`prompts` None) `targets` are caption tokens and everything is the contrastive
+    trainer's, micro-batch shares and FLIP's patch dropping included. For classification `targets`
+    index the candidate classes, whose prompts [K·T, L] are encoded here; the images drop patches
+    as the pairs' do at `step`; the routing is then one list per forward pass (the images', the
+    prompts').
     """
+
+    name = COTRAINING
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__(model, config)
         self.classification = CandidateLoss()
 
-    def forward(self, images: Tensor, targets: Tensor, share: Optional[MicroBatchShare] = None,
+    def forward(self, images: Tensor, targets: Tensor, step: int = 0, share: Optional[MicroBatchShare] = None,
                 prompts: Optional[Tensor] = None, templates: int = 1) -> TrainerOutput:
         if prompts is None:
-            return super().forward(images, targets, share)
-        image = self.encode(images, None)  # [B, D] and the image tokens' routing
+            return super().forward(images, targets, step, share)
+        image = self.encode(images, None, self.image_keep(images, step))  # [B, D] and the image tokens' routing
         prompt_features, prompt_routing = encode_prompts(self.model, prompts)  # [K·T, D]
         classes = class_embeddings(prompt_features, templates)  # [K, D]
         classification, accuracy = self.classification(image.image_features, classes, targets)
@@ -103,6 +107,15 @@ class CoTrainer(ContrastiveTrainer):
     def clamp_temperatures(self) -> None:
         super().clamp_temperatures()
         clamp_logit_scale(self.classification.logit_scale)
+
+
+def cotraining_objective(objective: type) -> type[CoTrainer]:
+    """What `tasks:` train: the contrastive objective with classification added; other objectives
+    (masked pretraining) run on `data.train` alone."""
+    if objective not in (ContrastiveTrainer, CoTrainer):
+        raise LimoeError(f"tasks: co-train the contrastive objective of limoe train, not the {objective.name} "
+                         f"objective; remove tasks: from this config.")
+    return CoTrainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +138,7 @@ class Task:
         """Gradient of this task's next batch, times its loss weight, at optimizer step `step`:
         (terms, routing of each forward pass, whether the loss was finite, images on this rank)."""
         images, tokens = next(self._batches)
-        terms, routing, finite = forward_backward(engine, images, tokens, config, self.config.loss_weight, last)
+        terms, routing, finite = forward_backward(engine, images, tokens, config, step, self.config.loss_weight, last)
         return terms, [routing], finite, images.shape[0]
 
 
@@ -150,8 +163,8 @@ class ClassificationTask(Task):
             classes = candidate_subset(everyone, len(self.classnames), self.config.candidates, generator)
             classes = classes.to(labels.device)
             targets, prompts = positions(classes, labels), self.prompts[prompt_rows(classes, self.templates)]
-        terms, calls, finite = whole_batch_backward(engine, (images, targets, None, prompts, self.templates), config,
-                                                    self.config.loss_weight, last)
+        terms, calls, finite = whole_batch_backward(engine, (images, targets, step, None, prompts, self.templates),
+                                                    config, self.config.loss_weight, last)
         return terms, calls, finite, images.shape[0]
 
     def _check(self, labels: Tensor) -> None:

@@ -1,11 +1,13 @@
 """What a training run tells its user: a progress bar, `metrics.jsonl`, TensorBoard, routing logs.
 
 Per-step values stay on the device and are summed over a logging window; they are read (one host
-sync) only every `train.log_every` steps. Losses are averaged over ranks at that point; routing
-the routing table sums all ranks' tokens (the progress bar's routing success is rank 0's). Collapse warnings are logged once per (layer, modality).
+sync) only every `train.log_every` steps. Losses are averaged over ranks at that point (each term
+over the steps that reported it: pretraining tasks and co-training's tasks report different
+terms); the routing table sums all ranks' tokens, kept apart per stage of the objective (the
+progress bar's routing success is rank 0's). Collapse warnings are logged once per (layer, modality).
 
 Co-training logs each task's terms as `<task>/<term>`, averaged over the steps that ran the task,
-and routing statistics for each task besides those of all tasks together.
+and routing statistics for each task besides those of all tasks together (within each stage).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class TrainingReporter:
         self.tasks_seen = {task.name: {"steps": 0, "samples": 0, **(tasks_seen or {}).get(task.name, {})}
                            for task in config.tasks}
         self.main = rank == 0
-        self.routing = RoutingAccumulator(config.model.moe_layers)
-        self.task_routing = {task.name: RoutingAccumulator(config.model.moe_layers) for task in config.tasks}
+        self.task_names = [task.name for task in config.tasks]
+        self.routing: dict[Optional[str], RoutingAccumulator] = {}  # per stage (None: a run of one stage)
+        self.task_routing: dict[Optional[str], dict[str, RoutingAccumulator]] = {}  # per stage, per task
         self.warned: set[tuple[int, str]] = set()
         self.skipped_steps = 0
         self.evaluated = ""  # the last evaluation's headline numbers, kept on the progress line
@@ -57,8 +60,7 @@ class TrainingReporter:
 
     def _reset_window(self) -> None:
         self.window_terms: dict[str, Tensor] = {}
-        self.window_counts: dict[str, int] = {}  # steps that reported each term (a task's, only its own)
-        self.window_steps = 0
+        self.window_counts: dict[str, int] = {}  # steps that reported each term (stages, tasks report their own)
         self.window_pairs = 0
         self.window_start = time.perf_counter()
 
@@ -66,9 +68,10 @@ class TrainingReporter:
         """The counters a checkpoint keeps, given back to the reporter of a resumed run."""
         return {"pairs_seen": self.pairs_seen, **({"tasks": self.tasks_seen} if self.tasks_seen else {})}
 
-    def step(self, step: int, outcome: StepOutcome, lr: float, bad_samples) -> None:
-        """Record one optimizer step; log when the window is full. Co-training reports the routing of
-        each forward pass with its task's name (`outcome.task_routing`) instead of `outcome.routing`."""
+    def step(self, step: int, outcome: StepOutcome, lr: float, bad_samples, stage: Optional[str] = None) -> None:
+        """Record one optimizer step of `stage`; log when the window is full. Co-training reports the
+        routing of each forward pass with its task's name (`outcome.task_routing`) instead of
+        `outcome.routing`."""
         terms, pairs = outcome.terms, outcome.samples
         for task, samples in outcome.task_samples.items():
             self.tasks_seen[task]["steps"] += 1
@@ -76,14 +79,17 @@ class TrainingReporter:
         for key, value in terms.items():
             self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
             self.window_counts[key] = self.window_counts.get(key, 0) + 1
-        self.window_steps += 1
         self.window_pairs += pairs
         self.pairs_seen += pairs
+        if stage not in self.routing:
+            layers = self.config.model.moe_layers
+            self.routing[stage] = RoutingAccumulator(layers)
+            self.task_routing[stage] = {task: RoutingAccumulator(layers) for task in self.task_names}
         for task, records in outcome.task_routing:
-            self.task_routing[task].add(records)
-            self.routing.add(records)
+            self.task_routing[stage][task].add(records)
+            self.routing[stage].add(records)
         if not outcome.task_routing:
-            self.routing.add(outcome.routing)
+            self.routing[stage].add(outcome.routing)
         self.bar.update(1)
         last = step == self.config.train.steps
         if step % self.config.train.log_every == 0 or last:
@@ -113,8 +119,8 @@ class TrainingReporter:
         self._reset_window()
         if not self.main:
             return
-        tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_routing if f"{name}/loss" in means)
-        unit = "samples" if self.task_routing else "pairs"
+        tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_names if f"{name}/loss" in means)
+        unit = "samples" if self.task_names else "pairs"
         self.bar.set_postfix_str(
             f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  "
             f"routed img/txt " + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
@@ -123,28 +129,33 @@ class TrainingReporter:
         self._write(record, step)
 
     def _routing_success(self) -> dict:
-        stats = self.routing.statistics()  # this window's routing on this rank
+        layers = [layer for routing in self.routing.values() for layer in routing.statistics()["layers"]]  # this rank
         success = {}
         for modality in MODALITIES:
-            kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in stats["layers"])
-            tokens = sum(layer[modality]["tokens"] for layer in stats["layers"])
+            kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in layers)
+            tokens = sum(layer[modality]["tokens"] for layer in layers)
             success[modality] = kept / tokens if tokens else None
         return success
 
     def _log_routing(self, step: int) -> None:
-        stats, by_task = self._reduced_statistics(self.routing), {}
-        for task, accumulator in self.task_routing.items():  # the same order on every rank
-            by_task[task] = self._reduced_statistics(accumulator)
-        if not self.main or not stats["layers"]:
-            return
-        self._write({"step": step, "routing": stats, **({"routing_by_task": by_task} if by_task else {})}, step)
-        log.info("routing at step %d\n%s", step, format_summary_table(stats))
-        for task, task_stats in by_task.items():
-            log.info("routing of task %s\n%s", task, format_summary_table(task_stats))
-        for collapse in collapses(stats):
-            if (collapse.block, collapse.modality) not in self.warned:
-                self.warned.add((collapse.block, collapse.modality))
-                log.warning("step %d: %s", step, collapse.message)
+        """Each stage's routing since the last report, as its own record (`stage` names it), with
+        each task's beside all tasks' together when co-training."""
+        for stage in sorted(self.routing, key=str):  # every rank holds the same stages: same schedule
+            stats = self._reduced_statistics(self.routing[stage])
+            by_task = {task: self._reduced_statistics(accumulator)  # the same order on every rank
+                       for task, accumulator in self.task_routing[stage].items()}
+            if not self.main or not stats["layers"]:
+                continue
+            self._write({"step": step, **({"stage": stage} if stage else {}), "routing": stats,
+                         **({"routing_by_task": by_task} if by_task else {})}, step)
+            during = f" ({stage})" if stage else ""
+            log.info("routing at step %d%s\n%s", step, during, format_summary_table(stats))
+            for task, task_stats in by_task.items():
+                log.info("routing of task %s%s\n%s", task, during, format_summary_table(task_stats))
+            for collapse in collapses(stats):
+                if (collapse.block, collapse.modality) not in self.warned:
+                    self.warned.add((collapse.block, collapse.modality))
+                    log.warning("step %d: %s", step, collapse.message)
 
     @staticmethod
     def _reduced_statistics(accumulator: RoutingAccumulator) -> dict:

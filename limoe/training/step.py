@@ -21,6 +21,13 @@ Co-training (`limoe.training.cotraining`) builds its step from the same pieces: 
 task's batch goes through `forward_backward`, a classification task's through
 `whole_batch_backward`, each scaled by the task's loss weight; under the accumulating schedule only
 the last task's backward marks the boundary, so the tasks' gradients are summed before one update.
+
+With FLIP's patch dropping (`limoe.training.flip`) the kept patches are drawn once per step for
+the whole batch and each micro-batch encodes its own rows of them, in both of its forwards.
+
+The engine may also wrap another objective (`limoe pretrain`'s masked modelling): anything called
+as `objective(images, tokens, step)` → `TrainerOutput`, whose loss is a sum over examples, so it
+needs no feature cache and is stepped over the whole per-GPU batch.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
+from limoe.checkpoints.training import CONTRASTIVE
 from limoe.config import Config
 from limoe.data.preprocess import normalise
 from limoe.distributed import expert_parallel_group
@@ -42,6 +50,7 @@ from limoe.errors import LimoeError
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe, LimoeOutput
 from limoe.training.deepspeed_config import zero_clips_by_itself
+from limoe.training.flip import PatchDropping
 from limoe.training.losses import ContrastiveLoss, RoutingCounts, auxiliary_loss, clamp_logit_scale, whole_batch_counts
 
 
@@ -53,6 +62,7 @@ class MicroBatchShare:
     text_grad: Tensor  # [m, D]
     whole_batch: list[RoutingCounts]  # per MoE layer: what the auxiliary losses average over
     loss_parameter_grads: list[Tensor]  # d(contrastive loss)/d(logit scale, bias); given to one micro-batch only
+    image_keep: Optional[Tensor]  # [m, K] the patches these images keep (FLIP), None: all of them
 
 
 @dataclass
@@ -76,20 +86,33 @@ class TrainerOutput(NamedTuple):
 class ContrastiveTrainer(nn.Module):
     """The module DeepSpeed wraps: model + contrastive loss.
 
-    Images may come as uint8 (the training loader's; normalised here, on the device) or as
+    With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
+    random share of its patches dropped, until the last `train.unmasked_steps` steps. Images may come as uint8 (the training loader's; normalised here, on the device) or as
     normalised floats. The engine's forward must produce what backward runs on (DeepSpeed hooks
     its gradient bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's
     share of it are computed in `forward`.
     """
+
+    name = CONTRASTIVE
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__()
         self.model = model
         self.contrastive = ContrastiveLoss(config.loss.contrastive, config.loss.local_loss)
         self.loss_config = config.loss
+        self.patch_dropping = PatchDropping.from_config(config)
 
-    def encode(self, images: Tensor, tokens: Tensor) -> LimoeOutput:
-        return self.model(normalise(images) if images.dtype == torch.uint8 else images, tokens)
+    def stage(self, step: int) -> Optional[str]:
+        """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase."""
+        return self.patch_dropping.stage(step)
+
+    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
+        """The patches each image [B, 3, H, W] keeps at `step` [B, K]; None (all of them) outside
+        FLIP's masked phase and in evaluation."""
+        return self.patch_dropping.keep(images, step) if self.training else None
+
+    def encode(self, images: Tensor, tokens: Tensor, image_keep: Optional[Tensor] = None) -> LimoeOutput:
+        return self.model(normalise(images) if images.dtype == torch.uint8 else images, tokens, image_keep)
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
@@ -106,10 +129,11 @@ class ContrastiveTrainer(nn.Module):
             logged["logit_bias"] = self.model.logit_bias
         return logged
 
-    def forward(self, images: Tensor, tokens: Tensor, share: Optional[MicroBatchShare] = None) -> TrainerOutput:
-        """The full loss of this batch; or, given `share`, a micro-batch's surrogate whose gradient
+    def forward(self, images: Tensor, tokens: Tensor, step: int = 0,
+                share: Optional[MicroBatchShare] = None) -> TrainerOutput:
+        """The full loss of this batch at `step`; or, given `share`, a micro-batch's surrogate whose gradient
         is its share of the whole batch's (the feature gradients back-propagated, plus its auxiliary share)."""
-        output = self.encode(images, tokens)
+        output = self.encode(images, tokens, self.image_keep(images, step) if share is None else share.image_keep)
         if share is None:
             contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
                                            output.logit_bias)
@@ -198,17 +222,19 @@ def _merged_routing(micro: list[list[LayerRouting]], whole: list[RoutingCounts])
     return merged
 
 
-def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int, weight: float,
-                            last: bool) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
+def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int, step: int,
+                            weight: float, last: bool) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
     """Steps 1–3 of the module docstring; backward runs only if the loss is finite (or skipping is off)."""
     module: ContrastiveTrainer = engine.module
     device = images.device
-    chunks = list(zip(images.split(micro), tokens.split(micro)))
+    keep = module.image_keep(images, step)  # [B_local, K] or None
+    keeps = keep.split(micro) if keep is not None else [None] * (images.shape[0] // micro)
+    chunks = list(zip(images.split(micro), tokens.split(micro), keeps))
     states, image_features, text_features, routings = [], [], [], []
     with torch.no_grad(), autocast_if_enabled(engine):
-        for chunk_images, chunk_tokens in chunks:
+        for chunk_images, chunk_tokens, chunk_keep in chunks:
             states.append(_rng_state(device))
-            output = module.encode(chunk_images, chunk_tokens)
+            output = module.encode(chunk_images, chunk_tokens, chunk_keep)
             image_features.append(output.image_features)  # [m, D]
             text_features.append(output.text_features)
             routings.append(output.routing)
@@ -232,12 +258,13 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
     if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         return terms, routing, False
 
-    for index, (chunk_images, chunk_tokens) in enumerate(chunks):
+    for index, (chunk_images, chunk_tokens, chunk_keep) in enumerate(chunks):
         _set_rng_state(states[index], device)
         pairs = slice(index * micro, (index + 1) * micro)
-        share = MicroBatchShare(image_grad[pairs], text_grad[pairs], whole, parameter_grads if index == 0 else [])
+        share = MicroBatchShare(image_grad[pairs], text_grad[pairs], whole, parameter_grads if index == 0 else [],
+                                chunk_keep)
         engine.set_gradient_accumulation_boundary(last and index == len(chunks) - 1)
-        objective, _, _ = engine(chunk_images, chunk_tokens, share=share)
+        objective, _, _ = engine(chunk_images, chunk_tokens, step, share=share)
         engine.backward(_weighted(objective, weight), scale_wrt_gas=False)
     _set_rng_state(after, device)
     return terms, routing, True
@@ -247,16 +274,16 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
 # Forward, backward, clipping, update
 
 
-def forward_backward(engine, images: Tensor, tokens: Tensor, config: Config, weight: float = 1.0,
+def forward_backward(engine, images: Tensor, tokens: Tensor, config: Config, step: int = 0, weight: float = 1.0,
                      last: bool = True) -> tuple[dict[str, Tensor], list, bool]:
-    """This rank's gradient of the batch's loss times `weight`, added to the gradients already
-    there; `last`: no other backward follows before the update (DeepSpeed reduces over ranks then).
-    Returns the loss terms, the routing, and False if the step is to be skipped (a non-finite loss
-    with skip_nonfinite_steps)."""
+    """This rank's gradient of the batch's loss at 0-based `step`, times `weight`, added to the
+    gradients already there; `last`: no other backward follows before the update (DeepSpeed reduces
+    over ranks then). Returns the loss terms, the routing, and False if the step is to be skipped (a
+    non-finite loss with skip_nonfinite_steps)."""
     micro = micro_batch_size(config, dist.get_world_size())
     if micro < images.shape[0]:
-        return _feature_cache_backward(engine, images, tokens, config, micro, weight, last)
-    return whole_batch_backward(engine, (images, tokens), config, weight, last)
+        return _feature_cache_backward(engine, images, tokens, config, micro, step, weight, last)
+    return whole_batch_backward(engine, (images, tokens, step), config, weight, last)
 
 
 def whole_batch_backward(engine, inputs: tuple, config: Config, weight: float = 1.0,
@@ -327,12 +354,13 @@ def _finite_everywhere(loss: Tensor) -> bool:
     return bool(finite.item())
 
 
-def train_step(engine, images: Tensor, tokens: Tensor, config: Config) -> tuple[dict[str, Tensor], list, bool]:
+def train_step(engine, images: Tensor, tokens: Tensor, config: Config,
+               step: int = 0) -> tuple[dict[str, Tensor], list, bool]:
     """Forward, backward, clip, optimizer step; returns the loss terms, the routing, and whether it stepped.
 
-    No host sync, except in skip_nonfinite_steps mode (the loss is checked before the update).
+    `step` (0-based, the updates so far) picks what the objective does: its stage and masks. No host sync, except in skip_nonfinite_steps mode (the loss is checked before the update).
     """
-    terms, routing, finite = forward_backward(engine, images, tokens, config)
+    terms, routing, finite = forward_backward(engine, images, tokens, config, step)
     if not finite:
         engine.zero_grad()
         return terms, routing, False

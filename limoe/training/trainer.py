@@ -6,7 +6,8 @@ gradients over the expert-data-parallel group only) and ZeRO; checkpoints are li
 (`limoe.checkpoints.training`: code-free, resumable on another process layout); this module
 builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe.training.step`
 one exact step at any micro-batch size), runs the loop, and reports. On a GPU the memory plan
-(`limoe plan`) is checked before anything is allocated.
+(`limoe plan`) is checked before anything is allocated. `limoe pretrain` runs this same loop with
+its masked-modelling objective in place of the contrastive one.
 
 The loop never waits on the device except on logging, checkpoint and evaluation steps (and every
 step in skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
@@ -18,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import deepspeed
 import torch
@@ -27,21 +28,42 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from limoe.checkpoints import training as checkpoint
+from limoe.checkpoints.store import has_checkpoints
+from limoe.checkpoints.warm_start import check_init_from, warm_start
 from limoe.config import Config, dump_config
 from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
 from limoe.distributed import ExpertSharding, init_process_group, resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
-from limoe.model.tower import build_model
+from limoe.model.tower import Limoe, build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches
 from limoe.training.evaluation import check_eval_sets, evaluate_live
 from limoe.training.progress import TrainingReporter
-from limoe.training.step import ContrastiveTrainer, StepOutcome, micro_batch_size, train_step
+from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, micro_batch_size, train_step
 from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
+FinalReport = Callable[[Path, Config, Path], dict]  # (exported model file, config, workdir) → metrics
+
+
+class Objective(Protocol):
+    """What a run optimises: the module DeepSpeed wraps, built as `objective(model, config)`.
+
+    `objective(images, tokens, step)` → TrainerOutput (loss, its parts detached, the MoE layers'
+    routing); `stage(step)` names the phase a step belongs to, so routing statistics are kept apart
+    per phase (None: one phase). Both depend on the step alone, so a resumed run continues exactly.
+    `name` is saved with each checkpoint, so a workdir resumes only under its own objective.
+    `model` is the `Limoe` being trained: exports keep it and drop everything else.
+    """
+
+    name: str
+    model: Limoe
+
+    def __call__(self, images: Tensor, tokens: Tensor, step: int) -> TrainerOutput: ...
+
+    def stage(self, step: int) -> Optional[str]: ...
 
 
 def _no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
@@ -104,8 +126,30 @@ def start_session(config: Config) -> Session:
     return Session(device, bf16, rank, world_size)
 
 
-def build_engine(config: Config, session: Session, compile_backend: str = "inductor"):
+def objective_for(config: Config, objective: type[Objective]) -> type[Objective]:
+    """The objective a run optimises: `objective`, or with `tasks:` the co-training one."""
+    if not config.tasks:
+        return objective
+    from limoe.training import cotraining  # it builds on the trainer's session and step
+
+    return cotraining.cotraining_objective(objective)
+
+
+def _task_lr_scale(config: Config) -> Callable[[int], float]:
+    """step → the lr_scale of the task the schedule runs at that step (1 without `tasks:`)."""
+    if not config.tasks:
+        return lambda step: 1.0
+    from limoe.training import cotraining
+
+    return cotraining.lr_scale(config)
+
+
+def build_engine(config: Config, session: Session, compile_backend: str = "inductor",
+                 objective: type[Objective] = ContrastiveTrainer, warm: bool = False):
     """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine.
+
+    `warm`: train.init_from's weights are loaded into the fresh model before the engine copies it
+    (ZeRO keeps its own fp32 partitions, so they must be in place before `deepspeed.initialize`).
 
     With train.compile the tower is compiled (`compile_backend`, Inductor by default), the
     expert all-to-all inside its graph; the contrastive loss, whose feature gather breaks graphs,
@@ -117,13 +161,12 @@ def build_engine(config: Config, session: Session, compile_backend: str = "induc
     torch.manual_seed(config.train.seed)  # same dense weights on every rank; experts by global index
     sharding = ExpertSharding.for_process(config.distributed.expert_parallel_size)
     model = build_model(config, sharding)
+    if warm:
+        warm_start(model, config)
     model.set_activation_checkpointing(config.train.activation_checkpointing)
-    if config.tasks:
-        from limoe.training import cotraining  # it builds on the step functions
-
-        module, task_scale = cotraining.CoTrainer(model, config), cotraining.lr_scale(config)
-    else:
-        module, task_scale = ContrastiveTrainer(model, config), lambda step: 1.0
+    objective = objective_for(config, objective)
+    module = objective(model, config)
+    task_scale = _task_lr_scale(config)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, config.optim.weight_decay), lr=config.optim.lr,
         betas=tuple(config.optim.betas), eps=config.optim.eps,
@@ -144,12 +187,22 @@ def check_memory_plan(config: Config, session: Session) -> None:
     refuse_if_it_cannot_fit(config, session.world_size, torch.cuda.get_device_properties(session.device).total_memory)
 
 
-def train(config: Config, workdir: Path) -> dict:
-    """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0)."""
+def train(config: Config, workdir: Path, objective: type[Objective] = ContrastiveTrainer,
+          report: Optional[FinalReport] = None) -> dict:
+    """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0).
+
+    `objective` is what is optimised (contrastive training by default; `limoe pretrain` passes
+    its masked-modelling objective; `tasks:` in the config turn contrastive training into
+    co-training) and `report` what is measured at the end (default: held-out retrieval and routing
+    of the exported model).
+    """
+    objective = objective_for(config, objective)
     if not config.tasks:  # (co-training reads the tasks' data instead)
         for source in config.data.train:  # a missing shard path fails here, before anything is built
             expand_shards(source.shards)
     check_eval_sets(config)
+    if not has_checkpoints(workdir):  # a fresh run: a bad train.init_from fails here, before the workdir is touched
+        check_init_from(config)
     session = start_session(config)
     if config.tasks:
         from limoe.training import cotraining
@@ -159,16 +212,20 @@ def train(config: Config, workdir: Path) -> dict:
     largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
     check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers)
     with locked_workdir(workdir, session.rank):
-        return _train_in(config, workdir, session)
+        return _train_in(config, workdir, session, objective, report)
 
 
-def _train_in(config: Config, workdir: Path, session: Session) -> dict:
+def _train_in(config: Config, workdir: Path, session: Session, objective: type[Objective],
+              report: Optional[FinalReport]) -> dict:
     resume = checkpoint.find_resume_checkpoint(workdir)
     if resume is not None:
         check_same_architecture(checkpoint.checkpoint_config(resume).model, config.model, resume.path)
+        checkpoint.check_same_objective(resume, objective.name)
     if session.rank == 0:
         atomic_write(workdir / "config.yaml", lambda tmp: dump_config(config, tmp))
-    engine = build_engine(config, session)
+    # train.init_from seeds a fresh run only; a resumed one continues from its own checkpoint
+    warm = resume is None and config.train.init_from is not None
+    engine = build_engine(config, session, objective=objective, warm=warm)
     state = (checkpoint.restore_training_checkpoint(engine, resume, config) if resume is not None
              else {"step": 0, "pairs_seen": 0})
     start = state["step"]
@@ -193,7 +250,7 @@ def _train_in(config: Config, workdir: Path, session: Session) -> dict:
                                 state.get("pairs_seen", start * config.train.batch_size), state.get("tasks", {}))
     _loop(engine, run_step, bad_samples, config, workdir, reporter, start)
     reporter.close()
-    return finish(config, workdir, session)
+    return finish(config, workdir, session, report)
 
 
 def _pair_steps(engine, loader, config: Config, session: Session) -> Callable[[int], StepOutcome]:
@@ -202,7 +259,7 @@ def _pair_steps(engine, loader, config: Config, session: Session) -> Callable[[i
 
     def run(step: int) -> StepOutcome:
         images, tokens = next(batches)
-        terms, routing, stepped = train_step(engine, images, tokens, config)
+        terms, routing, stepped = train_step(engine, images, tokens, config, step)
         return StepOutcome(terms, routing, stepped, config.train.batch_size)
 
     return run
@@ -221,13 +278,14 @@ def _loop(engine, run_step: Callable[[int], StepOutcome], bad_samples, config: C
                 raise LimoeError(f"{MAX_SKIPS_IN_A_ROW} steps in a row had a non-finite loss after step {step}; the "
                                  f"model has diverged. Lower optim.lr and resume from {workdir}.")
             continue
+        stage = engine.module.stage(step)
         step, skipped_in_a_row = step + 1, 0
-        reporter.step(step, outcome, engine.get_lr()[0], bad_samples)
+        reporter.step(step, outcome, engine.get_lr()[0], bad_samples, stage)
         checkpoint_due = step % config.train.checkpoint_every == 0 or step == config.train.steps
         if checkpoint_due or step % config.train.log_every == 0:
             _stop_if_nonfinite(terms, step, workdir)
         if checkpoint_due:
-            checkpoint.save_training_checkpoint(engine, workdir, step, config, reporter.progress())
+            checkpoint.save_training_checkpoint(engine, workdir, step, config, reporter.progress(), engine.module.name)
         if config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps):
             reporter.evaluation(step, evaluate_live(engine.module.model, config))
 
@@ -242,14 +300,14 @@ def _stop_if_nonfinite(terms: dict[str, Tensor], step: int, workdir: Path) -> No
         )
 
 
-def finish(config: Config, workdir: Path, session: Session) -> dict:
-    """Export the model, then (rank 0) held-out retrieval and a routing summary."""
+def finish(config: Config, workdir: Path, session: Session, report: Optional[FinalReport] = None) -> dict:
+    """Export the model, then (rank 0) the final report: by default held-out retrieval and a routing summary."""
     from limoe.training.final_report import final_report
 
     output = workdir / "model.safetensors"
     if session.rank == 0:
         checkpoint.export_workdir(workdir, output)
-        metrics = final_report(output, config, workdir)
+        metrics = (report or final_report)(output, config, workdir)
     else:
         metrics = {}
     dist.barrier()

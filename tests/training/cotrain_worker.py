@@ -78,7 +78,7 @@ def main(outdir: Path, expert_parallel_size: int) -> None:
                        "grad_norm": outcome.terms["grad_norm"].item()})
     if session.rank == 0:
         dump_config(config, outdir / "config.yaml")
-    checkpoint.save_training_checkpoint(engine, outdir, 6, config)
+    checkpoint.save_training_checkpoint(engine, outdir, 6, config, objective=engine.module.name)
     if session.rank == 0:
         (outdir / "result.json").write_text(json.dumps(losses))
     leave_process_group()

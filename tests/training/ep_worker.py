@@ -6,7 +6,8 @@ the demo model through the trainer's own functions on its slice of a fixed globa
   compares with one process: `balanced`, `one_expert` (every token on expert 0: rank 1's experts
   idle), `triton` (the Triton ops, interpreted on CPU, against one process on the reference),
   `zero1`, `zero2` (DeepSpeed's ZeRO, whose clipping must use the true global norm), `zero2_micro`
-  (the same over micro-batches, with the MoE blocks checkpointed);
+  (the same over micro-batches, with the MoE blocks checkpointed), `pretrain` (four steps of masked
+  pretraining, one of each task: masked image, masked text, each given the other);
 - `gradients` saves this rank's reduced gradient per parameter for variants of one batch that
   must agree: the whole batch, micro-batches of a quarter, activation checkpointing, the global
   (not local) contrastive loss;
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from limoe.checkpoints import training as checkpoint
 from limoe.config import dump_config, load_config
+from limoe.pretraining.objective import MaskedPretraining
 from limoe.training.step import forward_backward, train_step
 from limoe.training.trainer import build_engine, start_session
 from tests.training.processes import leave_process_group
@@ -48,6 +50,8 @@ STEP_SCENARIOS = {
     "zero1": ["distributed.zero_stage=1"],
     "zero2": ["distributed.zero_stage=2"],
     # ZeRO 2 reducing partitioned gradients over micro-batches, MoE blocks recomputed in backward
+    "pretrain": ["train.steps=4", "pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2", "pretrain.decoder_width=32",
+                 "pretrain.decoder_depth=1", "pretrain.decoder_heads=2"],
     "zero2_micro": ["distributed.zero_stage=2", "train.micro_batch_size=2", "train.activation_checkpointing=moe"],
 }
 GRADIENT_VARIANTS = {
@@ -83,19 +87,22 @@ def step_scenario(outdir: Path, expert_parallel_size: int, scenario: str) -> Non
         extra.append("model.moe.backend=triton")
     config = _config(expert_parallel_size, extra)
     session = start_session(config)
-    engine = build_engine(config, session)
+    engine = build_engine(config, session, **({"objective": MaskedPretraining} if scenario == "pretrain" else {}))
     if scenario == "one_expert":  # equal logits: every token picks expert 0, so rank 1's experts idle
         for moe in engine.module.model.moe_blocks:
             moe.router_weight.data.zero_()
     images, tokens = fixed_batch(config)
-    terms, routing, _ = train_step(engine, _local(images), _local(tokens), config)
-    loss = terms["loss"].clone()
+    loss = torch.zeros(())
+    for step in range(config.train.steps if scenario == "pretrain" else 1):
+        terms, routing, _ = train_step(engine, _local(images), _local(tokens), config, step)
+        loss += terms["loss"]
     dist.all_reduce(loss)
     outdir.mkdir(exist_ok=True)
     torch.save(engine.module.model.state_dict(), outdir / f"rank{session.rank}.pt")
     if session.rank == 0:
         dump_config(config, outdir / "config.yaml")
-    checkpoint.save_training_checkpoint(engine, outdir, 1, config)
+    checkpoint.save_training_checkpoint(engine, outdir, config.train.steps if scenario == "pretrain" else 1, config,
+                                        objective=engine.module.name)
     if session.rank == 0:
         kept = sum(int(r.kept.sum()) for r in routing)
         result = {"loss": loss.item() / session.world_size, "grad_norm": terms["grad_norm"].item(),

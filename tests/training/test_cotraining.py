@@ -85,8 +85,8 @@ def _steps(workdir: Path) -> list[dict]:
 def test_a_killed_run_resumes_its_schedule_and_task_counters_exactly(tmp_path, cotrain_run, monkeypatch):
     save = checkpoint.save_training_checkpoint
 
-    def save_then_die(engine, workdir, step, config, progress):
-        save(engine, workdir, step, config, progress)
+    def save_then_die(engine, workdir, step, config, progress, objective):
+        save(engine, workdir, step, config, progress, objective)
         if step == 2:
             raise _Killed
 
@@ -226,3 +226,34 @@ def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit
     monkeypatch.setattr("limoe.training.trainer.start_session", two_ranks)
     assert _train(tmp_path, _config_file(tmp_path), "tasks.1.batch_size=5") == 2
     assert "task 'subgroups': batch_size 5 does not split over the 2 processes" in _one_line_error(capsys)
+
+
+def test_a_cotraining_workdir_resumes_only_with_its_tasks(cotrain_run, capsys):
+    state = json.loads(next((cotrain_run / "checkpoints").glob("*/state.json")).read_text())
+    assert state["objective"] == "co-training"
+    assert main(["train", "--workdir", str(cotrain_run), "--set", "data.workers=0"]) == 2
+    assert "was written by limoe train with tasks:, not limoe train" in _one_line_error(capsys)
+
+
+def test_pretraining_with_tasks_is_one_line_and_exit_2(tmp_path, capsys):
+    args = ["pretrain", "--config", _config_file(tmp_path), "--workdir", str(tmp_path / "run")]
+    for override in ("pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2", "data.workers=0"):
+        args += ["--set", override]
+    assert main(args) == 2
+    assert "tasks: co-train the contrastive objective of limoe train" in _one_line_error(capsys)
+
+
+
+def test_flip_drops_patches_in_every_task_and_routing_is_kept_per_phase_and_task(tmp_path):
+    """Alternating pairs (8 images), subgroups (6): steps 1-2 keep 32 of 64 patches, steps 3-4 all."""
+    config = _config_file(tmp_path, schedule="alternating")
+    assert _train(tmp_path, config, "train.image_mask_ratio=0.5", "train.unmasked_steps=2") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    routing = {r["stage"]: r for r in records if "routing" in r}
+    assert load_config(config).model.num_patches == 64
+    expected = {"masked": {"pairs": 8 * 32, "subgroups": 6 * 32}, "unmasked": {"pairs": 8 * 64, "subgroups": 6 * 64}}
+    for stage, tasks in expected.items():
+        for task, image_tokens in tasks.items():
+            layers = routing[stage]["routing_by_task"][task]["layers"]
+            assert [layer["image"]["tokens"] for layer in layers] == [image_tokens] * 2, (stage, task)
+        assert [layer["image"]["tokens"] for layer in routing[stage]["routing"]["layers"]] == [sum(tasks.values())] * 2

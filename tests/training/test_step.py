@@ -15,6 +15,7 @@ from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
 from limoe.training.deepspeed_config import deepspeed_config
+from limoe.training.flip import PatchDropping
 from limoe.training.losses import auxiliary_loss, whole_batch_counts
 from limoe.training.step import ContrastiveTrainer, forward_backward, train_step
 from limoe.training.trainer import build_engine, start_session
@@ -74,6 +75,22 @@ def test_micro_batches_of_a_quarter_give_the_whole_batch_gradient(quiet_engine):
     _assert_same(micro, whole)
     for name, value in whole_terms.items():
         torch.testing.assert_close(micro_terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_flip_micro_batches_give_the_whole_batch_gradient_of_the_same_masks(quiet_engine):
+    """FLIP draws the kept patches once per step for the whole batch; each micro-batch encodes its
+    own rows of them in both passes, so the gradient is the whole masked batch's."""
+    flip = ["train.steps=10", "train.image_mask_ratio=0.5"]
+    unmasked, _ = _gradients(quiet_engine, NOISE_OFF)
+    quiet_engine.module.patch_dropping = PatchDropping.from_config(load_config("demo", BASE + flip))
+    try:
+        whole, whole_terms = _gradients(quiet_engine, NOISE_OFF + flip)
+        micro, micro_terms = _gradients(quiet_engine, NOISE_OFF + flip + ["train.micro_batch_size=4"])
+    finally:
+        quiet_engine.module.patch_dropping = PatchDropping.from_config(load_config("demo", BASE + NOISE_OFF))
+    _assert_same(micro, whole)
+    torch.testing.assert_close(micro_terms["loss"], whole_terms["loss"], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(whole["model.image_positions"], unmasked["model.image_positions"])  # masking acted
 
 
 def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass(noisy_engine):

@@ -1,0 +1,77 @@
+"""k-nearest-neighbour classification with a model's image tokens: how well a representation
+separates classes with no head trained on top (the k-NN probe of MAE and DINO).
+
+The features are the mean of the tower's final patch tokens, L2-normalised: what masked
+pretraining trains (its pooling head and projection into the joint space are left untouched
+until contrastive training). Leave-one-out over one labelled set: each image takes the class
+its k most similar other images vote for, each vote weighted by exp(cosine similarity / 0.07).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from limoe.checkpoints import load_model
+from limoe.data.pipeline import EvalBatch, eval_loader
+from limoe.distributed import resolve_device
+from limoe.evaluate.runtime import inference, nothing_read, report
+from limoe.model.tower import Limoe
+
+
+def image_token_features(model: Limoe, batches: Iterable[EvalBatch]) -> tuple[Tensor, Tensor]:
+    """Mean final patch token per image [N, d], L2-normalised, and the labels [N]."""
+    features, labels = [], []
+    with inference(model) as device:
+        for batch in batches:
+            (stream,), _ = model.tower([model.embed_image(batch.images.to(device))])
+            features.append(F.normalize(stream.x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
+            labels.append(batch.labels)
+    if not features:
+        raise nothing_read(batches, "k-NN needs classification shards with .cls labels")
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_predictions(features: Tensor, labels: Tensor, k: int = 5, temperature: float = 0.07) -> Tensor:
+    """Leave-one-out k-NN classes [N]: each image's k most similar others vote with weight
+    exp(similarity / temperature) (Wu et al. 2018, DINO). features [N, d] L2-normalised, labels [N]."""
+    similarity = features @ features.T  # [N, N]
+    similarity.fill_diagonal_(-float("inf"))  # an image is not its own neighbour
+    nearest, index = similarity.topk(min(k, len(labels) - 1), dim=1)  # [N, k]
+    votes = torch.zeros(len(labels), int(labels.max()) + 1)  # [N, classes]
+    return votes.scatter_add_(1, labels[index], (nearest / temperature).exp()).argmax(dim=1)
+
+
+def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
+    """Leave-one-out top-1 accuracy of `knn_predictions`."""
+    return (knn_predictions(features, labels, k) == labels).float().mean().item()
+
+
+def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5, batch_size: int = 128,
+                 workers: int = 2) -> dict:
+    """k-NN top-1 of `model`'s image tokens on classification shards (a spec) or EvalBatches with labels."""
+    config = model.config
+    loader = data if not isinstance(data, str) else eval_loader(
+        data, batch_size, config.image_size, config.context_length, workers, classification=True,
+        max_bad_fraction=1.0, rank=0, world_size=1,
+    )
+    features, labels = image_token_features(model, loader)
+    return {"knn_top1": knn_accuracy(features, labels, k), "k": k, "images": len(labels)}
+
+
+def run_knn(checkpoint: Path, data: str, k: int, output: Optional[str], batch_size: int,
+            capacity_factor: Optional[str], device: str, workers: int, random_init: bool = False) -> dict:
+    """`limoe eval knn`: the checkpoint's k-NN top-1; with `random_init`, beside the same
+    architecture freshly initialised from the run's seed (what training added to the features)."""
+    model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
+    metrics = evaluate_knn(model, data, k, batch_size, workers)
+    if random_init:
+        torch.manual_seed(config.train.seed)  # the weights the run started from (without train.init_from)
+        fresh = Limoe(config.model).to(next(model.parameters()).device)
+        metrics["random_init_knn_top1"] = evaluate_knn(fresh, data, k, batch_size, workers)["knn_top1"]
+    report(f"k-NN (k={k}) of {checkpoint}'s image tokens on {data}", metrics, output)
+    return metrics

@@ -1,0 +1,103 @@
+"""train.init_from: weights into a fresh model, experts by global index, strict one-line errors
+found from names and shapes before the workdir is touched."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from limoe.checkpoints.model_file import CONFIG_KEY, save_model_file
+from limoe.checkpoints.warm_start import check_init_from, warm_start
+from limoe.cli import main
+from limoe.config import load_config, to_dict
+from limoe.distributed import ExpertSharding
+from limoe.errors import LimoeError
+from limoe.model.tower import Limoe, build_model
+
+CONFIG = load_config("demo")
+
+
+def _model(seed: int, sharding: ExpertSharding = ExpertSharding(), config=CONFIG) -> Limoe:
+    torch.manual_seed(seed)
+    return Limoe(config.model, sharding=sharding)
+
+
+def _write(state: dict, path, config=CONFIG):
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={CONFIG_KEY: json.dumps(to_dict(config))})
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("source") / "model.safetensors"
+    save_model_file(_model(0), CONFIG, path)
+    return path
+
+
+def _from(source, *overrides: str):
+    return load_config("demo", [f"train.init_from={source}", *overrides])
+
+
+def test_a_fresh_model_gets_every_weight_of_the_file(source):
+    original, model = _model(0).state_dict(), _model(1)
+    assert not torch.equal(model.image_positions, original["image_positions"])
+    assert warm_start(model, _from(source)) == len(original)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_each_expert_parallel_rank_takes_its_own_experts_by_global_index(source):
+    original = _model(0).state_dict()
+    model = _model(1, ExpertSharding(size=2, rank=1))  # experts 2 and 3 of 4 live here as local 0 and 1
+    warm_start(model, _from(source, "distributed.expert_parallel_size=2"))
+    state = model.state_dict()
+    prefix = "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts"
+    assert f"{prefix}.2.fc1.weight" not in state
+    for local, index in ((0, 2), (1, 3)):
+        assert torch.equal(state[f"{prefix}.{local}.fc1.weight"], original[f"{prefix}.{index}.fc1.weight"])
+    assert torch.equal(state["token_embed.weight"], original["token_embed.weight"])
+
+
+def test_siglips_bias_is_kept_at_its_initial_value_when_the_source_has_none(source):
+    """A CLIP-trained or pretrained model into a SigLIP run: every tower weight moves, the bias starts fresh."""
+    config = _from(source, "loss.contrastive=siglip")
+    model = build_model(config)
+    assert warm_start(model, config) == len(_model(0).state_dict())
+    assert model.logit_bias.item() == config.loss.logit_bias_init
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", "has no tensor image_positions"),
+    ("shape", "tensor text_positions has shape (8, 128)"),
+    ("unknown", "holds tensor classifier.weight, which the limoe-tiny"),
+    ("architecture", "has no tensor blocks.3.norm1.weight"),
+])
+def test_a_source_that_does_not_fit_is_one_line_naming_the_tensor(tmp_path, change, message):
+    state = _model(0).state_dict()
+    if change == "missing":
+        del state["image_positions"]
+    elif change == "shape":
+        state["text_positions"] = state["text_positions"][:8]
+    elif change == "unknown":
+        state["classifier.weight"] = torch.zeros(2, 2)
+    else:  # a 3-block model's file into the 4-block demo model
+        small = load_config("demo", ["model.depth=3", "model.moe.layers=[1]"])
+        state = _model(0, config=small).state_dict()
+    config = _from(_write(state, tmp_path / "bad.safetensors"))
+    for check in (lambda: check_init_from(config), lambda: warm_start(_model(1), config)):
+        with pytest.raises(LimoeError) as error:
+            check()
+        assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("source", ["nothing.safetensors", "garbage.safetensors", "empty_workdir"])
+def test_limoe_train_refuses_a_bad_source_in_one_line_and_leaves_the_workdir_alone(tmp_path, capsys, source):
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "empty_workdir").mkdir()
+    workdir = tmp_path / "run"
+    assert main(["train", "--workdir", str(workdir), "--set", f"train.init_from={tmp_path / source}",
+                 "--set", "data.workers=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.init_from") or "train.init_from" in err.split(";")[0], err
+    assert len(err.splitlines()) == 1 and not workdir.exists()
