@@ -7,7 +7,9 @@ gradients over the expert-data-parallel group only) and ZeRO; checkpoints are li
 builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe.training.step`
 one exact step at any micro-batch size), runs the loop, and reports. On a GPU the memory plan
 (`limoe plan`) is checked before anything is allocated. `limoe pretrain` runs this same loop with
-its masked-modelling objective in place of the contrastive one.
+its masked-modelling objective in place of the contrastive one; with `tasks:` in the config the
+loop co-trains several datasets (`limoe.training.cotraining`), each step running the task the
+schedule names.
 
 The loop never waits on the device except on logging, checkpoint and evaluation steps (and every
 step in skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
