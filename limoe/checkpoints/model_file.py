@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write, save_safetensors
+from limoe.model.moe import stacked_expert_state
 from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
@@ -75,7 +76,9 @@ def config_from_data(data: object, source: str) -> Config:
 
 def model_with(state: dict[str, torch.Tensor], config: Config, source: Path) -> Limoe:
     """A model of the config's architecture holding `state` (strict: every weight must match);
-    a missing, extra or misshapen tensor is a LimoeError naming it and `source`."""
+    a missing, extra or misshapen tensor is a LimoeError naming it and `source`. Files from before
+    the experts were stacked name each expert's weights separately; those entries are stacked first."""
+    state = stacked_expert_state(state)
     model = build_model(config)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
