@@ -2,13 +2,15 @@
 compute the same layer; V-MoE's initialisation; the stacked experts' names across layouts and ranks."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param
 
-from limoe.config import MoeConfig
+from limoe.checkpoints.model_file import model_with
+from limoe.config import MoeConfig, load_config
 from limoe.distributed import ExpertSharding
 from limoe.errors import LimoeError
 from limoe.model.layers import Mlp
@@ -21,6 +23,7 @@ from limoe.model.moe import (
     stacked_expert_state,
 )
 from limoe.model.routing import IMAGE, PADDING, TEXT
+from limoe.model.tower import build_model
 
 
 def _moe(experts: int, sharding: ExpertSharding = ExpertSharding(), **changes) -> MoeMlp:
@@ -191,3 +194,20 @@ def test_checkpoint_entries_are_per_expert_and_restore_on_another_expert_paralle
     steps = expert_checkpoint_entries(whole, lambda p: torch.tensor(3.0))
     restore_expert_entries(shard, steps, lambda p, value: restored.__setitem__(p, value))
     assert all(restored[p].shape == () and restored[p] == 3.0 for p in shard.expert_parameters())
+
+
+def test_an_exported_file_with_per_expert_names_loads_into_the_stacked_model():
+    """A model file written before the experts were stacked (DeepSpeed's per-expert names) loads
+    through the model-file loader into the same weights."""
+    config = load_config("demo")
+    torch.manual_seed(10)
+    model = build_model(config)
+    old_file = {name: tensor.clone() for name, tensor in model.state_dict().items() if ".mlp." not in name
+                or not (is_expert_parameter(name) or name.endswith(".router_weight"))}
+    for index, block in enumerate(model.blocks):
+        if block.sparse:
+            old_file.update(_per_expert_state(block.mlp, f"blocks.{index}.mlp."))
+    assert any(".deepspeed_experts.3.fc2.bias" in name for name in old_file)
+    loaded = model_with(old_file, config, Path("old.safetensors"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
