@@ -243,7 +243,7 @@ def expert_checkpoint_entries(layer: MoeMlp, tensor_of: Callable[[nn.Parameter],
         value = tensor_of(getattr(layer, parameter))  # [E_l, ...] or a scalar
         for local_index in range(layer.num_local_experts):
             global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
-            entries[_per_expert_name(global_index, parameter)] = value[local_index] if value.dim() else value
+            entries[_per_expert_name(global_index, parameter)] = value[local_index] if value.dim() else value.clone()
     return entries
 
 

@@ -202,8 +202,8 @@ def test_an_exported_file_with_per_expert_names_loads_into_the_stacked_model():
     config = load_config("demo")
     torch.manual_seed(10)
     model = build_model(config)
-    old_file = {name: tensor.clone() for name, tensor in model.state_dict().items() if ".mlp." not in name
-                or not (is_expert_parameter(name) or name.endswith(".router_weight"))}
+    old_file = {name: tensor.clone() for name, tensor in model.state_dict().items()
+                if not (is_expert_parameter(name) or name.endswith(".router_weight"))}
     for index, block in enumerate(model.blocks):
         if block.sparse:
             old_file.update(_per_expert_state(block.mlp, f"blocks.{index}.mlp."))
