@@ -28,11 +28,11 @@ _INTERPRET_REQUESTED = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import combine, dispatch, expert_ffn, router, slots  # noqa: E402  (after the switch above)
+from . import combine, dispatch, expert_ffn, layer, router, slots  # noqa: E402  (after the switch above)
 
 # Each op module defines `<op>_reference` (plain PyTorch) and `<op>` (Triton) with one signature.
-_OP_MODULES = {"top1_router": router, "assign_slots": slots, "dispatch": dispatch, "combine": combine,
-               "expert_ffn": expert_ffn}
+_OP_MODULES = {"top1_router": router, "assign_slots": slots, "dispatch": dispatch, "expert_ffn": expert_ffn,
+               "combine": combine, "moe_layer": layer}
 REFERENCE_OPS = SimpleNamespace(**{op: getattr(module, f"{op}_reference") for op, module in _OP_MODULES.items()})
 TRITON_OPS = SimpleNamespace(**{op: getattr(module, op) for op, module in _OP_MODULES.items()})
 
@@ -45,7 +45,8 @@ def triton_available() -> bool:
 
 def get_ops(backend: str) -> SimpleNamespace:
     """The ops for `backend`: 'torch' (reference) or 'triton' (kernels; CUDA tensors, or CPU under
-    the interpreter). Both namespaces hold top1_router, assign_slots, dispatch, combine, expert_ffn."""
+    the interpreter). Both namespaces hold moe_layer (the whole layer in one process) and the ops
+    expert parallelism composes it from: top1_router, assign_slots, dispatch, expert_ffn, combine."""
     if backend == "torch":
         return REFERENCE_OPS
     if backend == "triton":

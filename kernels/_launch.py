@@ -53,3 +53,10 @@ def check_index(op: str, name: str, tensor: Tensor, shape: tuple[int, ...]) -> N
         raise ValueError(f"{op}: {name} must be int64, got {tensor.dtype}")
     if tuple(tensor.shape) != shape:
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for operands of `dtype`'s kernels: exact fp32 ("ieee") when the
+    inputs are fp32, so fp32 runs match the reference; with bf16/fp16 inputs the main GEMMs run on
+    tensor cores anyway and the small fp32 dots (router gradients) use tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,188 +1,120 @@
-"""Expert feed-forward on the expert-major buffer: GELU MLP per expert, batched.
+"""Expert feed-forward on an expert-major row buffer, as expert parallelism exchanges it.
 
-Math: for each expert e, out[e] = GELU(buf[e] · W_in[e] + b_in[e]) · W_out[e] + b_out[e].
-Every expert holds the same number of slots (its capacity per group × groups), so this is two
-batched matmuls; cuBLAS does them at dense-GEMM speed.
+Math: for each expert e, out[e] = GELU(buf[e] · w_in[e]ᵀ + b_in[e]) · w_out[e]ᵀ + b_out[e]
+(Linear layout: w_in [E, h, d], b_in [E, h], w_out [E, d, h], b_out [E, d]). Expert e's N rows
+are P equal slabs, one per source rank, and slab p holds counts[e, p] filled rows at its start;
+the rest is padding of the fixed-size exchange.
 
-The Triton path keeps the two cuBLAS bmm calls (uniform capacity makes a grouped GEMM pointless)
-and changes what happens around them: bias + exact GELU run as one fused elementwise kernel (no
-broadcast bias copy for baddbmm to read), and the backward recomputes GELU from the saved
-pre-activation instead of saving its output. That keeps one [E, N, h] tensor per layer alive for
-the backward instead of two (autograd on the reference saves both the baddbmm output and the GELU
-output), at the price of one extra [E, N, h] write in the backward: one kernel reads the
-pre-activation and the upstream gradient once and writes both GELU(x) and dpre:
-    x = pre + b_in,  GELU(x) = x·Φ(x),  GELU'(x) = Φ(x) + x·φ(x)
-    dpre = dact · GELU'(x),  db_in = Σ_n dpre,  dW_in = bufᵀ·dpre,  dbuf = dpre·W_inᵀ
-    dact = dout · W_outᵀ,    dW_out = GELU(x)ᵀ·dout,  db_out = Σ_n dout
+The reference runs two batched matmuls over every row. The Triton op runs the grouped GEMMs of
+`grouped_gemm` over the filled rows only, with bias and GELU in the first GEMM's epilogue; rows
+past a slab's count are not computed, so their outputs and input gradients are unspecified (the
+exchange sends them back, and combine and dispatch never read them).
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_device, check_float
+from ._launch import check_device, check_float, check_index
+from .grouped_gemm import Segments, down_backward, down_projection, up_backward, up_projection, weight_grad
 
 
-def expert_ffn_reference(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
-    """buf [E, N, d], w_in [E, d, h], b_in [E, h], w_out [E, h, d], b_out [E, d] → [E, N, d]."""
-    hidden = torch.nn.functional.gelu(torch.baddbmm(b_in[:, None, :], buf, w_in))  # [E, N, h]
-    return torch.baddbmm(b_out[:, None, :], hidden, w_out)  # [E, N, d]
+def expert_ffn_reference(buf: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+                         b_out: Tensor) -> Tensor:
+    """buf [E, N, d], counts [E, P] (unused: every row is computed) → [E, N, d]."""
+    hidden = torch.nn.functional.gelu(torch.baddbmm(b_in[:, None, :], buf, w_in.transpose(1, 2)))  # [E, N, h]
+    return torch.baddbmm(b_out[:, None, :], hidden, w_out.transpose(1, 2))  # [E, N, d]
 
 
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _biased_tile(pre_ptr, bias_ptr, M, N, h, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """x = pre + b_in[expert] on a tile of the [M = E·N, h] pre-activation, in fp32; with offsets and mask."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
-    mask = (rows < M)[:, None] & (cols < h)[None, :]  # [BLOCK_M, BLOCK_H]
-    offs = rows.to(tl.int64)[:, None] * h + cols[None, :]
-    bias = tl.load(bias_ptr + (rows // N)[:, None] * h + cols[None, :], mask=mask, other=0.0)
-    x = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias.to(tl.float32)
-    return x, offs, mask
-
-
-@triton.jit
-def _normal_cdf(x):
-    """Φ(x), the exact (erf) GELU gate."""
-    return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def _bias_gelu_fwd_kernel(pre_ptr, bias_ptr, act_ptr, M, N, h, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    """act = GELU(pre + b_in[expert])."""
-    x, offs, mask = _biased_tile(pre_ptr, bias_ptr, M, N, h, BLOCK_M, BLOCK_H)
-    tl.store(act_ptr + offs, x * _normal_cdf(x), mask=mask)
-
-
-@triton.jit
-def _bias_gelu_bwd_kernel(
-    pre_ptr, bias_ptr, dact_ptr, act_ptr, dpre_ptr, M, N, h, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """act = GELU(x) (recomputed) and dpre = dact · GELU'(x) with x = pre + b_in; dpre may overwrite dact."""
-    x, offs, mask = _biased_tile(pre_ptr, bias_ptr, M, N, h, BLOCK_M, BLOCK_H)
-    cdf = _normal_cdf(x)
-    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327  # φ(x)
-    dact = tl.load(dact_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(act_ptr + offs, x * cdf, mask=mask)
-    tl.store(dpre_ptr + offs, dact * (cdf + x * pdf), mask=mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------
-
-
-def _grid(pre: Tensor) -> tuple[tuple[int, int], dict[str, int]]:
-    """Tiles of 4 rows × up to 256 hidden units over the [E·N, h] view of pre: 8 elements per
-    thread, where bigger tiles only add registers (the backward reaches 116 at 16 × 128 on sm_90)."""
-    experts, slots, hidden = pre.shape
-    block_h = min(triton.next_power_of_2(max(hidden, 1)), 256)
-    grid = (triton.cdiv(experts * slots, 4), triton.cdiv(hidden, block_h))
-    return grid, dict(BLOCK_M=4, BLOCK_H=block_h)
-
-
-def _bias_gelu(pre: Tensor, b_in: Tensor) -> Tensor:
-    """pre [E, N, h], b_in [E, h] → GELU(pre + b_in) [E, N, h]."""
-    act = torch.empty_like(pre)  # [E, N, h]
-    experts, slots, hidden = pre.shape
-    grid, blocks = _grid(pre)
-    if pre.numel():
-        _bias_gelu_fwd_kernel[grid](pre, b_in.contiguous(), act, experts * slots, slots, hidden, **blocks)
-    return act
-
-
-def _bias_gelu_backward(pre: Tensor, b_in: Tensor, dact: Tensor) -> Tensor:
-    """→ GELU(pre + b_in) [E, N, h]; overwrites dact [E, N, h] with dpre, so no third buffer exists."""
-    act = torch.empty_like(pre)  # [E, N, h]
-    experts, slots, hidden = pre.shape
-    grid, blocks = _grid(pre)
-    if pre.numel():
-        _bias_gelu_bwd_kernel[grid](pre, b_in.contiguous(), dact, act, dact, experts * slots, slots, hidden, **blocks)
-    return act
-
-
-def _check_ffn_inputs(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> None:
-    if buf.dim() != 3:
-        raise ValueError(f"expert_ffn: buf must be [E, N, d], got {list(buf.shape)}")
-    experts, _, d = buf.shape
-    hidden = w_in.shape[-1] if w_in.dim() == 3 else -1
-    expected = {
-        "w_in": (experts, d, hidden),
-        "b_in": (experts, hidden),
-        "w_out": (experts, hidden, d),
-        "b_out": (experts, d),
-    }
+def check_expert_weights(op: str, experts: int, d: int, dtype: torch.dtype, w_in: Tensor, b_in: Tensor,
+                         w_out: Tensor, b_out: Tensor) -> None:
+    """w_in [E, h, d], b_in [E, h], w_out [E, d, h], b_out [E, d], all in the rows' dtype."""
+    hidden = w_in.shape[1] if w_in.dim() == 3 else -1
+    expected = {"w_in": (experts, hidden, d), "b_in": (experts, hidden), "w_out": (experts, d, hidden),
+                "b_out": (experts, d)}
     for name, tensor in zip(expected, (w_in, b_in, w_out, b_out)):
         if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"expert_ffn: {name} must be {list(expected[name])}, got {list(tensor.shape)}")
-        if tensor.dtype != buf.dtype:
-            raise ValueError(f"expert_ffn: {name} is {tensor.dtype} but buf is {buf.dtype}")
-    check_float("expert_ffn", "buf", buf)
-    check_device("expert_ffn", buf, w_in, b_in, w_out, b_out)
+            raise ValueError(f"{op}: {name} must be {list(expected[name])}, got {list(tensor.shape)}")
+        if tensor.dtype != dtype:
+            raise ValueError(f"{op}: {name} is {tensor.dtype} but the token rows are {dtype}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd op
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("limoe_kernels::expert_ffn_with_pre", mutates_args=())
-def _expert_ffn_with_pre(
-    buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor
-) -> tuple[Tensor, Tensor]:
-    """→ (out [E, N, d], pre = buf·W_in [E, N, h]); pre is returned only so the backward can keep it."""
-    _check_ffn_inputs(buf, w_in, b_in, w_out, b_out)
-    pre = torch.bmm(buf, w_in)  # [E, N, h]
-    out = torch.baddbmm(b_out[:, None, :], _bias_gelu(pre, b_in), w_out)  # [E, N, d]
-    return out, pre
-
-
-@_expert_ffn_with_pre.register_fake
-def _(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> tuple[Tensor, Tensor]:
+def _check_ffn_inputs(buf: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> None:
+    if buf.dim() != 3:
+        raise ValueError(f"expert_ffn: buf must be [E, N, d], got {list(buf.shape)}")
     experts, slots, d = buf.shape
-    return buf.new_empty(experts, slots, d), buf.new_empty(experts, slots, w_in.shape[-1])
+    if counts.dim() != 2 or counts.shape[0] != experts or counts.shape[1] < 1 or slots % counts.shape[1]:
+        raise ValueError(f"expert_ffn: counts must be [E, P] with P dividing N = {slots}, got {list(counts.shape)}")
+    check_index("expert_ffn", "counts", counts, tuple(counts.shape))
+    check_expert_weights("expert_ffn", experts, d, buf.dtype, w_in, b_in, w_out, b_out)
+    check_float("expert_ffn", "buf", buf)
+    check_device("expert_ffn", buf, counts, w_in, b_in, w_out, b_out)
 
 
-@torch.library.custom_op("limoe_kernels::bias_gelu_backward_", mutates_args=("dact",))
-def _bias_gelu_backward_op(pre: Tensor, b_in: Tensor, dact: Tensor) -> Tensor:
-    """The fused backward kernel as an op (so torch.compile can trace the backward graph):
-    returns GELU(pre + b_in) and turns dact into dpre in place."""
-    return _bias_gelu_backward(pre, b_in, dact)
+def _segments(buf: Tensor, counts: Tensor) -> Segments:
+    """Slab p of expert e is segment e·P + p, starting at row (e·P + p)·N/P."""
+    experts, slots, _ = buf.shape
+    per_expert = counts.shape[1]
+    slab = slots // per_expert
+    start = torch.arange(experts * per_expert, device=buf.device) * slab  # [E·P]
+    return Segments(start, counts.reshape(-1).contiguous(), per_expert, experts)
 
 
-@_bias_gelu_backward_op.register_fake
-def _(pre: Tensor, b_in: Tensor, dact: Tensor) -> Tensor:
-    return torch.empty_like(pre)
+@torch.library.custom_op("limoe_kernels::expert_ffn", mutates_args=())
+def _expert_ffn(buf: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor,
+                b_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """→ (out [E, N, d], z and act [E·N, h]); z and act are returned only so the backward can keep them."""
+    _check_ffn_inputs(buf, counts, w_in, b_in, w_out, b_out)
+    experts, slots, d = buf.shape
+    segments = _segments(buf, counts)
+    z, act = up_projection(buf.reshape(-1, d), None, segments, experts * slots, w_in, b_in)
+    return down_projection(act, segments, w_out, b_out).view(experts, slots, d), z, act
+
+
+@_expert_ffn.register_fake
+def _(buf, counts, w_in, b_in, w_out, b_out):
+    experts, slots, _ = buf.shape
+    hidden = w_in.shape[1]
+    return torch.empty_like(buf), buf.new_empty(experts * slots, hidden), buf.new_empty(experts * slots, hidden)
+
+
+@torch.library.custom_op("limoe_kernels::expert_ffn_backward", mutates_args=())
+def _expert_ffn_backward(
+    buf: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor, z: Tensor, act: Tensor,
+    dout: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward kernels as an op of their own, so torch.compile can trace the backward graph."""
+    experts, slots, d = buf.shape
+    segments = _segments(buf, counts)
+    dout = dout.reshape(-1, d).contiguous()
+    dz, _ = down_backward(dout, segments, w_out, b_out, z, act)
+    dw_out, db_out = weight_grad(dout, act, segments)
+    dbuf = up_backward(dz, segments, w_in).view(experts, slots, d)
+    dw_in, db_in = weight_grad(dz, buf.reshape(-1, d), segments)
+    return dbuf, dw_in, db_in, dw_out, db_out
+
+
+@_expert_ffn_backward.register_fake
+def _(buf, counts, w_in, b_in, w_out, b_out, z, act, dout):
+    return torch.empty_like(buf), torch.empty_like(w_in), torch.empty_like(b_in), torch.empty_like(w_out), \
+        torch.empty_like(b_out)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    buf, w_in, b_in, w_out, _ = inputs
-    ctx.set_materialize_grads(False)  # pre never gets a gradient; do not allocate zeros for it
-    ctx.save_for_backward(buf, w_in, b_in, w_out, output[1])
+    ctx.set_materialize_grads(False)  # z and act never get a gradient
+    ctx.save_for_backward(*inputs, output[1], output[2])
 
 
-def _backward(ctx, dout: Tensor, _dpre: None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    buf, w_in, b_in, w_out, pre = ctx.saved_tensors
-    dpre = torch.bmm(dout, w_out.transpose(1, 2))  # [E, N, h], dact until the next line
-    act = _bias_gelu_backward_op(pre, b_in, dpre)  # [E, N, h]; dpre now holds dact · GELU'(x)
-    dbuf = torch.bmm(dpre, w_in.transpose(1, 2))  # [E, N, d]
-    dw_in = torch.bmm(buf.transpose(1, 2), dpre)  # [E, d, h]
-    dw_out = torch.bmm(act.transpose(1, 2), dout)  # [E, h, d]
-    return dbuf, dw_in, dpre.sum(dim=1), dw_out, dout.sum(dim=1)
+def _backward(ctx, dout, _dz, _dact):
+    buf, counts, w_in, b_in, w_out, b_out, z, act = ctx.saved_tensors
+    dbuf, dw_in, db_in, dw_out, db_out = _expert_ffn_backward(buf, counts, w_in, b_in, w_out, b_out, z, act, dout)
+    return dbuf, None, dw_in, db_in, dw_out, db_out
 
 
-_expert_ffn_with_pre.register_autograd(_backward, setup_context=_setup_context)
+_expert_ffn.register_autograd(_backward, setup_context=_setup_context)
 
 
-def expert_ffn(buf: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
-    """Triton-fused bias+GELU between cuBLAS bmm: buf [E, N, d], w_in [E, d, h], b_in [E, h],
-    w_out [E, h, d], b_out [E, d] → [E, N, d]."""
-    return _expert_ffn_with_pre(buf, w_in, b_in, w_out, b_out)[0]
+def expert_ffn(buf: Tensor, counts: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """Triton grouped GEMMs over the filled rows: buf [E, N, d], counts [E, P] → [E, N, d]."""
+    return _expert_ffn(buf, counts, w_in, b_in, w_out, b_out)[0]

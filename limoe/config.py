@@ -123,6 +123,9 @@ class MoeConfig:
     router_noise: bool = setting(True, "add N(0, (1/E)²) noise to the router logits in training")
     backend: Literal["auto", "torch", "triton"] = setting("auto", "expert layer implementation; auto: Triton on "
                                                                   "CUDA, the PyTorch reference elsewhere")
+    expert_init: Literal["shared", "independent"] = setting(
+        "shared", "shared: every expert of a layer starts from the same draw (V-MoE's split_rngs = False; router noise "
+                  "and Batch Priority Routing separate them); independent: each expert draws its own weights")
 
 
 @dataclass(frozen=True)

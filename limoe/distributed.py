@@ -73,6 +73,15 @@ def experts_all_to_all_back(local: Tensor, group) -> Tensor:
     return returned.view(ep * local_experts, slots, width)
 
 
+def experts_all_to_all_counts(counts: Tensor, group) -> Tensor:
+    """[E] rows this rank sends each expert (global order) → [E_local, ep]: the rows every source
+    rank sent each of my experts, in the layout `experts_all_to_all` delivers them."""
+    ep = dist.get_world_size(group)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts.contiguous(), group=group)  # [source rank · E_local]
+    return received.view(ep, -1).t().contiguous()
+
+
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size), (0, 1) when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from limoe.cli import main
+from tests.child_env import child_env
 
 
 def test_help_lists_every_subcommand():
-    result = subprocess.run([sys.executable, "-m", "limoe", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "limoe", "--help"], capture_output=True, text=True, env=child_env())
     assert result.returncode == 0
     for command in ("info", "train", "export", "eval", "tune", "routing", "shards"):
         assert command in result.stdout

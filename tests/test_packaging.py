@@ -8,7 +8,6 @@ test checks that `limoe` is imported from the new environment.
 """
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -16,14 +15,14 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "limoe", "kernels", "configs")
-LAUNCHER = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH"}
 
 
 def _run(command: list, cwd: Path, timeout: int = 300) -> str:
-    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER}, "OMP_NUM_THREADS": "1"}
+    env = child_env(drop=("PYTHONPATH",), OMP_NUM_THREADS="1")
     result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result.stdout

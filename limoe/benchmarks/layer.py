@@ -1,6 +1,6 @@
 """Benchmark one top-1 expert layer against a dense FFN of the same per-token size.
 
-    python -m limoe.benchmarks.layer                 # the full grid (CUDA GPU, bf16)
+    python -m limoe.benchmarks.layer                 # the full grid and the training rows (CUDA GPU, bf16)
     python -m limoe.benchmarks.layer --quick         # T=16384, the d=768 shape, c=1.0
     python -m limoe.benchmarks.layer --impls dense triton torch --tokens 65536 --shapes large
     python -m limoe.benchmarks.layer --cpu           # tiny fp32 smoke run of the harness (times mean nothing)
@@ -10,19 +10,25 @@ tokens. Reported: median milliseconds over timed iterations (CUDA events, after 
 forward alone and for forward+backward, the ratio of the latter to the dense FFN's, and the peak
 memory a step allocates beyond its inputs and parameters. The dense FFN is nn.Linear-GELU-nn.Linear
 d→h→d on every token: what each token would cost if it had one expert to itself, so the ratio
-prices routing, dispatch, combine and capacity padding.
+prices routing, slots, gather and scatter, and whatever capacity costs.
+
+The grid runs bf16 weights and tokens. The `layer` rows model a training step instead, each
+against its own dense row measured the same way: fp32 master weights under bf16 autocast, the
+token count of one MoE call of limoe-b16 at batch 256 (256 examples × (196 patches + 16 caption
+tokens) = 54,272), routing groups of 8 examples, capacity factor 1.05.
 
 Implementations:
     dense       nn.Linear-GELU-nn.Linear
-    layer       the model's own MoE layer (limoe.model.moe.MoeMlp, Triton ops on a GPU) as training runs
-                it: image and text tokens of whole examples routed together, router noise, BPR,
-                capacity, DeepSpeed's one-module-per-expert weights, routing statistics and the
-                auxiliary losses' backward included
-    triton      router matmul + get_ops('triton') (tokens routed in groups, BPR, capacity)
-    torch       the same layer from get_ops('torch'), the plain-PyTorch references
+    triton      get_ops('triton').moe_layer: the whole layer as one op (tokens routed in groups,
+                BPR, capacity, grouped GEMMs over the kept tokens)
+    torch       get_ops('torch').moe_layer, the plain-PyTorch reference (padded expert-major buffer)
     grouped_mm  sort by expert + torch._grouped_mm, dropless (no capacity, no padding)
     deepspeed   deepspeed.moe.layer.MoE, k=1, ep_size=1, capacity factor c (one routing group)
     tutel       tutel's moe_layer, top-1, batch_prioritized_routing=True (only if tutel imports)
+    layer       the model's own MoE layer (limoe.model.moe.MoeMlp, Triton ops on a GPU) as training runs
+                it: image and text tokens of whole examples routed together, router noise, BPR,
+                capacity, stacked expert weights cast from fp32 per call, routing statistics and
+                the auxiliary losses' backward included
 """
 
 from __future__ import annotations
@@ -40,14 +46,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import limoe_kernels
-from limoe_kernels.layer import top1_moe_layer
 from limoe.config import LossConfig, MoeConfig
 from limoe.training.losses import auxiliary_loss
 from limoe.model.moe import MoeMlp
 from limoe.model.routing import IMAGE, TEXT, expert_capacity
 
 SHAPES = {"base": (768, 3072, 8), "large": (1280, 5120, 32)}  # name → (d, h, E)
-IMPLS = ("dense", "layer", "triton", "torch", "grouped_mm", "deepspeed", "tutel")
+IMPLS = ("dense", "triton", "torch", "grouped_mm", "deepspeed", "tutel", "layer")
+# One MoE call of limoe-b16 training at batch 256: image patches and caption tokens per example.
+TRAINING_EXAMPLES, IMAGE_TOKENS, TEXT_TOKENS, TRAINING_GROUP = 256, 196, 16, 8
+TRAINING_CAPACITY = 1.05
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,9 @@ class Case:
     experts: int
     capacity_factor: float
     group_tokens: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the weights and the tokens
     device: torch.device
+    autocast: Optional[torch.dtype] = None  # compute dtype of a step under autocast (None: no autocast)
 
     @property
     def groups(self) -> int:
@@ -75,9 +84,9 @@ Layer = tuple[Callable[[Tensor], Tensor], list[Tensor]]  # forward x [T, d] → 
 
 
 def _expert_params(case: Case) -> tuple[Tensor, list[Tensor]]:
-    """w_router [d, E] and (w_in [E, d, h], b_in [E, h], w_out [E, h, d], b_out [E, d]), leaves."""
+    """w_router [E, d] and (w_in [E, h, d], b_in [E, h], w_out [E, d, h], b_out [E, d]), leaves (Linear layout)."""
     e, d, h = case.experts, case.d, case.hidden
-    shapes_and_scales = [((d, e), d**-0.5), ((e, d, h), d**-0.5), ((e, h), 0.0), ((e, h, d), h**-0.5), ((e, d), 0.0)]
+    shapes_and_scales = [((e, d), d**-0.5), ((e, h, d), d**-0.5), ((e, h), 0.0), ((e, d, h), h**-0.5), ((e, d), 0.0)]
     tensors = [
         (torch.randn(shape, device=case.device) * scale).to(case.dtype).requires_grad_()
         for shape, scale in shapes_and_scales
@@ -100,23 +109,26 @@ def build_ops_layer(case: Case, backend: str) -> Layer:
     ops = limoe_kernels.get_ops(backend)
     w_router, ffn = _expert_params(case)
 
+    modality = torch.zeros(case.tokens, dtype=torch.int64, device=case.device)
+
     def forward(x: Tensor) -> Tensor:
         noise = torch.randn(case.tokens, case.experts, device=case.device) / case.experts
-        return top1_moe_layer(ops, x, w_router, ffn, noise, case.groups, case.capacity)[0]
+        return ops.moe_layer(x, w_router, noise, modality, *ffn, case.group_tokens, 1, None, case.capacity, True).y
 
     return forward, [w_router, *ffn]
 
 
 def build_layer(case: Case) -> Layer:
-    """limoe.model.moe.MoeMlp on examples of 256 tokens (7/8 image, 1/8 text) in groups of S tokens.
+    """limoe.model.moe.MoeMlp on examples of image patches and caption tokens, routed in groups of
+    whole examples (see `training_case`).
 
     The layer's output gets its auxiliary loss added (a scalar, broadcast), so the backward also
     runs through the router statistics, as a training step does.
     """
-    tokens_per_example = min(256, case.group_tokens)
-    image_tokens = tokens_per_example * 7 // 8
+    tokens_per_example = case.group_tokens // TRAINING_GROUP
+    image_tokens = tokens_per_example * IMAGE_TOKENS // (IMAGE_TOKENS + TEXT_TOKENS)
     examples = case.tokens // tokens_per_example
-    config = MoeConfig(num_experts=case.experts, layers=(0,), group_size=case.group_tokens // tokens_per_example,
+    config = MoeConfig(num_experts=case.experts, layers=(0,), group_size=TRAINING_GROUP,
                        train_capacity_factor=case.capacity_factor)
     _init_single_process_group(case.device)
     layer = MoeMlp(case.d, case.hidden, config).to(case.device, case.dtype).train()
@@ -136,12 +148,12 @@ def build_grouped_mm(case: Case) -> Layer:
 
     def forward(x: Tensor) -> Tensor:
         noise = torch.randn(case.tokens, case.experts, device=case.device) / case.experts
-        gate, expert = torch.softmax((x @ w_router).float() + noise, dim=-1).max(dim=-1)  # [T], [T]
+        gate, expert = torch.softmax((x @ w_router.t()).float() + noise, dim=-1).max(dim=-1)  # [T], [T]
         order = torch.argsort(expert)  # [T]
         offsets = torch.bincount(expert, minlength=case.experts).cumsum(0).to(torch.int32)  # [E]
         sorted_expert = expert[order]
-        hidden = torch._grouped_mm(x[order], w_in, offs=offsets) + b_in[sorted_expert]  # [T, h]
-        out = torch._grouped_mm(F.gelu(hidden), w_out, offs=offsets) + b_out[sorted_expert]  # [T, d]
+        hidden = torch._grouped_mm(x[order], w_in.transpose(1, 2), offs=offsets) + b_in[sorted_expert]  # [T, h]
+        out = torch._grouped_mm(F.gelu(hidden), w_out.transpose(1, 2), offs=offsets) + b_out[sorted_expert]  # [T, d]
         return torch.empty_like(out).index_copy(0, order, out) * gate[:, None].to(out.dtype)
 
     return forward, [w_router, w_in, b_in, w_out, b_out]
@@ -229,13 +241,18 @@ def _median_ms(fn: Callable[[], object], iters: int, device: torch.device) -> fl
 def measure(layer: Layer, case: Case, warmup: int, iters: int) -> Result:
     forward, params = layer
     x = torch.randn(case.tokens, case.d, device=case.device, dtype=case.dtype, requires_grad=True)
-    dy = torch.randn(case.tokens, case.d, device=case.device, dtype=case.dtype)
+    dy = torch.randn(case.tokens, case.d, device=case.device, dtype=case.autocast or case.dtype)
+
+    def autocast():
+        return torch.autocast(case.device.type, dtype=case.autocast, enabled=case.autocast is not None)
 
     def step() -> None:
-        torch.autograd.grad(forward(x), [x, *params], dy)
+        with autocast():
+            y = forward(x)
+        torch.autograd.grad(y, [x, *params], dy.to(y.dtype))
 
     def forward_only() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             forward(x)
 
     for _ in range(warmup):
@@ -298,6 +315,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
+def training_cases(args: argparse.Namespace) -> list[Case]:
+    """The `layer` rows: one MoE call of limoe-b16 training (see the module docstring) per shape;
+    on CPU a tiny one with the same structure."""
+    if args.cpu:
+        return [Case(4 * 20, 64, 256, 4, TRAINING_CAPACITY, TRAINING_GROUP * 20, torch.float32, torch.device("cpu"),
+                     torch.bfloat16)]
+    per_example = IMAGE_TOKENS + TEXT_TOKENS
+    return [Case(TRAINING_EXAMPLES * per_example, *SHAPES[shape], TRAINING_CAPACITY, TRAINING_GROUP * per_example,
+                 torch.float32, torch.device("cuda"), torch.bfloat16) for shape in args.shapes]
+
+
 def cases(args: argparse.Namespace) -> list[Case]:
     if args.cpu:
         device, dtype = torch.device("cpu"), torch.float32
@@ -329,13 +357,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{'T':>6} {'d':>5} {'h':>5} {'E':>3} {'c':>5}  {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11}"
           f" {'× dense':>8} {'peak MiB':>10}")
     dense_results: dict[tuple[int, int, int], Result | str] = {}
-    for case in cases(args):
+    grid = [name for name in args.impls if name != "layer"]
+    for case in cases(args) if grid else []:
         key = (case.tokens, case.d, case.hidden)
         if key not in dense_results:  # the dense FFN ignores E and c: measure once per (T, d, h)
             dense_results[key] = run_one("dense", case, args.warmup, args.iters)
-        for name in args.impls:
+        for name in grid:
             result = dense_results[key] if name == "dense" else run_one(name, case, args.warmup, args.iters)
             print(_format_row(case, name, result, dense_results[key]), flush=True)
+    if "layer" in args.impls:
+        print("# training: fp32 master weights under bf16 autocast, each MoE row against the dense row above it")
+        for case in training_cases(args):
+            dense = run_one("dense", case, args.warmup, args.iters)
+            for name, result in (("dense", dense), ("layer", run_one("layer", case, args.warmup, args.iters))):
+                print(_format_row(case, name, result, dense), flush=True)
     return 0
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write, save_safetensors
+from limoe.model.moe import stacked_expert_state
 from limoe.model.prompts import prompt_tuning_metadata, restore_prompt_tuning
 from limoe.model.tower import Limoe, build_model
 
@@ -86,7 +87,9 @@ def model_with(state: dict[str, torch.Tensor], config: Config, source: Path,
                metadata: Optional[dict[str, str]] = None) -> Limoe:
     """A model of the config's architecture holding `state` (strict: every weight must match), with
     the prompt-tuning parts that `state` and the file's `metadata` describe, if any; a missing,
-    extra or misshapen tensor is a LimoeError naming it and `source`."""
+    extra or misshapen tensor is a LimoeError naming it and `source`. Files from before the experts
+    were stacked name each expert's weights separately; those entries are stacked first."""
+    state = stacked_expert_state(state)
     model = build_model(config)
     restore_prompt_tuning(model, state, metadata or {})
     expected = model.state_dict()

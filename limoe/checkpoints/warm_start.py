@@ -30,7 +30,7 @@ from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consoli
 from limoe.config import Config
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.model.moe import MoeMlp, expert_checkpoint_entries
+from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp, stacked_expert_state
 from limoe.model.tower import Limoe, build_model
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def source_shapes(source: Path) -> dict[str, torch.Size]:
         return {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
     try:
         with safe_open(str(source), framework="pt") as handle:
-            return {name: torch.Size(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            stored = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"train.init_from {source} is not a readable safetensors file ({error}).") from None
+    return {name: tensor.shape for name, tensor in stacked_expert_state(stored).items()}  # files of any expert layout
 
 
 def _unsharded_shapes(config: Config) -> dict[str, torch.Size]:
@@ -93,19 +94,19 @@ def check_init_from(config: Config) -> None:
 
 def _read_source(source: Path) -> dict[str, Tensor]:
     """The model tensors of an exported file or a workdir's newest checkpoint, unsharded names."""
-    return consolidated_state(source)[0] if source.is_dir() else read_model_file(source)[0]
+    return consolidated_state(source)[0] if source.is_dir() else stacked_expert_state(read_model_file(source)[0])
 
 
 def _local_values(model: Limoe, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` (unsharded names) under this rank's `model.state_dict()` names: its own experts only,
-    found through the MoE layer's own mapping from local to global expert names."""
-    origin = {name: name for name in model.state_dict()}
+    """`state` (the unsharded model's tensors) under this rank's `model.state_dict()` names, each
+    MoE layer's stacked expert tensors cut to this rank's experts by the layer itself."""
+    values = {name: state[name] for name in model.state_dict() if name in state}
     for prefix, layer in model.named_modules():
         if isinstance(layer, MoeMlp):
-            local_names = {parameter: name for name, parameter in layer.named_parameters()}
-            for global_name, parameter in expert_checkpoint_entries(layer, lambda parameter: parameter).items():
-                origin[f"{prefix}.{local_names[parameter]}"] = f"{prefix}.{global_name}"
-    return {name: state[source] for name, source in origin.items() if source in state}
+            for parameter in EXPERT_PARAMETERS:
+                name = f"{prefix}.{parameter}"
+                values[name] = layer.local_experts_of(state[name])
+    return values
 
 
 def warm_start(model: Limoe, config: Config) -> int:

@@ -1,41 +1,45 @@
 """The sparse MLP: a top-1 mixture of experts with capacity and Batch Priority Routing.
 
 One call routes all tokens of a batch (image patches and caption tokens together, each tagged with
-its modality) in groups. The compute is five ops from `kernels` — router, slot assignment,
-dispatch, expert FFN, combine — so the Triton and PyTorch backends compute the same function.
-With expert parallelism the expert-major buffer travels to the experts' ranks and back by
-all-to-all; routing, capacity and BPR stay on the rank that owns the tokens.
+its modality) in groups. In one process the whole layer is one op from `limoe_kernels`
+(`moe_layer`: router, slots, and grouped GEMMs over the kept tokens only), so the Triton and
+PyTorch backends compute the same function. With expert parallelism the layer is composed of the
+ops instead: the kept rows travel to the experts' ranks and back by all-to-all, while routing,
+capacity and BPR stay on the rank that owns the tokens.
+
+Parameters (Linear layout, experts stacked; E_l = E / expert-parallel size local experts):
+    router_weight [E, d]      fc1_weight [E_l, h, d]   fc1_bias [E_l, h]
+                              fc2_weight [E_l, d, h]   fc2_bias [E_l, d]
+Local expert i is global expert ep_rank · E_l + i, so an unsharded tensor is the ranks' tensors
+concatenated in expert-parallel rank order (`expert_shard` / `unshard_experts`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
+import math
+import re
+from collections import defaultdict
 from typing import Callable, Mapping, Optional
 
 import deepspeed.moe.layer
 import torch
-import torch.nn.functional as F
 from deepspeed.utils import groups as ds_groups
-from deepspeed.utils import logger as ds_logger
 from torch import Tensor, nn
 
 import limoe_kernels
-from limoe_kernels.dispatch import expert_major_rows
-from limoe_kernels.router import RouterOutput
+from limoe_kernels.layer import MoeLayerOutput
 from limoe.config import MoeConfig
-from limoe.distributed import ExpertSharding, experts_all_to_all, experts_all_to_all_back
-from limoe.errors import LimoeError
-from limoe.model.layers import Mlp
-from limoe.model.aux_losses import importance_loss, load_loss, modality_entropies, router_z_loss
-from limoe.model.routing import (
-    NUM_MODALITIES,
-    PADDING,
-    Grouping,
-    LayerRouting,
-    expert_capacity,
-    router_noise,
+from limoe.distributed import (
+    ExpertSharding,
+    experts_all_to_all,
+    experts_all_to_all_back,
+    experts_all_to_all_counts,
 )
+from limoe.errors import LimoeError
+from limoe.model.routing import NUM_MODALITIES, PADDING, Grouping, LayerRouting, expert_capacity
+
+EXPERT_PARAMETERS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # stacked over local experts
+LECUN_TRUNCATION = 0.87962566103423978  # std of N(0, 1) truncated to ±2: flax's lecun_normal divides by it
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -51,28 +55,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-@contextlib.contextmanager
-def _quiet_deepspeed():
-    """DeepSpeed logs a line per MoE layer it builds; a model build should not."""
-    level = ds_logger.level
-    ds_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        ds_logger.setLevel(level)
-
-
 class MoeMlp(deepspeed.moe.layer.MoE):
     """Top-1 MoE replacing a block's MLP; each expert is a d → h → d GELU MLP.
 
-    It is a DeepSpeed `MoE` so the engine knows it: the experts live in DeepSpeed's `Experts`
-    container, whose parameters are marked `allreduce=False` with the group `ep_size_{ep}`; the
-    engine then reduces their gradients over the expert-data-parallel group only, clips with
-    the right global norm and saves them as expert shards. The router is DeepSpeed's gate
-    weight `wg` (no bias); DeepSpeed's own routing and forward are not used — this layer routes
-    with capacity per group, Batch Priority Routing and the LIMoE statistics.
-    Each rank holds E / ep experts; `set_deepspeed_parallelism` (called by the engine) fetches
-    the expert-parallel group used for the all-to-all.
+    It is a DeepSpeed `MoE` so the engine knows it: `has_moe_layers` looks for that class, and
+    the expert parameters carry DeepSpeed's marking (`allreduce=False`, `group_name` =
+    `ep_size_{ep}`), so the engine reduces their gradients over the expert-data-parallel group
+    only, global-norm clipping counts them once, and the optimizer groups split them out. Only
+    nn.Module's constructor runs: DeepSpeed's would build one module per expert and its own gate,
+    which this layer replaces with stacked weights and its own routing (capacity per group, Batch
+    Priority Routing, the LIMoE statistics); the attributes the engine reads are set here.
+    `set_deepspeed_parallelism` (called by the engine) creates and fetches the expert-parallel
+    group used for the all-to-all.
     """
 
     def __init__(self, width: int, hidden: int, config: MoeConfig, sharding: ExpertSharding = ExpertSharding()):
@@ -81,62 +75,69 @@ class MoeMlp(deepspeed.moe.layer.MoE):
                 f"model.moe.num_experts {config.num_experts} is not divisible by "
                 f"distributed.expert_parallel_size {sharding.size}."
             )
-        with _quiet_deepspeed():
-            super().__init__(width, Mlp(width, hidden), num_experts=config.num_experts,
-                             ep_size=sharding.size, k=1, use_rts=False)
+        nn.Module.__init__(self)
+        # What DeepSpeed's engine, checkpointing and profiler read from an MoE layer:
+        self.num_experts = config.num_experts
+        self.ep_size = sharding.size
+        self.num_local_experts = config.num_experts // sharding.size
+        self.expert_group_name = f"ep_size_{sharding.size}"
+        self.enable_expert_tensor_parallelism = False
+        self.use_residual = False
         self.config = config
         self.sharding = sharding
         self.expert_group = None
+        local = self.num_local_experts
+        self.router_weight = nn.Parameter(torch.empty(config.num_experts, width))  # [E, d]
+        self.fc1_weight = nn.Parameter(torch.empty(local, hidden, width))  # [E_l, h, d]
+        self.fc1_bias = nn.Parameter(torch.empty(local, hidden))  # [E_l, h]
+        self.fc2_weight = nn.Parameter(torch.empty(local, width, hidden))  # [E_l, d, h]
+        self.fc2_bias = nn.Parameter(torch.empty(local, width))  # [E_l, d]
+        for parameter in self.expert_parameters():
+            parameter.allreduce = False
+            parameter.group_name = self.expert_group_name
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Xavier-uniform experts with zero biases, router N(0, 0.02).
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in EXPERT_PARAMETERS]
 
-        Expert e draws from its own generator seeded by (layer seed, global index e), and the
-        layer seed from the global RNG, so a model sharded over ep ranks starts from exactly
-        the weights of the unsharded one, and the global RNG advances the same either way.
+    def local_experts_of(self, unsharded: Tensor) -> Tensor:
+        """This rank's rows [E_l, ...] of a stacked expert tensor of the unsharded layer [E, ...]."""
+        first = self.sharding.global_index(0, self.num_local_experts)
+        return unsharded[first: first + self.num_local_experts]
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform experts with zero biases; the router lecun-normal (flax `nn.Dense`'s default).
+
+        With `expert_init: shared` (V-MoE's `split_rngs = False`) every expert of the layer starts
+        from the same draw; with `independent` expert e draws from its own generator seeded by
+        (layer seed, global index e). The layer seed comes from the global RNG, so a model sharded
+        over ep ranks starts from exactly the weights of the unsharded one, and the global RNG
+        advances the same either way.
         """
         if self.router_weight.is_meta:  # shapes only (parameter counting): nothing to draw
             return
         layer_seed = int(torch.randint(2**62, ()))
-        for local_index, expert in enumerate(self.experts):
-            generator = torch.Generator().manual_seed(layer_seed + self.sharding.global_index(local_index, self.num_local_experts))
-            for linear in (expert.fc1, expert.fc2):
-                weight = torch.empty(linear.weight.shape)
-                nn.init.xavier_uniform_(weight, generator=generator)
-                with torch.no_grad():
-                    linear.weight.copy_(weight)
-                    linear.bias.zero_()
-        nn.init.normal_(self.router_weight, std=0.02)
+        for local_index in range(self.num_local_experts):
+            index = self.sharding.global_index(local_index, self.num_local_experts)
+            generator = torch.Generator().manual_seed(layer_seed + (index if self.config.expert_init == "independent" else 0))
+            with torch.no_grad():
+                for weight in (self.fc1_weight, self.fc2_weight):
+                    draw = torch.empty(weight.shape[1:])
+                    nn.init.xavier_uniform_(draw, generator=generator)
+                    weight[local_index].copy_(draw)
+        nn.init.zeros_(self.fc1_bias)
+        nn.init.zeros_(self.fc2_bias)
+        std = math.sqrt(1.0 / self.router_weight.shape[1]) / LECUN_TRUNCATION
+        nn.init.trunc_normal_(self.router_weight, std=std, a=-2 * std, b=2 * std)
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        super().set_deepspeed_parallelism(use_data_before_expert_parallel_)
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's engine calls this through `set_deepspeed_parallelism`: create the expert
+        and expert-data-parallel groups once per ep size, and keep the expert-parallel one."""
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            ds_groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
         if self.ep_size > 1:
             self.expert_group = ds_groups._get_expert_parallel_group(self.expert_group_name)
-
-    @property
-    def router_weight(self) -> nn.Parameter:
-        return self.deepspeed_moe.gate.wg.weight  # [E, d]
-
-    @property
-    def experts(self) -> nn.ModuleList:
-        return self.deepspeed_moe.experts.deepspeed_experts  # E_local × Mlp
-
-    def stacked_expert_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """w_in [E_l, d, h], b_in [E_l, h], w_out [E_l, h, d], b_out [E_l, d] in `dtype`, for the batched FFN.
-
-        DeepSpeed keeps one module per expert, so the weights are stacked on every call; each one
-        is cast first, so under bf16 autocast the copy is made in bf16, not in fp32 and again in bf16.
-        """
-
-        def stack(tensors) -> Tensor:
-            return torch.stack([t.to(dtype) for t in tensors])
-
-        w_in = stack(e.fc1.weight for e in self.experts).transpose(1, 2)
-        b_in = stack(e.fc1.bias for e in self.experts)
-        w_out = stack(e.fc2.weight for e in self.experts).transpose(1, 2)
-        b_out = stack(e.fc2.bias for e in self.experts)
-        return w_in, b_in, w_out, b_out
 
     @property
     def capacity_factor(self) -> Optional[float]:
@@ -151,102 +152,144 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         batch, tokens, width = x.shape
         ops = limoe_kernels.get_ops(resolve_backend(self.config.backend, x.device))
         grouping = Grouping.for_batch(batch, self.config.group_size)
-        modality = grouping.group(modality, PADDING)  # [G, S]
-        groups, size = modality.shape
-        flat = grouping.group(x, 0.0).reshape(groups * size, width).to(_compute_dtype(x))  # [G·S, d]
-
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions and sums in fp32
-            router = self._route(ops, flat, modality)
-        expert = router.expert.view(groups, size)  # [G, S], −1 for padding
+        modality = grouping.group(modality, PADDING).reshape(-1)  # [G·S]
+        groups = grouping.num_groups
+        size = modality.shape[0] // groups
+        dtype = _compute_dtype(x)
+        flat = grouping.group(x, 0.0).reshape(groups * size, width).to(dtype)  # [G·S, d]
+        experts = [parameter.to(dtype) for parameter in self.expert_parameters()]
         capacity = expert_capacity(size, self.num_experts, self.capacity_factor)
-        slot = ops.assign_slots(expert, router.gate.view(groups, size), self.num_experts, capacity,
-                                self.config.batch_priority)  # [G, S]
-        row = expert_major_rows(expert, slot, capacity)  # [G·S]
+        noise = None
+        if self.training and self.config.router_noise:  # N(0, (1/E)²), V-MoE's noisy top-k
+            noise = torch.empty(flat.shape[0], self.num_experts, device=x.device).normal_(0.0, 1.0 / self.num_experts)
+        with torch.autocast(x.device.type, enabled=False):  # the ops take their dtypes as given
+            if self.expert_group is None:
+                layer = ops.moe_layer(flat, self.router_weight, noise, modality, *experts, size, NUM_MODALITIES,
+                                      1.0 / self.num_experts, capacity, self.config.batch_priority)
+            else:
+                layer = self._expert_parallel(ops, flat, noise, modality, experts, size, capacity)
+        return grouping.ungroup(layer.y.view(groups, size, width), tokens), self._routing_record(layer, grouping, tokens, capacity)
 
-        buffer = ops.dispatch(flat, row, self.num_experts * groups * capacity)  # [E·G·C, d]
-        buffer = buffer.view(self.num_experts, groups * capacity, width)
-        expert_out = self._run_experts(ops, buffer).reshape(-1, width)  # [E·G·C, d]
-        y = ops.combine(expert_out, row, router.gate.to(flat.dtype))  # [G·S, d]
-
-        with torch.autocast(x.device.type, enabled=False):  # counts and losses in fp32
-            routing = self._routing_record(router, modality, expert, slot, grouping, tokens, capacity)
-        return grouping.ungroup(y.view(groups, size, width), tokens), routing
-
-    def _route(self, ops, flat: Tensor, modality: Tensor) -> RouterOutput:
-        """Router logits in fp32 (noisy in training) → per-token choice and per-(group, modality) sums.
-
-        flat [G·S, d], modality [G, S]. The router gives padding tokens expert −1 and gate 0: they
-        take no slot and count in no statistic.
-        """
-        logits = F.linear(flat.float(), self.router_weight.float())  # [G·S, E]
-        noise = router_noise(logits, self.num_experts) if self.training and self.config.router_noise else None
-        return ops.top1_router(logits, noise, modality.reshape(-1), modality.shape[1], NUM_MODALITIES,
-                               1.0 / self.num_experts)
-
-    def _run_experts(self, ops, buffer: Tensor) -> Tensor:
-        """Expert FFN on [E, G·C, d]; with expert parallelism, on the local experts' slots of all ranks."""
-        weights = self.stacked_expert_weights(buffer.dtype)
-        if self.expert_group is None:
-            return ops.expert_ffn(buffer, *weights)
+    def _expert_parallel(self, ops, flat: Tensor, noise: Optional[Tensor], modality: Tensor, experts: list[Tensor],
+                         size: int, capacity: int) -> MoeLayerOutput:
+        """The layer composed of its ops around the exchange: route and assign slots here, send each
+        expert's kept rows (at the start of its G·C-row slab) to its rank, run the local experts
+        over the rows every rank sent, send the results back and combine them with the gates."""
+        groups, width = flat.shape[0] // size, flat.shape[1]
+        router = ops.top1_router(flat, self.router_weight, noise, modality, size, NUM_MODALITIES, 1.0 / self.num_experts)
+        plan = ops.assign_slots(router.expert.view(groups, size), router.gate.view(groups, size),
+                                modality.view(groups, size), self.num_experts, capacity, self.config.batch_priority,
+                                NUM_MODALITIES)
+        slab = groups * capacity
+        expert = router.expert.clamp(min=0)  # [G·S]
+        within_expert = plan.row_of_token - plan.segment_start[expert]  # place among the expert's kept rows
+        slab_row = torch.where(plan.slot.view(-1) >= 0, expert * slab + within_expert, -1)  # [G·S]
+        buffer = ops.dispatch(flat, slab_row, self.num_experts * slab).view(self.num_experts, slab, width)
         local = experts_all_to_all(buffer, self.expert_group)  # [E_local, ep·G·C, d]
-        local = ops.expert_ffn(local, *weights)
-        return experts_all_to_all_back(local, self.expert_group)  # [E, G·C, d]
+        counts = experts_all_to_all_counts(plan.segment_count[: self.num_experts], self.expert_group)  # [E_local, ep]
+        local = ops.expert_ffn(local, counts, *experts)
+        out = experts_all_to_all_back(local, self.expert_group)  # [E, G·C, d]
+        y = ops.combine(out.view(self.num_experts * slab, width), slab_row, router.gate)  # [G·S, d]
+        return MoeLayerOutput(y, router, plan.slot, plan.kept)
 
-    def _routing_record(self, router: RouterOutput, modality, expert, slot, grouping, tokens, capacity) -> LayerRouting:
-        """Auxiliary-loss inputs and statistics for this call, from the router's sums [G, M, ·]
-        and the choices expert, slot [G, S]."""
-        masks = torch.stack([modality == m for m in range(NUM_MODALITIES)]).to(router.probs.dtype)  # [M, G, S]
-        counts = masks.sum(dim=-1).T  # [G, M]
-        token_entropy, marginal_entropy, present = modality_entropies(router.prob_sum, router.entropy_sum, counts)
-        chosen = F.one_hot(expert.clamp(min=0), self.num_experts).to(masks.dtype)  # [G, S, E]
+    @staticmethod
+    def _routing_record(layer: MoeLayerOutput, grouping: Grouping, tokens: int, capacity: int) -> LayerRouting:
+        """Auxiliary-loss inputs and statistics for this call, all from the ops' outputs."""
+        router, groups = layer.router, grouping.num_groups
         return LayerRouting(
-            importance=importance_loss(router.prob_sum),
-            load=load_loss(router.load_sum, counts),
-            z=router_z_loss(router.z_sum, counts),
-            token_entropy=token_entropy,
-            marginal_entropy=marginal_entropy,
-            present=present,
-            routed=torch.einsum("mgs,gse->me", masks, chosen),
-            kept=torch.einsum("mgs,gse->me", masks * (slot >= 0), chosen),
-            prob_sum=router.prob_sum.detach().sum(dim=0),
-            entropy_sum=router.entropy_sum.detach().sum(dim=0),
-            expert=grouping.ungroup(expert, tokens),
-            kept_mask=grouping.ungroup(slot >= 0, tokens),
+            importance=router.importance,
+            load=router.load,
+            z=router.z,
+            token_entropy=router.token_entropy,
+            marginal_entropy=router.marginal_entropy,
+            present=router.present,
+            routed=router.routed,
+            kept=layer.kept,
+            prob_sum=router.prob_sum,
+            entropy_sum=router.entropy_sum,
+            expert=grouping.ungroup(router.expert.view(groups, -1), tokens),
+            kept_mask=grouping.ungroup(layer.slot >= 0, tokens),
             capacity=capacity,
-            num_groups=expert.shape[0],
+            num_groups=groups,
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# Experts in checkpoints: the one place that knows how a rank's experts map to the unsharded layer
+# Experts in files: the one place that knows how a rank's stacked experts map to named tensors
+# ---------------------------------------------------------------------------------------------
 
-_EXPERTS = "deepspeed_moe.experts.deepspeed_experts"  # the expert ModuleList's path inside MoeMlp
+
+def is_expert_parameter(name: str) -> bool:
+    """True for the stacked expert parameters in a state dict (`….mlp.fc1_weight`, …)."""
+    return name.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
+
+
+def _per_expert_name(global_index: int, parameter: str) -> str:
+    """`fc1_weight` of global expert 5 → `deepspeed_moe.experts.deepspeed_experts.5.fc1.weight`:
+    the name DeepSpeed's one-module-per-expert layer gave that expert's tensor."""
+    linear, kind = parameter.split("_")
+    return f"deepspeed_moe.experts.deepspeed_experts.{global_index}.{linear}.{kind}"
 
 
 def expert_checkpoint_entries(layer: MoeMlp, tensor_of: Callable[[nn.Parameter], Tensor]) -> dict[str, Tensor]:
     """This rank's experts as checkpoint entries that do not depend on how experts are sharded.
 
-    `tensor_of(parameter)` gives what to store for one of this rank's expert parameters (its
-    value, an optimizer moment of its shape, or its optimizer step); the returned keys are that tensor's names in the
-    unsharded layer, relative to the layer (`deepspeed_moe.experts.deepspeed_experts.5.fc1.weight`
-    for global expert 5), so the entries of all expert-parallel ranks together are the same for
-    any expert-parallel size. `tensor_of` is called for every expert parameter in the same order
-    on every rank (it may be a collective).
+    `tensor_of(parameter)` gives what to store for one of the stacked expert parameters (its value
+    or an optimizer moment [E_l, ...], or its optimizer step, a scalar). The entries are one per
+    global expert, named as DeepSpeed's per-expert layer named them relative to the layer
+    (`deepspeed_moe.experts.deepspeed_experts.5.fc1.weight` is row 5 of the unsharded
+    `fc1_weight`; a step is stored under every expert's name), so the entries of all
+    expert-parallel ranks together are the same for any expert-parallel size, and checkpoints
+    written before the experts were stacked read back unchanged. `tensor_of` is called for every
+    expert parameter in the same order on every rank (it may be a collective).
     """
     entries = {}
-    for local_index, expert in enumerate(layer.experts):
-        global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
-        for name, parameter in expert.named_parameters():
-            entries[f"{_EXPERTS}.{global_index}.{name}"] = tensor_of(parameter)
+    for parameter in EXPERT_PARAMETERS:
+        value = tensor_of(getattr(layer, parameter))  # [E_l, ...] or a scalar
+        for local_index in range(layer.num_local_experts):
+            global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
+            entries[_per_expert_name(global_index, parameter)] = value[local_index] if value.dim() else value.clone()
     return entries
 
 
 def restore_expert_entries(layer: MoeMlp, entries: Mapping[str, Tensor],
                            put: Callable[[nn.Parameter, Tensor], None]) -> None:
-    """The reverse of `expert_checkpoint_entries`: `put(parameter, tensor)` for each of this rank's
-    expert parameters, the tensor taken from `entries` (keyed as in the unsharded layer, so written
-    by any number of ranks); a missing entry raises what `entries` raises for a missing key."""
-    for local_index, expert in enumerate(layer.experts):
-        global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
-        for name, parameter in expert.named_parameters():
-            put(parameter, entries[f"{_EXPERTS}.{global_index}.{name}"])
+    """The reverse of `expert_checkpoint_entries`: `put(parameter, tensor)` for each stacked expert
+    parameter, the tensor being this rank's experts' entries stacked [E_l, ...] (scalars, the
+    optimizer step, give their largest: the parameter has stepped that often); `entries` are keyed
+    as in the unsharded layer, so written by any number of ranks. A missing entry raises what
+    `entries` raises for a missing key."""
+    for parameter in EXPERT_PARAMETERS:
+        values = [entries[_per_expert_name(layer.sharding.global_index(local_index, layer.num_local_experts), parameter)]
+                  for local_index in range(layer.num_local_experts)]
+        put(getattr(layer, parameter), torch.stack(values) if values[0].dim() else max(values))
+
+
+PER_EXPERT_NAME = re.compile(  # `layer` keeps its trailing dot (empty for the layer's own state dict)
+    r"^(?P<layer>(.*\.)?)deepspeed_moe\.experts\.deepspeed_experts\.(?P<index>\d+)\.(?P<linear>fc1|fc2)\.(?P<kind>weight|bias)$"
+)
+PER_EXPERT_ROUTER = re.compile(r"^(?P<layer>(.*\.)?)deepspeed_moe\.gate\.wg\.weight$")
+
+
+def stacked_expert_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict written with one module per expert (DeepSpeed's `Experts` layout, in exported
+    files from before the experts were stacked) in the stacked layout:
+    `L.deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight` → row i of `L.fc1_weight` (likewise
+    fc1.bias, fc2.weight, fc2.bias), `L.deepspeed_moe.gate.wg.weight` → `L.router_weight`. Other
+    entries pass through unchanged."""
+    converted: dict[str, Tensor] = {}
+    experts: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
+    for name, tensor in state.items():
+        expert, router = PER_EXPERT_NAME.match(name), PER_EXPERT_ROUTER.match(name)
+        if expert:
+            experts[expert["layer"], f"{expert['linear']}_{expert['kind']}"][int(expert["index"])] = tensor
+        elif router:
+            converted[router["layer"] + "router_weight"] = tensor
+        else:
+            converted[name] = tensor
+    for (layer, parameter), by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
+            raise LimoeError(f"{layer}{parameter}: the checkpoint lacks expert(s) {missing}; it is incomplete.")
+        converted[layer + parameter] = torch.stack([by_index[i] for i in range(len(by_index))])
+    return converted

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from limoe_kernels.router import entropy  # noqa: F401  (Shannon entropy, re-exported for the statistics)
+
 IMAGE, TEXT, PADDING = 0, 1, -1  # modality id of each token; padding tokens are never routed
 NUM_MODALITIES = 2
 
@@ -60,17 +62,8 @@ class Grouping:
 
     def ungroup(self, x: Tensor, tokens_per_example: int) -> Tensor:
         """[G, per_group·N, ...] → [B, N, ...] (padding examples dropped)."""
-        return x.reshape(self.padded_batch, tokens_per_example, *x.shape[2:])[: self.batch]
-
-
-def entropy(probs: Tensor) -> Tensor:
-    """Shannon entropy (nats) along the last axis; 0·log 0 = 0."""
-    return -(probs * torch.log(probs.clamp(min=1e-30))).sum(dim=-1)
-
-
-def router_noise(logits: Tensor, num_experts: int) -> Tensor:
-    """N(0, (1/E)²) noise for the router logits during training (V-MoE's noisy top-k)."""
-    return torch.randn_like(logits) / num_experts
+        x = x.reshape(self.padded_batch, tokens_per_example, *x.shape[2:])
+        return x if self.padded_batch == self.batch else x[: self.batch]
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """LIMoE: one transformer tower for images and text, with sparse top-1 expert MLPs.
 
 Read top to bottom: the embeddings are per modality (patches + 2-D positions, tokens + 1-D
-positions); every block weight, routers included, is shared, except in the first
+positions); the blocks run on one joint sequence per example (image tokens, then text tokens, one
+residual tensor); every block weight, routers included, is shared, except in the first
 `modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
-attention runs over each example's own sequence of one modality; in an MoE block an example's
+attention runs over each example's own tokens of one modality; in an MoE block an example's
 patches and caption tokens are routed together in one call, tagged by modality; per-modality
 pooling heads and projections map into the joint space, where embeddings are L2-normalised.
 """
@@ -21,21 +22,45 @@ from torch.utils.checkpoint import checkpoint
 
 from limoe.config import MODALITIES, Config, ModelConfig
 from limoe.distributed import ExpertSharding
-from limoe.model.layers import Attention, Mlp, Pool
+from limoe.model.layers import Attention, Mlp, Pool, Segment
 from limoe.model.moe import MoeMlp
 from limoe.model.routing import IMAGE, PADDING, TEXT, LayerRouting
 
 PAD_TOKEN = 0  # open_clip's tokenizer pads with 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tokens:
-    """One modality's token sequences inside the tower."""
+    """One modality's embedded tokens, on their way into the tower."""
 
-    name: str  # "image" or "text"
     x: Tensor  # [B, N, d]
     modality: Tensor  # [B, N] IMAGE, TEXT or PADDING per token
     key_mask: Optional[Tensor]  # [B, N] True where attention may look (None: everywhere)
+    name: str  # "image" or "text": which copy of a modality adapter block the tokens take
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each modality's tokens sit in the joint sequence the blocks run on."""
+
+    modality: Tensor  # [B, N] IMAGE, TEXT or PADDING per token
+    segments: tuple[Segment, ...]  # one per modality stream, in order; attention stays inside each
+    names: tuple[str, ...]  # each segment's modality, "image" or "text"
+
+    @classmethod
+    def of(cls, streams: list[Tokens]) -> "TokenLayout":
+        starts = [0]
+        for stream in streams:
+            starts.append(starts[-1] + stream.x.shape[1])
+        modality = streams[0].modality if len(streams) == 1 else torch.cat([s.modality for s in streams], dim=1)
+        return cls(modality, tuple(Segment(start, s.x.shape[1], s.key_mask) for start, s in zip(starts, streams)),
+                   tuple(s.name for s in streams))
+
+    def alone(self, index: int) -> "TokenLayout":
+        """Segment `index` as a sequence of its own."""
+        segment = self.segments[index]
+        modality = self.modality[:, segment.start: segment.start + segment.length]  # [B, n]
+        return TokenLayout(modality, (Segment(0, segment.length, segment.key_mask),), (self.names[index],))
 
 
 @dataclass
@@ -50,7 +75,11 @@ class LimoeOutput:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x)), the MLP dense or MoE."""
+    """Pre-LN transformer block: x += Attn(LN(x)); x += MLP(LN(x)), the MLP dense or MoE.
+
+    x holds every modality's tokens in one residual tensor; attention runs per segment, and the
+    MLP (or the MoE layer, which routes an example's patches and caption tokens together) over all.
+    """
 
     def __init__(self, config: ModelConfig, sparse: bool, sharding: ExpertSharding):
         super().__init__()
@@ -66,20 +95,13 @@ class Block(nn.Module):
     def sparse(self) -> bool:
         return isinstance(self.mlp, MoeMlp)
 
-    def forward(self, streams: list[Tokens]) -> tuple[list[Tokens], Optional[LayerRouting]]:
-        for s in streams:
-            s.x = s.x + self.attention(self.norm1(s.x), s.key_mask)
+    def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, Optional[LayerRouting]]:
+        """x [B, N, d] → [B, N, d], and the routing record of an MoE block (None for a dense one)."""
+        x = x + self.attention(self.norm1(x), layout.segments)
         if not self.sparse:
-            for s in streams:
-                s.x = s.x + self.mlp(self.norm2(s.x))
-            return streams, None
-        # One routing call for both modalities: an example's patches and caption tokens share groups.
-        joint = torch.cat([self.norm2(s.x) for s in streams], dim=1)  # [B, N_img + N_txt, d]
-        modality = torch.cat([s.modality for s in streams], dim=1)  # [B, N_img + N_txt]
-        y, routing = self.mlp(joint, modality)
-        for s, part in zip(streams, y.split([s.x.shape[1] for s in streams], dim=1)):
-            s.x = s.x + part
-        return streams, routing
+            return x + self.mlp(self.norm2(x)), None
+        y, routing = self.mlp(self.norm2(x), layout.modality)
+        return x + y, routing
 
 
 class ModalityAdapter(nn.ModuleDict):
@@ -91,10 +113,11 @@ class ModalityAdapter(nn.ModuleDict):
     def __init__(self, config: ModelConfig):
         super().__init__({modality: Block(config, False, ExpertSharding()) for modality in MODALITIES})
 
-    def forward(self, streams: list[Tokens]) -> tuple[list[Tokens], None]:
-        for s in streams:
-            self[s.name]([s])
-        return streams, None
+    def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, None]:
+        """x [B, N, d] → [B, N, d]: each modality's segment through that modality's block."""
+        parts = [self[name](x[:, segment.start: segment.start + segment.length], layout.alone(index))[0]
+                 for index, (name, segment) in enumerate(zip(layout.names, layout.segments))]  # [B, n_s, d] each
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
 
 
 class Limoe(nn.Module):
@@ -173,7 +196,7 @@ class Limoe(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         modality = torch.full(x.shape[:2], IMAGE, device=x.device, dtype=torch.long)
-        return Tokens("image", x, modality, None)
+        return Tokens(x, modality, None, "image")
 
     def embed_text(self, tokens: Tensor, at_mask: Optional[Tensor] = None,
                    mask_embedding: Optional[Tensor] = None) -> Tokens:
@@ -188,23 +211,28 @@ class Limoe(nn.Module):
             x = torch.where(at_mask[..., None], mask_embedding.to(x.dtype), x)
         x = x + self.text_positions[: tokens.shape[1]]
         modality = torch.where(real, TEXT, PADDING)
-        return Tokens("text", x, modality, real)
+        return Tokens(x, modality, real, "text")
 
     # --- tower ------------------------------------------------------------------------------
 
     def tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
-        """The shared blocks and the final norm over one or both modalities' streams (routed jointly)."""
+        """One or both modalities' streams through every block as one sequence (routed jointly)
+        and the final norm → each stream with its final tokens [B, N_s, d]."""
+        layout = TokenLayout.of(streams)
+        x = streams[0].x if len(streams) == 1 else torch.cat([s.x for s in streams], dim=1)  # [B, N, d]
         routing = []
         for index, block in enumerate(self.blocks):
             if index in self.checkpointed_blocks and torch.is_grad_enabled():
-                streams, layer_routing = _checkpointed(block, streams)
+                # Keep only the block's input for backward and run the block again there;
+                # torch.utils.checkpoint restores the RNG state (of x's device too) for the second
+                # run, so the router noise and hence the routing are the same.
+                x, layer_routing = checkpoint(block, x, layout, use_reentrant=False)
             else:
-                streams, layer_routing = block(streams)
+                x, layer_routing = block(x, layout)
             if layer_routing is not None:
                 routing.append(layer_routing)
-        for s in streams:
-            s.x = self.norm(s.x)
-        return streams, routing
+        x = self.norm(x)
+        return [replace(stream, x=x[:, s.start: s.start + s.length]) for stream, s in zip(streams, layout.segments)], routing
 
     def _image_features(self, stream: Tokens, normalize: bool = True) -> Tensor:
         features = self.image_proj(self.image_pool(stream.x))  # [B, D]
@@ -247,21 +275,6 @@ def build_model(config: Config, sharding: ExpertSharding = ExpertSharding()) -> 
     return Limoe(config.model, config.loss.logit_scale_init, bias, sharding)
 
 
-def _checkpointed(block: Block, streams: list[Tokens]) -> tuple[list[Tokens], Optional[LayerRouting]]:
-    """block(streams), keeping only the block's inputs for backward and running it again there.
-
-    torch.utils.checkpoint restores the RNG state for the second run, so the router noise and
-    hence the routing are the same. The residual tensors are its arguments, so it sees their device
-    (and keeps that device's RNG state too); each run gets fresh `Tokens`, since a block updates
-    the ones it is given.
-    """
-
-    def run(*xs: Tensor):
-        return block([replace(s, x=x) for s, x in zip(streams, xs)])
-
-    return checkpoint(run, *(s.x for s in streams), use_reentrant=False)
-
-
 def parameter_counts(model: Limoe) -> tuple[int, int]:
     """(total parameters, parameters applied to each token).
 
@@ -272,7 +285,7 @@ def parameter_counts(model: Limoe) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     unused = model.token_embed.weight.numel() - model.token_embed.weight.shape[1]
     for moe in model.moe_blocks:
-        expert_params = sum(p.numel() for p in moe.experts.parameters())
+        expert_params = sum(p.numel() for p in moe.expert_parameters())
         unused += expert_params * (moe.num_experts - 1) // moe.num_experts
     for adapter in model.blocks:
         if isinstance(adapter, ModalityAdapter):  # a token goes through its own modality's copy only

@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 from limoe.benchmarks.layer import IMPLS
+from tests.child_env import child_env
 
 
 def test_cpu_smoke_run_has_a_measured_row_per_implementation():
     result = subprocess.run([sys.executable, "-m", "limoe.benchmarks.layer", "--cpu", "--capacity", "1.0"],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {}
     for line in result.stdout.splitlines():

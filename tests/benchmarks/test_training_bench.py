@@ -11,12 +11,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from limoe.benchmarks import training as bench
 from limoe.config import load_model_config
 from limoe.model.tower import Limoe
+from tests.child_env import child_env
 
 HEADER = "model mode pairs/s step ms peak GiB GFLOP/pair MFU vs open_clip vs model-only".split()
 
 
 def _run_bench(*args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "limoe.benchmarks.training", *args], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "limoe.benchmarks.training", *args], capture_output=True, text=True, timeout=600,
+                            env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

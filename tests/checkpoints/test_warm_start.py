@@ -13,6 +13,7 @@ from limoe.cli import main
 from limoe.config import load_config, to_dict
 from limoe.distributed import ExpertSharding
 from limoe.errors import LimoeError
+from limoe.model.moe import EXPERT_PARAMETERS
 from limoe.model.tower import Limoe, build_model
 
 CONFIG = load_config("demo")
@@ -52,10 +53,10 @@ def test_each_expert_parallel_rank_takes_its_own_experts_by_global_index(source)
     model = _model(1, ExpertSharding(size=2, rank=1))  # experts 2 and 3 of 4 live here as local 0 and 1
     warm_start(model, _from(source, "distributed.expert_parallel_size=2"))
     state = model.state_dict()
-    prefix = "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts"
-    assert f"{prefix}.2.fc1.weight" not in state
-    for local, index in ((0, 2), (1, 3)):
-        assert torch.equal(state[f"{prefix}.{local}.fc1.weight"], original[f"{prefix}.{index}.fc1.weight"])
+    for name in EXPERT_PARAMETERS:
+        assert state[f"blocks.1.mlp.{name}"].shape[0] == 2
+        for local, index in ((0, 2), (1, 3)):
+            assert torch.equal(state[f"blocks.1.mlp.{name}"][local], original[f"blocks.1.mlp.{name}"][index]), name
     assert torch.equal(state["token_embed.weight"], original["token_embed.weight"])
 
 

@@ -3,7 +3,6 @@ commands end to end on a random limoe-tiny checkpoint, and parity with clip_benc
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval
 from limoe.evaluate.folders import ImageFolderLoader, imagenet_synsets, scan_image_folder
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.data.shards import build_shards
+from tests.child_env import child_env
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 
@@ -219,7 +219,7 @@ def test_clip_benchmark_command_from_the_readme_matches_limoe_eval(checkpoint, c
                "--model", "limoe:dropless", "--pretrained", str(checkpoint), "--dataset", "wds/emoji",
                "--dataset_root", str(clip_benchmark_set), "--output", str(output), "--no_amp", "--num_workers", "0",
                "--quiet"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(output.read_text())["metrics"]
 

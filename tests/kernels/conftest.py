@@ -16,7 +16,9 @@ from torch import Tensor
 
 import limoe_kernels
 from limoe_kernels._launch import interpreting
-from limoe_kernels.layer import top1_moe_layer
+from limoe_kernels.router import DIFFERENTIABLE
+
+LOSS_TERMS = [name for name in DIFFERENTIABLE if name != "gate"]  # the layer's differentiable router outputs
 
 
 @pytest.fixture(autouse=True)
@@ -62,31 +64,33 @@ def with_grads() -> Callable:
 
 
 def _layer_inputs(device, tokens=96, d=24, hidden=40, num_experts=5):
-    """([x, w_router, w_in, b_in, w_out, b_out], noise, padding) with the last 7 tokens padding."""
+    """([x, w_router, w_in, b_in, w_out, b_out], noise, modality): image and text mixed, the last
+    7 tokens padding; Linear layout (w_router [E, d], w_in [E, h, d], w_out [E, d, h])."""
     x = torch.randn(tokens, d, device=device)
-    w_router = torch.randn(d, num_experts, device=device) / d**0.5
+    w_router = torch.randn(num_experts, d, device=device) / d**0.5
     ffn = [
-        torch.randn(num_experts, d, hidden, device=device) / d**0.5,
+        torch.randn(num_experts, hidden, d, device=device) / d**0.5,
         torch.randn(num_experts, hidden, device=device) / 10,
-        torch.randn(num_experts, hidden, d, device=device) / hidden**0.5,
+        torch.randn(num_experts, d, hidden, device=device) / hidden**0.5,
         torch.randn(num_experts, d, device=device) / 10,
     ]
     noise = torch.randn(tokens, num_experts, device=device) / num_experts
-    padding = torch.zeros(tokens, dtype=torch.bool, device=device)
-    padding[-7:] = True
-    return [x, w_router, *ffn], noise, padding
+    modality = torch.randint(0, 2, (tokens,), device=device)
+    modality[-7:] = -1
+    return [x, w_router, *ffn], noise, modality
 
 
-def _layer_outputs(ops, *args, **kwargs) -> tuple[Tensor, ...]:
-    """limoe_kernels.layer.top1_moe_layer, flattened: y and every float output of its router
-    (probs, gate and the per-group sums), so a test can send a gradient into each."""
-    y, router = top1_moe_layer(ops, *args, **kwargs)
-    return (y, *(value for name, value in zip(router._fields, router) if name != "expert"))
+def _layer_outputs(ops, x, w_router, ffn, noise, modality, group_size, capacity, batch_priority=True,
+                   num_modalities=2) -> tuple[Tensor, ...]:
+    """`ops.moe_layer`, flattened to its differentiable outputs: y and the router's loss terms, so
+    a test can send a gradient into each."""
+    out = ops.moe_layer(x, w_router, noise, modality, *ffn, group_size, num_modalities, None, capacity, batch_priority)
+    return (out.y, *(getattr(out.router, name) for name in LOSS_TERMS))
 
 
 @pytest.fixture
 def moe_layer() -> Callable:
-    """The layer composed from an op set, as the benchmark runs it, with flattened outputs."""
+    """The whole layer from an op set, with flattened outputs."""
     return _layer_outputs
 
 

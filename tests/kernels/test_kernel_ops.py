@@ -1,9 +1,9 @@
-"""The op sets as the MoE layer uses them: get_ops, a whole top-1 layer built from either backend
-(values and gradients to x, router weights and expert weights), torch.compile and op registration."""
+"""The op sets as the MoE layer uses them: get_ops, the whole top-1 layer from either backend
+(values and gradients to x, router weights and expert weights, through the output and every loss
+term), torch.compile and op registration."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import limoe_kernels
+from tests.child_env import child_env
 
-OP_NAMES = ("top1_router", "assign_slots", "dispatch", "combine", "expert_ffn")
-TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # the expert FFN rounds differently from the reference (see its test)
+OP_NAMES = ("top1_router", "assign_slots", "dispatch", "combine", "expert_ffn", "moe_layer")
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)  # the grouped GEMMs round differently from the reference (see their test)
 
 
 def test_get_ops_namespaces():
@@ -26,13 +27,13 @@ def test_get_ops_namespaces():
 # 24 tokens per group over 5 experts: capacity 5 ≈ c 1.0, 2 drops many, 8 drops almost none
 @pytest.mark.parametrize("capacity, batch_priority", [(5, True), (2, True), (8, False)])
 def test_layer_matches_reference(device, with_grads, ops_pair, moe_layer, layer_inputs, capacity, batch_priority):
-    inputs, noise, padding = layer_inputs(device)
+    inputs, noise, modality = layer_inputs(device)
     reference, triton_ops = ops_pair
 
     def layer(ops):
-        return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, 4, capacity, batch_priority, padding)
+        return lambda x, w, *ffn: moe_layer(ops, x, w, ffn, noise, modality, 24, capacity, batch_priority)
 
-    upstream = [torch.randn_like(out) for out in layer(reference)(*inputs)]  # y, probs, gate, the sums
+    upstream = [torch.randn_like(out) for out in layer(reference)(*inputs)]  # y and every loss term
 
     outputs, grads = with_grads(layer(triton_ops), inputs, upstream)
     outputs_ref, grads_ref = with_grads(layer(reference), inputs, upstream)
@@ -43,13 +44,24 @@ def test_layer_matches_reference(device, with_grads, ops_pair, moe_layer, layer_
     assert all(grad.abs().sum() > 0 for grad in grads)  # every parameter is reached
 
 
+def test_layer_returns_the_plan_and_statistics_of_the_reference(device, ops_pair, layer_inputs):
+    inputs, noise, modality = layer_inputs(device)
+    x, w, *ffn = inputs
+    got, want = (ops.moe_layer(x, w, noise, modality, *ffn, 24, 2, None, 3, True) for ops in ops_pair)
+    assert torch.equal(got.slot, want.slot) and torch.equal(got.router.expert, want.router.expert)
+    assert (got.y[got.slot.view(-1) < 0] == 0).all()  # dropped and padding tokens get exactly zero
+    for name in ("gate", "routed", "prob_sum", "entropy_sum"):
+        torch.testing.assert_close(getattr(got.router, name), getattr(want.router, name), msg=name)
+    torch.testing.assert_close(got.kept, want.kept)
+
+
 def test_layer_under_torch_compile(device, with_grads, ops_pair, moe_layer, layer_inputs):
     """Fake kernels and backward ops let torch.compile trace the layer in one graph, backward too."""
-    inputs, noise, padding = layer_inputs(device)
+    inputs, noise, modality = layer_inputs(device)
     _, triton_ops = ops_pair
 
     def layer(x, w, *ffn):
-        return moe_layer(triton_ops, x, w, ffn, noise, 4, 5, True, padding)
+        return moe_layer(triton_ops, x, w, ffn, noise, modality, 24, 5, True)
 
     upstream = [torch.randn_like(out) for out in layer(*inputs)]
 
@@ -61,25 +73,30 @@ def test_layer_under_torch_compile(device, with_grads, ops_pair, moe_layer, laye
 
 
 def _opcheck_cases(device):
-    logits = torch.randn(20, 5, device=device, requires_grad=True)
+    x = torch.randn(20, 6, device=device, requires_grad=True)
+    w = torch.randn(5, 6, device=device, requires_grad=True)
+    modality = torch.randint(-1, 2, (20,), device=device)
     row = torch.tensor([3, -1, 0, 7, 5, -1], device=device)
     expert = torch.randint(-1, 4, (2, 10), device=device)
-    ffn_shapes = ((2, 5, 8), (2, 8, 16), (2, 16), (2, 16, 8), (2, 8))
+    ffn_shapes = ((2, 5, 8), (2, 16, 8), (2, 16), (2, 8, 16), (2, 8))
+    ffn = [torch.randn(shape, device=device, requires_grad=True) for shape in ffn_shapes]
+    layer_ffn = [torch.randn((5, *shape[1:]), device=device, requires_grad=True) for shape in ffn_shapes[1:]]
+    layer_x = torch.randn(20, 8, device=device, requires_grad=True)
     return {
-        "top1_router": (
-            limoe_kernels.router._top1_router,
-            (logits, torch.randn(20, 5, device=device), torch.randint(-1, 2, (20,), device=device), 4, 2, 0.2),
-        ),
-        "assign_slots": (limoe_kernels.slots.assign_slots, (expert, torch.rand(2, 10, device=device), 4, 2, True)),
+        "top1_router": (limoe_kernels.router._top1_router, (x, w, torch.randn(20, 5, device=device), modality, 4, 2, 0.2)),
+        "assign_slots": (limoe_kernels.slots._assign_slots, (expert, torch.rand(2, 10, device=device), expert, 4, 2,
+                                                             True, 1)),
         "dispatch": (limoe_kernels.dispatch.dispatch, (torch.randn(6, 9, device=device, requires_grad=True), row, 8)),
         "combine": (
             limoe_kernels.combine.combine,
             (torch.randn(8, 9, device=device, requires_grad=True), row, torch.rand(6, device=device).requires_grad_()),
         ),
-        "expert_ffn": (
-            limoe_kernels.expert_ffn._expert_ffn_with_pre,
-            [torch.randn(shape, device=device, requires_grad=True) for shape in ffn_shapes],
-        ),
+        # Rows past a slab's count and tokens no expert kept are left unwritten in some outputs
+        # (unspecified values), so these cases fill every row: full slabs, no drops, no padding.
+        "expert_ffn": (limoe_kernels.expert_ffn._expert_ffn, [ffn[0], torch.tensor([[5], [5]], device=device), *ffn[1:]]),
+        "moe_layer": (limoe_kernels.layer._moe_layer,
+                      (layer_x, torch.randn(5, 8, device=device, requires_grad=True), torch.randn(20, 5, device=device),
+                       modality.abs(), *layer_ffn, 10, 2, 0.2, 12, True)),
     }
 
 
@@ -95,8 +112,9 @@ def test_triton_imported_before_the_interpreter_is_a_clear_error():
     """torchvision imports triton (through torch._dynamo) before `limoe_kernels` can switch the
     interpreter on; the Triton ops then refuse CPU tensors with the fix instead of failing deep
     inside a kernel."""
-    script = "import torchvision, torch, limoe_kernels; limoe_kernels.get_ops('triton').top1_router(torch.randn(8, 4))"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import torchvision, torch, limoe_kernels; "
+              "limoe_kernels.get_ops('triton').top1_router(torch.randn(8, 4), torch.randn(3, 4))")
+    env = child_env(drop=("TRITON_INTERPRET",))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0
     assert "set TRITON_INTERPRET=1" in result.stderr.splitlines()[-1]

@@ -33,8 +33,8 @@ def _tutel_parameters(layer) -> list[torch.Tensor]:
 
 
 def _in_our_layout(wg, fc1_w, fc1_bias, fc2_w, fc2_bias) -> list[torch.Tensor]:
-    """w_router [d, E], w_in [E, d, h], b_in [E, h], w_out [E, h, d], b_out [E, d]."""
-    return [wg.t(), fc1_w.transpose(1, 2), fc1_bias, fc2_w, fc2_bias]
+    """w_router [E, d], w_in [E, h, d], b_in [E, h], w_out [E, d, h], b_out [E, d] (Linear layout)."""
+    return [wg, fc1_w, fc1_bias, fc2_w.transpose(1, 2), fc2_bias]
 
 
 @pytest.mark.parametrize("tokens, capacity_factor", [(67, 1.0), (67, 0.5), (90, 1.25)])
@@ -51,7 +51,8 @@ def test_tutel_bpr_layer_equals_ours_with_gradients(device, ops_pair, moe_layer,
     assert (expected.abs().sum(-1) == 0).any()  # capacity binds: priority decides who is dropped
     for ops in ops_pair:
         weights = [w.detach().clone().requires_grad_() for w in _in_our_layout(*_tutel_parameters(tutel))]
-        ours = moe_layer(ops, x, weights[0], weights[1:], None, 1, capacity)[0]
+        modality = torch.zeros(tokens, dtype=torch.int64, device=device)
+        ours = moe_layer(ops, x, weights[0], weights[1:], None, modality, tokens, capacity)[0]
         torch.testing.assert_close(ours, expected)
         for got, want in zip(torch.autograd.grad(ours, [x, *weights], dy), expected_grads):
             torch.testing.assert_close(got, want)

@@ -29,36 +29,50 @@ def _gate(top: float) -> float:
     return math.exp(top) / (math.exp(top) + 2.0)
 
 
+def _route(logits: torch.Tensor):
+    """The reference router on these logits (tokens x = the logits, router weight = identity)."""
+    return REFERENCE_OPS.top1_router(logits, torch.eye(logits.shape[1]))
+
+
+def _slots(expert, gate, capacity, batch_priority):
+    modality = torch.zeros_like(expert)
+    return REFERENCE_OPS.assign_slots(expert, gate, modality, 3, capacity, batch_priority).slot
+
+
 def test_router_picks_argmax_and_unrenormalised_gate():
-    probs, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
-    assert expert.tolist() == [0, 1, 0, 0, 2, 0, 1, 0]
+    router = _route(LOGITS)
+    assert router.expert.tolist() == [0, 1, 0, 0, 2, 0, 1, 0]
     expected = [_gate(v) for v in (2.0, 1.0, 3.0, 1.0, 2.0, 0.5, 3.0, 4.0)]
-    torch.testing.assert_close(gate, torch.tensor(expected))
-    torch.testing.assert_close(probs.sum(-1), torch.ones(8))
+    torch.testing.assert_close(router.gate, torch.tensor(expected))
+    torch.testing.assert_close(router.prob_sum.sum(), torch.tensor(8.0))  # each token's p sums to 1
 
 
 def test_bpr_keeps_the_highest_gates_and_vanilla_the_earliest():
-    _, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
+    router = _route(LOGITS)
+    expert, gate = router.expert[None], router.gate[None]
     # Expert 0 is wanted by tokens 0, 2, 3, 5, 7 (gates by logit 2, 3, 1, 0.5, 4); capacity 2.
-    bpr = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, True)[0]
+    bpr = _slots(expert, gate, 2, True)[0]
     assert bpr.tolist() == [-1, 1, 1, -1, 0, -1, 0, 0]  # token 7 (logit 4) then 2 (logit 3) win expert 0
-    vanilla = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, False)[0]
+    vanilla = _slots(expert, gate, 2, False)[0]
     assert vanilla.tolist() == [0, 0, 1, -1, 0, -1, 1, -1]  # tokens 0 and 2 came first
 
 
 def test_ties_keep_position_order_and_padding_takes_no_slot():
     expert = torch.tensor([[1, -1, 1, 1, 1]])
     gate = torch.tensor([[0.5, 0.9, 0.5, 0.7, 0.5]])
-    slots = REFERENCE_OPS.assign_slots(expert, gate, 2, 3, True)[0]
-    assert slots.tolist() == [1, -1, 2, 0, -1]
+    plan = REFERENCE_OPS.assign_slots(expert, gate, torch.where(expert < 0, -1, 0), 2, 3, True)
+    assert plan.slot[0].tolist() == [1, -1, 2, 0, -1]
+    # Rows: expert 1's kept tokens by slot (3, 0, 2), then the rest by priority (1: gate 0.9, then 4).
+    assert plan.token_of_row.tolist() == [3, 0, 2, 1, 4]
+    assert plan.segment_count.tolist() == [0, 3, 2]
 
 
 def test_combine_weights_are_the_gates_of_kept_tokens():
-    _, expert, gate, *_ = REFERENCE_OPS.top1_router(LOGITS)
-    slot = REFERENCE_OPS.assign_slots(expert[None], gate[None], 3, 2, True)[0]
-    row = torch.where(slot >= 0, expert * 2 + slot, -1)
+    router = _route(LOGITS)
+    slot = _slots(router.expert[None], router.gate[None], 2, True)[0]
+    row = torch.where(slot >= 0, router.expert * 2 + slot, -1)
     buffer = torch.arange(1.0, 7.0)[:, None].repeat(1, 2)  # expert e slot s holds value 2e + s + 1
-    y = REFERENCE_OPS.combine(buffer, row, gate)
+    y = REFERENCE_OPS.combine(buffer, row, router.gate)
     expected = torch.tensor([0.0, _gate(1.0) * 4, _gate(3.0) * 2, 0.0, _gate(2.0) * 5, 0.0, _gate(3.0) * 3, _gate(4.0)])
     torch.testing.assert_close(y[:, 0], expected)
 

@@ -8,8 +8,11 @@ import torch.nn.functional as F
 import torchvision
 
 from limoe.config import LossConfig, load_config, load_model_config
+from limoe.distributed import ExpertSharding
+from limoe.model.layers import Attention, Segment
+from limoe.model.routing import IMAGE, TEXT
+from limoe.model.tower import Block, Limoe, Tokens, TokenLayout, build_model, parameter_counts
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
-from limoe.model.tower import Limoe, build_model, parameter_counts
 
 MODELS = ["limoe-tiny", "limoe-s32", "limoe-b32", "limoe-b16", "limoe-l16", "limoe-h14"]
 # The large ones keep their width, experts and resolution but shrink to two blocks here.
@@ -147,3 +150,51 @@ def test_the_whole_model_compiles_as_one_graph(backend):
     torch.testing.assert_close(compiled.image_features, eager.image_features)
     torch.testing.assert_close(compiled.text_features, eager.text_features)
     torch.testing.assert_close(compiled.routing[0].load, eager.routing[0].load)
+
+
+def test_attention_over_segments_equals_attention_per_modality_with_gradients():
+    """One residual tensor, two segments: each segment attends only to itself, exactly as if the
+    modalities ran separately, values and every gradient (the joined d(qkv) included)."""
+    torch.manual_seed(0)
+    attention = Attention(16, 4)
+    image, text = torch.randn(3, 7, 16), torch.randn(3, 5, 16)
+    key_mask = torch.ones(3, 5, dtype=torch.bool)
+    key_mask[1, 3:] = False
+    upstream = torch.randn(3, 12, 16)
+
+    joint = torch.cat([image, text], dim=1).requires_grad_()
+    y = attention(joint, (Segment(0, 7), Segment(7, 5, key_mask)))
+    grads = torch.autograd.grad(y, [joint, *attention.parameters()], upstream)
+
+    parts = [image.clone().requires_grad_(), text.clone().requires_grad_()]
+    y_ref = torch.cat([attention(parts[0]), attention(parts[1], (Segment(0, 5, key_mask),))], dim=1)
+    grads_ref = torch.autograd.grad(y_ref, [*parts, *attention.parameters()], upstream)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(grads[0], torch.cat(grads_ref[:2], dim=1))
+    for grad, grad_ref in zip(grads[1:], grads_ref[2:]):
+        torch.testing.assert_close(grad, grad_ref)
+
+
+def test_joint_forward_encodes_each_modality_as_encode_image_and_encode_text_do():
+    """Attention never crosses modalities and, dropless in eval, routing is per token: the joint
+    forward's features equal the single-modality encoders'."""
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny", ["moe.eval_capacity_factor=null"])).eval()
+    images, tokens = torch.randn(3, 3, 64, 64), torch.randint(1, 1000, (3, 16))
+    tokens[:, 10:] = 0
+    with torch.no_grad():
+        output = model(images, tokens)
+        torch.testing.assert_close(output.image_features, model.encode_image(images), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(output.text_features, model.encode_text(tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_block_runs_on_one_residual_tensor():
+    torch.manual_seed(0)
+    config = load_model_config("limoe-tiny")
+    block = Block(config, True, ExpertSharding())
+    streams = [Tokens(torch.randn(2, 5, config.width), torch.full((2, 5), IMAGE), None, "image"),
+               Tokens(torch.randn(2, 3, config.width), torch.full((2, 3), TEXT), None, "text")]
+    layout = TokenLayout.of(streams)
+    assert [(s.start, s.length) for s in layout.segments] == [(0, 5), (5, 3)] and layout.modality.shape == (2, 8)
+    y, routing = block(torch.cat([s.x for s in streams], dim=1), layout)
+    assert y.shape == (2, 8, config.width) and routing.expert.shape == (2, 8)

@@ -6,13 +6,14 @@ and the workers join it as clients, as `torchrun` workers join their agent's sto
 another process take the port in between.
 """
 
-import os
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
+
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,7 @@ def run_processes(module: str, args: list[str], world_size: int, timeout: float 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
     processes = []
     for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+        env = {**child_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
                "OMP_NUM_THREADS": "1"}
         processes.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.engine_state import engine_entries
 from limoe.config import load_config
+from limoe.model.moe import stacked_expert_state
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine, start_session
 from tests.training.ep_worker import GLOBAL_BATCH, OVERRIDES, fixed_batch
@@ -53,18 +54,23 @@ def compare_with_checkpoint(engine, stored) -> list[str]:
 
 def compare_unsharded(engine, workdir: Path, stored) -> int:
     """One process holds the whole model: its state dict is the consolidated one, and AdamW's
-    state of each parameter is the stored one under the parameter's own name (no expert mapping)."""
+    state of each parameter is the stored one under the parameter's own name, the per-expert entries
+    stacked by the loader of old model files (not the layer's own checkpoint mapping)."""
     consolidated, _ = checkpoint.consolidated_state(workdir)
     live = engine.module.model.state_dict()
     assert live.keys() == consolidated.keys()
     for name, value in consolidated.items():
         assert torch.equal(live[name], value), name
     with stored.entries("optimizer") as entries:
-        for name, parameter in engine.module.named_parameters():
-            state = engine.optimizer.state[parameter]
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(state[key], entries[f"{key}/{name}"]), (key, name)
-            assert float(state["step"]) == float(entries[f"step/{name}"]) == SAVED_AT, name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            prefix = f"{key}/"
+            saved = stacked_expert_state({name[len(prefix):]: entries[name] for name in entries if name.startswith(prefix)})
+            for name, parameter in engine.module.named_parameters():
+                state = engine.optimizer.state[parameter]
+                if key == "step":  # experts: one step per expert entry, all the parameter's own
+                    assert float(state["step"]) == SAVED_AT and torch.all(saved[name] == SAVED_AT), name
+                else:
+                    assert torch.equal(state[key], saved[name]), (key, name)
     return len(consolidated)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from limoe_kernels.router import top1_router_reference
+from limoe_kernels.router import route_logits_reference
 from limoe.config import LossConfig, PerModality
 from limoe.model.aux_losses import (
     importance_loss,
@@ -43,7 +43,7 @@ def test_load_matches_the_gaussian_formula_token_by_token():
         mean = sum(load) / 3
         expected.append(sum((v - mean) ** 2 for v in load) / 3 / mean**2)
     modality = torch.tensor([IMAGE, TEXT] * 5)
-    router = top1_router_reference(logits, noise, modality, group_size=5, num_modalities=2, noise_std=sigma)
+    router = route_logits_reference(logits, noise, modality, group_size=5, num_modalities=2, noise_std=sigma)
     counts = torch.tensor([[3.0, 2.0], [2.0, 3.0]])
     assert load_loss(router.load_sum, counts).item() == pytest.approx(sum(expected) / 2, rel=1e-5)
 

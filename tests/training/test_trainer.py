@@ -19,6 +19,7 @@ from limoe.config import dump_config, load_config
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine, lr_multiplier, start_session
 from limoe.training.workdir import keep_metrics_until, locked_workdir
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
@@ -136,8 +137,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path):
     from a seed derived from (train.seed, step), so later batches differ from an uninterrupted run.
     """
     command = [sys.executable, "-m", "limoe", *_args(tmp_path, "train.steps=24")]
-    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}  # set by in-process runs
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while checkpoint.latest_checkpoint(tmp_path) is None or checkpoint.latest_checkpoint(tmp_path).name < "step_00000006":

@@ -111,7 +111,9 @@ def test_tuning_changes_only_the_tuned_parts_and_learns(checkpoint, templates, s
     assert set(tuned) - set(base) == {name for name in trainable if name not in base}
     frozen = [name for name in base if name not in trainable]
     assert all(torch.equal(base[name], tuned[name]) for name in frozen)
-    assert len(frozen) > 60
+    kinds = ("attention.qkv.weight", "mlp.fc1.weight", "mlp.router_weight", "mlp.fc1_weight", "token_embed.weight",
+             "patch_embed.weight", "logit_scale")  # attention, dense MLPs, routers, experts, embeddings, temperature
+    assert all(any(name.endswith(kind) for name in frozen) for kind in kinds)
     changed = {name for name in trainable if name not in base or not torch.equal(base[name], tuned[name])}
     assert changed == trainable  # every LayerNorm, prompt, gate and the head moved
     assert metrics["last_loss"] < metrics["first_loss"]
