@@ -36,7 +36,7 @@ from limoe.model.routing import LayerRouting
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
 from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalised_pixels, patchify
-from limoe.training.losses import auxiliary_loss
+from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.step import TrainerOutput
 
 
@@ -114,6 +114,10 @@ class MaskedPretraining(nn.Module):
 
     def stage(self, step: int) -> str:
         return stage_at(step, self.pretrain_config)
+
+    def clamp_temperatures(self) -> None:
+        """The contrastive temperature gets no gradient here; it is kept within CLIP's bound all the same."""
+        clamp_logit_scale(self.model.logit_scale)
 
     def forward(self, images: Tensor, tokens: Tensor, step: int) -> TrainerOutput:
         """One step's task on a batch of pairs → (loss, its parts detached, routing). Images come as

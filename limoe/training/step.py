@@ -146,7 +146,6 @@ class ContrastiveTrainer(nn.Module):
                      + aux + sum((p * g).sum() for p, g in zip(self.loss_parameters(), share.loss_parameter_grads)))
         return TrainerOutput(surrogate, {}, output.routing)
 
-
     def clamp_temperatures(self) -> None:
         """After each update: the learned temperatures stay within CLIP's bound."""
         clamp_logit_scale(self.model.logit_scale)

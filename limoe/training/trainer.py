@@ -58,6 +58,7 @@ class Objective(Protocol):
     per phase (None: one phase). Both depend on the step alone, so a resumed run continues exactly.
     `name` is saved with each checkpoint, so a workdir resumes only under its own objective.
     `model` is the `Limoe` being trained: exports keep it and drop everything else.
+    `clamp_temperatures()` runs after every update and keeps the learned temperatures in bounds.
     """
 
     name: str
@@ -66,6 +67,8 @@ class Objective(Protocol):
     def __call__(self, images: Tensor, tokens: Tensor, step: int) -> TrainerOutput: ...
 
     def stage(self, step: int) -> Optional[str]: ...
+
+    def clamp_temperatures(self) -> None: ...
 
 
 def _no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
