@@ -152,7 +152,7 @@ def warm_start(model: Limoe, config: Config) -> int:
     model.load_state_dict(values, strict=False)  # only loss parameters and upcycled routers may be absent
     if rank_and_world()[0] == 0:
         kept = [name for name in model.state_dict() if name not in values]
-        log.info("started from %s: %d tensors loaded%s%s", source, len(values),
-                 f"; blocks {blocks} upcycled from the dense MLP (experts copied, routers fresh)" if blocks else "",
-                 f"; {', '.join(kept)} kept at the initial value" if kept else "")
+        log.warning("started from %s: %d tensors loaded%s%s", source, len(values),
+                    f"; blocks {blocks} upcycled from the dense MLP (experts copied, routers fresh)" if blocks else "",
+                    f"; {', '.join(kept)} kept at the initial value" if kept else "")
     return len(values)
