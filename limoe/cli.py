@@ -71,10 +71,15 @@ def _eval_zeroshot(args) -> int:
 
     run_zeroshot(
         checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
-        output=args.output, batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device,
-        workers=args.workers, candidate_images=args.candidate_images,
+        output=args.output, candidate_images=args.candidate_images, **_model_options(args),
     )
     return 0
+
+
+def _model_options(args) -> dict:
+    """What every command that runs a checkpoint's model passes on from its shared options."""
+    return {"batch_size": args.batch_size, "capacity_factor": args.capacity_factor, "device": args.device,
+            "workers": args.workers}
 
 
 def _eval_choice(args) -> int:
@@ -82,7 +87,7 @@ def _eval_choice(args) -> int:
 
     run_choice(
         checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,
-        batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
+        **_model_options(args),
     )
     return 0
 
@@ -94,8 +99,7 @@ def _tune(args) -> int:
     recipe = TuneRecipe(steps=args.steps, **{name: value for name, value in options.items() if value is not None})
     run_tune(
         checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
-        shots=args.shots, recipe=recipe, output=args.output, metrics_output=args.metrics,
-        batch_size=args.batch_size, capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
+        shots=args.shots, recipe=recipe, output=args.output, metrics_output=args.metrics, **_model_options(args),
     )
     return 0
 
@@ -103,10 +107,7 @@ def _tune(args) -> int:
 def _eval_retrieval(args) -> int:
     from limoe.evaluate import run_retrieval
 
-    run_retrieval(
-        checkpoint=Path(args.checkpoint), data=args.data, output=args.output, batch_size=args.batch_size,
-        capacity_factor=args.capacity_factor, device=args.device, workers=args.workers,
-    )
+    run_retrieval(checkpoint=Path(args.checkpoint), data=args.data, output=args.output, **_model_options(args))
     return 0
 
 
@@ -114,8 +115,8 @@ def _eval_knn(args) -> int:
     from limoe.evaluate.knn import run_knn
 
     run_knn(
-        checkpoint=Path(args.checkpoint), data=args.data, k=args.k, output=args.output, batch_size=args.batch_size,
-        capacity_factor=args.capacity_factor, device=args.device, workers=args.workers, random_init=args.random_init,
+        checkpoint=Path(args.checkpoint), data=args.data, k=args.k, output=args.output, random_init=args.random_init,
+        **_model_options(args),
     )
     return 0
 

@@ -292,8 +292,9 @@ class TrainConfig:
     eval_every: int = setting(0, "steps between evaluations of the live model on eval.zeroshot and eval.retrieval "
                                  "(also at the last step); 0: none", "[0, inf)")
     init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "
-                                             "workdir of the same architecture (e.g. limoe pretrain's); optimizer "
-                                             "and step start fresh; ignored when the workdir has a checkpoint")
+                                             "workdir of the same architecture (e.g. limoe pretrain's), or of its "
+                                             "dense twin (sparse upcycling); optimizer and step start fresh; ignored "
+                                             "when the workdir has a checkpoint")
     image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
                                            "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
     unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images (at most train.steps)",

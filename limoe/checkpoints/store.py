@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from limoe.errors import LimoeError
 from limoe.files import atomic_replace, fsync_directory, fsync_file, save_safetensors
+from limoe.model.moe import current_parameter_name
 
 log = logging.getLogger("limoe.checkpoints")
 
@@ -129,24 +130,27 @@ class Entries(Mapping):
     """name → tensor over several safetensors files, each tensor read when asked for.
 
     A name found in two files, or asked for but absent, is a LimoeError naming the checkpoint:
-    the files of one checkpoint partition the names.
+    the files of one checkpoint partition the names. Names are today's: an entry stored under a
+    name from before the experts were stacked (the router's) is found under its current name.
     """
 
     def __init__(self, where: Path, handles: dict):
         self.where = where
         self.handles = handles
         self.owner: dict[str, object] = {}
+        self.stored_as: dict[str, str] = {}  # current name → the name in the file
         for path, handle in handles.items():
-            for key in handle.keys():
+            for stored in handle.keys():
+                key = current_parameter_name(stored)
                 if key in self.owner:
                     raise LimoeError(f"checkpoint {where} holds '{key}' in two files; it is damaged, remove it.")
-                self.owner[key] = handle
+                self.owner[key], self.stored_as[key] = handle, stored
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.owner:
             raise LimoeError(f"checkpoint {self.where} has no tensor '{key}'; it was written for another model.")
         try:
-            return self.owner[key].get_tensor(key)
+            return self.owner[key].get_tensor(self.stored_as[key])
         except (SafetensorError, OSError) as error:
             raise LimoeError(f"checkpoint {self.where}: tensor '{key}' cannot be read ({error}).") from None
 

@@ -1,14 +1,16 @@
 """Starting a run from another run's weights (`train.init_from`), e.g. contrastive training from
 `limoe pretrain`'s model: an exported model file or a workdir's newest complete training
 checkpoint (limoe's code-free format; nothing is unpickled), loaded into a freshly built model of
-the same architecture. Only weights move; optimizer, schedule and step start fresh.
+the same architecture (fine-tuning), or of the MoE architecture whose dense twin the source is
+(sparse upcycling: every expert a copy of the block's dense MLP, the router fresh). Only weights
+move; optimizer, schedule and step start fresh.
 
 Strict on purpose: every tensor of the new model must be found with its shape, and a source may
 hold no tensor the model lacks, or the run stops with one line naming the tensor; an ignored
 tensor usually means the wrong file. The exceptions are the contrastive loss's own parameters
 (`LOSS_PARAMETERS`): SigLIP's bias exists only under that loss, so it is taken when both sides
-have it, kept at its initial value when the source lacks it, and left out when the model does.
-A workdir's training-only heads (pretraining's decoder and fusion blocks) are never read: only
+have it, kept at its initial value when the source lacks it, and left out when the model does;
+and the routers of upcycled blocks, which a dense model does not have. A workdir's training-only heads (pretraining's decoder and fusion blocks) are never read: only
 the model's entries are.
 
 `check_init_from` makes these checks from the source's names and shapes alone, before the
@@ -44,22 +46,21 @@ def _source(init_from: str) -> Path:
     return source
 
 
-def source_shapes(source: Path) -> dict[str, torch.Size]:
-    """Names and shapes of the model tensors `source` holds, read without loading any values."""
+def source_shapes_as_meta(source: Path) -> dict[str, Tensor]:
+    """The model tensors `source` holds as `meta` tensors: names and shapes, no values read."""
     if source.is_dir():
         try:
             config = checkpoint_config(checkpoint_at(source))
         except LimoeError as error:
             raise LimoeError(f"train.init_from: {error}") from None
         with torch.device("meta"):
-            skeleton = build_model(config)
-        return {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
+            return build_model(config).state_dict()
     try:
         with safe_open(str(source), framework="pt") as handle:
             stored = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"train.init_from {source} is not a readable safetensors file ({error}).") from None
-    return {name: tensor.shape for name, tensor in stacked_expert_state(stored).items()}  # files of any expert layout
+    return stacked_expert_state(stored)  # files of any expert layout
 
 
 def _unsharded_shapes(config: Config) -> dict[str, torch.Size]:
@@ -67,13 +68,15 @@ def _unsharded_shapes(config: Config) -> dict[str, torch.Size]:
         return {name: tensor.shape for name, tensor in build_model(config).state_dict().items()}
 
 
-def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config) -> None:
+def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config, upcycled: list[int]) -> None:
     """One line naming the first tensor of the model `config` describes that `source` lacks or
-    holds in another shape, or the first tensor of `source` the model does not have."""
+    holds in another shape, or the first tensor of `source` the model does not have (`shapes` as
+    upcycled; the routers of the `upcycled` blocks start fresh)."""
     architecture = f"{config.model.name} (width {config.model.width}, depth {config.model.depth})"
     wanted = _unsharded_shapes(config)
+    fresh = set(LOSS_PARAMETERS) | {f"{_mlp(block)}router_weight" for block in upcycled}
     for name, shape in wanted.items():
-        if name not in shapes and name not in LOSS_PARAMETERS:
+        if name not in shapes and name not in fresh:
             raise LimoeError(f"train.init_from {source} has no tensor {name}, which the {architecture} model needs; "
                              f"start from a model of the same architecture.")
         if name in shapes and shapes[name] != shape:
@@ -89,7 +92,35 @@ def check_init_from(config: Config) -> None:
     """Refuse a `train.init_from` that cannot seed this run, in one line, reading names and shapes only."""
     if config.train.init_from is not None:
         source = _source(config.train.init_from)
-        _check_fits(source, source_shapes(source), config)
+        stored = source_shapes_as_meta(source)
+        shapes = {name: tensor.shape for name, tensor in upcycled(stored, config).items()}
+        _check_fits(source, shapes, config, upcycled_blocks(stored, config))
+
+
+def _mlp(block: int) -> str:
+    return f"blocks.{block}.mlp."
+
+
+def upcycled_blocks(state: dict, config: Config) -> list[int]:
+    """The MoE blocks of `config` whose MLP `state` holds as one dense MLP (its dense twin's)."""
+    return [block for block in config.model.moe_layers
+            if f"{_mlp(block)}fc1.weight" in state and f"{_mlp(block)}fc1_weight" not in state]
+
+
+def upcycled(state: dict, config: Config) -> dict:
+    """Sparse upcycling (Komatsuzaki et al. 2022): `state` with the dense MLP of every block that
+    is an MoE block in `config` copied into each of its E experts, as the stacked expert tensors
+    [E, ...]; the router, absent from a dense model, keeps its fresh initialisation. The copies
+    are identical; what tells them apart is the fresh router sending them different tokens (with
+    router noise in training), as in the paper. Other entries pass through unchanged."""
+    result = dict(state)
+    experts = config.model.moe.num_experts
+    for block in upcycled_blocks(state, config):
+        for linear in ("fc1", "fc2"):
+            for kind in ("weight", "bias"):
+                dense = result.pop(f"{_mlp(block)}{linear}.{kind}")  # fc1 [h, d], fc2 [d, h], biases [h] / [d]
+                result[f"{_mlp(block)}{linear}_{kind}"] = dense.unsqueeze(0).expand(experts, *dense.shape)  # [E, ...]
+    return result
 
 
 def _read_source(source: Path) -> dict[str, Tensor]:
@@ -113,12 +144,15 @@ def warm_start(model: Limoe, config: Config) -> int:
     """Load the weights of `config.train.init_from` (exported file or workdir) into `model`, this
     rank's part of the model `config` describes, in place; returns the number of tensors loaded."""
     source = _source(config.train.init_from)
-    state = _read_source(source)
-    _check_fits(source, {name: tensor.shape for name, tensor in state.items()}, config)
+    stored = _read_source(source)
+    blocks = upcycled_blocks(stored, config)
+    state = upcycled(stored, config)
+    _check_fits(source, {name: tensor.shape for name, tensor in state.items()}, config, blocks)
     values = _local_values(model, state)
-    model.load_state_dict(values, strict=False)  # only LOSS_PARAMETERS may be absent (checked above)
+    model.load_state_dict(values, strict=False)  # only loss parameters and upcycled routers may be absent
     if rank_and_world()[0] == 0:
-        kept = [name for name in LOSS_PARAMETERS if name in model.state_dict() and name not in values]
-        log.info("started from %s: %d tensors loaded%s", source, len(values),
-                 f"; {', '.join(kept)} kept at its initial value" if kept else "")
+        kept = [name for name in model.state_dict() if name not in values]
+        log.warning("started from %s: %d tensors loaded%s%s", source, len(values),
+                    f"; blocks {blocks} upcycled from the dense MLP (experts copied, routers fresh)" if blocks else "",
+                    f"; {', '.join(kept)} kept at the initial value" if kept else "")
     return len(values)

@@ -271,6 +271,14 @@ PER_EXPERT_NAME = re.compile(  # `layer` keeps its trailing dot (empty for the l
 PER_EXPERT_ROUTER = re.compile(r"^(?P<layer>(.*\.)?)deepspeed_moe\.gate\.wg\.weight$")
 
 
+def current_parameter_name(name: str) -> str:
+    """A stored name in today's naming: a router written before the experts were stacked
+    (`L.deepspeed_moe.gate.wg.weight`, also under an optimizer prefix) is `L.router_weight`. The
+    per-expert names stay: they are the checkpoints' naming of stacked rows."""
+    router = PER_EXPERT_ROUTER.match(name)
+    return f"{router['layer']}router_weight" if router else name
+
+
 def stacked_expert_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A state dict written with one module per expert (DeepSpeed's `Experts` layout, in exported
     files from before the experts were stacked) in the stacked layout:
@@ -280,13 +288,11 @@ def stacked_expert_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     converted: dict[str, Tensor] = {}
     experts: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
     for name, tensor in state.items():
-        expert, router = PER_EXPERT_NAME.match(name), PER_EXPERT_ROUTER.match(name)
+        expert = PER_EXPERT_NAME.match(name)
         if expert:
             experts[expert["layer"], f"{expert['linear']}_{expert['kind']}"][int(expert["index"])] = tensor
-        elif router:
-            converted[router["layer"] + "router_weight"] = tensor
         else:
-            converted[name] = tensor
+            converted[current_parameter_name(name)] = tensor
     for (layer, parameter), by_index in experts.items():
         if sorted(by_index) != list(range(len(by_index))):
             missing = sorted(set(range(max(by_index) + 1)) - set(by_index))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from limoe.checkpoints import store
 from limoe.checkpoints import training as checkpoint
@@ -204,15 +205,42 @@ def test_a_zero_0_checkpoint_resumes_under_zero_1_and_2(trained, run, zero_stage
     _steps(resumed, resumed_config, 1)  # and it trains on
 
 
+def _update_manifest(step_dir: Path, name: str) -> None:
+    """Record the rewritten file `name` in the manifest, as someone crafting a checkpoint would."""
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"][name] = {"bytes": (step_dir / name).stat().st_size, "sha256": store._sha256(step_dir / name)}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _rewrite_state(step_dir: Path, change) -> None:
-    """Edit state.json and update the manifest, as someone crafting a checkpoint would."""
+    """Edit state.json and update the manifest."""
     state = json.loads((step_dir / "state.json").read_text())
     change(state)
     (step_dir / "state.json").write_text(json.dumps(state))
-    manifest = json.loads((step_dir / "manifest.json").read_text())
-    manifest["files"]["state.json"] = {"bytes": (step_dir / "state.json").stat().st_size,
-                                       "sha256": store._sha256(step_dir / "state.json")}
-    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    _update_manifest(step_dir, "state.json")
+
+
+def test_a_checkpoint_with_the_router_names_of_per_expert_layers_resumes(trained, run):
+    """Checkpoints written before the experts were stacked name each router
+    `…mlp.deepspeed_moe.gate.wg.weight` (also its Adam moments): they restore the same state."""
+    saved, _, config, _ = trained
+    workdir, _, _ = run
+    shutil.rmtree(_step_dir(workdir, 1))
+    step_dir = _step_dir(workdir, 2)
+    renamed = 0
+    for path in step_dir.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        old = {name.replace("mlp.router_weight", "mlp.deepspeed_moe.gate.wg.weight"): value
+               for name, value in tensors.items()}
+        renamed += sum(name not in tensors for name in old)
+        save_file(old, str(path))
+        _update_manifest(step_dir, path.name)
+    assert renamed >= 2 * len(config.model.moe_layers)  # the weights and at least one optimizer entry each
+    resumed = _engine(config)
+    checkpoint.restore_training_checkpoint(resumed, checkpoint.find_resume_checkpoint(workdir), config)
+    for before, after in zip(engine_entries(saved, True, True), engine_entries(resumed, True, True)):
+        for name in before:
+            assert torch.equal(before[name], after[name]), name
 
 
 @pytest.mark.parametrize("change, message", [

@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from limoe.checkpoints import load_model
 from limoe.checkpoints.model_file import CONFIG_KEY, save_model_file
 from limoe.checkpoints.warm_start import check_init_from, warm_start
 from limoe.cli import main
@@ -102,3 +103,56 @@ def test_limoe_train_refuses_a_bad_source_in_one_line_and_leaves_the_workdir_alo
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.init_from") or "train.init_from" in err.split(";")[0], err
     assert len(err.splitlines()) == 1 and not workdir.exists()
+
+
+@pytest.fixture(scope="module")
+def dense_source(tmp_path_factory):
+    """An exported dense twin of the demo model (its MoE blocks as plain MLPs)."""
+    config = load_config("demo", ["model.dense=true"])
+    path = tmp_path_factory.mktemp("dense") / "dense.safetensors"
+    save_model_file(_model(0, config=config), config, path)
+    return path
+
+
+@pytest.mark.parametrize("sharding", [ExpertSharding(), ExpertSharding(size=2, rank=1)], ids=["1 rank", "rank 1 of 2"])
+def test_a_dense_twin_upcycles_into_the_moe_model(dense_source, sharding):
+    """Every expert equals the dense MLP it came from; the router keeps the fresh model's
+    initialisation; every other tensor is the dense model's."""
+    dense = load_file(str(dense_source))
+    overrides = [] if sharding.size == 1 else ["distributed.expert_parallel_size=2"]
+    config = _from(dense_source, *overrides)
+    check_init_from(config)  # the up-front check accepts it too
+    fresh, model = _model(1, sharding).state_dict(), _model(1, sharding)
+    warm_start(model, config)
+    state = model.state_dict()
+    for block in CONFIG.model.moe_layers:
+        mlp = f"blocks.{block}.mlp."
+        for linear in ("fc1", "fc2"):
+            for kind in ("weight", "bias"):
+                experts = state[f"{mlp}{linear}_{kind}"]  # [E_l, ...]
+                assert experts.shape[0] == CONFIG.model.moe.num_experts // sharding.size
+                for expert in experts:
+                    assert torch.equal(expert, dense[f"{mlp}{linear}.{kind}"])
+        assert torch.equal(state[f"{mlp}router_weight"], fresh[f"{mlp}router_weight"])
+    for name, tensor in dense.items():
+        if name in state:
+            assert torch.equal(state[name], tensor), name
+
+
+def test_upcycling_from_a_model_of_another_width_is_one_line_naming_the_tensor(tmp_path):
+    config = load_config("demo", ["model.dense=true", "model.mlp_dim=64"])
+    path = tmp_path / "dense.safetensors"
+    save_model_file(_model(0, config=config), config, path)
+    with pytest.raises(LimoeError, match=r"tensor blocks\.0\.mlp\.fc1\.weight has shape \(64, "):
+        check_init_from(_from(path))
+
+
+def test_fine_tuning_from_an_export_starts_from_the_same_function(source):
+    """A model started from an exported file computes what the exported model computes."""
+    exported, _ = load_model(source)
+    model = _model(1).eval()
+    warm_start(model, _from(source))
+    images, tokens = torch.rand(4, 3, 64, 64), torch.randint(1, 100, (4, 16))
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), exported.encode_image(images))
+        assert torch.equal(model.encode_text(tokens), exported.encode_text(tokens))
