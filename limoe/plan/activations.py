@@ -8,10 +8,11 @@ checkpointed block keeps, and the bf16 copies of weights that autocast made and 
 So the numbers follow the code — a new layer, a different checkpointing granularity or a leaner
 kernel changes them without anyone updating a formula.
 
-Measured per checkpointing mode on one routing group's worth of pairs: every activation grows
-with the number of groups (weight copies, which do not, are told apart by their origin), so the
-bytes per pair hold at any micro-batch size. The contrastive loss is measured on its own, since
-its logits grow with the local times the global batch.
+Measured per checkpointing mode on one routing group's worth of pairs, of images alone and of
+texts alone (a classification step encodes its images and its class prompts in separate passes):
+every activation grows with the number of groups (weight copies, which do not, are told apart by
+their origin), so the bytes per pair (image, text) hold at any micro-batch size. The contrastive
+loss is measured on its own, since its logits grow with the local times the global batch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from limoe.training.step import ContrastiveTrainer
 CHECKPOINTING = ("none", "moe", "all")
 LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
 DENSE_BATCH = 8  # pairs measured for a model without routing groups
+PAIRS, IMAGES, TEXTS = (True, True), (True, False), (False, True)  # what a measured forward encodes
+INPUTS = (PAIRS, IMAGES, TEXTS)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class ActivationProfile:
     """What one GPU keeps for backward, per checkpointing mode (bytes)."""
 
     per_pair: dict[str, float]  # mode → activations per pair of the micro-batch
+    per_image: dict[str, float]  # mode → per image encoded alone (a classification step's images)
+    per_text: dict[str, float]  # mode → per text encoded alone (a classification step's prompts)
     shared_weight_copies: dict[str, int]  # mode → copies of shared weights kept (all ranks hold these)
     expert_weight_copies: dict[str, int]  # mode → copies of all E experts' weights kept (a rank holds E_local/E)
     logit_bytes: float  # per element of one rank's logits (B_local × B_global, or B_global² without local_loss)
@@ -130,25 +135,29 @@ def measure_activations(config: Config, bf16: bool) -> ActivationProfile:
     model_config = config.model
     batch = model_config.moe.group_size if model_config.moe_layers else DENSE_BATCH
 
-    def forward():
+    def forward(with_images: bool, with_tokens: bool):
         images = torch.empty(batch, 3, model_config.image_size, model_config.image_size, dtype=torch.uint8)
         tokens = torch.ones(batch, model_config.context_length, dtype=torch.long)  # all real tokens: all routed
         with autocast:
-            output = module.encode(images, tokens)
+            output = module.encode(images if with_images else None, tokens if with_tokens else None)
             aux, _ = auxiliary_loss(output.routing, config.loss)
         return output, aux
 
-    per_pair, shared_copies, expert_copies = {}, {}, {}
+    per_item = {inputs: {} for inputs in INPUTS}
+    shared_copies, expert_copies = {}, {}
     with mode:
         for checkpointing in CHECKPOINTING:
             module.model.set_activation_checkpointing(checkpointing)
-            kept = _kept_after(forward, parameters)
-            per_pair[checkpointing] = kept.activations / batch
-            shared_copies[checkpointing] = kept.shared_weight_copies
-            expert_copies[checkpointing] = kept.expert_weight_copies
+            for inputs, per_mode in per_item.items():
+                kept = _kept_after(lambda: forward(*inputs), parameters)
+                per_mode[checkpointing] = kept.activations / batch
+                if inputs == PAIRS:  # a pair's forward casts every weight; one modality's, only its share
+                    shared_copies[checkpointing] = kept.shared_weight_copies
+                    expert_copies[checkpointing] = kept.expert_weight_copies
         module.model.set_activation_checkpointing("none")
         logit_bytes, feature_bytes = _measure_loss(config, bf16)
-    return ActivationProfile(per_pair, shared_copies, expert_copies, logit_bytes, feature_bytes)
+    return ActivationProfile(per_item[PAIRS], per_item[IMAGES], per_item[TEXTS], shared_copies, expert_copies,
+                             logit_bytes, feature_bytes)
 
 
 def _measure_loss(config: Config, bf16: bool) -> tuple[float, float]:

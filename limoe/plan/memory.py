@@ -8,22 +8,33 @@ a fixed reserve for the CUDA context, NCCL and allocator slack. It then finds, f
 activation-checkpointing mode, the largest micro-batch that fits, and recommends the setting
 with the least recomputation.
 
+A co-training config (`tasks:`) is planned step by step: each task's step is its own forward and
+backward, so the run needs what its largest step needs. A contrastive task is a batch of pairs
+as above (micro-batched when configured); a classification task encodes its images and, on each
+GPU, a slice of every candidate class's prompts, then gathers all the prompt features — with a
+large label set (`candidates: all`) the prompts, not the images, decide whether it fits.
+
 What is estimated rather than measured: the reserve, backward's working set (the largest block's
 activations once for the gradients flowing through it, twice under checkpointing, which also
-recomputes it), and DeepSpeed's buffers (from its bucket sizes). The comparison with
+recomputes it), DeepSpeed's buffers (from its bucket sizes), and a classification step's
+gathered prompt features and [images × candidates] logits (counted in fp32). The comparison with
 `torch.cuda.max_memory_allocated` on a GPU is in docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
+from limoe.evaluate.prompts import load_templates
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
+from limoe.training.candidates import most_candidates
+from limoe.training.cotraining import check_task_batches, task_classnames
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.step import micro_batch_size
 
@@ -35,7 +46,26 @@ FEATURE_CACHE_COPIES = 4  # micro-batching keeps image and text features and the
 @dataclass(frozen=True)
 class Setting:
     checkpointing: str  # none, moe or all
-    micro_batch: int  # pairs per GPU per forward
+    micro_batch: Optional[int]  # pairs per GPU per forward; None: each task's whole batch (co-training)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one step puts through one GPU: pairs (contrastive), or labelled images and this GPU's
+    slice of their candidate classes' prompts (classification, taken whole)."""
+
+    task: str  # the task's name; "" for a run without tasks
+    kind: str  # contrastive or classification
+    local: int  # pairs or images per GPU
+    global_batch: int  # pairs or images summed over the GPUs
+    candidates: int = 0  # classification: K, the classes one step scores (at most)
+    prompts: int = 0  # classification: prompts this GPU encodes, ⌈K·T / GPUs⌉
+    gathered_prompts: int = 0  # classification: K·T, the prompt features every GPU gathers
+
+    def describe(self) -> str:
+        if self.kind == "contrastive":
+            return f"{self.local} pairs"
+        return f"{self.local} images + {self.prompts} prompts of {self.candidates} classes"
 
 
 @dataclass(frozen=True)
@@ -67,65 +97,110 @@ class MemoryPlan:
     state: StateBytes
     profile: ActivationProfile
     configured: Setting
+    workloads: tuple[Workload, ...]  # one per task (one for a run without tasks)
 
     @property
     def local_batch(self) -> int:
-        return self.config.train.batch_size // self.gpus
+        """The largest per-GPU batch of pairs (or images) of any step."""
+        return max(workload.local for workload in self.workloads)
 
     @property
-    def micro_batches(self) -> list[int]:
-        """The micro-batch sizes a run accepts, largest first: divisors of the local batch, whole routing groups."""
+    def micro_batches(self) -> list[Optional[int]]:
+        """The micro-batch sizes a run accepts, largest first: divisors of every contrastive step's
+        per-GPU batch, in whole routing groups. None (each step's whole batch) comes first where the
+        steps' batches differ; a classification step allows nothing else (it is encoded whole)."""
         group = self.config.model.moe.group_size if self.config.model.moe_layers else 1
-        local = self.local_batch
-        return [m for m in range(local, 0, -1) if local % m == 0 and m % group == 0]
+        locals_ = {w.local for w in self.workloads if w.kind == "contrastive"}
+        if not locals_ or any(w.kind == "classification" for w in self.workloads):
+            return [None]
+        common = math.gcd(*locals_)
+        divisors = [m for m in range(common, 0, -1) if common % m == 0 and m % group == 0]
+        return divisors if len(locals_) == 1 else [None, *divisors]
 
     def breakdown(self, setting: Setting) -> Breakdown:
+        """Bytes per GPU of the step that needs the most."""
+        return self.largest_step(setting)[1]
+
+    def largest_step(self, setting: Setting) -> tuple[Workload, Breakdown]:
+        steps = [(workload, self.step_breakdown(workload, setting)) for workload in self.workloads]
+        return max(steps, key=lambda step: step[1].total)
+
+    def step_breakdown(self, workload: Workload, setting: Setting) -> Breakdown:
+        """Bytes per GPU while one step of `workload` runs under `setting`."""
+        if workload.kind == "classification":
+            return self._classification(workload, setting)
         profile, state, config = self.profile, self.state, self.config
-        local, micro = self.local_batch, setting.micro_batch
+        local = workload.local
+        micro = setting.micro_batch or local
         cached = micro < local
-        expert_share = self.counts.local_experts / max(self.counts.all_experts, 1)
-        copies = profile.shared_weight_copies[setting.checkpointing] + round(
-            profile.expert_weight_copies[setting.checkpointing] * expert_share)
         activations = round(profile.per_pair[setting.checkpointing] * micro)
-        global_batch = config.train.batch_size
+        global_batch = workload.global_batch
         rows = local if config.loss.local_loss and config.loss.contrastive == "clip" else global_batch
         logits = round(profile.logit_bytes * rows * global_batch + profile.gathered_feature_bytes * global_batch)
         cache = FEATURE_CACHE_COPIES * local * config.model.embed_dim * FP32 if cached else 0
-        buckets = state.reduction_buffers if config.distributed.zero_stage else 0
-        # Backward holds one block's activation gradients; under checkpointing also its recomputed activations.
-        working = (1 if setting.checkpointing == "none" else 2) * round(self._largest_block_per_pair() * micro)
-        backward = working + buckets
+        backward = self._backward(setting, micro)
         # With micro-batching the logits live in their own step, before the micro-batches' forwards.
         transient = max(backward, logits if cached else 0, state.reduction_buffers, state.optimizer_temporaries)
-        return Breakdown(state.parameters, state.gradients, state.optimizer, copies, activations,
+        return Breakdown(state.parameters, state.gradients, state.optimizer, self._weight_copies(setting), activations,
                          0 if cached else logits, cache, transient, RESERVED)
 
-    def _largest_block_per_pair(self) -> float:
-        """Activations per pair of the largest block, from what checkpointing the MoE blocks, then the rest, saves."""
-        per_pair, depth = self.profile.per_pair, self.config.model.depth
-        moe = len(self.config.model.moe_layers)
-        candidates = [(per_pair["moe"] - per_pair["all"]) / max(depth - moe, 1)]
+    def _classification(self, workload: Workload, setting: Setting) -> Breakdown:
+        """Images and this GPU's prompts encoded whole; the gathered prompt features, the class
+        embeddings and the [images × candidates] logits with their softmax, all kept for backward."""
+        profile, state, checkpointing = self.profile, self.state, setting.checkpointing
+        activations = round(profile.per_image[checkpointing] * workload.local
+                            + profile.per_text[checkpointing] * workload.prompts)
+        features = (workload.gathered_prompts + workload.candidates) * self.config.model.embed_dim * FP32
+        logits = features + 2 * workload.local * workload.candidates * FP32
+        # Backward runs through the image pass and the prompt pass one after the other.
+        backward = max(self._backward(setting, workload.local, profile.per_image),
+                       self._backward(setting, workload.prompts, profile.per_text))
+        transient = max(backward, state.reduction_buffers, state.optimizer_temporaries)
+        return Breakdown(state.parameters, state.gradients, state.optimizer, self._weight_copies(setting), activations,
+                         logits, 0, transient, RESERVED)
+
+    def _weight_copies(self, setting: Setting) -> int:
+        expert_share = self.counts.local_experts / max(self.counts.all_experts, 1)
+        return self.profile.shared_weight_copies[setting.checkpointing] + round(
+            self.profile.expert_weight_copies[setting.checkpointing] * expert_share)
+
+    def _backward(self, setting: Setting, items: int, per_item: Optional[dict[str, float]] = None) -> int:
+        """Backward's working set for a forward of `items` pairs (or of images or texts alone, with
+        their `per_item` activations): one block's activation gradients; under checkpointing also its
+        recomputed activations."""
+        buckets = self.state.reduction_buffers if self.config.distributed.zero_stage else 0
+        block = self._largest_block(per_item or self.profile.per_pair)
+        working = (1 if setting.checkpointing == "none" else 2) * round(block * items)
+        return working + buckets
+
+    def _largest_block(self, per_item: dict[str, float]) -> float:
+        """Activations per item of the largest block, from what checkpointing the MoE blocks, then the rest, saves."""
+        depth, moe = self.config.model.depth, len(self.config.model.moe_layers)
+        candidates = [(per_item["moe"] - per_item["all"]) / max(depth - moe, 1)]
         if moe:
-            candidates.append((per_pair["none"] - per_pair["moe"]) / moe)
+            candidates.append((per_item["none"] - per_item["moe"]) / moe)
         return max(candidates)
 
     def fits(self, setting: Setting) -> bool:
         return self.breakdown(setting).total <= self.gpu_memory
 
-    def largest_micro_batch(self, checkpointing: str) -> Optional[int]:
-        return next((m for m in self.micro_batches if self.fits(Setting(checkpointing, m))), None)
+    def largest_fitting(self, checkpointing: str) -> Optional[Setting]:
+        """The setting with the largest micro-batch that fits under `checkpointing`; None if none does."""
+        settings = (Setting(checkpointing, micro) for micro in self.micro_batches)
+        return next((setting for setting in settings if self.fits(setting)), None)
 
     def recompute_cost(self, setting: Setting) -> float:
         """Estimated step compute relative to no recomputation: forward 1, backward 2, plus the
         checkpointed blocks' share of a forward, plus one forward for micro-batching's encoding pass."""
         model = self.config.model
         share = {"none": 0.0, "moe": len(model.moe_layers) / model.depth, "all": 1.0}[setting.checkpointing]
-        return (3 + share + (setting.micro_batch < self.local_batch)) / 3
+        micro_batching = setting.micro_batch is not None and setting.micro_batch < self.local_batch
+        return (3 + share + micro_batching) / 3
 
     def recommended(self) -> Optional[Setting]:
         """The fitting setting with the least recomputation; ties go to the larger micro-batch."""
-        options = [Setting(c, m) for c in CHECKPOINTING if (m := self.largest_micro_batch(c)) is not None]
-        return min(options, key=lambda s: (self.recompute_cost(s), -s.micro_batch), default=None)
+        options = [s for c in CHECKPOINTING if (s := self.largest_fitting(c)) is not None]
+        return min(options, key=lambda s: (self.recompute_cost(s), -(s.micro_batch or self.local_batch)), default=None)
 
 
 def _bf16(config: Config) -> bool:
@@ -144,14 +219,37 @@ def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
     if gpus < 1 or gpus % ep:
         raise LimoeError(f"distributed.expert_parallel_size {ep} does not divide the {gpus} GPUs; "
                          f"use a GPU count that is a multiple of it.")
-    micro = micro_batch_size(config, gpus)
+    if config.tasks:
+        check_task_batches(config, gpus)
+        micro = config.train.micro_batch_size
+    else:
+        micro = micro_batch_size(config, gpus)
     ds_config = deepspeed_config(config, gpus, _bf16(config))
     bucket = max(ds_config["zero_optimization"].get("reduce_bucket_size", 0),
                  ds_config["zero_optimization"].get("allgather_bucket_size", 0))
     counts = count_parameters(config)
     state = state_bytes(counts, gpus, ep, config.distributed.zero_stage, int(bucket))
     return MemoryPlan(config, gpus, gpu_memory, counts, state, _profile(config.model, config.loss, _bf16(config)),
-                      Setting(config.train.activation_checkpointing, micro))
+                      Setting(config.train.activation_checkpointing, micro), workloads(config, gpus))
+
+
+def workloads(config: Config, gpus: int) -> tuple[Workload, ...]:
+    """Each step's shape on one GPU: the tasks' (class names and templates are read for the
+    classification ones), or the one contrastive batch of a run without tasks."""
+    if not config.tasks:
+        batch = config.train.batch_size
+        return (Workload("", "contrastive", batch // gpus, batch),)
+    steps = []
+    for task in config.tasks:
+        batch = config.task_batch_size(task)
+        if task.kind == "contrastive":
+            steps.append(Workload(task.name, "contrastive", batch // gpus, batch))
+            continue
+        classes = most_candidates(task.candidates, len(task_classnames(task)), batch)
+        prompts = classes * len(load_templates(task.templates))
+        steps.append(Workload(task.name, "classification", batch // gpus, batch, classes,
+                              prompts if gpus == 1 else math.ceil(prompts / gpus), prompts))
+    return tuple(steps)
 
 
 def _gib(nbytes: float) -> str:
@@ -159,49 +257,86 @@ def _gib(nbytes: float) -> str:
 
 
 def settings_line(setting: Setting) -> str:
-    return f"train.micro_batch_size={setting.micro_batch} train.activation_checkpointing={setting.checkpointing}"
+    micro = "null" if setting.micro_batch is None else setting.micro_batch
+    return f"train.micro_batch_size={micro} train.activation_checkpointing={setting.checkpointing}"
+
+
+def _step_name(workload: Workload) -> str:
+    return f"task {workload.task}'s step" if workload.task else "this run"
+
+
+def _no_fit_fix(plan: MemoryPlan) -> str:
+    """What to change when no setting fits: for a classification step, its candidates come first."""
+    workload, _ = plan.largest_step(Setting(CHECKPOINTING[-1], plan.micro_batches[-1]))
+    if workload.kind == "classification":
+        return (f"give task {workload.task} fewer candidates (candidates: N) or a smaller batch_size, or use more "
+                f"GPUs")
+    return "use more GPUs, more expert parallelism or ZeRO 2"
+
+
+def _activations_line(plan: MemoryPlan, workload: Workload, setting: Setting) -> str:
+    profile, checkpointing = plan.profile, setting.checkpointing
+    if workload.kind == "classification":
+        return (f"{workload.local} images x {profile.per_image[checkpointing] / 2**20:.2f} MiB + {workload.prompts} "
+                f"prompts x {profile.per_text[checkpointing] / 2**20:.2f} MiB, checkpointing {checkpointing}")
+    return (f"{setting.micro_batch or workload.local} pairs x {profile.per_pair[checkpointing] / 2**20:.2f} MiB, "
+            f"checkpointing {checkpointing}")
+
+
+def _logits_line(plan: MemoryPlan, workload: Workload, breakdown: Breakdown) -> str:
+    if workload.kind == "classification":
+        return f"{workload.gathered_prompts} gathered prompt features, {workload.local} x {workload.candidates} logits"
+    local_loss = plan.config.loss.local_loss
+    return (f"contrastive, {'local x global' if local_loss else 'global x global'}"
+            f"{' (own step when micro-batching)' if not breakdown.logits else ''}")
 
 
 def format_plan(plan: MemoryPlan, config_name: str) -> str:
     """The `limoe plan` report."""
     config, counts, profile = plan.config, plan.counts, plan.profile
     ep, stage = config.distributed.expert_parallel_size, config.distributed.zero_stage
-    configured = plan.breakdown(plan.configured)
+    workload, configured = plan.largest_step(plan.configured)
     replicas = plan.gpus // ep
     lines = [
         f"limoe plan: {config_name} (model {config.model.name}) on {plan.gpus} GPUs of {_gib(plan.gpu_memory)} GiB",
         f"layout           expert parallelism {ep}, each expert on {replicas} GPU{'s' if replicas > 1 else ''}; ZeRO {stage}",
-        f"batch            {config.train.batch_size} global, {plan.local_batch} per GPU",
+    ]
+    if config.tasks:
+        lines += [f"task {w.task:<11} {w.kind}, {w.global_batch} global, {w.describe()} per GPU" for w in plan.workloads]
+    else:
+        lines.append(f"batch            {config.train.batch_size} global, {plan.local_batch} per GPU")
+    lines += [
         f"parameters       {counts.shared / 1e6:.1f}M shared + {counts.local_experts / 1e6:.1f}M of experts per GPU "
         f"({counts.all_experts / 1e6:.1f}M experts in all)",
         "",
-        "per GPU, GiB (at the configured setting)",
+        f"per GPU, GiB (at the configured setting{f'; the largest step, task {workload.task}' if workload.task else ''})",
         f"  parameters       {_gib(configured.parameters):>7}   fp32",
         f"  gradients        {_gib(configured.gradients):>7}   fp32{', partitioned' if stage == 2 else ''}",
         f"  optimizer        {_gib(configured.optimizer):>7}   AdamW moments{' + fp32 master, partitioned' if stage else ''}",
         f"  weight copies    {_gib(configured.weight_copies):>7}   kept by autocast for backward",
-        f"  activations      {_gib(configured.activations):>7}   {plan.configured.micro_batch} pairs x "
-        f"{profile.per_pair[plan.configured.checkpointing] / 2**20:.2f} MiB, checkpointing "
-        f"{plan.configured.checkpointing}",
-        f"  logits           {_gib(configured.logits):>7}   contrastive, "
-        f"{'local x global' if config.loss.local_loss else 'global x global'}"
-        f"{' (own step when micro-batching)' if not configured.logits else ''}",
+        f"  activations      {_gib(configured.activations):>7}   {_activations_line(plan, workload, plan.configured)}",
+        f"  logits           {_gib(configured.logits):>7}   {_logits_line(plan, workload, configured)}",
         f"  feature cache    {_gib(configured.feature_cache):>7}   micro-batching",
         f"  transient        {_gib(configured.transient):>7}   backward working set, reduction buffers, optimizer step",
         f"  reserved         {_gib(configured.reserved):>7}   CUDA context, NCCL, allocator",
         f"  total            {_gib(configured.total):>7}   {'fits' if configured.total <= plan.gpu_memory else 'DOES NOT FIT'}",
-        "",
-        "activations per pair (MiB) and the largest micro-batch that fits, by checkpointing",
     ]
+    if config.tasks:
+        lines += ["", "per GPU, GiB, each task's step (at the configured setting)"]
+        lines += [f"  {w.task:<16} {_gib(plan.step_breakdown(w, plan.configured).total):>7}" for w in plan.workloads]
+    lines += ["", "activations per pair (MiB) and the largest micro-batch that fits, by checkpointing"]
     for checkpointing in CHECKPOINTING:
-        largest = plan.largest_micro_batch(checkpointing)
-        fit = (f"{largest:>6} pairs, {_gib(plan.breakdown(Setting(checkpointing, largest)).total)} GiB"
-               if largest else "  none fits")
+        largest = plan.largest_fitting(checkpointing)
+        if largest is None:
+            fit = "  none fits"
+        else:
+            pairs = "whole batches" if largest.micro_batch is None else f"{largest.micro_batch:>6} pairs"
+            fit = f"{pairs}, {_gib(plan.breakdown(largest).total)} GiB"
         lines.append(f"  {checkpointing:<5} {profile.per_pair[checkpointing] / 2**20:>8.2f}   {fit}")
     best = plan.recommended()
     lines.append("")
     if best is None:
-        lines.append("settings to use: none fits; use more GPUs, more expert parallelism or ZeRO 2.")
+        lines.append(f"settings to use: none fits; {_no_fit_fix(plan)}.")
     else:
         lines.append(f"settings to use: {settings_line(best)} (compute x{plan.recompute_cost(best):.2f} of a step "
                      f"without recomputation)")
@@ -211,14 +346,18 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
 def refuse_if_it_cannot_fit(config: Config, gpus: int, gpu_memory: int) -> None:
     """One line with the numbers and the fix when the configured setting does not fit."""
     plan = plan_memory(config, gpus, gpu_memory)
-    need = plan.breakdown(plan.configured)
+    workload, need = plan.largest_step(plan.configured)
     if need.total <= gpu_memory:
         return
     best = plan.recommended()
-    fix = f"set {settings_line(best)}" if best else "use more GPUs, more expert parallelism or ZeRO 2"
+    fix = f"set {settings_line(best)}" if best else _no_fit_fix(plan)
+    items = workload.describe()
+    if workload.kind == "contrastive":
+        items = f"{plan.configured.micro_batch or workload.local} pairs"
     raise LimoeError(
-        f"this run needs {_gib(need.total)} GiB per GPU (state {_gib(need.parameters + need.gradients + need.optimizer)}, "
-        f"activations {_gib(need.activations)} for {plan.configured.micro_batch} pairs, logits {_gib(need.logits)}, "
-        f"other {_gib(need.total - need.parameters - need.gradients - need.optimizer - need.activations - need.logits)}) "
+        f"{_step_name(workload)} needs {_gib(need.total)} GiB per GPU (state "
+        f"{_gib(need.parameters + need.gradients + need.optimizer)}, activations {_gib(need.activations)} for {items}, "
+        f"logits {_gib(need.logits)}, other "
+        f"{_gib(need.total - need.parameters - need.gradients - need.optimizer - need.activations - need.logits)}) "
         f"but the GPU has {_gib(gpu_memory)} GiB; {fix} (see `limoe plan`)."
     )

@@ -16,7 +16,7 @@ against every candidate while encoding only its share.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +95,14 @@ def candidate_subset(labels: Tensor, num_classes: int, size: int, generator: tor
     others = absent.nonzero().squeeze(1)  # [C - k]
     fill = others[torch.randperm(len(others), generator=generator)[: max(size - len(present), 0)]]
     return torch.cat([present, fill])
+
+
+def most_candidates(size: Union[str, int], num_classes: int, global_batch: int) -> int:
+    """The most classes one step scores: all of them, or `size` — more when the batch holds more
+    distinct labels than that (`candidate_subset` keeps every label's class)."""
+    if size == "all":
+        return num_classes
+    return min(num_classes, max(size, global_batch))
 
 
 def prompt_rows(classes: Tensor, templates: int) -> Tensor:

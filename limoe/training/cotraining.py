@@ -186,7 +186,18 @@ def _gather(labels: Tensor) -> Tensor:
 
 
 def check_tasks(config: Config, world_size: int) -> None:
-    """Every task's input, before anything is built: shards, batch split, labels, class names, templates."""
+    """Every task's input, before anything is built: batch split, shards, labels, class names, templates."""
+    check_task_batches(config, world_size)
+    for task in config.tasks:
+        expand_shards(task.data)
+        if task.kind == "classification":
+            require_labels(task.data)
+            task_classnames(task)
+            load_templates(task.templates)
+
+
+def check_task_batches(config: Config, world_size: int) -> None:
+    """Every task's batch splits over the processes, and into micro-batches where it may."""
     for task in config.tasks:
         batch_size = config.task_batch_size(task)
         if batch_size % world_size:
@@ -205,14 +216,10 @@ def check_tasks(config: Config, world_size: int) -> None:
                 f"task '{task.name}': train.micro_batch_size {micro} does not divide its {batch_size // world_size} "
                 f"pairs per process; give the task a batch_size that is a multiple of {micro * world_size}."
             )
-        expand_shards(task.data)
-        if task.kind == "classification":
-            require_labels(task.data)
-            _classnames(task)
-            load_templates(task.templates)
 
 
-def _classnames(task: TaskConfig) -> list[str]:
+def task_classnames(task: TaskConfig) -> list[str]:
+    """A classification task's class names: its `classnames` file, else the classnames.txt beside its shards."""
     return load_classnames(Path(task.classnames)) if task.classnames else read_classnames(task.data)
 
 
@@ -230,7 +237,7 @@ def build_tasks(config: Config, world_size: int, device: torch.device, start: in
         if not classification:
             tasks.append(Task(task, loader, device))
             continue
-        classnames, templates = _classnames(task), load_templates(task.templates)
+        classnames, templates = task_classnames(task), load_templates(task.templates)
         tokens = prompt_tokens(classnames, templates, config.model.context_length).to(device)
         tasks.append(ClassificationTask(task, loader, device, classnames, tokens, len(templates), config.schedule.seed))
     return tasks

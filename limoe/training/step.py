@@ -111,8 +111,11 @@ class ContrastiveTrainer(nn.Module):
         FLIP's masked phase and in evaluation."""
         return self.patch_dropping.keep(images, step) if self.training else None
 
-    def encode(self, images: Tensor, tokens: Tensor, image_keep: Optional[Tensor] = None) -> LimoeOutput:
-        return self.model(normalise(images) if images.dtype == torch.uint8 else images, tokens, image_keep)
+    def encode(self, images: Optional[Tensor], tokens: Optional[Tensor],
+               image_keep: Optional[Tensor] = None) -> LimoeOutput:
+        if images is not None and images.dtype == torch.uint8:
+            images = normalise(images)
+        return self.model(images, tokens, image_keep)
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""

@@ -117,9 +117,9 @@ def test_plan_for_b16_on_8_gpus_picks_a_fitting_setting():
     best = plan.recommended()
     assert best is not None and plan.fits(best)
     for checkpointing in ("none", "moe", "all"):
-        largest = plan.largest_micro_batch(checkpointing)
-        assert largest is not None and plan.fits(Setting(checkpointing, largest))
-        bigger = [m for m in plan.micro_batches if m > largest]
+        largest = plan.largest_fitting(checkpointing)
+        assert largest is not None and plan.fits(largest)
+        bigger = [m for m in plan.micro_batches if m > largest.micro_batch]
         assert not bigger or not plan.fits(Setting(checkpointing, min(bigger)))
     global_loss = dataclasses.replace(plan.config, loss=dataclasses.replace(plan.config.loss, local_loss=False))
     whole = plan_memory(global_loss, 8, 80 * GiB).breakdown(Setting("all", 2048)).logits
@@ -150,3 +150,78 @@ def test_bad_settings_are_one_line_and_exit_2(capsys, gpus, overrides, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("inputs", ["images", "texts"])
+def test_one_modality_activation_bytes_agree_with_a_real_cpu_forward(tiny, inputs):
+    """A classification step encodes images and prompts in separate passes; each pass's bytes per
+    item against what autograd saves in a real forward of that modality alone."""
+    config, profile = tiny
+    batch = config.model.moe.group_size
+    module, _ = _real_forward(config, "none", batch)
+    images = torch.randint(0, 256, (batch, 3, config.model.image_size, config.model.image_size), dtype=torch.uint8)
+    tokens = torch.randint(1, 1000, (batch, config.model.context_length))
+    parameters = {StorageWeakRef(p.untyped_storage()) for p in module.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        key = StorageWeakRef(tensor.untyped_storage())
+        if key not in parameters:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = module.encode(images, None) if inputs == "images" else module.encode(None, tokens)
+        aux = auxiliary_loss(output.routing, config.loss)[0]
+    per_item = profile.per_image if inputs == "images" else profile.per_text
+    assert per_item["none"] * batch == pytest.approx(sum(saved.values()), rel=0.10)
+    del output, aux
+
+
+def _classnames(tmp_path, count: int):
+    path = tmp_path / "classnames.txt"
+    path.write_text("".join(f"class {index}\n" for index in range(count)))
+    return path
+
+
+def _cotraining(base: str, classnames, *overrides: str):
+    """Pairs plus a labelled set: PolyViT's weighted schedule, the issue's shape of config."""
+    tasks = ("tasks=[{name: pairs, kind: contrastive, data: 'p/{0..9}.tar', batch_size: 16384, steps: 8}, "
+             f"{{name: labels, kind: classification, data: 'c/{{0..9}}.tar', classnames: {classnames}, "
+             "templates: simple, batch_size: 8192, steps: 2}]")
+    return load_config(base, [tasks, "train.steps=10", *overrides])
+
+
+def test_a_cotraining_plan_is_its_largest_step_and_counts_prompts_by_hand(tmp_path):
+    """B/16 on 8 GPUs: pairs of 16384, and 8192 images scored against 1000 classes × 7 templates."""
+    plan = plan_memory(_cotraining("limoe-b16", _classnames(tmp_path, 1000)), 8, 80 * GiB)
+    pairs, labels = plan.workloads
+    assert (pairs.kind, pairs.local, pairs.global_batch) == ("contrastive", 2048, 16384)
+    assert (labels.kind, labels.local, labels.candidates, labels.gathered_prompts, labels.prompts) == (
+        "classification", 1024, 1000, 7000, 875)  # 7000 prompts split over 8 GPUs
+    assert plan.micro_batches == [None]  # a classification batch is encoded whole
+    setting = Setting("all", None)
+    steps = [plan.step_breakdown(workload, setting) for workload in plan.workloads]
+    assert plan.breakdown(setting) == max(steps, key=lambda step: step.total)
+    profile = plan.profile
+    assert steps[1].activations == round(profile.per_image["all"] * 1024 + profile.per_text["all"] * 875)
+    assert steps[0] == plan_memory(load_config("limoe-b16"), 8, 80 * GiB).breakdown(Setting("all", 2048))
+
+    subset = plan_memory(_cotraining("limoe-b16", _classnames(tmp_path, 1000), "tasks.1.candidates=64"), 8, 80 * GiB)
+    assert subset.workloads[1].candidates == 1000  # a batch of 8192 may hold every class: all are scored
+    smaller = plan_memory(_cotraining("limoe-b16", _classnames(tmp_path, 100_000), "tasks.1.candidates=10000"), 8,
+                          80 * GiB)
+    assert (smaller.workloads[1].candidates, smaller.workloads[1].prompts) == (10000, 8750)
+
+
+def test_a_label_set_too_large_to_encode_is_refused_naming_its_task(tmp_path):
+    large = _cotraining("limoe-b16", _classnames(tmp_path, 21841), "train.activation_checkpointing=none")
+    with pytest.raises(LimoeError) as error:
+        refuse_if_it_cannot_fit(large, 8, 80 * GiB)
+    message = str(error.value)
+    assert "task labels's step needs" in message and "19111 prompts" in message and "\n" not in message
+    assert "set train.micro_batch_size=null train.activation_checkpointing=" in message
+
+    huge = _cotraining("limoe-b16", _classnames(tmp_path, 400_000), "tasks.1.templates=openai")
+    with pytest.raises(LimoeError, match="give task labels fewer candidates"):
+        refuse_if_it_cannot_fit(huge, 8, 80 * GiB)
