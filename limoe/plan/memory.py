@@ -30,8 +30,8 @@ from typing import Optional
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
-from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
 from limoe.evaluate.prompts import load_templates
+from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
 from limoe.training.candidates import most_candidates
 from limoe.training.cotraining import check_task_batches, task_classnames

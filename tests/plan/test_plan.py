@@ -181,12 +181,16 @@ def _classnames(tmp_path, count: int):
     return path
 
 
-def _cotraining(base: str, classnames, *overrides: str):
-    """Pairs plus a labelled set: PolyViT's weighted schedule, the issue's shape of config."""
+def _tasks(classnames) -> list[str]:
+    """Overrides for pairs plus a labelled set under PolyViT's weighted schedule (B/16's batch of 16384 pairs)."""
     tasks = ("tasks=[{name: pairs, kind: contrastive, data: 'p/{0..9}.tar', batch_size: 16384, steps: 8}, "
              f"{{name: labels, kind: classification, data: 'c/{{0..9}}.tar', classnames: {classnames}, "
              "templates: simple, batch_size: 8192, steps: 2}]")
-    return load_config(base, [tasks, "train.steps=10", *overrides])
+    return [tasks, "train.steps=10"]
+
+
+def _cotraining(base: str, classnames, *overrides: str):
+    return load_config(base, [*_tasks(classnames), *overrides])
 
 
 def test_a_cotraining_plan_is_its_largest_step_and_counts_prompts_by_hand(tmp_path):
@@ -222,3 +226,14 @@ def test_a_label_set_too_large_to_encode_is_refused_naming_its_task(tmp_path):
     huge = _cotraining("limoe-b16", _classnames(tmp_path, 400_000), "tasks.1.templates=openai")
     with pytest.raises(LimoeError, match="give task labels fewer candidates"):
         refuse_if_it_cannot_fit(huge, 8, 80 * GiB)
+
+
+def test_plan_reports_each_task_and_exits_1_when_its_largest_step_does_not_fit(tmp_path, capsys):
+    args = ["plan", "--config", "limoe-b16", "--gpus", "8", "--gpu-memory", "80"]
+    for override in [*_tasks(_classnames(tmp_path, 21841)), "train.activation_checkpointing=none"]:
+        args += ["--set", override]
+    assert main(args) == 1
+    report = capsys.readouterr().out
+    assert "the largest step, task labels" in report and "DOES NOT FIT" in report
+    assert "1024 images + 19111 prompts of 21841 classes per GPU" in report
+    assert "settings to use: train.micro_batch_size=null train.activation_checkpointing=all" in report
