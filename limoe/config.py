@@ -415,8 +415,9 @@ class ZeroshotEvalConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What train.eval_every evaluates: every rank runs it on the whole set (the expert all-to-all
-    needs them all), with the same code and numbers as `limoe eval` on that step's checkpoint."""
+    """What train.eval_every evaluates: every rank reads the whole set and the ranks take turns
+    encoding it (the expert all-to-all needs them all), with the same code and numbers as
+    `limoe eval` on that step's checkpoint."""
 
     zeroshot: ZeroshotEvalConfig = field(default_factory=ZeroshotEvalConfig)
     retrieval: Optional[str] = setting(None, "caption shards for image↔text recall@1/5/10; null: none")

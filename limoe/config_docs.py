@@ -94,7 +94,7 @@ def _defaults(cls: type) -> Any:
 def _summary(cls: type) -> str:
     doc = cls.__doc__ or ""
     generated = doc.startswith(f"{cls.__name__}(")  # dataclasses write a signature when there is no docstring
-    return "" if generated else doc.strip().split("\n\n")[0].replace("\n", " ")
+    return "" if generated else " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def _holds_numbers(annotation: Any) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from limoe.data.pipeline import EvalBatch, eval_loader
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.files import check_output_file
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
+from limoe.evaluate.turns import encode_in_turns
 from limoe.model.tower import Limoe
 
 
@@ -28,44 +29,62 @@ def _digest(image: Tensor) -> bytes:
     return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
 
 
-def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
+                 shared: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Features of the distinct images [N, D] and of every caption [M, D], and text_to_image [M].
 
-    `batches` are CPU EvalBatches with tokens (one caption per sample).
+    `batches` are CPU EvalBatches with tokens (one caption per sample). `shared`: every process
+    of the run reads the same batches and they take turns encoding them (`limoe.evaluate.turns`);
+    batches are dealt out where they hold equally many new images, so that every process runs
+    the same forwards.
     """
     rows: dict[bytes, int] = {}  # image content digest → row of the image features
-    images, texts, owners = [], [], []
-    with inference(model) as device:
-        for batch in tqdm(batches, desc="pairs", unit="batch", disable=not progress):
+
+    def with_new_images(batches_read: Iterable[EvalBatch]) -> Iterator[tuple[EvalBatch, list[int], Tensor]]:
+        """Each batch, the positions of its images not seen before, and each sample's image row [B]."""
+        for batch in batches_read:
             digests = [_digest(image) for image in batch.images]
             new = []
             for i, digest in enumerate(digests):
                 if digest not in rows:
                     rows[digest] = len(rows)
                     new.append(i)
-            if new:
-                images.append(model.encode_image(batch.images[new].to(device)).float().cpu())  # [new, D]
-            texts.append(model.encode_text(batch.tokens.to(device)).float().cpu())  # [B, D]
-            owners.append(torch.tensor([rows[digest] for digest in digests]))  # [B]
+            yield batch, new, torch.tensor([rows[digest] for digest in digests])
+
+    images, texts, owners = [], [], []
+    with inference(model) as device:
+        def encode(job: tuple[EvalBatch, list[int], Tensor]) -> tuple[Tensor, Tensor]:
+            batch, new, _ = job
+            text = model.encode_text(batch.tokens.to(device)).float()  # [B, D]
+            if not new:
+                return text.new_zeros((0, text.shape[1])), text
+            return model.encode_image(batch.images[new].to(device)).float(), text  # [new, D], [B, D]
+
+        jobs = with_new_images(tqdm(batches, desc="pairs", unit="batch", disable=not progress))
+        for (_, _, owner), (image, text) in encode_in_turns(jobs, encode, lambda job: (len(job[1]), len(job[2])), shared):
+            images.append(image.cpu())
+            texts.append(text.cpu())
+            owners.append(owner)
     if not texts:
         raise nothing_read(batches, "retrieval needs shards of images with .txt captions")
     return torch.cat(images), torch.cat(texts), torch.cat(owners)
 
 
 def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batch_size: int = 64, workers: int = 2,
-                       progress: bool = False) -> dict:
+                       progress: bool = False, shared: bool = False) -> dict:
     """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards).
 
     `data`: a shard spec (folder, glob, brace pattern) read once in full on every rank, so all
     ranks step the model together and get the same numbers; or any iterable of EvalBatches with
     tokens. Returns the recalls plus the numbers of images and texts, and skipped samples when
-    the loader counts them.
+    the loader counts them. `shared`: every process of a run calls this together and they take
+    turns encoding.
     """
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1
     )
-    image_features, text_features, text_to_image = encode_pairs(model, loader, progress)
+    image_features, text_features, text_to_image = encode_pairs(model, loader, progress, shared)
     metrics = {**retrieval_metrics(image_features, text_features, text_to_image),
                "images": len(image_features), "texts": len(text_features)}
     if hasattr(loader, "bad_samples"):

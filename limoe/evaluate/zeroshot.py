@@ -35,6 +35,7 @@ from limoe.data.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
 from limoe.files import check_output_file
 from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
+from limoe.evaluate.turns import encode_in_turns
 from limoe.model.prompts import classification_logits, label_head
 from limoe.model.tower import Limoe
 
@@ -52,13 +53,19 @@ def zeroshot_classifier(model: Limoe, classnames: Sequence[str], templates: Sequ
     return classifier.float()
 
 
-def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch],
-                           progress: bool = False) -> tuple[Tensor, Tensor]:
-    """Image features [N, D] and labels [N] of every image in `batches`, on the CPU."""
+def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
+                           shared: bool = False) -> tuple[Tensor, Tensor]:
+    """Image features [N, D] and labels [N] of every image in `batches`, on the CPU. `shared`:
+    every process of the run reads the same batches and they take turns encoding them
+    (`limoe.evaluate.turns`)."""
     features, labels = [], []
     with inference(model) as device:
-        for batch in tqdm(batches, desc="images", unit="batch", disable=not progress):
-            features.append(model.encode_image(batch.images.to(device, non_blocking=True)).float().cpu())  # [B, D]
+        def encode(batch: EvalBatch) -> tuple[Tensor]:
+            return (model.encode_image(batch.images.to(device, non_blocking=True)).float(),)  # [B, D]
+
+        batches_read = tqdm(batches, desc="images", unit="batch", disable=not progress)
+        for batch, (encoded,) in encode_in_turns(batches_read, encode, lambda batch: len(batch.images), shared):
+            features.append(encoded.cpu())
             labels.append(batch.labels)
     if not labels:
         raise nothing_read(batches, "zero-shot classification needs labelled images: class folders or shards with .cls")
@@ -131,14 +138,15 @@ def exemplar_classifier(model: Limoe, folder: ImageFolderSet, batch_size: int = 
 
 def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None, templates: Optional[str] = None,
                       batch_size: int = 64, workers: int = 2, progress: bool = False,
-                      candidate_images: Optional[Path] = None) -> dict:
+                      candidate_images: Optional[Path] = None, shared: bool = False) -> dict:
     """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above).
 
     Classes are given by name, as prompts from `templates` ('openai' (default), 'simple' or a
     file), or by exemplar images: `candidate_images` is a folder with one sub-folder of images
     per class, whose sorted order is the label order. A prompt-tuned model adds its linear term
     and must be given the label set it was tuned for; its templates are the default. Returns the
-    metrics plus the numbers of samples and classes and the skipped samples by reason.
+    metrics plus the numbers of samples and classes and the skipped samples by reason. `shared`:
+    every process of a run calls this together and they take turns encoding the images.
     """
     head = label_head(model)
     if candidate_images is not None:  # input errors first, before any encoding
@@ -157,7 +165,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
             f"the checkpoint was prompt-tuned for {len(head.classnames)} classes ({', '.join(head.classnames[:3])}, …), "
             f"not the {len(names)} class names of {data} ({', '.join(names[:3])}, …); evaluate it on its own label set."
         )
-    features, labels = encode_labelled_images(model, loader, progress)  # images first: bad data fails fast
+    features, labels = encode_labelled_images(model, loader, progress, shared)  # images first: bad data fails fast
     if labels.max() >= len(names):
         raise LimoeError(
             f"{data} has labels up to {labels.max().item()} but only {len(names)} class names; "

@@ -4,9 +4,10 @@
 
 It calls the very functions behind `limoe eval`, on the model the engine trains, in eval mode
 (no router noise, the eval capacity factor); a step's numbers therefore equal `limoe eval` on
-that step's checkpoint. Every rank evaluates the whole set: under expert parallelism each MoE
-layer's forward is an all-to-all that needs every rank, and reading the same batches everywhere
-gives every rank the same number of forwards (none waits forever) and the same numbers.
+that step's checkpoint. Every rank reads the whole set and the ranks take turns encoding it
+(`limoe.evaluate.turns`): under expert parallelism each MoE layer's forward is an all-to-all that
+needs every rank, so all ranks run every forward together, each on its own batch, and gather the
+features; every rank ends with the same numbers, having encoded about 1/W of the set.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def evaluate_live(model: Limoe, config: Config) -> dict:
     if settings.zeroshot.data is not None:
         classnames = Path(settings.zeroshot.classnames) if settings.zeroshot.classnames else None
         results["zeroshot"] = evaluate_zeroshot(model, settings.zeroshot.data, classnames, settings.zeroshot.templates,
-                                                settings.batch_size, workers)
+                                                settings.batch_size, workers, shared=True)
     if settings.retrieval is not None:
-        results["retrieval"] = evaluate_retrieval(model, settings.retrieval, settings.batch_size, workers)
+        results["retrieval"] = evaluate_retrieval(model, settings.retrieval, settings.batch_size, workers, shared=True)
     return results

@@ -1,6 +1,6 @@
 """Evaluation during training: the numbers a run logs at a step equal `limoe eval` on that step's
-checkpoint, on one process and on two with expert parallelism 2; bad evaluation sets fail before
-training starts."""
+checkpoint, on one process and on two with expert parallelism 2 (which take turns encoding);
+bad evaluation sets fail before training starts."""
 
 import json
 from pathlib import Path
@@ -56,8 +56,9 @@ def test_one_process_logs_what_limoe_eval_reports_on_the_same_checkpoint(tmp_pat
 
 
 def test_two_processes_with_expert_parallelism_evaluate_together(tmp_path):
-    """Both ranks evaluate (the all-to-all needs them); nothing hangs, and rank 0 logs what a
-    single process reports on the checkpoint."""
+    """Both ranks evaluate, taking turns (200 images in batches of 64: the first two batches are
+    dealt out, the rest both encode); nothing hangs, and rank 0 logs what a single process
+    reports on the checkpoint."""
     workdir = tmp_path / "run"
     run_processes("limoe", _train_args(workdir, "distributed.expert_parallel_size=2", "train.device=cpu"),
                   world_size=2, timeout=900)
