@@ -43,14 +43,21 @@ PROMPTS_PER_FORWARD = 800  # prompts encoded in one batch: 10 classes of the 80 
 
 
 def zeroshot_classifier(model: Limoe, classnames: Sequence[str], templates: Sequence[Template],
-                        progress: bool = False) -> Tensor:
-    """Class embeddings [D, C]: each class's prompt embeddings averaged, then L2-normalised."""
+                        progress: bool = False, shared: bool = False) -> Tensor:
+    """Class embeddings [D, C]: each class's prompt embeddings averaged, then L2-normalised, by
+    open_clip's builder, a forward's worth of classes at a time. `shared`: the processes of a run
+    take turns encoding those forwards (`limoe.evaluate.turns`)."""
+    per_forward = max(1, PROMPTS_PER_FORWARD // len(templates))
+    chunks = [classnames[start : start + per_forward] for start in range(0, len(classnames), per_forward)]
     with inference(model) as device:
-        classifier = build_zero_shot_classifier(
-            model, tokenizer(model.config.context_length), classnames, templates,
-            num_classes_per_batch=max(1, PROMPTS_PER_FORWARD // len(templates)), device=device, use_tqdm=progress,
-        )
-    return classifier.float()
+        def encode(names: Sequence[str]) -> tuple[Tensor]:
+            classifier = build_zero_shot_classifier(model, tokenizer(model.config.context_length), names, templates,
+                                                    num_classes_per_batch=per_forward, device=device, use_tqdm=False)
+            return (classifier.float().T.contiguous(),)  # [c, D]
+
+        chunks_read = tqdm(chunks, desc="classes", unit="forward", disable=not progress)
+        classes = [encoded for _, (encoded,) in encode_in_turns(chunks_read, encode, len, shared)]
+    return torch.cat(classes).T  # [D, C]
 
 
 def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
@@ -146,7 +153,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     per class, whose sorted order is the label order. A prompt-tuned model adds its linear term
     and must be given the label set it was tuned for; its templates are the default. Returns the
     metrics plus the numbers of samples and classes and the skipped samples by reason. `shared`:
-    every process of a run calls this together and they take turns encoding the images.
+    every process of a run calls this together and they take turns encoding images and prompts.
     """
     head = label_head(model)
     if candidate_images is not None:  # input errors first, before any encoding
@@ -174,7 +181,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     if candidate_images is not None:
         classifier = exemplar_classifier(model, exemplars, batch_size, workers, progress)  # [D, C]
     else:
-        classifier = zeroshot_classifier(model, names, prompts, progress)  # [D, C]
+        classifier = zeroshot_classifier(model, names, prompts, progress, shared)  # [D, C]
     logits = classification_logits(model, features, classifier)  # [N, C]
     return {**classification_metrics(logits, labels), "samples": len(labels), "classes": len(names),
             "skipped": loader.bad_samples.bad}
