@@ -16,7 +16,7 @@ images is not shared: every process still reads the whole set.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Hashable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,10 +28,11 @@ Batch = TypeVar("Batch")
 Encode = Callable[[Batch], Sequence[Tensor]]  # a batch → its encodings, each [n, …] on the model's device
 
 
-def encode_in_turns(batches: Iterable[Batch], encode: Encode, size: Callable[[Batch], int],
+def encode_in_turns(batches: Iterable[Batch], encode: Encode, size: Callable[[Batch], Hashable],
                     shared: bool) -> Iterator[tuple[Batch, Sequence[Tensor]]]:
     """Each batch with its encodings, in order. `shared`: every process of the run calls this on
-    the same batches at the same time, and they take turns; otherwise this process encodes all."""
+    the same batches at the same time, and they take turns, dealing out runs of batches whose
+    `size` (the shapes their forwards take) is equal; otherwise this process encodes all."""
     rank, world = rank_and_world()
     if not shared or world == 1:
         for batch in batches:

@@ -33,7 +33,7 @@ from limoe.errors import LimoeError
 from limoe.evaluate.prompts import load_templates
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
-from limoe.training.candidates import most_candidates
+from limoe.training.candidates import most_candidates, prompts_per_process
 from limoe.training.cotraining import check_task_batches, task_classnames
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.step import micro_batch_size
@@ -248,7 +248,7 @@ def workloads(config: Config, gpus: int) -> tuple[Workload, ...]:
         classes = most_candidates(task.candidates, len(task_classnames(task)), batch)
         prompts = classes * len(load_templates(task.templates))
         steps.append(Workload(task.name, "classification", batch // gpus, batch, classes,
-                              prompts if gpus == 1 else math.ceil(prompts / gpus), prompts))
+                              prompts_per_process(prompts, gpus), prompts))
     return tuple(steps)
 
 

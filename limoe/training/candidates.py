@@ -44,6 +44,11 @@ def class_embeddings(prompt_features: Tensor, templates: int) -> Tensor:
     return F.normalize(per_class, dim=-1)
 
 
+def prompts_per_process(count: int, world: int) -> int:
+    """How many of `count` prompts each of `world` data-parallel ranks encodes (equal slices)."""
+    return math.ceil(count / world)
+
+
 def encode_prompts(model: Limoe, tokens: Tensor) -> tuple[Tensor, list[LayerRouting]]:
     """Prompt embeddings [P, D] of tokens [P, L] with gradient, and the routing of this rank's share.
 
@@ -56,7 +61,7 @@ def encode_prompts(model: Limoe, tokens: Tensor) -> tuple[Tensor, list[LayerRout
         output = model(None, tokens)
         return output.text_features, output.routing
     count = tokens.shape[0]
-    share = math.ceil(count / world)
+    share = prompts_per_process(count, world)
     padded = torch.cat([tokens, tokens[-1:].expand(share * world - count, -1)])  # [W·share, L]
     output = model(None, padded[rank * share : (rank + 1) * share])
     gathered = torch.cat(all_gather(output.text_features))  # [W·share, D], with gradient
