@@ -31,6 +31,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from limoe.errors import LimoeError
+from limoe.files import read_text_file
 
 
 
@@ -621,9 +622,7 @@ def to_dict(config: Any) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise LimoeError(f"config file {path} does not exist; check the path.") from None
+        data = yaml.safe_load(read_text_file(path, "config file"))
     except yaml.YAMLError as error:
         raise LimoeError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
     if data is None:
@@ -658,12 +657,17 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _with_base(raw: dict, kind: str) -> dict:
-    """A mapping with `base: name` is that config file's mapping updated by the other keys."""
+def _with_base(raw: dict, kind: str, chain: tuple[Path, ...] = ()) -> dict:
+    """A mapping with `base: name` is that config file's mapping updated by the other keys;
+    `chain` holds the files already on the way, so a file that is its own base is an error."""
     if "base" not in raw:
         return raw
     raw = dict(raw)
-    base = _with_base(_read_yaml(find_config(str(raw.pop("base")), kind)), kind)
+    path = find_config(str(raw.pop("base")), kind)
+    if path.resolve() in chain:
+        names = " → ".join(str(link) for link in (*chain, path.resolve()))
+        raise LimoeError(f"config files name each other as base: ({names}); one of them must not have a base: key.")
+    base = _with_base(_read_yaml(path), kind, (*chain, path.resolve()))
     return deep_merge(base, raw)
 
 
@@ -733,7 +737,8 @@ def load_config(name_or_path: Optional[str] = None, overrides: list[str] = (), k
     `kind` is where a name is looked up (`train` or `pretrain`); a `base:` always names a
     training recipe, so a pretraining config states only what it changes.
     """
-    raw = _with_base(_read_yaml(find_config(name_or_path or "demo", kind)), "train")
+    path = find_config(name_or_path or "demo", kind)
+    raw = _with_base(_read_yaml(path), "train", (path.resolve(),))
     if "model" in raw:
         raw["model"] = _resolve_model_mapping(raw["model"])
     for keys, value in map(parse_override, overrides):

@@ -94,7 +94,7 @@ def test_tune_refuses_to_overwrite_the_checkpoint_it_tunes(tmp_path, capsys):
     assert main(["tune", "--checkpoint", str(model), "--data", "/no/such/data", "--shots", "1", "--steps", "1",
                  "--output", str(model)]) == 2
     err = capsys.readouterr().err
-    assert "is the checkpoint being tuned" in err and err.count("\n") == 1, err
+    assert "is an input of this command" in err and err.count("\n") == 1, err
     assert model.read_bytes() == b"weights"
 
 

@@ -29,7 +29,7 @@ from limoe.checkpoints.engine_state import (
     restore_rng_states,
     rng_states,
 )
-from limoe.checkpoints.hub import save_model_folder
+from limoe.checkpoints.hub import is_hub_reference, is_model_folder, save_model_folder
 from limoe.checkpoints.model_file import config_from_data, model_with, save_model_file
 from limoe.checkpoints.store import (
     CHECKPOINT_DIR,
@@ -44,7 +44,7 @@ from limoe.checkpoints.store import (
 from limoe.config import Config, to_dict
 from limoe.distributed import any_process, from_first_process, rank_and_world
 from limoe.errors import LimoeError
-from limoe.files import check_output_directory, check_output_file, describe_os_error
+from limoe.files import check_output_directory, check_output_file, describe_os_error, refuse_overwriting_inputs
 from limoe.model.tower import build_model
 
 log = logging.getLogger("limoe.checkpoints")
@@ -209,6 +209,20 @@ def checkpoint_at(path: Path) -> StoredCheckpoint:
     return found
 
 
+def checkpoint_sources(reference: Optional[Union[str, Path]]) -> list[Path]:
+    """What loading the checkpoint `reference` reads, so that no output replaces it: an exported
+    file, every file of a model folder, a workdir's `checkpoints/` or one checkpoint directory
+    (nothing local for an `hf-hub:` reference, whose files are huggingface_hub's cache)."""
+    if reference is None or is_hub_reference(reference):
+        return []
+    path = Path(reference)
+    if is_model_folder(path):
+        return sorted(entry for entry in path.iterdir() if entry.is_file())
+    if path.is_dir() and not is_checkpoint_directory(path):
+        return [path / CHECKPOINT_DIR]
+    return [path]
+
+
 def consolidated_state(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     """All weights of a workdir's newest complete checkpoint (or of one checkpoint directory),
     every expert in place as in the unsharded model, and its config. No process group needed."""
@@ -239,6 +253,7 @@ def export_workdir(workdir: Path, output: Union[str, Path], hub_layout: bool = F
     """`limoe export`: the newest complete checkpoint as one .safetensors file with the config
     inside, or (`hub_layout`) as a model folder in Hugging Face layout whose card names `repo_id`."""
     output = check_output_directory(output, "--output") if hub_layout else check_output_file(output, "--output")
+    refuse_overwriting_inputs({"--output": output}, checkpoint_sources(workdir))
     state, config = consolidated_state(workdir)
     model = model_with(state, config, Path(workdir))
     if hub_layout:

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
+from limoe.files import read_text_file
 from limoe.data.preprocess import image_transform, tokenizer, train_transform
 from limoe.data.images import UnusableImage, decode_rgb
 from limoe.data.sources import mixing_weights
@@ -128,7 +129,7 @@ def read_classnames(spec: str) -> list[str]:
     path = Path(expand_shards(spec)[0]).parent / "classnames.txt"
     if not path.is_file():
         raise LimoeError(f"{path} does not exist; build classification shards with `limoe shards build --classification`.")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text_file(path, "class names file").splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------

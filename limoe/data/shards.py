@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from limoe.errors import LimoeError
+from limoe.files import read_text_file, refuse_overwriting_inputs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FILE_COLUMNS = ("file", "filename", "image", "filepath")  # filepath, title: open_clip's CsvDataset defaults
@@ -94,6 +95,7 @@ def _check_arguments(images, captions, output, image_size, maxcount, classificat
         raise LimoeError(f"captions file {captions} does not exist; check the --captions path.")
     if (image_size is not None and image_size < 1) or maxcount < 1:
         raise LimoeError("--image-size and --maxcount must be positive integers.")
+    refuse_overwriting_inputs({"--output": output}, [images, captions])
     if any(output.glob("*.tar")) or any(output.glob("*.tar.gz")):
         raise LimoeError(f"output folder {output} already holds shards; remove them or choose another folder.")
 
@@ -170,23 +172,21 @@ def _read_captions(path: Path) -> Iterator[tuple[str, str]]:
     same keys. A `.csv` whose header holds a tab is tab-separated: open_clip's CsvDataset reads
     `.csv` files with `sep="\\t"` by default, so its users' files often are."""
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            tabs = suffix == ".tsv" or "\t" in handle.readline()
-            handle.seek(0)
-            reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
-            file_key, caption_key = _caption_columns(reader.fieldnames or [], path)
-            for row in reader:
-                yield row[file_key] or "", row[caption_key] or ""
-    elif suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    row = _json_row(line, path, number)
-                    file_key, caption_key = _caption_columns(list(row), path)
-                    yield str(row[file_key]), str(row[caption_key] or "")
-    else:
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
         raise LimoeError(f"captions file {path} must be .csv, .tsv or .jsonl; convert it to one of those.")
+    text = read_text_file(path, "captions file")
+    if suffix in (".csv", ".tsv"):
+        tabs = suffix == ".tsv" or "\t" in text.partition("\n")[0]
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if tabs else ",")
+        file_key, caption_key = _caption_columns(reader.fieldnames or [], path)
+        for row in reader:
+            yield row[file_key] or "", row[caption_key] or ""
+    else:
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                row = _json_row(line, path, number)
+                file_key, caption_key = _caption_columns(list(row), path)
+                yield str(row[file_key]), str(row[caption_key] or "")
 
 
 def _json_row(line: str, path: Path, number: int) -> dict:

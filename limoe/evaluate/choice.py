@@ -26,8 +26,7 @@ from limoe.errors import LimoeError
 from limoe.evaluate.choice_sets import ChoiceItem, read_choice_sets
 from limoe.evaluate.folders import ImageFiles
 from limoe.evaluate.metrics import selection_metrics
-from limoe.evaluate.runtime import inference, load_for_eval, report
-from limoe.files import check_output_file
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, report
 from limoe.model.tower import Limoe
 
 WINOGROUND_NAMES = {"text_acc": "text_score", "image_acc": "image_score", "acc": "group_score"}
@@ -88,8 +87,7 @@ def evaluate_choice(model: Limoe, sets: dict[str, list[ChoiceItem]], format: str
 def run_choice(checkpoint: Path, data: str, format: str, subsets: Optional[Sequence[str]], output: Optional[str],
                batch_size: int, capacity_factor: Optional[str], device: str, workers: int) -> dict:
     """`limoe eval choice`: read the sets (input errors first), load the checkpoint, evaluate, report."""
-    if output is not None:
-        check_output_file(output, "--output")
+    check_report_output(output, checkpoint, data)
     sets = read_choice_sets(Path(data), format, subsets)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_choice(model, sets, format, batch_size, workers, progress=True)

@@ -17,6 +17,9 @@ that belong together. Three layouts are read:
   image and several texts asks which text describes the image; several images and one text asks
   which image the text describes; with several of both, images[answer] and texts[answer] are the
   pair that belongs together and both questions are asked.
+
+An image a data file names must lie inside its folder (the file's, or the layout's image folder)
+after `..` and symbolic links are followed; one that leaves it is refused, naming the item.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from limoe.errors import LimoeError
+from limoe.files import read_text_file
 
 FORMATS = ("sugar_crepe", "winoground", "jsonl")
 SUGAR_CREPE_SUBSETS = ("add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
@@ -78,7 +82,7 @@ def _sugar_crepe_items(path: Path, images: Path) -> list[ChoiceItem]:
     items = []
     for key, item in annotations.items():
         fields = _strings(item, ("filename", "caption", "negative_caption"), f"{path}: item {key}")
-        image = _existing_image(images / fields["filename"], f"{path}: item {key}")
+        image = _existing_image(_inside(images, fields["filename"], f"{path}: item {key}"), f"{path}: item {key}")
         items.append(ChoiceItem((image,), (fields["caption"], fields["negative_caption"]), ((0, 0),)))
     return items
 
@@ -98,7 +102,7 @@ def read_winoground(root: Path) -> list[ChoiceItem]:
 
 def _winoground_image(folder: Path, name: str, where: str) -> Path:
     for suffix in WINOGROUND_IMAGE_SUFFIXES:
-        if (folder / f"{name}{suffix}").is_file():
+        if _inside(folder, f"{name}{suffix}", where).is_file():
             return folder / f"{name}{suffix}"
     raise LimoeError(f"{where}: no image {name} (.png, .jpg, …) in {folder}; unpack the release's images.zip there.")
 
@@ -120,7 +124,7 @@ def read_jsonl(path: Path) -> list[ChoiceItem]:
                 raise LimoeError(f'{where}: "answer" {answer} is out of range for its {len(candidates)} {side}; '
                                  f"indices start at 0.")
         pair = (answer if len(images) > 1 else 0, answer if len(texts) > 1 else 0)
-        files = tuple(_existing_image(path.parent / image, where) for image in images)
+        files = tuple(_existing_image(_inside(path.parent, image, where), where) for image in images)
         items.append(ChoiceItem(files, tuple(texts), (pair,)))
     return items
 
@@ -138,8 +142,8 @@ def _load_json(path: Path):
     if not path.is_file():
         raise LimoeError(f"{path} does not exist; check --data and --subsets.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(read_text_file(path, "annotation file"))
+    except json.JSONDecodeError as error:
         raise LimoeError(f"{path} is not valid JSON ({error}).") from None
 
 
@@ -147,7 +151,7 @@ def _jsonl_lines(path: Path):
     """(line number, object) for every non-empty line; an empty file is an error."""
     if not path.is_file():
         raise LimoeError(f"{path} does not exist; check --data.")
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_text_file(path, "choice file").split("\n"), 1) if line.strip()]
     if not lines:
         raise LimoeError(f"{path} holds no items; write one JSON object per line.")
     for number, line in lines:
@@ -174,6 +178,17 @@ def _string_list(item: dict, name: str, where: str) -> list[str]:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
         raise LimoeError(f'{where}: "{name}" must be a non-empty list of strings.')
     return values
+
+
+def _inside(folder: Path, name: str, where: str) -> Path:
+    """`folder / name` for an image a data file names, which must stay inside `folder` once `..`
+    and symbolic links are followed: a set's items never reach the rest of the disk (an absolute
+    path, `../`, or a link out is refused before anything is opened)."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise LimoeError(f"{where}: image {name!r} lies outside {folder}; image paths must stay inside the set's "
+                         f"image folder.")
+    return path
 
 
 def _existing_image(path: Path, where: str) -> Path:

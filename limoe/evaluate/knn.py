@@ -19,7 +19,7 @@ from torch import Tensor
 from limoe.checkpoints import load_model
 from limoe.data.pipeline import EvalBatch, eval_loader
 from limoe.distributed import resolve_device
-from limoe.evaluate.runtime import inference, nothing_read, report
+from limoe.evaluate.runtime import check_report_output, inference, nothing_read, report
 from limoe.model.tower import Limoe
 
 
@@ -67,6 +67,7 @@ def run_knn(checkpoint: Path, data: str, k: int, output: Optional[str], batch_si
             capacity_factor: Optional[str], device: str, workers: int, random_init: bool = False) -> dict:
     """`limoe eval knn`: the checkpoint's k-NN top-1; with `random_init`, beside the same
     architecture freshly initialised from the run's seed (what training added to the features)."""
+    check_report_output(output, checkpoint, data)
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
     metrics = evaluate_knn(model, data, k, batch_size, workers)
     if random_init:

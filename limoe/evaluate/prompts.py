@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 from limoe.errors import LimoeError
+from limoe.files import read_text_file
 
 Template = Union[str, Callable[[str], str]]
 TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
@@ -21,10 +22,7 @@ TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_
 
 def read_lines(path: Path, what: str) -> list[str]:
     """The non-empty lines of a text file, stripped; a missing or empty file is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise LimoeError(f"{what} file {path} does not exist; check the path.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text_file(path, f"{what} file").splitlines() if line.strip()]
     if not lines:
         raise LimoeError(f"{what} file {path} is empty; write one entry per line.")
     return lines

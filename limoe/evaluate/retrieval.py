@@ -19,8 +19,7 @@ from tqdm import tqdm
 
 from limoe.data.pipeline import EvalBatch, eval_loader
 from limoe.evaluate.metrics import retrieval_metrics
-from limoe.files import check_output_file
-from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns
 from limoe.model.tower import Limoe
 
@@ -95,8 +94,7 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
 def run_retrieval(checkpoint: Path, data: str, output: Optional[str], batch_size: int, capacity_factor: Optional[str],
                   device: str, workers: int) -> dict:
     """`limoe eval retrieval`: load the checkpoint, evaluate, print and optionally save the metrics."""
-    if output is not None:
-        check_output_file(output, "--output")
+    check_report_output(output, checkpoint, data)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True)
     report(f"image-text retrieval of {checkpoint} on {data}", metrics, output)

@@ -11,10 +11,19 @@ from typing import Iterator, Optional
 import torch
 
 from limoe.checkpoints import load_model
-from limoe.files import atomic_write
+from limoe.checkpoints.training import checkpoint_sources
+from limoe.files import atomic_write, check_output_file, refuse_overwriting_inputs
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe
+
+
+def check_report_output(output: Optional[str], checkpoint: Path, *inputs: Optional[str | Path]) -> None:
+    """Before any work: the metrics file `output` (if any) can be written and replaces nothing the
+    evaluation reads (the checkpoint's files and `inputs`: data, class names, templates)."""
+    if output is not None:
+        check_output_file(output, "--output")
+        refuse_overwriting_inputs({"--output": output}, [*checkpoint_sources(checkpoint), *inputs])
 
 
 def load_for_eval(checkpoint: Path, device: str, capacity_factor: Optional[str]) -> Limoe:

@@ -33,8 +33,7 @@ from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like
 from limoe.evaluate.metrics import classification_metrics
 from limoe.data.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
-from limoe.files import check_output_file
-from limoe.evaluate.runtime import inference, load_for_eval, nothing_read, report
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns
 from limoe.model.prompts import classification_logits, label_head
 from limoe.model.tower import Limoe
@@ -191,8 +190,7 @@ def run_zeroshot(checkpoint: Path, data: str, classnames: Optional[str], templat
                  output: Optional[str], batch_size: int, capacity_factor: Optional[str], device: str,
                  workers: int, candidate_images: Optional[str] = None) -> dict:
     """`limoe eval zeroshot`: load the checkpoint, evaluate, print and optionally save the metrics."""
-    if output is not None:
-        check_output_file(output, "--output")
+    check_report_output(output, checkpoint, data, classnames, templates, candidate_images)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_zeroshot(model, data, Path(classnames) if classnames else None, templates, batch_size,
                                 workers, progress=True,

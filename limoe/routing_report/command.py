@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from limoe.checkpoints import load_model
+from limoe.checkpoints.training import checkpoint_sources
 from limoe.config import Config, ModelConfig
 from limoe.data.pipeline import eval_loader
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
-from limoe.files import atomic_write, check_output_directory
+from limoe.files import atomic_write, check_output_directory, refuse_overwriting_inputs
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.data.preprocess import unnormalise
 from limoe.model.routing import LayerRouting
@@ -163,6 +164,7 @@ def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], nu
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
     output = check_output_directory(output, "--output")
+    refuse_overwriting_inputs({"--output": output}, [*checkpoint_sources(checkpoint), *checkpoint_sources(compare), data])
     torch_device = torch.device(resolve_device(device))
     paths = [Path(checkpoint)] + ([Path(compare)] if compare else [])
     models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from limoe.config import Config, deep_merge
 from limoe.errors import LimoeError
+from limoe.files import read_text_file
 
 # Flattened key paths limoe sets from its own config; a user value must agree with limoe's.
 OWNED_KEYS = (
@@ -92,9 +93,7 @@ def user_config(config: Config) -> dict:
         return source
     path = Path(source)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LimoeError(f"distributed.deepspeed_config file {path} does not exist; check the path.") from None
+        data = json.loads(read_text_file(path, "distributed.deepspeed_config file"))
     except json.JSONDecodeError as error:
         raise LimoeError(f"distributed.deepspeed_config file {path} is not valid JSON: {error}.") from None
     if not isinstance(data, dict):

@@ -24,8 +24,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from limoe.config import MODALITIES, Config
+from limoe.files import open_for_append
 from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
 from limoe.training.step import StepOutcome
+from limoe.training.workdir import METRICS
 
 log = logging.getLogger("limoe.training.trainer")
 
@@ -51,7 +53,7 @@ class TrainingReporter:
         self._reset_window()
         self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", disable=not self.main,
                         dynamic_ncols=True, unit="step")
-        self.metrics = (workdir / "metrics.jsonl").open("a") if self.main else None
+        self.metrics = open_for_append(workdir / METRICS) if self.main else None
         self.tensorboard = None
         if self.main:
             from torch.utils.tensorboard import SummaryWriter

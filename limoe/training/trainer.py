@@ -36,7 +36,7 @@ from limoe.config import Config, dump_config
 from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
 from limoe.distributed import ExpertSharding, init_process_group, resolve_device
 from limoe.errors import LimoeError
-from limoe.files import atomic_write
+from limoe.files import atomic_write, refuse_overwriting_inputs
 from limoe.model.tower import Limoe, build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches
@@ -201,6 +201,7 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
     co-training) and `report` what is measured at the end (default: held-out retrieval and routing
     of the exported model).
     """
+    refuse_overwriting_inputs({"--workdir": workdir}, checkpoint.checkpoint_sources(config.train.init_from))
     objective = objective_for(config, objective)
     if not config.tasks:  # (co-training reads the tasks' data instead)
         for source in config.data.train:  # a missing shard path fails here, before anything is built

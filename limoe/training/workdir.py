@@ -3,7 +3,8 @@
 - `locked_workdir`: process 0 holds an exclusive `flock` on `workdir/train.lock` while training,
   with its pid and host written inside; a second `limoe train` on the same workdir refuses in one
   line naming them. The kernel drops the lock when the process ends, however it ends, so a killed
-  run never leaves a stale lock behind.
+  run never leaves a stale lock behind. Neither the lock nor `metrics.jsonl` may be a symbolic
+  link: the run's writes stay inside its workdir.
 - `check_same_architecture`: a workdir's checkpoints are resumed only by the model they hold;
   settings that do not change the weights (kernel backend, capacity factors, the name) may change.
 - `keep_metrics_until`: after a kill, `metrics.jsonl` may hold steps logged after the checkpoint
@@ -24,7 +25,7 @@ from typing import Iterator, Optional
 from limoe.config import ModelConfig, to_dict
 from limoe.distributed import any_process
 from limoe.errors import LimoeError
-from limoe.files import atomic_write, describe_os_error
+from limoe.files import atomic_write, describe_os_error, open_for_append, refuse_link
 
 LOCK = "train.lock"
 METRICS = "metrics.jsonl"
@@ -53,9 +54,10 @@ def locked_workdir(workdir: Path, rank: int) -> Iterator[None]:
 
 def _lock(workdir: Path):
     lock = Path(workdir) / LOCK
+    refuse_link(Path(workdir) / METRICS)  # appended to by the run (limoe.training.progress)
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a+", encoding="utf-8")
+        handle = open_for_append(lock, "a+")
     except OSError as error:
         raise LimoeError(f"cannot write in workdir {workdir} ({describe_os_error(error)}); give a writable "
                          f"--workdir.") from None

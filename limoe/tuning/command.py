@@ -18,13 +18,14 @@ from typing import Optional
 import torch
 
 from limoe.checkpoints import load_model, save_model_file
+from limoe.checkpoints.training import checkpoint_sources
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
 from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.prompts import load_templates
 from limoe.evaluate.runtime import report
 from limoe.evaluate.zeroshot import open_classification_set, zeroshot_classifier
-from limoe.files import check_output_file
+from limoe.files import check_output_file, refuse_overwriting_inputs
 from limoe.model.prompts import add_prompt_tuning, classification_logits, label_head
 from limoe.tuning.few_shot import FewShotSplit, read_few_shot_split
 from limoe.tuning.probe import best_linear_probe
@@ -40,10 +41,10 @@ def run_tune(checkpoint: Path, data: str, classnames: Optional[str], templates: 
     if shots < 1:
         raise LimoeError(f"--shots {shots}: give at least one support sample per class.")
     output = check_output_file(output, "--output")  # input errors first, before any work
-    if output.exists() and Path(checkpoint).exists() and output.resolve() == Path(checkpoint).resolve():
-        raise LimoeError(f"--output {output} is the checkpoint being tuned; write the tuned model to another file.")
     if metrics_output is not None:
         check_output_file(metrics_output, "--metrics")
+    refuse_overwriting_inputs({"--output": output, "--metrics": metrics_output},
+                              [*checkpoint_sources(checkpoint), data, classnames, templates])
     prompts = template_strings(load_templates(templates))
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
     if label_head(model) is not None:

@@ -4,6 +4,7 @@ held-out emoji, the JSONL answer convention, classes given by exemplar images, a
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,12 +128,14 @@ def test_winoground_scores_are_clip_benchmarks_text_image_and_group(checkpoint, 
 def test_jsonl_answer_indexes_the_side_with_several_candidates(checkpoint, emoji_sets, tmp_path):
     """Three items scored by hand from the embeddings: image→texts, text→images, and a 2×3 item
     whose answer names the pair (image 1, text 1)."""
-    images = [emoji_sets / "sugar_crepe" / "val2017" / f"{key:09d}.jpg" for key in (41, 42, 43)]
+    images = [tmp_path / f"{key:09d}.jpg" for key in (41, 42, 43)]  # image paths stay inside the file's folder
+    for image in images:
+        shutil.copyfile(emoji_sets / "sugar_crepe" / "val2017" / image.name, image)
     texts = ["man running light skin tone", "man running medium-light skin tone", "man running medium skin tone"]
     items = [
-        {"images": [str(images[2])], "texts": texts, "answer": 2},
-        {"images": [str(p) for p in images], "texts": [texts[0]], "answer": 0},
-        {"images": [str(p) for p in images[:2]], "texts": texts, "answer": 1},
+        {"images": [images[2].name], "texts": texts, "answer": 2},
+        {"images": [p.name for p in images], "texts": [texts[0]], "answer": 0},
+        {"images": [p.name for p in images[:2]], "texts": texts, "answer": 1},
     ]
     path = tmp_path / "items.jsonl"
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
@@ -191,9 +194,9 @@ def _one_line_error(capsys) -> str:
 
 
 def test_a_sugar_crepe_item_without_a_negative(checkpoint, tmp_path, capsys):
-    _square(tmp_path / "val2017" / "a.jpg", (1, 2, 3))
-    (tmp_path / "swap_obj.json").write_text(json.dumps({"7": {"filename": "a.jpg", "caption": "a red square"}}))
-    assert _choice(checkpoint, tmp_path, "sugar_crepe", tmp_path / "out.json") == 2
+    _square(tmp_path / "set" / "val2017" / "a.jpg", (1, 2, 3))
+    (tmp_path / "set" / "swap_obj.json").write_text(json.dumps({"7": {"filename": "a.jpg", "caption": "a red square"}}))
+    assert _choice(checkpoint, tmp_path / "set", "sugar_crepe", tmp_path / "out.json") == 2
     assert 'item 7 has no "negative_caption"' in _one_line_error(capsys)
     assert not (tmp_path / "out.json").exists()
 
