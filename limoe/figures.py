@@ -1,0 +1,206 @@
+"""Figures the docs quote, each from one command: measured once, rendered wherever it is quoted.
+
+A timing or a score in README.md or docs/ that comes from running something stands between
+`<!-- figure NAME.VIEW -->` and `<!-- /figure -->`, and is rendered from `docs/figures/NAME.json`.
+That record is written by `python -m limoe.figures record NAME`, which runs the figure's command
+and measures it: wall time, the user and system CPU time of the command and all its children, the
+machine's cores and its load average just before the start (so "idle" or "loaded" is a measured
+fact, not a recollection), the date and the commit. `python -m limoe.figures` re-renders every
+quote from the records, and a test fails when a quote differs from its record, so two places can
+never quote one figure differently and no figure is left without its command and conditions.
+
+Run both from the repository root. Re-record a figure after a change that moves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from limoe.errors import LimoeError
+from limoe.files import atomic_write
+
+RECORDS = Path("docs/figures")  # relative to the repository root
+# A quote inline in a sentence, or a block (the markers on lines of their own, e.g. around a table).
+QUOTE = re.compile(r"(?P<open><!-- figure (?P<name>[\w-]+)\.(?P<view>[\w-]+) -->)(?P<body>.*?)(?P<close><!-- /figure -->)",
+                   re.DOTALL)
+IDLE_LOAD = 1.0  # below this one-minute load average before the start, the machine counts as idle
+
+
+@dataclass(frozen=True)
+class Figure:
+    """How to measure one figure and the ways the docs quote it.
+
+    `command(scratch)` is the argv to run from the repository root, with a fresh scratch folder for
+    anything it writes; `results(scratch, stdout)` reads what the record keeps besides the times;
+    `views` render the record as the docs quote it (a sentence, a table)."""
+
+    name: str
+    what: str  # the command as a reader would type it, quoted beside the figure
+    command: Callable[[Path], list[str]]
+    results: Callable[[Path, str], dict]
+    views: dict[str, Callable[[dict], str]]
+
+
+def duration(seconds: float) -> str:
+    """'2 min 42 s' (rounded to the second), or '48 s' under a minute."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def conditions(record: dict) -> str:
+    """'2026-12-06, 2-core CPU, idle (load average 0.1 before the start)'."""
+    state = "idle" if record["load_before"] < IDLE_LOAD else "loaded"
+    return (f"{record['date']}, {record['cores']}-core CPU, {state} (load average {record['load_before']:.1f} "
+            f"before the start)")
+
+
+def times(record: dict) -> str:
+    """'2 min 42 s wall, 4 min 50 s user, 12 s system'."""
+    return f"{duration(record['wall_s'])} wall, {duration(record['user_s'])} user, {duration(record['system_s'])} system"
+
+
+def measure(figure: Figure, root: Path) -> dict:
+    """Run the figure's command from `root` in a fresh scratch folder and return its record."""
+    with tempfile.TemporaryDirectory(prefix=f"limoe-figure-{figure.name}-") as scratch:
+        argv = figure.command(Path(scratch))
+        load_before = os.getloadavg()[0]
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        finished = subprocess.run(argv, cwd=root, stdout=subprocess.PIPE, text=True)
+        wall = time.monotonic() - started
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if finished.returncode != 0:
+            raise LimoeError(f"figure {figure.name}: `{' '.join(argv)}` exited with status {finished.returncode}; "
+                             f"nothing was recorded, fix the command's failure first.")
+        results = figure.results(Path(scratch), finished.stdout)
+    return {"figure": figure.name, "command": figure.what, "date": datetime.date.today().isoformat(),
+            "commit": _commit(root), "cores": os.cpu_count(), "load_before": round(load_before, 2),
+            "wall_s": round(wall, 1), "user_s": round(children_after.ru_utime - children_before.ru_utime, 1),
+            "system_s": round(children_after.ru_stime - children_before.ru_stime, 1), "results": results}
+
+
+def _commit(root: Path) -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def load_record(root: Path, name: str) -> Optional[dict]:
+    """The record of figure `name`, or None before it was first recorded."""
+    path = root / RECORDS / f"{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def render_text(text: str, root: Path, figures: dict[str, Figure]) -> str:
+    """`text` with every quoted figure re-rendered from its record."""
+
+    def rendered(match: re.Match) -> str:
+        name, view = match["name"], match["view"]
+        if name not in figures or view not in figures[name].views:
+            raise LimoeError(f"the docs quote figure {name}.{view}, which limoe.figures does not define; "
+                             f"fix the marker or define the view.")
+        record = load_record(root, name)
+        body = (figures[name].views[view](record) if record is not None
+                else f"(not measured yet: `python -m limoe.figures record {name}`)")
+        if match["body"].startswith("\n"):
+            body = f"\n{body.strip(chr(10))}\n"
+        return match["open"] + body + match["close"]
+
+    return QUOTE.sub(rendered, text)
+
+
+def quoting_files(root: Path) -> list[Path]:
+    """The files that may quote figures."""
+    return [root / "README.md", root / "data_shards" / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def stale_quotes(root: Path, figures: dict[str, Figure]) -> list[Path]:
+    """The files whose quotes differ from their records (what `render_all` would rewrite)."""
+    return [path for path in quoting_files(root)
+            if render_text(path.read_text(encoding="utf-8"), root, figures) != path.read_text(encoding="utf-8")]
+
+
+def render_all(root: Path, figures: dict[str, Figure]) -> list[Path]:
+    """Rewrite every stale quote from its record; returns the files rewritten."""
+    stale = stale_quotes(root, figures)
+    for path in stale:
+        path.write_text(render_text(path.read_text(encoding="utf-8"), root, figures), encoding="utf-8")
+    return stale
+
+
+# The figures the docs quote.
+
+def _demo_results(scratch: Path, stdout: str) -> dict:
+    retrieval = json.loads((scratch / "demo" / "final_metrics.json").read_text(encoding="utf-8"))["retrieval"]
+    return {key: retrieval[key] for key in ("images", "image_to_text_R@1", "image_to_text_R@5",
+                                            "text_to_image_R@1", "text_to_image_R@5")}
+
+
+def _demo_time(record: dict) -> str:
+    return (f"took {times(record)} on {conditions(record)}; `python -m limoe.figures record demo` measures it, "
+            f"running `limoe train` in a fresh workdir, the final evaluation included")
+
+
+def _demo_retrieval(record: dict) -> str:
+    r = record["results"]
+    return ("| | R@1 | R@5 |\n|---|---|---|\n"
+            f"| image→text | {r['image_to_text_R@1']:.1%} | {r['image_to_text_R@5']:.1%} |\n"
+            f"| text→image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} |")
+
+
+def _test_results(scratch: Path, stdout: str) -> dict:
+    summary = [line for line in stdout.splitlines() if re.search(r"\d+ passed", line)]
+    return {"summary": re.sub(r" in [\d.]+s.*$", "", summary[-1].strip("= ")) if summary else stdout.strip()[-200:]}
+
+
+def _test_time(record: dict) -> str:
+    return (f"{record['results']['summary']} in {times(record)} ({conditions(record)}; "
+            f"`python -m limoe.figures record tests`)")
+
+
+FIGURES = {figure.name: figure for figure in (
+    Figure("demo", "limoe train", lambda scratch: [sys.executable, "-m", "limoe", "train", "--workdir",
+                                                   str(scratch / "demo")],
+           _demo_results, {"time": _demo_time, "retrieval": _demo_retrieval}),
+    Figure("tests", "python -m pytest", lambda scratch: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+           _test_results, {"time": _test_time}),
+)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m limoe.figures", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    record = commands.add_parser("record", help="run a figure's command, save its record and re-render the docs")
+    record.add_argument("names", nargs="+", choices=sorted(FIGURES))
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    try:
+        for name in args.names if args.command == "record" else ():
+            path = root / RECORDS / f"{name}.json"
+            measured = json.dumps(measure(FIGURES[name], root), indent=1) + "\n"
+            atomic_write(path, lambda tmp: tmp.write_text(measured, encoding="utf-8"))
+            print(f"recorded {path}", file=sys.stderr)
+        for path in render_all(root, FIGURES):
+            print(f"rendered {path}", file=sys.stderr)
+    except LimoeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
