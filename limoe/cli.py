@@ -55,7 +55,7 @@ def _plan(args) -> int:
 
     config = load_config(args.config, args.set)
     plan = plan_memory(config, args.gpus, int(args.gpu_memory * GiB))
-    print(format_plan(plan, args.config or "demo"))
+    print(format_plan(plan, args.config or "demo", args.set))
     return 0 if plan.fits(plan.configured) else 1
 
 

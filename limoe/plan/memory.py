@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import math
+import shlex
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
@@ -40,6 +42,7 @@ from limoe.training.step import micro_batch_size
 
 GiB = 2**30
 RESERVED = 3 * GiB  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation [this project's default]
+GPUS_PER_NODE = 8  # the launch line's assumption beyond one node
 FEATURE_CACHE_COPIES = 4  # micro-batching keeps image and text features and their gradients for the local batch
 
 
@@ -197,6 +200,24 @@ class MemoryPlan:
         micro_batching = setting.micro_batch is not None and setting.micro_batch < self.local_batch
         return (3 + share + micro_batching) / 3
 
+    def without_whole_batch_micro(self, setting: Setting) -> Setting:
+        """`setting` with a micro-batch that is every step's whole per-GPU batch written as None
+        (no micro-batching), as the config says it."""
+        if setting.micro_batch is not None and all(w.local == setting.micro_batch for w in self.workloads):
+            return Setting(setting.checkpointing, None)
+        return setting
+
+    def overrides(self, setting: Setting) -> list[str]:
+        """The `--set` overrides that turn the configured setting into `setting`; none when it is the
+        configured one."""
+        target, now = self.without_whole_batch_micro(setting), self.without_whole_batch_micro(self.configured)
+        changes = []
+        if target.micro_batch != now.micro_batch:
+            changes.append(_micro_batch_override(target))
+        if target.checkpointing != now.checkpointing:
+            changes.append(_checkpointing_override(target))
+        return changes
+
     def recommended(self) -> Optional[Setting]:
         """The fitting setting with the least recomputation; ties go to the larger micro-batch."""
         options = [s for c in CHECKPOINTING if (s := self.largest_fitting(c)) is not None]
@@ -256,9 +277,36 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f}"
 
 
+def _micro_batch_override(setting: Setting) -> str:
+    return f"train.micro_batch_size={'null' if setting.micro_batch is None else setting.micro_batch}"
+
+
+def _checkpointing_override(setting: Setting) -> str:
+    return f"train.activation_checkpointing={setting.checkpointing}"
+
+
 def settings_line(setting: Setting) -> str:
-    micro = "null" if setting.micro_batch is None else setting.micro_batch
-    return f"train.micro_batch_size={micro} train.activation_checkpointing={setting.checkpointing}"
+    return f"{_micro_batch_override(setting)} {_checkpointing_override(setting)}"
+
+
+def nodes_for(gpus: int) -> int:
+    """Nodes of equal GPU counts, at most GPUS_PER_NODE each, that hold `gpus` GPUs: as few as can."""
+    return next(n for n in range(-(-gpus // GPUS_PER_NODE), gpus + 1) if gpus % n == 0)
+
+
+def launch_command(config_name: str, gpus: int, overrides: Sequence[str]) -> str:
+    """The shell command that starts the planned run on `gpus` GPUs with `overrides` (`--set`):
+    `limoe train` for one GPU, DeepSpeed's launcher on one node of up to GPUS_PER_NODE, and over a
+    hostfile `hosts` of equal nodes beyond that; the workdir is named after the config."""
+    train = ["train", "--config", config_name, "--workdir", f"runs/{Path(config_name).stem}"]
+    train += [part for override in overrides for part in ("--set", override)]
+    if gpus == 1:
+        return shlex.join(["limoe", *train])
+    if gpus <= GPUS_PER_NODE:
+        return shlex.join(["deepspeed", "--num_gpus", str(gpus), "--module", "limoe", *train])
+    nodes = nodes_for(gpus)
+    return shlex.join(["deepspeed", "--hostfile", "hosts", "--num_nodes", str(nodes), "--num_gpus", str(gpus // nodes),
+                       "--module", "limoe", *train])
 
 
 def _step_name(workload: Workload) -> str:
@@ -291,8 +339,9 @@ def _logits_line(plan: MemoryPlan, workload: Workload, breakdown: Breakdown) -> 
             f"{' (own step when micro-batching)' if not breakdown.logits else ''}")
 
 
-def format_plan(plan: MemoryPlan, config_name: str) -> str:
-    """The `limoe plan` report."""
+def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = ()) -> str:
+    """The `limoe plan` report of `config_name` with the `overrides` it was planned with, ending
+    with the setting to use and the command that launches the run with it."""
     config, counts, profile = plan.config, plan.counts, plan.profile
     ep, stage = config.distributed.expert_parallel_size, config.distributed.zero_stage
     workload, configured = plan.largest_step(plan.configured)
@@ -337,9 +386,19 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
     lines.append("")
     if best is None:
         lines.append(f"settings to use: none fits; {_no_fit_fix(plan)}.")
+        return "\n".join(lines)
+    changes = plan.overrides(best)
+    cost = f"compute x{plan.recompute_cost(best):.2f} of a step without recomputation"
+    if changes:
+        lines.append(f"settings to use: {' '.join(changes)} ({cost})")
     else:
-        lines.append(f"settings to use: {settings_line(best)} (compute x{plan.recompute_cost(best):.2f} of a step "
-                     f"without recomputation)")
+        lines.append(f"settings to use: no change, the configured {settings_line(plan.without_whole_batch_micro(best))} "
+                     f"({cost})")
+    nodes = nodes_for(plan.gpus)
+    hosts = f" (on {nodes} nodes named in the DeepSpeed hostfile `hosts`)" if nodes > 1 else ""
+    changed_keys = {change.split("=", 1)[0] for change in changes}
+    kept = [override for override in overrides if override.split("=", 1)[0].strip() not in changed_keys]
+    lines += [f"launch{hosts}:", f"  {launch_command(config_name, plan.gpus, [*kept, *changes])}"]
     return "\n".join(lines)
 
 
@@ -350,7 +409,7 @@ def refuse_if_it_cannot_fit(config: Config, gpus: int, gpu_memory: int) -> None:
     if need.total <= gpu_memory:
         return
     best = plan.recommended()
-    fix = f"set {settings_line(best)}" if best else _no_fit_fix(plan)
+    fix = f"set {settings_line(plan.without_whole_batch_micro(best))}" if best else _no_fit_fix(plan)
     items = workload.describe()
     if workload.kind == "contrastive":
         items = f"{plan.configured.micro_batch or workload.local} pairs"
