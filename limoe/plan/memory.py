@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import functools
 import math
-import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
 from limoe.evaluate.prompts import load_templates
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
+from limoe.plan.launch import launch_command, nodes_for
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
 from limoe.training.candidates import most_candidates, prompts_per_process
 from limoe.training.cotraining import check_task_batches, task_classnames
@@ -42,7 +41,6 @@ from limoe.training.step import micro_batch_size
 
 GiB = 2**30
 RESERVED = 3 * GiB  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation [this project's default]
-GPUS_PER_NODE = 8  # the launch line's assumption beyond one node
 FEATURE_CACHE_COPIES = 4  # micro-batching keeps image and text features and their gradients for the local batch
 
 
@@ -287,26 +285,6 @@ def _checkpointing_override(setting: Setting) -> str:
 
 def settings_line(setting: Setting) -> str:
     return f"{_micro_batch_override(setting)} {_checkpointing_override(setting)}"
-
-
-def nodes_for(gpus: int) -> int:
-    """Nodes of equal GPU counts, at most GPUS_PER_NODE each, that hold `gpus` GPUs: as few as can."""
-    return next(n for n in range(-(-gpus // GPUS_PER_NODE), gpus + 1) if gpus % n == 0)
-
-
-def launch_command(config_name: str, gpus: int, overrides: Sequence[str]) -> str:
-    """The shell command that starts the planned run on `gpus` GPUs with `overrides` (`--set`):
-    `limoe train` for one GPU, DeepSpeed's launcher on one node of up to GPUS_PER_NODE, and over a
-    hostfile `hosts` of equal nodes beyond that; the workdir is named after the config."""
-    train = ["train", "--config", config_name, "--workdir", f"runs/{Path(config_name).stem}"]
-    train += [part for override in overrides for part in ("--set", override)]
-    if gpus == 1:
-        return shlex.join(["limoe", *train])
-    if gpus <= GPUS_PER_NODE:
-        return shlex.join(["deepspeed", "--num_gpus", str(gpus), "--module", "limoe", *train])
-    nodes = nodes_for(gpus)
-    return shlex.join(["deepspeed", "--hostfile", "hosts", "--num_nodes", str(nodes), "--num_gpus", str(gpus // nodes),
-                       "--module", "limoe", *train])
 
 
 def _step_name(workload: Workload) -> str:

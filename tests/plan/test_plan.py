@@ -14,7 +14,7 @@ from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
 from limoe.plan import GiB, Setting, plan_memory, refuse_if_it_cannot_fit
-from limoe.plan.memory import launch_command
+from limoe.plan.launch import launch_command
 from limoe.plan.activations import KeptStorages, measure_activations
 from limoe.plan.state import count_parameters, state_bytes
 from limoe.training.losses import auxiliary_loss
