@@ -109,8 +109,17 @@ def _load(layer: dict) -> np.ndarray:
     return routed / max(routed.sum(), 1.0)
 
 
+def balanced_image_share(layer: dict) -> np.ndarray:
+    """[E] how much an expert is an image expert, with both modalities weighted alike: its share
+    of the image tokens over the sum of its shares of image and text tokens (`modality_shares`).
+    1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares."""
+    image, text = np.nan_to_num(modality_shares(layer))  # [E] each
+    total = image + text
+    return np.divide(image, total, out=np.full_like(total, np.nan), where=total > 0)
+
+
 def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
-    """Layer × expert map per checkpoint: colour = image share of the expert's tokens (blue image,
+    """Layer × expert map per checkpoint: colour = the expert's `balanced_image_share` (blue image,
     red text, grey unused); the number in a cell = the expert's share of all the layer's tokens."""
     rows, experts = _max_layers(reports), _max_experts(reports)
     fig = figure(len(reports) * (140 + 50 * experts), 130 + 40 * rows)
@@ -118,7 +127,7 @@ def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
     cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
     for ax, report in zip(axes, reports):
         layers = report.statistics["layers"]
-        share = np.array([_values(layer["image_share"]) for layer in layers])  # [layers, E]
+        share = np.array([balanced_image_share(layer) for layer in layers])  # [layers, E]
         shown = ax.imshow(share, cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (row, e), load in np.ndenumerate(np.array([_load(layer) for layer in layers])):
             dark = abs(np.nan_to_num(share[row, e], nan=0.5) - 0.5) > 0.3

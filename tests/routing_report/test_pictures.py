@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from limoe.config import Config
-from limoe.routing_report.pictures import LEGEND_PX, expert_colors, modality_shares, plot_patch_experts
+from limoe.routing_report.pictures import (LEGEND_PX, balanced_image_share, expert_colors, modality_shares,
+                                          plot_patch_experts)
 from limoe.routing_report.records import CheckpointRouting, ExampleRouting
 from limoe.routing_report.statistics import _layer_statistics
 
@@ -25,6 +26,13 @@ def test_each_modality_is_normalised_over_the_experts_on_its_own():
     assert shares.shape == (2, 5)
     np.testing.assert_allclose(shares, [[0.5, 0.3, 0.0, 0.2, 0.0], [0.0, 0.1, 0.8, 0.0, 0.1]])
     np.testing.assert_allclose(shares.sum(axis=1), [1.0, 1.0])
+
+
+def test_the_heatmap_weighs_both_modalities_alike():
+    # expert 1 gets 30% of the images and 10% of the text: 270 image tokens against 9 text tokens,
+    # yet three quarters an image expert; expert 4 gets no tokens at all
+    layer = _layer([450, 270, 0, 180, 0, 0], [0, 9, 72, 0, 9, 0])
+    np.testing.assert_allclose(balanced_image_share(layer), [1.0, 0.75, 0.0, 1.0, 0.0, np.nan])
 
 
 def test_a_modality_without_tokens_has_no_shares():
