@@ -55,7 +55,7 @@ def _plan(args) -> int:
 
     config = load_config(args.config, args.set)
     plan = plan_memory(config, args.gpus, int(args.gpu_memory * GiB))
-    print(format_plan(plan, args.config or "demo"))
+    print(format_plan(plan, args.config or "demo", args.set))
     return 0 if plan.fits(plan.configured) else 1
 
 
@@ -127,7 +127,7 @@ def _routing(args) -> int:
     run_routing_report(
         checkpoint=Path(args.checkpoint), data=args.data, output=args.output, num_batches=args.num_batches,
         batch_size=args.batch_size, capacity_factor=args.capacity_factor, compare=args.compare, device=args.device,
-        block=args.block,
+        block=args.block, keys=args.keys.split(",") if args.keys is not None else None,
     )
     return 0
 
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a number or 'dropless' (default: config)")
     routing.add_argument("--compare", default=None, help="a second checkpoint to put side by side")
     routing.add_argument("--block", type=int, default=None, help="MoE block for the patch and token maps (default: last)")
+    routing.add_argument("--keys", default=None, metavar="K1,K2,…",
+                         help="sample keys of the examples pictured (default: the first batch's first four)")
     routing.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     shards = command("shards", None, "build webdataset shards")

@@ -102,6 +102,16 @@ def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None)
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+    # safetensors creates its file private (0600); give it the mode any other new file gets, so
+    # colleagues and upload tools running as another user can read an exported model.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_file(path: Path) -> None:

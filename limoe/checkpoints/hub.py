@@ -36,13 +36,15 @@ def is_model_folder(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file()
 
 
-def save_model_folder(model: Limoe, config: Config, folder: Path, repo_id: Optional[str] = None) -> None:
-    """Write `folder` in Hub layout; `repo_id` (org/name) is what the model card tells users to load."""
+def save_model_folder(model: Limoe, config: Config, folder: Path, repo_id: Optional[str] = None,
+                      step: Optional[int] = None) -> None:
+    """Write `folder` in Hub layout; `repo_id` (org/name) is what the model card tells users to load,
+    `step` the training step the weights were taken at (None: the config's train.steps)."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(to_dict(config), indent=1) + "\n"))
-    card = model_card(config, repo_id or f"<org>/{folder.resolve().name}")
+    card = model_card(config, repo_id or f"<org>/{folder.resolve().name}", step)
     atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(card))
-    save_model_file(model, config, folder / WEIGHTS_FILE)
+    save_model_file(model, config, folder / WEIGHTS_FILE, step=step)
 
 
 def read_folder_config(folder: Path) -> Config:
@@ -71,8 +73,17 @@ def fetch(reference: str, files: tuple[str, ...] = (CONFIG_FILE, WEIGHTS_FILE), 
     return paths[0].parent
 
 
-def model_card(config: Config, repo_id: str) -> str:
-    """A model card: Hub metadata, the architecture, the training recipe, and how to load the model."""
+def _training_length(config: Config, step: Optional[int]) -> str:
+    """'Trained for N steps', with the planned length when the weights come from before the end."""
+    planned = config.train.steps
+    if step is None or step == planned:
+        return f"Trained for {planned} steps"
+    return f"Trained for {step} steps (taken at step {step} of a {planned}-step run)"
+
+
+def model_card(config: Config, repo_id: str, step: Optional[int] = None) -> str:
+    """A model card: Hub metadata, the architecture, the training recipe (with the step the weights
+    were taken at), and how to load the model."""
     from limoe.model.info import describe_model  # builds the model on the meta device
 
     train, sources = config.train, ", ".join(f"`{source.shards}`" for source in config.data.train)
@@ -96,7 +107,7 @@ Priority Routing.
 {describe_model(config.model)}
 ```
 
-Trained for {train.steps} steps of {train.batch_size} pairs with the `{config.loss.contrastive}` loss on {sources}.
+{_training_length(config, step)} of {train.batch_size} pairs with the `{config.loss.contrastive}` loss on {sources}.
 The full training config is in `{CONFIG_FILE}`.
 
 ## Use

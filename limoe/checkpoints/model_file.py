@@ -23,13 +23,18 @@ from limoe.model.prompts import prompt_tuning_metadata, restore_prompt_tuning
 from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
+STEP_KEY = "limoe_step"  # the training step the weights were taken at (exports of a training run)
 
 
-def save_model_file(model: Limoe, config: Config, path: Path, notes: Optional[dict[str, str]] = None) -> None:
+def save_model_file(model: Limoe, config: Config, path: Path, notes: Optional[dict[str, str]] = None,
+                    step: Optional[int] = None) -> None:
     """Write all weights (contiguous, on CPU) and the config into one safetensors file; a prompt-tuned
-    model's label set goes into the metadata too, and so do `notes` (JSON strings, e.g. a recipe)."""
+    model's label set goes into the metadata too, and so do `notes` (JSON strings, e.g. a recipe) and
+    the training `step` the weights come from (the config only says how many steps were planned)."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {**(notes or {}), CONFIG_KEY: json.dumps(to_dict(config)), **prompt_tuning_metadata(model)}
+    if step is not None:
+        metadata[STEP_KEY] = str(step)
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 

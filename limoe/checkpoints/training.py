@@ -226,7 +226,11 @@ def checkpoint_sources(reference: Optional[Union[str, Path]]) -> list[Path]:
 def consolidated_state(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
     """All weights of a workdir's newest complete checkpoint (or of one checkpoint directory),
     every expert in place as in the unsharded model, and its config. No process group needed."""
-    checkpoint = checkpoint_at(path)
+    return checkpoint_state(checkpoint_at(path))
+
+
+def checkpoint_state(checkpoint: StoredCheckpoint) -> tuple[dict[str, torch.Tensor], Config]:
+    """All weights of `checkpoint`, every expert in place as in the unsharded model, and its config."""
     config = checkpoint_config(checkpoint)
     with torch.device("meta"):  # names and shapes only: where each entry goes
         skeleton = build_model(config)
@@ -250,17 +254,21 @@ def load_module_weights(module: nn.Module, checkpoint: StoredCheckpoint) -> None
 
 def export_workdir(workdir: Path, output: Union[str, Path], hub_layout: bool = False,
                    repo_id: Optional[str] = None) -> None:
-    """`limoe export`: the newest complete checkpoint as one .safetensors file with the config
-    inside, or (`hub_layout`) as a model folder in Hugging Face layout whose card names `repo_id`."""
+    """`limoe export`: the newest complete checkpoint (or the checkpoint directory `workdir`) as one
+    .safetensors file with the config and the step inside, or (`hub_layout`) as a model folder in
+    Hugging Face layout whose card names `repo_id` and the step. Which step that is depends on
+    what has been saved, not on the config's train.steps, so the message says it."""
     output = check_output_directory(output, "--output") if hub_layout else check_output_file(output, "--output")
     refuse_overwriting_inputs({"--output": output}, checkpoint_sources(workdir))
-    state, config = consolidated_state(workdir)
+    checkpoint = checkpoint_at(workdir)
+    state, config = checkpoint_state(checkpoint)
     model = model_with(state, config, Path(workdir))
     if hub_layout:
-        save_model_folder(model, config, output, repo_id)
+        save_model_folder(model, config, output, repo_id, step=checkpoint.step)
     else:
-        save_model_file(model, config, output)
-    print(f"exported {workdir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) to {output}")
+        save_model_file(model, config, output, step=checkpoint.step)
+    print(f"exported step {checkpoint.step} of {workdir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters) to {output}")
 
 
 def latest_checkpoint(workdir: Path) -> Optional[Path]:

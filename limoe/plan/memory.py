@@ -26,12 +26,13 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
 from limoe.evaluate.prompts import load_templates
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
+from limoe.plan.launch import launch_command, nodes_for
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
 from limoe.training.candidates import most_candidates, prompts_per_process
 from limoe.training.cotraining import check_task_batches, task_classnames
@@ -197,6 +198,24 @@ class MemoryPlan:
         micro_batching = setting.micro_batch is not None and setting.micro_batch < self.local_batch
         return (3 + share + micro_batching) / 3
 
+    def without_whole_batch_micro(self, setting: Setting) -> Setting:
+        """`setting` with a micro-batch that is every step's whole per-GPU batch written as None
+        (no micro-batching), as the config says it."""
+        if setting.micro_batch is not None and all(w.local == setting.micro_batch for w in self.workloads):
+            return Setting(setting.checkpointing, None)
+        return setting
+
+    def overrides(self, setting: Setting) -> list[str]:
+        """The `--set` overrides that turn the configured setting into `setting`; none when it is the
+        configured one."""
+        target, now = self.without_whole_batch_micro(setting), self.without_whole_batch_micro(self.configured)
+        changes = []
+        if target.micro_batch != now.micro_batch:
+            changes.append(_micro_batch_override(target))
+        if target.checkpointing != now.checkpointing:
+            changes.append(_checkpointing_override(target))
+        return changes
+
     def recommended(self) -> Optional[Setting]:
         """The fitting setting with the least recomputation; ties go to the larger micro-batch."""
         options = [s for c in CHECKPOINTING if (s := self.largest_fitting(c)) is not None]
@@ -256,9 +275,16 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f}"
 
 
+def _micro_batch_override(setting: Setting) -> str:
+    return f"train.micro_batch_size={'null' if setting.micro_batch is None else setting.micro_batch}"
+
+
+def _checkpointing_override(setting: Setting) -> str:
+    return f"train.activation_checkpointing={setting.checkpointing}"
+
+
 def settings_line(setting: Setting) -> str:
-    micro = "null" if setting.micro_batch is None else setting.micro_batch
-    return f"train.micro_batch_size={micro} train.activation_checkpointing={setting.checkpointing}"
+    return f"{_micro_batch_override(setting)} {_checkpointing_override(setting)}"
 
 
 def _step_name(workload: Workload) -> str:
@@ -291,8 +317,9 @@ def _logits_line(plan: MemoryPlan, workload: Workload, breakdown: Breakdown) -> 
             f"{' (own step when micro-batching)' if not breakdown.logits else ''}")
 
 
-def format_plan(plan: MemoryPlan, config_name: str) -> str:
-    """The `limoe plan` report."""
+def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = ()) -> str:
+    """The `limoe plan` report of `config_name` with the `overrides` it was planned with, ending
+    with the setting to use and the command that launches the run with it."""
     config, counts, profile = plan.config, plan.counts, plan.profile
     ep, stage = config.distributed.expert_parallel_size, config.distributed.zero_stage
     workload, configured = plan.largest_step(plan.configured)
@@ -337,9 +364,19 @@ def format_plan(plan: MemoryPlan, config_name: str) -> str:
     lines.append("")
     if best is None:
         lines.append(f"settings to use: none fits; {_no_fit_fix(plan)}.")
+        return "\n".join(lines)
+    changes = plan.overrides(best)
+    cost = f"compute x{plan.recompute_cost(best):.2f} of a step without recomputation"
+    if changes:
+        lines.append(f"settings to use: {' '.join(changes)} ({cost})")
     else:
-        lines.append(f"settings to use: {settings_line(best)} (compute x{plan.recompute_cost(best):.2f} of a step "
-                     f"without recomputation)")
+        lines.append(f"settings to use: no change, the configured {settings_line(plan.without_whole_batch_micro(best))} "
+                     f"({cost})")
+    nodes = nodes_for(plan.gpus)
+    hosts = f" (on {nodes} nodes named in the DeepSpeed hostfile `hosts`)" if nodes > 1 else ""
+    changed_keys = {change.split("=", 1)[0] for change in changes}
+    kept = [override for override in overrides if override.split("=", 1)[0].strip() not in changed_keys]
+    lines += [f"launch{hosts}:", f"  {launch_command(config_name, plan.gpus, [*kept, *changes])}"]
     return "\n".join(lines)
 
 
@@ -350,7 +387,7 @@ def refuse_if_it_cannot_fit(config: Config, gpus: int, gpu_memory: int) -> None:
     if need.total <= gpu_memory:
         return
     best = plan.recommended()
-    fix = f"set {settings_line(best)}" if best else _no_fit_fix(plan)
+    fix = f"set {settings_line(plan.without_whole_batch_micro(best))}" if best else _no_fit_fix(plan)
     items = workload.describe()
     if workload.kind == "contrastive":
         items = f"{plan.configured.micro_batch or workload.local} pairs"

@@ -1,18 +1,16 @@
 """`limoe routing`: what a checkpoint's experts do with images and text, in numbers and pictures.
 
 A few held-out batches go through the model (eval mode, the chosen eval capacity); the routing
-statistics of all of them are accumulated, and the first batch's first examples are kept token
-by token for the pictures: which expert each image patch and caption token went to, in one
-chosen MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
+statistics of all of them are accumulated, and a few examples (chosen by key, or the first
+batch's first) are kept token by token for the pictures: which expert each image patch and
+caption token went to, in one chosen MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
 set side by side (e.g. trained with and without the LIMoE entropy losses).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -32,48 +30,12 @@ from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.data.preprocess import unnormalise
 from limoe.model.routing import LayerRouting
 from limoe.routing_report.pictures import write_pictures
+from limoe.routing_report.records import CheckpointRouting, ExampleRouting
 from limoe.routing_report.statistics import RoutingAccumulator, collapse_warnings, format_summary_table
 
 NUM_EXAMPLES = 4  # images and captions pictured per checkpoint
 WORKERS = 2  # data loader processes
 SPECIAL_TOKENS = {"<start_of_text>": "<sot>", "<end_of_text>": "<eot>"}
-
-
-@dataclass
-class ExampleRouting:
-    """One image-caption pair's top-1 experts in the pictured block."""
-
-    key: str
-    image: np.ndarray  # [H, W, 3] in [0, 1], as the model saw it
-    patch_experts: Tensor  # [g, g] expert per patch, row-major like the patch grid
-    patch_kept: Tensor  # [g, g] bool, the patch got a slot
-    tokens: list[str]  # decoded caption tokens, padding left out
-    token_experts: list[int]
-    token_kept: list[bool]
-
-    def to_json(self) -> dict:
-        return {"key": self.key, "patch_experts": self.patch_experts.tolist(), "patch_kept": self.patch_kept.tolist(),
-                "tokens": self.tokens, "token_experts": self.token_experts, "token_kept": self.token_kept}
-
-
-@dataclass
-class CheckpointRouting:
-    """Everything the report says about one checkpoint."""
-
-    name: str
-    path: Path
-    config: Config
-    block: int  # the MoE block in the example pictures
-    statistics: dict  # RoutingAccumulator.statistics()
-    examples: list[ExampleRouting]
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name, "checkpoint": str(self.path), "model": self.config.model.name,
-            "capacity_factor": self.config.model.moe.eval_capacity_factor, "pictured_block": self.block,
-            "statistics": self.statistics, "collapse_warnings": collapse_warnings(self.statistics),
-            "examples": [example.to_json() for example in self.examples],
-        }
 
 
 def pictured_block(config: ModelConfig, block: Optional[int]) -> int:
@@ -106,19 +68,19 @@ def _unnormalise(images: Tensor) -> np.ndarray:
 
 
 def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Tensor, routing: LayerRouting,
-                count: int = NUM_EXAMPLES) -> list[ExampleRouting]:
-    """The first `count` examples of a batch, split along the joint token layout of the MoE call:
+                indices: list[int]) -> list[ExampleRouting]:
+    """The examples at `indices` of a batch, split along the joint token layout of the MoE call:
     per example [class token if image_pool is cls, Np patches row-major, L text positions]."""
     side = config.image_size // config.patch_size
     first_patch = 1 if config.image_pool == "cls" else 0
     first_text = first_patch + config.num_patches
-    expert, kept = routing.expert[:count].cpu(), routing.kept_mask[:count].cpu()  # [k, N]
-    tokens = tokens[:count].cpu()  # [k, L]
+    expert, kept = routing.expert[indices].cpu(), routing.kept_mask[indices].cpu()  # [k, N]
+    tokens = tokens[indices].cpu()  # [k, L]
     examples = []
-    for i, image in enumerate(_unnormalise(images[:count])):
+    for i, (index, image) in enumerate(zip(indices, _unnormalise(images[indices]))):
         real = tokens[i] != PAD_TOKEN  # [L]
         examples.append(ExampleRouting(
-            key=keys[i], image=image,
+            key=keys[index], image=image,
             patch_experts=expert[i, first_patch:first_text].view(side, side),
             patch_kept=kept[i, first_patch:first_text].view(side, side),
             tokens=_decode(tokens[i][real].tolist()),
@@ -128,22 +90,44 @@ def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Te
     return examples
 
 
+def _chosen(batch_keys: list[str], keys: list[str], found: dict) -> list[int]:
+    """Indices in a batch of the samples named by `keys` that are not pictured yet."""
+    return [i for i, key in enumerate(batch_keys) if key in keys and key not in found]
+
+
 def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data: str, num_batches: int,
-                       batch_size: int, block: int, device: torch.device) -> CheckpointRouting:
-    """Route `num_batches` batches of `data` through `model`; statistics, and the first examples
-    in MoE block `block`."""
+                       batch_size: int, block: int, device: torch.device,
+                       keys: Optional[list[str]] = None) -> CheckpointRouting:
+    """Route `num_batches` batches of `data` through `model` for the statistics; the pictured
+    examples in MoE block `block` are the samples named by `keys` (read on past `num_batches`
+    until all are found), or else the first batch's first NUM_EXAMPLES."""
     position = config.model.moe_layers.index(block)
     loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, WORKERS)
     accumulator = RoutingAccumulator(config.model.moe_layers)
-    examples = None
+    found: dict[str, ExampleRouting] = {}
+    first_key = None
     with torch.inference_mode():
-        for batch in itertools.islice(loader, num_batches):
+        for index, batch in enumerate(loader):
+            first_key = first_key or batch.keys[0]
+            counted = index < num_batches
+            if not counted and (keys is None or len(found) == len(keys)):
+                break
+            chosen = _chosen(batch.keys, keys, found) if keys is not None else (
+                list(range(min(NUM_EXAMPLES, len(batch.keys)))) if index == 0 else [])
+            if not counted and not chosen:
+                continue  # reading on only for the keys not found yet
             routing = model(batch.images.to(device), batch.tokens.to(device)).routing
-            accumulator.add(routing)
-            if examples is None:
-                examples = examples_of(config.model, batch.keys, batch.images, batch.tokens, routing[position])
-    if examples is None:
+            if counted:
+                accumulator.add(routing)
+            for example in examples_of(config.model, batch.keys, batch.images, batch.tokens, routing[position], chosen):
+                found[example.key] = example
+    if first_key is None:
         raise LimoeError(f"no samples could be read from {data}; check the shard spec.")
+    missing = [key for key in keys or [] if key not in found]
+    if missing:
+        raise LimoeError(f"--keys: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a sample key of "
+                         f"{data}; give keys of its samples (the first is {first_key!r}).")
+    examples = [found[key] for key in keys] if keys is not None else list(found.values())
     return CheckpointRouting(name, path, config, block, accumulator.statistics(), examples)
 
 
@@ -155,14 +139,19 @@ def _names(paths: list[Path]) -> list[str]:
 
 def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], num_batches: int = 4, batch_size: int = 64,
                        capacity_factor: Optional[str] = None, compare: Optional[str] = None, device: str = "auto",
-                       block: Optional[int] = None) -> dict:
-    """Write `output/routing.json` and the pictures, print the per-layer tables; returns the JSON.
+                       block: Optional[int] = None, keys: Optional[list[str]] = None) -> dict:
+    """Write `output/routing.json` and the pictures, print the per-layer tables and the files
+    written; returns the JSON.
 
     `capacity_factor`: None (each checkpoint's eval factor), 'dropless' or a number, applied to
-    both checkpoints. `block`: the MoE block pictured (default: each checkpoint's last).
+    both checkpoints. `block`: the MoE block pictured (default: each checkpoint's last). `keys`:
+    the samples pictured (default: the first batch's first NUM_EXAMPLES).
     """
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
+    if keys is not None and (not keys or not all(key.strip() for key in keys)):
+        raise LimoeError("--keys has an empty key; give sample keys separated by commas, e.g. --keys 000000000,000000007.")
+    keys = None if keys is None else list(dict.fromkeys(key.strip() for key in keys))
     output = check_output_directory(output, "--output")
     refuse_overwriting_inputs({"--output": output}, [*checkpoint_sources(checkpoint), *checkpoint_sources(compare), data])
     torch_device = torch.device(resolve_device(device))
@@ -170,16 +159,17 @@ def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], nu
     models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
     blocks = [pictured_block(config.model, block) for _, config in models]
     reports = [
-        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device)
+        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device, keys)
         for (model, config), name, path, shown in zip(models, _names(paths), paths, blocks)
     ]
     result = {"data": data, "num_batches": num_batches, "batch_size": batch_size,
               "checkpoints": [report.to_json() for report in reports]}
     text = json.dumps(result, indent=1)
     atomic_write(output / "routing.json", lambda tmp: tmp.write_text(text))
-    write_pictures(reports, output)
+    pictures = write_pictures(reports, output)
     for report in reports:
         print(f"{report.name}:\n{format_summary_table(report.statistics)}")
         for warning in collapse_warnings(report.statistics):
             print(f"warning: {warning}")
+    print(f"wrote {', '.join(['routing.json', *(path.name for path in pictures)])} to {output}")
     return result

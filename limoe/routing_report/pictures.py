@@ -1,4 +1,4 @@
-"""Pictures of routing: per-expert modality mix, layer × expert map, drop rates, tinted patches, tokens.
+"""Pictures of routing: per-modality expert shares, layer × expert map, drop rates, patch maps, tokens.
 
 Each picture puts the checkpoints of a report side by side (one column of panels each). Figures
 are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch) and sized
@@ -10,7 +10,7 @@ colours of `expert_colors` in both example pictures.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 from matplotlib import colormaps, font_manager, ft2font
@@ -20,9 +20,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from limoe.config import MODALITIES
 from limoe.files import atomic_write
-
-if TYPE_CHECKING:
-    from limoe.routing_report.command import CheckpointRouting
+from limoe.routing_report.records import CheckpointRouting
 
 DPI = 100
 MODALITY_COLORS = {"image": "#2166ac", "text": "#b2182b"}  # the two ends of the heatmap's RdBu
@@ -70,11 +68,20 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), per_row), fontsize=7, frameon=False)
 
 
-def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
-    """Per MoE layer (rows) and checkpoint (columns): each expert's share of image vs text tokens.
+def modality_shares(layer: dict) -> np.ndarray:
+    """[M, E] each modality's tokens in one layer spread over the experts: row m sums to 1 (NaN for a
+    modality without tokens). Per modality, because a batch has many more image patches than
+    caption tokens: shares of all tokens would show every expert as an image expert."""
+    num_experts = len(layer[MODALITIES[0]]["routed"])
+    return np.array([_values(layer[m]["share"] or [None] * num_experts) for m in MODALITIES])
 
-    The LIMoE paper's expert-by-modality chart: image and text experts show as all-blue and
-    all-red bars. An expert that received no tokens has no bar.
+
+def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
+    """Per MoE layer (rows) and checkpoint (columns): which experts each modality's tokens go to,
+    as a share of that modality's tokens (`modality_shares`).
+
+    The LIMoE paper's expert-by-modality chart: an image expert has a tall blue bar and no red
+    one, a text expert the reverse; an expert both use has both.
     """
     rows, experts = _max_layers(reports), _max_experts(reports)
     fig = figure(len(reports) * (160 + 45 * experts), rows * 200 + LEGEND_PX)
@@ -85,12 +92,11 @@ def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
                 ax.set_axis_off()
                 continue
             layer = report.statistics["layers"][row]
-            image = _values(layer["image_share"])  # [E]
-            x = np.arange(len(image))
-            ax.bar(x, np.nan_to_num(image), color=MODALITY_COLORS["image"])
-            text = np.where(np.isnan(image), 0, 1 - image)
-            ax.bar(x, text, bottom=np.nan_to_num(image), color=MODALITY_COLORS["text"])
-            ax.set(xticks=x, ylim=(0, 1), xlabel="expert", ylabel="share of tokens")
+            shares = modality_shares(layer)  # [M, E]
+            x = np.arange(shares.shape[1])
+            for m, (offset, modality) in enumerate(zip((-0.2, 0.2), MODALITIES)):
+                ax.bar(x + offset, np.nan_to_num(shares[m]), width=0.4, color=MODALITY_COLORS[modality])
+            ax.set(xticks=x, ylim=(0, 1), xlabel="expert", ylabel="share of the modality")
             ax.set_title(f"{report.name} · block {layer['block']}", fontsize=8)
     fig.legend(handles=[Patch(color=c, label=m) for m, c in MODALITY_COLORS.items()], loc="outside lower center",
                ncols=2, fontsize=8, frameon=False)
@@ -103,8 +109,17 @@ def _load(layer: dict) -> np.ndarray:
     return routed / max(routed.sum(), 1.0)
 
 
+def balanced_image_share(layer: dict) -> np.ndarray:
+    """[E] how much an expert is an image expert, with both modalities weighted alike: its share
+    of the image tokens over the sum of its shares of image and text tokens (`modality_shares`).
+    1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares."""
+    image, text = np.nan_to_num(modality_shares(layer))  # [E] each
+    total = image + text
+    return np.divide(image, total, out=np.full_like(total, np.nan), where=total > 0)
+
+
 def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
-    """Layer × expert map per checkpoint: colour = image share of the expert's tokens (blue image,
+    """Layer × expert map per checkpoint: colour = the expert's `balanced_image_share` (blue image,
     red text, grey unused); the number in a cell = the expert's share of all the layer's tokens."""
     rows, experts = _max_layers(reports), _max_experts(reports)
     fig = figure(len(reports) * (140 + 50 * experts), 130 + 40 * rows)
@@ -112,7 +127,7 @@ def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
     cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
     for ax, report in zip(axes, reports):
         layers = report.statistics["layers"]
-        share = np.array([_values(layer["image_share"]) for layer in layers])  # [layers, E]
+        share = np.array([balanced_image_share(layer) for layer in layers])  # [layers, E]
         shown = ax.imshow(share, cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (row, e), load in np.ndenumerate(np.array([_load(layer) for layer in layers])):
             dark = abs(np.nan_to_num(share[row, e], nan=0.5) - 0.5) > 0.3
@@ -148,22 +163,28 @@ def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
 
 
 def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
-    """Example images (rows) per checkpoint (columns), each patch tinted by its top-1 expert in the
-    pictured block, one cell per patch; a cross marks a patch its expert had no room for."""
+    """Example images (rows): the image as the model saw it, then beside it each checkpoint's map of
+    the pictured block, one cell per patch in its top-1 expert's colour; a cross marks a patch its
+    expert had no room for. The map is not laid over the image, so an image's own colours cannot
+    be mistaken for an expert's. The checkpoints read the same samples, so one image serves all."""
     rows, experts = max(len(r.examples) for r in reports), _max_experts(reports)
     colors = expert_colors(experts)
-    fig = figure(len(reports) * 240, rows * 260 + LEGEND_PX)
-    axes = fig.subplots(rows, len(reports), squeeze=False)
-    for column, report in enumerate(reports):
+    fig = figure((1 + len(reports)) * 240, rows * 260 + LEGEND_PX)
+    axes = fig.subplots(rows, 1 + len(reports), squeeze=False)
+    for row, ax in enumerate(axes[:, 0]):
+        ax.set_axis_off()
+        example = next((r.examples[row] for r in reports if row < len(r.examples)), None)
+        if example is not None:
+            ax.imshow(example.image, interpolation="nearest")
+            ax.set_title(example.key, fontsize=7)
+    for column, report in enumerate(reports, start=1):
         for row, ax in enumerate(axes[:, column]):
             ax.set_axis_off()
             if row >= len(report.examples):
                 continue
             example = report.examples[row]
             side = example.patch_experts.shape[0]
-            extent = (0, side, side, 0)  # one data unit per patch
-            ax.imshow(example.image, extent=extent)
-            ax.imshow(colors[example.patch_experts.numpy()], alpha=0.45, extent=extent, interpolation="nearest")
+            ax.imshow(colors[example.patch_experts.numpy()], extent=(0, side, side, 0), interpolation="nearest")
             ax.hlines(range(1, side), 0, side, color="white", linewidth=0.3, alpha=0.6)
             ax.vlines(range(1, side), 0, side, color="white", linewidth=0.3, alpha=0.6)
             rows_dropped, columns_dropped = np.nonzero(~example.patch_kept.numpy())

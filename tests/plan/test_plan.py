@@ -3,16 +3,18 @@ the settings it recommends, and bad input. (The state against a real ZeRO engine
 process group: tests/training/test_engine_state.py.)"""
 
 import dataclasses
+import shlex
 
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from limoe.cli import main
+from limoe.cli import build_parser, main
 from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
 from limoe.plan import GiB, Setting, plan_memory, refuse_if_it_cannot_fit
+from limoe.plan.launch import launch_command
 from limoe.plan.activations import KeptStorages, measure_activations
 from limoe.plan.state import count_parameters, state_bytes
 from limoe.training.losses import auxiliary_loss
@@ -236,4 +238,50 @@ def test_plan_reports_each_task_and_exits_1_when_its_largest_step_does_not_fit(t
     report = capsys.readouterr().out
     assert "the largest step, task labels" in report and "DOES NOT FIT" in report
     assert "1024 images + 19111 prompts of 21841 classes per GPU" in report
-    assert "settings to use: train.micro_batch_size=null train.activation_checkpointing=all" in report
+    assert "settings to use: train.activation_checkpointing=all (" in report  # each task's whole batch, as configured
+
+
+def _plan_report(capsys, *options: str, status: int = 0) -> list[str]:
+    assert main(["plan", "--gpus", "8", "--gpu-memory", "80", *options]) == status
+    return [line.strip() for line in capsys.readouterr().out.splitlines()]
+
+
+def _launched_config(line: str):
+    """The config that the pasted launch line trains with: its `limoe train` arguments, parsed by limoe's parser."""
+    argv = shlex.split(line)
+    args = build_parser().parse_args(argv[argv.index("limoe") + 1:])
+    assert args.command == "train"
+    return load_config(args.config, args.set), args
+
+
+def test_plan_says_no_change_for_a_config_at_its_recommended_setting(capsys):
+    report = _plan_report(capsys, "--config", "limoe-b16", "--set", "data.train=/data/{0..9}.tar")
+    assert report[-3].startswith("settings to use: no change, the configured train.micro_batch_size=null "
+                                 "train.activation_checkpointing=all (")
+    assert "micro_batch_size=2048" not in "\n".join(report)  # the whole per-GPU batch is no micro-batching
+    assert report[-2] == "launch:"
+    config, args = _launched_config(report[-1])
+    assert report[-1].startswith("deepspeed --num_gpus 8 --module limoe train ")
+    assert args.config == "limoe-b16" and args.set == ["data.train=/data/{0..9}.tar"]
+    assert config.data.train[0].shards == "/data/{0..9}.tar"
+
+
+def test_the_launch_line_trains_with_the_recommended_setting(capsys):
+    report = _plan_report(capsys, "--config", "limoe-b16", "--set", "train.activation_checkpointing=none", status=1)
+    assert report[-3].startswith("settings to use: train.activation_checkpointing=all (")
+    config, args = _launched_config(report[-1])
+    assert args.set == ["train.activation_checkpointing=all"]  # the recommendation replaces the planned override
+    replanned = plan_memory(config, 8, 80 * GiB)
+    assert replanned.fits(replanned.configured) and replanned.overrides(replanned.recommended()) == []
+
+
+@pytest.mark.parametrize("gpus, launcher", [
+    (1, "limoe train"),
+    (6, "deepspeed --num_gpus 6 --module limoe train"),
+    (32, "deepspeed --hostfile hosts --num_nodes 4 --num_gpus 8 --module limoe train"),
+    (12, "deepspeed --hostfile hosts --num_nodes 2 --num_gpus 6 --module limoe train"),
+])
+def test_the_launch_line_spreads_the_gpus_over_nodes_of_at_most_8(gpus, launcher):
+    line = launch_command("configs/train/limoe-h14.yaml", gpus, ["data.train=/data/{00000..41455}.tar"])
+    assert line == (f"{launcher} --config configs/train/limoe-h14.yaml --workdir runs/limoe-h14 "
+                    f"--set 'data.train=/data/{{00000..41455}}.tar'")

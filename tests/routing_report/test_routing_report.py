@@ -323,7 +323,7 @@ def test_pictures_are_pngs_of_the_layout_size(report):
         "modality_mix.png": (2 * (160 + 45 * 4), 200 + 60),
         "expert_heatmap.png": (2 * (140 + 50 * 4), 130 + 40),
         "drop_rates.png": (2 * (160 + 70), 260),
-        "patch_experts.png": (2 * 240, 4 * 260 + 60),
+        "patch_experts.png": ((1 + 2) * 240, 4 * 260 + 60),  # the image, then each checkpoint's map
         "token_experts.png": (160 + 80 * longest, 4 * 2 * 70 + 60),
     }
     assert set(expected) == set(PICTURES)
@@ -373,4 +373,62 @@ def test_a_block_without_experts_is_refused_before_any_output(report, tmp_path):
         run_routing_report(dense, HELDOUT, tmp_path / "out")
     with pytest.raises(LimoeError, match="block 1 .* is not an MoE block"):
         run_routing_report(report["exact"], HELDOUT, tmp_path / "out", block=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_report_ends_with_one_line_naming_its_folder_and_files(report):
+    last = report["stdout"].splitlines()[-1]
+    names = ["routing.json", *PICTURES]
+    assert last == f"wrote {', '.join(names)} to {report['out']}"
+    assert sorted(path.name for path in report["out"].iterdir()) == sorted(names)
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_batches() -> list:
+    """The report's batches of 6 (same loader and worker count), all of them."""
+    return list(eval_loader(HELDOUT, BATCH, 64, 16, WORKERS))
+
+
+def test_keys_choose_the_pictured_examples_in_their_order(report, tmp_path):
+    batches = _heldout_batches()
+    # one sample of a batch after the counted ones (read on for it), one of the first batch
+    later, first = batches[BATCHES + 1].keys[1], batches[0].keys[4]
+    status, _, stderr = _run("routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output",
+                             str(tmp_path), "--num-batches", str(BATCHES), "--batch-size", str(BATCH),
+                             "--keys", f"{later},{first}", "--device", "cpu")
+    assert status == 0, stderr
+    (checkpoint,) = json.loads((tmp_path / "routing.json").read_text())["checkpoints"]
+    assert [example["key"] for example in checkpoint["examples"]] == [later, first]
+    real = int((batches[BATCHES + 1].tokens[1] != PAD_TOKEN).sum())
+    assert len(checkpoint["examples"][0]["tokens"]) == real
+    assert checkpoint["statistics"]["num_batches"] == BATCHES  # reading on for a key adds nothing to the statistics
+
+
+def test_block_chooses_the_pictured_moe_block(tmp_path):
+    torch.manual_seed(0)
+    model = Limoe(load_model_config("limoe-tiny")).eval()  # MoE blocks 1 and 3, no class token
+    path = _save(model, tmp_path / "tiny.safetensors")
+    status, _, stderr = _run("routing", "--checkpoint", str(path), "--data", HELDOUT, "--output", str(tmp_path / "out"),
+                             "--num-batches", "1", "--batch-size", "3", "--block", "1", "--device", "cpu")
+    assert status == 0, stderr
+    (checkpoint,) = json.loads((tmp_path / "out" / "routing.json").read_text())["checkpoints"]
+    assert checkpoint["pictured_block"] == 1
+    batch = next(iter(eval_loader(HELDOUT, 3, 64, 16, WORKERS)))
+    with torch.no_grad():
+        first, last = model(batch.images, batch.tokens).routing  # blocks 1 and 3
+    pictured = [example["patch_experts"] for example in checkpoint["examples"]]
+    assert pictured == first.expert[:, :64].reshape(3, 8, 8).tolist() != last.expert[:, :64].reshape(3, 8, 8).tolist()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--keys", "000000000,no-such-sample"], "--keys: no-such-sample is not a sample key of"),
+    (["--keys", "000000000,"], "--keys has an empty key"),
+    (["--block", "7"], "block 7 of model limoe-tiny is not an MoE block; its MoE blocks are [0]"),
+])
+def test_an_unknown_key_or_block_is_one_line_and_exit_2(report, tmp_path, option, message):
+    status, _, stderr = _run("routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output",
+                             str(tmp_path / "out"), "--num-batches", "1", "--batch-size", str(BATCH), *option,
+                             "--device", "cpu")
+    assert status == 2
+    assert stderr.count("\n") == 1 and message in stderr, stderr
     assert not (tmp_path / "out").exists()
