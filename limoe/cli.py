@@ -87,7 +87,7 @@ def _eval_choice(args) -> int:
 
     run_choice(
         checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,
-        **_model_options(args),
+        ties=args.ties, **_model_options(args),
     )
     return 0
 
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--format", required=True, choices=["sugar_crepe", "winoground", "jsonl"])
     choice.add_argument("--subsets", nargs="+", default=None,
                         help="SugarCrepe subsets (<NAME>.json files; default: every SugarCrepe subset present)")
+    choice.add_argument("--ties", default="first", choices=["first", "strict"],
+                        help="a top score shared by candidates goes to the earlier one, as in clip_benchmark "
+                             "(first, default), or counts as wrong (strict)")
 
     tune = command("tune", _tune, "few-shot prompt tuning of a checkpoint on a labelled set (Uni-Perceiver)")
     _add_model_options(tune, data="labelled images: class folders or shards with .cls")

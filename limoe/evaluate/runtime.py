@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -37,6 +38,12 @@ def inference(model: Limoe) -> Iterator[torch.device]:
             yield device
     finally:
         model.train(was_training)
+
+
+def warn(message: str) -> None:
+    """One line on stderr about something the numbers depend on that the user may not expect;
+    stdout keeps only the report."""
+    print(f"limoe: warning: {message}", file=sys.stderr)
 
 
 def nothing_read(batches, needs: str) -> LimoeError:
