@@ -21,6 +21,7 @@ from limoe.data.pipeline import expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
 from limoe.evaluate.folders import ImageFolderLoader, imagenet_synsets, scan_image_folder
+from limoe.evaluate.prompts import load_templates
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.data.shards import build_shards
 from tests.child_env import child_env
@@ -165,6 +166,31 @@ def test_image_folder_with_class_names(checkpoint, tmp_path):
     assert _eval("zeroshot", checkpoint, tmp_path / "pets", tmp_path / "zs.json", "--classnames", str(classnames),
                  "--templates", "simple") == 0
     assert json.loads((tmp_path / "zs.json").read_text())["classes"] == 3
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("a photo of {c} {x}", "has the field {x}, which is not the class placeholder"),
+    ("{} {0.__class__}", "has the field {0.__class__}, which is not the class placeholder"),
+    ("{c[0]} photo", "has the field {c[0]}, which is not the class placeholder"),
+    ("a {c!r}", "has the field {c!r}, which is not the class placeholder"),
+    ("a photo", "has 0 class placeholders"),
+    ("{c} and {}", "has 2 class placeholders"),
+    ("a photo of {c", "is not a valid format string (expected '}' before end of string)"),
+])
+def test_a_bad_template_is_one_line_naming_it_and_its_file(checkpoint, tmp_path, capsys, template, problem):
+    _image(tmp_path / "pets" / "cat" / "a.png", (0, 0, 0))
+    templates = tmp_path / "templates.txt"
+    templates.write_text(f"a photo of a {{c}}.\n{template}\n")
+    assert _eval("zeroshot", checkpoint, tmp_path / "pets", tmp_path / "zs.json", "--templates", str(templates)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"limoe: error: template {template!r} in templates file {templates} {problem};")
+    assert "\n" not in error
+
+
+def test_template_braces_and_placeholders_format_as_written(tmp_path):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {c}.\n{{c}} is {}\nset {{{c}}}\n")
+    assert [t.format("cat") for t in load_templates(str(templates))] == ["a cat.", "{c} is cat", "set {cat}"]
 
 
 @pytest.mark.parametrize("names, message", [("cat\ndog\n", "has 2 class names but"), (None, "give --classnames")])
