@@ -179,15 +179,21 @@ def _capacity_factor(text: str) -> str:
     return text
 
 
-def _positive_number(text: str) -> float:
-    """An option type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a number > 0 such as 1e-3")
-    return value
+def _positive_number(example: str, maximum: float = math.inf) -> Callable[[str], float]:
+    """An option type: a number > 0 and finite (not nan or inf) or at most `maximum`, else an error
+    naming the value, the range and `example`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one such as {example}") from None
+        if not (math.isfinite(value) and 0 < value <= maximum):
+            bound = f" and ≤ {maximum:g}" if math.isfinite(maximum) else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a finite number > 0{bound} such as {example}")
+        return value
+
+    return parse
 
 
 def _add_model_options(parser: argparse.ArgumentParser,
@@ -245,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command("plan", _plan, "per-GPU memory of a training config and the micro-batch and "
                                   "checkpointing settings that fit (exit 1 if the configured ones do not)")
     plan.add_argument("--config", default=None, help="training config name or path (default: demo)")
-    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs (processes) of the run")
-    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB, e.g. 80")
+    plan.add_argument("--gpus", type=_whole_number(1), required=True, help="number of GPUs (processes) of the run")
+    plan.add_argument("--gpu-memory", type=_positive_number("80", maximum=1e6), required=True, metavar="GIB",
+                      help="memory of one GPU in GiB, e.g. 80")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
@@ -268,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(retrieval)
     knn = command("knn", _eval_knn, "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
     _add_eval_options(knn)
-    knn.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    knn.add_argument("--k", type=_whole_number(1), default=5,
+                     help="neighbours that vote (default 5; at most the number of labelled images − 1)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")
 
     choice = command("choice", _eval_choice, "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)",
@@ -290,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--steps", type=_whole_number(0), required=True, help="optimizer steps")
     tune.add_argument("--output", required=True, help="the tuned model file (.safetensors)")
     # Recipe options default to limoe.tuning.TuneRecipe's values (docs/EVALUATION.md lists them).
-    tune.add_argument("--lr", type=_positive_number, default=None, help="peak learning rate (default 1e-3)")
+    tune.add_argument("--lr", type=_positive_number("1e-3"), default=None, help="peak learning rate (default 1e-3)")
     tune.add_argument("--tune-batch-size", type=_whole_number(1), default=None,
                       help="support images per step (default 64)")
     tune.add_argument("--prompt-tokens", type=_whole_number(1), default=None,
