@@ -139,7 +139,7 @@ def _shards_build(args) -> int:
     output = check_output_directory(args.output, "--output")
     counts = build_shards(
         images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=output,
-        image_size=args.image_size, maxcount=args.maxcount, classification=args.classification,
+        image_size=args.image_size, maxcount=args.maxcount, classification=args.classification, layout=args.layout,
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return 0
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resize the shorter side and center-crop")
     build.add_argument("--maxcount", type=_whole_number(1), default=1000, help="samples per shard")
     build.add_argument("--classification", action="store_true", help="write .cls labels and classnames.txt")
+    build.add_argument("--layout", default="img2dataset", choices=["img2dataset", "clip_benchmark"],
+                       help="clip_benchmark: a classification set as clip_benchmark's wds datasets are stored "
+                            "(test/N.tar, test/nshards.txt, classnames.txt, templates)")
     return parser
 
 
