@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     zeroshot = command("zeroshot", _eval_zeroshot, "zero-shot classification (ImageNet by default)", evaluations)
     _add_eval_options(zeroshot)
-    zeroshot.add_argument("--classnames", default=None, help="class names file, one per line (default: ImageNet-1k)")
+    zeroshot.add_argument("--classnames", default=None,
+                          help="class names file, one per line (default: the data's classnames.txt or class folder "
+                               "names, else ImageNet-1k's)")
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
