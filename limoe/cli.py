@@ -87,7 +87,7 @@ def _eval_choice(args) -> int:
 
     run_choice(
         checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,
-        **_model_options(args),
+        ties=args.ties, **_model_options(args),
     )
     return 0
 
@@ -139,7 +139,7 @@ def _shards_build(args) -> int:
     output = check_output_directory(args.output, "--output")
     counts = build_shards(
         images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=output,
-        image_size=args.image_size, maxcount=args.maxcount, classification=args.classification,
+        image_size=args.image_size, maxcount=args.maxcount, classification=args.classification, layout=args.layout,
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return 0
@@ -179,15 +179,21 @@ def _capacity_factor(text: str) -> str:
     return text
 
 
-def _positive_number(text: str) -> float:
-    """An option type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a number > 0 such as 1e-3")
-    return value
+def _positive_number(example: str, maximum: float = math.inf) -> Callable[[str], float]:
+    """An option type: a number > 0 and finite (not nan or inf) or at most `maximum`, else an error
+    naming the value, the range and `example`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one such as {example}") from None
+        if not (math.isfinite(value) and 0 < value <= maximum):
+            bound = f" and ≤ {maximum:g}" if math.isfinite(maximum) else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a finite number > 0{bound} such as {example}")
+        return value
+
+    return parse
 
 
 def _add_model_options(parser: argparse.ArgumentParser,
@@ -245,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = command("plan", _plan, "per-GPU memory of a training config and the micro-batch and "
                                   "checkpointing settings that fit (exit 1 if the configured ones do not)")
     plan.add_argument("--config", default=None, help="training config name or path (default: demo)")
-    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs (processes) of the run")
-    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GIB", help="memory of one GPU in GiB, e.g. 80")
+    plan.add_argument("--gpus", type=_whole_number(1), required=True, help="number of GPUs (processes) of the run")
+    plan.add_argument("--gpu-memory", type=_positive_number("80", maximum=1e6), required=True, metavar="GIB",
+                      help="memory of one GPU in GiB, e.g. 80")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
@@ -260,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     zeroshot = command("zeroshot", _eval_zeroshot, "zero-shot classification (ImageNet by default)", evaluations)
     _add_eval_options(zeroshot)
-    zeroshot.add_argument("--classnames", default=None, help="class names file, one per line (default: ImageNet-1k)")
+    zeroshot.add_argument("--classnames", default=None,
+                          help="class names file, one per line (default: the data's classnames.txt or class folder "
+                               "names, else ImageNet-1k's)")
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
@@ -268,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(retrieval)
     knn = command("knn", _eval_knn, "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
     _add_eval_options(knn)
-    knn.add_argument("--k", type=int, default=5, help="neighbours that vote (default 5)")
+    knn.add_argument("--k", type=_whole_number(1), default=5,
+                     help="neighbours that vote (default 5; at most the number of labelled images − 1)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")
 
     choice = command("choice", _eval_choice, "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)",
@@ -277,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--format", required=True, choices=["sugar_crepe", "winoground", "jsonl"])
     choice.add_argument("--subsets", nargs="+", default=None,
                         help="SugarCrepe subsets (<NAME>.json files; default: every SugarCrepe subset present)")
+    choice.add_argument("--ties", default="first", choices=["first", "strict"],
+                        help="a top score shared by candidates goes to the earlier one, as in clip_benchmark "
+                             "(first, default), or counts as wrong (strict)")
 
     tune = command("tune", _tune, "few-shot prompt tuning of a checkpoint on a labelled set (Uni-Perceiver)")
     _add_model_options(tune, data="labelled images: class folders or shards with .cls")
@@ -287,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--steps", type=_whole_number(0), required=True, help="optimizer steps")
     tune.add_argument("--output", required=True, help="the tuned model file (.safetensors)")
     # Recipe options default to limoe.tuning.TuneRecipe's values (docs/EVALUATION.md lists them).
-    tune.add_argument("--lr", type=_positive_number, default=None, help="peak learning rate (default 1e-3)")
+    tune.add_argument("--lr", type=_positive_number("1e-3"), default=None, help="peak learning rate (default 1e-3)")
     tune.add_argument("--tune-batch-size", type=_whole_number(1), default=None,
                       help="support images per step (default 64)")
     tune.add_argument("--prompt-tokens", type=_whole_number(1), default=None,
@@ -320,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resize the shorter side and center-crop")
     build.add_argument("--maxcount", type=_whole_number(1), default=1000, help="samples per shard")
     build.add_argument("--classification", action="store_true", help="write .cls labels and classnames.txt")
+    build.add_argument("--layout", default="img2dataset", choices=["img2dataset", "clip_benchmark"],
+                       help="clip_benchmark: a classification set as clip_benchmark's wds datasets are stored "
+                            "(test/N.tar, test/nshards.txt, classnames.txt, templates)")
     return parser
 
 

@@ -72,8 +72,8 @@ def test_routing_options_out_of_range_are_one_line(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--shots", "0"], "argument --shots: 0 is out of range; give a whole number ≥ 1"),
     (["--steps", "-1"], "argument --steps: -1 is out of range; give a whole number ≥ 0"),
-    (["--lr", "0"], "argument --lr: '0' is out of range; give a number > 0"),
-    (["--lr", "nan"], "argument --lr: 'nan' is out of range; give a number > 0"),
+    (["--lr", "0"], "argument --lr: '0' is out of range; give a finite number > 0"),
+    (["--lr", "nan"], "argument --lr: 'nan' is out of range; give a finite number > 0"),
     (["--tune-batch-size", "0"], "argument --tune-batch-size: 0 is out of range"),
     (["--prompt-tokens", "0"], "argument --prompt-tokens: 0 is out of range"),
     (["--seed", "x"], "argument --seed: 'x' is not a whole number"),

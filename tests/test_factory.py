@@ -2,6 +2,7 @@
 and `hf-hub:` from a local Hugging Face cache (offline); the temperature and SigLIP bias survive."""
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -86,3 +87,24 @@ def test_siglip_bias_and_temperature_survive_the_model_folder(tmp_path):
     save_model_folder(model, config, tmp_path / "siglip")
     loaded = limoe.create_model(str(tmp_path / "siglip"))
     assert loaded.logit_scale.item() == 2.5 and loaded.logit_bias.item() == -6.25
+
+
+def test_a_folder_whose_config_disagrees_with_its_weights_is_refused_naming_the_keys(tmp_path, capsys):
+    """A hand-edited limoe_config.json: get_tokenizer would cut captions at 32 tokens for a model
+    trained on 16; loading either way is one line naming every key that differs."""
+    from limoe.cli import main
+
+    save_model_folder(limoe.create_model("limoe-tiny"), Config(model=load_model_config("limoe-tiny")), tmp_path / "f")
+    edited = json.loads((tmp_path / "f" / CONFIG_FILE).read_text())
+    edited["model"]["context_length"] = 32
+    edited["train"]["seed"] = 7
+    (tmp_path / "f" / CONFIG_FILE).write_text(json.dumps(edited))
+    expected = f"model folder {tmp_path / 'f'}: {CONFIG_FILE} disagrees with the config embedded in {WEIGHTS_FILE} " \
+               f"on model.context_length, train.seed (model.context_length 32 vs 16)"
+    for load in (limoe.get_tokenizer, limoe.create_model):
+        with pytest.raises(LimoeError) as error:
+            load(str(tmp_path / "f"))
+        assert str(error.value).startswith(expected)
+    assert main(["eval", "retrieval", "--checkpoint", str(tmp_path / "f"), "--data", "unused", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"limoe: error: {expected}") and "\n" not in error

@@ -3,7 +3,9 @@
 A folder holds `model.safetensors` (the exported model file: every weight, with the resolved
 config embedded), `limoe_config.json` (the same config as JSON: what marks the folder as a limoe
 model and what `get_tokenizer` reads without fetching the weights) and `README.md` (a model card
-with the architecture, the training recipe and how to load it). `limoe export --format hf`
+with the architecture, the training recipe and how to load it). The two configs must agree (a
+hand-edited `limoe_config.json` would make `get_tokenizer` cut captions at another length than
+the weights were trained with), so loading a folder compares them. `limoe export --format hf`
 writes one; `huggingface-cli upload org/name FOLDER` publishes it. `hf-hub:org/name` fetches
 those files through huggingface_hub's cache, so with `HF_HUB_OFFLINE=1` a cached model loads
 without a network, as open_clip's `hf-hub:` models do.
@@ -15,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from limoe.checkpoints.model_file import config_from_json, save_model_file
+from limoe.checkpoints.model_file import config_from_json, read_embedded_config, save_model_file
 from limoe.config import Config, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
@@ -48,6 +50,40 @@ def save_model_folder(model: Limoe, config: Config, folder: Path, repo_id: Optio
 
 
 def read_folder_config(folder: Path) -> Config:
+    """The folder's `limoe_config.json`, checked against its weights' embedded config when they
+    are present (an `hf-hub:` config fetched without its weights is taken as it is)."""
+    config = _read_config_file(folder)
+    if (folder / WEIGHTS_FILE).is_file():
+        check_folder_config(folder, config, read_embedded_config(folder / WEIGHTS_FILE))
+    return config
+
+
+def check_folder_config(folder: Path, config: Config, embedded: Config) -> None:
+    """Refuse a model folder whose `limoe_config.json` (`config`) differs from the config embedded
+    in its weights (`embedded`), naming the keys that differ."""
+    ours, theirs = _flat(to_dict(config)), _flat(to_dict(embedded))
+    differing = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+    if differing:
+        first = differing[0]
+        raise LimoeError(
+            f"model folder {folder}: {CONFIG_FILE} disagrees with the config embedded in {WEIGHTS_FILE} on "
+            f"{', '.join(differing)} ({first} {ours.get(first)!r} vs {theirs.get(first)!r}); export the folder again "
+            f"with `limoe export --format hf` (or restore {CONFIG_FILE})."
+        )
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """Nested config keys as dotted names: {"model": {"depth": 2}} → {"model.depth": 2}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_config_file(folder: Path) -> Config:
     try:
         text = (folder / CONFIG_FILE).read_bytes()
     except OSError as error:

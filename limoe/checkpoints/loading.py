@@ -50,6 +50,8 @@ def load_model(checkpoint: str | Path, device: str = "cpu", capacity_factor: Opt
         weights = path / hub.WEIGHTS_FILE if hub.is_model_folder(path) else path
         state, config = read_model_file(weights)
         metadata = read_model_metadata(weights)  # a prompt-tuned model's label set
+        if hub.is_model_folder(path):
+            hub.read_folder_config(path)  # what get_tokenizer reads must be what the weights were built with
     config = with_eval_capacity(config, capacity_factor)
     return model_with(state, config, path, metadata).to(device).eval(), config
 

@@ -96,7 +96,7 @@ def model_with(state: dict[str, torch.Tensor], config: Config, source: Path,
     were stacked name each expert's weights separately; those entries are stacked first."""
     state = stacked_expert_state(state)
     model = build_model(config)
-    restore_prompt_tuning(model, state, metadata or {})
+    restore_prompt_tuning(model, state, metadata or {}, str(source))
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

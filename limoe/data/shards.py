@@ -6,7 +6,16 @@ is img2dataset's (`00000.tar`, `00001.tar`, …, each sample stored as `KEY.jpg`
 `KEY.json` sidecar with the sample's origin) so that shards downloaded with img2dataset and shards
 built here load the same way. Classification sets (an ImageFolder tree, `class/xxx.jpg`) become
 `KEY.cls` labels plus a `classnames.txt` beside the shards, labels numbered in sorted folder
-order as torchvision's ImageFolder does (so ImageNet synset folders get the standard indices).
+order as torchvision's ImageFolder does (so ImageNet synset folders get the standard indices);
+the names are the ones zero-shot evaluation gives the folders (`class_folder_names`: ImageNet-1k's
+for synset folders, else the folder names with underscores as spaces), since they become prompts;
+folders named like synsets that are not ImageNet-1k's keep their names.
+
+`layout="clip_benchmark"` writes a classification set the way clip_benchmark's `wds/` datasets
+are stored instead: `test/0.tar … test/N-1.tar`, `test/nshards.txt`, and beside `test/` the
+`classnames.txt` and a `zeroshot_classification_templates.txt` (the CLIP paper's 80, `{c}` for the
+class name), which clip_benchmark needs for zero-shot classification. `limoe eval zeroshot` reads
+that layout too.
 
 Every image is decoded and re-encoded as RGB JPEG: this checks it is readable before it reaches a
 training run, applies EXIF rotation, flattens transparency onto white and, with `image_size`,
@@ -38,6 +47,8 @@ FILE_COLUMNS = ("file", "filename", "image", "filepath")  # filepath, title: ope
 CAPTION_COLUMNS = ("caption", "text", "title")
 JPEG_QUALITY = 90
 SHARD_MTIME = 0  # fixed member times so that the same input gives byte-identical shards
+LAYOUTS = ("img2dataset", "clip_benchmark")
+CLIP_BENCHMARK_SPLIT = "test"  # the split clip_benchmark evaluates by default
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,10 @@ def build_shards(
     maxcount: int = 1000,
     classification: bool = False,
     compress: bool = False,
+    layout: str = "img2dataset",
 ) -> dict:
-    """Write `output/00000.tar`, … from an image folder and a captions file (or class folders).
+    """Write `output/00000.tar`, … from an image folder and a captions file (or class folders);
+    with `layout="clip_benchmark"`, a classification set as `output/test/0.tar`, … (see above).
 
     `compress` writes gzip-compressed `.tar.gz` shards, which webdataset reads transparently; it
     pays off for small images, where tar's 512-byte headers and padding outweigh the JPEG bytes.
@@ -66,7 +79,8 @@ def build_shards(
     also `uncaptioned_images`, `captions_without_image` and `empty_captions`; with classes `classes`.
     """
     images, output = Path(images), Path(output)
-    _check_arguments(images, captions, output, image_size, maxcount, classification)
+    clip_benchmark = layout == "clip_benchmark"
+    _check_arguments(images, captions, output, image_size, maxcount, classification, compress, layout)
     counts = {"samples": 0, "shards": 0, "unreadable_images": 0}
     if classification:
         classnames, entries = _class_folder_entries(images)
@@ -77,14 +91,28 @@ def build_shards(
     first = next(samples, None)
     if first is None:
         raise LimoeError(f"none of the images under {images} could be decoded; check that they are image files.")
-    output.mkdir(parents=True, exist_ok=True)
-    counts["shards"] = _write_shards(itertools.chain([first], samples), output, maxcount, compress)
+    shards = output / CLIP_BENCHMARK_SPLIT if clip_benchmark else output
+    shards.mkdir(parents=True, exist_ok=True)
+    pattern = "%d.tar" if clip_benchmark else "%05d.tar"  # clip_benchmark reads test/{0..N-1}.tar
+    counts["shards"] = _write_shards(itertools.chain([first], samples), shards / pattern, maxcount, compress)
     if classification:
-        (output / "classnames.txt").write_text("".join(f"{name}\n" for name in classnames))
+        (output / "classnames.txt").write_text("".join(f"{name}\n" for name in classnames), encoding="utf-8")
+    if clip_benchmark:
+        from limoe.evaluate.prompts import load_templates  # limoe.evaluate reads shards: imported on use
+
+        (shards / "nshards.txt").write_text(f"{counts['shards']}\n")
+        templates = "".join(f"{template('{c}')}\n" for template in load_templates("openai"))
+        (output / "zeroshot_classification_templates.txt").write_text(templates, encoding="utf-8")
     return counts
 
 
-def _check_arguments(images, captions, output, image_size, maxcount, classification) -> None:
+def _check_arguments(images, captions, output, image_size, maxcount, classification, compress, layout) -> None:
+    if layout not in LAYOUTS:
+        raise LimoeError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}.")
+    if layout == "clip_benchmark" and not classification:
+        raise LimoeError("--layout clip_benchmark writes a classification set; add --classification (class folders).")
+    if layout == "clip_benchmark" and compress:
+        raise LimoeError("clip_benchmark reads uncompressed test/N.tar shards only; drop compression.")
     if not images.is_dir():
         raise LimoeError(f"image folder {images} does not exist; check the --images path.")
     if classification and captions is not None:
@@ -96,7 +124,7 @@ def _check_arguments(images, captions, output, image_size, maxcount, classificat
     if (image_size is not None and image_size < 1) or maxcount < 1:
         raise LimoeError("--image-size and --maxcount must be positive integers.")
     refuse_overwriting_inputs({"--output": output}, [images, captions])
-    if any(output.glob("*.tar")) or any(output.glob("*.tar.gz")):
+    if any(output.glob("*.tar")) or any(output.glob("*.tar.gz")) or any(output.glob(f"{CLIP_BENCHMARK_SPLIT}/*.tar")):
         raise LimoeError(f"output folder {output} already holds shards; remove them or choose another folder.")
 
 
@@ -110,11 +138,18 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _class_folder_entries(root: Path) -> tuple[list[str], list[_Entry]]:
-    classnames = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    entries = [_Entry(path, label=label) for label, name in enumerate(classnames) for path in _image_files(root / name)]
+    """The class names (see the module docstring) and one entry per image, labelled by folder."""
+    from limoe.evaluate.folders import class_folder_names  # limoe.evaluate reads shards: imported on use
+    from limoe.evaluate.runtime import warn
+
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    entries = [_Entry(path, label=label) for label, name in enumerate(folders) for path in _image_files(root / name)]
     if not entries:
         raise LimoeError(f"{root} has no class folders with images; --classification expects {root}/CLASS/IMAGE.jpg.")
-    return classnames, entries
+    classnames, source = class_folder_names(folders, root)
+    warn(f"{source}; classnames.txt holds {'the folder names' if classnames is None else 'them'}: edit it to name "
+         f"the classes otherwise.")
+    return classnames or folders, entries
 
 
 def _captioned_entries(root: Path, captions: Path, counts: dict) -> list[_Entry]:
@@ -266,13 +301,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _write_shards(samples: Iterable[dict], output: Path, maxcount: int, compress: bool) -> int:
+def _write_shards(samples: Iterable[dict], pattern: Path, maxcount: int, compress: bool) -> int:
+    """Write `samples` into shards named by the %-pattern `pattern`; returns how many."""
     finished = []
 
     def finish(name: str) -> None:
         finished.append(_gzip_in_place(name) if compress else name)
 
-    with wds.ShardWriter(str(output / "%05d.tar"), maxcount=maxcount, verbose=0, mtime=SHARD_MTIME, post=finish) as writer:
+    with wds.ShardWriter(str(pattern), maxcount=maxcount, verbose=0, mtime=SHARD_MTIME, post=finish) as writer:
         for sample in samples:
             writer.write(sample)
     return len(finished)

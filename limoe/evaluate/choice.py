@@ -8,7 +8,15 @@ images against its texts, scored by `selection_metrics` (see choice_sets for the
 Reported names: SugarCrepe and JSONL use clip_benchmark's image_caption_selection names (`acc`,
 `text_acc`, `image_acc`; per subset as `<subset>/acc`, …), Winoground the paper's (`text_score`,
 `image_score`, `group_score`), which are clip_benchmark's `text_acc`, `image_acc` and `acc`.
-Every set also reports its number of `items`.
+Beside them each set reports the fraction of items whose right candidate tied for the top score
+(`ties`, `text_ties`, `image_ties`; Winoground's `group_ties`), which the tie rule decided, and
+its number of `items`.
+
+Ties are real: texts that differ only beyond the model's context length (SugarCrepe's captions
+often do at 16 tokens) tokenize identically and get identical features. By default a tie goes to
+the earlier candidate, as clip_benchmark's `argmax` gives it (for SugarCrepe the caption, so such
+items count as right); `ties="strict"` counts them wrong. A warning says how many items hold
+candidates identical after tokenization.
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ from limoe.errors import LimoeError
 from limoe.evaluate.choice_sets import ChoiceItem, read_choice_sets
 from limoe.evaluate.folders import ImageFiles
 from limoe.evaluate.metrics import selection_metrics
-from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, report
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, report, warn
 from limoe.model.tower import Limoe
 
-WINOGROUND_NAMES = {"text_acc": "text_score", "image_acc": "image_score", "acc": "group_score"}
+WINOGROUND_NAMES = {"text_acc": "text_score", "image_acc": "image_score", "acc": "group_score", "ties": "group_ties"}
 
 
 def encode_image_files(model: Limoe, files: Sequence[Path], batch_size: int, workers: int,
@@ -52,31 +60,43 @@ def encode_image_files(model: Limoe, files: Sequence[Path], batch_size: int, wor
 
 def encode_texts(model: Limoe, texts: Sequence[str], batch_size: int, progress: bool = False) -> Tensor:
     """L2-normalised features [M, D] of texts, in order, tokenized at the model's context length."""
-    tokenize = tokenizer(model.config.context_length)
+    return encode_tokens(model, tokenizer(model.config.context_length)(list(texts)), batch_size, progress)
+
+
+def encode_tokens(model: Limoe, tokens: Tensor, batch_size: int, progress: bool = False) -> Tensor:
+    """L2-normalised features [M, D] of token rows [M, L]."""
     features = []
     with inference(model) as device:
-        for start in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", disable=not progress):
-            tokens = tokenize(list(texts[start:start + batch_size]))  # [B, L]
-            features.append(model.encode_text(tokens.to(device)).float().cpu())  # [B, D]
+        for start in tqdm(range(0, len(tokens), batch_size), desc="texts", unit="batch", disable=not progress):
+            features.append(model.encode_text(tokens[start:start + batch_size].to(device)).float().cpu())  # [B, D]
     return torch.cat(features)
 
 
 def evaluate_choice(model: Limoe, sets: dict[str, list[ChoiceItem]], format: str, batch_size: int = 64,
-                    workers: int = 2, progress: bool = False) -> dict:
-    """Selection metrics of every set (see the module docstring for the names)."""
+                    workers: int = 2, progress: bool = False, ties: str = "first") -> dict:
+    """Selection metrics of every set (see the module docstring for the names); `ties` is
+    `selection_metrics`' tie rule. Texts that tokenize alike are encoded once and score alike to
+    the last bit, so they tie exactly."""
     items = [item for set_items in sets.values() for item in set_items]
     files = list(dict.fromkeys(path for item in items for path in item.images))
     texts = list(dict.fromkeys(text for item in items for text in item.texts))
+    distinct, token_row = torch.unique(tokenizer(model.config.context_length)(texts), dim=0, return_inverse=True)
     image_features = encode_image_files(model, files, batch_size, workers, progress)  # [N, D]
-    text_features = encode_texts(model, texts, batch_size, progress)  # [M, D]
+    text_features = encode_tokens(model, distinct, batch_size, progress)  # [U, D], one per distinct token row [U, L]
     image_row = {path: row for row, path in enumerate(files)}
-    text_row = {text: row for row, text in enumerate(texts)}
+    text_row = {text: int(row) for text, row in zip(texts, token_row)}
 
     metrics = {}
     for name, set_items in sets.items():
-        scores = [image_features[[image_row[p] for p in item.images]] @ text_features[[text_row[t] for t in item.texts]].T
-                  for item in set_items]  # [I, T] per item
-        values = {**selection_metrics(scores, [item.matches for item in set_items]), "items": len(set_items)}
+        rows = [([image_row[p] for p in item.images], [text_row[t] for t in item.texts]) for item in set_items]
+        identical = sum(len(set(text_rows)) < len(text_rows) for _, text_rows in rows)
+        if identical:
+            warn(f"{identical} of {len(set_items)} {name} items have candidate texts that are identical after "
+                 f"tokenization at the model's context length of {model.config.context_length} tokens (the difference "
+                 f"is cut off), so they tie; --ties {ties} counts such a tie "
+                 f"{'wrong' if ties == 'strict' else 'for the earlier candidate'}.")
+        scores = [_scores(image_features, text_features, *item_rows) for item_rows in rows]  # [I, T] per item
+        values = {**selection_metrics(scores, [item.matches for item in set_items], ties), "items": len(set_items)}
         if format == "winoground":
             values = {WINOGROUND_NAMES.get(key, key): value for key, value in values.items()}
         prefix = f"{name}/" if format == "sugar_crepe" else ""
@@ -84,12 +104,21 @@ def evaluate_choice(model: Limoe, sets: dict[str, list[ChoiceItem]], format: str
     return metrics
 
 
+def _scores(image_features: Tensor, text_features: Tensor, image_rows: list[int], text_rows: list[int]) -> Tensor:
+    """Cosine similarities [I, T] of an item's images and texts (rows of the features [N, D] and
+    [U, D]). Each distinct pair is computed once and repeated: a matrix product may round equal
+    columns differently, which would break an exact tie at random."""
+    images, image_index = torch.unique(torch.tensor(image_rows), return_inverse=True)
+    texts, text_index = torch.unique(torch.tensor(text_rows), return_inverse=True)
+    return (image_features[images] @ text_features[texts].T)[image_index][:, text_index]
+
+
 def run_choice(checkpoint: Path, data: str, format: str, subsets: Optional[Sequence[str]], output: Optional[str],
-               batch_size: int, capacity_factor: Optional[str], device: str, workers: int) -> dict:
+               batch_size: int, capacity_factor: Optional[str], device: str, workers: int, ties: str = "first") -> dict:
     """`limoe eval choice`: read the sets (input errors first), load the checkpoint, evaluate, report."""
     check_report_output(output, checkpoint, data)
     sets = read_choice_sets(Path(data), format, subsets)
     model = load_for_eval(checkpoint, device, capacity_factor)
-    metrics = evaluate_choice(model, sets, format, batch_size, workers, progress=True)
+    metrics = evaluate_choice(model, sets, format, batch_size, workers, progress=True, ties=ties)
     report(f"{format} choice of {checkpoint} on {data}", metrics, output)
     return metrics

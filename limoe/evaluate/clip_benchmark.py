@@ -14,12 +14,19 @@ clip_benchmark and the `requests` it imports without declaring it):
 
 `--model` is `limoe` for the checkpoint's eval capacity factor, or `limoe:dropless` /
 `limoe:4.0` to override it, as `limoe eval --capacity-factor` does.
+
+A local `wds/` dataset (`limoe shards build --classification --layout clip_benchmark` writes one)
+is read by clip_benchmark's default 4 loader workers, and a worker left without a shard ends the
+run in a webdataset error; without `--num_workers` each such dataset gets at most as many
+workers as it has shards.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
@@ -69,11 +76,41 @@ def register() -> None:
     zeroshot_classification.accuracy = topk_accuracy
 
 
+def local_shard_count(args) -> Optional[int]:
+    """The shard count of the local `wds/` dataset of one clip_benchmark run (its `nshards.txt`,
+    where clip_benchmark's `build_wds_dataset` reads it), or None for any other dataset."""
+    if not args.dataset.startswith("wds/"):
+        return None
+    name = args.dataset.removeprefix("wds/")
+    root = args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+    try:
+        return int((Path(root) / args.split / "nshards.txt").read_text().strip())
+    except (OSError, ValueError):
+        return None  # remote, or not there: clip_benchmark reports it
+
+
+def workers_at_most_shards(run: Callable) -> Callable:
+    """clip_benchmark's per-dataset `run(args)`, with `num_workers` capped at the dataset's shard count."""
+
+    def capped(args) -> None:
+        shards = local_shard_count(args)
+        if shards is not None and args.num_workers > shards:
+            args = copy.copy(args)
+            args.num_workers = max(shards, 1)
+        run(args)
+
+    return capped
+
+
 def main(argv: list[str]) -> int:
-    """clip_benchmark's command line, with the limoe model type registered."""
+    """clip_benchmark's command line, with the limoe model type registered and, unless
+    `--num_workers` is given, local `wds/` datasets read by at most one worker per shard."""
     register()
+    from clip_benchmark import cli
     from clip_benchmark.cli import main as clip_benchmark_main
 
+    if not any(arg == "--num_workers" or arg.startswith("--num_workers=") for arg in argv):
+        cli.run = workers_at_most_shards(cli.run)  # main_eval calls the module's run once per dataset
     sys.argv = ["clip_benchmark", *argv]  # clip_benchmark's parser reads sys.argv
     try:
         clip_benchmark_main()

@@ -5,20 +5,26 @@ The features are the mean of the tower's final patch tokens, L2-normalised: what
 pretraining trains (its pooling head and projection into the joint space are left untouched
 until contrastive training). Leave-one-out over one labelled set: each image takes the class
 its k most similar other images vote for, each vote weighted by exp(cosine similarity / 0.07).
+So k runs from 1 to N − 1 for N labelled images; `limoe eval knn` counts the labels in the
+shards and checks k before it loads or encodes anything, and again with the images that decoded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+import tarfile
+import zlib
 from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from torch import Tensor
 
 from limoe.checkpoints import load_model
-from limoe.data.pipeline import EvalBatch, eval_loader
+from limoe.data.pipeline import REMOTE, EvalBatch, eval_loader, expand_shards
 from limoe.distributed import resolve_device
+from limoe.errors import LimoeError
 from limoe.evaluate.runtime import check_report_output, inference, nothing_read, report
 from limoe.model.tower import Limoe
 
@@ -36,12 +42,41 @@ def image_token_features(model: Limoe, batches: Iterable[EvalBatch]) -> tuple[Te
     return torch.cat(features), torch.cat(labels)
 
 
+def check_k(k: int, samples: Optional[int], data: object) -> None:
+    """Refuse a k outside [1, samples − 1]: leave-one-out has samples − 1 others to vote. With
+    `samples` unknown (None) only k ≥ 1 is checked."""
+    if k < 1 and samples is None:
+        raise LimoeError(f"--k {k} is out of range; give a whole number ≥ 1 (neighbours that vote).")
+    if samples is not None and not 1 <= k <= samples - 1:
+        others = f"give 1 ≤ k ≤ {samples - 1}" if samples > 1 else "k-NN needs at least 2 labelled images"
+        raise LimoeError(f"--k {k} is out of range for the {samples} labelled images of {data}, each of which has "
+                         f"{max(samples - 1, 0)} others to vote; {others}.")
+
+
+def labelled_samples(spec: str) -> Optional[int]:
+    """The number of samples with a `.cls` label in local shards, read without decoding an image
+    (None for remote shards, which are not read twice); a shard that breaks off counts up to there,
+    as the loader does."""
+    shards = expand_shards(spec)
+    if any(REMOTE.match(shard) for shard in shards):
+        return None
+    count = 0
+    for shard in shards:
+        try:
+            count += sum("cls" in sample for sample in wds.tarfile_samples([{"url": shard}]))
+        except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+            pass
+    return count
+
+
 def knn_predictions(features: Tensor, labels: Tensor, k: int = 5, temperature: float = 0.07) -> Tensor:
     """Leave-one-out k-NN classes [N]: each image's k most similar others vote with weight
-    exp(similarity / temperature) (Wu et al. 2018, DINO). features [N, d] L2-normalised, labels [N]."""
+    exp(similarity / temperature) (Wu et al. 2018, DINO). features [N, d] L2-normalised, labels [N];
+    1 ≤ k ≤ N − 1."""
+    check_k(k, len(labels), "this set")
     similarity = features @ features.T  # [N, N]
     similarity.fill_diagonal_(-float("inf"))  # an image is not its own neighbour
-    nearest, index = similarity.topk(min(k, len(labels) - 1), dim=1)  # [N, k]
+    nearest, index = similarity.topk(k, dim=1)  # [N, k]
     votes = torch.zeros(len(labels), int(labels.max()) + 1)  # [N, classes]
     return votes.scatter_add_(1, labels[index], (nearest / temperature).exp()).argmax(dim=1)
 
@@ -54,12 +89,14 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
 def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5, batch_size: int = 128,
                  workers: int = 2) -> dict:
     """k-NN top-1 of `model`'s image tokens on classification shards (a spec) or EvalBatches with labels."""
+    check_k(k, None, data)  # before encoding; the upper bound needs the number of images read
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, classification=True,
         max_bad_fraction=1.0, rank=0, world_size=1,
     )
     features, labels = image_token_features(model, loader)
+    check_k(k, len(labels), data)
     return {"knn_top1": knn_accuracy(features, labels, k), "k": k, "images": len(labels)}
 
 
@@ -68,6 +105,7 @@ def run_knn(checkpoint: Path, data: str, k: int, output: Optional[str], batch_si
     """`limoe eval knn`: the checkpoint's k-NN top-1; with `random_init`, beside the same
     architecture freshly initialised from the run's seed (what training added to the features)."""
     check_report_output(output, checkpoint, data)
+    check_k(k, labelled_samples(data), data)  # before loading or encoding anything
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
     metrics = evaluate_knn(model, data, k, batch_size, workers)
     if random_init:

@@ -3,9 +3,11 @@
 Kept apart from the loops that produce embeddings so the trainer, the command line and tests
 compute the same numbers, and so each metric can be checked against values worked out by hand.
 
-Ties count against the model: a candidate that scores exactly as high as the right answer
-ranks ahead of it. A collapsed model that maps every input to the same embedding therefore
-scores chance or worse, never a perfect recall.
+In classification and retrieval ties count against the model: a candidate that scores exactly
+as high as the right answer ranks ahead of it. A collapsed model that maps every input to the
+same embedding therefore scores chance or worse, never a perfect recall. Choosing among
+candidates follows clip_benchmark by default instead (a tie goes to the earlier candidate, its
+`argmax`), so that its numbers compare with published ones, and reports how often that decided.
 """
 
 from __future__ import annotations
@@ -56,29 +58,53 @@ def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_ima
     return metrics
 
 
-def selection_metrics(scores: Sequence[Tensor], matches: Sequence[Sequence[tuple[int, int]]]) -> dict[str, float]:
-    """clip_benchmark's image-caption selection metrics of choice items.
+TIE_RULES = ("first", "strict")
+
+
+def selection_metrics(scores: Sequence[Tensor], matches: Sequence[Sequence[tuple[int, int]]],
+                      ties: str = "first") -> dict[str, float]:
+    """clip_benchmark's image-caption selection metrics of choice items, with how often ties decided.
 
     Item n has scores[n] [I, T] (image i against text t) and the (image, text) pairs `matches[n]`
     that belong together. Its text choice is right when, for every matching pair, the pair's text
-    scores strictly above every other text for the pair's image; its image choice is right when
-    the pair's image scores strictly above every other image for the pair's text. A side with a
-    single candidate has nothing to choose from and counts as right (as in clip_benchmark, where
-    SugarCrepe's image_acc is therefore 1). Returns the fractions of items whose text choice
-    (`text_acc`), image choice (`image_acc`) and both (`acc`) are right.
+    is the pick among the texts for the pair's image; its image choice is right when the pair's
+    image is the pick among the images for the pair's text. `ties` says how a top score shared by
+    several candidates is picked: 'first' takes the earliest of them, as clip_benchmark's
+    `argmax` does (so a SugarCrepe caption that tokenizes like its negative counts as right, the
+    caption coming first); 'strict' takes none of them (a tie is wrong). A side with a single
+    candidate has nothing to choose from and counts as right (as in clip_benchmark, where
+    SugarCrepe's image_acc is therefore 1).
+
+    Returns the fractions of items whose text choice (`text_acc`), image choice (`image_acc`) and
+    both (`acc`) are right, and the fractions of items where the right candidate shared the top
+    score with another on the text side (`text_ties`), the image side (`image_ties`) or either
+    (`ties`): the items the rule decided.
     """
-    text_right, image_right = [], []
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {TIE_RULES}, not {ties!r}")
+    text_right, image_right, text_tied, image_tied = [], [], [], []
     for item_scores, pairs in zip(scores, matches):
-        text_right.append(all(_alone_at_top(item_scores[i], t) for i, t in pairs))
-        image_right.append(all(_alone_at_top(item_scores[:, t], i) for i, t in pairs))
+        text = [_pick(item_scores[i], t, ties) for i, t in pairs]
+        image = [_pick(item_scores[:, t], i, ties) for i, t in pairs]
+        text_right.append(all(right for right, _ in text))
+        image_right.append(all(right for right, _ in image))
+        text_tied.append(any(tied for _, tied in text))
+        image_tied.append(any(tied for _, tied in image))
     text, image = torch.tensor(text_right), torch.tensor(image_right)
+    text_ties, image_ties = torch.tensor(text_tied), torch.tensor(image_tied)
     return {"acc": (text & image).float().mean().item(), "text_acc": text.float().mean().item(),
-            "image_acc": image.float().mean().item()}
+            "image_acc": image.float().mean().item(), "ties": (text_ties | image_ties).float().mean().item(),
+            "text_ties": text_ties.float().mean().item(), "image_ties": image_ties.float().mean().item()}
 
 
-def _alone_at_top(candidates: Tensor, right: int) -> bool:
-    """Whether candidate `right` of candidates [K] scores strictly above all the others."""
-    return int((candidates >= candidates[right]).sum()) == 1
+def _pick(candidates: Tensor, right: int, ties: str) -> tuple[bool, bool]:
+    """Whether candidate `right` of candidates [K] is picked under the tie rule, and whether it
+    shares the top score with another candidate."""
+    at_top = candidates == candidates.max()  # [K]
+    tied = bool(at_top[right]) and int(at_top.sum()) > 1
+    if ties == "strict":
+        return bool(at_top[right]) and not tied, tied
+    return int(candidates.argmax()) == right, tied  # torch's argmax: the first of equal maxima
 
 
 def _wrong_above(scores: Tensor, correct: Tensor) -> Tensor:

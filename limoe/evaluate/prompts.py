@@ -3,11 +3,14 @@
 The defaults are open_clip's ImageNet-1k class names (OpenAI's curated list, in synset order)
 and its prompt sets: the 80 templates of the CLIP paper ('openai') or the 7-template subset
 ('simple'). A templates file holds one template per line with `{c}` (clip_benchmark's files) or
-`{}` where the class name goes.
+`{}` where the class name goes. Templates are `str.format` strings, so a template is checked
+where it is read: exactly one class placeholder and no other replacement field (no `{x}`, no
+`{0.attr}` or `{0[i]}` access, no conversion or format spec); `{{` and `}}` stand for braces.
 """
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -38,14 +41,33 @@ def load_templates(choice: Optional[str]) -> Sequence[Template]:
     builder takes them: callables, or `str.format` strings with one `{}`."""
     if choice is None or choice in TEMPLATE_SETS:
         return TEMPLATE_SETS[choice or "openai"]
-    templates = [line.replace("{c}", "{}") for line in read_lines(Path(choice), "templates")]
-    missing = [t for t in templates if t.count("{}") != 1]
-    if missing:
-        raise LimoeError(
-            f"template {missing[0]!r} in {choice} needs exactly one {{c}} where the class name goes, "
-            f"e.g. 'a photo of a {{c}}.'."
-        )
-    return templates
+    return [class_template(line, f"templates file {choice}") for line in read_lines(Path(choice), "templates")]
+
+
+def class_template(template: str, source: str) -> str:
+    """`template` with its one class placeholder (`{c}` or `{}`) written `{}`, ready for
+    `str.format(name)`; any other replacement field, or none, is an error naming the template and
+    `source` (where it was read). Parsed with `string.Formatter`, as `str.format` reads it."""
+    problem, pieces = None, []
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as error:  # a lone '{' or '}'
+        fields, problem = [], f"is not a valid format string ({error})"
+    for literal, field, format_spec, conversion in fields:
+        pieces.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is None:
+            continue
+        if field not in ("", "c") or format_spec or conversion:
+            problem = problem or f"has the field {{{field}{'!' + conversion if conversion else ''}" \
+                                 f"{':' + format_spec if format_spec else ''}}}, which is not the class placeholder"
+        pieces.append("{}")
+    placeholders = sum(field is not None for _, field, _, _ in fields)
+    if problem is None and placeholders != 1:
+        problem = f"has {placeholders} class placeholders"
+    if problem is not None:
+        raise LimoeError(f"template {template!r} in {source} {problem}; write exactly one {{c}} (or {{}}) where the "
+                         f"class name goes and {{{{ }}}} for literal braces, e.g. 'a photo of a {{c}}.'.")
+    return "".join(pieces)
 
 
 def class_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:

@@ -22,18 +22,18 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch import Tensor
 from tqdm import tqdm
 
 from limoe.config import ModelConfig
 from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shards
 from limoe.errors import LimoeError
-from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
+from limoe.evaluate.folders import (ImageFolderLoader, ImageFolderSet, class_folder_names, looks_like_image_folder,
+                                   scan_image_folder)
 from limoe.evaluate.metrics import classification_metrics
 from limoe.data.preprocess import tokenizer
 from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
-from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report, warn
 from limoe.evaluate.turns import encode_in_turns
 from limoe.model.prompts import classification_logits, label_head
 from limoe.model.tower import Limoe
@@ -104,7 +104,8 @@ def open_classification_set(data: str, classnames: Union[None, Path, Sequence[st
 
 
 def _folder_classnames(folder: ImageFolderSet, path: Union[None, Path, Sequence[str]]) -> list[str]:
-    """The class-names file's names, one per class folder; ImageNet-1k's for its synset folders."""
+    """The class-names file's names, one per class folder; without one, the folders' own names
+    (`class_folder_names`), said in a line unless they are the 1000 ImageNet-1k synsets."""
     if isinstance(path, (list, tuple)):
         if list(path) != folder.classes:
             raise LimoeError(
@@ -113,12 +114,12 @@ def _folder_classnames(folder: ImageFolderSet, path: Union[None, Path, Sequence[
             )
         return list(path)
     if path is None:
-        if not folder.is_imagenet:
-            raise LimoeError(
-                f"{folder.root} has {len(folder.classes)} class folders that are not the 1000 ImageNet-1k "
-                f"synsets; give --classnames with one name per folder, in sorted folder order."
-            )
-        return list(IMAGENET_CLASSNAMES)
+        names, source = class_folder_names(folder.classes, folder.root)
+        if names is None:
+            raise LimoeError(f"{source}; give --classnames with one name per folder, in sorted folder order.")
+        if not folder.is_imagenet:  # the standard set needs no note
+            warn(f"{source}; give --classnames to name them otherwise.")
+        return names
     names = read_lines(path, "class names")
     if len(names) != len(folder.classes):
         raise LimoeError(

@@ -111,9 +111,9 @@ def prompt_tuning_metadata(model: Limoe) -> dict[str, str]:
     return {LABEL_SET_KEY: json.dumps({"classnames": list(head.classnames), "templates": list(head.templates)})}
 
 
-def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Attach empty prompt-tuning parts shaped as in `state`, so that it loads strictly; a model
-    file without them leaves the model as it is."""
+def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict[str, str], source: str) -> None:
+    """Attach empty prompt-tuning parts shaped as in `state` (read from the model file `source`),
+    so that it loads strictly; a model file without them leaves the model as it is."""
     for index, block in enumerate(model.blocks):
         tokens = state.get(f"blocks.{index}.attention.prompts.tokens")
         if tokens is not None:
@@ -121,12 +121,14 @@ def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict
     if "label_head.linear.weight" in state:
         if LABEL_SET_KEY not in metadata:
             raise LimoeError("this model file has a tuned label head but no label set in its metadata; re-run `limoe tune`.")
-        classnames, templates = _label_set(metadata[LABEL_SET_KEY])
+        classnames, templates = _label_set(metadata[LABEL_SET_KEY], source)
         model.label_head = LabelHead(model.config.embed_dim, classnames, templates)
 
 
-def _label_set(text: str) -> tuple[list[str], list[str]]:
-    """The class names and templates recorded by `prompt_tuning_metadata`; anything else is one line."""
+def _label_set(text: str, source: str) -> tuple[list[str], list[str]]:
+    """The class names and templates recorded by `prompt_tuning_metadata`; anything else, a
+    template with other fields than the class name's included, is one line."""
+    from limoe.evaluate.prompts import class_template  # limoe.evaluate imports the model
     try:
         label_set = json.loads(text)
         classnames, templates = label_set["classnames"], label_set["templates"]
@@ -136,4 +138,4 @@ def _label_set(text: str) -> tuple[list[str], list[str]]:
                for names in (classnames, templates)):
         raise LimoeError(f"this model file's {LABEL_SET_KEY} metadata is not a list of class names and templates; "
                          f"re-run `limoe tune`.")
-    return classnames, templates
+    return classnames, [class_template(template, f"the {LABEL_SET_KEY} metadata of {source}") for template in templates]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError
-from limoe.evaluate.prompts import Template
+from limoe.evaluate.prompts import Template, class_template
 from limoe.model.prompts import DeepPrompts, LabelHead, classification_logits
 from limoe.model.tower import Limoe
 
@@ -77,11 +77,8 @@ def tuned_parameters(model: Limoe) -> dict[str, nn.Parameter]:
 def template_strings(templates: Sequence[Template]) -> list[str]:
     """Templates as `str.format` strings with one {} (open_clip's callables applied to "{}"), so
     they can be recorded in the tuned file."""
-    strings = [template if isinstance(template, str) else template("{}") for template in templates]
-    odd = [s for s in strings if s.count("{}") != 1]
-    if odd:
-        raise LimoeError(f"template {odd[0]!r} needs exactly one place for the class name.")
-    return strings
+    return [class_template(template if isinstance(template, str) else template("{}"), "the prompt templates")
+            for template in templates]
 
 
 def class_embeddings(model: Limoe, tokens: Tensor, num_classes: int) -> Tensor:

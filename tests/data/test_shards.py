@@ -93,7 +93,7 @@ def test_classification_folders_round_trip_labels_and_classnames(tmp_path):
             _image(root / synset / f"{i}.JPEG", (12 + i, 9))
     counts = build_shards(root, None, tmp_path / "out", classification=True)
     assert counts == {"samples": 5, "shards": 1, "unreadable_images": 0, "classes": 2}
-    assert (tmp_path / "out" / "classnames.txt").read_text() == "n01440764\nn02085620\n"
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "tench\nChihuahua\n"  # ImageNet-1k's names
     labels = {json.loads(s["json"])["file"]: int(s["cls"]) for s in _read(tmp_path / "out").values()}
     assert labels == {"n01440764/0.JPEG": 0, "n01440764/1.JPEG": 0, "n01440764/2.JPEG": 0,
                       "n02085620/0.JPEG": 1, "n02085620/1.JPEG": 1}
@@ -149,3 +149,20 @@ def test_bad_input_is_a_limoe_error(case, message, tmp_path):
         captions, kwargs = None, {"classification": True}
     with pytest.raises(LimoeError, match=message):
         build_shards(images, captions, output, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layout": "clip_benchmark"}, "writes a classification set; add --classification"),
+    ({"layout": "clip_benchmark", "classification": True, "compress": True}, "uncompressed test/N.tar shards only"),
+])
+def test_the_clip_benchmark_layout_is_for_uncompressed_classification_sets(tmp_path, kwargs, message):
+    _image(tmp_path / "images" / "cat" / "a.png", (8, 8))
+    with pytest.raises(LimoeError, match=message):
+        build_shards(tmp_path / "images", None, tmp_path / "out", **kwargs)
+
+
+def test_a_clip_benchmark_layout_is_not_written_over(tmp_path):
+    _image(tmp_path / "images" / "cat" / "a.png", (8, 8))
+    build_shards(tmp_path / "images", None, tmp_path / "out", classification=True, layout="clip_benchmark")
+    with pytest.raises(LimoeError, match="already holds shards"):
+        build_shards(tmp_path / "images", None, tmp_path / "out", classification=True, layout="clip_benchmark")

@@ -51,16 +51,70 @@ def _choice(checkpoint: Path, data: Path, format: str, output: Path, *options: s
 def test_selection_metrics_by_hand():
     scores = [
         torch.tensor([[0.9, 0.2]]),  # SugarCrepe: caption above the negative
-        torch.tensor([[0.3, 0.3]]),  # a tie counts against the model
+        torch.tensor([[0.3, 0.3]]),  # a tie: the caption comes first
         torch.tensor([[0.8, 0.1], [0.2, 0.5]]),  # Winoground: both images and both captions right
         torch.tensor([[0.8, 0.6], [0.7, 0.65]]),  # caption 0 wins both images: text wrong; images right
         torch.tensor([[0.1, 0.4, 0.2], [0.3, 0.6, 0.9]]),  # pair (0, 1): text right, image 1 beats image 0
+        torch.tensor([[0.5, 0.5], [0.5, 0.5]]),  # Winoground tied everywhere: only pair (0, 0) gets its pick
     ]
-    matches = [[(0, 0)], [(0, 0)], [(0, 0), (1, 1)], [(0, 0), (1, 1)], [(0, 1)]]
-    metrics = selection_metrics(scores, matches)
-    assert metrics["text_acc"] == pytest.approx(3 / 5)  # items 0, 2, 4
-    assert metrics["image_acc"] == pytest.approx(4 / 5)  # single images count as right; item 4 wrong
-    assert metrics["acc"] == pytest.approx(2 / 5)  # items 0 and 2
+    matches = [[(0, 0)], [(0, 0)], [(0, 0), (1, 1)], [(0, 0), (1, 1)], [(0, 1)], [(0, 0), (1, 1)]]
+    first = selection_metrics(scores, matches)
+    assert first["text_acc"] == pytest.approx(4 / 6)  # items 0, 1, 2, 4
+    assert first["image_acc"] == pytest.approx(4 / 6)  # single images count as right; items 4 and 5 wrong
+    assert first["acc"] == pytest.approx(3 / 6)  # items 0, 1 and 2
+    assert (first["text_ties"], first["image_ties"], first["ties"]) == pytest.approx((2 / 6, 1 / 6, 2 / 6))
+    strict = selection_metrics(scores, matches, ties="strict")
+    assert strict["text_acc"] == pytest.approx(3 / 6)  # item 1's tie now counts against the model
+    assert strict["image_acc"] == pytest.approx(4 / 6)
+    assert strict["acc"] == pytest.approx(2 / 6)
+    assert strict["ties"] == first["ties"]
+
+
+class _TableModel(torch.nn.Module):
+    """A model whose "images" are [nim, 1, 1, 1] tensors holding a row of `images` and whose tokens are
+    rows of `texts`: embeddings chosen by hand, with repeats, so that many candidates tie exactly."""
+
+    def __init__(self, images: torch.Tensor, texts: torch.Tensor):
+        super().__init__()
+        self.images, self.texts = images, texts
+
+    def encode_image(self, pixels):
+        return self.images[pixels.flatten().long()]
+
+    def encode_text(self, tokens):
+        return self.texts[tokens]
+
+
+@pytest.mark.parametrize("images_per_item, texts_per_item", [(1, 2), (1, 3), (2, 2)])
+def test_ties_are_counted_as_clip_benchmark_counts_them(images_per_item, texts_per_item):
+    """clip_benchmark's own image_caption_selection on items whose embeddings are drawn from three
+    vectors (so a third or more of the candidates tie), against `selection_metrics` on the same
+    scores: SugarCrepe's one image and two texts, a three-text variant, Winoground's two and two."""
+    pytest.importorskip("clip_benchmark")
+    from clip_benchmark.datasets.builder import image_captions_collate_fn
+    from clip_benchmark.metrics import image_caption_selection
+
+    generator = torch.Generator().manual_seed(0)
+    pool = torch.nn.functional.normalize(torch.randn(3, 5, generator=generator), dim=-1)  # [3, D]
+    items = 97
+    image_ids = torch.randint(0, 3, (items, images_per_item), generator=generator)
+    text_ids = torch.randint(0, 3, (items, texts_per_item), generator=generator)
+    model = _TableModel(pool, pool)
+    dataset = [(ids.float().view(-1, 1, 1, 1).squeeze(0), [int(t) for t in texts])
+               for ids, texts in zip(image_ids, text_ids)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=13, collate_fn=image_captions_collate_fn)
+    theirs = image_caption_selection.evaluate(model, loader, torch.tensor, "cpu", amp=False)
+
+    scores = [pool[images] @ pool[texts].T for images, texts in zip(image_ids, text_ids)]  # [I, T] per item
+    pairs = [(i, i) for i in range(min(images_per_item, texts_per_item))]
+    ours = selection_metrics(scores, [pairs] * items)
+    assert 0.2 < ours["ties"] < 0.9
+    assert {name: ours[name] for name in theirs} == pytest.approx(theirs, abs=1e-9)
+    strict = selection_metrics(scores, [pairs] * items, ties="strict")
+    if images_per_item == 1:  # a caption tied with a negative: right by clip_benchmark's count, wrong by the strict one
+        assert strict["text_acc"] < ours["text_acc"]
+    else:  # identical texts tie for both images, and image 1 never gets the first of them
+        assert strict["text_acc"] == ours["text_acc"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +150,25 @@ def test_sugar_crepe_matches_clip_benchmark_and_a_random_model_is_near_chance(ch
     # score 0.47-0.56 (each negative is a real emoji name, so a random model's word biases move it).
     pooled = (150 * ours["replace_att/text_acc"] + 93 * ours["replace_obj/text_acc"]) / 243
     assert abs(pooled - 0.5) < 0.15
+
+
+def test_captions_cut_to_the_same_tokens_tie_and_are_reported(checkpoint, tmp_path, capsys):
+    """Two of three SugarCrepe items differ only past limoe-tiny's 16 tokens: they tie, the default
+    counts them right (clip_benchmark's count), --ties strict wrong, and a warning says how many."""
+    _square(tmp_path / "val2017" / "a.jpg", (200, 30, 30))
+    long = "a small red square drawn on a plain background next to nothing at all in the whole wide picture"
+    items = {"1": {"filename": "a.jpg", "caption": f"{long} cat", "negative_caption": f"{long} dog"},
+             "2": {"filename": "a.jpg", "caption": f"{long} red", "negative_caption": f"{long} blue"},
+             "3": {"filename": "a.jpg", "caption": "a red square", "negative_caption": "a green circle"}}
+    (tmp_path / "replace_obj.json").write_text(json.dumps(items))
+    assert _choice(checkpoint, tmp_path, "sugar_crepe", tmp_path / "first.json") == 0
+    warning = capsys.readouterr().err
+    assert "limoe: warning: 2 of 3 replace_obj items have candidate texts that are identical after tokenization" \
+        in warning
+    assert _choice(checkpoint, tmp_path, "sugar_crepe", tmp_path / "strict.json", "--ties", "strict") == 0
+    first, strict = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "strict"))
+    assert first["replace_obj/ties"] == first["replace_obj/text_ties"] == pytest.approx(2 / 3)
+    assert first["replace_obj/text_acc"] - strict["replace_obj/text_acc"] == pytest.approx(2 / 3)
 
 
 class _WinogroundFolder(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ from limoe.data.pipeline import expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
 from limoe.evaluate.folders import ImageFolderLoader, imagenet_synsets, scan_image_folder
+from limoe.evaluate.prompts import load_templates
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.data.shards import build_shards
 from tests.child_env import child_env
@@ -167,9 +168,60 @@ def test_image_folder_with_class_names(checkpoint, tmp_path):
     assert json.loads((tmp_path / "zs.json").read_text())["classes"] == 3
 
 
-@pytest.mark.parametrize("names, message", [("cat\ndog\n", "has 2 class names but"), (None, "give --classnames")])
+@pytest.mark.parametrize("template, problem", [
+    ("a photo of {c} {x}", "has the field {x}, which is not the class placeholder"),
+    ("{} {0.__class__}", "has the field {0.__class__}, which is not the class placeholder"),
+    ("{c[0]} photo", "has the field {c[0]}, which is not the class placeholder"),
+    ("a {c!r}", "has the field {c!r}, which is not the class placeholder"),
+    ("a photo", "has 0 class placeholders"),
+    ("{c} and {}", "has 2 class placeholders"),
+    ("a photo of {c", "is not a valid format string (expected '}' before end of string)"),
+])
+def test_a_bad_template_is_one_line_naming_it_and_its_file(checkpoint, tmp_path, capsys, template, problem):
+    _image(tmp_path / "pets" / "cat" / "a.png", (0, 0, 0))
+    templates = tmp_path / "templates.txt"
+    templates.write_text(f"a photo of a {{c}}.\n{template}\n")
+    assert _eval("zeroshot", checkpoint, tmp_path / "pets", tmp_path / "zs.json", "--templates", str(templates)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"limoe: error: template {template!r} in templates file {templates} {problem};")
+    assert "\n" not in error
+
+
+def test_template_braces_and_placeholders_format_as_written(tmp_path):
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {c}.\n{{c}} is {}\nset {{{c}}}\n")
+    assert [t.format("cat") for t in load_templates(str(templates))] == ["a cat.", "{c} is cat", "set {cat}"]
+
+
+def test_readable_class_folders_name_their_classes(checkpoint, tmp_path, capsys):
+    """Without --classnames the folder names are the class names (underscores as spaces), said in
+    one line on stderr; the numbers are those of a names file holding the same names."""
+    for index, name in enumerate(["golden_retriever", "cat", "dog"]):
+        _image(tmp_path / "pets" / name / "a.png", (80 * index, 0, 0))
+        _image(tmp_path / "pets" / name / "b.png", (0, 80 * index, 0))
+    assert _eval("zeroshot", checkpoint, tmp_path / "pets", tmp_path / "folders.json", "--templates", "simple") == 0
+    err = capsys.readouterr().err
+    assert f"limoe: warning: the class names of {tmp_path / 'pets'} are its 3 folder names with underscores as " \
+           f"spaces (cat, dog, golden retriever); give --classnames to name them otherwise.\n" in err
+    (tmp_path / "names.txt").write_text("cat\ndog\ngolden retriever\n")
+    assert _eval("zeroshot", checkpoint, tmp_path / "pets", tmp_path / "file.json", "--templates", "simple",
+                 "--classnames", str(tmp_path / "names.txt")) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "folders.json").read_text()) == json.loads((tmp_path / "file.json").read_text())
+
+
+def test_a_subset_of_imagenet_synset_folders_takes_their_imagenet_names(tmp_path):
+    for synset in ("n01440764", "n02102040", "n15075141"):  # Imagenette's tench and springer, and toilet paper
+        _image(tmp_path / "val" / synset / "a.png", (1, 2, 3))
+    _, names = open_classification_set(str(tmp_path / "val"), None, load_model_config("limoe-tiny"), 4, 0)
+    assert names == [IMAGENET_CLASSNAMES[0], IMAGENET_CLASSNAMES[217], IMAGENET_CLASSNAMES[999]]
+    assert names == ["tench", "English Springer Spaniel", "toilet paper"]
+
+
+@pytest.mark.parametrize("names, message", [("cat\ndog\n", "has 2 class names but"),
+                                            (None, "named like ImageNet synsets that are not all ImageNet-1k's; give --classnames")])
 def test_class_names_must_match_the_class_folders(tmp_path, names, message):
-    for name in ["cat", "dog", "fish"]:
+    for name in (["cat", "dog", "fish"] if names else ["n01440764", "n99999999"]):
         _image(tmp_path / "pets" / name / "a.png", (0, 0, 0))
     path = None
     if names is not None:
@@ -230,6 +282,56 @@ def test_clip_benchmark_command_from_the_readme_matches_limoe_eval(checkpoint, c
     assert ours["classes"] == CLIP_BENCHMARK_CLASSES
     assert ours["top1"] == pytest.approx(theirs["acc1"]) and ours["top5"] == pytest.approx(theirs["acc5"])
     assert ours["mean_per_class_recall"] == pytest.approx(theirs["mean_per_class_recall"])
+
+
+def test_a_clip_benchmark_layout_built_from_class_folders_runs_in_clip_benchmark(checkpoint, tmp_path, capsys):
+    """`limoe shards build --layout clip_benchmark` on 7 images in 3 readable class folders, 4 per
+    shard: two shards, which clip_benchmark's default 4 workers cannot read ("No samples found …
+    fewer shards than workers"); the wrapper gives it 2, and its accuracy is `limoe eval zeroshot`'s
+    on the same shards and templates."""
+    pytest.importorskip("clip_benchmark")
+    for label, (name, count) in enumerate([("cat", 3), ("dog", 2), ("golden_retriever", 2)]):
+        for index in range(count):
+            _image(tmp_path / "pets" / name / f"{index}.png", (90 * label, 40 * index, 200 - 90 * label))
+    dataset = tmp_path / "wds_pets"
+    assert main(["shards", "build", "--images", str(tmp_path / "pets"), "--output", str(dataset), "--classification",
+                 "--layout", "clip_benchmark", "--maxcount", "4"]) == 0
+    assert capsys.readouterr().out.strip() == "samples=7 shards=2 unreadable_images=0 classes=3"
+    assert sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*") if p.is_file()) == \
+        ["classnames.txt", "test/0.tar", "test/1.tar", "test/nshards.txt", "zeroshot_classification_templates.txt"]
+    assert (dataset / "test" / "nshards.txt").read_text() == "2\n"
+    assert (dataset / "classnames.txt").read_text() == "cat\ndog\ngolden retriever\n"
+    templates = (dataset / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert len(templates) == 80 and templates[0] == "a bad photo of a {c}."
+
+    output = tmp_path / "clip_benchmark.json"
+    command = [sys.executable, "-m", "limoe.evaluate.clip_benchmark", "eval", "--model_type", "limoe",
+               "--model", "limoe:dropless", "--pretrained", str(checkpoint), "--dataset", "wds/pets",
+               "--dataset_root", str(dataset), "--output", str(output), "--no_amp", "--quiet"]  # default workers
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = json.loads(output.read_text())["metrics"]
+    assert _eval("zeroshot", checkpoint, dataset, tmp_path / "zs.json", "--capacity-factor", "dropless", "--templates",
+                 str(dataset / "zeroshot_classification_templates.txt")) == 0
+    ours = json.loads((tmp_path / "zs.json").read_text())
+    assert (ours["samples"], ours["classes"]) == (7, 3)
+    assert ours["top1"] == pytest.approx(theirs["acc1"])
+    assert ours["mean_per_class_recall"] == pytest.approx(theirs["mean_per_class_recall"])
+
+
+def test_the_wrapper_gives_a_local_wds_dataset_at_most_one_worker_per_shard(tmp_path):
+    from argparse import Namespace
+
+    from limoe.evaluate.clip_benchmark import workers_at_most_shards
+
+    (tmp_path / "pets" / "test").mkdir(parents=True)
+    (tmp_path / "pets" / "test" / "nshards.txt").write_text("2\n")
+    seen = []
+    run = workers_at_most_shards(lambda args: seen.append((args.dataset, args.num_workers)))
+    root = str(tmp_path / "{dataset}")
+    for dataset, workers in (("wds/pets", 4), ("wds/pets", 1), ("wds/elsewhere", 4), ("cifar10", 4)):
+        run(Namespace(dataset=dataset, dataset_root=root, split="test", num_workers=workers))
+    assert seen == [("wds/pets", 2), ("wds/pets", 1), ("wds/elsewhere", 4), ("cifar10", 4)]
 
 
 def test_the_replacement_accuracy_agrees_with_classification_metrics():

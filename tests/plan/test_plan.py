@@ -159,6 +159,23 @@ def test_bad_settings_are_one_line_and_exit_2(capsys, gpus, overrides, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--gpu-memory", "nan", "'nan' is out of range; give a finite number > 0 and ≤ 1e+06 such as 80"),
+    ("--gpu-memory", "inf", "'inf' is out of range"),
+    ("--gpu-memory", "-80", "'-80' is out of range"),
+    ("--gpu-memory", "0", "'0' is out of range"),
+    ("--gpu-memory", "1e300", "'1e300' is out of range"),
+    ("--gpu-memory", "80GB", "'80GB' is not a number; give one such as 80"),
+    ("--gpus", "0", "0 is out of range; give a whole number ≥ 1"),
+    ("--gpus", "-8", "-8 is out of range; give a whole number ≥ 1"),
+])
+def test_gpu_numbers_out_of_range_are_one_line_and_exit_2(capsys, option, value, message):
+    values = {"--gpus": "8", "--gpu-memory": "80", option: value}
+    assert main(["plan", "--config", "limoe-b16", *(text for pair in values.items() for text in pair)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"limoe: error: argument {option}: {message}") and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("inputs", ["images", "texts"])
 def test_one_modality_activation_bytes_agree_with_a_real_cpu_forward(tiny, inputs):
     """A classification step encodes images and prompts in separate passes; each pass's bytes per

@@ -139,6 +139,18 @@ def test_a_tuned_file_with_a_damaged_label_set_is_one_line(step_zero, tmp_path, 
         load_model(tmp_path / "damaged.safetensors")
 
 
+def test_a_tuned_file_whose_template_has_other_fields_is_one_line(step_zero, tmp_path):
+    with safe_open(str(step_zero[0]), framework="pt") as handle:
+        metadata = handle.metadata()
+    label_set = {**json.loads(metadata[LABEL_SET_KEY]), "templates": ["an emoji of {}.", "{} {0.__class__}"]}
+    path = tmp_path / "edited.safetensors"
+    save_file(load_file(str(step_zero[0])), str(path), {**metadata, LABEL_SET_KEY: json.dumps(label_set)})
+    with pytest.raises(LimoeError) as error:
+        load_model(path)
+    assert str(error.value).startswith(f"template '{{}} {{0.__class__}}' in the {LABEL_SET_KEY} metadata of {path} has "
+                                       f"the field {{0.__class__}}, which is not the class placeholder;")
+
+
 def test_the_support_draw_is_seeded_and_takes_k_per_class(checkpoint, small_set):
     model, _ = load_model(checkpoint, capacity_factor="dropless")  # features independent of the batching
     loader, names = open_classification_set(str(small_set), None, model.config, 64, 0)
