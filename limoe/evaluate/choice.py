@@ -58,11 +58,6 @@ def encode_image_files(model: Limoe, files: Sequence[Path], batch_size: int, wor
     return torch.cat(features)
 
 
-def encode_texts(model: Limoe, texts: Sequence[str], batch_size: int, progress: bool = False) -> Tensor:
-    """L2-normalised features [M, D] of texts, in order, tokenized at the model's context length."""
-    return encode_tokens(model, tokenizer(model.config.context_length)(list(texts)), batch_size, progress)
-
-
 def encode_tokens(model: Limoe, tokens: Tensor, batch_size: int, progress: bool = False) -> Tensor:
     """L2-normalised features [M, D] of token rows [M, L]."""
     features = []

@@ -13,7 +13,8 @@ from PIL import Image
 
 from limoe.checkpoints import load_model
 from limoe.cli import main
-from limoe.evaluate.choice import encode_image_files, encode_texts
+from limoe.data.preprocess import tokenizer
+from limoe.evaluate.choice import encode_image_files, encode_tokens
 from limoe.evaluate.clip_benchmark import load_limoe
 from limoe.evaluate.folders import scan_image_folder
 from limoe.evaluate.metrics import selection_metrics
@@ -155,17 +156,18 @@ def test_sugar_crepe_matches_clip_benchmark_and_a_random_model_is_near_chance(ch
 def test_captions_cut_to_the_same_tokens_tie_and_are_reported(checkpoint, tmp_path, capsys):
     """Two of three SugarCrepe items differ only past limoe-tiny's 16 tokens: they tie, the default
     counts them right (clip_benchmark's count), --ties strict wrong, and a warning says how many."""
-    _square(tmp_path / "val2017" / "a.jpg", (200, 30, 30))
+    data = tmp_path / "set"
+    _square(data / "val2017" / "a.jpg", (200, 30, 30))
     long = "a small red square drawn on a plain background next to nothing at all in the whole wide picture"
     items = {"1": {"filename": "a.jpg", "caption": f"{long} cat", "negative_caption": f"{long} dog"},
              "2": {"filename": "a.jpg", "caption": f"{long} red", "negative_caption": f"{long} blue"},
              "3": {"filename": "a.jpg", "caption": "a red square", "negative_caption": "a green circle"}}
-    (tmp_path / "replace_obj.json").write_text(json.dumps(items))
-    assert _choice(checkpoint, tmp_path, "sugar_crepe", tmp_path / "first.json") == 0
+    (data / "replace_obj.json").write_text(json.dumps(items))
+    assert _choice(checkpoint, data, "sugar_crepe", tmp_path / "first.json") == 0
     warning = capsys.readouterr().err
     assert "limoe: warning: 2 of 3 replace_obj items have candidate texts that are identical after tokenization" \
         in warning
-    assert _choice(checkpoint, tmp_path, "sugar_crepe", tmp_path / "strict.json", "--ties", "strict") == 0
+    assert _choice(checkpoint, data, "sugar_crepe", tmp_path / "strict.json", "--ties", "strict") == 0
     first, strict = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "strict"))
     assert first["replace_obj/ties"] == first["replace_obj/text_ties"] == pytest.approx(2 / 3)
     assert first["replace_obj/text_acc"] - strict["replace_obj/text_acc"] == pytest.approx(2 / 3)
@@ -216,7 +218,8 @@ def test_jsonl_answer_indexes_the_side_with_several_candidates(checkpoint, emoji
     ours = json.loads((tmp_path / "jsonl.json").read_text())
 
     model, _ = load_model(checkpoint, capacity_factor="dropless")
-    scores = encode_image_files(model, images, 8, 0) @ encode_texts(model, texts, 8).T  # [3 images, 3 texts]
+    tokens = tokenizer(model.config.context_length)(texts)  # [3, L]
+    scores = encode_image_files(model, images, 8, 0) @ encode_tokens(model, tokens, 8).T  # [3 images, 3 texts]
     text_right = [bool(scores[2].argmax() == 2), True, bool(scores[1].argmax() == 1)]
     image_right = [True, bool(scores[:, 0].argmax() == 0), bool(scores[:2, 1].argmax() == 1)]
     assert ours["text_acc"] == pytest.approx(sum(text_right) / 3)
