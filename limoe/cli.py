@@ -143,6 +143,7 @@ def _shards_build(args) -> int:
     counts = build_shards(
         images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=output,
         image_size=args.image_size, maxcount=args.maxcount, classification=args.classification,
+        progress=True,
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return 0
