@@ -33,10 +33,12 @@ def expert_major_rows(expert: Tensor, slot: Tensor, capacity: int) -> Tensor:
 
 
 def dispatch_reference(x: Tensor, row: Tensor, num_rows: int) -> Tensor:
-    """Plain PyTorch: x [T, d], row [T] int64 (−1 = dropped) → buf [num_rows, d]."""
-    kept = row >= 0
-    buf = x.new_zeros(num_rows, x.shape[1])
-    return buf.index_copy(0, row[kept], x[kept])
+    """Plain PyTorch: x [T, d], row [T] int64 (−1 = dropped) → buf [num_rows, d].
+
+    Every token is copied, the dropped ones into a spare last row that is cut off, so no shape
+    depends on how many were kept and torch.compile traces one graph for every batch."""
+    rows = torch.where(row >= 0, row, num_rows)  # [T]
+    return x.new_zeros(num_rows + 1, x.shape[1]).index_copy(0, rows, x)[:num_rows]
 
 
 # ---------------------------------------------------------------------------------------------

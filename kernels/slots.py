@@ -77,7 +77,7 @@ def assign_slots_reference(
     key = torch.where(kept, expert * tokens + group * size + slot, num_experts * tokens + group * size + rank)
     token_of_row = torch.argsort(key.view(-1))  # keys are unique
     row_of_token = torch.empty_like(token_of_row).scatter_(0, token_of_row, torch.arange(tokens, device=expert.device))
-    count = torch.bincount(expert[kept], minlength=num_experts)  # [E]
+    count = one_hot.sum(dim=1).clamp(max=capacity).sum(dim=0)  # [E] kept: each group's first `capacity`
     segment_count = torch.cat([count, (tokens - count.sum()).view(1)])
     segment_start = segment_count.cumsum(0) - segment_count
     masks = (modality[..., None] == torch.arange(num_modalities, device=expert.device)) & kept[..., None]  # [G, S, M]

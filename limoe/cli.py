@@ -1,6 +1,8 @@
 """The `limoe` command: parse arguments, load the config, call the library. Nothing else.
 
 Every subcommand's work lives in a library module so tests and notebooks call the same code.
+Each handler imports that module itself: building the parser imports no torch, so `--help` and
+`--version` answer at once and a command pays only for the libraries it uses.
 A `LimoeError` (bad input) becomes one line on stderr and exit status 2, never a traceback.
 """
 
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from limoe import __version__
 from limoe.errors import LimoeError
 
 
@@ -140,6 +143,7 @@ def _shards_build(args) -> int:
     counts = build_shards(
         images=Path(args.images), captions=Path(args.captions) if args.captions else None, output=output,
         image_size=args.image_size, maxcount=args.maxcount, classification=args.classification, layout=args.layout,
+        progress=True,
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return 0
@@ -220,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher puts --local_rank=N before the subcommand; the rank is read from the
     # environment (LOCAL_RANK), which every launcher sets, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable, help: str, parent=commands) -> argparse.ArgumentParser:

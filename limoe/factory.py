@@ -10,7 +10,12 @@ Hugging Face layout, or `hf-hub:org/name`:
     tokenizer = limoe.get_tokenizer("hf-hub:org/limoe-b16")
     image_features = model.encode_image(preprocess_val(image)[None])   # [1, D], L2-normalised
     text_features = model.encode_text(tokenizer(["a photo of a cat"]))  # [1, D]
-    output = model(images, tokens)   # output.logit_scale: the temperature, exp(model.logit_scale)
+    output = model(images, tokens)
+    image_features, text_features, logit_scale = output  # open_clip's tuple (SigLIP: logit_bias fourth)
+    output.routing   # one record per MoE block: what the auxiliary losses are computed from
+
+As open_clip's, `create_model(..., output_dict=True)` makes `model(images, tokens)` return open_clip's
+dict (image_features, text_features, logit_scale and, for SigLIP, logit_bias) instead.
 
 Models come back in eval mode (`model.train()` before fine-tuning): for a MoE model that switches
 off the router noise and applies the eval capacity factor, which `capacity_factor` overrides
@@ -57,20 +62,25 @@ def _config(name_or_path: str, cache_dir: Optional[str]) -> Config:
 
 
 def create_model(name_or_path: str, device: str = "cpu", capacity_factor: Optional[str] = None,
-                 cache_dir: Optional[str] = None) -> Limoe:
+                 cache_dir: Optional[str] = None, output_dict: bool = False) -> Limoe:
     """The model, in eval mode on `device`: random weights for a config, else the checkpoint's.
-    `cache_dir` is huggingface_hub's cache for `hf-hub:` names (default: its own)."""
+    `cache_dir` is huggingface_hub's cache for `hf-hub:` names (default: its own); `output_dict`
+    makes its forward return open_clip's dict rather than the tuple."""
     if _names_a_config(name_or_path):
         config = with_eval_capacity(Config(model=load_model_config(name_or_path)), capacity_factor)
-        return build_model(config).to(device).eval()
-    return load_model(name_or_path, device, capacity_factor, cache_dir)[0]
+        model = build_model(config).to(device).eval()
+    else:
+        model = load_model(name_or_path, device, capacity_factor, cache_dir)[0]
+    model.output_dict = output_dict
+    return model
 
 
 def create_model_and_transforms(name_or_path: str, device: str = "cpu", capacity_factor: Optional[str] = None,
-                                cache_dir: Optional[str] = None) -> tuple[Limoe, Compose, Compose]:
+                                cache_dir: Optional[str] = None,
+                                output_dict: bool = False) -> tuple[Limoe, Compose, Compose]:
     """(model, preprocess_train, preprocess_val) as open_clip returns them: the transforms take a
     PIL image to the model's resolution (train: random resized crop; val: resize and center crop)."""
-    model = create_model(name_or_path, device, capacity_factor, cache_dir)
+    model = create_model(name_or_path, device, capacity_factor, cache_dir, output_dict)
     size = model.config.image_size
     return model, image_transform(size, train=True), image_transform(size, train=False)
 

@@ -32,12 +32,14 @@ import io
 import itertools
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import webdataset as wds
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from limoe.errors import LimoeError
 from limoe.files import read_text_file, refuse_overwriting_inputs
@@ -69,6 +71,7 @@ def build_shards(
     classification: bool = False,
     compress: bool = False,
     layout: str = "img2dataset",
+    progress: bool = False,
 ) -> dict:
     """Write `output/00000.tar`, … from an image folder and a captions file (or class folders);
     with `layout="clip_benchmark"`, a classification set as `output/test/0.tar`, … (see above).
@@ -77,6 +80,7 @@ def build_shards(
     pays off for small images, where tar's 512-byte headers and padding outweigh the JPEG bytes.
     Returns counts: `samples` and `shards` written and `unreadable_images` skipped; with captions
     also `uncaptioned_images`, `captions_without_image` and `empty_captions`; with classes `classes`.
+    `progress` shows on stderr how many samples have been read (see `_with_progress`).
     """
     images, output = Path(images), Path(output)
     clip_benchmark = layout == "clip_benchmark"
@@ -87,7 +91,7 @@ def build_shards(
         counts["classes"] = len(classnames)
     else:
         entries = _captioned_entries(images, Path(captions), counts)
-    samples = _encoded_samples(entries, images, image_size, counts)
+    samples = _encoded_samples(_with_progress(entries) if progress else entries, images, image_size, counts)
     first = next(samples, None)
     if first is None:
         raise LimoeError(f"none of the images under {images} could be decoded; check that they are image files.")
@@ -249,7 +253,21 @@ def _caption_columns(columns: list[str], path: Path) -> tuple[str, str]:
 # Encoding and writing
 
 
-def _encoded_samples(entries: list[_Entry], root: Path, image_size: Optional[int], counts: dict) -> Iterator[dict]:
+def _with_progress(entries: list[_Entry]) -> Iterator[_Entry]:
+    """`entries` one by one, showing on stderr how many have been read: a tqdm bar on a terminal, as
+    training and evaluation show theirs; elsewhere (a log file, a batch job) a line at each tenth,
+    which tqdm's redrawn bar would turn into one long line of carriage returns."""
+    if sys.stderr.isatty():
+        yield from tqdm(entries, desc="samples", unit="sample", dynamic_ncols=True)
+        return
+    tenth = -(-len(entries) // 10)
+    for read, entry in enumerate(entries, 1):
+        yield entry
+        if read % tenth == 0 or read == len(entries):
+            print(f"shards build: read {read} of {len(entries)} samples", file=sys.stderr, flush=True)
+
+
+def _encoded_samples(entries: Iterable[_Entry], root: Path, image_size: Optional[int], counts: dict) -> Iterator[dict]:
     """webdataset sample dicts with keys 000000000, 000000001, … (img2dataset style); images that
     cannot be decoded are counted in `counts` and left out."""
     keys = (f"{index:09d}" for index in itertools.count())

@@ -78,10 +78,12 @@ def _format(value) -> str:
 
 
 def report(title: str, metrics: dict, output: Optional[str]) -> None:
-    """Print `metrics` one per line under `title` and, with `output`, write them as JSON."""
+    """Print `metrics` one per line under `title`, values in one column, and, with `output`, write
+    them as JSON."""
     print(title)
+    width = max(map(len, metrics), default=0)
     for name, value in metrics.items():
-        print(f"  {name:24s} {_format(value)}")
+        print(f"  {name:{width}s}  {_format(value)}")
     if output is not None:
         text = json.dumps(metrics, indent=2) + "\n"
         atomic_write(Path(output), lambda tmp: tmp.write_text(text))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,15 +63,53 @@ class TokenLayout:
         return TokenLayout(modality, (Segment(0, segment.length, segment.key_mask),), (self.names[index],))
 
 
-@dataclass
-class LimoeOutput:
-    """What `model(images, tokens)` returns; the first fields are those of open_clip's output dict."""
+class LimoeOutput(tuple):
+    """What `model(images, tokens)` returns: open_clip's output tuple, which also names its fields and
+    carries the routing records the auxiliary losses are computed from.
 
-    image_features: Optional[Tensor]  # [B, D] L2-normalised (None when no images were given)
-    text_features: Optional[Tensor]  # [B', D] L2-normalised (None when no texts were given)
-    logit_scale: Tensor  # [1] the temperature exp(model.logit_scale) that multiplies the cosine logits
-    logit_bias: Optional[Tensor]  # [1] SigLIP's learned logit bias (None for the CLIP loss)
-    routing: list[LayerRouting]  # one per MoE block, in depth order
+    As open_clip's CLIP.forward: `image_features, text_features, logit_scale = model(images, tokens)`,
+    with `logit_bias` as a fourth element for a SigLIP model, so open_clip's losses take it
+    (`ClipLoss()(*output)`). `output.routing` holds one `LayerRouting` per MoE block, in depth order.
+    With `model.output_dict = True` the model returns `as_dict()` instead, open_clip's dict.
+    """
+
+    routing: list[LayerRouting]
+
+    def __new__(cls, image_features: Optional[Tensor], text_features: Optional[Tensor], logit_scale: Tensor,
+                logit_bias: Optional[Tensor], routing: list[LayerRouting]) -> "LimoeOutput":
+        fields = (image_features, text_features, logit_scale) + (() if logit_bias is None else (logit_bias,))
+        output = super().__new__(cls, fields)
+        output.routing = routing
+        return output
+
+    def __reduce__(self):  # copy and pickle rebuild it with the routing, not from the tuple alone
+        return LimoeOutput, (*self[:3], self.logit_bias, self.routing)
+
+    @property
+    def image_features(self) -> Optional[Tensor]:
+        """[B, D] L2-normalised (None when no images were given)."""
+        return self[0]
+
+    @property
+    def text_features(self) -> Optional[Tensor]:
+        """[B', D] L2-normalised (None when no texts were given)."""
+        return self[1]
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """[1] the temperature exp(model.logit_scale) that multiplies the cosine logits."""
+        return self[2]
+
+    @property
+    def logit_bias(self) -> Optional[Tensor]:
+        """[1] SigLIP's learned logit bias (None for the CLIP loss)."""
+        return self[3] if len(self) > 3 else None
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """open_clip's output dict: the features and logit_scale, and logit_bias if the model has one.
+        It holds nothing else, so open_clip's losses take it whole (`loss(**output)`)."""
+        names = ("image_features", "text_features", "logit_scale", "logit_bias")
+        return dict(zip(names, self))
 
 
 class Block(nn.Module):
@@ -127,8 +165,11 @@ class Limoe(nn.Module):
     experts; the weights are the same as the unsharded model's for the same seed.
 
     As in open_clip, the learned scalars of the contrastive loss are the model's: `logit_scale`
-    (the log-temperature) and, for SigLIP, `logit_bias`, so they are saved and exported with it.
+    (the log-temperature) and, for SigLIP, `logit_bias`, so they are saved and exported with it;
+    and `output_dict` (open_clip's attribute, False by default) picks what `forward` returns.
     """
+
+    output_dict: bool = False
 
     def __init__(self, config: ModelConfig, logit_scale_init: float = math.log(10.0),
                  logit_bias_init: Optional[float] = None, sharding: ExpertSharding = ExpertSharding()):
@@ -253,8 +294,11 @@ class Limoe(nn.Module):
         return self._text_features(stream, tokens, normalize)
 
     def forward(self, images: Optional[Tensor], tokens: Optional[Tensor],
-                image_keep: Optional[Tensor] = None) -> LimoeOutput:
+                image_keep: Optional[Tensor] = None) -> Union[LimoeOutput, dict[str, Tensor]]:
         """Both modalities of a batch of pairs through the tower together (joint routing).
+
+        → `LimoeOutput`, open_clip's tuple with the routing records attached, or with `output_dict`
+        open_clip's dict (`LimoeOutput.as_dict`).
 
         Either may be None: one modality alone, with its routing (a classification batch's images,
         or its class prompts, whose counts differ from the images').
@@ -265,7 +309,8 @@ class Limoe(nn.Module):
         streams, routing = self.tower(streams)
         image = self._image_features(streams[0]) if images is not None else None
         text = self._text_features(streams[-1], tokens) if tokens is not None else None
-        return LimoeOutput(image, text, self.logit_scale.exp(), self.logit_bias, routing)
+        output = LimoeOutput(image, text, self.logit_scale.exp(), self.logit_bias, routing)
+        return output.as_dict() if self.output_dict else output
 
 
 def build_model(config: Config, sharding: ExpertSharding = ExpertSharding()) -> Limoe:

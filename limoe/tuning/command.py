@@ -6,12 +6,16 @@ scores the samples left out of the support set (the queries) three ways: zero-sh
 linear probe on the same shots (limoe.tuning.probe), and the tuned model. The tuned file is a
 model file like `limoe export`'s, with the prompt tokens and label head among its tensors and
 the label set, templates and recipe in its metadata; `limoe eval zeroshot` uses it as it is.
+Under the metrics it prints where the time went (reading and encoding the set, the baselines, the
+tuning steps, scoring the tuned model): on a CPU the encoding passes, not the steps, often dominate.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -46,20 +50,26 @@ def run_tune(checkpoint: Path, data: str, classnames: Optional[str], templates: 
     refuse_overwriting_inputs({"--output": output, "--metrics": metrics_output},
                               [*checkpoint_sources(checkpoint), data, classnames, templates])
     prompts = template_strings(load_templates(templates))
-    model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "loading"):
+        model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
     if label_head(model) is not None:
         raise LimoeError(f"{checkpoint} is already prompt-tuned; tune the model it was tuned from.")
     loader, names = open_classification_set(data, Path(classnames) if classnames else None, model.config,
                                             batch_size, workers)
-    split = read_few_shot_split(model, loader, shots, recipe.seed, progress=True)
+    with _timed(seconds, "encoding"):
+        split = read_few_shot_split(model, loader, shots, recipe.seed, progress=True)
     if split.labels.max() >= len(names):
         raise LimoeError(f"{data} has labels up to {split.labels.max().item()} but only {len(names)} class names; "
                          f"give the set's class names with --classnames.")
-    metrics = {"classes": len(names), "shots": shots, "support": int(split.support.sum()),
-               "queries": int(split.queries.sum()), **_baselines(model, split, names, prompts)}
+    with _timed(seconds, "baselines"):
+        metrics = {"classes": len(names), "shots": shots, "support": int(split.support.sum()),
+                   "queries": int(split.queries.sum()), **_baselines(model, split, names, prompts)}
 
-    add_prompt_tuning(model, recipe.prompt_tokens, names, prompts, generator=torch.Generator().manual_seed(recipe.seed))
-    losses = tune_prompts(model, split.support_images, split.support_labels, names, prompts, recipe, progress=True)
+    with _timed(seconds, f"{recipe.steps} steps"):
+        add_prompt_tuning(model, recipe.prompt_tokens, names, prompts,
+                          generator=torch.Generator().manual_seed(recipe.seed))
+        losses = tune_prompts(model, split.support_images, split.support_labels, names, prompts, recipe, progress=True)
     if losses:
         metrics.update(first_loss=losses[0], last_loss=losses[-1])
     notes = {RECIPE_KEY: json.dumps({"checkpoint": str(checkpoint), "data": data, "shots": shots,
@@ -67,15 +77,25 @@ def run_tune(checkpoint: Path, data: str, classnames: Optional[str], templates: 
     save_model_file(model, config, output, notes)
 
     if metrics["queries"]:
-        tuned = read_few_shot_split(model, loader, shots, recipe.seed)  # the tuned model's features
-        rows = {key: row for row, key in enumerate(tuned.keys)}
-        features = tuned.features[[rows[key] for key in split.keys]]  # [N, D] in the first pass's order
-        logits = classification_logits(model, features, zeroshot_classifier(model, names, prompts))
-        queries = split.queries
-        metrics.update({f"tuned_{name}": value
-                        for name, value in classification_metrics(logits[queries], split.labels[queries]).items()})
+        with _timed(seconds, "evaluation"):
+            tuned = read_few_shot_split(model, loader, shots, recipe.seed)  # the tuned model's features
+            rows = {key: row for row, key in enumerate(tuned.keys)}
+            features = tuned.features[[rows[key] for key in split.keys]]  # [N, D] in the first pass's order
+            logits = classification_logits(model, features, zeroshot_classifier(model, names, prompts))
+            queries = split.queries
+            metrics.update({f"tuned_{name}": value
+                            for name, value in classification_metrics(logits[queries], split.labels[queries]).items()})
     report(f"prompt tuning of {checkpoint} on {shots} shots per class of {data} → {output}", metrics, metrics_output)
+    print("time: " + ", ".join(f"{phase} {value:.1f} s" for phase, value in seconds.items()))
     return metrics
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], phase: str):
+    """Record the wall time of the `with` body as `seconds[phase]`."""
+    start = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - start
 
 
 def _baselines(model, split: FewShotSplit, names: list[str], prompts: list[str]) -> dict:

@@ -2,6 +2,7 @@
 
 import io
 import json
+import sys
 
 import pytest
 import webdataset as wds
@@ -166,3 +167,25 @@ def test_a_clip_benchmark_layout_is_not_written_over(tmp_path):
     build_shards(tmp_path / "images", None, tmp_path / "out", classification=True, layout="clip_benchmark")
     with pytest.raises(LimoeError, match="already holds shards"):
         build_shards(tmp_path / "images", None, tmp_path / "out", classification=True, layout="clip_benchmark")
+
+
+@pytest.fixture
+def twelve_classified(tmp_path):
+    for index in range(12):
+        _image(tmp_path / "images" / f"class{index % 2}" / f"{index}.png", (8, 8))
+    return tmp_path / "images"
+
+
+def test_progress_off_a_terminal_is_a_line_at_each_tenth(twelve_classified, tmp_path, capsys):
+    build_shards(twelve_classified, None, tmp_path / "quiet", classification=True)
+    assert capsys.readouterr().err == ""
+    build_shards(twelve_classified, None, tmp_path / "out", classification=True, progress=True)
+    assert capsys.readouterr().err.splitlines() == [f"shards build: read {read} of 12 samples"
+                                                    for read in (2, 4, 6, 8, 10, 12)]
+
+
+def test_progress_on_a_terminal_is_a_bar(twelve_classified, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    build_shards(twelve_classified, None, tmp_path / "out", classification=True, progress=True)
+    err = capsys.readouterr().err
+    assert "samples: 100%" in err and "12/12" in err and "shards build:" not in err

@@ -4,6 +4,7 @@ held-out emoji classes."""
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -118,6 +119,19 @@ def test_tuning_changes_only_the_tuned_parts_and_learns(checkpoint, templates, s
     assert changed == trainable  # every LayerNorm, prompt, gate and the head moved
     assert metrics["last_loss"] < metrics["first_loss"]
     assert metrics["tuned_top1"] > metrics["zeroshot_top1"]
+
+
+def test_the_report_is_one_column_of_values_and_ends_with_where_the_time_went(checkpoint, templates, small_set,
+                                                                                tmp_path, capsys):
+    metrics = _tune(checkpoint, small_set, tmp_path / "tuned.safetensors", templates, 1, 1)
+    lines = capsys.readouterr().out.splitlines()
+    title = next(index for index, line in enumerate(lines) if line.startswith("prompt tuning of "))
+    table, timing = lines[title + 1: -1], lines[-1]
+    rows = [re.fullmatch(r"  (\S+)( {2,})(\S+)", line) for line in table]
+    assert all(rows) and [row[1] for row in rows] == list(metrics)  # the longest names too
+    assert len({row.start(3) for row in rows}) == 1
+    phases = [part.rsplit(" ", 2)[0] for part in timing.removeprefix("time: ").split(", ")]
+    assert phases == ["loading", "encoding", "baselines", "1 steps", "evaluation"]
 
 
 def test_a_tuned_file_refuses_another_label_set(small_set, step_zero, tmp_path, capsys):
