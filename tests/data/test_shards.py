@@ -178,10 +178,11 @@ def twelve_classified(tmp_path):
 
 def test_progress_off_a_terminal_is_a_line_at_each_tenth(twelve_classified, tmp_path, capsys):
     build_shards(twelve_classified, None, tmp_path / "quiet", classification=True)
-    assert capsys.readouterr().err == ""
+    assert "shards build:" not in capsys.readouterr().err
     build_shards(twelve_classified, None, tmp_path / "out", classification=True, progress=True)
-    assert capsys.readouterr().err.splitlines() == [f"shards build: read {read} of 12 samples"
-                                                    for read in (2, 4, 6, 8, 10, 12)]
+    lines = capsys.readouterr().err.splitlines()  # [the warning that the folders name the classes,] progress
+    assert [line for line in lines if not line.startswith("limoe: warning:")] == [
+        f"shards build: read {read} of 12 samples" for read in (2, 4, 6, 8, 10, 12)]
 
 
 def test_progress_on_a_terminal_is_a_bar(twelve_classified, tmp_path, capsys, monkeypatch):
