@@ -169,6 +169,7 @@ def micro_batch_size(config: Config, world_size: int) -> int:
         raise LimoeError(f"train.batch_size {batch} is not divisible by the {world_size} processes; "
                          f"pick a global batch that splits evenly.")
     local = batch // world_size
+    check_whole_groups(local, f"train.batch_size {batch}", config, world_size)
     micro = config.train.micro_batch_size
     if micro is None:
         return local
@@ -181,6 +182,19 @@ def micro_batch_size(config: Config, world_size: int) -> int:
         raise LimoeError(f"train.micro_batch_size {micro} is not a multiple of model.moe.group_size {group}: a "
                          f"micro-batch must hold whole routing groups to route as the full batch does.")
     return micro
+
+
+def check_whole_groups(local: int, batch: str, config: Config, world_size: int) -> None:
+    """Refuse a per-GPU batch of `local` examples (`batch` names the setting) that is not whole routing
+    groups: the examples would be spread over ceil(local / group_size) groups and the last one padded
+    with empty examples, so its tokens would compete for capacity with fewer others than the rest."""
+    group = _whole_groups(config)
+    if local % group:
+        lower, upper = (local // group) * group * world_size, (local // group + 1) * group * world_size
+        such_as = f"{lower} or {upper}" if lower else f"{upper}"
+        raise LimoeError(f"{batch} gives {local} examples per GPU, not a multiple of model.moe.group_size {group}; "
+                         f"routing groups would be padded with empty examples. Use a multiple of "
+                         f"{group * world_size} such as {such_as}.")
 
 
 def _whole_groups(config: Config) -> int:

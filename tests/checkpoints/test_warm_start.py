@@ -93,7 +93,8 @@ def test_a_source_that_does_not_fit_is_one_line_naming_the_tensor(tmp_path, chan
         assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("source", ["nothing.safetensors", "garbage.safetensors", "empty_workdir", "no_config.safetensors"])
+@pytest.mark.parametrize("source", ["nothing.safetensors", "garbage.safetensors", "empty_workdir",
+                                    "no_config.safetensors"])
 def test_limoe_train_refuses_a_bad_source_in_one_line_and_leaves_the_workdir_alone(tmp_path, capsys, source):
     """no_config: the demo model's very tensors, saved without limoe's embedded config."""
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")

@@ -228,6 +228,14 @@ def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit
     assert "task 'subgroups': batch_size 5 does not split over the 2 processes" in _one_line_error(capsys)
 
 
+def test_a_contrastive_task_batch_of_partial_routing_groups_is_one_line_and_exit_2(tmp_path, capsys):
+    """Groups of 8 (limoe-tiny): 12 pairs would be spread over two groups padded with 2 empty examples each."""
+    assert _train(tmp_path, _config_file(tmp_path), "tasks.0.batch_size=12") == 2
+    assert ("task 'pairs': batch_size 12 gives 12 examples per GPU, not a multiple of model.moe.group_size 8"
+            in _one_line_error(capsys))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_cotraining_workdir_resumes_only_with_its_tasks(cotrain_run, capsys):
     state = json.loads(next((cotrain_run / "checkpoints").glob("*/state.json")).read_text())
     assert state["objective"] == "co-training"
