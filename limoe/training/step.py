@@ -47,7 +47,7 @@ from limoe.config import Config
 from limoe.data.preprocess import normalise
 from limoe.distributed import expert_parallel_group
 from limoe.errors import LimoeError
-from limoe.model.routing import LayerRouting
+from limoe.model.routing import Grouping, LayerRouting
 from limoe.model.tower import Limoe, LimoeOutput
 from limoe.training.deepspeed_config import zero_clips_by_itself
 from limoe.training.flip import PatchDropping
@@ -186,15 +186,19 @@ def micro_batch_size(config: Config, world_size: int) -> int:
 
 def check_whole_groups(local: int, batch: str, config: Config, world_size: int) -> None:
     """Refuse a per-GPU batch of `local` examples (`batch` names the setting) that is not whole routing
-    groups: the examples would be spread over ceil(local / group_size) groups and the last one padded
-    with empty examples, so its tokens would compete for capacity with fewer others than the rest."""
+    groups: the MoE layers would spread it evenly over smaller groups (`Grouping`), padded with empty
+    examples where it does not divide, so tokens would compete for capacity in groups of another size
+    than model.moe.group_size, silently."""
     group = _whole_groups(config)
     if local % group:
+        grouping = Grouping.for_batch(local, group)
+        pad = grouping.padded_batch - local
+        padding = f" with {pad} empty examples as padding" if pad else ""
         lower, upper = (local // group) * group * world_size, (local // group + 1) * group * world_size
         such_as = f"{lower} or {upper}" if lower else f"{upper}"
-        raise LimoeError(f"{batch} gives {local} examples per GPU, not a multiple of model.moe.group_size {group}; "
-                         f"routing groups would be padded with empty examples. Use a multiple of "
-                         f"{group * world_size} such as {such_as}.")
+        raise LimoeError(f"{batch} gives {local} examples per GPU, not a multiple of model.moe.group_size {group}: "
+                         f"they would be routed in {grouping.num_groups} groups of {grouping.per_group}{padding}. "
+                         f"Use a multiple of {group * world_size} such as {such_as}.")
 
 
 def _whole_groups(config: Config) -> int:

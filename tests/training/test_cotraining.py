@@ -229,10 +229,10 @@ def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit
 
 
 def test_a_contrastive_task_batch_of_partial_routing_groups_is_one_line_and_exit_2(tmp_path, capsys):
-    """Groups of 8 (limoe-tiny): 12 pairs would be spread over two groups padded with 2 empty examples each."""
+    """Groups of 8 (limoe-tiny): 12 pairs would be spread evenly over ceil(12/8) = 2 groups of 6."""
     assert _train(tmp_path, _config_file(tmp_path), "tasks.0.batch_size=12") == 2
-    assert ("task 'pairs': batch_size 12 gives 12 examples per GPU, not a multiple of model.moe.group_size 8"
-            in _one_line_error(capsys))
+    assert ("task 'pairs': batch_size 12 gives 12 examples per GPU, not a multiple of model.moe.group_size 8: they "
+            "would be routed in 2 groups of 6. Use a multiple of 8 such as 8 or 16." in _one_line_error(capsys))
     assert not (tmp_path / "run").exists()
 
 

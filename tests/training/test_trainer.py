@@ -102,10 +102,10 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, capsys):
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("train.steps=three", "'train.steps' must be of type int"),
     ("train.batch_size=10000000", "GiB of host memory"),  # within its range, beyond any machine at 64 px
-    # routing groups of 8 (limoe-tiny): 30 pairs would leave a group padded with 2 empty examples
+    # routing groups of 8 (limoe-tiny): 30 examples go into ceil(30/8) = 4 groups of ceil(30/4) = 8, 32 slots
     ("train.batch_size=30", "train.batch_size 30 gives 30 examples per GPU, not a multiple of model.moe.group_size 8"
-                            "; routing groups would be padded with empty examples. Use a multiple of 8 such as 24 or "
-                            "32."),
+                            ": they would be routed in 4 groups of 8 with 2 empty examples as padding. Use a multiple "
+                            "of 8 such as 24 or 32."),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(tmp_path, capsys, override, message):
     assert main(_args(tmp_path / "run", override)) == 2
