@@ -72,6 +72,11 @@ def test_each_task_reports_its_own_terms_routing_and_learning_rate(cotrain_run):
         assert record["lr"] == pytest.approx(config.optim.lr * lr_multiplier(record["step"], config) * scale)
     events = EventAccumulator(str(cotrain_run / "tensorboard")).Reload()
     assert {"train/pairs/contrastive", "train/subgroups/classification"} <= set(events.Tags()["scalars"])
+    for task, stats in routing[-1]["routing_by_task"].items():  # each task's routing, per layer and modality
+        for layer in stats["layers"]:
+            tag = f"routing_by_task/{task}/block{layer['block']}/image/routing_success"
+            logged = {event.step: event.value for event in events.Scalars(tag)}
+            assert logged[routing[-1]["step"]] == pytest.approx(layer["image"]["routing_success"], rel=1e-6), tag
 
 
 class _Killed(BaseException):
