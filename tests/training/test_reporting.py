@@ -149,3 +149,19 @@ def test_an_error_while_the_bar_is_drawn_is_the_last_line_on_its_own(tmp_path, m
     assert "train:" in written and "Data (t)" in written and "Batch (t)" in written and "LR " in written
     error = "limoe: error: no space left on device writing the checkpoint; free some space and re-run.\n"
     assert written.endswith("\n" + error), written[-300:]
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """The run's W&B id is kept in the workdir: the second start logs to the same run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config("demo", ["train.report_to=[wandb]"])
+    ids = []
+    for step in (2, 4):
+        sinks = ScalarSinks(config, tmp_path)
+        sinks.log({"train/loss": float(step)}, step)
+        ids.append(sinks.wandb.id)
+        sinks.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert {run.name for run in tmp_path.glob("wandb/offline-run-*/run-*.wandb")} == {f"run-{ids[0]}.wandb"}
