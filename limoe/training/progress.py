@@ -12,12 +12,14 @@ and routing statistics for each task besides those of all tasks together (within
 The progress line (open_clip's `Train Epoch … Data (t) Batch (t) LR` line): on a terminal the
 fields follow the progress bar; without one (a cluster's log file) each `log_every` step prints
 the line whole, with the step, so the file holds lines and not carriage-return redraws. The
-reporter is a context manager: leaving it, however, closes the bar first, so an error printed
-after it stands on its own line and stays the last one.
+reporter is a context manager: inside it log lines (collapse warnings, …) are written above
+the bar instead of glued to it, and leaving it, however, closes the bar first, so an error
+printed after it stands on its own line and stays the last one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from limoe.config import MODALITIES, Config
 from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
@@ -67,9 +70,12 @@ class TrainingReporter:
         self.sinks = ScalarSinks(config, workdir) if self.main else None
 
     def __enter__(self) -> "TrainingReporter":
+        self._log_above_the_bar = contextlib.ExitStack()
+        self._log_above_the_bar.enter_context(logging_redirect_tqdm())  # the root logger's console output
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        self._log_above_the_bar.close()
         self.close(failed=kind is not None)
 
     def _reset_window(self) -> None:
@@ -224,13 +230,17 @@ class TrainingReporter:
             log.warning("step %d: the loss is not finite; skipped the update (%d skipped so far)",
                         step + 1, self.skipped_steps)
 
+    def close_bar(self) -> None:
+        """Training is over: the bar ends its line before the final report prints below it."""
+        self.bar.close()
+
     def final(self, metrics: dict) -> None:
         """The end-of-run report (final_metrics.json's numbers) as scalars final/… at the last step."""
         if self.main:
             self.sinks.log(scalars(metrics, "final"), self.config.train.steps)
 
     def close(self, failed: bool = False) -> None:
-        self.bar.close()
+        self.close_bar()  # (again: closing a closed bar does nothing)
         if self.main:
             self.metrics.close()
             self.sinks.close(failed)

@@ -261,6 +261,7 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
         if resume is not None:
             _evaluate_if_unrecorded(engine, config, workdir, session, reporter, start)
         _loop(engine, run_step, bad_samples, config, workdir, reporter, start)
+        reporter.close_bar()
         metrics = finish(config, workdir, session, report)
         reporter.final(metrics)
     return metrics

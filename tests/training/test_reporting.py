@@ -6,6 +6,7 @@ own line."""
 import contextlib
 import io
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -135,10 +136,12 @@ def test_report_to_wandb_without_wandb_installed_is_one_line(tmp_path, capsys, m
 
 def test_an_error_while_the_bar_is_drawn_is_the_last_line_on_its_own(tmp_path, monkeypatch):
     """A failure at step 2's checkpoint (as a full disk gives it) on a terminal: the bar, showing
-    the progress fields, is closed first; the error follows on a line of its own and nothing after."""
+    the progress fields, is closed first; the error follows on a line of its own and nothing after.
+    A warning logged while the bar is drawn is a line of its own too."""
     from limoe.training import trainer
 
     def disk_full(*args, **kwargs):
+        logging.getLogger("limoe.checkpoints").warning("the disk is nearly full")
         raise LimoeError("no space left on device writing the checkpoint; free some space and re-run.")
 
     monkeypatch.setattr(trainer.checkpoint, "save_training_checkpoint", disk_full)
@@ -149,6 +152,7 @@ def test_an_error_while_the_bar_is_drawn_is_the_last_line_on_its_own(tmp_path, m
     assert "train:" in written and "Data (t)" in written and "Batch (t)" in written and "LR " in written
     error = "limoe: error: no space left on device writing the checkpoint; free some space and re-run.\n"
     assert written.endswith("\n" + error), written[-300:]
+    assert "the disk is nearly full" in re.split(r"[\r\n]", written), written
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
