@@ -8,7 +8,8 @@ Both get the same scalars, each named by its path in the record it comes from (`
 routing of the exported model) at the last step. Lists (per-expert shares) stay in metrics.jsonl.
 
 The W&B run keeps its id in `workdir/wandb_run_id`, so a resumed run continues the same W&B run;
-W&B ignores values logged again for steps it already has (those between the checkpoint and a kill).
+W&B ignores values for steps it already has, so for the steps between the checkpoint and a kill
+it keeps the killed run's values (metrics.jsonl keeps the resumed run's).
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ WANDB_RUN_ID = "wandb_run_id"
 def scalars(value: object, prefix: str) -> dict[str, float]:
     """Every number `value` holds (nested mappings), named `prefix/key/…`; a routing statistics'
     `layers` list becomes `block<N>/…` (N the MoE block). Other lists, text and null are left out."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return {}
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return {prefix: value}
     if not isinstance(value, dict):
         return {}
