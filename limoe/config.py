@@ -290,6 +290,10 @@ class TrainConfig:
         "none", "recompute blocks in backward instead of keeping their activations: none, the MoE blocks, or all")
     compile: bool = setting(False, "torch.compile the tower inside the engine (Inductor); off until measured faster "
                                    "on a GPU")
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = setting(
+        ("tensorboard",), "where the scalars go besides metrics.jsonl (open_clip's --report-to): tensorboard "
+                          "(workdir/tensorboard), wandb (pip install 'limoe[wandb]'; WANDB_PROJECT, WANDB_MODE); [] "
+                          "for neither")
     eval_every: int = setting(0, "steps between evaluations of the live model on eval.zeroshot and eval.retrieval "
                                  "(also at the last step); 0: none", "[0, inf)")
     init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from limoe.checkpoints.model_file import read_model_file
+from limoe.checkpoints.model_file import read_embedded_config, read_model_file
 from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consolidated_state
 from limoe.config import Config
 from limoe.distributed import rank_and_world
@@ -55,6 +55,10 @@ def source_shapes_as_meta(source: Path) -> dict[str, Tensor]:
             raise LimoeError(f"train.init_from: {error}") from None
         with torch.device("meta"):
             return build_model(config).state_dict()
+    try:
+        read_embedded_config(source)  # what `warm_start` reads the file with needs it
+    except LimoeError as error:
+        raise LimoeError(f"train.init_from: {error}") from None
     try:
         with safe_open(str(source), framework="pt") as handle:
             stored = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}

@@ -40,7 +40,7 @@ from limoe.training.candidates import (
     prompt_rows,
     prompt_tokens,
 )
-from limoe.training.device_batches import DeviceBatches
+from limoe.training.device_batches import DeviceBatches, WaitClock
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.schedules import TaskSchedule
 from limoe.training.step import (
@@ -49,6 +49,7 @@ from limoe.training.step import (
     StepOutcome,
     TrainerOutput,
     apply_update,
+    check_whole_groups,
     forward_backward,
     whole_batch_backward,
 )
@@ -125,10 +126,11 @@ def cotraining_objective(objective: type) -> type[CoTrainer]:
 class Task:
     """One dataset of a co-training run, as the loop sees it: image-caption pairs."""
 
-    def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device):
+    def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device,
+                 clock: Optional[WaitClock] = None):
         self.config = config
         self.loader = loader
-        self._batches = iter(DeviceBatches(loader, device))
+        self._batches = iter(DeviceBatches(loader, device, clock))
 
     @property
     def name(self) -> str:
@@ -146,8 +148,8 @@ class ClassificationTask(Task):
     """Labelled images scored against class-name prompts: all classes, or N that include the labels."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device, classnames: list[str],
-                 prompts: Tensor, templates: int, seed: int):
-        super().__init__(config, loader, device)
+                 prompts: Tensor, templates: int, seed: int, clock: Optional[WaitClock] = None):
+        super().__init__(config, loader, device, clock)
         self.classnames = classnames
         self.prompts = prompts  # [C·T, L] every class's prompts, class-major, on the device
         self.templates = templates  # T, prompts per class
@@ -197,7 +199,8 @@ def check_tasks(config: Config, world_size: int) -> None:
 
 
 def check_task_batches(config: Config, world_size: int) -> None:
-    """Every task's batch splits over the processes, and into micro-batches where it may."""
+    """Every task's batch splits over the processes, a contrastive task's into whole routing groups,
+    and into micro-batches where it may."""
     for task in config.tasks:
         batch_size = config.task_batch_size(task)
         if batch_size % world_size:
@@ -205,6 +208,11 @@ def check_task_batches(config: Config, world_size: int) -> None:
                 f"task '{task.name}': batch_size {batch_size} does not split over the {world_size} processes; "
                 f"give it a multiple of {world_size}."
             )
+    for task in config.tasks:
+        batch_size = config.task_batch_size(task)
+        if task.kind == "contrastive":
+            check_whole_groups(batch_size // world_size, f"task '{task.name}': batch_size {batch_size}", config,
+                               world_size)
         micro = config.train.micro_batch_size
         if micro is not None and task.kind == "classification":
             raise LimoeError(
@@ -223,8 +231,10 @@ def task_classnames(task: TaskConfig) -> list[str]:
     return load_classnames(Path(task.classnames)) if task.classnames else read_classnames(task.data)
 
 
-def build_tasks(config: Config, world_size: int, device: torch.device, start: int) -> list[Task]:
-    """Every task's loader (reseeded for a resume at `start`) and, for classification, its prompts."""
+def build_tasks(config: Config, world_size: int, device: torch.device, start: int,
+                clock: Optional[WaitClock] = None) -> list[Task]:
+    """Every task's loader (reseeded for a resume at `start`) and, for classification, its prompts;
+    `clock` adds up the time spent waiting for any task's batches."""
     tasks = []
     for index, task in enumerate(config.tasks):
         classification = task.kind == "classification"
@@ -235,11 +245,12 @@ def build_tasks(config: Config, world_size: int, device: torch.device, start: in
             classification=classification, pin_memory=device.type == "cuda",
         )
         if not classification:
-            tasks.append(Task(task, loader, device))
+            tasks.append(Task(task, loader, device, clock))
             continue
         classnames, templates = task_classnames(task), load_templates(task.templates)
         tokens = prompt_tokens(classnames, templates, config.model.context_length).to(device)
-        tasks.append(ClassificationTask(task, loader, device, classnames, tokens, len(templates), config.schedule.seed))
+        tasks.append(ClassificationTask(task, loader, device, classnames, tokens, len(templates), config.schedule.seed,
+                                          clock))
     return tasks
 
 
@@ -308,9 +319,11 @@ def cotrain_step(engine, tasks: list[Task], runs: tuple[int, ...], step: int, co
     return outcome
 
 
-def task_steps(engine, config: Config, session: Session, start: int) -> tuple[Callable[[int], StepOutcome], object]:
-    """The training loop's step function for `tasks:` (resuming at `start`), and the bad-sample counts."""
-    tasks = build_tasks(config, session.world_size, session.device, start)
+def task_steps(engine, config: Config, session: Session, start: int,
+               clock: WaitClock) -> tuple[Callable[[int], StepOutcome], object]:
+    """The training loop's step function for `tasks:` (resuming at `start`), and the bad-sample counts;
+    `clock` adds up the time spent waiting for batches."""
+    tasks = build_tasks(config, session.world_size, session.device, start, clock)
     schedule = TaskSchedule.from_config(config)
     if session.rank == 0:
         unit = "batches" if schedule.accumulates else "steps"

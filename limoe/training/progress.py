@@ -1,4 +1,4 @@
-"""What a training run tells its user: a progress bar, `metrics.jsonl`, TensorBoard, routing logs.
+"""What a training run tells its user: a progress line, `metrics.jsonl`, TensorBoard or W&B, routing logs.
 
 Per-step values stay on the device and are summed over a logging window; they are read (one host
 sync) only every `train.log_every` steps. Losses are averaged over ranks at that point (each term
@@ -8,12 +8,21 @@ progress bar's routing success is rank 0's). Collapse warnings are logged once p
 
 Co-training logs each task's terms as `<task>/<term>`, averaged over the steps that ran the task,
 and routing statistics for each task besides those of all tasks together (within each stage).
+
+The progress line (open_clip's `Train Epoch … Data (t) Batch (t) LR` line): on a terminal the
+fields follow the progress bar; without one (a cluster's log file) each `log_every` step prints
+the line whole, with the step, so the file holds lines and not carriage-return redraws. The
+reporter is a context manager: inside it log lines (collapse warnings, …) are written above
+the bar instead of glued to it, and leaving it, however, closes the bar first, so an error
+printed after it stands on its own line and stays the last one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,10 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from limoe.config import MODALITIES, Config
 from limoe.files import open_for_append
 from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
+from limoe.training.device_batches import WaitClock
+from limoe.training.report_to import ScalarSinks, scalars
 from limoe.training.step import StepOutcome
 from limoe.training.workdir import METRICS
 
@@ -38,8 +50,9 @@ class TrainingReporter:
     (`tasks_seen`, likewise resumed). The bad-sample counts are this process's data loaders'."""
 
     def __init__(self, config: Config, workdir: Path, rank: int, start_step: int, pairs_seen: int = 0,
-                 tasks_seen: Optional[dict] = None):
+                 tasks_seen: Optional[dict] = None, data_clock: Optional[WaitClock] = None):
         self.config = config
+        self.data_clock = data_clock or WaitClock()  # the step functions' batch waits
         self.pairs_seen = pairs_seen
         self.tasks_seen = {task.name: {"steps": 0, "samples": 0, **(tasks_seen or {}).get(task.name, {})}
                            for task in config.tasks}
@@ -51,20 +64,29 @@ class TrainingReporter:
         self.skipped_steps = 0
         self.evaluated = ""  # the last evaluation's headline numbers, kept on the progress line
         self._reset_window()
-        self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", disable=not self.main,
-                        dynamic_ncols=True, unit="step")
+        self.stream = sys.stderr
+        self.terminal = self.stream.isatty()
+        self.bar = tqdm(total=config.train.steps, initial=start_step, desc="train", file=self.stream,
+                        disable=not (self.main and self.terminal), dynamic_ncols=True, unit="step")
         self.metrics = open_for_append(workdir / METRICS) if self.main else None
-        self.tensorboard = None
-        if self.main:
-            from torch.utils.tensorboard import SummaryWriter
+        self.sinks = ScalarSinks(config, workdir) if self.main else None
 
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    def __enter__(self) -> "TrainingReporter":
+        self._log_above_the_bar = contextlib.ExitStack()
+        self._log_above_the_bar.enter_context(logging_redirect_tqdm())  # the root logger's console output
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._log_above_the_bar.close()
+        self.close(failed=kind is not None)
 
     def _reset_window(self) -> None:
         self.window_terms: dict[str, Tensor] = {}
         self.window_counts: dict[str, int] = {}  # steps that reported each term (stages, tasks report their own)
         self.window_pairs = 0
+        self.window_steps = 0
         self.window_start = time.perf_counter()
+        self.data_clock.take()
 
     def progress(self) -> dict:
         """The counters a checkpoint keeps, given back to the reporter of a resumed run."""
@@ -82,6 +104,7 @@ class TrainingReporter:
             self.window_terms[key] = self.window_terms.get(key, 0.0) + value.reshape(())
             self.window_counts[key] = self.window_counts.get(key, 0) + 1
         self.window_pairs += pairs
+        self.window_steps += 1
         self.pairs_seen += pairs
         if stage not in self.routing:
             layers = self.config.model.moe_layers
@@ -110,9 +133,11 @@ class TrainingReporter:
     def _log(self, step: int, lr: float, bad_samples) -> None:
         means = self._window_means()
         seconds = time.perf_counter() - self.window_start
+        data_seconds = self.data_clock.take()
         success = self._routing_success()
         record = {
             "step": step, "lr": lr, "pairs_per_s": self.window_pairs / seconds,
+            "data_s": data_seconds / self.window_steps, "batch_s": seconds / self.window_steps,
             "pairs_seen": self.pairs_seen, **({"tasks_seen": self.tasks_seen} if self.tasks_seen else {}), **means,
             "skipped_steps": self.skipped_steps,
             "bad_samples": bad_samples.bad, "samples_read_this_process": bad_samples.seen,
@@ -121,14 +146,26 @@ class TrainingReporter:
         self._reset_window()
         if not self.main:
             return
+        fields = self._progress_fields(record, means, success)
+        if self.terminal:
+            self.bar.set_postfix_str(fields)
+        else:
+            total = self.config.train.steps
+            print(f"Train step {step}/{total} ({step / total:.0%})  {fields}", file=self.stream, flush=True)
+        self._write(record, step, {
+            **scalars({key: value for key, value in record.items() if key not in ("step", "bad_samples")}, "train"),
+            **{f"data/bad_{reason}": count for reason, count in record["bad_samples"].items()},
+        })
+
+    def _progress_fields(self, record: dict, means: dict[str, float], success: dict) -> str:
+        """The window's timings (per step: waiting for data, whole step), LR, losses, throughput,
+        routing success and the last evaluation's headline, as open_clip's log line has them."""
         tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_names if f"{name}/loss" in means)
         unit = "samples" if self.task_names else "pairs"
-        self.bar.set_postfix_str(
-            f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  "
-            f"routed img/txt " + "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
-            + self.evaluated
-        )
-        self._write(record, step)
+        routed = "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
+        return (f"Data (t) {record['data_s']:.3f}s  Batch (t) {record['batch_s']:.3f}s  LR {record['lr']:.3e}  "
+                f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  routed img/txt {routed}"
+                + self.evaluated)
 
     def _routing_success(self) -> dict:
         layers = [layer for routing in self.routing.values() for layer in routing.statistics()["layers"]]  # this rank
@@ -148,8 +185,10 @@ class TrainingReporter:
                        for task, accumulator in self.task_routing[stage].items()}
             if not self.main or not stats["layers"]:
                 continue
+            within = f"/{stage}" if stage else ""
             self._write({"step": step, **({"stage": stage} if stage else {}), "routing": stats,
-                         **({"routing_by_task": by_task} if by_task else {})}, step)
+                         **({"routing_by_task": by_task} if by_task else {})}, step,
+                        {**scalars(stats, f"routing{within}"), **scalars(by_task, f"routing_by_task{within}")})
             during = f" ({stage})" if stage else ""
             log.info("routing at step %d%s\n%s", step, during, format_summary_table(stats))
             for task, task_stats in by_task.items():
@@ -167,25 +206,18 @@ class TrainingReporter:
         accumulator.reset()
         return stats
 
-    def _write(self, record: dict, step: int) -> None:
+    def _write(self, record: dict, step: int, values: dict[str, float]) -> None:
+        """`record` as a metrics.jsonl line and `values`, its scalars, to `train.report_to`."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
-        for key, value in record.get("bad_samples", {}).items():
-            self.tensorboard.add_scalar(f"data/bad_{key}", value, step)
+        self.sinks.log(values, step)
 
     def evaluation(self, step: int, results: dict) -> None:
-        """Record the evaluation at `step` ({set: metrics}): a metrics.jsonl line, TensorBoard
-        scalars eval/<set>/<metric>, and its headline numbers on the progress line from now on."""
+        """Record the evaluation at `step` ({set: metrics}): a metrics.jsonl line, scalars
+        eval/<set>/<metric>, and its headline numbers on the progress line from now on."""
         if not self.main:
             return
-        self._write({"step": step, "eval": results}, step)
-        for name, metrics in results.items():
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"eval/{name}/{key}", value, step)
+        self._write({"step": step, "eval": results}, step, scalars(results, "eval"))
         headline = []
         if "zeroshot" in results:
             headline.append(f"zero-shot top-1 {results['zeroshot']['top1']:.1%}")
@@ -200,8 +232,17 @@ class TrainingReporter:
             log.warning("step %d: the loss is not finite; skipped the update (%d skipped so far)",
                         step + 1, self.skipped_steps)
 
-    def close(self) -> None:
+    def close_bar(self) -> None:
+        """Training is over: the bar ends its line before the final report prints below it."""
         self.bar.close()
+
+    def final(self, metrics: dict) -> None:
+        """The end-of-run report (final_metrics.json's numbers) as scalars final/… at the last step."""
+        if self.main:
+            self.sinks.log(scalars(metrics, "final"), self.config.train.steps)
+
+    def close(self, failed: bool = False) -> None:
+        self.close_bar()  # (again: closing a closed bar does nothing)
         if self.main:
             self.metrics.close()
-            self.tensorboard.close()
+            self.sinks.close(failed)

@@ -34,16 +34,17 @@ from limoe.checkpoints.store import has_checkpoints
 from limoe.checkpoints.warm_start import check_init_from, warm_start
 from limoe.config import Config, dump_config
 from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
-from limoe.distributed import ExpertSharding, init_process_group, resolve_device
+from limoe.distributed import ExpertSharding, any_process, init_process_group, resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write, refuse_overwriting_inputs
 from limoe.model.tower import Limoe, build_model
 from limoe.training.deepspeed_config import deepspeed_config
-from limoe.training.device_batches import DeviceBatches
+from limoe.training.device_batches import DeviceBatches, WaitClock
 from limoe.training.evaluation import check_eval_sets, evaluate_live
 from limoe.training.progress import TrainingReporter
+from limoe.training.report_to import check_report_to
 from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, micro_batch_size, train_step
-from limoe.training.workdir import check_same_architecture, keep_metrics_until, locked_workdir
+from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until, locked_workdir
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
@@ -207,6 +208,7 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
         for source in config.data.train:  # a missing shard path fails here, before anything is built
             expand_shards(source.shards)
     check_eval_sets(config)
+    check_report_to(config)
     if not has_checkpoints(workdir):  # a fresh run: a bad train.init_from fails here, before the workdir is touched
         check_init_from(config)
     session = start_session(config)
@@ -214,6 +216,7 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
         from limoe.training import cotraining
 
         cotraining.check_tasks(config, session.world_size)
+    micro_batch_size(config, session.world_size)  # whole routing groups, before the workdir is touched
     check_memory_plan(config, session)
     largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
     check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers)
@@ -239,10 +242,11 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
         keep_metrics_until(workdir, start)
     if start >= config.train.steps:
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)
+    data_clock = WaitClock()
     if config.tasks:
         from limoe.training import cotraining
 
-        run_step, bad_samples = cotraining.task_steps(engine, config, session, start)
+        run_step, bad_samples = cotraining.task_steps(engine, config, session, start, data_clock)
     else:
         loader = train_loader(
             config.data.train, config.train.batch_size // session.world_size, config.model.image_size,
@@ -250,18 +254,41 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
             seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
             pin_memory=session.device.type == "cuda",
         )
-        run_step, bad_samples = _pair_steps(engine, loader, config, session), loader.bad_samples
+        run_step, bad_samples = _pair_steps(engine, loader, config, session, data_clock), loader.bad_samples
     # Checkpoints written before pairs were counted: assume today's batch size throughout.
-    reporter = TrainingReporter(config, workdir, session.rank, start,
-                                state.get("pairs_seen", start * config.train.batch_size), state.get("tasks", {}))
-    _loop(engine, run_step, bad_samples, config, workdir, reporter, start)
-    reporter.close()
-    return finish(config, workdir, session, report)
+    pairs_seen = state.get("pairs_seen", start * config.train.batch_size)
+    with TrainingReporter(config, workdir, session.rank, start, pairs_seen, state.get("tasks", {}),
+                          data_clock) as reporter:
+        if resume is not None:
+            _evaluate_if_unrecorded(engine, config, workdir, session, reporter, start)
+        _loop(engine, run_step, bad_samples, config, workdir, reporter, start)
+        reporter.close_bar()
+        metrics = finish(config, workdir, session, report)
+        reporter.final(metrics)
+    return metrics
 
 
-def _pair_steps(engine, loader, config: Config, session: Session) -> Callable[[int], StepOutcome]:
-    """Training on `data.train`: each step one batch of pairs."""
-    batches = iter(DeviceBatches(loader, session.device))
+def evaluation_due(step: int, config: Config) -> bool:
+    """Whether evaluation during training runs after `step`: every train.eval_every steps and at the last."""
+    return bool(config.train.eval_every) and (step % config.train.eval_every == 0 or step == config.train.steps)
+
+
+def _evaluate_if_unrecorded(engine, config: Config, workdir: Path, session: Session, reporter, step: int) -> None:
+    """Evaluate the resumed checkpoint's own step when its evaluation was due and metrics.jsonl has no
+    record of it: a kill after the checkpoint was published and before the evaluation was written
+    leaves exactly that. The model loaded is that step's, so its numbers are what the killed run
+    would have logged; earlier steps' models are gone, so a missing earlier record stays missing."""
+    if not evaluation_due(step, config):
+        return
+    if any_process(session.rank == 0 and step not in evaluated_steps(workdir)):
+        log.warning("step %d: its evaluation was not recorded before the run stopped; evaluating it now", step)
+        reporter.evaluation(step, evaluate_live(engine.module.model, config))
+
+
+def _pair_steps(engine, loader, config: Config, session: Session,
+                data_clock: WaitClock) -> Callable[[int], StepOutcome]:
+    """Training on `data.train`: each step one batch of pairs (`data_clock` adds up the waits for them)."""
+    batches = iter(DeviceBatches(loader, session.device, data_clock))
 
     def run(step: int) -> StepOutcome:
         images, tokens = next(batches)
@@ -292,7 +319,7 @@ def _loop(engine, run_step: Callable[[int], StepOutcome], bad_samples, config: C
             _stop_if_nonfinite(terms, step, workdir)
         if checkpoint_due:
             checkpoint.save_training_checkpoint(engine, workdir, step, config, reporter.progress(), engine.module.name)
-        if config.train.eval_every and (step % config.train.eval_every == 0 or step == config.train.steps):
+        if evaluation_due(step, config):
             reporter.evaluation(step, evaluate_live(engine.module.model, config))
 
 

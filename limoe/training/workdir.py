@@ -9,6 +9,8 @@
   settings that do not change the weights (kernel backend, capacity factors, the name) may change.
 - `keep_metrics_until`: after a kill, `metrics.jsonl` may hold steps logged after the checkpoint
   the run resumes from; those are dropped before they are logged again, so each step appears once.
+- `evaluated_steps`: the steps `metrics.jsonl` holds an evaluation record of, so a resumed run can
+  tell whether its checkpoint's evaluation was written before the kill.
 """
 
 from __future__ import annotations
@@ -103,17 +105,26 @@ def keep_metrics_until(workdir: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_bytes().splitlines(keepends=True)
-    kept = [line for line in lines if (logged := _record_step(line)) is not None and logged <= step]
+    kept = [line for line in lines if (record := _record(line)) is not None and record["step"] <= step]
     if kept != lines:
         atomic_write(path, lambda tmp: tmp.write_bytes(b"".join(kept)))
 
 
-def _record_step(line: bytes) -> Optional[int]:
-    """The step of one metrics line, or None for a line that is not a whole record."""
+def evaluated_steps(workdir: Path) -> set[int]:
+    """The steps whose evaluation during training `metrics.jsonl` records (whole lines only)."""
+    path = Path(workdir) / METRICS
+    if not path.is_file():
+        return set()
+    records = (_record(line) for line in path.read_bytes().splitlines(keepends=True))
+    return {record["step"] for record in records if record is not None and "eval" in record}
+
+
+def _record(line: bytes) -> Optional[dict]:
+    """One metrics line as a record with an integer step, or None for a line that is not a whole record."""
     if not line.endswith(b"\n"):
         return None
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None

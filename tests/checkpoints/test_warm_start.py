@@ -93,10 +93,13 @@ def test_a_source_that_does_not_fit_is_one_line_naming_the_tensor(tmp_path, chan
         assert message in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("source", ["nothing.safetensors", "garbage.safetensors", "empty_workdir"])
+@pytest.mark.parametrize("source", ["nothing.safetensors", "garbage.safetensors", "empty_workdir",
+                                    "no_config.safetensors"])
 def test_limoe_train_refuses_a_bad_source_in_one_line_and_leaves_the_workdir_alone(tmp_path, capsys, source):
+    """no_config: the demo model's very tensors, saved without limoe's embedded config."""
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "empty_workdir").mkdir()
+    save_file({k: v.contiguous() for k, v in _model(0).state_dict().items()}, str(tmp_path / "no_config.safetensors"))
     workdir = tmp_path / "run"
     assert main(["train", "--workdir", str(workdir), "--set", f"train.init_from={tmp_path / source}",
                  "--set", "data.workers=0"]) == 2

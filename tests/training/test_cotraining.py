@@ -72,6 +72,11 @@ def test_each_task_reports_its_own_terms_routing_and_learning_rate(cotrain_run):
         assert record["lr"] == pytest.approx(config.optim.lr * lr_multiplier(record["step"], config) * scale)
     events = EventAccumulator(str(cotrain_run / "tensorboard")).Reload()
     assert {"train/pairs/contrastive", "train/subgroups/classification"} <= set(events.Tags()["scalars"])
+    for task, stats in routing[-1]["routing_by_task"].items():  # each task's routing, per layer and modality
+        for layer in stats["layers"]:
+            tag = f"routing_by_task/{task}/block{layer['block']}/image/routing_success"
+            logged = {event.step: event.value for event in events.Scalars(tag)}
+            assert logged[routing[-1]["step"]] == pytest.approx(layer["image"]["routing_success"], rel=1e-6), tag
 
 
 class _Killed(BaseException):
@@ -226,6 +231,14 @@ def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit
     monkeypatch.setattr("limoe.training.trainer.start_session", two_ranks)
     assert _train(tmp_path, _config_file(tmp_path), "tasks.1.batch_size=5") == 2
     assert "task 'subgroups': batch_size 5 does not split over the 2 processes" in _one_line_error(capsys)
+
+
+def test_a_contrastive_task_batch_of_partial_routing_groups_is_one_line_and_exit_2(tmp_path, capsys):
+    """Groups of 8 (limoe-tiny): 12 pairs would be spread evenly over ceil(12/8) = 2 groups of 6."""
+    assert _train(tmp_path, _config_file(tmp_path), "tasks.0.batch_size=12") == 2
+    assert ("task 'pairs': batch_size 12 gives 12 examples per GPU, not a multiple of model.moe.group_size 8: they "
+            "would be routed in 2 groups of 6. Use a multiple of 8 such as 8 or 16." in _one_line_error(capsys))
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_cotraining_workdir_resumes_only_with_its_tasks(cotrain_run, capsys):

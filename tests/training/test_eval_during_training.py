@@ -82,3 +82,24 @@ def test_a_bad_evaluation_set_fails_before_training(tmp_path, capsys, override, 
 def test_eval_every_without_a_set_is_refused(tmp_path, capsys):
     assert main(["train", "--workdir", str(tmp_path / "run"), "--set", "train.eval_every=10"]) == 2
     assert "eval.zeroshot.data or eval.retrieval" in capsys.readouterr().err
+
+
+def test_an_evaluation_lost_to_a_kill_is_run_on_resume_once(tmp_path):
+    """A kill during step 4's evaluation, after its checkpoint was published, leaves metrics.jsonl
+    without that record (and no export): the resumed run evaluates the checkpoint it loads, which
+    is step 4's model, and logs what the killed run would have logged; a further run adds nothing."""
+    workdir = tmp_path / "run"
+    args = _train_args(workdir, "eval.zeroshot.data=null")  # retrieval alone keeps it short
+    assert main(args) == 0
+    recorded = _logged_evaluations(workdir)
+    assert sorted(recorded) == [2, 4]
+    metrics = workdir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(line for line in lines if not ('"eval"' in line and json.loads(line)["step"] == 4)))
+    for output in ("model.safetensors", "final_metrics.json"):
+        (workdir / output).unlink()
+    for _ in range(2):
+        assert main(args) == 0
+        evaluations = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
+        assert [record["step"] for record in evaluations] == [2, 4]
+        assert evaluations[1]["eval"] == recorded[4]

@@ -102,11 +102,16 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, capsys):
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("train.steps=three", "'train.steps' must be of type int"),
     ("train.batch_size=10000000", "GiB of host memory"),  # within its range, beyond any machine at 64 px
+    # routing groups of 8 (limoe-tiny): 30 examples go into ceil(30/8) = 4 groups of ceil(30/4) = 8, 32 slots
+    ("train.batch_size=30", "train.batch_size 30 gives 30 examples per GPU, not a multiple of model.moe.group_size 8"
+                            ": they would be routed in 4 groups of 8 with 2 empty examples as padding. Use a multiple "
+                            "of 8 such as 24 or 32."),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, message):
+def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(tmp_path, capsys, override, message):
     assert main(_args(tmp_path / "run", override)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("contrastive, layout", [("clip", "safetensors"), ("siglip", "hf")])
