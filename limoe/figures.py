@@ -87,8 +87,8 @@ def measure(figure: Figure, root: Path) -> dict:
         results = figure.results(Path(scratch), finished.stdout)
     return {"figure": figure.name, "command": figure.what, "date": datetime.date.today().isoformat(),
             "commit": _commit(root), "cores": os.cpu_count(), "load_before": round(load_before, 2),
-            "wall_s": round(wall, 1), "user_s": round(children_after.ru_utime - children_before.ru_utime, 1),
-            "system_s": round(children_after.ru_stime - children_before.ru_stime, 1), "results": results}
+            "wall_s": round(wall, 2), "user_s": round(children_after.ru_utime - children_before.ru_utime, 2),
+            "system_s": round(children_after.ru_stime - children_before.ru_stime, 2), "results": results}
 
 
 def _commit(root: Path) -> Optional[str]:
@@ -172,7 +172,24 @@ def _test_time(record: dict) -> str:
             f"`python -m limoe.figures record tests`)")
 
 
+def _start_up(record: dict) -> str:
+    return (f"{record['user_s']:.2f} s user, {record['wall_s']:.2f} s wall ({conditions(record)}; "
+            f"`python -m limoe.figures record {record['figure']}`)")
+
+
+def _command(*args: str) -> Callable[[Path], list[str]]:
+    """The installed `limoe` command beside this interpreter, with `args`."""
+    return lambda scratch: [str(Path(sys.executable).parent / "limoe"), *args]
+
+
+def _nothing(scratch: Path, stdout: str) -> dict:
+    return {}
+
+
 FIGURES = {figure.name: figure for figure in (
+    Figure("help", "limoe --help", _command("--help"), _nothing, {"time": _start_up}),
+    Figure("eval-help", "limoe eval --help", _command("eval", "--help"), _nothing, {"time": _start_up}),
+    Figure("info", "limoe info limoe-tiny", _command("info", "limoe-tiny"), _nothing, {"time": _start_up}),
     Figure("demo", "limoe train", lambda scratch: [sys.executable, "-m", "limoe", "train", "--workdir",
                                                    str(scratch / "demo")],
            _demo_results, {"time": _demo_time, "retrieval": _demo_retrieval}),
