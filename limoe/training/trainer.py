@@ -247,7 +247,7 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
             config.data.train, config.train.batch_size // session.world_size, config.model.image_size,
             config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
             seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
-            pin_memory=session.device.type == "cuda",
+            pin_memory=session.device.type == "cuda", resize_on=config.data.resize_on,
         )
         run_step, bad_samples = _pair_steps(engine, loader, config, session), loader.bad_samples
     # Checkpoints written before pairs were counted: assume today's batch size throughout.

@@ -24,7 +24,8 @@ from limoe.data.pipeline import (
     read_classnames,
     train_loader,
 )
-from limoe.data.preprocess import image_transform, normalise, train_transform
+from limoe.data.crops import crop_in_worker, draw_box, stack_crops
+from limoe.data.preprocess import image_transform, normalise
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -188,9 +189,17 @@ def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_giv
     torch.manual_seed(5)  # the random crop
     expected = image_transform(32, train=True)(image)  # [3, 32, 32] float32, normalised
     torch.manual_seed(5)
-    cropped = train_transform(32)(image)  # [3, 32, 32] uint8
+    cropped = stack_crops([crop_in_worker(image, draw_box(image, 32), 32)])  # [1, 3, 32, 32] uint8
     assert cropped.dtype == torch.uint8
-    assert torch.equal(normalise(cropped[None])[0], expected)
+    assert torch.equal(normalise(cropped)[0], expected)
+
+
+def test_eval_images_are_exactly_open_clips_eval_transform(tmp_path):
+    samples = [_good(f"k{i}", seed=i) for i in range(3)]
+    shard = _write_shard(tmp_path / "eval.tar", samples)
+    batch = next(iter(eval_loader(shard, 3, 15, CONTEXT, 0)))
+    expected = torch.stack([image_transform(15, train=False)(Image.open(io.BytesIO(s["jpg"]))) for s in samples])
+    assert batch.images.dtype == torch.float32 and torch.equal(batch.images, expected)
 
 
 def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):

@@ -1,0 +1,107 @@
+"""Training crops resized on the device against the same boxes resized in the worker, image by image."""
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image, ImageFilter
+
+from limoe.config import ShardSource
+from limoe.data.crops import crop_in_worker, crop_on_device, draw_box, min_decoded_side, region_around, uncropped_batch
+from limoe.data.images import decode_rgb
+from limoe.data.pipeline import train_loader
+from limoe.training.device_batches import DeviceBatches
+
+SIZES = [(61, 47), (83, 90), (50, 50), (129, 71), (40, 33)]  # odd, landscape and portrait, up to 4x the crop
+CROP = 31
+# The two resizes differ (PIL: antialiased bicubic; roi_align: area average of bilinear samples).
+MEAN_LEVELS = 1.0  # most mean absolute difference per image, in grey levels of 255 (measured: 0.3-0.5)
+MIN_PSNR = 40.0  # dB (measured: 50-54)
+
+
+def _photo(size: tuple[int, int], seed: int) -> Image.Image:
+    """Smooth colour fields with a little grain, as photos are (pure noise has no content to keep)."""
+    generator = np.random.default_rng(seed)
+    coarse = Image.fromarray(generator.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    image = coarse.resize(size, Image.Resampling.BICUBIC)
+    grain = Image.effect_noise(size, 20).convert("RGB").filter(ImageFilter.GaussianBlur(0.6))
+    return Image.blend(image, grain, 0.1)
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _differences(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean absolute difference in grey levels, PSNR in dB) of two uint8 images."""
+    difference = a.astype(np.float64) - b.astype(np.float64)
+    return float(np.abs(difference).mean()), float(10 * np.log10(255**2 / max((difference**2).mean(), 1e-12)))
+
+
+def test_device_crops_match_worker_crops_of_the_same_boxes_image_by_image():
+    photos = [_photo(size, seed) for seed, size in enumerate(SIZES)]
+    torch.manual_seed(0)
+    boxes = [draw_box(photo, CROP) for photo in photos]
+    regions, region_boxes = zip(*(region_around(photo, box) for photo, box in zip(photos, boxes)))
+    on_device = crop_on_device(uncropped_batch(list(regions), list(region_boxes), CROP))  # [5, 3, 31, 31] uint8
+    assert on_device.shape == (len(SIZES), 3, CROP, CROP) and on_device.dtype == torch.uint8
+    for photo, box, crop in zip(photos, boxes, on_device):
+        expected = crop_in_worker(photo, box, CROP)  # [31, 31, 3]
+        mean, psnr = _differences(crop.permute(1, 2, 0).numpy(), expected)
+        assert mean <= MEAN_LEVELS and psnr >= MIN_PSNR, (photo.size, box, mean, psnr)
+        # the tolerance tells boxes apart: the same crop two pixels to the right is well outside it
+        shifted = crop_in_worker(photo, box._replace(left=box.left + 2), CROP)
+        assert _differences(crop.permute(1, 2, 0).numpy(), shifted)[0] > 2 * MEAN_LEVELS
+
+
+def test_padding_a_region_to_the_batch_size_does_not_change_its_crop():
+    """A box at the far corner of a small region samples the region's edge, never the padding."""
+    small, large = np.asarray(_photo((23, 19), 1)), np.asarray(_photo((70, 64), 2))
+    corner = (5.0, 4.0, 23.0, 19.0)  # (x0, y0, x1, y1): to the region's right and bottom edges
+    alone = crop_on_device(uncropped_batch([small], [corner], 13))
+    batched = crop_on_device(uncropped_batch([small, large], [corner, (0.0, 0.0, 70.0, 64.0)], 13))
+    assert torch.equal(batched[0], alone[0])
+
+
+def test_the_loader_gives_the_same_images_with_either_resize(tmp_path):
+    """The same seed draws the same boxes; the main process crops them when resize_on is device."""
+    shard = str(tmp_path / "00000.tar")
+    with wds.TarWriter(shard) as writer:
+        for index, size in enumerate(SIZES * 2):
+            writer.write({"__key__": f"{index:04d}", "jpg": _jpeg(_photo(size, index)), "txt": f"photo {index}"})
+
+    def batches(resize_on: str) -> list:
+        torch.manual_seed(7)
+        loader = train_loader((ShardSource(shard),), 4, CROP, 16, 0, 1, False, 0, 0.0, resize_on=resize_on)
+        return list(itertools.islice(DeviceBatches(loader, torch.device("cpu")), 2))
+
+    for worker, device in zip(batches("worker"), batches("device")):
+        assert torch.equal(worker.tokens, device.tokens)
+        assert device.images.shape == worker.images.shape == (4, 3, CROP, CROP)
+        for a, b in zip(worker.images, device.images):
+            mean, psnr = _differences(a.numpy(), b.numpy())
+            assert mean <= MEAN_LEVELS and psnr >= MIN_PSNR
+
+
+@pytest.mark.parametrize("fmt, decoded", [("JPEG", (200, 150)), ("PNG", (134, 100))])
+def test_a_large_image_is_decoded_at_a_reduced_scale(fmt, decoded):
+    """800 x 600 for a shorter side of 100: a JPEG by its DCT (1/4, the largest power of two that
+    keeps 100), any other format by an integer box filter (1/6, rounding up); the pixels are the image's."""
+    photo = _photo((800, 600), 3)
+    buffer = io.BytesIO()
+    photo.save(buffer, format=fmt, quality=95)
+    reduced = decode_rgb(io.BytesIO(buffer.getvalue()), min_side=100)
+    assert reduced.size == decoded
+    expected = np.asarray(photo.resize(decoded, Image.Resampling.BOX))
+    assert _differences(np.asarray(reduced), expected)[1] >= 30
+    assert decode_rgb(io.BytesIO(buffer.getvalue()), min_side=301).size == (800, 600)  # less than 2x: kept
+
+
+def test_the_smallest_random_crop_of_a_reduced_image_keeps_the_crop_resolution():
+    """Scale 0.9 of the area at aspect 3/4 spans sqrt(0.9 * 3/4) of the side: 224 / 0.8216 = 272.6."""
+    assert min_decoded_side(224) == 273
