@@ -1,7 +1,7 @@
 """Where training images are cropped and resized: in the data worker, or on the device.
 
 The crop is open_clip's `RandomResizedCrop` (scale 0.9–1, aspect 3/4–4/3, bicubic with
-antialiasing), drawn by its own `get_params`, so both places crop the same distribution of boxes.
+antialiasing); `draw_box` draws its boxes from the same distribution, and both places crop them.
 
 - `data.resize_on: worker`: the worker resizes each box with PIL (`crop_in_worker`), exactly
   open_clip's training transform, and batches [B, 3, S, S] uint8.
@@ -63,10 +63,26 @@ def min_decoded_side(image_size: int) -> int:
     return math.ceil(image_size / math.sqrt(crop.scale[0] * crop.ratio[0]))
 
 
-def draw_box(image: Image.Image, image_size: int) -> Box:
-    """A random crop of `image`, from the torch generator, as open_clip's training transform draws it."""
+def draw_box(image: Image.Image, image_size: int, tries: int = 10) -> Box:
+    """A random crop of `image` from the distribution of RandomResizedCrop.get_params (its `tries`
+    draws of area and log-aspect, then a uniform position, else its central fallback), with all
+    the torch generator's numbers drawn in one call: get_params's per-number tensor calls cost
+    about as much as decoding a 256 px JPEG."""
     crop = _random_resized_crop(image_size)
-    return Box(*crop.get_params(image, crop.scale, crop.ratio))
+    width, height = image.size
+    (low, high), (log_low, log_high) = crop.scale, (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
+    for u_area, u_aspect, u_top, u_left in torch.rand(tries, 4, dtype=torch.float64).tolist():
+        area = width * height * (low + u_area * (high - low))
+        aspect = math.exp(log_low + u_aspect * (log_high - log_low))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return Box(int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w)
+    w, h = width, height  # the central crop closest to the allowed aspect ratios
+    if width / height < min(crop.ratio):
+        h = round(w / min(crop.ratio))
+    elif width / height > max(crop.ratio):
+        w = round(h * max(crop.ratio))
+    return Box((height - h) // 2, (width - w) // 2, h, w)
 
 
 def crop_in_worker(image: Image.Image, box: Box, image_size: int) -> np.ndarray:

@@ -59,6 +59,7 @@ from limoe.data.crops import (
 from limoe.data.preprocess import eval_crop, normalise, tokenizer
 from limoe.data.images import UnusableImage, decode_rgb
 from limoe.data.sources import mixing_weights
+from limoe.data.tar_members import shard_samples
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def require_labels(spec: str) -> None:
     if REMOTE.match(first):
         return
     try:
-        sample = next(iter(wds.tarfile_samples([{"url": first}])), None)
+        sample = next(iter(shard_samples(first)), None)
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
         return  # an unreadable shard is the loader's to count as bad data
     if sample is None or "cls" not in sample:
@@ -295,7 +296,7 @@ def _shard_samples(url: str, tally: WorkerTally) -> Iterator[dict]:
     """Raw samples of one shard; a shard that cannot be read to the end counts as one bad sample."""
     key = "(none yet)"
     try:
-        for sample in wds.tarfile_samples([{"url": url}]):
+        for sample in shard_samples(url):
             key = sample["__key__"]
             tally.raw += 1
             yield sample

@@ -35,9 +35,9 @@ def _tensors(batch: tuple) -> Iterator[torch.Tensor]:
             yield item
 
 
-def _to(batch: tuple, device: torch.device) -> tuple:
+def to_device(batch: tuple, device: torch.device) -> tuple:
     """The batch's tensors (in nested tuples too) copied to `device` without blocking the host."""
-    return type(batch)(*(_to(item, device) if isinstance(item, tuple) else
+    return type(batch)(*(to_device(item, device) if isinstance(item, tuple) else
                          item.to(device, non_blocking=True) if isinstance(item, torch.Tensor) else item
                          for item in batch))
 
@@ -57,7 +57,7 @@ class DeviceBatches:
 
         def copy(batch: Batch) -> Batch:
             with torch.cuda.stream(copies):
-                return _to(batch, self.device)
+                return to_device(batch, self.device)
 
         ahead = copy(next(batches))
         for batch in batches:
