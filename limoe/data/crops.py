@@ -63,6 +63,13 @@ def min_decoded_side(image_size: int) -> int:
     return math.ceil(image_size / math.sqrt(crop.scale[0] * crop.ratio[0]))
 
 
+def largest_region_side(image_size: int) -> int:
+    """A bound on the side of the pixels a device crop ships, for memory checks: a decoded image's
+    shorter side stays below twice `min_decoded_side` (`decode_rgb` reduces it otherwise), a box's
+    longer side is at most 4/3 of its shorter one, and a region adds a pixel on each side."""
+    return math.ceil(4 / 3 * 2 * min_decoded_side(image_size)) + 2
+
+
 def draw_box(image: Image.Image, image_size: int, tries: int = 10) -> Box:
     """A random crop of `image` from the distribution of RandomResizedCrop.get_params (its `tries`
     draws of area and log-aspect, then a uniform position, else its central fallback), with all

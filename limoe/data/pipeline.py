@@ -54,7 +54,8 @@ from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
-    Uncropped, crop_in_worker, draw_box, min_decoded_side, region_around, stack_crops, uncropped_batch,
+    Uncropped, crop_in_worker, draw_box, largest_region_side, min_decoded_side, region_around, stack_crops,
+    uncropped_batch,
 )
 from limoe.data.preprocess import eval_crop, normalise, tokenizer
 from limoe.data.images import UnusableImage, decode_rgb
@@ -448,11 +449,14 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
     return rank_and_world()
 
 
-def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -> None:
+def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
+                               resize_on: Literal["worker", "device"] = "worker") -> None:
     """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
     this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
-    more is being trained on and one collated (two with no workers)."""
-    batch_bytes = batch_size * 3 * image_size * image_size  # uint8 [B, 3, S, S], as training batches travel
+    more is being trained on and one collated (two with no workers). Uncropped batches
+    (resize_on="device") are counted at the largest region they can carry."""
+    side = largest_region_side(image_size) if resize_on == "device" else image_size
+    batch_bytes = batch_size * 3 * side * side  # uint8 [B, 3, S, S] as training batches travel, or [B, H, W, 3]
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
     needed = batch_bytes * in_flight * processes_here
@@ -461,8 +465,8 @@ def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -
         raise LimoeError(
             f"train.batch_size gives {batch_size} pairs per process, whose images alone need {needed / 2**30:.3g} GiB "
             f"of host memory ({in_flight} batches in flight with data.workers {workers}, x {processes_here} "
-            f"processes on this machine), more than its {available / 2**30:.0f} GiB; lower train.batch_size or "
-            f"spread it over more machines."
+            f"processes on this machine{', uncropped for data.resize_on device' if resize_on == 'device' else ''}), "
+            f"more than its {available / 2**30:.0f} GiB; lower train.batch_size or spread it over more machines."
         )
 
 

@@ -46,8 +46,9 @@ def tar_members(stream: BinaryIO, url: str) -> Iterator[dict]:
         header = _read(stream, BLOCK, allow_end=True)
         if not header.strip(b"\0"):  # the end-of-archive zero block, or the end of the stream
             return
-        if int(tarfile.nti(header[148:156])) not in tarfile.calc_chksums(header):
-            raise tarfile.ReadError(f"bad tar header checksum in {url}")
+        checksum = tarfile.nti(header[148:156])
+        if checksum != sum(header[:148]) + sum(header[156:]) + 256 and checksum not in tarfile.calc_chksums(header):
+            raise tarfile.ReadError(f"bad tar header checksum in {url}")  # (the unsigned sum is the usual one)
         kind = header[156:157]
         length = size if size is not None else tarfile.nti(header[124:136])
         data = _read(stream, length)

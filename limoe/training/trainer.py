@@ -215,7 +215,8 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
         cotraining.check_tasks(config, session.world_size)
     check_memory_plan(config, session)
     largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
-    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers)
+    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers,
+                               config.data.resize_on)
     with locked_workdir(workdir, session.rank):
         return _train_in(config, workdir, session, objective, report)
 

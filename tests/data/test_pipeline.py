@@ -4,6 +4,7 @@ import collections
 import io
 import itertools
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -323,6 +324,19 @@ def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
                                          r"images alone need .* GiB of host memory"):
         check_batch_fits_in_memory(10**21, 224, 2)
     check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 0.65 GiB
+
+
+def test_uncropped_batches_are_counted_at_the_largest_region_they_carry(monkeypatch):
+    """At 224 px, regions are at most 4/3 x 2 x 273 + 2 = 730 px a side: 16384 pairs with two
+    workers (6 batches in flight) need 6 x 16384 x 3 x 224^2 B = 13.8 GiB cropped in the worker,
+    and 6 x 16384 x 3 x 730^2 B = 146 GiB uncropped, more than 64 GiB."""
+    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**30 // 4096}.__getitem__)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    check_batch_fits_in_memory(16384, 224, 2, "worker")
+    with pytest.raises(LimoeError, match=r"need 146 GiB of host memory \(6 batches in flight with data.workers 2, "
+                                         r"x 1 processes on this machine, uncropped for data.resize_on device\)"):
+        check_batch_fits_in_memory(16384, 224, 2, "device")
 
 
 def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):
