@@ -8,11 +8,12 @@ antialiasing); `draw_box` draws its boxes from the same distribution, and both p
 - `data.resize_on: device`: the worker only decodes and draws the box. The batch carries the
   pixels around each box (`Uncropped`: padded to a common size, the last row and column repeated)
   and the boxes; `crop_on_device` resizes them all with one `torchvision.ops.roi_align` on the GPU
-  (on a CPU-only run, in the main process) and hands back the same [B, 3, S, S] uint8. A resize is
-  about 40% of a worker's time at 224 px, which moves off the CPU.
+  (on a CPU-only run, in the main process, where it costs several times PIL's resize) and hands
+  back the same [B, 3, S, S] uint8. A resize is about 40% of a worker's time at 224 px, which
+  moves off the CPU.
 
 The two resizes are not the same filter: roi_align averages ⌈box/S⌉² bilinear samples per output
-pixel (area averaging that antialiases a downscale), PIL's is an antialiased bicubic. On photos the
+pixel (area averaging that antialiases a downscale), PIL's is an antialiased bicubic. On photo-like images the
 crops of the same box differ by under 1 grey level on average (of 255) and by a few levels at
 most, a PSNR above 40 dB; `tests/data/test_crops.py` checks this image by image.
 """
