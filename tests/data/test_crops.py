@@ -69,19 +69,25 @@ def test_padding_a_region_to_the_batch_size_does_not_change_its_crop():
     assert torch.equal(batched[0], alone[0])
 
 
-def test_the_loader_gives_the_same_images_with_either_resize(tmp_path):
-    """The same seed draws the same boxes; the main process crops them when resize_on is device."""
-    shard = str(tmp_path / "00000.tar")
+def _photo_shard(folder) -> str:
+    shard = str(folder / "00000.tar")
     with wds.TarWriter(shard) as writer:
         for index, size in enumerate(SIZES * 2):
             writer.write({"__key__": f"{index:04d}", "jpg": _jpeg(_photo(size, index)), "txt": f"photo {index}"})
+    return shard
 
-    def batches(resize_on: str) -> list:
-        torch.manual_seed(7)
-        loader = train_loader((ShardSource(shard),), 4, CROP, 16, 0, 1, False, 0, 0.0, resize_on=resize_on)
-        return list(itertools.islice(DeviceBatches(loader, torch.device("cpu")), 2))
 
-    for worker, device in zip(batches("worker"), batches("device")):
+def _batches(shard: str, resize_on: str, device: str) -> list:
+    """The first two training batches as a step gets them, from the same seed."""
+    torch.manual_seed(7)
+    loader = train_loader((ShardSource(shard),), 4, CROP, 16, 0, 1, False, 0, 0.0, resize_on=resize_on)
+    return list(itertools.islice(DeviceBatches(loader, torch.device(device)), 2))
+
+
+def test_the_loader_gives_the_same_images_with_either_resize(tmp_path):
+    """The same seed draws the same boxes; the main process crops them when resize_on is device."""
+    shard = _photo_shard(tmp_path)
+    for worker, device in zip(_batches(shard, "worker", "cpu"), _batches(shard, "device", "cpu")):
         assert torch.equal(worker.tokens, device.tokens)
         assert device.images.shape == worker.images.shape == (4, 3, CROP, CROP)
         for a, b in zip(worker.images, device.images):
@@ -122,3 +128,14 @@ def test_boxes_come_from_torchvisions_random_resized_crop_distribution(size):
 def test_the_smallest_random_crop_of_a_reduced_image_keeps_the_crop_resolution():
     """Scale 0.9 of the area at aspect 3/4 spans sqrt(0.9 * 3/4) of the side: 224 / 0.8216 = 272.6."""
     assert min_decoded_side(224) == 273
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_batches_crop_on_the_gpu_as_on_the_cpu(tmp_path):
+    """The copy ahead on a side stream, then the crop on the compute stream: the CPU's crops, to
+    roi_align's float rounding (at most one grey level)."""
+    shard = _photo_shard(tmp_path)
+    for cpu, gpu in zip(_batches(shard, "device", "cpu"), _batches(shard, "device", "cuda")):
+        assert gpu.images.is_cuda and gpu.images.dtype == torch.uint8
+        assert (gpu.images.cpu().int() - cpu.images.int()).abs().max() <= 1
+        assert torch.equal(gpu.tokens.cpu(), cpu.tokens)
