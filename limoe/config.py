@@ -243,8 +243,8 @@ class DataConfig:
                                       "[0, 1]")
     resize_on: Literal["worker", "device"] = setting(
         "worker", "where training crops are resized: in the data workers (PIL), or on the device after the copy "
-        "(one batched roi_align; the main process on a CPU-only run), which frees about 40% of a worker's time "
-        "at 224 px")
+        "(batched, with PIL's bicubic weights; the main process on a CPU-only run), which frees about 40% of a "
+        "worker's time at 224 px")
 
     def __post_init__(self):
         if len({source.weight is None for source in self.train}) > 1:

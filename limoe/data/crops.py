@@ -5,17 +5,16 @@ antialiasing); `draw_box` draws its boxes from the same distribution, and both p
 
 - `data.resize_on: worker`: the worker resizes each box with PIL (`crop_in_worker`), exactly
   open_clip's training transform, and batches [B, 3, S, S] uint8.
-- `data.resize_on: device`: the worker only decodes and draws the box. The batch carries the
-  pixels around each box (`Uncropped`: padded to a common size, the last row and column repeated)
-  and the boxes; `crop_on_device` resizes them all with one `torchvision.ops.roi_align` on the GPU
-  (on a CPU-only run, in the main process, where it costs several times PIL's resize) and hands
-  back the same [B, 3, S, S] uint8. A resize is about 40% of a worker's time at 224 px, which
-  moves off the CPU.
+- `data.resize_on: device`: the worker only decodes and draws the box. The batch carries each
+  box's pixels (`Uncropped`, padded to a common size) and their sizes; `crop_on_device` resizes
+  them all on the GPU (on a CPU-only run, in the main process) with two batched matrix products
+  whose weights are PIL's antialiased bicubic ones, and hands back the same [B, 3, S, S] uint8.
+  A resize is about 40% of a worker's time at 224 px, which moves off the CPU.
 
-The two resizes are not the same filter: roi_align averages ⌈box/S⌉² bilinear samples per output
-pixel (area averaging that antialiases a downscale), PIL's is an antialiased bicubic. On photo-like images the
-crops of the same box differ by under 1 grey level on average (of 255) and by a few levels at
-most, a PSNR above 40 dB; `tests/data/test_crops.py` checks this image by image.
+The two resizes are the same filter computed differently: PIL in 8-bit fixed point, a row pass
+rounded to uint8 before the column pass; the device in float32 and rounded once. Crops of the same
+box differ by at most a grey level or two (of 255), a few hundredths on average;
+`tests/data/test_crops.py` checks this image by image.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.ops import roi_align
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
 
@@ -47,8 +45,8 @@ class Box(NamedTuple):
 class Uncropped(NamedTuple):
     """A batch's images before their crop and resize, which `crop_on_device` makes."""
 
-    pixels: Tensor  # [B, H, W, 3] uint8: the region around each box at the top left, edges repeated
-    boxes: Tensor  # [B, 4] float32 (x0, y0, x1, y1) of each crop in its region's pixels
+    pixels: Tensor  # [B, H, W, 3] uint8: each box's pixels at the top left, padded to the largest
+    sizes: Tensor  # [B, 2] int64 (height, width) of each box
     output_size: int  # S: the crops are S × S
 
 
@@ -64,11 +62,11 @@ def min_decoded_side(image_size: int) -> int:
     return math.ceil(image_size / math.sqrt(crop.scale[0] * crop.ratio[0]))
 
 
-def largest_region_side(image_size: int) -> int:
+def largest_box_side(image_size: int) -> int:
     """A bound on the side of the pixels a device crop ships, for memory checks: a decoded image's
     shorter side stays below twice `min_decoded_side` (`decode_rgb` reduces it otherwise), a box's
-    longer side is at most 4/3 of its shorter one, and a region adds a pixel on each side."""
-    return math.ceil(4 / 3 * 2 * min_decoded_side(image_size)) + 2
+    longer side is at most 4/3 of its shorter one."""
+    return math.ceil(4 / 3 * 2 * min_decoded_side(image_size))
 
 
 def draw_box(image: Image.Image, image_size: int, tries: int = 10) -> Box:
@@ -107,39 +105,46 @@ def stack_crops(crops: list[np.ndarray]) -> Tensor:
     return batch
 
 
-def region_around(image: Image.Image, box: Box) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """The pixels a device crop of `box` reads ([h, w, 3] uint8, a view of the decoded image: the
-    box and one pixel around it where the image has one) and the box (x0, y0, x1, y1) in them.
-    Shipping the region rather than the whole image keeps a padded batch small whatever the
-    images' aspect ratios."""
-    top, left = max(box.top - 1, 0), max(box.left - 1, 0)
-    bottom, right = min(box.top + box.height + 1, image.height), min(box.left + box.width + 1, image.width)
-    region = np.asarray(image)[top:bottom, left:right]
-    x0, y0 = box.left - left, box.top - top
-    return region, (x0, y0, x0 + box.width, y0 + box.height)
+def box_pixels(image: Image.Image, box: Box) -> np.ndarray:
+    """[h, w, 3] uint8: the pixels of `box`, which is all a device crop reads (a view of the
+    decoded image). Shipping the box rather than the image keeps a padded batch small whatever
+    the images' aspect ratios."""
+    return np.asarray(image)[box.top : box.top + box.height, box.left : box.left + box.width]
 
 
-def uncropped_batch(regions: list[np.ndarray], boxes: list[tuple], image_size: int) -> Uncropped:
-    """Regions of different sizes in one [B, H, W, 3] uint8 tensor, each copied once. The padding
-    repeats a region's last row and column, so roi_align's bilinear samples at a box's far edge
-    read the image's edge, not zeros."""
-    height, width = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
-    pixels = torch.empty((len(regions), height, width, 3), dtype=torch.uint8)
-    padded = pixels.numpy()  # the same memory
-    for slot, region in zip(padded, regions):
-        h, w = region.shape[:2]
-        slot[:h, :w] = region
-        slot[h:, :w] = region[-1:]
-        slot[:, w:] = slot[:, w - 1 : w]
-    return Uncropped(pixels, torch.tensor(boxes, dtype=torch.float32), image_size)
+def uncropped_batch(boxes: list[np.ndarray], image_size: int) -> Uncropped:
+    """Boxes of different sizes in one [B, H, W, 3] uint8 tensor, each copied once; the padding
+    is left as it is, since the resize gives it zero weight."""
+    height, width = max(b.shape[0] for b in boxes), max(b.shape[1] for b in boxes)
+    pixels = torch.empty((len(boxes), height, width, 3), dtype=torch.uint8)
+    for slot, box in zip(pixels.numpy(), boxes):  # the tensor's memory
+        slot[: box.shape[0], : box.shape[1]] = box
+    return Uncropped(pixels, torch.tensor([b.shape[:2] for b in boxes], dtype=torch.int64), image_size)
 
 
 def crop_on_device(uncropped: Uncropped) -> Tensor:
-    """[B, 3, S, S] uint8 crops, on the device `uncropped` is on, in one batched op."""
+    """[B, 3, S, S] uint8: every box resized to S × S on the device `uncropped` is on, as two
+    batched matrix products (rows, then columns) with PIL's antialiased bicubic weights."""
     pixels = uncropped.pixels.permute(0, 3, 1, 2).float()  # [B, 3, H, W]
-    index = torch.arange(len(pixels), device=pixels.device, dtype=torch.float32)[:, None]  # [B, 1]
-    rois = torch.cat([index, uncropped.boxes], dim=1)  # [B, 5] (image, x0, y0, x1, y1)
     size = uncropped.output_size
-    # aligned: pixel centres at +0.5, as PIL's; sampling_ratio -1: ⌈box/S⌉ samples per output pixel
-    crops = roi_align(pixels, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    rows = _bicubic_weights(uncropped.sizes[:, 0], size, pixels.shape[2])  # [B, S, H]
+    columns = _bicubic_weights(uncropped.sizes[:, 1], size, pixels.shape[3])  # [B, S, W]
+    crops = rows[:, None] @ pixels @ columns.transpose(1, 2)[:, None]  # [B, 3, S, S]
     return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _bicubic_weights(lengths: Tensor, size: int, padded: int) -> Tensor:
+    """[B, size, padded] float32: row i of image b weighs its input pixels j < lengths[b] as PIL's
+    antialiased bicubic resize of lengths[b] pixels to `size` does (Keys' cubic with a = -0.5,
+    stretched by the downscale factor, normalised to sum 1); pixels beyond the box weigh 0."""
+    lengths = lengths.to(torch.float32)[:, None, None]  # [B, 1, 1]
+    scale = lengths / size
+    stretch = scale.clamp(min=1.0)  # antialiasing: the filter widens when downscaling
+    centres = (torch.arange(size, device=lengths.device, dtype=torch.float32)[:, None] + 0.5) * scale  # [B, S, 1]
+    inputs = torch.arange(padded, device=lengths.device, dtype=torch.float32)  # [N]
+    x = ((inputs + 0.5 - centres) / stretch).abs()  # [B, S, N]
+    a = -0.5
+    weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                          torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
+    weights = weights * (inputs < lengths)  # [B, S, N]: nothing from the padding
+    return weights / weights.sum(dim=2, keepdim=True)

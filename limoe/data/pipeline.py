@@ -54,8 +54,7 @@ from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
-    Uncropped, crop_in_worker, draw_box, largest_region_side, min_decoded_side, region_around, stack_crops,
-    uncropped_batch,
+    Uncropped, box_pixels, crop_in_worker, draw_box, largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
 )
 from limoe.data.preprocess import eval_crop, normalise, tokenizer
 from limoe.data.images import UnusableImage, decode_rgb
@@ -321,10 +320,11 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool):
+def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
+             uncropped: bool):
     keys, images, targets = zip(*records)
-    if isinstance(images[0], tuple):  # (region, box): cropped on the device
-        images = uncropped_batch(*zip(*images), image_size)
+    if uncropped:  # each record holds its box's pixels, resized on the device
+        images = uncropped_batch(list(images), image_size)
     else:
         images = stack_crops(images)
         images = images if train else normalise(images)
@@ -366,20 +366,21 @@ class _ShardStream(IterableDataset):
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
         records = ((key, self._prepare(image), target) for key, image, target in self._usable(samples, tally))
         collate = functools.partial(_collate, context_length=self.context_length, image_size=self.image_size,
-                                    train=self.train, classification=self.classification)
+                                    train=self.train, classification=self.classification,
+                                    uncropped=self.train and self.resize_on == "device")
         for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
             yield batch, tally.copy()
         tally.done = True
         yield None, tally.copy()
 
-    def _prepare(self, image: Image.Image) -> Union[np.ndarray, tuple]:
+    def _prepare(self, image: Image.Image) -> np.ndarray:
         """What a batch carries of one decoded image: its [S, S, 3] uint8 crop, or with
-        resize_on="device" the region around its random box and the box."""
+        resize_on="device" the [h, w, 3] uint8 pixels of its random box."""
         if not self.train:
             return np.asarray(eval_crop(self.image_size)(image))
         box = draw_box(image, self.image_size)
         if self.resize_on == "device":
-            return region_around(image, box)
+            return box_pixels(image, box)
         return crop_in_worker(image, box, self.image_size)
 
     def _urls(self, source: int, worker: int, workers: int, rng: random.Random) -> Iterator[str]:
@@ -454,8 +455,8 @@ def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
     """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
     this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
     more is being trained on and one collated (two with no workers). Uncropped batches
-    (resize_on="device") are counted at the largest region they can carry."""
-    side = largest_region_side(image_size) if resize_on == "device" else image_size
+    (resize_on="device") are counted at the largest box they can carry."""
+    side = largest_box_side(image_size) if resize_on == "device" else image_size
     batch_bytes = batch_size * 3 * side * side  # uint8 [B, 3, S, S] as training batches travel, or [B, H, W, 3]
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed

@@ -327,9 +327,9 @@ def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
 
 
 def test_uncropped_batches_are_counted_at_the_largest_region_they_carry(monkeypatch):
-    """At 224 px, regions are at most 4/3 x 2 x 273 + 2 = 730 px a side: 16384 pairs with two
-    workers (6 batches in flight) need 6 x 16384 x 3 x 224^2 B = 13.8 GiB cropped in the worker,
-    and 6 x 16384 x 3 x 730^2 B = 146 GiB uncropped, more than 64 GiB."""
+    """At 224 px, boxes are at most 4/3 x 2 x 273 = 728 px a side: 16384 pairs with two workers
+    (6 batches in flight) need 6 x 16384 x 3 x 224^2 B = 13.8 GiB cropped in the worker, and
+    6 x 16384 x 3 x 728^2 B = 145.6 GiB uncropped, more than 64 GiB."""
     monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**30 // 4096}.__getitem__)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_SIZE", raising=False)
