@@ -1,17 +1,22 @@
-"""How many image-caption pairs per second the training input pipeline delivers on CPU.
+"""How many image-caption pairs per CPU-second one data worker delivers: open_clip's pipeline and limoe's.
 
-Measures `limoe.data.pipeline.train_loader` end to end (read shards, shuffle, decode, random crop and
-normalise, tokenize, batch) on the shipped 64 px demo shards and on a temporary shard of 256 px
-JPEGs cropped to 224 px, the usual ViT input. Reading the result: a GPU step that consumes B
-pairs in t seconds needs B / t pairs/s; divided by the per-worker rate, that is the number of
-data workers (and CPU cores) it needs.
+Three pipelines run side by side in one process, on the same temporary shards of photo-like JPEGs
+cropped to 224 px (the usual ViT input), each with one worker's work done in this process
+(`workers 0`, one torch thread), so pairs per CPU-second of this process is the rate of one
+worker on a core of its own, and robust to other load on the machine:
 
-    python -m limoe.benchmarks.data [--samples 2048] [--workers 0 2]
+- open_clip: open_clip_train's `get_wds_dataset` with open_clip's `image_transform` and tokenizer.
+  Its `tarfile_to_samples_nothrow` fails under webdataset 1.0 (`KeyError: 'fname'`), so it is
+  replaced by webdataset's own `tarfile_to_samples`, which reads the same samples.
+- limoe, worker resize: `train_loader` with `resize_on="worker"` (decode, crop and resize in PIL).
+- limoe, device resize: `train_loader` with `resize_on="device"` (decode and draw the box only);
+  the crop and resize that then happen on the device (`crop_on_device`) are timed per batch
+  separately: on the GPU when there is one, else on this CPU with one thread.
 
-`workers 0` runs the pipeline in the main process, i.e. exactly one worker's work; like a
-DataLoader worker it then uses one torch thread (several intra-op threads only add overhead on
-these small tensors, and on a busy machine make it many times slower). Its pairs per
-CPU-second is the per-worker rate on a core of its own, and is robust to other load.
+    python -m limoe.benchmarks.data [--samples 2048] [--batch-size 128] [--sizes 256 640] [--repeats 2]
+
+Reading the result: a GPU step that consumes B pairs in t seconds needs B / t pairs/s; divided by
+the per-worker rate, that is the number of data workers (and CPU cores) it needs.
 """
 
 from __future__ import annotations
@@ -24,16 +29,23 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Iterable, Optional
 
+import open_clip
 import torch
 import webdataset as wds
 from PIL import Image, ImageFilter
 
 from limoe.config import ShardSource
+from limoe.data.crops import crop_on_device
 from limoe.data.pipeline import train_loader
+from limoe.data.preprocess import MEAN, STD
+from limoe.training.device_batches import to_device
 
-DEMO = Path(__file__).resolve().parent.parent / "data_shards" / "train"
 COLOURS = ("red", "green", "blue", "amber", "grey", "violet", "teal", "ochre")
+IMAGE_SIZE = 224
+CONTEXT_LENGTH = 77  # open_clip's ViT-B tokenizer
 
 
 def photo_like_jpeg(rng: random.Random, size: int = 256) -> bytes:
@@ -49,54 +61,104 @@ def photo_like_jpeg(rng: random.Random, size: int = 256) -> bytes:
     return buffer.getvalue()
 
 
-def write_photo_shard(path: Path, count: int = 512) -> float:
-    """A shard of `count` 256 px JPEGs with short captions; returns the mean JPEG size in kB."""
+def write_photo_shard(path: Path, size: int = 256, count: int = 512) -> float:
+    """A shard of `count` `size` px JPEGs with short captions; returns the mean JPEG size in kB."""
     rng = random.Random(0)
     total = 0
     with wds.TarWriter(str(path)) as writer:
         for index in range(count):
-            jpeg = photo_like_jpeg(rng)
+            jpeg = photo_like_jpeg(rng, size)
             total += len(jpeg)
             caption = f"a photo of a {rng.choice(COLOURS)} and {rng.choice(COLOURS)} texture number {index}"
             writer.write({"__key__": f"{index:09d}", "jpg": jpeg, "txt": caption})
     return total / count / 1000
 
 
-def measure(spec: str, image_size: int, workers: int, samples: int, batch_size: int) -> tuple[float, float]:
-    """Steady-state (pairs per wall-clock second, pairs per CPU-second of this process); the
-    first batch from each worker (start-up) is not timed. CPU time only means something with
-    workers=0, when this process does all the work; it is what one worker achieves on a core of
-    its own, whatever else the machine is running."""
-    loader = train_loader((ShardSource(spec),), batch_size, image_size, 16, workers, shuffle_buffer=1000,
-                          resampled=True, seed=0, max_bad_fraction=0.01)
-    batches = iter(loader)
-    for _ in range(max(workers, 1)):
-        next(batches)
-    wall, cpu = time.perf_counter(), time.process_time()
-    count = sum(len(batch.tokens) for batch in itertools.islice(batches, samples // batch_size))
-    return count / (time.perf_counter() - wall), count / (time.process_time() - cpu)
+def open_clip_batches(shard: str, batch_size: int, samples: int) -> Iterable:
+    """open_clip_train's training loader over `shard`, one worker's work in this process, or None
+    when open_clip_train cannot be imported (it needs pandas, which limoe does not)."""
+    try:
+        from open_clip_train import data as open_clip_data
+    except ImportError:
+        return None
+    open_clip_data.tarfile_to_samples_nothrow = wds.tarfile_to_samples(handler=wds.warn_and_continue)
+    args = SimpleNamespace(train_data=shard, train_num_samples=samples + 2 * batch_size, dataset_resampled=True,
+                           train_data_upsampling_factors=None, seed=0, batch_size=batch_size, workers=0, world_size=1)
+    preprocess = open_clip.image_transform(IMAGE_SIZE, is_train=True, mean=MEAN, std=STD)
+    info = open_clip_data.get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    return info.dataloader
+
+
+def limoe_batches(shard: str, batch_size: int, resize_on: str) -> Iterable:
+    return train_loader((ShardSource(shard),), batch_size, IMAGE_SIZE, CONTEXT_LENGTH, 0, shuffle_buffer=1000,
+                        resampled=True, seed=0, max_bad_fraction=0.01, resize_on=resize_on)
+
+
+def pairs_per_cpu_second(make_batches: Callable[[], Iterable], samples: int, batch_size: int) -> float:
+    """Steady state: the first batch (start-up, filling the shuffle buffer) is not timed."""
+    batches = iter(make_batches())
+    next(batches)
+    cpu = time.process_time()
+    count = sum(len(batch[1]) for batch in itertools.islice(batches, samples // batch_size))
+    return count / (time.process_time() - cpu)
+
+
+def device_crop_ms(shard: str, batch_size: int, device: torch.device, repeats: int = 5) -> float:
+    """Milliseconds `crop_on_device` takes per batch on `device` (best of `repeats`), the batch
+    already there: GPU time between CUDA events, or process CPU time on a CPU."""
+    uncropped = to_device(next(iter(limoe_batches(shard, batch_size, "device"))).images, device)
+    crop_on_device(uncropped)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            crop_on_device(uncropped)
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            cpu = time.process_time()
+            crop_on_device(uncropped)
+            times.append(1000 * (time.process_time() - cpu))
+    return min(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2048, help="pairs timed per measurement")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 640], help="stored JPEG sides, in px")
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per row; the best is shown")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}, device crop on {device}; "
+          f"batch {args.batch_size}, {args.samples} timed pairs, best of {args.repeats}")
+    print(f"| {'stored JPEG -> 224 px':<24} | {'pipeline':<26} | pairs per CPU-second | vs open_clip | device ms/batch |")
+    print(f"|{'-' * 26}|{'-' * 28}|---------------------:|------------:|----------------:|")
     with tempfile.TemporaryDirectory() as scratch:
-        shard = Path(scratch) / "00000.tar"
-        kilobytes = write_photo_shard(shard)
-        cases = [("demo shards, 64 px JPEG (~1.8 kB)", str(DEMO), 64),
-                 (f"256 px JPEG (~{kilobytes:.0f} kB) -> 224", str(shard), 224)]
-        print(f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
-        print(f"| {'data':<34} | workers | pairs/s (wall) | pairs per CPU-second |")
-        print(f"|{'-' * 36}|--------:|---------------:|---------------------:|")
-        for name, spec, size in cases:
-            for workers in args.workers:
-                wall, cpu = measure(spec, size, workers, args.samples, args.batch_size)
-                per_cpu = f"{cpu:.0f}" if workers == 0 else "-"
-                print(f"| {name:<34} | {workers:>7} | {wall:>14.0f} | {per_cpu:>20} |", flush=True)
+        for size in args.sizes:
+            shard = str(Path(scratch) / f"{size}.tar")
+            kilobytes = write_photo_shard(Path(shard), size)
+            pipelines: list[tuple[str, Callable[[], Optional[Iterable]]]] = [
+                ("open_clip get_wds_dataset", lambda: open_clip_batches(shard, args.batch_size, args.samples)),
+                ("limoe, worker resize", lambda: limoe_batches(shard, args.batch_size, "worker")),
+                ("limoe, device resize", lambda: limoe_batches(shard, args.batch_size, "device")),
+            ]
+            baseline = None
+            for name, make in pipelines:
+                if make() is None:
+                    print(f"| {f'{size} px (~{kilobytes:.0f} kB)':<24} | {name:<26} | not measured: open_clip_train "
+                          f"needs pandas (pip install pandas) |", flush=True)
+                    continue
+                rate = max(pairs_per_cpu_second(make, args.samples, args.batch_size) for _ in range(args.repeats))
+                baseline = baseline or (rate if name.startswith("open_clip") else None)
+                ratio = f"{rate / baseline:.2f}x" if baseline else "-"
+                crop = f"{device_crop_ms(shard, args.batch_size, device):.1f}" if name.endswith("device resize") else "-"
+                print(f"| {f'{size} px (~{kilobytes:.0f} kB)':<24} | {name:<26} | {rate:>20.0f} | {ratio:>11} "
+                      f"| {crop:>15} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,11 @@
 """Input pipelines: webdataset shards to batches of images and caption tokens.
 
 Each DataLoader worker runs the whole pipeline on its own share of the shards: read tar files,
-group members into samples, shuffle in memory (training), decode, transform, tokenize and batch.
+group members into samples, shuffle in memory (training), decode, crop, tokenize and batch.
 Batches cross the process boundary whole, which keeps per-sample Python overhead inside workers.
+Training crops are resized in the worker or, with `resize_on="device"`, on the device after the
+batch is copied there (`limoe.data.crops`); images are decoded at a reduced scale when they are
+much larger than the crop needs (`limoe.data.images`).
 
 Training (`train_loader`) is an endless stream of image-caption pairs, or of labelled images
 for a classification task: shards are either resampled with replacement
@@ -38,9 +41,10 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, Literal, NamedTuple, Optional, Union
 
 import braceexpand
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -49,10 +53,14 @@ from torch.utils.data import DataLoader, IterableDataset
 from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
+from limoe.data.crops import (
+    Uncropped, box_pixels, crop_in_worker, draw_box, largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
+)
+from limoe.data.preprocess import eval_crop, normalise, tokenizer
 from limoe.files import read_text_file
-from limoe.data.preprocess import image_transform, tokenizer, train_transform
 from limoe.data.images import UnusableImage, decode_rgb
 from limoe.data.sources import mixing_weights
+from limoe.data.tar_members import shard_samples
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +122,7 @@ def require_labels(spec: str) -> None:
     if REMOTE.match(first):
         return
     try:
-        sample = next(iter(wds.tarfile_samples([{"url": first}])), None)
+        sample = next(iter(shard_samples(first)), None)
     except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
         return  # an unreadable shard is the loader's to count as bad data
     if sample is None or "cls" not in sample:
@@ -137,12 +145,14 @@ def read_classnames(spec: str) -> list[str]:
 
 
 class TrainBatch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalise)
+    # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalise). With
+    # resize_on="device", an Uncropped until DeviceBatches crops it.
+    images: Union[torch.Tensor, Uncropped]
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
 
 
 class LabelledBatch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] uint8, as in TrainBatch
+    images: Union[torch.Tensor, Uncropped]  # as in TrainBatch
     labels: torch.Tensor  # [B] int64 `.cls` labels
 
 
@@ -238,13 +248,14 @@ class _BadSample(Exception):
 # Per-sample parsing
 
 
-def _parse(sample: dict, classification: bool) -> tuple[str, Image.Image, object]:
-    """(key, RGB image, caption or label), or _BadSample. The cheap checks come before decoding."""
+def _parse(sample: dict, classification: bool, min_side: int) -> tuple[str, Image.Image, object]:
+    """(key, RGB image, caption or label), or _BadSample. The cheap checks come before decoding;
+    the image is decoded with its shorter side reduced towards `min_side` where it is much larger."""
     extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if extension is None:
         raise _BadSample("no_image")
     target = _label(sample) if classification else _caption(sample)
-    return sample["__key__"], _decode_image(sample[extension]), target
+    return sample["__key__"], _decode_image(sample[extension], min_side), target
 
 
 def _caption(sample: dict) -> str:
@@ -271,9 +282,9 @@ def _label(sample: dict) -> int:
     return label
 
 
-def _decode_image(data: bytes) -> Image.Image:
+def _decode_image(data: bytes, min_side: int) -> Image.Image:
     try:
-        return decode_rgb(io.BytesIO(data))
+        return decode_rgb(io.BytesIO(data), min_side)
     except UnusableImage as unusable:
         raise _BadSample(unusable.args[0]) from None
 
@@ -286,7 +297,7 @@ def _shard_samples(url: str, tally: WorkerTally) -> Iterator[dict]:
     """Raw samples of one shard; a shard that cannot be read to the end counts as one bad sample."""
     key = "(none yet)"
     try:
-        for sample in wds.tarfile_samples([{"url": url}]):
+        for sample in shard_samples(url):
             key = sample["__key__"]
             tally.raw += 1
             yield sample
@@ -310,9 +321,14 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _collate(records: list, context_length: int, train: bool, classification: bool):
+def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
+             uncropped: bool):
     keys, images, targets = zip(*records)
-    images = torch.stack(images)
+    if uncropped:  # each record holds its box's pixels, resized on the device
+        images = uncropped_batch(list(images), image_size)
+    else:
+        images = stack_crops(images)
+        images = images if train else normalise(images)
     if classification:
         labels = torch.tensor(targets, dtype=torch.int64)
         return LabelledBatch(images, labels) if train else EvalBatch(images, list(keys), None, labels)
@@ -339,6 +355,7 @@ class _ShardStream(IterableDataset):
     world_size: int
     max_bad_fraction: float
     check_after: int
+    resize_on: Literal["worker", "device"] = "worker"
 
     def __iter__(self) -> Iterator[tuple[Optional[tuple], WorkerTally]]:
         worker, workers = _worker()
@@ -348,14 +365,24 @@ class _ShardStream(IterableDataset):
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
         if self.train and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        transform = train_transform(self.image_size) if self.train else image_transform(self.image_size, train=False)
-        records = ((key, transform(image), target) for key, image, target in self._usable(samples, tally))
-        collate = functools.partial(_collate, context_length=self.context_length, train=self.train,
-                                    classification=self.classification)
+        records = ((key, self._prepare(image), target) for key, image, target in self._usable(samples, tally))
+        collate = functools.partial(_collate, context_length=self.context_length, image_size=self.image_size,
+                                    train=self.train, classification=self.classification,
+                                    uncropped=self.train and self.resize_on == "device")
         for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
             yield batch, tally.copy()
         tally.done = True
         yield None, tally.copy()
+
+    def _prepare(self, image: Image.Image) -> np.ndarray:
+        """What a batch carries of one decoded image: its [S, S, 3] uint8 crop, or with
+        resize_on="device" the [h, w, 3] uint8 pixels of its random box."""
+        if not self.train:
+            return np.asarray(eval_crop(self.image_size)(image))
+        box = draw_box(image, self.image_size)
+        if self.resize_on == "device":
+            return box_pixels(image, box)
+        return crop_in_worker(image, box, self.image_size)
 
     def _urls(self, source: int, worker: int, workers: int, rng: random.Random) -> Iterator[str]:
         """This worker's shards: random draws, or its slice of each epoch's order (one epoch for eval)."""
@@ -386,10 +413,11 @@ class _ShardStream(IterableDataset):
 
     def _usable(self, samples: Iterable[dict], tally: WorkerTally) -> Iterator[tuple]:
         """Parsed samples; bad ones are counted, and reading stops once they pass the limit."""
+        min_side = min_decoded_side(self.image_size) if self.train else self.image_size
         for sample in samples:
             tally.seen += 1
             try:
-                yield _parse(sample, self.classification)
+                yield _parse(sample, self.classification, min_side)
             except _BadSample as bad:
                 tally.skip(bad.args[0], sample["__url__"], sample["__key__"])
                 if tally.too_bad(self.max_bad_fraction, self.check_after):
@@ -423,11 +451,14 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
     return rank_and_world()
 
 
-def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -> None:
+def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
+                               resize_on: Literal["worker", "device"] = "worker") -> None:
     """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
     this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
-    more is being trained on and one collated (two with no workers)."""
-    batch_bytes = batch_size * 3 * image_size * image_size  # uint8 [B, 3, S, S], as training batches travel
+    more is being trained on and one collated (two with no workers). Uncropped batches
+    (resize_on="device") are counted at the largest box they can carry."""
+    side = largest_box_side(image_size) if resize_on == "device" else image_size
+    batch_bytes = batch_size * 3 * side * side  # uint8 [B, 3, S, S] as training batches travel, or [B, H, W, 3]
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
     needed = batch_bytes * in_flight * processes_here
@@ -436,8 +467,8 @@ def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int) -
         raise LimoeError(
             f"train.batch_size gives {batch_size} pairs per process, whose images alone need {needed / 2**30:.3g} GiB "
             f"of host memory ({in_flight} batches in flight with data.workers {workers}, x {processes_here} "
-            f"processes on this machine), more than its {available / 2**30:.0f} GiB; lower train.batch_size or "
-            f"spread it over more machines."
+            f"processes on this machine{', uncropped for data.resize_on device' if resize_on == 'device' else ''}), "
+            f"more than its {available / 2**30:.0f} GiB; lower train.batch_size or spread it over more machines."
         )
 
 
@@ -457,9 +488,11 @@ def train_loader(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     pin_memory: bool = False,
+    resize_on: Literal["worker", "device"] = "worker",
 ) -> ShardLoader:
     """An endless loader of TrainBatch(images, tokens), or with `classification` of
-    LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank.
+    LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank. With
+    `resize_on="device"` the images are `Uncropped` and `DeviceBatches` crops them.
 
     Rank and world size come from torch.distributed when it is initialised (0 and 1 otherwise);
     the arguments override them. `bad_check_after`: samples a worker reads before the bad
@@ -480,7 +513,7 @@ def train_loader(
         shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=shuffle_buffer,
         resampled=resampled, seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
-        check_after=bad_check_after,
+        check_after=bad_check_after, resize_on=resize_on,
     )
     return ShardLoader(stream, workers, pin_memory)
 

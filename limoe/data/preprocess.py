@@ -6,8 +6,9 @@ config's resolution, normalised with the OpenAI CLIP mean and std (train: random
 eval: resize the shorter side, center crop), and open_clip's CLIP BPE tokenizer cut to the
 config's context length (zero padded, end-of-text kept when truncating).
 
-Training batches travel as uint8 (a quarter of the bytes of float32) and are normalised on the
-device by `normalise`, with the arithmetic of open_clip's ToTensor + Normalize.
+Batches are made of uint8 images (a quarter of the bytes of float32) and normalised by
+`normalise`, with the arithmetic of open_clip's ToTensor + Normalize: training batches on the
+device, evaluation batches in the worker. The training crop itself is in `limoe.data.crops`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor
-from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 MEAN = open_clip.OPENAI_DATASET_MEAN
 STD = open_clip.OPENAI_DATASET_STD
@@ -33,10 +34,11 @@ def eval_transform(image_size: int) -> Compose:
     return image_transform(image_size, train=False)
 
 
-def train_transform(image_size: int) -> Compose:
-    """PIL image → [3, image_size, image_size] uint8: open_clip's training crop, not yet normalised."""
-    crop = [t for t in image_transform(image_size, train=True).transforms if not isinstance(t, (ToTensor, Normalize))]
-    return Compose([*crop, PILToTensor()])
+@functools.lru_cache(maxsize=None)
+def eval_crop(image_size: int) -> Compose:
+    """PIL image → PIL image: the eval transform's resize of the shorter side and centre crop,
+    before the tensor conversion and normalisation (`normalise` does those on uint8 batches)."""
+    return Compose([t for t in eval_transform(image_size).transforms if not isinstance(t, (ToTensor, Normalize))])
 
 
 def normalise(images: Tensor) -> Tensor:

@@ -242,7 +242,7 @@ def build_tasks(config: Config, world_size: int, device: torch.device, start: in
             (ShardSource(task.data),), config.task_batch_size(task) // world_size, config.model.image_size,
             config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
             seed=config.train.seed + 1_000_003 * start + 7_919 * index, max_bad_fraction=config.data.max_bad_fraction,
-            classification=classification, pin_memory=device.type == "cuda",
+            classification=classification, pin_memory=device.type == "cuda", resize_on=config.data.resize_on,
         )
         if not classification:
             tasks.append(Task(task, loader, device, clock))

@@ -219,7 +219,8 @@ def train(config: Config, workdir: Path, objective: type[Objective] = Contrastiv
     micro_batch_size(config, session.world_size)  # whole routing groups, before the workdir is touched
     check_memory_plan(config, session)
     largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
-    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers)
+    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers,
+                               config.data.resize_on)
     with locked_workdir(workdir, session.rank):
         return _train_in(config, workdir, session, objective, report)
 
@@ -252,7 +253,7 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
             config.data.train, config.train.batch_size // session.world_size, config.model.image_size,
             config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
             seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
-            pin_memory=session.device.type == "cuda",
+            pin_memory=session.device.type == "cuda", resize_on=config.data.resize_on,
         )
         run_step, bad_samples = _pair_steps(engine, loader, config, session, data_clock), loader.bad_samples
     # Checkpoints written before pairs were counted: assume today's batch size throughout.

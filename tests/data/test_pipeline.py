@@ -4,6 +4,7 @@ import collections
 import io
 import itertools
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
 from limoe.config import ShardSource
 from limoe.data import images
@@ -24,7 +26,8 @@ from limoe.data.pipeline import (
     read_classnames,
     train_loader,
 )
-from limoe.data.preprocess import image_transform, normalise, train_transform
+from limoe.data.crops import crop_in_worker, draw_box, stack_crops
+from limoe.data.preprocess import image_transform, normalise
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -183,14 +186,22 @@ def test_img2dataset_shards_load_without_conversion(tmp_path):
     assert batch.images.dtype == torch.uint8  # normalised on the device
 
 
-def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_gives():
+def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_gives(monkeypatch):
     image = Image.open(io.BytesIO(_image_bytes(3, size=(40, 30)))).convert("RGB")
-    torch.manual_seed(5)  # the random crop
+    box = draw_box(image, 32)
+    monkeypatch.setattr(RandomResizedCrop, "get_params", staticmethod(lambda *args: box))  # the same crop
     expected = image_transform(32, train=True)(image)  # [3, 32, 32] float32, normalised
-    torch.manual_seed(5)
-    cropped = train_transform(32)(image)  # [3, 32, 32] uint8
+    cropped = stack_crops([crop_in_worker(image, box, 32)])  # [1, 3, 32, 32] uint8
     assert cropped.dtype == torch.uint8
-    assert torch.equal(normalise(cropped[None])[0], expected)
+    assert torch.equal(normalise(cropped)[0], expected)
+
+
+def test_eval_images_are_exactly_open_clips_eval_transform(tmp_path):
+    samples = [_good(f"k{i}", seed=i) for i in range(3)]
+    shard = _write_shard(tmp_path / "eval.tar", samples)
+    batch = next(iter(eval_loader(shard, 3, 15, CONTEXT, 0)))
+    expected = torch.stack([image_transform(15, train=False)(Image.open(io.BytesIO(s["jpg"]))) for s in samples])
+    assert batch.images.dtype == torch.float32 and torch.equal(batch.images, expected)
 
 
 def test_eval_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):
@@ -313,6 +324,19 @@ def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
                                          r"images alone need .* GiB of host memory"):
         check_batch_fits_in_memory(10**21, 224, 2)
     check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 0.65 GiB
+
+
+def test_uncropped_batches_are_counted_at_the_largest_region_they_carry(monkeypatch):
+    """At 224 px, boxes are at most 4/3 x 2 x 273 = 728 px a side: 16384 pairs with two workers
+    (6 batches in flight) need 6 x 16384 x 3 x 224^2 B = 13.8 GiB cropped in the worker, and
+    6 x 16384 x 3 x 728^2 B = 145.6 GiB uncropped, more than 64 GiB."""
+    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**30 // 4096}.__getitem__)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    check_batch_fits_in_memory(16384, 224, 2, "worker")
+    with pytest.raises(LimoeError, match=r"need 146 GiB of host memory \(6 batches in flight with data.workers 2, "
+                                         r"x 1 processes on this machine, uncropped for data.resize_on device\)"):
+        check_batch_fits_in_memory(16384, 224, 2, "device")
 
 
 def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):

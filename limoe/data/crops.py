@@ -1,0 +1,150 @@
+"""Where training images are cropped and resized: in the data worker, or on the device.
+
+The crop is open_clip's `RandomResizedCrop` (scale 0.9–1, aspect 3/4–4/3, bicubic with
+antialiasing); `draw_box` draws its boxes from the same distribution, and both places crop them.
+
+- `data.resize_on: worker`: the worker resizes each box with PIL (`crop_in_worker`), exactly
+  open_clip's training transform, and batches [B, 3, S, S] uint8.
+- `data.resize_on: device`: the worker only decodes and draws the box. The batch carries each
+  box's pixels (`Uncropped`, padded to a common size) and their sizes; `crop_on_device` resizes
+  them all on the GPU (on a CPU-only run, in the main process) with two batched matrix products
+  whose weights are PIL's antialiased bicubic ones, and hands back the same [B, 3, S, S] uint8.
+  A resize is about 40% of a worker's time at 224 px, which moves off the CPU.
+
+The two resizes are the same filter computed differently: PIL in 8-bit fixed point, a row pass
+rounded to uint8 before the column pass; the device in float32 and rounded once. Crops of the same
+box differ by at most a grey level or two (of 255), a few hundredths on average;
+`tests/data/test_crops.py` checks this image by image.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as F
+
+from limoe.data.preprocess import image_transform
+
+
+class Box(NamedTuple):
+    """A crop in pixels of the decoded image, as torchvision's `get_params` draws it."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+class Uncropped(NamedTuple):
+    """A batch's images before their crop and resize, which `crop_on_device` makes."""
+
+    pixels: Tensor  # [B, H, W, 3] uint8: each box's pixels at the top left, padded to the largest
+    sizes: Tensor  # [B, 2] int64 (height, width) of each box
+    output_size: int  # S: the crops are S × S
+
+
+@functools.lru_cache(maxsize=None)
+def _random_resized_crop(image_size: int) -> RandomResizedCrop:
+    return next(t for t in image_transform(image_size, train=True).transforms if isinstance(t, RandomResizedCrop))
+
+
+def min_decoded_side(image_size: int) -> int:
+    """The shorter side an image may be decoded at without its smallest possible crop (scale 0.9
+    of the area at aspect 3/4) having fewer than `image_size` pixels across."""
+    crop = _random_resized_crop(image_size)
+    return math.ceil(image_size / math.sqrt(crop.scale[0] * crop.ratio[0]))
+
+
+def largest_box_side(image_size: int) -> int:
+    """A bound on the side of the pixels a device crop ships, for memory checks: a decoded image's
+    shorter side stays below twice `min_decoded_side` (`decode_rgb` reduces it otherwise), a box's
+    longer side is at most 4/3 of its shorter one."""
+    return math.ceil(4 / 3 * 2 * min_decoded_side(image_size))
+
+
+def draw_box(image: Image.Image, image_size: int, tries: int = 10) -> Box:
+    """A random crop of `image` from the distribution of RandomResizedCrop.get_params (its `tries`
+    draws of area and log-aspect, then a uniform position, else its central fallback), with all
+    the torch generator's numbers drawn in one call: get_params's per-number tensor calls cost
+    about as much as decoding a 256 px JPEG."""
+    crop = _random_resized_crop(image_size)
+    width, height = image.size
+    (low, high), (log_low, log_high) = crop.scale, (math.log(crop.ratio[0]), math.log(crop.ratio[1]))
+    for u_area, u_aspect, u_top, u_left in torch.rand(tries, 4, dtype=torch.float64).tolist():
+        area = width * height * (low + u_area * (high - low))
+        aspect = math.exp(log_low + u_aspect * (log_high - log_low))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return Box(int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w)
+    w, h = width, height  # the central crop closest to the allowed aspect ratios
+    if width / height < min(crop.ratio):
+        h = round(w / min(crop.ratio))
+    elif width / height > max(crop.ratio):
+        w = round(h * max(crop.ratio))
+    return Box((height - h) // 2, (width - w) // 2, h, w)
+
+
+def crop_in_worker(image: Image.Image, box: Box, image_size: int) -> np.ndarray:
+    """[S, S, 3] uint8: `box` of `image` resized with PIL, as RandomResizedCrop does it."""
+    crop = _random_resized_crop(image_size)
+    return np.asarray(F.resized_crop(image, *box, crop.size, crop.interpolation, antialias=crop.antialias))
+
+
+def stack_crops(crops: list[np.ndarray]) -> Tensor:
+    """[S, S, 3] uint8 arrays → [B, 3, S, S] uint8, each copied once into the batch."""
+    batch = torch.empty((len(crops), 3, *crops[0].shape[:2]), dtype=torch.uint8)
+    for slot, crop in zip(batch.numpy(), crops):  # the batch's memory
+        slot[...] = crop.transpose(2, 0, 1)
+    return batch
+
+
+def box_pixels(image: Image.Image, box: Box) -> np.ndarray:
+    """[h, w, 3] uint8: the pixels of `box`, which is all a device crop reads (a view of the
+    decoded image). Shipping the box rather than the image keeps a padded batch small whatever
+    the images' aspect ratios."""
+    return np.asarray(image)[box.top : box.top + box.height, box.left : box.left + box.width]
+
+
+def uncropped_batch(boxes: list[np.ndarray], image_size: int) -> Uncropped:
+    """Boxes of different sizes in one [B, H, W, 3] uint8 tensor, each copied once; the padding
+    is left as it is, since the resize gives it zero weight."""
+    height, width = max(b.shape[0] for b in boxes), max(b.shape[1] for b in boxes)
+    pixels = torch.empty((len(boxes), height, width, 3), dtype=torch.uint8)
+    for slot, box in zip(pixels.numpy(), boxes):  # the tensor's memory
+        slot[: box.shape[0], : box.shape[1]] = box
+    return Uncropped(pixels, torch.tensor([b.shape[:2] for b in boxes], dtype=torch.int64), image_size)
+
+
+def crop_on_device(uncropped: Uncropped) -> Tensor:
+    """[B, 3, S, S] uint8: every box resized to S × S on the device `uncropped` is on, as two
+    batched matrix products (rows, then columns) with PIL's antialiased bicubic weights."""
+    pixels = uncropped.pixels.permute(0, 3, 1, 2).float()  # [B, 3, H, W]
+    size = uncropped.output_size
+    rows = _bicubic_weights(uncropped.sizes[:, 0], size, pixels.shape[2])  # [B, S, H]
+    columns = _bicubic_weights(uncropped.sizes[:, 1], size, pixels.shape[3])  # [B, S, W]
+    crops = rows[:, None] @ pixels @ columns.transpose(1, 2)[:, None]  # [B, 3, S, S]
+    return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _bicubic_weights(lengths: Tensor, size: int, padded: int) -> Tensor:
+    """[B, size, padded] float32: row i of image b weighs its input pixels j < lengths[b] as PIL's
+    antialiased bicubic resize of lengths[b] pixels to `size` does (Keys' cubic with a = -0.5,
+    stretched by the downscale factor, normalised to sum 1); pixels beyond the box weigh 0."""
+    lengths = lengths.to(torch.float32)[:, None, None]  # [B, 1, 1]
+    scale = lengths / size
+    stretch = scale.clamp(min=1.0)  # antialiasing: the filter widens when downscaling
+    centres = (torch.arange(size, device=lengths.device, dtype=torch.float32)[:, None] + 0.5) * scale  # [B, S, 1]
+    inputs = torch.arange(padded, device=lengths.device, dtype=torch.float32)  # [N]
+    x = ((inputs + 0.5 - centres) / stretch).abs()  # [B, S, N]
+    a = -0.5
+    weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                          torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
+    weights = weights * (inputs < lengths)  # [B, S, N]: nothing from the padding
+    return weights / weights.sum(dim=2, keepdim=True)
