@@ -9,6 +9,7 @@ A `LimoeError` (bad input) becomes one line on stderr and exit status 2, never a
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -69,30 +70,24 @@ def _export(args) -> int:
     return 0
 
 
-def _eval_zeroshot(args) -> int:
-    from limoe.evaluate import run_zeroshot
-
-    run_zeroshot(
-        checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
-        output=args.output, candidate_images=args.candidate_images, **_model_options(args),
-    )
-    return 0
-
-
 def _model_options(args) -> dict:
-    """What every command that runs a checkpoint's model passes on from its shared options."""
-    return {"batch_size": args.batch_size, "capacity_factor": args.capacity_factor, "device": args.device,
-            "workers": args.workers}
+    """What every command that runs a checkpoint's model passes on from its shared options
+    (`_add_model_options`)."""
+    return {"checkpoint": Path(args.checkpoint), "data": args.data, "batch_size": args.batch_size,
+            "capacity_factor": args.capacity_factor, "device": args.device, "workers": args.workers}
 
 
-def _eval_choice(args) -> int:
-    from limoe.evaluate import run_choice
+def _evaluation(name: str, *options: str) -> Callable:
+    """The handler of `limoe eval NAME`: `limoe.evaluate.NAME.run_NAME` with the shared model options,
+    `--output` and this evaluation's own `options` (argparse destinations, passed by the same name).
+    The module is imported when the command runs, so `limoe eval --help` loads no torch."""
 
-    run_choice(
-        checkpoint=Path(args.checkpoint), data=args.data, format=args.format, subsets=args.subsets, output=args.output,
-        ties=args.ties, **_model_options(args),
-    )
-    return 0
+    def handler(args) -> int:
+        run = getattr(importlib.import_module(f"limoe.evaluate.{name}"), f"run_{name}")
+        run(output=args.output, **{option: getattr(args, option) for option in options}, **_model_options(args))
+        return 0
+
+    return handler
 
 
 def _tune(args) -> int:
@@ -101,25 +96,8 @@ def _tune(args) -> int:
     options = {"lr": args.lr, "batch_size": args.tune_batch_size, "prompt_tokens": args.prompt_tokens, "seed": args.seed}
     recipe = TuneRecipe(steps=args.steps, **{name: value for name, value in options.items() if value is not None})
     run_tune(
-        checkpoint=Path(args.checkpoint), data=args.data, classnames=args.classnames, templates=args.templates,
-        shots=args.shots, recipe=recipe, output=args.output, metrics_output=args.metrics, **_model_options(args),
-    )
-    return 0
-
-
-def _eval_retrieval(args) -> int:
-    from limoe.evaluate import run_retrieval
-
-    run_retrieval(checkpoint=Path(args.checkpoint), data=args.data, output=args.output, **_model_options(args))
-    return 0
-
-
-def _eval_knn(args) -> int:
-    from limoe.evaluate.knn import run_knn
-
-    run_knn(
-        checkpoint=Path(args.checkpoint), data=args.data, k=args.k, output=args.output, random_init=args.random_init,
-        **_model_options(args),
+        classnames=args.classnames, templates=args.templates, shots=args.shots, recipe=recipe, output=args.output,
+        metrics_output=args.metrics, **_model_options(args),
     )
     return 0
 
@@ -128,9 +106,8 @@ def _routing(args) -> int:
     from limoe.routing_report.command import run_routing_report
 
     run_routing_report(
-        checkpoint=Path(args.checkpoint), data=args.data, output=args.output, num_batches=args.num_batches,
-        batch_size=args.batch_size, capacity_factor=args.capacity_factor, compare=args.compare, device=args.device,
-        block=args.block, keys=args.keys.split(",") if args.keys is not None else None,
+        output=args.output, num_batches=args.num_batches, compare=args.compare, block=args.block,
+        keys=args.keys.split(",") if args.keys is not None else None, **_model_options(args),
     )
     return 0
 
@@ -171,18 +148,6 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _capacity_factor(text: str) -> str:
-    """An option type: 'dropless' or a positive, finite number (kept as text for the library)."""
-    from limoe.checkpoints.loading import parse_capacity_factor
-
-    try:
-        parse_capacity_factor(text)
-    except LimoeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range; give a number > 0 such as 2.0, or "
-                                         f"'dropless'") from None
-    return text
-
-
 def _positive_number(example: str, maximum: float = math.inf) -> Callable[[str], float]:
     """An option type: a number > 0 and finite (not nan or inf) or at most `maximum`, else an error
     naming the value, the range and `example`."""
@@ -198,6 +163,13 @@ def _positive_number(example: str, maximum: float = math.inf) -> Callable[[str],
         return value
 
     return parse
+
+
+def _capacity_factor(text: str) -> str:
+    """An option type: 'dropless' or a positive, finite number (kept as text for the library)."""
+    if text != "dropless":
+        _positive_number("2.0, or 'dropless'")(text)
+    return text
 
 
 def _add_model_options(parser: argparse.ArgumentParser,
@@ -219,6 +191,17 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
 
 
+def _add_overrides(parser: argparse.ArgumentParser, keys: str = "config") -> None:
+    """`--set KEY=VALUE`, repeatable: the overrides `limoe.config` applies on top of the file."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {keys} key")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, kind: str = "training", default: str = "demo") -> None:
+    """The options of every command that reads a training or pretraining config: which one, and overrides."""
+    parser.add_argument("--config", default=None, help=f"{kind} config name or path (default: {default})")
+    _add_overrides(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="limoe", description="LIMoE sparse mixture-of-experts contrastive models")
     # The deepspeed launcher puts --local_rank=N before the subcommand; the rank is read from the
@@ -234,32 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = command("info", _info, "print a model's architecture and parameter counts")
     info.add_argument("model", help="a model config name (limoe-b16) or a .yaml path")
-    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model key")
+    _add_overrides(info, keys="model")
 
     train = command("train", _train, "train a model on webdataset shards (resumes in an existing workdir)")
-    train.add_argument("--config", default=None, help="training config name or path (default: demo)")
+    _add_config_options(train)
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     pretrain = command("pretrain", _pretrain, "masked image and caption pretraining of the tower (resumes in an existing workdir)")
-    pretrain.add_argument("--config", default=None, help="pretraining config name or path (default: configs/pretrain/demo.yaml)")
+    _add_config_options(pretrain, kind="pretraining", default="configs/pretrain/demo.yaml")
     pretrain.add_argument("--workdir", default="runs/pretrain", help="checkpoints, metrics and logs go here")
-    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     config = command("config", None, "inspect training configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = command("show", _config_show, "print the resolved config with each key's meaning and valid values",
                    config_commands)
-    show.add_argument("--config", default=None, help="training config name or path (default: demo)")
-    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_config_options(show)
 
     plan = command("plan", _plan, "per-GPU memory of a training config and the micro-batch and "
                                   "checkpointing settings that fit (exit 1 if the configured ones do not)")
-    plan.add_argument("--config", default=None, help="training config name or path (default: demo)")
+    _add_config_options(plan)
     plan.add_argument("--gpus", type=_whole_number(1), required=True, help="number of GPUs (processes) of the run")
     plan.add_argument("--gpu-memory", type=_positive_number("80", maximum=1e6), required=True, metavar="GIB",
                       help="memory of one GPU in GiB, e.g. 80")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     export = command("export", _export, "write a training run's weights as one consolidated .safetensors file")
     export.add_argument("--workdir", required=True)
@@ -270,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", None, "evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    zeroshot = command("zeroshot", _eval_zeroshot, "zero-shot classification (ImageNet by default)", evaluations)
+    zeroshot = command("zeroshot", _evaluation("zeroshot", "classnames", "templates", "candidate_images"),
+                       "zero-shot classification (ImageNet by default)", evaluations)
     _add_eval_options(zeroshot)
     zeroshot.add_argument("--classnames", default=None,
                           help="class names file, one per line (default: the data's classnames.txt or class folder "
@@ -278,16 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
-    retrieval = command("retrieval", _eval_retrieval, "image-text retrieval recall@1/5/10", evaluations)
+    retrieval = command("retrieval", _evaluation("retrieval"), "image-text retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
-    knn = command("knn", _eval_knn, "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
+    knn = command("knn", _evaluation("knn", "k", "random_init"),
+                  "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
     _add_eval_options(knn)
     knn.add_argument("--k", type=_whole_number(1), default=5,
                      help="neighbours that vote (default 5; at most the number of labelled images − 1)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")
 
-    choice = command("choice", _eval_choice, "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)",
-                     evaluations)
+    choice = command("choice", _evaluation("choice", "format", "subsets", "ties"),
+                     "choose among candidate images or texts (SugarCrepe, Winoground, JSONL)", evaluations)
     _add_eval_options(choice)
     choice.add_argument("--format", required=True, choices=["sugar_crepe", "winoground", "jsonl"])
     choice.add_argument("--subsets", nargs="+", default=None,
@@ -315,18 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--metrics", default=None, help="write the query metrics to this JSON file")
 
     routing = command("routing", _routing, "expert routing statistics and plots for a checkpoint")
-    routing.add_argument("--checkpoint", required=True)
-    routing.add_argument("--data", required=True)
+    _add_model_options(routing, data="held-out image-text shards (spec or directory)")
     routing.add_argument("--output", required=True, help="directory for routing.json and the plots")
     routing.add_argument("--num-batches", type=_whole_number(1), default=4)
-    routing.add_argument("--batch-size", type=_whole_number(1), default=64)
-    routing.add_argument("--capacity-factor", type=_capacity_factor, default=None,
-                         help="a number or 'dropless' (default: config)")
     routing.add_argument("--compare", default=None, help="a second checkpoint to put side by side")
     routing.add_argument("--block", type=int, default=None, help="MoE block for the patch and token maps (default: last)")
     routing.add_argument("--keys", default=None, metavar="K1,K2,…",
                          help="sample keys of the examples pictured (default: the first batch's first four)")
-    routing.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     shards = command("shards", None, "build webdataset shards")
     shard_commands = shards.add_subparsers(dest="shard_command", required=True, metavar="ACTION")

@@ -1,6 +1,8 @@
 """The command line: subcommands exist, `info` reports, launcher flags and bad input are handled."""
 
+import argparse
 import errno
+import importlib
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from limoe.cli import main
+from limoe.cli import build_parser, main
 from tests.child_env import child_env
 
 
@@ -138,3 +140,68 @@ def test_output_paths_are_checked_before_the_work_starts(tmp_path, capsys, monke
                 "read-only": "the file system is read-only"}[where]
     assert expected in err and err.count("\n") == 1, err
     assert "/no/such" not in err
+
+
+def _subcommands(parser: argparse.ArgumentParser, path: tuple = ()) -> dict:
+    """Every leaf subcommand of `parser` by its words, e.g. ('eval', 'knn') → its parser."""
+    groups = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not groups:
+        return {path: parser}
+    return {found: sub for name, child in groups[0].choices.items()
+            for found, sub in _subcommands(child, (*path, name)).items()}
+
+
+def _model_options(parser: argparse.ArgumentParser) -> dict:
+    """The shared model options a subcommand declares, with what a user sees of each."""
+    return {action.option_strings[0]: (action.default, action.choices, action.required)
+            for action in parser._actions if action.option_strings[0] in MODEL_OPTIONS}
+
+
+MODEL_OPTIONS = ("--checkpoint", "--data", "--batch-size", "--capacity-factor", "--device", "--workers")
+
+
+def test_every_checkpoint_command_takes_the_same_model_options():
+    commands = {path: sub for path, sub in _subcommands(build_parser()).items()
+                if "--checkpoint" in sub._option_string_actions}
+    assert set(commands) == {("eval", "zeroshot"), ("eval", "retrieval"), ("eval", "knn"), ("eval", "choice"),
+                             ("tune",), ("routing",)}
+    expected = {"--checkpoint": (None, None, True), "--data": (None, None, True), "--batch-size": (64, None, False),
+                "--capacity-factor": (None, None, False), "--device": ("auto", ["auto", "cpu", "cuda"], False),
+                "--workers": (2, None, False)}
+    for path, sub in commands.items():
+        assert _model_options(sub) == expected, path
+
+
+def test_routing_passes_workers_to_the_report(monkeypatch):
+    import limoe.routing_report.command as routing
+
+    calls = []
+    monkeypatch.setattr(routing, "run_routing_report", lambda **options: calls.append(options))
+    assert main(["routing", "--checkpoint", "model.safetensors", "--data", "shards", "--output", "out",
+                 "--workers", "0", "--keys", "a,b"]) == 0
+    assert calls == [{"checkpoint": Path("model.safetensors"), "data": "shards", "output": "out", "num_batches": 4,
+                      "batch_size": 64, "capacity_factor": None, "device": "auto", "workers": 0, "compare": None,
+                      "block": None, "keys": ["a", "b"]}]
+
+
+@pytest.mark.parametrize("evaluation, args, own", [
+    ("zeroshot", ["--templates", "simple"],
+     {"classnames": None, "templates": "simple", "candidate_images": None}),
+    ("retrieval", [], {}),
+    ("knn", ["--k", "3", "--random-init"], {"k": 3, "random_init": True}),
+    ("choice", ["--format", "jsonl", "--ties", "strict"], {"format": "jsonl", "subsets": None, "ties": "strict"}),
+])
+def test_each_evaluation_gets_the_model_options_and_its_own(monkeypatch, evaluation, args, own):
+    module = importlib.import_module(f"limoe.evaluate.{evaluation}")
+    calls = []
+    monkeypatch.setattr(module, f"run_{evaluation}", lambda **options: calls.append(options))
+    assert main(["eval", evaluation, "--checkpoint", "m", "--data", "d", "--workers", "0", "--batch-size", "7",
+                 "--capacity-factor", "dropless", "--device", "cpu", "--output", "o.json", *args]) == 0
+    assert calls == [{"checkpoint": Path("m"), "data": "d", "output": "o.json", "batch_size": 7,
+                      "capacity_factor": "dropless", "device": "cpu", "workers": 0, **own}]
+
+
+def test_a_capacity_factor_that_is_no_number_names_the_choices(capsys):
+    assert main(["routing", "--checkpoint", "m", "--data", "d", "--output", "o", "--capacity-factor", "many"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --capacity-factor: 'many' is not a number; give one such as 2.0, or 'dropless'" in err, err

@@ -34,7 +34,7 @@ from limoe.routing_report.records import CheckpointRouting, ExampleRouting
 from limoe.routing_report.statistics import RoutingAccumulator, collapse_warnings, format_summary_table
 
 NUM_EXAMPLES = 4  # images and captions pictured per checkpoint
-WORKERS = 2  # data loader processes
+WORKERS = 2  # data loader processes unless the caller says otherwise (`limoe routing --workers`)
 SPECIAL_TOKENS = {"<start_of_text>": "<sot>", "<end_of_text>": "<eot>"}
 
 
@@ -97,12 +97,12 @@ def _chosen(batch_keys: list[str], keys: list[str], found: dict) -> list[int]:
 
 def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data: str, num_batches: int,
                        batch_size: int, block: int, device: torch.device,
-                       keys: Optional[list[str]] = None) -> CheckpointRouting:
+                       keys: Optional[list[str]] = None, workers: int = WORKERS) -> CheckpointRouting:
     """Route `num_batches` batches of `data` through `model` for the statistics; the pictured
     examples in MoE block `block` are the samples named by `keys` (read on past `num_batches`
     until all are found), or else the first batch's first NUM_EXAMPLES."""
     position = config.model.moe_layers.index(block)
-    loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, WORKERS)
+    loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, workers)
     accumulator = RoutingAccumulator(config.model.moe_layers)
     found: dict[str, ExampleRouting] = {}
     first_key = None
@@ -139,13 +139,14 @@ def _names(paths: list[Path]) -> list[str]:
 
 def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], num_batches: int = 4, batch_size: int = 64,
                        capacity_factor: Optional[str] = None, compare: Optional[str] = None, device: str = "auto",
-                       block: Optional[int] = None, keys: Optional[list[str]] = None) -> dict:
+                       block: Optional[int] = None, keys: Optional[list[str]] = None, workers: int = WORKERS) -> dict:
     """Write `output/routing.json` and the pictures, print the per-layer tables and the files
     written; returns the JSON.
 
     `capacity_factor`: None (each checkpoint's eval factor), 'dropless' or a number, applied to
     both checkpoints. `block`: the MoE block pictured (default: each checkpoint's last). `keys`:
-    the samples pictured (default: the first batch's first NUM_EXAMPLES).
+    the samples pictured (default: the first batch's first NUM_EXAMPLES). `workers`: data loader
+    processes (0: read in this process).
     """
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
@@ -159,7 +160,8 @@ def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], nu
     models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
     blocks = [pictured_block(config.model, block) for _, config in models]
     reports = [
-        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device, keys)
+        inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device, keys,
+                           workers)
         for (model, config), name, path, shown in zip(models, _names(paths), paths, blocks)
     ]
     result = {"data": data, "num_batches": num_batches, "batch_size": batch_size,
