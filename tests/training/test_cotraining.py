@@ -16,7 +16,8 @@ from limoe.data.pipeline import LabelledBatch, TrainBatch
 from limoe.training.candidates import prompt_tokens
 from limoe.training.cotraining import ClassificationTask, Task, task_gradients
 from limoe.training.schedules import TaskSchedule
-from limoe.training.trainer import Session, build_engine, lr_multiplier, start_session
+from limoe.training.session import Session, start_session
+from limoe.training.trainer import build_engine, lr_multiplier
 from tests.training.processes import run_processes
 
 QUICK = ["data.workers=0", "train.log_every=2", "train.checkpoint_every=2", "train.routing_stats_every=2",
