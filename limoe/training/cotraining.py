@@ -45,6 +45,7 @@ from limoe.training.device_batches import DeviceBatches, WaitClock
 from limoe.training.loaders import SEED_STRIDE, train_loader_for
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.schedules import TaskSchedule
+from limoe.training.session import Session
 from limoe.training.step import (
     ContrastiveTrainer,
     MicroBatchShare,
@@ -54,7 +55,6 @@ from limoe.training.step import (
     forward_backward,
     whole_batch_backward,
 )
-from limoe.training.session import Session
 
 log = logging.getLogger("limoe.training.trainer")
 

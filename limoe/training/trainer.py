@@ -5,8 +5,9 @@ The same code runs as one CPU process and as many GPU processes under `deepspeed
 gradients over the expert-data-parallel group only) and ZeRO; checkpoints are limoe's own
 (`limoe.checkpoints.training`: code-free, resumable on another process layout); this module
 builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe.training.step`
-one exact step at any micro-batch size), runs the loop, and reports. On a GPU the memory plan
-(`limoe plan`) is checked before anything is allocated. `limoe pretrain` runs this same loop with
+one exact step at any micro-batch size), runs the loop, and reports. The command around it
+(`limoe.train_command`) checks the settings, the inputs and, on a GPU, the memory plan
+(`limoe plan`) before the workdir is touched. `limoe pretrain` runs this same loop with
 its masked-modelling objective in place of the contrastive one; with `tasks:` in the config the
 loop co-trains several datasets (`limoe.training.cotraining`), each step running the task the
 schedule names.
@@ -29,26 +30,22 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from limoe.checkpoints import training as checkpoint
-from limoe.checkpoints.store import has_checkpoints
-from limoe.checkpoints.warm_start import check_init_from, warm_start
+from limoe.checkpoints.warm_start import warm_start
 from limoe.config import Config, dump_config
-from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards
 from limoe.distributed import ExpertSharding, any_process
 from limoe.errors import LimoeError
-from limoe.files import atomic_write, refuse_overwriting_inputs
+from limoe.files import atomic_write
 from limoe.model.tower import Limoe, build_model
-from limoe.plan import refuse_if_it_cannot_fit
 from limoe.training.batches import micro_batch_size
-from limoe.training.cotraining import check_tasks, cotraining_objective, lr_scale, task_steps
+from limoe.training.cotraining import cotraining_objective, lr_scale, task_steps
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches, WaitClock
-from limoe.training.evaluation import check_eval_sets, evaluate_live
+from limoe.training.evaluation import evaluate_live
 from limoe.training.loaders import train_loader_for
 from limoe.training.progress import TrainingReporter
-from limoe.training.report_to import check_report_to
-from limoe.training.session import Session, start_session
+from limoe.training.session import Session
 from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, train_step
-from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until, locked_workdir
+from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
@@ -156,45 +153,10 @@ def build_engine(config: Config, session: Session, compile_backend: str = "induc
     return engine
 
 
-def check_memory_plan(config: Config, session: Session) -> None:
-    """On a GPU, refuse (one line, with the numbers and the fix) a run whose memory plan does not fit."""
-    if session.device.type != "cuda":
-        return
-    refuse_if_it_cannot_fit(config, session.world_size, torch.cuda.get_device_properties(session.device).total_memory)
-
-
-def train(config: Config, workdir: Path, objective: type[Objective] = ContrastiveTrainer,
-          report: Optional[FinalReport] = None) -> dict:
-    """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0).
-
-    `objective` is what is optimised (contrastive training by default; `limoe pretrain` passes
-    its masked-modelling objective; `tasks:` in the config turn contrastive training into
-    co-training) and `report` what is measured at the end (default: held-out retrieval and routing
-    of the exported model).
-    """
-    refuse_overwriting_inputs({"--workdir": workdir}, checkpoint.checkpoint_sources(config.train.init_from))
-    objective = objective_for(config, objective)
-    if not config.tasks:  # (co-training reads the tasks' data instead)
-        for source in config.data.train:  # a missing shard path fails here, before anything is built
-            expand_shards(source.shards)
-    check_eval_sets(config)
-    check_report_to(config)
-    if not has_checkpoints(workdir):  # a fresh run: a bad train.init_from fails here, before the workdir is touched
-        check_init_from(config)
-    session = start_session(config)
-    if config.tasks:
-        check_tasks(config, session.world_size)
-    micro_batch_size(config, session.world_size)  # whole routing groups, before the workdir is touched
-    check_memory_plan(config, session)
-    largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
-    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers,
-                               config.data.resize_on)
-    with locked_workdir(workdir, session.rank):
-        return _train_in(config, workdir, session, objective, report)
-
-
-def _train_in(config: Config, workdir: Path, session: Session, objective: type[Objective],
-              report: Optional[FinalReport]) -> dict:
+def train_in_workdir(config: Config, workdir: Path, session: Session, objective: type[Objective],
+                     report: Optional[FinalReport]) -> dict:
+    """Train (or resume) in `workdir`, which this process has locked, with checked settings; returns
+    the final held-out metrics (on rank 0)."""
     resume = checkpoint.find_resume_checkpoint(workdir)
     if resume is not None:
         check_same_architecture(checkpoint.checkpoint_config(resume).model, config.model, resume.path)

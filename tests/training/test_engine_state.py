@@ -9,8 +9,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from limoe.config import load_config
 from limoe.plan.state import count_parameters, state_bytes
-from limoe.training.step import train_step
 from limoe.training.session import start_session
+from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
 
 
