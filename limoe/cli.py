@@ -29,7 +29,7 @@ def _info(args) -> int:
 
 def _train(args) -> int:
     from limoe.config import load_config
-    from limoe.training.trainer import train
+    from limoe.train_command import train
 
     config = load_config(args.config, args.set)
     train(config, Path(args.workdir))

@@ -24,8 +24,9 @@ import torch
 
 from limoe.benchmarks.training import benchmark_device, random_batch, resolve_spec, time_steps, train_config
 from limoe.model.masking import kept_patch_count
+from limoe.training.session import start_session
 from limoe.training.step import train_step
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.trainer import build_engine
 
 
 @dataclass

@@ -60,8 +60,9 @@ from limoe.data.pipeline import train_loader
 from limoe.model.tower import build_model
 from limoe.training.progress import TrainingReporter
 from limoe.training.device_batches import DeviceBatches
+from limoe.training.session import start_session
 from limoe.training.step import ContrastiveTrainer, StepOutcome, train_step
-from limoe.training.trainer import build_engine, optimizer_groups, start_session
+from limoe.training.trainer import build_engine, optimizer_groups
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense (no 2:4 sparsity) bf16 peak; H200 has the same, H100 PCIe 756
 

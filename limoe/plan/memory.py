@@ -34,10 +34,9 @@ from limoe.evaluate.prompts import load_templates
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
 from limoe.plan.launch import launch_command, nodes_for
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
-from limoe.training.candidates import most_candidates, prompts_per_process
-from limoe.training.cotraining import check_task_batches, task_classnames
+from limoe.training.batches import check_task_batches, micro_batch_size, prompts_per_process
+from limoe.training.candidates import most_candidates, task_classnames
 from limoe.training.deepspeed_config import deepspeed_config
-from limoe.training.step import micro_batch_size
 
 GiB = 2**30
 RESERVED = 3 * GiB  # CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation [this project's default]

@@ -1,6 +1,6 @@
 """`limoe pretrain`: masked pretraining inside `limoe train`'s engine, loop and checkpoints.
 
-The run is `limoe.training.trainer.train` with the masked-pretraining objective in place of the
+The run is `limoe.train_command.train` with the masked-pretraining objective in place of the
 contrastive one, so DeepSpeed, expert parallelism, clipping, checkpoints, resume and logging are
 the same code. At the end the model is exported without the training-only heads (a contrastive
 model's tensors, ready for `limoe eval` and for `train.init_from`), and the report measures the
@@ -20,7 +20,7 @@ from limoe.files import atomic_write
 from limoe.model.tower import build_model
 from limoe.pretraining.evaluation import evaluate_masked_modelling
 from limoe.pretraining.objective import MaskedPretraining
-from limoe.training.trainer import train
+from limoe.train_command import train
 
 
 def check_pretraining_config(config: Config) -> None:

@@ -16,6 +16,7 @@ against every candidate while encoding only its share.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence, Union
 
 import torch
@@ -23,13 +24,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_gather
 
+from limoe.config import TaskConfig
+from limoe.data.pipeline import read_classnames
 from limoe.data.preprocess import tokenizer
 from limoe.distributed import rank_and_world
-from limoe.evaluate.prompts import Template, class_prompts
+from limoe.evaluate.prompts import Template, class_prompts, load_classnames
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe
+from limoe.training.batches import prompts_per_process
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # Uni-Perceiver's (and CLIP's) initial temperature, as a log
+
+
+def task_classnames(task: TaskConfig) -> list[str]:
+    """A classification task's class names: its `classnames` file, else the classnames.txt beside its shards."""
+    return load_classnames(Path(task.classnames)) if task.classnames else read_classnames(task.data)
 
 
 def prompt_tokens(classnames: Sequence[str], templates: Sequence[Template], context_length: int) -> Tensor:
@@ -42,11 +51,6 @@ def class_embeddings(prompt_features: Tensor, templates: int) -> Tensor:
     mean over its templates, renormalised (the zero-shot classifier's protocol)."""
     per_class = prompt_features.view(-1, templates, prompt_features.shape[-1]).mean(dim=1)  # [K, D]
     return F.normalize(per_class, dim=-1)
-
-
-def prompts_per_process(count: int, world: int) -> int:
-    """How many of `count` prompts each of `world` data-parallel ranks encodes (equal slices)."""
-    return math.ceil(count / world)
 
 
 def encode_prompts(model: Limoe, tokens: Tensor) -> tuple[Tensor, list[LayerRouting]]:

@@ -17,7 +17,6 @@ includes the auxiliary routing losses of its own forward passes.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -26,11 +25,12 @@ from torch import Tensor
 
 from limoe.checkpoints.training import COTRAINING
 from limoe.config import Config, LossConfig, ShardSource, TaskConfig
-from limoe.data.pipeline import ShardLoader, expand_shards, read_classnames, require_labels, train_loader
+from limoe.data.pipeline import ShardLoader, expand_shards, require_labels
 from limoe.errors import LimoeError
-from limoe.evaluate.prompts import load_classnames, load_templates
+from limoe.evaluate.prompts import load_templates
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe
+from limoe.training.batches import check_task_batches
 from limoe.training.candidates import (
     CandidateLoss,
     candidate_subset,
@@ -39,21 +39,22 @@ from limoe.training.candidates import (
     positions,
     prompt_rows,
     prompt_tokens,
+    task_classnames,
 )
 from limoe.training.device_batches import DeviceBatches, WaitClock
+from limoe.training.loaders import SEED_STRIDE, train_loader_for
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.schedules import TaskSchedule
+from limoe.training.session import Session
 from limoe.training.step import (
     ContrastiveTrainer,
     MicroBatchShare,
     StepOutcome,
     TrainerOutput,
     apply_update,
-    check_whole_groups,
     forward_backward,
     whole_batch_backward,
 )
-from limoe.training.trainer import Session
 
 log = logging.getLogger("limoe.training.trainer")
 
@@ -161,7 +162,7 @@ class ClassificationTask(Task):
         targets, prompts = labels, self.prompts
         if self.config.candidates != "all":
             everyone = _gather(labels)  # the candidates must be the same on every rank
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + step)
             classes = candidate_subset(everyone, len(self.classnames), self.config.candidates, generator)
             classes = classes.to(labels.device)
             targets, prompts = positions(classes, labels), self.prompts[prompt_rows(classes, self.templates)]
@@ -198,39 +199,6 @@ def check_tasks(config: Config, world_size: int) -> None:
             load_templates(task.templates)
 
 
-def check_task_batches(config: Config, world_size: int) -> None:
-    """Every task's batch splits over the processes, a contrastive task's into whole routing groups,
-    and into micro-batches where it may."""
-    for task in config.tasks:
-        batch_size = config.task_batch_size(task)
-        if batch_size % world_size:
-            raise LimoeError(
-                f"task '{task.name}': batch_size {batch_size} does not split over the {world_size} processes; "
-                f"give it a multiple of {world_size}."
-            )
-    for task in config.tasks:
-        batch_size = config.task_batch_size(task)
-        if task.kind == "contrastive":
-            check_whole_groups(batch_size // world_size, f"task '{task.name}': batch_size {batch_size}", config,
-                               world_size)
-        micro = config.train.micro_batch_size
-        if micro is not None and task.kind == "classification":
-            raise LimoeError(
-                f"task '{task.name}': train.micro_batch_size applies to contrastive tasks only, and a classification "
-                f"batch is encoded whole; remove train.micro_batch_size or lower the task's batch_size instead."
-            )
-        if micro is not None and (batch_size // world_size) % micro:
-            raise LimoeError(
-                f"task '{task.name}': train.micro_batch_size {micro} does not divide its {batch_size // world_size} "
-                f"pairs per process; give the task a batch_size that is a multiple of {micro * world_size}."
-            )
-
-
-def task_classnames(task: TaskConfig) -> list[str]:
-    """A classification task's class names: its `classnames` file, else the classnames.txt beside its shards."""
-    return load_classnames(Path(task.classnames)) if task.classnames else read_classnames(task.data)
-
-
 def build_tasks(config: Config, world_size: int, device: torch.device, start: int,
                 clock: Optional[WaitClock] = None) -> list[Task]:
     """Every task's loader (reseeded for a resume at `start`) and, for classification, its prompts;
@@ -238,12 +206,8 @@ def build_tasks(config: Config, world_size: int, device: torch.device, start: in
     tasks = []
     for index, task in enumerate(config.tasks):
         classification = task.kind == "classification"
-        loader = train_loader(
-            (ShardSource(task.data),), config.task_batch_size(task) // world_size, config.model.image_size,
-            config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
-            seed=config.train.seed + 1_000_003 * start + 7_919 * index, max_bad_fraction=config.data.max_bad_fraction,
-            classification=classification, pin_memory=device.type == "cuda", resize_on=config.data.resize_on,
-        )
+        loader = train_loader_for(config, (ShardSource(task.data),), config.task_batch_size(task), world_size, device,
+                                  start, stream=index, classification=classification)
         if not classification:
             tasks.append(Task(task, loader, device, clock))
             continue

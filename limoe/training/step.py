@@ -46,9 +46,9 @@ from limoe.checkpoints.training import CONTRASTIVE
 from limoe.config import Config
 from limoe.data.preprocess import normalise
 from limoe.distributed import expert_parallel_group
-from limoe.errors import LimoeError
-from limoe.model.routing import Grouping, LayerRouting
+from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe, LimoeOutput
+from limoe.training.batches import micro_batch_size
 from limoe.training.deepspeed_config import zero_clips_by_itself
 from limoe.training.flip import PatchDropping
 from limoe.training.losses import ContrastiveLoss, RoutingCounts, auxiliary_loss, clamp_logit_scale, whole_batch_counts
@@ -160,54 +160,6 @@ def _detached(terms: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # ---------------------------------------------------------------------------------------------
 # Micro-batches
-
-
-def micro_batch_size(config: Config, world_size: int) -> int:
-    """Pairs per GPU per forward: train.micro_batch_size, checked; the whole per-GPU batch by default."""
-    batch = config.train.batch_size
-    if batch % world_size:
-        raise LimoeError(f"train.batch_size {batch} is not divisible by the {world_size} processes; "
-                         f"pick a global batch that splits evenly.")
-    local = batch // world_size
-    check_whole_groups(local, f"train.batch_size {batch}", config, world_size)
-    micro = config.train.micro_batch_size
-    if micro is None:
-        return local
-    if micro < 1 or local % micro:
-        divisors = [d for d in range(1, local + 1) if local % d == 0 and d % _whole_groups(config) == 0]
-        raise LimoeError(f"train.micro_batch_size {micro} does not divide the {local} pairs per GPU (train.batch_size "
-                         f"{batch} / {world_size} processes); use a divisor such as {_some(divisors)}.")
-    group = _whole_groups(config)
-    if micro % group:
-        raise LimoeError(f"train.micro_batch_size {micro} is not a multiple of model.moe.group_size {group}: a "
-                         f"micro-batch must hold whole routing groups to route as the full batch does.")
-    return micro
-
-
-def check_whole_groups(local: int, batch: str, config: Config, world_size: int) -> None:
-    """Refuse a per-GPU batch of `local` examples (`batch` names the setting) that is not whole routing
-    groups: the MoE layers would spread it evenly over smaller groups (`Grouping`), padded with empty
-    examples where it does not divide, so tokens would compete for capacity in groups of another size
-    than model.moe.group_size, silently."""
-    group = _whole_groups(config)
-    if local % group:
-        grouping = Grouping.for_batch(local, group)
-        pad = grouping.padded_batch - local
-        padding = f" with {pad} empty examples as padding" if pad else ""
-        lower, upper = (local // group) * group * world_size, (local // group + 1) * group * world_size
-        such_as = f"{lower} or {upper}" if lower else f"{upper}"
-        raise LimoeError(f"{batch} gives {local} examples per GPU, not a multiple of model.moe.group_size {group}: "
-                         f"they would be routed in {grouping.num_groups} groups of {grouping.per_group}{padding}. "
-                         f"Use a multiple of {group * world_size} such as {such_as}.")
-
-
-def _whole_groups(config: Config) -> int:
-    """A micro-batch holds a multiple of this many examples (the routing group; 1 for a dense model)."""
-    return config.model.moe.group_size if config.model.moe_layers else 1
-
-
-def _some(values: list[int]) -> str:
-    return ", ".join(map(str, values[-4:])) if values else "the whole per-GPU batch"
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Optional[Tensor]]:

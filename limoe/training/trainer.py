@@ -5,8 +5,9 @@ The same code runs as one CPU process and as many GPU processes under `deepspeed
 gradients over the expert-data-parallel group only) and ZeRO; checkpoints are limoe's own
 (`limoe.checkpoints.training`: code-free, resumable on another process layout); this module
 builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe.training.step`
-one exact step at any micro-batch size), runs the loop, and reports. On a GPU the memory plan
-(`limoe plan`) is checked before anything is allocated. `limoe pretrain` runs this same loop with
+one exact step at any micro-batch size), runs the loop, and reports. The command around it
+(`limoe.train_command`) checks the settings, the inputs and, on a GPU, the memory plan
+(`limoe plan`) before the workdir is touched. `limoe pretrain` runs this same loop with
 its masked-modelling objective in place of the contrastive one; with `tasks:` in the config the
 loop co-trains several datasets (`limoe.training.cotraining`), each step running the task the
 schedule names.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -30,21 +30,22 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from limoe.checkpoints import training as checkpoint
-from limoe.checkpoints.store import has_checkpoints
-from limoe.checkpoints.warm_start import check_init_from, warm_start
+from limoe.checkpoints.warm_start import warm_start
 from limoe.config import Config, dump_config
-from limoe.data.pipeline import check_batch_fits_in_memory, expand_shards, train_loader
-from limoe.distributed import ExpertSharding, any_process, init_process_group, resolve_device
+from limoe.distributed import ExpertSharding, any_process
 from limoe.errors import LimoeError
-from limoe.files import atomic_write, refuse_overwriting_inputs
+from limoe.files import atomic_write
 from limoe.model.tower import Limoe, build_model
+from limoe.training.batches import micro_batch_size
+from limoe.training.cotraining import cotraining_objective, lr_scale, task_steps
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.device_batches import DeviceBatches, WaitClock
-from limoe.training.evaluation import check_eval_sets, evaluate_live
+from limoe.training.evaluation import evaluate_live
+from limoe.training.loaders import train_loader_for
 from limoe.training.progress import TrainingReporter
-from limoe.training.report_to import check_report_to
-from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, micro_batch_size, train_step
-from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until, locked_workdir
+from limoe.training.session import Session
+from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, train_step
+from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until
 
 log = logging.getLogger("limoe.training.trainer")
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
@@ -106,48 +107,16 @@ def lr_multiplier(step: int, config: Config) -> float:
     return floor + (1 - floor) * shape
 
 
-@dataclass
-class Session:
-    """Where this process runs: device, precision, rank and world."""
-
-    device: torch.device
-    bf16: bool
-    rank: int
-    world_size: int
-
-
-def start_session(config: Config) -> Session:
-    """Join (or create) the process group and pick device and precision from the config."""
-    cuda = resolve_device(config.train.device, option="train.device") == "cuda"
-    rank, world_size, local_rank = init_process_group("nccl" if cuda else "gloo", config.distributed.timeout_minutes)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    bf16 = config.train.precision == "bf16" or (config.train.precision == "auto" and cuda)
-    if world_size % config.distributed.expert_parallel_size:
-        raise LimoeError(
-            f"distributed.expert_parallel_size {config.distributed.expert_parallel_size} does not divide the "
-            f"{world_size} processes."
-        )
-    return Session(device, bf16, rank, world_size)
-
-
 def objective_for(config: Config, objective: type[Objective]) -> type[Objective]:
     """The objective a run optimises: `objective`, or with `tasks:` the co-training one."""
-    if not config.tasks:
-        return objective
-    from limoe.training import cotraining  # it builds on the trainer's session and step
-
-    return cotraining.cotraining_objective(objective)
+    return cotraining_objective(objective) if config.tasks else objective
 
 
 def _task_lr_scale(config: Config) -> Callable[[int], float]:
     """step → the lr_scale of the task the schedule runs at that step (1 without `tasks:`)."""
     if not config.tasks:
         return lambda step: 1.0
-    from limoe.training import cotraining
-
-    return cotraining.lr_scale(config)
+    return lr_scale(config)
 
 
 def build_engine(config: Config, session: Session, compile_backend: str = "inductor",
@@ -184,49 +153,10 @@ def build_engine(config: Config, session: Session, compile_backend: str = "induc
     return engine
 
 
-def check_memory_plan(config: Config, session: Session) -> None:
-    """On a GPU, refuse (one line, with the numbers and the fix) a run whose memory plan does not fit."""
-    if session.device.type != "cuda":
-        return
-    from limoe.plan import refuse_if_it_cannot_fit
-
-    refuse_if_it_cannot_fit(config, session.world_size, torch.cuda.get_device_properties(session.device).total_memory)
-
-
-def train(config: Config, workdir: Path, objective: type[Objective] = ContrastiveTrainer,
-          report: Optional[FinalReport] = None) -> dict:
-    """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0).
-
-    `objective` is what is optimised (contrastive training by default; `limoe pretrain` passes
-    its masked-modelling objective; `tasks:` in the config turn contrastive training into
-    co-training) and `report` what is measured at the end (default: held-out retrieval and routing
-    of the exported model).
-    """
-    refuse_overwriting_inputs({"--workdir": workdir}, checkpoint.checkpoint_sources(config.train.init_from))
-    objective = objective_for(config, objective)
-    if not config.tasks:  # (co-training reads the tasks' data instead)
-        for source in config.data.train:  # a missing shard path fails here, before anything is built
-            expand_shards(source.shards)
-    check_eval_sets(config)
-    check_report_to(config)
-    if not has_checkpoints(workdir):  # a fresh run: a bad train.init_from fails here, before the workdir is touched
-        check_init_from(config)
-    session = start_session(config)
-    if config.tasks:
-        from limoe.training import cotraining
-
-        cotraining.check_tasks(config, session.world_size)
-    micro_batch_size(config, session.world_size)  # whole routing groups, before the workdir is touched
-    check_memory_plan(config, session)
-    largest = max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks])
-    check_batch_fits_in_memory(largest // session.world_size, config.model.image_size, config.data.workers,
-                               config.data.resize_on)
-    with locked_workdir(workdir, session.rank):
-        return _train_in(config, workdir, session, objective, report)
-
-
-def _train_in(config: Config, workdir: Path, session: Session, objective: type[Objective],
-              report: Optional[FinalReport]) -> dict:
+def train_in_workdir(config: Config, workdir: Path, session: Session, objective: type[Objective],
+                     report: Optional[FinalReport]) -> dict:
+    """Train (or resume) in `workdir`, which this process has locked, with checked settings; returns
+    the final held-out metrics (on rank 0)."""
     resume = checkpoint.find_resume_checkpoint(workdir)
     if resume is not None:
         check_same_architecture(checkpoint.checkpoint_config(resume).model, config.model, resume.path)
@@ -245,16 +175,10 @@ def _train_in(config: Config, workdir: Path, session: Session, objective: type[O
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)
     data_clock = WaitClock()
     if config.tasks:
-        from limoe.training import cotraining
-
-        run_step, bad_samples = cotraining.task_steps(engine, config, session, start, data_clock)
+        run_step, bad_samples = task_steps(engine, config, session, start, data_clock)
     else:
-        loader = train_loader(
-            config.data.train, config.train.batch_size // session.world_size, config.model.image_size,
-            config.model.context_length, config.data.workers, config.data.shuffle_buffer, config.data.resampled,
-            seed=config.train.seed + 1_000_003 * start, max_bad_fraction=config.data.max_bad_fraction,
-            pin_memory=session.device.type == "cuda", resize_on=config.data.resize_on,
-        )
+        loader = train_loader_for(config, config.data.train, config.train.batch_size, session.world_size,
+                                  session.device, start)
         run_step, bad_samples = _pair_steps(engine, loader, config, session, data_clock), loader.bad_samples
     # Checkpoints written before pairs were counted: assume today's batch size throughout.
     pairs_seen = state.get("pairs_seen", start * config.train.batch_size)

@@ -14,8 +14,9 @@ from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
 from limoe.cli import main
 from limoe.config import load_config
+from limoe.training.session import start_session
 from limoe.training.step import train_step
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.trainer import build_engine
 
 PLANNED_STEPS = 7
 

@@ -20,8 +20,9 @@ from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.engine_state import engine_entries
 from limoe.config import load_config
 from limoe.errors import LimoeError
+from limoe.training.session import start_session
 from limoe.training.step import train_step
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.trainer import build_engine
 from tests.training.ep_worker import OVERRIDES, fixed_batch
 
 

@@ -20,7 +20,8 @@ from limoe.data.pipeline import LabelledBatch, TrainBatch
 from limoe.training.candidates import prompt_tokens
 from limoe.training.cotraining import ClassificationTask, Task, cotrain_step
 from limoe.training.schedules import TaskSchedule
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.session import start_session
+from limoe.training.trainer import build_engine
 
 from tests.training.ep_worker import OVERRIDES
 from tests.training.processes import leave_process_group

@@ -26,8 +26,9 @@ import torch.distributed as dist
 from limoe.checkpoints import training as checkpoint
 from limoe.config import dump_config, load_config
 from limoe.pretraining.objective import MaskedPretraining
+from limoe.training.session import start_session
 from limoe.training.step import forward_backward, train_step
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.trainer import build_engine
 from tests.training.processes import leave_process_group
 
 GLOBAL_BATCH = 16

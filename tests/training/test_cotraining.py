@@ -16,7 +16,8 @@ from limoe.data.pipeline import LabelledBatch, TrainBatch
 from limoe.training.candidates import prompt_tokens
 from limoe.training.cotraining import ClassificationTask, Task, task_gradients
 from limoe.training.schedules import TaskSchedule
-from limoe.training.trainer import Session, build_engine, lr_multiplier, start_session
+from limoe.training.session import Session, start_session
+from limoe.training.trainer import build_engine, lr_multiplier
 from tests.training.processes import run_processes
 
 QUICK = ["data.workers=0", "train.log_every=2", "train.checkpoint_every=2", "train.routing_stats_every=2",
@@ -228,7 +229,7 @@ def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit
     def two_ranks(config):
         return Session(torch.device("cpu"), False, 0, 2)
 
-    monkeypatch.setattr("limoe.training.trainer.start_session", two_ranks)
+    monkeypatch.setattr("limoe.train_command.start_session", two_ranks)
     assert _train(tmp_path, _config_file(tmp_path), "tasks.1.batch_size=5") == 2
     assert "task 'subgroups': batch_size 5 does not split over the 2 processes" in _one_line_error(capsys)
 

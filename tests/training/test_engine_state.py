@@ -9,8 +9,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from limoe.config import load_config
 from limoe.plan.state import count_parameters, state_bytes
+from limoe.training.session import start_session
 from limoe.training.step import train_step
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.trainer import build_engine
 
 
 def test_optimizer_state_bytes_are_what_a_zero1_engine_holds():

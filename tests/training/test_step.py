@@ -21,8 +21,9 @@ from limoe.model.tower import build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.flip import PatchDropping
 from limoe.training.losses import auxiliary_loss, whole_batch_counts
+from limoe.training.session import start_session
 from limoe.training.step import ContrastiveTrainer, forward_backward, train_step
-from limoe.training.trainer import build_engine, start_session
+from limoe.training.trainer import build_engine
 
 BATCH = 16
 BASE = [f"train.batch_size={BATCH}", "train.device=cpu", "model.moe.group_size=4", "optim.warmup_steps=1"]

@@ -16,8 +16,9 @@ from limoe.checkpoints import training as checkpoint
 from limoe.cli import main
 from limoe.checkpoints import load_model
 from limoe.config import dump_config, load_config
+from limoe.training.session import start_session
 from limoe.training.step import train_step
-from limoe.training.trainer import build_engine, lr_multiplier, start_session
+from limoe.training.trainer import build_engine, lr_multiplier
 from limoe.training.workdir import keep_metrics_until, locked_workdir
 from tests.child_env import child_env
 
