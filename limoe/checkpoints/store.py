@@ -39,7 +39,7 @@ from limoe.errors import LimoeError
 from limoe.files import atomic_replace, fsync_directory, fsync_file, save_safetensors
 from limoe.model.moe import current_parameter_name
 
-log = logging.getLogger("limoe.checkpoints")
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"

@@ -47,7 +47,7 @@ from limoe.errors import LimoeError
 from limoe.files import check_output_directory, check_output_file, describe_os_error, refuse_overwriting_inputs
 from limoe.model.tower import build_model
 
-log = logging.getLogger("limoe.checkpoints")
+log = logging.getLogger(__name__)
 TRAINER_PREFIX = "model."  # the objective's `model`: the engine wraps the model together with its loss or heads
 OBJECTIVE = "objective"  # state.json: which objective wrote the checkpoint
 CONTRASTIVE, PRETRAINING, COTRAINING = "contrastive", "pretraining", "co-training"

@@ -56,7 +56,7 @@ from limoe.errors import LimoeError
 from limoe.data.crops import (
     Uncropped, box_pixels, crop_in_worker, draw_box, largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
 )
-from limoe.data.preprocess import eval_crop, normalise, tokenizer
+from limoe.data.preprocess import eval_crop, normalize, tokenizer
 from limoe.files import read_text_file
 from limoe.data.images import UnusableImage, decode_rgb
 from limoe.data.sources import mixing_weights
@@ -145,7 +145,7 @@ def read_classnames(spec: str) -> list[str]:
 
 
 class TrainBatch(NamedTuple):
-    # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalise). With
+    # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalize). With
     # resize_on="device", an Uncropped until DeviceBatches crops it.
     images: Union[torch.Tensor, Uncropped]
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
@@ -328,7 +328,7 @@ def _collate(records: list, context_length: int, image_size: int, train: bool, c
         images = uncropped_batch(list(images), image_size)
     else:
         images = stack_crops(images)
-        images = images if train else normalise(images)
+        images = images if train else normalize(images)
     if classification:
         labels = torch.tensor(targets, dtype=torch.int64)
         return LabelledBatch(images, labels) if train else EvalBatch(images, list(keys), None, labels)

@@ -7,7 +7,7 @@ eval: resize the shorter side, center crop), and open_clip's CLIP BPE tokenizer 
 config's context length (zero padded, end-of-text kept when truncating).
 
 Batches are made of uint8 images (a quarter of the bytes of float32) and normalised by
-`normalise`, with the arithmetic of open_clip's ToTensor + Normalize: training batches on the
+`normalize`, with the arithmetic of open_clip's ToTensor + Normalize: training batches on the
 device, evaluation batches in the worker. The training crop itself is in `limoe.data.crops`.
 """
 
@@ -37,11 +37,11 @@ def eval_transform(image_size: int) -> Compose:
 @functools.lru_cache(maxsize=None)
 def eval_crop(image_size: int) -> Compose:
     """PIL image → PIL image: the eval transform's resize of the shorter side and centre crop,
-    before the tensor conversion and normalisation (`normalise` does those on uint8 batches)."""
+    before the tensor conversion and normalisation (`normalize` does those on uint8 batches)."""
     return Compose([t for t in eval_transform(image_size).transforms if not isinstance(t, (ToTensor, Normalize))])
 
 
-def normalise(images: Tensor) -> Tensor:
+def normalize(images: Tensor) -> Tensor:
     """[B, 3, H, W] uint8 → float32 normalised, exactly as `image_transform` would have made it."""
     mean = images.new_tensor(MEAN, dtype=torch.float32)[:, None, None]  # [3, 1, 1]
     std = images.new_tensor(STD, dtype=torch.float32)[:, None, None]
@@ -54,7 +54,7 @@ def tokenizer(context_length: int) -> SimpleTokenizer:
     return SimpleTokenizer(context_length=context_length)
 
 
-def unnormalise(images: Tensor) -> Tensor:
+def unnormalize(images: Tensor) -> Tensor:
     """[B, 3, H, W] as the transforms produce them → [B, 3, H, W] in [0, 1], for pictures."""
     mean = torch.tensor(MEAN)[:, None, None]
     std = torch.tensor(STD)[:, None, None]

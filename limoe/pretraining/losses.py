@@ -16,7 +16,7 @@ def patchify(images: Tensor, patch: int) -> Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), patch * patch * channels)
 
 
-def normalised_pixels(patches: Tensor, eps: float = 1e-6) -> Tensor:
+def normalized_pixels(patches: Tensor, eps: float = 1e-6) -> Tensor:
     """MAE's target: each patch's pixels minus their mean, over their standard deviation.
     patches [B, N, P] → [B, N, P]; a flat patch (a white background) becomes all zeros."""
     mean = patches.mean(dim=-1, keepdim=True)

@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from limoe.checkpoints.training import PRETRAINING
 from limoe.config import Config, PretrainConfig
-from limoe.data.preprocess import normalise, tokenizer
+from limoe.data.preprocess import normalize, tokenizer
 from limoe.distributed import rank_and_world
 from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
-from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalised_pixels, patchify
+from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalized_pixels, patchify
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.step import TrainerOutput
 
@@ -123,7 +123,7 @@ class MaskedPretraining(nn.Module):
         """One step's task on a batch of pairs → (loss, its parts detached, routing). Images come as
         the loader's uint8 or as normalised floats."""
         task = task_at(step, self.pretrain_config)
-        images = normalise(images) if images.dtype == torch.uint8 else images
+        images = normalize(images) if images.dtype == torch.uint8 else images
         terms = {}
         if task.predicts == "image":
             predicted, routing = self.predict_image(images, tokens if task.given_other else None, step)
@@ -153,7 +153,7 @@ class MaskedPretraining(nn.Module):
         if tokens is not None:
             visible = self.image_fusion(visible, streams[1].x, context_real=streams[1].key_mask)
         prediction = self.image_decoder(visible, keep)  # [B, N, p·p·3]
-        target = normalised_pixels(patchify(images, config.patch_size))
+        target = normalized_pixels(patchify(images, config.patch_size))
         return PatchPrediction(prediction, target, masked_patches(keep, config.num_patches)), routing
 
     def predict_text(self, tokens: Tensor, images: Optional[Tensor], step: int) -> tuple[TokenPrediction, list[LayerRouting]]:

@@ -27,7 +27,7 @@ from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
 from limoe.files import atomic_write, check_output_directory, refuse_overwriting_inputs
 from limoe.model.tower import PAD_TOKEN, Limoe
-from limoe.data.preprocess import unnormalise
+from limoe.data.preprocess import unnormalize
 from limoe.model.routing import LayerRouting
 from limoe.routing_report.pictures import write_pictures
 from limoe.routing_report.records import CheckpointRouting, ExampleRouting
@@ -62,9 +62,9 @@ def _decode(token_ids: list[int]) -> list[str]:
     return [SPECIAL_TOKENS.get(piece, piece) for piece in pieces]
 
 
-def _unnormalise(images: Tensor) -> np.ndarray:
+def _unnormalize(images: Tensor) -> np.ndarray:
     """[B, 3, H, W] as the data pipeline normalises them → [B, H, W, 3] in [0, 1]."""
-    return unnormalise(images).permute(0, 2, 3, 1).numpy()
+    return unnormalize(images).permute(0, 2, 3, 1).numpy()
 
 
 def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Tensor, routing: LayerRouting,
@@ -77,7 +77,7 @@ def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Te
     expert, kept = routing.expert[indices].cpu(), routing.kept_mask[indices].cpu()  # [k, N]
     tokens = tokens[indices].cpu()  # [k, L]
     examples = []
-    for i, (index, image) in enumerate(zip(indices, _unnormalise(images[indices]))):
+    for i, (index, image) in enumerate(zip(indices, _unnormalize(images[indices]))):
         real = tokens[i] != PAD_TOKEN  # [L]
         examples.append(ExampleRouting(
             key=keys[index], image=image,

@@ -56,7 +56,7 @@ from limoe.training.step import (
     whole_batch_backward,
 )
 
-log = logging.getLogger("limoe.training.trainer")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from limoe.training.report_to import ScalarSinks, scalars
 from limoe.training.step import StepOutcome
 from limoe.training.workdir import METRICS
 
-log = logging.getLogger("limoe.training.trainer")
+log = logging.getLogger(__name__)
 
 
 class TrainingReporter:

@@ -44,7 +44,7 @@ from torch.nn.utils import get_total_norm
 
 from limoe.checkpoints.training import CONTRASTIVE
 from limoe.config import Config
-from limoe.data.preprocess import normalise
+from limoe.data.preprocess import normalize
 from limoe.distributed import expert_parallel_group
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe, LimoeOutput
@@ -114,7 +114,7 @@ class ContrastiveTrainer(nn.Module):
     def encode(self, images: Optional[Tensor], tokens: Optional[Tensor],
                image_keep: Optional[Tensor] = None) -> LimoeOutput:
         if images is not None and images.dtype == torch.uint8:
-            images = normalise(images)
+            images = normalize(images)
         return self.model(images, tokens, image_keep)
 
     def loss_parameters(self) -> list[nn.Parameter]:

@@ -47,7 +47,7 @@ from limoe.training.session import Session
 from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, train_step
 from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until
 
-log = logging.getLogger("limoe.training.trainer")
+log = logging.getLogger(__name__)
 MAX_SKIPS_IN_A_ROW = 20  # with skip_nonfinite_steps: this many bad steps in a row means divergence
 FinalReport = Callable[[Path, Config, Path], dict]  # (exported model file, config, workdir) → metrics
 

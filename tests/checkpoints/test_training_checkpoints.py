@@ -87,7 +87,7 @@ DAMAGES = {
 def test_a_damaged_checkpoint_is_named_and_the_newest_complete_one_is_used(run, caplog, damage):
     workdir, _, weights = run
     DAMAGES[damage](_step_dir(workdir, 2))
-    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints.store"):
         found = checkpoint.find_resume_checkpoint(workdir)
         state, _ = checkpoint.consolidated_state(workdir)
     assert found.step == 1
@@ -112,7 +112,7 @@ def test_a_missing_or_wrong_latest_is_found_by_scanning(run, caplog, latest):
     pointer.unlink()
     if latest is not None:
         pointer.write_text(latest)
-    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints.store"):
         assert checkpoint.find_resume_checkpoint(workdir).step == 2
     assert any("found step_00000002 by scanning" in r.getMessage() for r in caplog.records)
 

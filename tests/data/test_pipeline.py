@@ -27,7 +27,7 @@ from limoe.data.pipeline import (
     train_loader,
 )
 from limoe.data.crops import crop_in_worker, draw_box, stack_crops
-from limoe.data.preprocess import image_transform, normalise
+from limoe.data.preprocess import image_transform, normalize
 from limoe.errors import LimoeError
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
@@ -186,14 +186,14 @@ def test_img2dataset_shards_load_without_conversion(tmp_path):
     assert batch.images.dtype == torch.uint8  # normalised on the device
 
 
-def test_uint8_training_images_normalise_to_exactly_what_the_float_transform_gives(monkeypatch):
+def test_uint8_training_images_normalize_to_exactly_what_the_float_transform_gives(monkeypatch):
     image = Image.open(io.BytesIO(_image_bytes(3, size=(40, 30)))).convert("RGB")
     box = draw_box(image, 32)
     monkeypatch.setattr(RandomResizedCrop, "get_params", staticmethod(lambda *args: box))  # the same crop
     expected = image_transform(32, train=True)(image)  # [3, 32, 32] float32, normalised
     cropped = stack_crops([crop_in_worker(image, box, 32)])  # [1, 3, 32, 32] uint8
     assert cropped.dtype == torch.uint8
-    assert torch.equal(normalise(cropped)[0], expected)
+    assert torch.equal(normalize(cropped)[0], expected)
 
 
 def test_eval_images_are_exactly_open_clips_eval_transform(tmp_path):

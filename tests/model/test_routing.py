@@ -39,7 +39,7 @@ def _slots(expert, gate, capacity, batch_priority):
     return REFERENCE_OPS.assign_slots(expert, gate, modality, 3, capacity, batch_priority).slot
 
 
-def test_router_picks_argmax_and_unrenormalised_gate():
+def test_router_picks_argmax_and_unrenormalized_gate():
     router = _route(LOGITS)
     assert router.expert.tolist() == [0, 1, 0, 0, 2, 0, 1, 0]
     expected = [_gate(v) for v in (2.0, 1.0, 3.0, 1.0, 2.0, 0.5, 3.0, 4.0)]

@@ -94,7 +94,7 @@ def test_a_killed_pretraining_run_resumes_from_its_last_checkpoint(pretrained, t
     shutil.copytree(pretrained, workdir)
     shutil.rmtree(workdir / "checkpoints" / "step_00000004")
     (workdir / "model.safetensors").unlink()
-    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="limoe.checkpoints.training"):
         assert main(_args("pretrain", workdir, *STAGES)) == 0
     assert any("resuming from" in r.message and "at step 2" in r.message for r in caplog.records)
     steps = [r["step"] for r in _records(workdir) if "loss" in r]

@@ -9,7 +9,7 @@ from limoe.data.pipeline import eval_loader
 from limoe.data.preprocess import tokenizer
 from limoe.model.masking import masked_patches, random_patch_keep, step_generator
 from limoe.model.tower import Limoe
-from limoe.pretraining.losses import masked_patch_loss, normalised_pixels, patchify
+from limoe.pretraining.losses import masked_patch_loss, normalized_pixels, patchify
 from limoe.pretraining.objective import MaskedPretraining, stage_at, task_at
 
 SMALL = ["pretrain.decoder_width=32", "pretrain.decoder_depth=1", "pretrain.decoder_heads=2",
@@ -43,12 +43,12 @@ def test_changing_visible_patches_targets_leaves_the_masked_image_loss_unchanged
     keep = random_patch_keep(len(images), 64, 0.75, step_generator(0, 0, "test", torch.device("cpu")))
     hidden = masked_patches(keep, 64)
     prediction = torch.randn(len(images), 64, 8 * 8 * 3)
-    loss = masked_patch_loss(prediction, normalised_pixels(patchify(images, 8)), hidden)
+    loss = masked_patch_loss(prediction, normalized_pixels(patchify(images, 8)), hidden)
     patches = patchify(images, 8)
     visible_changed = torch.where(hidden[..., None], patches, torch.randn_like(patches))
-    assert masked_patch_loss(prediction, normalised_pixels(visible_changed), hidden) == loss
+    assert masked_patch_loss(prediction, normalized_pixels(visible_changed), hidden) == loss
     hidden_changed = torch.where(hidden[..., None], torch.randn_like(patches), patches)
-    assert masked_patch_loss(prediction, normalised_pixels(hidden_changed), hidden) != loss
+    assert masked_patch_loss(prediction, normalized_pixels(hidden_changed), hidden) != loss
 
 
 def test_the_encoder_sees_only_the_visible_patches(emoji):

@@ -20,7 +20,7 @@ def _layer(image_routed: list[int], text_routed: list[int]) -> dict:
     return _layer_statistics(3, routed, routed, routed.clone(), torch.zeros(2, dtype=torch.float64), slots=1000)
 
 
-def test_each_modality_is_normalised_over_the_experts_on_its_own():
+def test_each_modality_is_normalized_over_the_experts_on_its_own():
     # ten times as many image tokens as text tokens, as in a batch of 64 patches and short captions
     shares = modality_shares(_layer([450, 270, 0, 180, 0], [0, 9, 72, 0, 9]))
     assert shares.shape == (2, 5)

@@ -54,7 +54,7 @@ def test_z_loss_is_the_token_mean_of_squared_logsumexp():
     assert router_z_loss(z_sum, counts).item() == pytest.approx(1.0)
 
 
-def test_entropies_are_normalised_per_modality_and_skip_absent_ones():
+def test_entropies_are_normalized_per_modality_and_skip_absent_ones():
     # Image tokens p = [1, 0] and [0.5, 0.5]: H = 0 and log 2; their mean p = [0.75, 0.25]. One text token [0, 1].
     prob_sum = torch.tensor([[[1.5, 0.5], [0.0, 1.0]]])
     entropy_sum = torch.tensor([[math.log(2), 0.0]])

@@ -141,7 +141,7 @@ def test_an_error_while_the_bar_is_drawn_is_the_last_line_on_its_own(tmp_path, m
     from limoe.training import trainer
 
     def disk_full(*args, **kwargs):
-        logging.getLogger("limoe.checkpoints").warning("the disk is nearly full")
+        logging.getLogger("limoe.checkpoints.training").warning("the disk is nearly full")
         raise LimoeError("no space left on device writing the checkpoint; free some space and re-run.")
 
     monkeypatch.setattr(trainer.checkpoint, "save_training_checkpoint", disk_full)
