@@ -4,8 +4,8 @@ A timing or a score in README.md or docs/ that comes from running something stan
 `<!-- figure NAME.VIEW -->` and `<!-- /figure -->`, and is rendered from `docs/figures/NAME.json`.
 That record is written by `python -m limoe.figures record NAME`, which runs the figure's command
 and measures it: wall time, the user and system CPU time of the command and all its children, the
-machine's cores and its load average just before the start (so "idle" or "loaded" is a measured
-fact, not a recollection), the date and the commit. `python -m limoe.figures` re-renders every
+machine's cores and the share of its CPUs busy in the seconds before the start (so "idle" or
+"loaded" is a measured fact, not a recollection), the date and the commit. `python -m limoe.figures` re-renders every
 quote from the records, and a test fails when a quote differs from its record, so two places can
 never quote one figure differently and no figure is left without its command and conditions.
 
@@ -35,7 +35,8 @@ RECORDS = Path("docs/figures")  # relative to the repository root
 # A quote inline in a sentence, or a block (the markers on lines of their own, e.g. around a table).
 QUOTE = re.compile(r"(?P<open><!-- figure (?P<name>[\w-]+)\.(?P<view>[\w-]+) -->)(?P<body>.*?)(?P<close><!-- /figure -->)",
                    re.DOTALL)
-IDLE_LOAD = 1.0  # below this one-minute load average before the start, the machine counts as idle
+IDLE_SHARE = 0.25  # below this share of the CPUs busy just before the start, the machine counts as idle
+BUSY_WINDOW_S = 5.0  # how long that share is sampled
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,24 @@ def duration(seconds: float) -> str:
 
 
 def conditions(record: dict) -> str:
-    """'2026-12-06, 2-core CPU, idle (load average 0.1 before the start)'."""
-    state = "idle" if record["load_before"] < IDLE_LOAD else "loaded"
-    return (f"{record['date']}, {record['cores']}-core CPU, {state} (load average {record['load_before']:.1f} "
-            f"before the start)")
+    """'2026-12-06, 2-core CPU, idle (3% of the CPUs busy in the 5 s before the start)'."""
+    state = "idle" if record["busy_before"] < IDLE_SHARE else "loaded"
+    return (f"{record['date']}, {record['cores']}-core CPU, {state} ({record['busy_before']:.0%} of the CPUs busy "
+            f"in the {BUSY_WINDOW_S:.0f} s before the start)")
+
+
+def busy_share(seconds: float = BUSY_WINDOW_S) -> float:
+    """The share of all CPUs' time that was not idle over the next `seconds` (Linux /proc/stat).
+    Unlike the load average, which trails the last minute, it says whether other work runs now."""
+
+    def idle_and_total() -> tuple[int, int]:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    idle_before, total_before = idle_and_total()
+    time.sleep(seconds)
+    idle_after, total_after = idle_and_total()
+    return 1.0 - (idle_after - idle_before) / max(total_after - total_before, 1)
 
 
 def times(record: dict) -> str:
@@ -71,11 +86,11 @@ def times(record: dict) -> str:
     return f"{duration(record['wall_s'])} wall, {duration(record['user_s'])} user, {duration(record['system_s'])} system"
 
 
-def measure(figure: Figure, root: Path) -> dict:
+def measure(figure: Figure, root: Path, busy_window: float = BUSY_WINDOW_S) -> dict:
     """Run the figure's command from `root` in a fresh scratch folder and return its record."""
     with tempfile.TemporaryDirectory(prefix=f"limoe-figure-{figure.name}-") as scratch:
         argv = figure.command(Path(scratch))
-        load_before = os.getloadavg()[0]
+        busy_before = busy_share(busy_window)
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         finished = subprocess.run(argv, cwd=root, stdout=subprocess.PIPE, text=True)
@@ -86,7 +101,7 @@ def measure(figure: Figure, root: Path) -> dict:
                              f"nothing was recorded, fix the command's failure first.")
         results = figure.results(Path(scratch), finished.stdout)
     return {"figure": figure.name, "command": figure.what, "date": datetime.date.today().isoformat(),
-            "commit": _commit(root), "cores": os.cpu_count(), "load_before": round(load_before, 2),
+            "commit": _commit(root), "cores": os.cpu_count(), "busy_before": round(busy_before, 3),
             "wall_s": round(wall, 2), "user_s": round(children_after.ru_utime - children_before.ru_utime, 2),
             "system_s": round(children_after.ru_stime - children_before.ru_stime, 2), "results": results}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from limoe.errors import LimoeError
-from limoe.figures import FIGURES, Figure, duration, main, measure, quoting_files, render_text, stale_quotes
+from limoe.figures import FIGURES, Figure, conditions, duration, main, measure, quoting_files, render_text, stale_quotes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,18 +35,19 @@ def _counting_figure(tmp_path):
 
 
 def test_a_record_holds_the_results_and_the_cpu_time_of_the_command_and_its_children(tmp_path):
-    record = measure(_counting_figure(tmp_path), tmp_path)
+    record = measure(_counting_figure(tmp_path), tmp_path, busy_window=0.2)
     assert record["results"] == {"answer": 42, "stdout": "3 passed"}
     assert record["figure"] == "counting" and record["command"] == "count" and record["cores"] >= 1
     # the grandchild's loop is counted: CPU time of the whole tree, not of the first process only
-    assert record["user_s"] + record["system_s"] > 0 and {"date", "commit", "load_before", "wall_s"} <= set(record)
+    assert record["user_s"] + record["system_s"] > 0 and {"date", "commit", "wall_s"} <= set(record)
+    assert 0 <= record["busy_before"] <= 1
 
 
 def test_a_failing_command_records_nothing():
     failing = Figure("failing", "fail", lambda scratch: [sys.executable, "-c", "raise SystemExit(3)"],
                      lambda scratch, stdout: {}, {})
     with pytest.raises(LimoeError, match="exited with status 3; nothing was recorded"):
-        measure(failing, ROOT)
+        measure(failing, ROOT, busy_window=0.2)
 
 
 def test_quotes_render_inline_and_as_blocks_and_keep_the_text_around_them(tmp_path):
@@ -62,6 +63,13 @@ def test_quotes_render_inline_and_as_blocks_and_keep_the_text_around_them(tmp_pa
         "It gave <!-- figure counting.sentence -->(not measured yet: `python -m limoe.figures record counting`)")
     with pytest.raises(LimoeError, match="quote figure counting.nothing"):
         render_text("<!-- figure counting.nothing -->x<!-- /figure -->", tmp_path, {"counting": figure})
+
+
+def test_conditions_say_idle_below_a_quarter_of_the_cpus_busy():
+    record = {"date": "2026-12-06", "cores": 2}
+    assert conditions({**record, "busy_before": 0.03}) == (
+        "2026-12-06, 2-core CPU, idle (3% of the CPUs busy in the 5 s before the start)")
+    assert conditions({**record, "busy_before": 0.5}).startswith("2026-12-06, 2-core CPU, loaded (50% of the CPUs")
 
 
 def test_durations_are_rounded_to_the_second():
