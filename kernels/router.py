@@ -47,7 +47,6 @@ dx — plus its tile's share of dW, which the launcher adds up.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
