@@ -143,18 +143,22 @@ def quoting_files(root: Path) -> list[Path]:
     return [root / "README.md", root / "data_shards" / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-def stale_quotes(root: Path, figures: dict[str, Figure]) -> list[Path]:
-    """The files whose quotes differ from their records (what `render_all` would rewrite)."""
-    return [path for path in quoting_files(root)
-            if render_text(path.read_text(encoding="utf-8"), root, figures) != path.read_text(encoding="utf-8")]
+def rendered_files(root: Path, figures: dict[str, Figure]) -> dict[Path, str]:
+    """Each file whose quotes differ from their records, with its text re-rendered."""
+    rendered = {}
+    for path in quoting_files(root):
+        text = path.read_text(encoding="utf-8")
+        if (new := render_text(text, root, figures)) != text:
+            rendered[path] = new
+    return rendered
 
 
 def render_all(root: Path, figures: dict[str, Figure]) -> list[Path]:
     """Rewrite every stale quote from its record; returns the files rewritten."""
-    stale = stale_quotes(root, figures)
-    for path in stale:
-        path.write_text(render_text(path.read_text(encoding="utf-8"), root, figures), encoding="utf-8")
-    return stale
+    rendered = rendered_files(root, figures)
+    for path, text in rendered.items():
+        path.write_text(text, encoding="utf-8")
+    return list(rendered)
 
 
 # The figures the docs quote.

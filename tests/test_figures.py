@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from limoe.errors import LimoeError
-from limoe.figures import FIGURES, Figure, conditions, duration, main, measure, quoting_files, render_text, stale_quotes
+from limoe.figures import FIGURES, Figure, conditions, duration, main, measure, quoting_files, render_text, rendered_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_quoted_figure_in_the_docs_is_its_record():
     """Re-render with `python -m limoe.figures` after recording a figure anew."""
-    assert stale_quotes(ROOT, FIGURES) == []
+    assert list(rendered_files(ROOT, FIGURES)) == []
 
 
 def test_every_record_is_of_a_figure_and_every_figure_is_quoted():
