@@ -159,3 +159,19 @@ def test_no_import_inside_a_function_hides_a_cycle_between_modules():
 
 def test_no_import_inside_a_function_hides_a_cycle_between_packages():
     assert cycles(package_graph(_every_import_but_start_up())) == []
+
+
+def classes_defined_more_than_once() -> dict:
+    """Each class name defined in more than one place in limoe/, with where ("module:line")."""
+    places: dict = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef):
+                places.setdefault(node.name, []).append(f"{_module_name(path)}:{node.lineno}")
+    return {name: where for name, where in places.items() if len(where) > 1}
+
+
+def test_no_class_name_is_defined_twice():
+    """Two classes of one name (two `Task`s, two `Row`s) make an import or a traceback say less than it
+    seems to, and invite importing the wrong one; each class's name says what it is."""
+    assert classes_defined_more_than_once() == {}
