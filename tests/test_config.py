@@ -20,7 +20,7 @@ from limoe.config import (
 )
 from limoe.cli import main
 from limoe.config import CONFIG_DIR, setting
-from limoe.config_docs import REFERENCE, Key, config_reference, describe_config, undocumented_keys, walk_all
+from limoe.config.docs import REFERENCE, Key, config_reference, describe_config, undocumented_keys, walk_all
 from limoe.errors import LimoeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def test_a_key_added_without_setting_is_reported():
 
 
 def test_config_reference_in_docs_is_current():
-    """Regenerate with `python -m limoe.config_docs` after changing a key in limoe/config.py."""
+    """Regenerate with `python -m limoe.config.docs` after changing a key in limoe/config/."""
     assert (ROOT / REFERENCE).read_text() == config_reference()
 
 
