@@ -22,7 +22,7 @@ from limoe.checkpoints.store import CHECKPOINT_DIR, step_dir_name
 from limoe.cli import main
 from limoe.errors import LimoeError
 from limoe.evaluate.choice_sets import read_choice_sets
-from limoe.evaluate.prompts import load_classnames
+from limoe.prompt_templates import load_classnames
 from limoe.files import atomic_write
 from limoe.training.workdir import locked_workdir
 

@@ -30,7 +30,9 @@ from limoe.training.trainer import build_engine
 
 
 @dataclass
-class Row:
+class MaskRatioRow:
+    """One row of the table: a model's training step times at one image mask ratio."""
+
     model: str
     ratio: float
     kept: int  # patches per image that enter the tower
@@ -53,10 +55,10 @@ def masked_step(model: str, ratio: float, batch: int, device: torch.device) -> t
 
 
 def measure(model: str, ratios: list[float], batch: int, warmup: int, rounds: int, steps: int,
-            device: torch.device) -> list[Row]:
+            device: torch.device) -> list[MaskRatioRow]:
     """Every ratio's step, built once, warmed up, then timed `steps` at a time in `rounds` rounds."""
     prepared = [masked_step(model, ratio, batch, device) for ratio in ratios]
-    rows = [Row(model, ratio, kept, batch) for ratio, (_, kept) in zip(ratios, prepared)]
+    rows = [MaskRatioRow(model, ratio, kept, batch) for ratio, (_, kept) in zip(ratios, prepared)]
     for step, _ in prepared:
         time_steps(step, warmup, 0, device)
     for _ in range(rounds):
@@ -65,7 +67,7 @@ def measure(model: str, ratios: list[float], batch: int, warmup: int, rounds: in
     return rows
 
 
-def format_table(rows: list[Row]) -> list[str]:
+def format_table(rows: list[MaskRatioRow]) -> list[str]:
     lines = [f"{'model':<12} {'mask ratio':>10} {'patches':>8} {'pairs/s':>9} {'step ms':>9} {'vs unmasked':>12}"]
     for row in rows:
         unmasked = next((r.pairs_per_s for r in rows if r.model == row.model and r.ratio == 0), None)

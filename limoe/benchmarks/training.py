@@ -213,7 +213,7 @@ def open_clip_config(spec: Spec) -> tuple[str, dict]:
 
 
 @dataclass
-class Workload:
+class ModelOnlyWorkload:
     """What a model-only step needs: the loss of a batch, the trained module and a fixed batch."""
 
     loss: Callable[[Tensor, Tensor], Tensor]
@@ -229,17 +229,17 @@ def random_batch(batch: int, image_size: int, context_length: int, vocab_size: i
     return images, tokens
 
 
-def limoe_workload(spec: Spec, batch: int, device: torch.device) -> Workload:
+def limoe_workload(spec: Spec, batch: int, device: torch.device) -> ModelOnlyWorkload:
     config = train_config(spec, batch, device)
     torch.manual_seed(config.train.seed)
     module = ContrastiveTrainer(build_model(config), config).to(device)
     model = config.model
-    return Workload(lambda images, tokens: module(images, tokens)[0], module,
-                    random_batch(batch, model.image_size, model.context_length, model.vocab_size, device),
-                    training_flops_per_pair(limoe_streams(model)))
+    return ModelOnlyWorkload(lambda images, tokens: module(images, tokens)[0], module,
+                             random_batch(batch, model.image_size, model.context_length, model.vocab_size, device),
+                             training_flops_per_pair(limoe_streams(model)))
 
 
-def open_clip_workload(spec: Spec, batch: int, device: torch.device) -> Workload:
+def open_clip_workload(spec: Spec, batch: int, device: torch.device) -> ModelOnlyWorkload:
     name, overrides = open_clip_config(spec)
     model = open_clip.create_model(name, pretrained=None, output_dict=True, **overrides).to(device)
     clip_loss = ClipLoss()
@@ -251,10 +251,10 @@ def open_clip_workload(spec: Spec, batch: int, device: torch.device) -> Workload
     model_config = {**open_clip.get_model_config(name), **overrides}
     vision, text = model_config["vision_cfg"], model_config["text_cfg"]
     images, tokens = random_batch(batch, vision["image_size"], text["context_length"], text["vocab_size"], device)
-    return Workload(loss, model, (images, tokens), training_flops_per_pair(open_clip_streams(model_config)))
+    return ModelOnlyWorkload(loss, model, (images, tokens), training_flops_per_pair(open_clip_streams(model_config)))
 
 
-def model_step(workload: Workload, device: torch.device, compile_loss: bool) -> Callable[[], None]:
+def model_step(workload: ModelOnlyWorkload, device: torch.device, compile_loss: bool) -> Callable[[], None]:
     """One AdamW update on the fixed batch; bf16 autocast on a GPU, fp32 on CPU (as `limoe train`)."""
     loss_fn = torch.compile(workload.loss) if compile_loss else workload.loss
     optimizer = torch.optim.AdamW(optimizer_groups(workload.module, 1e-4), lr=1e-4)
@@ -401,7 +401,9 @@ COLUMNS = ("model", "mode", "pairs/s", "step ms", "peak GiB", "GFLOP/pair", "MFU
 
 
 @dataclass
-class Row:
+class ThroughputRow:
+    """One row of the table: one model's training throughput in one mode (or why it has none)."""
+
     label: str
     mode: str  # one of MODES
     partner: Optional[str]  # open_clip label this row is compared with
@@ -449,9 +451,9 @@ def _time_row(spec: Spec, mode: str, settings: Settings) -> tuple[Timing, int]:
         close()
 
 
-def measure(spec: Spec, mode: str, settings: Settings) -> Row:
+def measure(spec: Spec, mode: str, settings: Settings) -> ThroughputRow:
     """One row; a failure (out of memory, a model that does not build) becomes its note."""
-    row = Row(spec.label, mode, spec.partner, settings.batch)
+    row = ThroughputRow(spec.label, mode, spec.partner, settings.batch)
     try:
         row.timing, row.flops_per_pair = _time_row(spec, mode, settings)
     except torch.OutOfMemoryError:
@@ -468,7 +470,7 @@ def measure(spec: Spec, mode: str, settings: Settings) -> Row:
     return row
 
 
-def _best_pairs_per_s(rows: list[Row], label: Optional[str], modes: tuple[str, ...]) -> Optional[float]:
+def _best_pairs_per_s(rows: list[ThroughputRow], label: Optional[str], modes: tuple[str, ...]) -> Optional[float]:
     measured = [r.pairs_per_s for r in rows if r.label == label and r.mode in modes and r.timing]
     return max(measured, default=None)
 
@@ -477,7 +479,7 @@ def _ratio(value: float, reference: Optional[float]) -> str:
     return f"{value / reference:.2f}x" if reference else "-"
 
 
-def format_row(row: Row, rows: list[Row], peak_tflops: float) -> str:
+def format_row(row: ThroughputRow, rows: list[ThroughputRow], peak_tflops: float) -> str:
     label = f"{row.label:<18} {row.mode:<16}"
     if row.timing is None:
         return f"{label} {row.note}"
@@ -490,7 +492,7 @@ def format_row(row: Row, rows: list[Row], peak_tflops: float) -> str:
             f"{row.flops_per_pair / 1e9:>11.2f} {mfu:>7.2%} {vs_open_clip:>13} {vs_model:>14}")
 
 
-def format_table(rows: list[Row], peak_tflops: float) -> list[str]:
+def format_table(rows: list[ThroughputRow], peak_tflops: float) -> list[str]:
     widths = (18, 16, 9, 9, 9, 11, 7, 13, 14)
     header = " ".join(f"{name:<{w}}" if i < 2 else f"{name:>{w}}" for i, (name, w) in enumerate(zip(COLUMNS, widths)))
     return [header] + [format_row(row, rows, peak_tflops) for row in rows]

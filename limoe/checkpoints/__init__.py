@@ -5,8 +5,10 @@ writes and evaluation reads). `hub`: that file in a model folder of Hugging Face
 `hf-hub:org/name` references to one. `training`: checkpoints of a run in progress (weights, Adam
 moments, schedule), saved and resumed on any process layout; `store` is their code-free format on
 disk (safetensors and JSON, checksummed, published atomically) and `engine_state` what they take
-from and give to a DeepSpeed engine. `loading.load_model` takes a reference of any kind. `warm_start`:
-another run's weights into a fresh model (`train.init_from`). Nothing here ever unpickles a file.
+from and give to a DeepSpeed engine, `expert_entries` how they name each expert. `legacy`: every
+conversion of an older format version. `loading.load_model` takes a reference of any kind.
+`warm_start`: another run's weights into a fresh model (`train.init_from`). Nothing here ever
+unpickles a file.
 """
 
 from limoe.checkpoints.loading import load_model, read_config, with_eval_capacity

@@ -2,8 +2,8 @@
 
 Per parameter: the fp32 weight, Adam's two moments and its step, keyed by the parameter's name in
 the unsharded model, so the same entries serve any number of processes, any expert-parallel size
-and any ZeRO stage. Shared parameters are read directly by name; experts go through the MoE
-layer's own mapping (`expert_checkpoint_entries` / `restore_expert_entries`), the one place that
+and any ZeRO stage. Shared parameters are read directly by name; experts go through
+`expert_entries` (`expert_checkpoint_entries` / `restore_expert_entries`), the one place that
 knows how a rank's experts sit in the unsharded layer.
 
 Where the state lives depends on the optimizer DeepSpeed built:
@@ -30,8 +30,9 @@ from deepspeed.utils import (
 )
 from torch import Tensor, nn
 
+from limoe.checkpoints.expert_entries import expert_checkpoint_entries, restore_expert_entries
 from limoe.errors import LimoeError
-from limoe.model.moe import MoeMlp, expert_checkpoint_entries, restore_expert_entries
+from limoe.model.moe import MoeMlp
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"

@@ -21,6 +21,7 @@ from limoe.checkpoints.model_file import config_from_json, read_embedded_config,
 from limoe.config import Config, to_dict
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
+from limoe.model.info import describe_model
 from limoe.model.tower import Limoe
 
 HUB_PREFIX = "hf-hub:"
@@ -120,8 +121,6 @@ def _training_length(config: Config, step: Optional[int]) -> str:
 def model_card(config: Config, repo_id: str, step: Optional[int] = None) -> str:
     """A model card: Hub metadata, the architecture, the training recipe (with the step the weights
     were taken at), and how to load the model."""
-    from limoe.model.info import describe_model  # builds the model on the meta device
-
     train, sources = config.train, ", ".join(f"`{source.shards}`" for source in config.data.train)
     return f"""---
 library_name: limoe

@@ -1,7 +1,8 @@
 """Model files: one consolidated `.safetensors` with the resolved config embedded.
 
 The exported file holds every expert (gathered from all expert-parallel ranks) and the config
-it was trained with, so evaluation and routing inspection need nothing else. Writes go to a
+it was trained with, so evaluation and routing inspection need nothing else, and the format
+version it was written in, so that a file of an older one reads as today's (`legacy`). Writes go to a
 temporary name first and are renamed into place, so a file on disk is always complete.
 """
 
@@ -16,14 +17,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from limoe.config import Config, config_from_dict, to_dict
+from limoe.checkpoints.legacy import FORMAT_VERSION, OLDEST_VERSION, current_model_state
 from limoe.errors import LimoeError
 from limoe.files import atomic_write, save_safetensors
-from limoe.model.moe import stacked_expert_state
 from limoe.model.prompts import prompt_tuning_metadata, restore_prompt_tuning
 from limoe.model.tower import Limoe, build_model
 
 CONFIG_KEY = "limoe_config"
 STEP_KEY = "limoe_step"  # the training step the weights were taken at (exports of a training run)
+VERSION_KEY = "limoe_format_version"  # absent from files of the oldest format
 
 
 def save_model_file(model: Limoe, config: Config, path: Path, notes: Optional[dict[str, str]] = None,
@@ -32,25 +34,42 @@ def save_model_file(model: Limoe, config: Config, path: Path, notes: Optional[di
     model's label set goes into the metadata too, and so do `notes` (JSON strings, e.g. a recipe) and
     the training `step` the weights come from (the config only says how many steps were planned)."""
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    metadata = {**(notes or {}), CONFIG_KEY: json.dumps(to_dict(config)), **prompt_tuning_metadata(model)}
+    metadata = {**(notes or {}), CONFIG_KEY: json.dumps(to_dict(config)), VERSION_KEY: str(FORMAT_VERSION),
+                **prompt_tuning_metadata(model)}
     if step is not None:
         metadata[STEP_KEY] = str(step)
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """The state dict and config of an exported file; anything wrong with it is one LimoeError."""
-    config = read_embedded_config(path)
+    """The state dict (in today's names and layout, whatever format version the file has) and
+    config of an exported file; anything wrong with it is one LimoeError."""
+    metadata = read_model_metadata(path)
+    config = embedded_config(metadata, path)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
-    return state, config
+    return current_model_state(state, format_version(metadata, path)), config
+
+
+def format_version(metadata: dict[str, str], path: Path) -> int:
+    """The format version a model file with `metadata` was written in (the oldest if it has none)."""
+    text = metadata.get(VERSION_KEY, str(OLDEST_VERSION))
+    if not (text.isdigit() and OLDEST_VERSION <= int(text) <= FORMAT_VERSION):
+        raise LimoeError(f"checkpoint {path} has format version {text!r}, not one this limoe reads "
+                         f"({OLDEST_VERSION} to {FORMAT_VERSION}); load it with the limoe that wrote it.")
+    return int(text)
 
 
 def read_embedded_config(path: Path) -> Config:
     """The config embedded in an exported file, read from its header alone (no weights)."""
-    return config_from_json(read_model_metadata(path)[CONFIG_KEY], f"checkpoint {path}")
+    return embedded_config(read_model_metadata(path), path)
+
+
+def embedded_config(metadata: dict[str, str], path: Path) -> Config:
+    """The config in the metadata `read_model_metadata` read from the file `path`."""
+    return config_from_json(metadata[CONFIG_KEY], f"checkpoint {path}")
 
 
 def read_model_metadata(path: Path) -> dict[str, str]:
@@ -92,9 +111,7 @@ def model_with(state: dict[str, torch.Tensor], config: Config, source: Path,
                metadata: Optional[dict[str, str]] = None) -> Limoe:
     """A model of the config's architecture holding `state` (strict: every weight must match), with
     the prompt-tuning parts that `state` and the file's `metadata` describe, if any; a missing,
-    extra or misshapen tensor is a LimoeError naming it and `source`. Files from before the experts
-    were stacked name each expert's weights separately; those entries are stacked first."""
-    state = stacked_expert_state(state)
+    extra or misshapen tensor is a LimoeError naming it and `source`."""
     model = build_model(config)
     restore_prompt_tuning(model, state, metadata or {}, str(source))
     expected = model.state_dict()

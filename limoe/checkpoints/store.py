@@ -35,9 +35,9 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
+from limoe.checkpoints.legacy import FORMAT_VERSION, OLDEST_VERSION, current_name
 from limoe.errors import LimoeError
 from limoe.files import atomic_replace, fsync_directory, fsync_file, save_safetensors
-from limoe.model.moe import current_parameter_name
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "state.json"
 FORMAT = "limoe-training-checkpoint"
-VERSION = 1
 # What state.json holds: the step, the run's own counters, the LR schedule's state, the resolved
 # config, and the shape of the run that wrote it.
 STATE_KEYS = {"step": int, "progress": dict, "lr_schedule": dict, "config": dict, "processes": int,
@@ -88,11 +87,13 @@ def _read_json(path: Path) -> object:
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    """A verified checkpoint directory: the files its manifest lists, and its `state.json`."""
+    """A verified checkpoint directory: the files its manifest lists, its `state.json`, and the
+    format version it was written in."""
 
     path: Path
     listed: tuple[str, ...]
     state: dict
+    version: int
 
     @property
     def step(self) -> int:
@@ -108,7 +109,7 @@ class StoredCheckpoint:
         """All tensors of one kind over every writer's file, each read when asked for."""
         with contextlib.ExitStack() as stack:
             handles = {path: stack.enter_context(_open_tensors(path)) for path in self.files(kind)}
-            yield Entries(self.path, handles)
+            yield Entries(self.path, handles, self.version)
 
     def process_tensors(self, kind: str, rank: int) -> dict[str, torch.Tensor]:
         """One process's own file of `kind` (rng), or {} if the checkpoint has none for it."""
@@ -130,18 +131,18 @@ class Entries(Mapping):
     """name → tensor over several safetensors files, each tensor read when asked for.
 
     A name found in two files, or asked for but absent, is a LimoeError naming the checkpoint:
-    the files of one checkpoint partition the names. Names are today's: an entry stored under a
-    name from before the experts were stacked (the router's) is found under its current name.
+    the files of one checkpoint partition the names. Names are today's: an entry stored under an
+    older format version's name is found under its current name (`legacy`).
     """
 
-    def __init__(self, where: Path, handles: dict):
+    def __init__(self, where: Path, handles: dict, version: int):
         self.where = where
         self.handles = handles
         self.owner: dict[str, object] = {}
         self.stored_as: dict[str, str] = {}  # current name → the name in the file
         for path, handle in handles.items():
             for stored in handle.keys():
-                key = current_parameter_name(stored)
+                key = current_name(stored, version)
                 if key in self.owner:
                     raise LimoeError(f"checkpoint {where} holds '{key}' in two files; it is damaged, remove it.")
                 self.owner[key], self.stored_as[key] = handle, stored
@@ -174,8 +175,9 @@ def _verify(path: Path, hash_files: bool = True) -> StoredCheckpoint:
     manifest = _read_json(path / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{MANIFEST} is not a limoe training checkpoint manifest")
-    if manifest.get("version") != VERSION:
-        raise ValueError(f"format version {manifest.get('version')!r} is not {VERSION}, the one this limoe reads")
+    version = manifest.get("version")
+    if not (isinstance(version, int) and not isinstance(version, bool) and OLDEST_VERSION <= version <= FORMAT_VERSION):
+        raise ValueError(f"format version {version!r} is not one this limoe reads ({OLDEST_VERSION} to {FORMAT_VERSION})")
     for name, expected in manifest["files"].items():
         file = path / name
         if Path(name).name != name or not isinstance(expected, dict):
@@ -192,7 +194,7 @@ def _verify(path: Path, hash_files: bool = True) -> StoredCheckpoint:
     for key, kind in STATE_KEYS.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise ValueError(f"{STATE} has no {kind.__name__} '{key}'")
-    return StoredCheckpoint(path, tuple(manifest["files"]), state)
+    return StoredCheckpoint(path, tuple(manifest["files"]), state, version)
 
 
 def open_checkpoint(path: Path, hash_files: bool = True) -> StoredCheckpoint:
@@ -306,7 +308,7 @@ class CheckpointWriter:
             part = self.partial / _CHECKSUMS.format(rank=rank)
             files.update(json.loads(part.read_text()))
             part.unlink()
-        manifest = {"format": FORMAT, "version": VERSION, "step": self.step, "files": files}
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "step": self.step, "files": files}
         atomic_replace(self.partial / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1)))
         fsync_directory(self.partial)
         final = self.root / step_dir_name(self.step)

@@ -27,12 +27,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from limoe.checkpoints.model_file import read_embedded_config, read_model_file
+from limoe.checkpoints.legacy import current_model_state
+from limoe.checkpoints.model_file import embedded_config, format_version, read_model_file, read_model_metadata
 from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consolidated_state
 from limoe.config import Config
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp, stacked_expert_state
+from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp
 from limoe.model.tower import Limoe, build_model
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,9 @@ def source_shapes_as_meta(source: Path) -> dict[str, Tensor]:
         with torch.device("meta"):
             return build_model(config).state_dict()
     try:
-        read_embedded_config(source)  # what `warm_start` reads the file with needs it
+        metadata = read_model_metadata(source)
+        embedded_config(metadata, source)  # what `warm_start` reads the file with needs it
+        version = format_version(metadata, source)
     except LimoeError as error:
         raise LimoeError(f"train.init_from: {error}") from None
     try:
@@ -64,7 +67,7 @@ def source_shapes_as_meta(source: Path) -> dict[str, Tensor]:
             stored = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"train.init_from {source} is not a readable safetensors file ({error}).") from None
-    return stacked_expert_state(stored)  # files of any expert layout
+    return current_model_state(stored, version)  # files of any format version
 
 
 def _unsharded_shapes(config: Config) -> dict[str, torch.Size]:
@@ -129,7 +132,7 @@ def upcycled(state: dict, config: Config) -> dict:
 
 def _read_source(source: Path) -> dict[str, Tensor]:
     """The model tensors of an exported file or a workdir's newest checkpoint, unsharded names."""
-    return consolidated_state(source)[0] if source.is_dir() else stacked_expert_state(read_model_file(source)[0])
+    return consolidated_state(source)[0] if source.is_dir() else read_model_file(source)[0]
 
 
 def _local_values(model: Limoe, state: dict[str, Tensor]) -> dict[str, Tensor]:

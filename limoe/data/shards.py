@@ -41,8 +41,10 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from limoe.errors import LimoeError
+from limoe.data.class_folders import class_folder_names
+from limoe.errors import LimoeError, warn
 from limoe.files import read_text_file, refuse_overwriting_inputs
+from limoe.prompt_templates import load_templates
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FILE_COLUMNS = ("file", "filename", "image", "filepath")  # filepath, title: open_clip's CsvDataset defaults
@@ -102,8 +104,6 @@ def build_shards(
     if classification:
         (output / "classnames.txt").write_text("".join(f"{name}\n" for name in classnames), encoding="utf-8")
     if clip_benchmark:
-        from limoe.evaluate.prompts import load_templates  # limoe.evaluate reads shards: imported on use
-
         (shards / "nshards.txt").write_text(f"{counts['shards']}\n")
         templates = "".join(f"{template('{c}')}\n" for template in load_templates("openai"))
         (output / "zeroshot_classification_templates.txt").write_text(templates, encoding="utf-8")
@@ -143,9 +143,6 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _class_folder_entries(root: Path) -> tuple[list[str], list[_Entry]]:
     """The class names (see the module docstring) and one entry per image, labelled by folder."""
-    from limoe.evaluate.folders import class_folder_names  # limoe.evaluate reads shards: imported on use
-    from limoe.evaluate.runtime import warn
-
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     entries = [_Entry(path, label=label) for label, name in enumerate(folders) for path in _image_files(root / name)]
     if not entries:

@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from limoe.data.preprocess import eval_transform, tokenizer
-from limoe.errors import LimoeError
+from limoe.errors import LimoeError, warn
 from limoe.evaluate.choice_sets import ChoiceItem, read_choice_sets
 from limoe.evaluate.folders import ImageFiles
 from limoe.evaluate.metrics import selection_metrics
-from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, report, warn
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, report
 from limoe.model.tower import Limoe
 
 WINOGROUND_NAMES = {"text_acc": "text_score", "image_acc": "image_score", "acc": "group_score", "ties": "group_ties"}

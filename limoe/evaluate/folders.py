@@ -4,25 +4,20 @@ ImageFolder layout), e.g. ImageNet's validation set arranged by synset (n0144076
 Labels are the class folders' indices in sorted order, as ImageFolder numbers them; for the
 1000 ImageNet-1k synsets that is the standard label order, the order of open_clip's class names.
 A class folder may be empty (its class just has no samples). Files that cannot be decoded are
-skipped and counted instead of ending a 50,000-image run at image 49,000.
-
-Without a class-names file the folders name their classes (`class_folder_names`): ImageNet-1k
-synset folders (all 1000, or any subset such as Imagenette's) get open_clip's names for their
-synsets, readable folder names (`golden_retriever`) become the names with underscores as spaces.
+skipped and counted instead of ending a 50,000-image run at image 49,000. Without a class-names
+file the folders name their classes (`limoe.data.class_folders`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch.utils.data import DataLoader, Dataset
 
+from limoe.data.class_folders import imagenet_synsets
 from limoe.data.pipeline import BadSampleCounter, EvalBatch, WorkerTally
 from limoe.errors import LimoeError
 from limoe.data.preprocess import eval_transform
@@ -35,37 +30,6 @@ IMAGENET_LAYOUT_HINT = (
     "(https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh, run inside the folder) "
     "creates, or webdataset shards with .cls labels"
 )
-
-
-@lru_cache(maxsize=None)
-def imagenet_synsets() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k synset ids in label order (timm ships the list; open_clip needs timm)."""
-    from timm.data import ImageNetInfo
-
-    return tuple(ImageNetInfo().label_names())
-
-
-SYNSET = re.compile(r"n\d{8}")  # an ImageNet (WordNet) synset id: n01440764
-
-
-def class_folder_names(classes: Sequence[str], root: Path) -> tuple[Optional[list[str]], str]:
-    """Class names for the class folders `classes` (sorted) of `root` when no names file is
-    given, and where they came from: open_clip's ImageNet-1k names for synset folders, else the
-    folder names with underscores as spaces. Folders named like synsets that are not all
-    ImageNet-1k's have no names to take (None), and the line says so."""
-    index = {synset: label for label, synset in enumerate(imagenet_synsets())}
-    if all(name in index for name in classes):
-        names = [IMAGENET_CLASSNAMES[index[name]] for name in classes]
-        return names, f"the class names of {root}'s {len(classes)} synset folders are ImageNet-1k's ({_first(names)})"
-    if any(SYNSET.fullmatch(name) for name in classes):
-        return None, f"{root} has {len(classes)} class folders named like ImageNet synsets that are not all ImageNet-1k's"
-    names = [name.replace("_", " ") for name in classes]
-    return names, (f"the class names of {root} are its {len(classes)} folder names with underscores as spaces "
-                   f"({_first(names)})")
-
-
-def _first(names: Sequence[str]) -> str:
-    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -47,18 +46,6 @@ def inference(model: Limoe) -> Iterator[torch.device]:
             yield device
     finally:
         model.train(was_training)
-
-
-_WARNED: set[str] = set()
-
-
-def warn(message: str) -> None:
-    """One line on stderr about something the numbers depend on that the user may not expect;
-    stdout keeps only the report. Each message is said once per process, so the trainer's
-    periodic evaluations do not repeat it."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        print(f"limoe: warning: {message}", file=sys.stderr)
 
 
 def nothing_read(batches, needs: str) -> LimoeError:

@@ -26,17 +26,17 @@ from torch import Tensor
 from tqdm import tqdm
 
 from limoe.config import ModelConfig
+from limoe.data.class_folders import class_folder_names
 from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shards
-from limoe.errors import LimoeError
-from limoe.evaluate.folders import (ImageFolderLoader, ImageFolderSet, class_folder_names, looks_like_image_folder,
-                                   scan_image_folder)
-from limoe.evaluate.metrics import classification_metrics
 from limoe.data.preprocess import tokenizer
-from limoe.evaluate.prompts import Template, load_classnames, load_templates, read_lines
-from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report, warn
+from limoe.errors import LimoeError, warn
+from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
+from limoe.evaluate.metrics import classification_metrics
+from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns
 from limoe.model.prompts import classification_logits, label_head
 from limoe.model.tower import Limoe
+from limoe.prompt_templates import Template, load_classnames, load_templates, read_lines
 
 PROMPTS_PER_FORWARD = 800  # prompts encoded in one batch: 10 classes of the 80 OpenAI templates
 

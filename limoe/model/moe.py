@@ -11,15 +11,14 @@ Parameters (Linear layout, experts stacked; E_l = E / expert-parallel size local
     router_weight [E, d]      fc1_weight [E_l, h, d]   fc1_bias [E_l, h]
                               fc2_weight [E_l, d, h]   fc2_bias [E_l, d]
 Local expert i is global expert ep_rank · E_l + i, so an unsharded tensor is the ranks' tensors
-concatenated in expert-parallel rank order (`expert_shard` / `unshard_experts`).
+concatenated in expert-parallel rank order (`local_experts_of` cuts a rank's rows from it). How
+checkpoints name the experts is `limoe.checkpoints.expert_entries`'s business.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
-from typing import Callable, Mapping, Optional
+from typing import Optional
 
 import deepspeed.moe.layer
 import torch
@@ -213,89 +212,3 @@ class MoeMlp(deepspeed.moe.layer.MoE):
             num_groups=groups,
         )
 
-
-# ---------------------------------------------------------------------------------------------
-# Experts in files: the one place that knows how a rank's stacked experts map to named tensors
-# ---------------------------------------------------------------------------------------------
-
-
-def is_expert_parameter(name: str) -> bool:
-    """True for the stacked expert parameters in a state dict (`….mlp.fc1_weight`, …)."""
-    return name.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
-
-
-def _per_expert_name(global_index: int, parameter: str) -> str:
-    """`fc1_weight` of global expert 5 → `deepspeed_moe.experts.deepspeed_experts.5.fc1.weight`:
-    the name DeepSpeed's one-module-per-expert layer gave that expert's tensor."""
-    linear, kind = parameter.split("_")
-    return f"deepspeed_moe.experts.deepspeed_experts.{global_index}.{linear}.{kind}"
-
-
-def expert_checkpoint_entries(layer: MoeMlp, tensor_of: Callable[[nn.Parameter], Tensor]) -> dict[str, Tensor]:
-    """This rank's experts as checkpoint entries that do not depend on how experts are sharded.
-
-    `tensor_of(parameter)` gives what to store for one of the stacked expert parameters (its value
-    or an optimizer moment [E_l, ...], or its optimizer step, a scalar). The entries are one per
-    global expert, named as DeepSpeed's per-expert layer named them relative to the layer
-    (`deepspeed_moe.experts.deepspeed_experts.5.fc1.weight` is row 5 of the unsharded
-    `fc1_weight`; a step is stored under every expert's name), so the entries of all
-    expert-parallel ranks together are the same for any expert-parallel size, and checkpoints
-    written before the experts were stacked read back unchanged. `tensor_of` is called for every
-    expert parameter in the same order on every rank (it may be a collective).
-    """
-    entries = {}
-    for parameter in EXPERT_PARAMETERS:
-        value = tensor_of(getattr(layer, parameter))  # [E_l, ...] or a scalar
-        for local_index in range(layer.num_local_experts):
-            global_index = layer.sharding.global_index(local_index, layer.num_local_experts)
-            entries[_per_expert_name(global_index, parameter)] = value[local_index] if value.dim() else value.clone()
-    return entries
-
-
-def restore_expert_entries(layer: MoeMlp, entries: Mapping[str, Tensor],
-                           put: Callable[[nn.Parameter, Tensor], None]) -> None:
-    """The reverse of `expert_checkpoint_entries`: `put(parameter, tensor)` for each stacked expert
-    parameter, the tensor being this rank's experts' entries stacked [E_l, ...] (scalars, the
-    optimizer step, give their largest: the parameter has stepped that often); `entries` are keyed
-    as in the unsharded layer, so written by any number of ranks. A missing entry raises what
-    `entries` raises for a missing key."""
-    for parameter in EXPERT_PARAMETERS:
-        values = [entries[_per_expert_name(layer.sharding.global_index(local_index, layer.num_local_experts), parameter)]
-                  for local_index in range(layer.num_local_experts)]
-        put(getattr(layer, parameter), torch.stack(values) if values[0].dim() else max(values))
-
-
-PER_EXPERT_NAME = re.compile(  # `layer` keeps its trailing dot (empty for the layer's own state dict)
-    r"^(?P<layer>(.*\.)?)deepspeed_moe\.experts\.deepspeed_experts\.(?P<index>\d+)\.(?P<linear>fc1|fc2)\.(?P<kind>weight|bias)$"
-)
-PER_EXPERT_ROUTER = re.compile(r"^(?P<layer>(.*\.)?)deepspeed_moe\.gate\.wg\.weight$")
-
-
-def current_parameter_name(name: str) -> str:
-    """A stored name in today's naming: a router written before the experts were stacked
-    (`L.deepspeed_moe.gate.wg.weight`, also under an optimizer prefix) is `L.router_weight`. The
-    per-expert names stay: they are the checkpoints' naming of stacked rows."""
-    router = PER_EXPERT_ROUTER.match(name)
-    return f"{router['layer']}router_weight" if router else name
-
-
-def stacked_expert_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict written with one module per expert (DeepSpeed's `Experts` layout, in exported
-    files from before the experts were stacked) in the stacked layout:
-    `L.deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight` → row i of `L.fc1_weight` (likewise
-    fc1.bias, fc2.weight, fc2.bias), `L.deepspeed_moe.gate.wg.weight` → `L.router_weight`. Other
-    entries pass through unchanged."""
-    converted: dict[str, Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, Tensor]] = defaultdict(dict)
-    for name, tensor in state.items():
-        expert = PER_EXPERT_NAME.match(name)
-        if expert:
-            experts[expert["layer"], f"{expert['linear']}_{expert['kind']}"][int(expert["index"])] = tensor
-        else:
-            converted[current_parameter_name(name)] = tensor
-    for (layer, parameter), by_index in experts.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            missing = sorted(set(range(max(by_index) + 1)) - set(by_index))
-            raise LimoeError(f"{layer}{parameter}: the checkpoint lacks expert(s) {missing}; it is incomplete.")
-        converted[layer + parameter] = torch.stack([by_index[i] for i in range(len(by_index))])
-    return converted

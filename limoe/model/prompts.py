@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from limoe.errors import LimoeError
+from limoe.prompt_templates import class_template
 
 if TYPE_CHECKING:
     from limoe.model.tower import Limoe
@@ -128,7 +129,6 @@ def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict
 def _label_set(text: str, source: str) -> tuple[list[str], list[str]]:
     """The class names and templates recorded by `prompt_tuning_metadata`; anything else, a
     template with other fields than the class name's included, is one line."""
-    from limoe.evaluate.prompts import class_template  # limoe.evaluate imports the model
     try:
         label_set = json.loads(text)
         classnames, templates = label_set["classnames"], label_set["templates"]

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.errors import LimoeError
-from limoe.evaluate.prompts import load_templates
+from limoe.prompt_templates import load_templates
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
 from limoe.plan.launch import launch_command, nodes_for
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes

@@ -41,7 +41,7 @@ from limoe.training.step import TrainerOutput
 
 
 @dataclass(frozen=True)
-class Task:
+class MaskedModellingTask:
     """One kind of pretraining step: which modality is masked and predicted, and whether the other
     modality is given (encoded alongside and fused in)."""
 
@@ -50,9 +50,11 @@ class Task:
     given_other: bool
 
 
-STAGES: dict[str, tuple[Task, ...]] = {
-    "unimodal": (Task("masked_image", "image", False), Task("masked_text", "text", False)),
-    "bimodal": (Task("masked_image_given_text", "image", True), Task("masked_text_given_image", "text", True)),
+STAGES: dict[str, tuple[MaskedModellingTask, ...]] = {
+    "unimodal": (MaskedModellingTask("masked_image", "image", False),
+                 MaskedModellingTask("masked_text", "text", False)),
+    "bimodal": (MaskedModellingTask("masked_image_given_text", "image", True),
+                MaskedModellingTask("masked_text_given_image", "text", True)),
 }
 
 
@@ -61,7 +63,7 @@ def stage_at(step: int, config: PretrainConfig) -> str:
     return "unimodal" if step < config.unimodal_steps else "bimodal"
 
 
-def task_at(step: int, config: PretrainConfig) -> Task:
+def task_at(step: int, config: PretrainConfig) -> MaskedModellingTask:
     """The task of 0-based `step`: the stage's tasks in turn."""
     tasks = STAGES[stage_at(step, config)]
     return tasks[step % len(tasks)]

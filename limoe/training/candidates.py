@@ -28,7 +28,7 @@ from limoe.config import TaskConfig
 from limoe.data.pipeline import read_classnames
 from limoe.data.preprocess import tokenizer
 from limoe.distributed import rank_and_world
-from limoe.evaluate.prompts import Template, class_prompts, load_classnames
+from limoe.prompt_templates import Template, class_prompts, load_classnames
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe
 from limoe.training.batches import prompts_per_process

@@ -27,7 +27,7 @@ from limoe.checkpoints.training import COTRAINING
 from limoe.config import Config, LossConfig, ShardSource, TaskConfig
 from limoe.data.pipeline import ShardLoader, expand_shards, require_labels
 from limoe.errors import LimoeError
-from limoe.evaluate.prompts import load_templates
+from limoe.prompt_templates import load_templates
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe
 from limoe.training.batches import check_task_batches

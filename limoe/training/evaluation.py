@@ -18,7 +18,7 @@ from limoe.config import Config
 from limoe.data.pipeline import expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate import evaluate_retrieval, evaluate_zeroshot
-from limoe.evaluate.prompts import load_templates
+from limoe.prompt_templates import load_templates
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.model.tower import Limoe
 

@@ -26,7 +26,7 @@ from limoe.checkpoints.training import checkpoint_sources
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
 from limoe.evaluate.metrics import classification_metrics
-from limoe.evaluate.prompts import load_templates
+from limoe.prompt_templates import load_templates
 from limoe.evaluate.runtime import report
 from limoe.evaluate.zeroshot import open_classification_set, zeroshot_classifier
 from limoe.files import check_output_file, refuse_overwriting_inputs

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError
-from limoe.evaluate.prompts import Template, class_template
+from limoe.prompt_templates import Template, class_template
 from limoe.model.prompts import DeepPrompts, LabelHead, classification_logits
 from limoe.model.tower import Limoe
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from limoe.checkpoints import store
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.engine_state import engine_entries
+from limoe.checkpoints.legacy import FORMAT_VERSION
 from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.training.session import start_session
@@ -222,12 +223,15 @@ def _rewrite_state(step_dir: Path, change) -> None:
 
 
 def test_a_checkpoint_with_the_router_names_of_per_expert_layers_resumes(trained, run):
-    """Checkpoints written before the experts were stacked name each router
+    """Checkpoints written before the experts were stacked (format version 1) name each router
     `…mlp.deepspeed_moe.gate.wg.weight` (also its Adam moments): they restore the same state."""
     saved, _, config, _ = trained
     workdir, _, _ = run
     shutil.rmtree(_step_dir(workdir, 1))
     step_dir = _step_dir(workdir, 2)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    assert manifest["version"] == FORMAT_VERSION
+    (step_dir / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
     renamed = 0
     for path in step_dir.glob("*.safetensors"):
         tensors = load_file(str(path))

@@ -20,8 +20,9 @@ from limoe.config import load_model_config
 from limoe.data.pipeline import expand_shards
 from limoe.errors import LimoeError
 from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
-from limoe.evaluate.folders import ImageFolderLoader, imagenet_synsets, scan_image_folder
-from limoe.evaluate.prompts import load_templates
+from limoe.data.class_folders import imagenet_synsets
+from limoe.evaluate.folders import ImageFolderLoader, scan_image_folder
+from limoe.prompt_templates import load_templates
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.data.shards import build_shards
 from tests.child_env import child_env

@@ -1,29 +1,19 @@
 """The MoE layer: a 1-expert MoE is the dense MLP; dropped tokens get exactly zero; both backends
-compute the same layer; V-MoE's initialisation; the stacked experts' names across layouts and ranks."""
+compute the same layer; V-MoE's initialisation; a sharded layer holds the unsharded layer's experts."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param
 
-from limoe.checkpoints.model_file import model_with
-from limoe.config import MoeConfig, load_config
+from limoe.checkpoints.expert_entries import expert_checkpoint_entries
+from limoe.config import MoeConfig
 from limoe.distributed import ExpertSharding
-from limoe.errors import LimoeError
 from limoe.model.layers import Mlp
-from limoe.model.moe import (
-    EXPERT_PARAMETERS,
-    MoeMlp,
-    expert_checkpoint_entries,
-    is_expert_parameter,
-    restore_expert_entries,
-    stacked_expert_state,
-)
+from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp
 from limoe.model.routing import IMAGE, PADDING, TEXT
-from limoe.model.tower import build_model
 
 
 def _moe(experts: int, sharding: ExpertSharding = ExpertSharding(), **changes) -> MoeMlp:
@@ -149,65 +139,7 @@ def test_deepspeed_knows_the_layer_and_its_expert_parameters():
     moe = _moe(4, ExpertSharding(2, 0))
     assert isinstance(moe, MoE) and moe.num_local_experts == 2
     names = {name for name, p in moe.named_parameters() if is_moe_param(p)}
-    assert names == set(EXPERT_PARAMETERS) and all(is_expert_parameter(f"blocks.1.mlp.{n}") for n in names)
+    assert names == set(EXPERT_PARAMETERS)
     assert {p.group_name for p in moe.expert_parameters()} == {"ep_size_2"}
-    assert not is_moe_param(moe.router_weight) and not is_expert_parameter("blocks.0.mlp.fc1.weight")
+    assert not is_moe_param(moe.router_weight)
     assert moe.fc1_weight.shape == (2, 29, 13) and moe.fc2_weight.shape == (2, 13, 29)
-
-
-def _per_expert_state(moe: MoeMlp, prefix: str) -> dict[str, torch.Tensor]:
-    """What DeepSpeed's one-module-per-expert layer held: Linear weights per expert, the gate wg."""
-    state = {f"{prefix}deepspeed_moe.gate.wg.weight": moe.router_weight.detach().clone()}
-    for index in range(moe.num_local_experts):
-        for name in EXPERT_PARAMETERS:
-            linear, kind = name.split("_")
-            state[f"{prefix}deepspeed_moe.experts.deepspeed_experts.{index}.{linear}.{kind}"] = getattr(moe, name)[index].detach().clone()
-    return state
-
-
-def test_per_expert_names_of_old_files_load_into_the_stacked_layout():
-    torch.manual_seed(8)
-    moe = _moe(3, expert_init="independent")
-    state = {"blocks.0.norm.weight": torch.ones(2), **_per_expert_state(moe, "blocks.1.mlp.")}
-    stacked = stacked_expert_state(state)
-    assert set(stacked) == {"blocks.0.norm.weight", "blocks.1.mlp.router_weight",
-                            *(f"blocks.1.mlp.{n}" for n in EXPERT_PARAMETERS)}
-    for name, tensor in moe.state_dict().items():
-        torch.testing.assert_close(stacked[f"blocks.1.mlp.{name}"], tensor)
-    del state["blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.1.fc2.bias"]
-    with pytest.raises(LimoeError, match=r"fc2_bias: the checkpoint lacks expert\(s\) \[1\]"):
-        stacked_expert_state(state)
-
-
-def test_checkpoint_entries_are_per_expert_and_restore_on_another_expert_parallel_size():
-    """Entries name each global expert as DeepSpeed's per-expert layer did (so older checkpoints read
-    back); an ep=1 layer's entries restore into rank 1 of ep=2 as its rows, a step as a scalar."""
-    torch.manual_seed(9)
-    whole = _moe(4, expert_init="independent")
-    entries = expert_checkpoint_entries(whole, lambda p: p.detach())
-    assert entries.keys() == _per_expert_state(whole, "").keys() - {"deepspeed_moe.gate.wg.weight"}
-    shard = _moe(4, ExpertSharding(2, 1))
-    restored = {}
-    restore_expert_entries(shard, entries, lambda p, value: restored.__setitem__(p, value))
-    for name in EXPERT_PARAMETERS:
-        torch.testing.assert_close(restored[getattr(shard, name)], getattr(whole, name)[2:].detach())
-    steps = expert_checkpoint_entries(whole, lambda p: torch.tensor(3.0))
-    restore_expert_entries(shard, steps, lambda p, value: restored.__setitem__(p, value))
-    assert all(restored[p].shape == () and restored[p] == 3.0 for p in shard.expert_parameters())
-
-
-def test_an_exported_file_with_per_expert_names_loads_into_the_stacked_model():
-    """A model file written before the experts were stacked (DeepSpeed's per-expert names) loads
-    through the model-file loader into the same weights."""
-    config = load_config("demo")
-    torch.manual_seed(10)
-    model = build_model(config)
-    old_file = {name: tensor.clone() for name, tensor in model.state_dict().items()
-                if not (is_expert_parameter(name) or name.endswith(".router_weight"))}
-    for index, block in enumerate(model.blocks):
-        if block.sparse:
-            old_file.update(_per_expert_state(block.mlp, f"blocks.{index}.mlp."))
-    assert any(".deepspeed_experts.3.fc2.bias" in name for name in old_file)
-    loaded = model_with(old_file, config, Path("old.safetensors"))
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.engine_state import engine_entries
+from limoe.checkpoints.expert_entries import stacked_experts
 from limoe.config import load_config
-from limoe.model.moe import stacked_expert_state
 from limoe.training.session import start_session
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
@@ -56,7 +56,7 @@ def compare_with_checkpoint(engine, stored) -> list[str]:
 def compare_unsharded(engine, workdir: Path, stored) -> int:
     """One process holds the whole model: its state dict is the consolidated one, and AdamW's
     state of each parameter is the stored one under the parameter's own name, the per-expert entries
-    stacked by the loader of old model files (not the layer's own checkpoint mapping)."""
+    stacked as a whole state (not by the layer's own checkpoint mapping)."""
     consolidated, _ = checkpoint.consolidated_state(workdir)
     live = engine.module.model.state_dict()
     assert live.keys() == consolidated.keys()
@@ -65,7 +65,7 @@ def compare_unsharded(engine, workdir: Path, stored) -> int:
     with stored.entries("optimizer") as entries:
         for key in ("exp_avg", "exp_avg_sq", "step"):
             prefix = f"{key}/"
-            saved = stacked_expert_state({name[len(prefix):]: entries[name] for name in entries if name.startswith(prefix)})
+            saved = stacked_experts({name[len(prefix):]: entries[name] for name in entries if name.startswith(prefix)})
             for name, parameter in engine.module.named_parameters():
                 state = engine.optimizer.state[parameter]
                 if key == "step":  # experts: one step per expert entry, all the parameter's own

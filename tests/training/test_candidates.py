@@ -8,7 +8,7 @@ import torch
 
 from limoe.config import load_config
 from limoe.data.pipeline import eval_loader, read_classnames
-from limoe.evaluate.prompts import load_templates
+from limoe.prompt_templates import load_templates
 from limoe.evaluate.zeroshot import encode_labelled_images, zeroshot_classifier
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.training import candidates

@@ -6,6 +6,11 @@ and its prompt sets: the 80 templates of the CLIP paper ('openai') or the 7-temp
 `{}` where the class name goes. Templates are `str.format` strings, so a template is checked
 where it is read: exactly one class placeholder and no other replacement field (no `{x}`, no
 `{0.attr}` or `{0[i]}` access, no conversion or format spec); `{{` and `}}` stand for braces.
+
+Evaluation, training on class names, prompt tuning, model files (a tuned label set) and shard
+writing (clip_benchmark's templates file) all read them, so they sit below all of those.
+open_clip, slow to import, is imported when its lists are asked for: `limoe shards build` needs
+them only for the clip_benchmark layout.
 """
 
 from __future__ import annotations
@@ -14,13 +19,11 @@ import string
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
 from limoe.errors import LimoeError
 from limoe.files import read_text_file
 
 Template = Union[str, Callable[[str], str]]
-TEMPLATE_SETS = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+TEMPLATE_SETS = ("openai", "simple")  # open_clip's OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -33,14 +36,20 @@ def read_lines(path: Path, what: str) -> list[str]:
 
 def load_classnames(path: Optional[Path]) -> list[str]:
     """Class names from a file (one per line, in label order), or ImageNet-1k's."""
-    return list(IMAGENET_CLASSNAMES) if path is None else read_lines(path, "class names")
+    if path is not None:
+        return read_lines(path, "class names")
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
 
 
 def load_templates(choice: Optional[str]) -> Sequence[Template]:
     """'openai' (the default), 'simple', or a file of templates, as open_clip's classifier
     builder takes them: callables, or `str.format` strings with one `{}`."""
     if choice is None or choice in TEMPLATE_SETS:
-        return TEMPLATE_SETS[choice or "openai"]
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+        return {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}[choice or "openai"]
     return [class_template(line, f"templates file {choice}") for line in read_lines(Path(choice), "templates")]
 
 
