@@ -35,7 +35,7 @@ needs no feature cache and is stepped over the whole per-GPU batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -50,9 +50,6 @@ from limoe.model.routing import LayerRouting
 from limoe.training.batches import micro_batch_size
 from limoe.training.deepspeed_config import zero_clips_by_itself
 from limoe.training.losses import RoutingCounts, auxiliary_loss, whole_batch_counts
-
-if TYPE_CHECKING:
-    from limoe.training.objectives import ContrastiveObjective
 
 
 @dataclass
@@ -100,7 +97,7 @@ def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device)
 def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int, step: int,
                             weight: float, last: bool) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
     """Steps 1–3 of the module docstring; backward runs only if the loss is finite (or skipping is off)."""
-    module: ContrastiveObjective = engine.module
+    module = engine.module  # a ContrastiveObjective (limoe.training.objectives)
     device = images.device
     keep = module.image_keep(images, step)  # [B_local, K] or None
     keeps = keep.split(micro) if keep is not None else [None] * (images.shape[0] // micro)
