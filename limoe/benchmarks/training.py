@@ -9,7 +9,7 @@
 
 A model-only step is one optimizer update with the batch already on the device: the forward
 under bf16 autocast (fp32 weights), the loss (LIMoE: contrastive + auxiliary routing losses,
-through `ContrastiveTrainer`; open_clip: its `ClipLoss`), backward and AdamW. Every model gets
+through `ContrastiveObjective`; open_clip: its `ClipLoss`), backward and AdamW. Every model gets
 the same batch of random images and full-length random captions. `--compile` wraps the loss
 function (forward + loss) in `torch.compile`; backward and optimizer stay eager.
 
@@ -58,10 +58,11 @@ from torch import Tensor, nn
 from limoe.config import CONFIG_DIR, Config, ModelConfig, load_config
 from limoe.data.pipeline import train_loader
 from limoe.model.tower import build_model
-from limoe.training.progress import TrainingReporter
 from limoe.training.device_batches import DeviceBatches
+from limoe.training.objectives import ContrastiveObjective
+from limoe.training.progress import TrainingReporter
 from limoe.training.session import start_session
-from limoe.training.step import ContrastiveTrainer, StepOutcome, train_step
+from limoe.training.step import StepOutcome, train_step
 from limoe.training.trainer import build_engine, optimizer_groups
 
 H100_SXM_BF16_TFLOPS = 989.0  # dense (no 2:4 sparsity) bf16 peak; H200 has the same, H100 PCIe 756
@@ -232,7 +233,7 @@ def random_batch(batch: int, image_size: int, context_length: int, vocab_size: i
 def limoe_workload(spec: Spec, batch: int, device: torch.device) -> ModelOnlyWorkload:
     config = train_config(spec, batch, device)
     torch.manual_seed(config.train.seed)
-    module = ContrastiveTrainer(build_model(config), config).to(device)
+    module = ContrastiveObjective(build_model(config), config).to(device)
     model = config.model
     return ModelOnlyWorkload(lambda images, tokens: module(images, tokens)[0], module,
                              random_batch(batch, model.image_size, model.context_length, model.vocab_size, device),
@@ -325,7 +326,7 @@ def trainer_run(spec: Spec, batch: int, device: torch.device, shards: Path, work
     def step() -> None:
         images, tokens = next(batches)
         terms, routing, stepped = train_step(engine, images, tokens, config)
-        outcome = StepOutcome(terms, routing, stepped, images.shape[0])
+        outcome = StepOutcome(terms, stepped, images.shape[0], [(None, routing)])
         reporter.step(next(steps), outcome, engine.get_lr()[0], loader.bad_samples)
 
     def close() -> None:

@@ -8,8 +8,8 @@ same group, so the two modalities compete for the same expert slots.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -66,28 +66,66 @@ class Grouping:
         return x if self.padded_batch == self.batch else x[: self.batch]
 
 
+def _merged_by(rule: Callable[[list, Sequence["LayerRouting"]], Any]):
+    """A `LayerRouting` field whose micro-batch values combine into the whole batch's by
+    `rule(values, records)` (see `LayerRouting.merge`)."""
+    return field(metadata={"merge": rule})
+
+
+def _group_mean(values: list[Tensor], records: Sequence["LayerRouting"]) -> Tensor:
+    """A mean over groups: each micro-batch weighted by its groups."""
+    return sum(v * r.num_groups for v, r in zip(values, records)) / sum(r.num_groups for r in records)
+
+
+def _token_mean(values: list[Tensor], records: Sequence["LayerRouting"]) -> Tensor:
+    """A mean over routed tokens (padding excluded): each micro-batch weighted by its tokens."""
+    tokens = [r.routed.detach().sum() for r in records]  # [] each
+    return sum(v * t for v, t in zip(values, tokens)) / sum(tokens).clamp(min=1)
+
+
+def _total(values: list, records: Sequence["LayerRouting"]):
+    return sum(values)
+
+
+def _concatenated(values: list[Tensor], records: Sequence["LayerRouting"]) -> Tensor:
+    """Per-group or per-example rows: the micro-batches' rows one after the other."""
+    return torch.cat(values)
+
+
+def _first(values: list, records: Sequence["LayerRouting"]):
+    """A setting every micro-batch shares."""
+    return values[0]
+
+
 @dataclass
 class LayerRouting:
     """What one MoE layer's routing did for one batch: the auxiliary-loss inputs and statistics.
 
     Everything stays a tensor (no host sync in the training step); the counts and sums are
-    additive, so batches and ranks combine by summing them.
+    additive, so batches and ranks combine by summing them. Each field declares how the records of
+    a batch's micro-batches combine into the whole batch's (`merge`); a field without a rule
+    cannot be merged, so none is forgotten.
     """
 
-    importance: Tensor  # [] V-MoE importance CV², mean over groups
-    load: Tensor  # [] V-MoE load CV², mean over groups
-    z: Tensor  # [] router z-loss
-    token_entropy: Tensor  # [G, M] mean H(p(x)) over the group's tokens of modality m
-    marginal_entropy: Tensor  # [G, M] H(mean p(x)) over the same tokens
-    present: Tensor  # [G, M] bool, the group holds tokens of modality m
-    routed: Tensor  # [M, E] tokens whose top-1 expert is e
-    kept: Tensor  # [M, E] of those, the ones that got a slot under capacity
-    prob_sum: Tensor  # [M, E] Σ p(x) over modality m's tokens
-    entropy_sum: Tensor  # [M] Σ H(p(x)) over modality m's tokens
-    expert: Tensor  # [B, N] top-1 expert per token, −1 for padding
-    kept_mask: Tensor  # [B, N] bool, the token got a slot
-    capacity: int  # slots per expert per group
-    num_groups: int  # routing groups in this call: each expert had capacity × num_groups slots
+    importance: Tensor = _merged_by(_group_mean)  # [] V-MoE importance CV², mean over groups
+    load: Tensor = _merged_by(_group_mean)  # [] V-MoE load CV², mean over groups
+    z: Tensor = _merged_by(_token_mean)  # [] router z-loss
+    token_entropy: Tensor = _merged_by(_concatenated)  # [G, M] mean H(p(x)) over the group's tokens of modality m
+    marginal_entropy: Tensor = _merged_by(_concatenated)  # [G, M] H(mean p(x)) over the same tokens
+    present: Tensor = _merged_by(_concatenated)  # [G, M] bool, the group holds tokens of modality m
+    routed: Tensor = _merged_by(_total)  # [M, E] tokens whose top-1 expert is e
+    kept: Tensor = _merged_by(_total)  # [M, E] of those, the ones that got a slot under capacity
+    prob_sum: Tensor = _merged_by(_total)  # [M, E] Σ p(x) over modality m's tokens
+    entropy_sum: Tensor = _merged_by(_total)  # [M] Σ H(p(x)) over modality m's tokens
+    expert: Tensor = _merged_by(_concatenated)  # [B, N] top-1 expert per token, −1 for padding
+    kept_mask: Tensor = _merged_by(_concatenated)  # [B, N] bool, the token got a slot
+    capacity: int = _merged_by(_first)  # slots per expert per group
+    num_groups: int = _merged_by(_total)  # routing groups in this call: each expert had capacity × num_groups slots
+
+    @classmethod
+    def merge(cls, records: Sequence["LayerRouting"]) -> "LayerRouting":
+        """One layer's records of a batch's micro-batches (in batch order) as the record of the whole batch."""
+        return cls(**{f.name: f.metadata["merge"]([getattr(r, f.name) for r in records], records) for f in fields(cls)})
 
     def summary(self) -> dict[str, Tensor]:
         """Batch-level statistics per modality: dropped fraction, mean gate entropy, marginal entropy."""

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from limoe.config import Config
 from limoe.model.tower import build_model
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
-from limoe.training.step import ContrastiveTrainer
+from limoe.training.objectives import ContrastiveObjective
 
 CHECKPOINTING = ("none", "moe", "all")
 LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
@@ -104,11 +104,11 @@ class ActivationProfile:
     gathered_feature_bytes: float  # per pair of the global batch: the gathered features the loss keeps
 
 
-def _fake_module(config: Config) -> tuple[ContrastiveTrainer, set[str]]:
+def _fake_module(config: Config) -> tuple[ContrastiveObjective, set[str]]:
     """The trained module with every expert (ep = 1) as fake CPU tensors, and its expert parameters' names."""
     model_config = dataclasses.replace(config.model, moe=dataclasses.replace(config.model.moe, backend="triton"))
     with torch.device("meta"):
-        module = ContrastiveTrainer(build_model(dataclasses.replace(config, model=model_config)), config)
+        module = ContrastiveObjective(build_model(dataclasses.replace(config, model=model_config)), config)
     experts = {name for name, parameter in module.named_parameters() if is_moe_param(parameter)}
     with FakeTensorMode(allow_non_fake_inputs=True):
         module = module.to_empty(device="cpu")

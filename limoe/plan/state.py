@@ -22,7 +22,7 @@ from deepspeed.moe.utils import is_moe_param
 from limoe.config import Config
 from limoe.distributed import ExpertSharding
 from limoe.model.tower import build_model
-from limoe.training.step import ContrastiveTrainer
+from limoe.training.objectives import ContrastiveObjective
 
 FP32 = 4
 ADAM_MOMENTS = 2
@@ -39,8 +39,8 @@ class ParameterCounts:
 def count_parameters(config: Config) -> ParameterCounts:
     """Parameters of the module one rank trains (tower, heads and loss parameters)."""
     with torch.device("meta"):
-        whole = ContrastiveTrainer(build_model(config), config)
-        one_rank = ContrastiveTrainer(build_model(config, ExpertSharding(config.distributed.expert_parallel_size, 0)),
+        whole = ContrastiveObjective(build_model(config), config)
+        one_rank = ContrastiveObjective(build_model(config, ExpertSharding(config.distributed.expert_parallel_size, 0)),
                                       config)
 
     def split(module) -> tuple[int, int]:

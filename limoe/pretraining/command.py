@@ -15,7 +15,6 @@ from pathlib import Path
 from limoe.checkpoints.training import checkpoint_at, checkpoint_config, load_module_weights
 from limoe.config import Config
 from limoe.distributed import resolve_device
-from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.model.tower import build_model
 from limoe.pretraining.evaluation import evaluate_masked_modelling
@@ -23,26 +22,8 @@ from limoe.pretraining.objective import MaskedPretraining
 from limoe.train_command import train
 
 
-def check_pretraining_config(config: Config) -> None:
-    """The stages must fill the run, and FLIP's contrastive masking has no place here."""
-    stages = config.pretrain.unimodal_steps + config.pretrain.bimodal_steps
-    if stages != config.train.steps:
-        raise LimoeError(
-            f"the pretraining stages take {stages} steps (pretrain.unimodal_steps {config.pretrain.unimodal_steps} + "
-            f"pretrain.bimodal_steps {config.pretrain.bimodal_steps}) but train.steps is {config.train.steps}; "
-            f"make them agree."
-        )
-    if config.train.micro_batch_size is not None:
-        raise LimoeError("train.micro_batch_size splits contrastive training's batch by feature caching; pretraining "
-                         "steps on the whole per-GPU batch. Remove train.micro_batch_size or lower train.batch_size.")
-    if config.train.image_mask_ratio:
-        raise LimoeError("train.image_mask_ratio is contrastive training's patch dropping (FLIP); pretraining masks "
-                         "images with pretrain.image_mask_ratio. Remove train.image_mask_ratio.")
-
-
 def pretrain(config: Config, workdir: Path) -> dict:
     """Pretrain (or resume) in `workdir`; returns the held-out masked-modelling metrics (rank 0)."""
-    check_pretraining_config(config)
     return train(config, workdir, objective=MaskedPretraining, report=pretraining_report)
 
 

@@ -27,17 +27,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from limoe.checkpoints.training import PRETRAINING
 from limoe.config import Config, PretrainConfig
 from limoe.data.preprocess import normalize, tokenizer
 from limoe.distributed import rank_and_world
+from limoe.errors import LimoeError
 from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
 from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalized_pixels, patchify
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
-from limoe.training.step import TrainerOutput
+from limoe.training.objectives import ObjectiveOutput, PairsObjective
+
+PRETRAINING = "pretraining"
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,38 @@ class TokenPrediction:
     targets: Tensor  # [T] their original ids
 
 
-class MaskedPretraining(nn.Module):
-    """The module the training engine wraps for `limoe pretrain`: the model plus its training-only
-    heads, which only its checkpoints hold (exports and warm starts take the model alone)."""
+def check_pretraining_config(config: Config) -> None:
+    """The stages must fill the run, and FLIP's contrastive masking has no place here."""
+    stages = config.pretrain.unimodal_steps + config.pretrain.bimodal_steps
+    if stages != config.train.steps:
+        raise LimoeError(
+            f"the pretraining stages take {stages} steps (pretrain.unimodal_steps {config.pretrain.unimodal_steps} + "
+            f"pretrain.bimodal_steps {config.pretrain.bimodal_steps}) but train.steps is {config.train.steps}; "
+            f"make them agree."
+        )
+    if config.train.micro_batch_size is not None:
+        raise LimoeError("train.micro_batch_size splits contrastive training's batch by feature caching; pretraining "
+                         "steps on the whole per-GPU batch. Remove train.micro_batch_size or lower train.batch_size.")
+    if config.train.image_mask_ratio:
+        raise LimoeError("train.image_mask_ratio is contrastive training's patch dropping (FLIP); pretraining masks "
+                         "images with pretrain.image_mask_ratio. Remove train.image_mask_ratio.")
+
+
+class MaskedPretraining(PairsObjective):
+    """The objective of `limoe pretrain` (`limoe.training.objectives`): the model plus its
+    training-only heads, which only its checkpoints hold (exports and warm starts take the model
+    alone), trained on `data.train`'s pairs."""
 
     name = PRETRAINING
+
+    @classmethod
+    def check(cls, config: Config, world_size: int) -> None:
+        """No co-training tasks, stages that fill the run, then `data.train` and the batch split."""
+        if config.tasks:
+            raise LimoeError(f"tasks: co-train the contrastive objective of limoe train, not the {cls.name} "
+                             f"objective; remove tasks: from this config.")
+        check_pretraining_config(config)
+        super().check(config, world_size)
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__()
@@ -121,7 +150,7 @@ class MaskedPretraining(nn.Module):
         """The contrastive temperature gets no gradient here; it is kept within CLIP's bound all the same."""
         clamp_logit_scale(self.model.logit_scale)
 
-    def forward(self, images: Tensor, tokens: Tensor, step: int) -> TrainerOutput:
+    def forward(self, images: Tensor, tokens: Tensor, step: int) -> ObjectiveOutput:
         """One step's task on a batch of pairs → (loss, its parts detached, routing). Images come as
         the loader's uint8 or as normalised floats."""
         task = task_at(step, self.pretrain_config)
@@ -139,7 +168,7 @@ class MaskedPretraining(nn.Module):
         aux, parts = auxiliary_loss(routing, self.loss_config, loss.device)
         total = weight * loss + aux
         terms.update({"loss": total, f"{task.name}_loss": loss, "auxiliary": aux, **parts})
-        return TrainerOutput(total, {k: v.detach().float() for k, v in terms.items()}, routing)
+        return ObjectiveOutput(total, {k: v.detach().float() for k, v in terms.items()}, routing)
 
     def predict_image(self, images: Tensor, tokens: Optional[Tensor], step: int) -> tuple[PatchPrediction, list[LayerRouting]]:
         """MAE on images [B, 3, H, W]: encode the visible patches (with the caption tokens [B, L]

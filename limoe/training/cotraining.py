@@ -3,10 +3,11 @@
 `tasks:` in the config lists the datasets; each becomes a `Task` here: its loader, and what one of
 its batches feeds the model. The schedule (`limoe.training.schedules`) names each step's task; it
 is a pure function of (seed, step), so every rank runs the same task with the same shapes and the
-expert all-to-all always pairs up. A step of one task is a forward through `CoTrainer` (the module
-DeepSpeed wraps), a backward of the task's loss times its `loss_weight`, and an update whose
-learning rate is the schedule's times the task's `lr_scale` (PolyViT's `lr_coefs`). `accumulate`
-runs one batch of every task, sums their gradients, then updates once.
+expert all-to-all always pairs up. A step of one task is a forward through `CoTrainingObjective`
+(`limoe.training.objectives`, the module DeepSpeed wraps), a backward of the task's loss times its
+`loss_weight`, and an update whose learning rate is the schedule's times the task's `lr_scale`
+(PolyViT's `lr_coefs`). `accumulate` runs one batch of every task, sums their gradients, then
+updates once.
 
 A contrastive task trains exactly as `limoe train` without tasks does (through
 `limoe.training.step`, micro-batches included); a classification task scores its images against
@@ -23,101 +24,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from limoe.checkpoints.training import COTRAINING
-from limoe.config import Config, LossConfig, ShardSource, TaskConfig
+from limoe.config import Config, ShardSource, TaskConfig
 from limoe.data.pipeline import ShardLoader, expand_shards, require_labels
 from limoe.errors import LimoeError
 from limoe.prompt_templates import load_templates
-from limoe.model.routing import LayerRouting
-from limoe.model.tower import Limoe
 from limoe.training.batches import check_task_batches
-from limoe.training.candidates import (
-    CandidateLoss,
-    candidate_subset,
-    class_embeddings,
-    encode_prompts,
-    positions,
-    prompt_rows,
-    prompt_tokens,
-    task_classnames,
-)
+from limoe.training.candidates import candidate_subset, positions, prompt_rows, prompt_tokens, task_classnames
 from limoe.training.device_batches import DeviceBatches, WaitClock
 from limoe.training.loaders import SEED_STRIDE, train_loader_for
-from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.schedules import TaskSchedule
 from limoe.training.session import Session
-from limoe.training.step import (
-    ContrastiveTrainer,
-    MicroBatchShare,
-    StepOutcome,
-    TrainerOutput,
-    apply_update,
-    forward_backward,
-    whole_batch_backward,
-)
+from limoe.training.step import StepOutcome, apply_update, forward_backward, whole_batch_backward
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------
-# The module DeepSpeed wraps
-
-
-def _summed_auxiliary(calls: list[list[LayerRouting]], config: LossConfig, device) -> tuple[Tensor, dict[str, Tensor]]:
-    """The auxiliary losses of several forward passes (a classification step's images and prompts)."""
-    total, parts = torch.zeros((), device=device), {}
-    for routing in calls:
-        aux, call_parts = auxiliary_loss(routing, config, device)
-        total = total + aux
-        for name, value in call_parts.items():
-            parts[name] = parts.get(name, 0.0) + value
-    return total, parts
-
-
-class CoTrainer(ContrastiveTrainer):
-    """The contrastive trainer plus the classification task type: its loss and its temperature.
-
-    `forward(images, targets, step, share, prompts, templates)` → (loss, detached terms, routing).
-    For pairs (`prompts` None) `targets` are caption tokens and everything is the contrastive
-    trainer's, micro-batch shares and FLIP's patch dropping included. For classification `targets`
-    index the candidate classes, whose prompts [K·T, L] are encoded here; the images drop patches
-    as the pairs' do at `step`; the routing is then one list per forward pass (the images', the
-    prompts').
-    """
-
-    name = COTRAINING
-
-    def __init__(self, model: Limoe, config: Config):
-        super().__init__(model, config)
-        self.classification = CandidateLoss()
-
-    def forward(self, images: Tensor, targets: Tensor, step: int = 0, share: Optional[MicroBatchShare] = None,
-                prompts: Optional[Tensor] = None, templates: int = 1) -> TrainerOutput:
-        if prompts is None:
-            return super().forward(images, targets, step, share)
-        image = self.encode(images, None, self.image_keep(images, step))  # [B, D] and the image tokens' routing
-        prompt_features, prompt_routing = encode_prompts(self.model, prompts)  # [K·T, D]
-        classes = class_embeddings(prompt_features, templates)  # [K, D]
-        classification, accuracy = self.classification(image.image_features, classes, targets)
-        calls = [image.routing, prompt_routing]
-        aux, parts = _summed_auxiliary(calls, self.loss_config, classification.device)
-        loss = classification + aux
-        terms = {"loss": loss, "classification": classification, "accuracy": accuracy, "auxiliary": aux, **parts,
-                 "logit_scale": self.classification.logit_scale.exp(), "candidates": loss.new_tensor(len(classes))}
-        return TrainerOutput(loss, {k: v.detach().float().reshape(()) for k, v in terms.items()}, calls)
-
-    def clamp_temperatures(self) -> None:
-        super().clamp_temperatures()
-        clamp_logit_scale(self.classification.logit_scale)
-
-
-def cotraining_objective(objective: type) -> type[CoTrainer]:
-    """What `tasks:` train: the contrastive objective with classification added; other objectives
-    (masked pretraining) run on `data.train` alone."""
-    if objective not in (ContrastiveTrainer, CoTrainer):
-        raise LimoeError(f"tasks: co-train the contrastive objective of limoe train, not the {objective.name} "
-                         f"objective; remove tasks: from this config.")
-    return CoTrainer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,13 +184,13 @@ def task_gradients(engine, tasks: list[Task], runs: tuple[int, ...], step: int, 
         task_terms, calls, finite, images = task.backward(engine, step, config, last=position == len(runs) - 1)
         if not finite:
             engine.zero_grad()
-            return StepOutcome({**terms, "loss": task_terms["loss"]}, [], False, 0)
+            return StepOutcome({**terms, "loss": task_terms["loss"]}, False, 0, [])
         total = total + task.config.loss_weight * task_terms["loss"]
         terms.update({f"{task.name}/{key}": value for key, value in task_terms.items()})
         task_routing += [(task.name, routing) for routing in calls]
         task_samples[task.name] = images * world_size
     terms["loss"] = total
-    return StepOutcome(terms, [], True, sum(task_samples.values()), task_routing, task_samples)
+    return StepOutcome(terms, True, sum(task_samples.values()), task_routing, task_samples)
 
 
 def cotrain_step(engine, tasks: list[Task], runs: tuple[int, ...], step: int, config: Config,

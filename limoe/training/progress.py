@@ -93,9 +93,8 @@ class TrainingReporter:
         return {"pairs_seen": self.pairs_seen, **({"tasks": self.tasks_seen} if self.tasks_seen else {})}
 
     def step(self, step: int, outcome: StepOutcome, lr: float, bad_samples, stage: Optional[str] = None) -> None:
-        """Record one optimizer step of `stage`; log when the window is full. Co-training reports the
-        routing of each forward pass with its task's name (`outcome.task_routing`) instead of
-        `outcome.routing`."""
+        """Record one optimizer step of `stage`; log when the window is full. The routing of each
+        forward pass counts for all tasks together and, when co-training, for its own task."""
         terms, pairs = outcome.terms, outcome.samples
         for task, samples in outcome.task_samples.items():
             self.tasks_seen[task]["steps"] += 1
@@ -110,11 +109,10 @@ class TrainingReporter:
             layers = self.config.model.moe_layers
             self.routing[stage] = RoutingAccumulator(layers)
             self.task_routing[stage] = {task: RoutingAccumulator(layers) for task in self.task_names}
-        for task, records in outcome.task_routing:
-            self.task_routing[stage][task].add(records)
+        for task, records in outcome.routing:
+            if task is not None:
+                self.task_routing[stage][task].add(records)
             self.routing[stage].add(records)
-        if not outcome.task_routing:
-            self.routing[stage].add(outcome.routing)
         self.bar.update(1)
         last = step == self.config.train.steps
         if step % self.config.train.log_every == 0 or last:

@@ -1,4 +1,6 @@
-"""One optimizer step of `limoe train`, exact at any micro-batch size.
+"""The mechanics of one optimizer step: micro-batches by feature caching, forward and backward,
+global-norm clipping and the update, exact at any micro-batch size. What is optimised is the
+objective's (`limoe.training.objectives`), which is the module the engine wraps.
 
 The contrastive loss couples every pair of the global batch, so a per-GPU batch that does not
 fit in memory cannot simply be split into micro-batches whose losses are added. It is split by
@@ -26,14 +28,14 @@ With FLIP's patch dropping (`limoe.training.flip`) the kept patches are drawn on
 the whole batch and each micro-batch encodes its own rows of them, in both of its forwards.
 
 The engine may also wrap another objective (`limoe pretrain`'s masked modelling): anything called
-as `objective(images, tokens, step)` → `TrainerOutput`, whose loss is a sum over examples, so it
+as `objective(images, tokens, step)` → `ObjectiveOutput`, whose loss is a sum over examples, so it
 needs no feature cache and is stepped over the whole per-GPU batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -42,16 +44,12 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
 
-from limoe.checkpoints.training import CONTRASTIVE
 from limoe.config import Config
-from limoe.data.preprocess import normalize
 from limoe.distributed import expert_parallel_group
 from limoe.model.routing import LayerRouting
-from limoe.model.tower import Limoe, LimoeOutput
 from limoe.training.batches import micro_batch_size
 from limoe.training.deepspeed_config import zero_clips_by_itself
-from limoe.training.flip import PatchDropping
-from limoe.training.losses import ContrastiveLoss, RoutingCounts, auxiliary_loss, clamp_logit_scale, whole_batch_counts
+from limoe.training.losses import RoutingCounts, auxiliary_loss, whole_batch_counts
 
 
 @dataclass
@@ -70,91 +68,15 @@ class StepOutcome:
     """What one optimizer step did, for the training loop and its reporter."""
 
     terms: dict[str, Tensor]
-    routing: list[LayerRouting]  # the step's routing (training on pairs; co-training reports per task instead)
     stepped: bool
     samples: int  # over all ranks
-    task_routing: list[tuple[str, list[LayerRouting]]] = field(default_factory=list)  # (task, routing) per forward
+    # per forward pass of the step: (the co-training task it ran, None outside co-training; its MoE layers' routing)
+    routing: list[tuple[Optional[str], list[LayerRouting]]]
     task_samples: dict[str, int] = field(default_factory=dict)  # co-training: samples of each task run, all ranks
 
 
-class TrainerOutput(NamedTuple):
-    objective: Tensor  # [] what backward runs on
-    terms: dict[str, Tensor]  # the loss and its parts, detached
-    routing: list[LayerRouting]
-
-
-class ContrastiveTrainer(nn.Module):
-    """The module DeepSpeed wraps: model + contrastive loss.
-
-    With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
-    random share of its patches dropped, until the last `train.unmasked_steps` steps. Images may come as uint8 (the training loader's; normalised here, on the device) or as
-    normalised floats. The engine's forward must produce what backward runs on (DeepSpeed hooks
-    its gradient bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's
-    share of it are computed in `forward`.
-    """
-
-    name = CONTRASTIVE
-
-    def __init__(self, model: Limoe, config: Config):
-        super().__init__()
-        self.model = model
-        self.contrastive = ContrastiveLoss(config.loss.contrastive, config.loss.local_loss)
-        self.loss_config = config.loss
-        self.patch_dropping = PatchDropping.from_config(config)
-
-    def stage(self, step: int) -> Optional[str]:
-        """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase."""
-        return self.patch_dropping.stage(step)
-
-    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
-        """The patches each image [B, 3, H, W] keeps at `step` [B, K]; None (all of them) outside
-        FLIP's masked phase and in evaluation."""
-        return self.patch_dropping.keep(images, step) if self.training else None
-
-    def encode(self, images: Optional[Tensor], tokens: Optional[Tensor],
-               image_keep: Optional[Tensor] = None) -> LimoeOutput:
-        if images is not None and images.dtype == torch.uint8:
-            images = normalize(images)
-        return self.model(images, tokens, image_keep)
-
-    def loss_parameters(self) -> list[nn.Parameter]:
-        """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
-        bias = self.model.logit_bias
-        return [self.model.logit_scale] + ([bias] if bias is not None else [])
-
-    def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
-        return self.contrastive(image_features, text_features, self.model.logit_scale.exp(), self.model.logit_bias)
-
-    def logged_parameters(self) -> dict[str, Tensor]:
-        """The temperature (as open_clip logs it) and SigLIP's bias."""
-        logged = {"logit_scale": self.model.logit_scale.exp()}
-        if self.model.logit_bias is not None:
-            logged["logit_bias"] = self.model.logit_bias
-        return logged
-
-    def forward(self, images: Tensor, tokens: Tensor, step: int = 0,
-                share: Optional[MicroBatchShare] = None) -> TrainerOutput:
-        """The full loss of this batch at `step`; or, given `share`, a micro-batch's surrogate whose gradient
-        is its share of the whole batch's (the feature gradients back-propagated, plus its auxiliary share)."""
-        output = self.encode(images, tokens, self.image_keep(images, step) if share is None else share.image_keep)
-        if share is None:
-            contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
-                                           output.logit_bias)
-            aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
-            loss = contrastive + aux
-            terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts, **self.logged_parameters()}
-            return TrainerOutput(loss, _detached(terms), output.routing)
-        aux, _ = auxiliary_loss(output.routing, self.loss_config, images.device, share.whole_batch)
-        surrogate = ((output.image_features * share.image_grad).sum() + (output.text_features * share.text_grad).sum()
-                     + aux + sum((p * g).sum() for p, g in zip(self.loss_parameters(), share.loss_parameter_grads)))
-        return TrainerOutput(surrogate, {}, output.routing)
-
-    def clamp_temperatures(self) -> None:
-        """After each update: the learned temperatures stay within CLIP's bound."""
-        clamp_logit_scale(self.model.logit_scale)
-
-
-def _detached(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+def detached(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Loss terms for reporting: cut from the graph, in float32."""
     return {k: v.detach().float() for k, v in terms.items()}
 
 
@@ -172,32 +94,10 @@ def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device)
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _merged_routing(micro: list[list[LayerRouting]], whole: list[RoutingCounts]) -> list[LayerRouting]:
-    """Per MoE layer, the micro-batches' routing records as one record of the whole batch."""
-    merged = []
-    for records, counts in zip(zip(*micro), whole):
-        def total(name: str) -> Tensor:
-            return sum(getattr(r, name) for r in records)
-
-        def cat(name: str) -> Tensor:
-            return torch.cat([getattr(r, name) for r in records])
-
-        merged.append(replace(
-            records[0],
-            importance=sum(r.importance * r.num_groups for r in records) / counts.groups,
-            load=sum(r.load * r.num_groups for r in records) / counts.groups,
-            z=sum(r.z * RoutingCounts.of(r).tokens for r in records) / counts.tokens.clamp(min=1),
-            token_entropy=cat("token_entropy"), marginal_entropy=cat("marginal_entropy"), present=cat("present"),
-            routed=total("routed"), kept=total("kept"), prob_sum=total("prob_sum"), entropy_sum=total("entropy_sum"),
-            expert=cat("expert"), kept_mask=cat("kept_mask"), num_groups=counts.groups,
-        ))
-    return merged
-
-
 def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int, step: int,
                             weight: float, last: bool) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
     """Steps 1–3 of the module docstring; backward runs only if the loss is finite (or skipping is off)."""
-    module: ContrastiveTrainer = engine.module
+    module = engine.module  # a ContrastiveObjective (limoe.training.objectives)
     device = images.device
     keep = module.image_keep(images, step)  # [B_local, K] or None
     keeps = keep.split(micro) if keep is not None else [None] * (images.shape[0] // micro)
@@ -224,9 +124,9 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
         parts = {name: sum(share[1][name] for share in shares) for name in shares[0][1]}
         aux = sum(share[0] for share in shares)
         loss = contrastive.detach() + aux
-        terms = _detached({"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts,
+        terms = detached({"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts,
                            **module.logged_parameters()})
-    routing = _merged_routing(routings, whole) if whole else []
+    routing = [LayerRouting.merge(layer) for layer in zip(*routings)]  # per MoE layer, the whole batch's
     if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         return terms, routing, False
 

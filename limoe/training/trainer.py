@@ -7,10 +7,11 @@ gradients over the expert-data-parallel group only) and ZeRO; checkpoints are li
 builds the pieces (`limoe.training.deepspeed_config` the engine's config, `limoe.training.step`
 one exact step at any micro-batch size), runs the loop, and reports. The command around it
 (`limoe.train_command`) checks the settings, the inputs and, on a GPU, the memory plan
-(`limoe plan`) before the workdir is touched. `limoe pretrain` runs this same loop with
-its masked-modelling objective in place of the contrastive one; with `tasks:` in the config the
-loop co-trains several datasets (`limoe.training.cotraining`), each step running the task the
-schedule names.
+(`limoe plan`) before the workdir is touched. What is optimised is the objective's
+(`limoe.training.objectives`): the module the engine wraps, which also supplies each step (its
+data, its forwards and backwards) and its learning-rate scale, so the loop is the same for
+contrastive training, co-training (`tasks:`) and `limoe pretrain`'s masked modelling, and never
+asks which one it runs.
 
 The loop never waits on the device except on logging, checkpoint and evaluation steps (and every
 step in skip_nonfinite_steps mode): batches arrive as uint8, copied ahead of the step that uses them.
@@ -37,14 +38,13 @@ from limoe.errors import LimoeError
 from limoe.files import atomic_write
 from limoe.model.tower import Limoe, build_model
 from limoe.training.batches import micro_batch_size
-from limoe.training.cotraining import cotraining_objective, lr_scale, task_steps
 from limoe.training.deepspeed_config import deepspeed_config
-from limoe.training.device_batches import DeviceBatches, WaitClock
+from limoe.training.device_batches import WaitClock
 from limoe.training.evaluation import evaluate_live
-from limoe.training.loaders import train_loader_for
+from limoe.training.objectives import ObjectiveOutput, StepSource, objective_for
 from limoe.training.progress import TrainingReporter
 from limoe.training.session import Session
-from limoe.training.step import ContrastiveTrainer, StepOutcome, TrainerOutput, train_step
+from limoe.training.step import StepOutcome
 from limoe.training.workdir import check_same_architecture, evaluated_steps, keep_metrics_until
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,21 @@ FinalReport = Callable[[Path, Config, Path], dict]  # (exported model file, conf
 
 
 class Objective(Protocol):
-    """What a run optimises: the module DeepSpeed wraps, built as `objective(model, config)`.
+    """What a run optimises, and everything the loop and its command ask of it
+    (`limoe.training.objectives` has the implementations and how one is chosen).
 
-    `objective(images, tokens, step)` → TrainerOutput (loss, its parts detached, the MoE layers'
+    Before anything is built (classmethods, on the settings): `check(config, world_size)` refuses,
+    with one sentence, settings and inputs the objective cannot train on with `world_size`
+    processes; `largest_local_batch(config, world_size)` is the most samples one process loads for
+    a step (the host-memory check sizes the data workers by it).
+
+    Built as `objective(model, config)`, it is the module DeepSpeed wraps:
+    `objective(images, tokens, step)` → ObjectiveOutput (loss, its parts detached, the MoE layers'
     routing); `stage(step)` names the phase a step belongs to, so routing statistics are kept apart
-    per phase (None: one phase). Both depend on the step alone, so a resumed run continues exactly.
+    per phase (None: one phase); `lr_scale(step)` multiplies the schedule's learning rate at `step`.
+    All depend on the step alone, so a resumed run continues exactly. `steps(engine, config,
+    session, start, clock)` is the loop's step source: its data (resumed at `start`; `clock` adds
+    up the waits for batches) and a function that trains one optimizer step.
     `name` is saved with each checkpoint, so a workdir resumes only under its own objective.
     `model` is the `Limoe` being trained: exports keep it and drop everything else.
     `clamp_temperatures()` runs after every update and keeps the learned temperatures in bounds.
@@ -66,9 +76,19 @@ class Objective(Protocol):
     name: str
     model: Limoe
 
-    def __call__(self, images: Tensor, tokens: Tensor, step: int) -> TrainerOutput: ...
+    @classmethod
+    def check(cls, config: Config, world_size: int) -> None: ...
+
+    @classmethod
+    def largest_local_batch(cls, config: Config, world_size: int) -> int: ...
+
+    def __call__(self, images: Tensor, tokens: Tensor, step: int) -> ObjectiveOutput: ...
 
     def stage(self, step: int) -> Optional[str]: ...
+
+    def lr_scale(self, step: int) -> float: ...
+
+    def steps(self, engine, config: Config, session: Session, start: int, clock: WaitClock) -> StepSource: ...
 
     def clamp_temperatures(self) -> None: ...
 
@@ -107,29 +127,20 @@ def lr_multiplier(step: int, config: Config) -> float:
     return floor + (1 - floor) * shape
 
 
-def objective_for(config: Config, objective: type[Objective]) -> type[Objective]:
-    """The objective a run optimises: `objective`, or with `tasks:` the co-training one."""
-    return cotraining_objective(objective) if config.tasks else objective
-
-
-def _task_lr_scale(config: Config) -> Callable[[int], float]:
-    """step → the lr_scale of the task the schedule runs at that step (1 without `tasks:`)."""
-    if not config.tasks:
-        return lambda step: 1.0
-    return lr_scale(config)
-
-
 def build_engine(config: Config, session: Session, compile_backend: str = "inductor",
-                 objective: type[Objective] = ContrastiveTrainer, warm: bool = False):
-    """The model (this rank's experts), optimizer and schedule inside a DeepSpeed engine.
+                 objective: Optional[type[Objective]] = None, warm: bool = False):
+    """The model (this rank's experts), `objective` around it, optimizer and schedule inside a DeepSpeed engine.
+
+    `objective` None: `limoe train`'s for this config (`limoe.training.objectives.objective_for`),
+    for callers that build an engine without running the command (benchmarks, tests).
 
     `warm`: train.init_from's weights are loaded into the fresh model before the engine copies it
     (ZeRO keeps its own fp32 partitions, so they must be in place before `deepspeed.initialize`).
 
     With train.compile the tower is compiled (`compile_backend`, Inductor by default), the
     expert all-to-all inside its graph; the contrastive loss, whose feature gather breaks graphs,
-    and the optimizer stay eager. With `tasks:` the module also holds the classification loss, and
-    each step's learning rate is multiplied by the lr_scale of the task the schedule runs then.
+    and the optimizer stay eager. Each step's learning rate is the schedule's times the objective's
+    `lr_scale(step)` (co-training: the lr_scale of the task the schedule runs then).
     """
     micro_batch_size(config, session.world_size)  # a bad micro-batch size fails before anything is built
     ds_config = deepspeed_config(config, session.world_size, session.bf16)
@@ -139,14 +150,13 @@ def build_engine(config: Config, session: Session, compile_backend: str = "induc
     if warm:
         warm_start(model, config)
     model.set_activation_checkpointing(config.train.activation_checkpointing)
-    objective = objective_for(config, objective)
-    module = objective(model, config)
-    task_scale = _task_lr_scale(config)
+    module = (objective or objective_for(config))(model, config)
     optimizer = torch.optim.AdamW(
         optimizer_groups(module, config.optim.weight_decay), lr=config.optim.lr,
         betas=tuple(config.optim.betas), eps=config.optim.eps,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config) * task_scale(step))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, config) * module.lr_scale(step))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if config.train.compile:
         engine.module.model.compile(backend=compile_backend)
@@ -174,12 +184,7 @@ def train_in_workdir(config: Config, workdir: Path, session: Session, objective:
     if start >= config.train.steps:
         log.info("%s already reached step %d of %d", workdir, start, config.train.steps)
     data_clock = WaitClock()
-    if config.tasks:
-        run_step, bad_samples = task_steps(engine, config, session, start, data_clock)
-    else:
-        loader = train_loader_for(config, config.data.train, config.train.batch_size, session.world_size,
-                                  session.device, start)
-        run_step, bad_samples = _pair_steps(engine, loader, config, session, data_clock), loader.bad_samples
+    run_step, bad_samples = engine.module.steps(engine, config, session, start, data_clock)
     # Checkpoints written before pairs were counted: assume today's batch size throughout.
     pairs_seen = state.get("pairs_seen", start * config.train.batch_size)
     with TrainingReporter(config, workdir, session.rank, start, pairs_seen, state.get("tasks", {}),
@@ -208,19 +213,6 @@ def _evaluate_if_unrecorded(engine, config: Config, workdir: Path, session: Sess
     if any_process(session.rank == 0 and step not in evaluated_steps(workdir)):
         log.warning("step %d: its evaluation was not recorded before the run stopped; evaluating it now", step)
         reporter.evaluation(step, evaluate_live(engine.module.model, config))
-
-
-def _pair_steps(engine, loader, config: Config, session: Session,
-                data_clock: WaitClock) -> Callable[[int], StepOutcome]:
-    """Training on `data.train`: each step one batch of pairs (`data_clock` adds up the waits for them)."""
-    batches = iter(DeviceBatches(loader, session.device, data_clock))
-
-    def run(step: int) -> StepOutcome:
-        images, tokens = next(batches)
-        terms, routing, stepped = train_step(engine, images, tokens, config, step)
-        return StepOutcome(terms, routing, stepped, config.train.batch_size)
-
-    return run
 
 
 def _loop(engine, run_step: Callable[[int], StepOutcome], bad_samples, config: Config, workdir: Path, reporter,

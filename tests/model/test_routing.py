@@ -85,3 +85,38 @@ def test_grouping_spreads_examples_evenly_and_round_trips():
     assert grouped.shape == (3, 35, 3)
     torch.testing.assert_close(grouping.ungroup(grouped, 5), x)
     assert Grouping.for_batch(3, 8).num_groups == 1
+
+
+def test_every_routing_field_says_how_micro_batches_merge():
+    """A field added to LayerRouting without a merge rule would be dropped or mixed up silently."""
+    from dataclasses import fields
+
+    from limoe.model.routing import LayerRouting
+
+    assert [f.name for f in fields(LayerRouting) if not callable(f.metadata.get("merge"))] == []
+
+
+def test_merged_micro_batch_routing_is_the_whole_batch_routing():
+    """Micro-batches of whole routing groups route as the whole batch does (no router noise), so their
+    merged record must equal the record of the batch encoded at once: 6 examples in groups of 2,
+    split 2 + 4, with capacity tight enough to drop tokens."""
+    from limoe.config import load_model_config
+    from limoe.model.routing import LayerRouting
+    from limoe.model.tower import Limoe
+
+    torch.manual_seed(0)
+    config = load_model_config("limoe-tiny", ["moe.router_noise=false", "moe.group_size=2",
+                                              "moe.train_capacity_factor=0.5"])
+    model = Limoe(config).train()
+    images = torch.randn(6, 3, config.image_size, config.image_size)  # [B, 3, H, W]
+    tokens = torch.randint(1, config.vocab_size, (6, config.context_length))  # [B, L]
+    tokens[1, 4:] = 0
+    tokens[4, 6:] = 0
+    with torch.no_grad():
+        whole = model(images, tokens).routing
+        micro = [model(images[rows], tokens[rows]).routing for rows in (slice(0, 2), slice(2, 6))]
+    assert whole and any((layer.kept < layer.routed).any() for layer in whole)  # some tokens dropped
+    for layer, records in zip(whole, zip(*micro)):
+        merged = LayerRouting.merge(records)
+        for name, expected in vars(layer).items():
+            torch.testing.assert_close(getattr(merged, name), expected, msg=name)

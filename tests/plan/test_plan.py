@@ -18,7 +18,7 @@ from limoe.plan.launch import launch_command
 from limoe.plan.activations import KeptStorages, measure_activations
 from limoe.plan.state import count_parameters, state_bytes
 from limoe.training.losses import auxiliary_loss
-from limoe.training.step import ContrastiveTrainer
+from limoe.training.objectives import ContrastiveObjective
 
 # The demo model in fp32 on the Triton ops (the plan measures the GPU's ops), one routing group.
 TINY = ["train.precision=fp32", "model.moe.backend=triton", "model.moe.group_size=4"]
@@ -33,7 +33,7 @@ def tiny():
 def _real_forward(config, checkpointing: str, batch: int):
     """A real training forward of `batch` pairs (uint8 images in, as the loader gives them)."""
     torch.manual_seed(0)
-    module = ContrastiveTrainer(build_model(config), config).train()
+    module = ContrastiveObjective(build_model(config), config).train()
     module.model.set_activation_checkpointing(checkpointing)
     images = torch.randint(0, 256, (batch, 3, config.model.image_size, config.model.image_size), dtype=torch.uint8)
     tokens = torch.randint(1, 1000, (batch, config.model.context_length))

@@ -13,7 +13,7 @@ from limoe.evaluate.zeroshot import encode_labelled_images, zeroshot_classifier
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.training import candidates
 from limoe.training.candidates import LOGIT_SCALE_INIT, class_embeddings, encode_prompts, prompt_tokens
-from limoe.training.cotraining import CoTrainer
+from limoe.training.objectives import CoTrainingObjective
 
 CLASSES = ["zodiac", "household", "arrow"]
 TEMPLATES = ["a photo of {}.", "{} emoji", "an icon of the {}"]
@@ -24,10 +24,10 @@ DROPLESS = ["model.moe.train_capacity_factor=4.0", "model.moe.router_noise=false
 
 
 @pytest.fixture(scope="module")
-def trainer() -> CoTrainer:
+def trainer() -> CoTrainingObjective:
     torch.manual_seed(0)
     config = load_config("demo", DROPLESS)
-    return CoTrainer(Limoe(config.model), config)
+    return CoTrainingObjective(Limoe(config.model), config)
 
 
 def test_the_temperature_starts_at_one_over_0_07():

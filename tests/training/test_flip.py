@@ -10,13 +10,13 @@ from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.routing import expert_capacity
 from limoe.model.tower import build_model
-from limoe.training.step import ContrastiveTrainer
+from limoe.training.objectives import ContrastiveObjective
 
 
-def _trainer(*overrides: str) -> ContrastiveTrainer:
+def _trainer(*overrides: str) -> ContrastiveObjective:
     config = load_config("demo", ["train.steps=10", "train.image_mask_ratio=0.5", "train.unmasked_steps=3", *overrides])
     torch.manual_seed(0)
-    return ContrastiveTrainer(build_model(config), config)
+    return ContrastiveObjective(build_model(config), config)
 
 
 def _batch():

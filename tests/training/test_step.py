@@ -21,8 +21,9 @@ from limoe.model.tower import build_model
 from limoe.training.deepspeed_config import deepspeed_config
 from limoe.training.flip import PatchDropping
 from limoe.training.losses import auxiliary_loss, whole_batch_counts
+from limoe.training.objectives import ContrastiveObjective
 from limoe.training.session import start_session
-from limoe.training.step import ContrastiveTrainer, forward_backward, train_step
+from limoe.training.step import forward_backward, train_step
 from limoe.training.trainer import build_engine
 
 BATCH = 16
@@ -105,7 +106,7 @@ def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass(noisy_e
     config = load_config("demo", BASE + ["train.micro_batch_size=4"])
     micro, _ = _gradients(noisy_engine, ["train.micro_batch_size=4"], seed=7)
     torch.manual_seed(config.train.seed)  # build_engine's weights
-    reference = ContrastiveTrainer(build_model(config), config)
+    reference = ContrastiveObjective(build_model(config), config)
     images, tokens = _batch(config)
     torch.manual_seed(7)
     outputs = [reference.encode(i, t) for i, t in zip(images.split(4), tokens.split(4))]

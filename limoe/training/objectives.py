@@ -1,0 +1,248 @@
+"""What a run optimises: the module the DeepSpeed engine wraps, and everything the loop asks of it.
+
+An objective owns its run (open_clip's `TrainingTask`): the training loop (`limoe.training.trainer`)
+and the command around it (`limoe.train_command`) only call what the `Objective` protocol names —
+the checks of the settings against the process count before anything is built, the largest
+per-process batch for the memory checks, the forward, the phase and learning-rate scale of each
+step, and the step source that produces each optimizer step — and never ask which objective runs.
+
+- `ContrastiveObjective` (`limoe train`): the model plus the contrastive loss, one batch of
+  `data.train`'s pairs per step, with micro-batches by feature caching (`limoe.training.step`).
+- `CoTrainingObjective` (`limoe train` with `tasks:`): the same plus classification; each step runs
+  the tasks the schedule names (`limoe.training.cotraining`), at the learning rate scaled by the
+  task's lr_scale.
+- `MaskedPretraining` (`limoe pretrain`, in `limoe.pretraining.objective`): masked image and
+  language modelling on `data.train`'s pairs.
+
+The objective is chosen once, where the run is started: `objective_for(config)` for `limoe train`,
+`MaskedPretraining` by `limoe pretrain`. Each objective's `name` is saved with every checkpoint, so
+a workdir resumes only under the objective that wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from limoe.config import Config, LossConfig
+from limoe.data.pipeline import expand_shards
+from limoe.data.preprocess import normalize
+from limoe.model.routing import LayerRouting
+from limoe.model.tower import Limoe, LimoeOutput
+from limoe.training.batches import micro_batch_size
+from limoe.training.candidates import CandidateLoss, class_embeddings, encode_prompts
+from limoe.training.cotraining import check_tasks, lr_scale, task_steps
+from limoe.training.device_batches import DeviceBatches, WaitClock
+from limoe.training.flip import PatchDropping
+from limoe.training.loaders import train_loader_for
+from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
+from limoe.training.session import Session
+from limoe.training.step import MicroBatchShare, StepOutcome, detached, train_step
+
+CONTRASTIVE = "contrastive"
+COTRAINING = "co-training"
+
+
+class ObjectiveOutput(NamedTuple):
+    """What the engine's forward returns: what backward runs on, and what is reported."""
+
+    objective: Tensor  # [] what backward runs on
+    terms: dict[str, Tensor]  # the loss and its parts, detached
+    routing: list  # the MoE layers' routing: list[LayerRouting], or one such list per forward pass (classification)
+
+
+class StepSource(NamedTuple):
+    """The training loop's view of its data: `run(step)` trains 0-based optimizer step `step` (one
+    update, or none if skipped) and says what it did; `bad_samples` are the data loaders' skipped
+    samples (`.seen`, `.bad`), read by the progress report."""
+
+    run: Callable[[int], StepOutcome]
+    bad_samples: object
+
+
+class PairsObjective(nn.Module):
+    """An objective trained on `data.train`'s pairs, one batch and one update per step, at the
+    learning rate of the schedule (contrastive training and masked pretraining)."""
+
+    @classmethod
+    def check(cls, config: Config, world_size: int) -> None:
+        """Before anything is built: `data.train`'s shards exist, and the batch splits over the
+        `world_size` processes into whole routing groups (and micro-batches)."""
+        for source in config.data.train:
+            expand_shards(source.shards)
+        micro_batch_size(config, world_size)
+
+    @classmethod
+    def largest_local_batch(cls, config: Config, world_size: int) -> int:
+        """The most samples one process loads for a step."""
+        return config.train.batch_size // world_size
+
+    def lr_scale(self, step: int) -> float:
+        """The factor on the schedule's learning rate at `step`: none."""
+        return 1.0
+
+    def steps(self, engine, config: Config, session: Session, start: int, clock: WaitClock) -> StepSource:
+        """Each step one batch of `data.train` (the loader resumed at `start`; `clock` adds up the waits
+        for batches) through `limoe.training.step.train_step`."""
+        loader = train_loader_for(config, config.data.train, config.train.batch_size, session.world_size,
+                                  session.device, start)
+        batches = iter(DeviceBatches(loader, session.device, clock))
+
+        def run(step: int) -> StepOutcome:
+            images, tokens = next(batches)
+            terms, routing, stepped = train_step(engine, images, tokens, config, step)
+            return StepOutcome(terms, stepped, config.train.batch_size, [(None, routing)])
+
+        return StepSource(run, loader.bad_samples)
+
+
+class ContrastiveObjective(PairsObjective):
+    """`limoe train`'s objective: model + contrastive loss.
+
+    With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
+    random share of its patches dropped, until the last `train.unmasked_steps` steps. Images may
+    come as uint8 (the training loader's; normalised here, on the device) or as normalised floats.
+    The engine's forward must produce what backward runs on (DeepSpeed hooks its gradient
+    bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's share of it
+    are computed in `forward`.
+    """
+
+    name = CONTRASTIVE
+
+    def __init__(self, model: Limoe, config: Config):
+        super().__init__()
+        self.model = model
+        self.contrastive = ContrastiveLoss(config.loss.contrastive, config.loss.local_loss)
+        self.loss_config = config.loss
+        self.patch_dropping = PatchDropping.from_config(config)
+
+    def stage(self, step: int) -> Optional[str]:
+        """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase."""
+        return self.patch_dropping.stage(step)
+
+    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
+        """The patches each image [B, 3, H, W] keeps at `step` [B, K]; None (all of them) outside
+        FLIP's masked phase and in evaluation."""
+        return self.patch_dropping.keep(images, step) if self.training else None
+
+    def encode(self, images: Optional[Tensor], tokens: Optional[Tensor],
+               image_keep: Optional[Tensor] = None) -> LimoeOutput:
+        if images is not None and images.dtype == torch.uint8:
+            images = normalize(images)
+        return self.model(images, tokens, image_keep)
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
+        bias = self.model.logit_bias
+        return [self.model.logit_scale] + ([bias] if bias is not None else [])
+
+    def contrastive_loss(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        return self.contrastive(image_features, text_features, self.model.logit_scale.exp(), self.model.logit_bias)
+
+    def logged_parameters(self) -> dict[str, Tensor]:
+        """The temperature (as open_clip logs it) and SigLIP's bias."""
+        logged = {"logit_scale": self.model.logit_scale.exp()}
+        if self.model.logit_bias is not None:
+            logged["logit_bias"] = self.model.logit_bias
+        return logged
+
+    def forward(self, images: Tensor, tokens: Tensor, step: int = 0,
+                share: Optional[MicroBatchShare] = None) -> ObjectiveOutput:
+        """The full loss of this batch at `step`; or, given `share`, a micro-batch's surrogate whose gradient
+        is its share of the whole batch's (the feature gradients back-propagated, plus its auxiliary share)."""
+        output = self.encode(images, tokens, self.image_keep(images, step) if share is None else share.image_keep)
+        if share is None:
+            contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
+                                           output.logit_bias)
+            aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
+            loss = contrastive + aux
+            terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts, **self.logged_parameters()}
+            return ObjectiveOutput(loss, detached(terms), output.routing)
+        aux, _ = auxiliary_loss(output.routing, self.loss_config, images.device, share.whole_batch)
+        surrogate = ((output.image_features * share.image_grad).sum() + (output.text_features * share.text_grad).sum()
+                     + aux + sum((p * g).sum() for p, g in zip(self.loss_parameters(), share.loss_parameter_grads)))
+        return ObjectiveOutput(surrogate, {}, output.routing)
+
+    def clamp_temperatures(self) -> None:
+        """After each update: the learned temperatures stay within CLIP's bound."""
+        clamp_logit_scale(self.model.logit_scale)
+
+
+def _summed_auxiliary(calls: list[list[LayerRouting]], config: LossConfig, device) -> tuple[Tensor, dict[str, Tensor]]:
+    """The auxiliary losses of several forward passes (a classification step's images and prompts)."""
+    total, parts = torch.zeros((), device=device), {}
+    for routing in calls:
+        aux, call_parts = auxiliary_loss(routing, config, device)
+        total = total + aux
+        for name, value in call_parts.items():
+            parts[name] = parts.get(name, 0.0) + value
+    return total, parts
+
+
+class CoTrainingObjective(ContrastiveObjective):
+    """`limoe train` with `tasks:`: the contrastive objective plus the classification task type (its
+    loss and its temperature), stepped by the task schedule (`limoe.training.cotraining`).
+
+    `forward(images, targets, step, share, prompts, templates)` → (loss, detached terms, routing).
+    For pairs (`prompts` None) `targets` are caption tokens and everything is the contrastive
+    objective's, micro-batch shares and FLIP's patch dropping included. For classification `targets`
+    index the candidate classes, whose prompts [K·T, L] are encoded here; the images drop patches
+    as the pairs' do at `step`; the routing is then one list per forward pass (the images', the
+    prompts').
+    """
+
+    name = COTRAINING
+
+    def __init__(self, model: Limoe, config: Config):
+        super().__init__(model, config)
+        self.classification = CandidateLoss()
+        self.config = config
+
+    @classmethod
+    def check(cls, config: Config, world_size: int) -> None:
+        """Every task's input and batch split (instead of `data.train`'s), then train.batch_size's split."""
+        check_tasks(config, world_size)
+        micro_batch_size(config, world_size)
+
+    @classmethod
+    def largest_local_batch(cls, config: Config, world_size: int) -> int:
+        return max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks]) // world_size
+
+    def lr_scale(self, step: int) -> float:
+        """The lr_scale of the task the schedule runs at `step` (PolyViT's `lr_coefs`; 1 for accumulate)."""
+        return self._task_lr_scales(step)
+
+    @functools.cached_property
+    def _task_lr_scales(self) -> Callable[[int], float]:
+        """step → lr_scale, from the schedule; built on first use, as the loss alone needs no tasks."""
+        return lr_scale(self.config)
+
+    def steps(self, engine, config: Config, session: Session, start: int, clock: WaitClock) -> StepSource:
+        return StepSource(*task_steps(engine, config, session, start, clock))
+
+    def forward(self, images: Tensor, targets: Tensor, step: int = 0, share: Optional[MicroBatchShare] = None,
+                prompts: Optional[Tensor] = None, templates: int = 1) -> ObjectiveOutput:
+        if prompts is None:
+            return super().forward(images, targets, step, share)
+        image = self.encode(images, None, self.image_keep(images, step))  # [B, D] and the image tokens' routing
+        prompt_features, prompt_routing = encode_prompts(self.model, prompts)  # [K·T, D]
+        classes = class_embeddings(prompt_features, templates)  # [K, D]
+        classification, accuracy = self.classification(image.image_features, classes, targets)
+        calls = [image.routing, prompt_routing]
+        aux, parts = _summed_auxiliary(calls, self.loss_config, classification.device)
+        loss = classification + aux
+        terms = {"loss": loss, "classification": classification, "accuracy": accuracy, "auxiliary": aux, **parts,
+                 "logit_scale": self.classification.logit_scale.exp(), "candidates": loss.new_tensor(len(classes))}
+        return ObjectiveOutput(loss, {k: v.detach().float().reshape(()) for k, v in terms.items()}, calls)
+
+    def clamp_temperatures(self) -> None:
+        super().clamp_temperatures()
+        clamp_logit_scale(self.classification.logit_scale)
+
+
+def objective_for(config: Config) -> type[ContrastiveObjective]:
+    """`limoe train`'s objective: co-training with `tasks:`, contrastive training without."""
+    return CoTrainingObjective if config.tasks else ContrastiveObjective
