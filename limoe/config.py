@@ -32,6 +32,7 @@ import yaml
 
 from limoe.errors import LimoeError
 from limoe.files import read_text_file
+from limoe.modalities import MODALITIES  # noqa: F401  (re-exported: the registry's names, in id order)
 
 
 
@@ -48,7 +49,6 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 # YAML 1.1 (PyYAML) reads `1e-3` and `1.0e30` as strings; for float keys they mean the number.
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-MODALITIES = ("image", "text")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from limoe.config import Config, config_from_dict, to_dict
 from limoe.errors import LimoeError
+from limoe.checkpoints.legacy import modality_registry_name
 from limoe.files import atomic_write, save_safetensors
 from limoe.model.moe import stacked_expert_state
 from limoe.model.prompts import prompt_tuning_metadata, restore_prompt_tuning
@@ -39,13 +40,14 @@ def save_model_file(model: Limoe, config: Config, path: Path, notes: Optional[di
 
 
 def read_model_file(path: Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """The state dict and config of an exported file; anything wrong with it is one LimoeError."""
+    """The state dict (under today's names: see `legacy`) and config of an exported file; anything
+    wrong with it is one LimoeError."""
     config = read_embedded_config(path)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"checkpoint {path} is not a readable safetensors file ({error}).") from None
-    return state, config
+    return {modality_registry_name(name): tensor for name, tensor in state.items()}, config
 
 
 def read_embedded_config(path: Path) -> Config:

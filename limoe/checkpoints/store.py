@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
+from limoe.checkpoints.legacy import modality_registry_name
 from limoe.errors import LimoeError
 from limoe.files import atomic_replace, fsync_directory, fsync_file, save_safetensors
 from limoe.model.moe import current_parameter_name
@@ -131,7 +132,8 @@ class Entries(Mapping):
 
     A name found in two files, or asked for but absent, is a LimoeError naming the checkpoint:
     the files of one checkpoint partition the names. Names are today's: an entry stored under a
-    name from before the experts were stacked (the router's) is found under its current name.
+    name from before the experts were stacked (the router's) or before the modality registry
+    (`legacy`) is found under its current name.
     """
 
     def __init__(self, where: Path, handles: dict):
@@ -141,7 +143,7 @@ class Entries(Mapping):
         self.stored_as: dict[str, str] = {}  # current name → the name in the file
         for path, handle in handles.items():
             for stored in handle.keys():
-                key = current_parameter_name(stored)
+                key = modality_registry_name(current_parameter_name(stored))
                 if key in self.owner:
                     raise LimoeError(f"checkpoint {where} holds '{key}' in two files; it is damaged, remove it.")
                 self.owner[key], self.stored_as[key] = handle, stored

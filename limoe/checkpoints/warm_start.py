@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from limoe.checkpoints.legacy import modality_registry_name
 from limoe.checkpoints.model_file import read_embedded_config, read_model_file
 from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consolidated_state
 from limoe.config import Config
@@ -61,7 +62,8 @@ def source_shapes_as_meta(source: Path) -> dict[str, Tensor]:
         raise LimoeError(f"train.init_from: {error}") from None
     try:
         with safe_open(str(source), framework="pt") as handle:
-            stored = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
+            stored = {modality_registry_name(name): torch.empty(handle.get_slice(name).get_shape(), device="meta")
+                      for name in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise LimoeError(f"train.init_from {source} is not a readable safetensors file ({error}).") from None
     return stacked_expert_state(stored)  # files of any expert layout
