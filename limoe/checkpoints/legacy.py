@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 
 # Before the modality registry (limoe.modalities) the tower held each modality's modules as
-# attributes of its own; now they sit in ModuleDicts keyed by modality name.
+# attributes of its own; now they sit in ModuleDicts keyed by modality name, and the parameters
+# the tower holds for a modality's embedder are named `<modality>_<key>` (image_positions stays).
 _BEFORE_MODALITY_REGISTRY = {
     "patch_embed.": "embedders.image.patch_embed.",
-    "image_positions": "embedders.image.positions",
-    "cls_token": "embedders.image.cls_token",
+    "cls_token": "image_cls_token",
     "token_embed.": "embedders.text.token_embed.",
-    "text_positions": "embedders.text.positions",
     "image_pool.": "pools.image.",
     "text_pool.": "pools.text.",
     "image_proj.": "projections.image.",
@@ -30,10 +29,10 @@ _OLD_TOWER_NAME = re.compile(r"^(?P<prefix>([^/]+/)?(model\.)?)(?P<old>%s)" % "|
 
 def modality_registry_name(name: str) -> str:
     """A stored tensor name from before the modality registry in today's naming:
-    `patch_embed.weight` → `embedders.image.patch_embed.weight`, `text_positions` →
-    `embedders.text.positions`, `image_pool.map.probe` → `pools.image.map.probe`, `text_proj.weight`
-    → `projections.text.weight`, also under a training checkpoint's `model.` and optimizer prefixes
-    (`exp_avg/model.image_positions`). Any other name is returned unchanged."""
+    `patch_embed.weight` → `embedders.image.patch_embed.weight`, `cls_token` → `image_cls_token`,
+    `image_pool.map.probe` → `pools.image.map.probe`, `text_proj.weight` → `projections.text.weight`,
+    also under a training checkpoint's `model.` and optimizer prefixes (`exp_avg/model.cls_token`).
+    Any other name is returned unchanged."""
     match = _OLD_TOWER_NAME.match(name)
     if match is None:
         return name

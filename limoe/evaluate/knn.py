@@ -34,7 +34,7 @@ def image_token_features(model: Limoe, batches: Iterable[EvalBatch]) -> tuple[Te
     features, labels = [], []
     with inference(model) as device:
         for batch in batches:
-            streams, _ = model.tower({"image": model.embedders["image"](batch.images.to(device))})
+            streams, _ = model.tower({"image": model.embed("image", batch.images.to(device))})
             features.append(F.normalize(streams["image"].x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
             labels.append(batch.labels)
     if not features:

@@ -16,12 +16,17 @@ PAD_TOKEN = 0  # open_clip's tokenizer pads with 0
 
 class TextEmbedder(nn.Module):
     """tokens [B, L] ids → a row of the token embedding table each, plus a learned position per
-    place in the context; padding is masked in attention and never routed."""
+    place in the context; padding is masked in attention and never routed.
+
+    The positions are drawn here (`tower_parameters`) and held by the tower (see `Limoe.embed`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.token_embed = nn.Embedding(config.vocab_size, config.width)
-        self.positions = nn.Parameter(torch.randn(config.context_length, config.width) * 0.01)  # [L, d]
+
+    def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
+        """The learned positions [L, d]."""
+        return {"positions": nn.Parameter(torch.randn(config.context_length, config.width) * 0.01)}
 
     def init_weights(self) -> None:
         """N(0, 0.02) token embeddings (ViT/CLIP practice), drawn after the tower's linear layers."""
@@ -32,9 +37,9 @@ class TextEmbedder(nn.Module):
         table, not the table."""
         return self.token_embed.weight.numel() - self.token_embed.weight.shape[1]
 
-    def forward(self, tokens: Tensor, at_mask: Optional[Tensor] = None,
+    def forward(self, tokens: Tensor, positions: Tensor, at_mask: Optional[Tensor] = None,
                 mask_embedding: Optional[Tensor] = None) -> Tokens:
-        """tokens [B, L] ids → [B, L, d].
+        """tokens [B, L] ids → [B, L, d], with learned 1-D positions [L, d].
 
         Masked language modelling shows `mask_embedding` [d] instead of the token's embedding
         where `at_mask` [B, L] is True (BERT's [MASK]); such tokens stay text and are routed.
@@ -43,7 +48,7 @@ class TextEmbedder(nn.Module):
         x = self.token_embed(tokens)  # [B, L, d]
         if at_mask is not None:
             x = torch.where(at_mask[..., None], mask_embedding.to(x.dtype), x)
-        x = x + self.positions[: tokens.shape[1]]
+        x = x + positions[: tokens.shape[1]]
         modality = torch.where(real, MODALITY.id, PADDING)
         return Tokens(x, modality, real, MODALITY.name, tokens)
 

@@ -175,7 +175,14 @@ class Limoe(nn.Module):
         width = config.width
         # Built (and their random numbers drawn) in registry order, then the blocks, then the heads:
         # the order fixes which weights a seed gives.
-        self.embedders = nn.ModuleDict({name: modality(name).embedder(config) for name in MODALITIES})
+        self.embedders = nn.ModuleDict()
+        self.embedder_parameters: dict[str, tuple[str, ...]] = {}  # modality → the keys of its parameters here
+        for name in MODALITIES:
+            embedder = self.embedders[name] = modality(name).embedder(config)
+            held = embedder.tower_parameters(config)
+            for key, parameter in held.items():
+                self.register_parameter(f"{name}_{key}", parameter)
+            self.embedder_parameters[name] = tuple(held)
         moe_layers = set(config.moe_layers)
         self.blocks = nn.ModuleList(
             ModalityAdapter(config) if i < config.modality_adapter_layers else Block(config, i in moe_layers, sharding)
@@ -219,6 +226,17 @@ class Limoe(nn.Module):
             index for index, block in enumerate(self.blocks) if blocks == "all" or (blocks == "moe" and block.sparse)
         )
 
+    # --- embeddings -------------------------------------------------------------------------
+
+    def embed(self, name: str, batch: Tensor, **options) -> Tokens:
+        """One modality's raw batch → its tokens, by its embedder with the positions (and class
+        token) the tower holds for it as `<modality>_<key>` (`image_positions`): own parameters
+        of the tower come before every submodule's in its parameter order, which is the order the
+        optimizer groups and the global gradient norm's sum have always had. `options` go to the
+        embedder (`keep` for images; `at_mask`, `mask_embedding` for text)."""
+        held = {key: getattr(self, f"{name}_{key}") for key in self.embedder_parameters[name]}
+        return self.embedders[name](batch, **held, **options)
+
     # --- tower ------------------------------------------------------------------------------
 
     def tower(self, streams: Mapping[str, Tokens]) -> tuple[dict[str, Tokens], list[LayerRouting]]:
@@ -253,7 +271,7 @@ class Limoe(nn.Module):
         """Raw batches by modality name through their embedders (with that modality's `options`,
         e.g. `{"image": {"keep": keep}}`), the tower together, and their heads → features [B_m, D]
         by name, and the routing records."""
-        streams = {name: self.embedders[name](batch, **(options or {}).get(name, {})) for name, batch in batches.items()}
+        streams = {name: self.embed(name, batch, **(options or {}).get(name, {})) for name, batch in batches.items()}
         streams, routing = self.tower(streams)
         return {name: self.features(stream, normalize) for name, stream in streams.items()}, routing
 

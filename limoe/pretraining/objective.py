@@ -146,10 +146,9 @@ class MaskedPretraining(nn.Module):
         config = self.model.config
         keep = patch_keep_at(step, self.seed, "masked_image", images, config.num_patches,
                              self.pretrain_config.image_mask_ratio)  # [B, K]
-        embedders = self.model.embedders
-        streams = {"image": embedders["image"](images, keep)}
+        streams = {"image": self.model.embed("image", images, keep=keep)}
         if tokens is not None:
-            streams["text"] = embedders["text"](tokens)
+            streams["text"] = self.model.embed("text", tokens)
         streams, routing = self.model.tower(streams)
         visible = streams["image"].x[:, -keep.shape[1]:]  # [B, K, d] (without a class token)
         if tokens is not None:
@@ -167,10 +166,10 @@ class MaskedPretraining(nn.Module):
         corrupted = corrupt_tokens(tokens, maskable, self.pretrain_config.text_mask_ratio, self.pretrain_config.text_replace_with_mask,
                                    self.pretrain_config.text_replace_with_random, (PAD_TOKEN + 1, self.first_special_id),
                                    generator, BatchShard.for_rank(*rank_and_world(), tokens.shape[0]))
-        embedders = self.model.embedders
-        streams = {"text": embedders["text"](corrupted.tokens, corrupted.at_mask, self.mask_embedding)}
+        streams = {"text": self.model.embed("text", corrupted.tokens, at_mask=corrupted.at_mask,
+                                            mask_embedding=self.mask_embedding)}
         if images is not None:
-            streams["image"] = embedders["image"](images)
+            streams["image"] = self.model.embed("image", images)
         streams, routing = self.model.tower(streams)
         x = streams["text"].x  # [B, L, d]
         if images is not None:
@@ -178,5 +177,5 @@ class MaskedPretraining(nn.Module):
         predicted = corrupted.targets != IGNORE  # [B, L]
         # Only the T masked tokens are scored against the vocabulary (a selection that costs one
         # host sync; scoring all B·L positions against ~49k ids would cost far more).
-        logits = self.mlm_head(x[predicted], embedders["text"].token_embed.weight)  # [T, V]
+        logits = self.mlm_head(x[predicted], self.model.embedders["text"].token_embed.weight)  # [T, V]
         return TokenPrediction(logits, corrupted.targets[predicted]), routing

@@ -244,6 +244,43 @@ def test_a_checkpoint_with_the_router_names_of_per_expert_layers_resumes(trained
             assert torch.equal(before[name], after[name]), name
 
 
+# Today's name → the name before the modality registry, for the demo model's per-modality modules.
+_BEFORE_REGISTRY = {"embedders.image.patch_embed.": "patch_embed.", "embedders.text.token_embed.": "token_embed.",
+                    "pools.image.": "image_pool.", "pools.text.": "text_pool.",
+                    "projections.image.": "image_proj.", "projections.text.": "text_proj."}
+
+
+def _name_before_registry(name: str) -> str:
+    for today, before in _BEFORE_REGISTRY.items():
+        name = name.replace(f"model.{today}", f"model.{before}")
+    return name
+
+
+def test_a_checkpoint_with_the_tower_names_from_before_the_modality_registry_resumes(trained, run):
+    """Checkpoints written before the registry name the embedders, pooling heads and projections
+    as the tower's attributes (`model.patch_embed.weight`, `exp_avg/model.text_proj.weight`): they
+    restore the same state, and export the same weights."""
+    saved, _, config, weights = trained
+    workdir, _, _ = run
+    shutil.rmtree(_step_dir(workdir, 1))
+    step_dir = _step_dir(workdir, 2)
+    renamed = 0
+    for path in step_dir.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        old = {_name_before_registry(name): value for name, value in tensors.items()}
+        renamed += sum(name not in tensors for name in old)
+        save_file(old, str(path))
+        _update_manifest(step_dir, path.name)
+    assert renamed >= 3 * 7  # the weights and at least two optimizer entries of each renamed tensor
+    resumed = _engine(config)
+    checkpoint.restore_training_checkpoint(resumed, checkpoint.find_resume_checkpoint(workdir), config)
+    for before, after in zip(engine_entries(saved, True, True), engine_entries(resumed, True, True)):
+        for name in before:
+            assert torch.equal(before[name], after[name]), name
+    state, _ = checkpoint.consolidated_state(workdir)
+    assert state.keys() == weights[2].keys() and all(torch.equal(state[k], weights[2][k]) for k in state)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["config"]["model"].update(width="wide"), "'model.width' must be of type int"),
     (lambda s: s["config"]["model"].update(width=256, heads=2), "does not fit its config's model: tensor '"),

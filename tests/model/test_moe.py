@@ -22,8 +22,10 @@ from limoe.model.moe import (
     restore_expert_entries,
     stacked_expert_state,
 )
-from limoe.model.routing import IMAGE, PADDING, TEXT
+from limoe.modalities import PADDING, modality as registered
 from limoe.model.tower import build_model
+
+IMAGE, TEXT = registered("image").id, registered("text").id
 
 
 def _moe(experts: int, sharding: ExpertSharding = ExpertSharding(), **changes) -> MoeMlp:
