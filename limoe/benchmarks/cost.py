@@ -38,7 +38,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from limoe.config import ModelConfig, load_model_config
 from limoe.distributed import ExpertSharding
 from limoe.modalities import PADDING, modality
-from limoe.model.tokens import Tokens
+from limoe.modalities.tokens import Tokens
 from limoe.model.tower import Block, TokenLayout
 
 ALLOCATIONS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}

@@ -8,7 +8,8 @@ sequence the blocks run on (an example's image tokens, then its text tokens).
 Each modality's module (`limoe.modalities.image`, `limoe.modalities.text`) holds what is
 particular to it as one `Modality` record: its embedder (raw batch → tokens with positions), which
 pooling its config asks for, its colour in routing pictures, its short label in progress lines
-and the dummy batch `limoe plan` measures with. Everything else loops over `MODALITIES`.
+and the dummy batch `limoe plan` measures with. An embedder's output is `tokens.Tokens`, which
+the tower (`limoe.model.tower`) runs its blocks on. Everything else loops over `MODALITIES`.
 
 This root imports neither torch nor the modality modules (`modality` imports one when asked), so
 the config can read the names without loading the model. A new modality is a module here that

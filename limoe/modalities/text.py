@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor, nn
 
-from limoe.config import ModelConfig
 from limoe.modalities import PADDING, Modality
-from limoe.model.tokens import Tokens
+from limoe.modalities.tokens import Tokens
+
+if TYPE_CHECKING:
+    from limoe.config import ModelConfig
 
 PAD_TOKEN = 0  # open_clip's tokenizer pads with 0
 

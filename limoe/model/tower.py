@@ -1,8 +1,8 @@
 """LIMoE: one transformer tower for images and text, with sparse top-1 expert MLPs.
 
 Read top to bottom: the embeddings are per modality (each registered modality's embedder, from
-`limoe.modalities`: patches + 2-D positions, tokens + 1-D positions); the blocks run on one joint sequence per example (image tokens, then text tokens, one
-residual tensor); every block weight, routers included, is shared, except in the first
+`limoe.modalities`: patches + 2-D positions, tokens + 1-D positions); the blocks run on one joint
+sequence per example (image tokens, then text tokens, one residual tensor); every block weight, routers included, is shared, except in the first
 `modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
 attention runs over each example's own tokens of one modality; in an MoE block an example's
 patches and caption tokens are routed together in one call, tagged by modality; per-modality
@@ -29,10 +29,10 @@ from limoe.config import Config, ModelConfig
 from limoe.distributed import ExpertSharding
 from limoe.modalities import MODALITIES, modality
 from limoe.modalities.text import PAD_TOKEN  # noqa: F401  (re-exported: the padding id the model reads)
+from limoe.modalities.tokens import Tokens
 from limoe.model.layers import Attention, Mlp, Pool, Segment
 from limoe.model.moe import MoeMlp
 from limoe.model.routing import LayerRouting
-from limoe.model.tokens import Tokens
 
 
 @dataclass(frozen=True)

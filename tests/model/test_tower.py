@@ -11,7 +11,7 @@ from limoe.config import LossConfig, load_config, load_model_config
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Attention, Segment
 from limoe.modalities import modality
-from limoe.model.tokens import Tokens
+from limoe.modalities.tokens import Tokens
 from limoe.model.tower import Block, Limoe, TokenLayout, build_model, parameter_counts
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
 

@@ -1,4 +1,4 @@
-"""`Tokens`: one modality's embedded batch, as a modality's embedder hands it to the tower."""
+"""`Tokens`: one modality's embedded batch, as its embedder hands it to the tower (`limoe.model.tower`)."""
 
 from __future__ import annotations
 
