@@ -20,16 +20,36 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from limoe.config import ModelConfig
+    from limoe.modalities.tokens import Tokens
 
 MODALITIES: tuple[str, ...] = ("image", "text")  # a modality's id is its index here
 NUM_MODALITIES = len(MODALITIES)
 PADDING = -1  # the id of padding tokens: never routed, counted under no modality
+
+
+class Embedder(Protocol):
+    """What the tower (`limoe.model.tower.Limoe`) asks of a modality's embedder, an `nn.Module`
+    built from the model config in registry order."""
+
+    def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
+        """Its learned positions (and the like), drawn right after its own layers: the tower holds
+        them as `<modality>_<key>` and passes them back to `forward` by key."""
+
+    def init_weights(self) -> None:
+        """What it draws after the tower's linear layers are initialised (the token table's N(0, 0.02))."""
+
+    def unused_per_token(self) -> int:
+        """How many of its parameters one token is not computed with (`parameter_counts`)."""
+
+    def __call__(self, batch: Tensor, **held_and_options) -> Tokens:
+        """The raw batch (as the model takes it) → its tokens; `held_and_options` are the tower's
+        parameters for it and per-call options (`keep`, `at_mask`)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,7 @@ class Modality:
     name: str
     short_name: str  # in the training progress line ("routed img/txt")
     color: str  # in routing pictures
-    embedder: Callable[[ModelConfig], nn.Module]  # config → module turning a raw batch into `Tokens`
+    embedder: Callable[[ModelConfig], Embedder]  # config → the module turning a raw batch into `Tokens`
     pool: Callable[[ModelConfig], str]  # config → its pooling kind for this modality (map, cls, mean, eos)
     dummy_batch: Callable[[ModelConfig, int], Tensor]  # (config, B) → a batch of B inputs, as the model takes them
 
