@@ -28,8 +28,17 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def _every_import(body: list) -> list:
-    """Every import statement of a module, those inside functions included."""
-    return [node for statement in body for node in ast.walk(statement) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    """Every import statement of a module that can run, those inside functions included (not those
+    under `if TYPE_CHECKING:`, which only name types for annotations)."""
+    found = []
+    for node in body:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            found += _every_import(node.orelse)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        else:
+            found += _every_import(list(ast.iter_child_nodes(node)))
+    return found
 
 
 def _load_time_imports(body: list) -> list:

@@ -37,8 +37,9 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from limoe.config import ModelConfig, load_model_config
 from limoe.distributed import ExpertSharding
-from limoe.model.routing import IMAGE, PADDING, TEXT
-from limoe.model.tower import Block, Tokens, TokenLayout
+from limoe.modalities import PADDING, modality
+from limoe.modalities.tokens import Tokens
+from limoe.model.tower import Block, TokenLayout
 
 ALLOCATIONS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}
 LOSS_TERMS = ("importance", "load", "z", "token_entropy", "marginal_entropy")
@@ -130,9 +131,10 @@ def block_step(config: ModelConfig, sparse: bool, batch: int, seed: int = 0) -> 
     images, texts = config.num_patches, config.context_length
     real = torch.ones(batch, texts, dtype=torch.bool)
     real[:, texts * 5 // 8:] = False  # captions shorter than the context: padding is never routed
+    image, text = modality("image"), modality("text")
     streams = [
-        Tokens(torch.randn(batch, images, config.width), torch.full((batch, images), IMAGE), None, "image"),
-        Tokens(torch.randn(batch, texts, config.width), torch.where(real, TEXT, PADDING), real, "text"),
+        Tokens(torch.randn(batch, images, config.width), torch.full((batch, images), image.id), None, image.name),
+        Tokens(torch.randn(batch, texts, config.width), torch.where(real, text.id, PADDING), real, text.name),
     ]
     layout = TokenLayout.of(streams)
     x = torch.cat([s.x for s in streams], dim=1).requires_grad_()

@@ -49,7 +49,8 @@ import limoe_kernels
 from limoe.config import LossConfig, MoeConfig
 from limoe.training.losses import auxiliary_loss
 from limoe.model.moe import MoeMlp
-from limoe.model.routing import IMAGE, TEXT, expert_capacity
+from limoe.modalities import modality as registered_modality
+from limoe.model.routing import expert_capacity
 
 SHAPES = {"base": (768, 3072, 8), "large": (1280, 5120, 32)}  # name → (d, h, E)
 IMPLS = ("dense", "triton", "torch", "grouped_mm", "deepspeed", "tutel", "layer")
@@ -132,8 +133,8 @@ def build_layer(case: Case) -> Layer:
                        train_capacity_factor=case.capacity_factor)
     _init_single_process_group(case.device)
     layer = MoeMlp(case.d, case.hidden, config).to(case.device, case.dtype).train()
-    modality = torch.full((examples, tokens_per_example), TEXT, device=case.device)  # [B, N]
-    modality[:, :image_tokens] = IMAGE
+    modality = torch.full((examples, tokens_per_example), registered_modality("text").id, device=case.device)  # [B, N]
+    modality[:, :image_tokens] = registered_modality("image").id
 
     def forward(x: Tensor) -> Tensor:
         y, routing = layer(x.view(examples, tokens_per_example, case.d), modality)

@@ -13,6 +13,11 @@ model file holds each expert's tensors under DeepSpeed's per-expert names
 `L.deepspeed_moe.gate.wg.weight` (also under an optimizer prefix) rather than `L.router_weight`.
 Training checkpoints keep naming experts one by one: that is how they stay independent of the
 expert-parallel size (`expert_entries`), not an old format.
+
+Version 3: the modality registry (`limoe.modalities`). The tower held each modality's modules as
+attributes of its own (`patch_embed`, `token_embed`, `image_pool`, `text_proj`, `cls_token`); they
+now sit in ModuleDicts keyed by modality name, and the parameters the tower holds for a modality's
+embedder are named `<modality>_<key>` (`image_positions` keeps its name).
 """
 
 from __future__ import annotations
@@ -53,8 +58,36 @@ def _stacked_router_name(name: str) -> str:
     return f"{router['layer']}router_weight" if router else name
 
 
+_BEFORE_MODALITY_REGISTRY = {
+    "patch_embed.": "embedders.image.patch_embed.",
+    "cls_token": "image_cls_token",
+    "token_embed.": "embedders.text.token_embed.",
+    "image_pool.": "pools.image.",
+    "text_pool.": "pools.text.",
+    "image_proj.": "projections.image.",
+    "text_proj.": "projections.text.",
+}
+# An old name at the start of a model's state dict, of a training checkpoint's `model.` entries,
+# or after an optimizer key (`exp_avg/model.`): a module's prefix, or a parameter's whole name.
+_OLD_TOWER_NAME = re.compile(r"^(?P<prefix>([^/]+/)?(model\.)?)(?P<old>%s)" % "|".join(
+    re.escape(old) if old.endswith(".") else f"{re.escape(old)}$" for old in _BEFORE_MODALITY_REGISTRY))
+
+
+def modality_registry_name(name: str) -> str:
+    """A stored tensor name from before the modality registry in today's naming:
+    `patch_embed.weight` → `embedders.image.patch_embed.weight`, `cls_token` → `image_cls_token`,
+    `image_pool.map.probe` → `pools.image.map.probe`, `text_proj.weight` → `projections.text.weight`,
+    also under a training checkpoint's `model.` and optimizer prefixes (`exp_avg/model.cls_token`).
+    Any other name is returned unchanged."""
+    match = _OLD_TOWER_NAME.match(name)
+    if match is None:
+        return name
+    return match["prefix"] + _BEFORE_MODALITY_REGISTRY[match["old"]] + name[match.end():]
+
+
 CONVERSIONS = (
     Conversion(2, name=_stacked_router_name, model_state=stacked_experts),
+    Conversion(3, name=modality_registry_name),
 )
 FORMAT_VERSION = CONVERSIONS[-1].version  # what this limoe writes, and the newest it reads
 

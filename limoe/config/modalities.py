@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODALITIES = ("image", "text")
+from limoe.modalities import MODALITIES  # noqa: F401  (re-exported: the registry's names, in id order)
 
 
 @dataclass(frozen=True)

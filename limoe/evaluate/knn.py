@@ -34,8 +34,8 @@ def image_token_features(model: Limoe, batches: Iterable[EvalBatch]) -> tuple[Te
     features, labels = [], []
     with inference(model) as device:
         for batch in batches:
-            (stream,), _ = model.tower([model.embed_image(batch.images.to(device))])
-            features.append(F.normalize(stream.x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
+            streams, _ = model.tower({"image": model.embed("image", batch.images.to(device))})
+            features.append(F.normalize(streams["image"].x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
             labels.append(batch.labels)
     if not features:
         raise nothing_read(batches, "k-NN needs classification shards with .cls labels")

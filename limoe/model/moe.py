@@ -35,7 +35,8 @@ from limoe.distributed import (
     experts_all_to_all_counts,
 )
 from limoe.errors import LimoeError
-from limoe.model.routing import NUM_MODALITIES, PADDING, Grouping, LayerRouting, expert_capacity
+from limoe.modalities import NUM_MODALITIES, PADDING
+from limoe.model.routing import Grouping, LayerRouting, expert_capacity
 
 EXPERT_PARAMETERS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # stacked over local experts
 LECUN_TRUNCATION = 0.87962566103423978  # std of N(0, 1) truncated to ±2: flax's lecun_normal divides by it

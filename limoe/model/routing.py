@@ -16,9 +16,6 @@ from torch import Tensor
 
 from limoe_kernels.router import entropy  # noqa: F401  (Shannon entropy, re-exported for the statistics)
 
-IMAGE, TEXT, PADDING = 0, 1, -1  # modality id of each token; padding tokens are never routed
-NUM_MODALITIES = 2
-
 
 def expert_capacity(group_tokens: int, num_experts: int, capacity_factor: Optional[float], top_k: int = 1) -> int:
     """Slots per expert per group: ceil(k·S·c/E) rounded up to a multiple of 4.
@@ -100,6 +97,7 @@ def _first(values: list, records: Sequence["LayerRouting"]):
 @dataclass
 class LayerRouting:
     """What one MoE layer's routing did for one batch: the auxiliary-loss inputs and statistics.
+    M is the number of modalities; row m is the modality whose id is m (`limoe.modalities`).
 
     Everything stays a tensor (no host sync in the training step); the counts and sums are
     additive, so batches and ranks combine by summing them. Each field declares how the records of

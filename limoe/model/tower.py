@@ -1,17 +1,22 @@
 """LIMoE: one transformer tower for images and text, with sparse top-1 expert MLPs.
 
-Read top to bottom: the embeddings are per modality (patches + 2-D positions, tokens + 1-D
-positions); the blocks run on one joint sequence per example (image tokens, then text tokens, one
-residual tensor); every block weight, routers included, is shared, except in the first
+Read top to bottom: the embeddings are per modality (each registered modality's embedder, from
+`limoe.modalities`: patches + 2-D positions, tokens + 1-D positions); the blocks run on one joint
+sequence per example (image tokens, then text tokens, one residual tensor); every block weight, routers included, is shared, except in the first
 `modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
 attention runs over each example's own tokens of one modality; in an MoE block an example's
 patches and caption tokens are routed together in one call, tagged by modality; per-modality
 pooling heads and projections map into the joint space, where embeddings are L2-normalised.
+
+Inside, a batch travels as a mapping by modality name (`{"image": images, "text": tokens}`) and
+every per-modality module sits in an `nn.ModuleDict` keyed by that name; the public interface
+is open_clip's (`forward(images, tokens)`, `encode_image`, `encode_text`, `logit_scale`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal, Optional, Union
 
@@ -20,35 +25,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from limoe.config import MODALITIES, Config, ModelConfig
+from limoe.config import Config, ModelConfig
 from limoe.distributed import ExpertSharding
+from limoe.modalities import MODALITIES, modality
+from limoe.modalities.text import PAD_TOKEN  # noqa: F401  (re-exported: the padding id the model reads)
+from limoe.modalities.tokens import Tokens
 from limoe.model.layers import Attention, Mlp, Pool, Segment
 from limoe.model.moe import MoeMlp
-from limoe.model.routing import IMAGE, PADDING, TEXT, LayerRouting
-
-PAD_TOKEN = 0  # open_clip's tokenizer pads with 0
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """One modality's embedded tokens, on their way into the tower."""
-
-    x: Tensor  # [B, N, d]
-    modality: Tensor  # [B, N] IMAGE, TEXT or PADDING per token
-    key_mask: Optional[Tensor]  # [B, N] True where attention may look (None: everywhere)
-    name: str  # "image" or "text": which copy of a modality adapter block the tokens take
+from limoe.model.routing import LayerRouting
 
 
 @dataclass(frozen=True)
 class TokenLayout:
     """Where each modality's tokens sit in the joint sequence the blocks run on."""
 
-    modality: Tensor  # [B, N] IMAGE, TEXT or PADDING per token
-    segments: tuple[Segment, ...]  # one per modality stream, in order; attention stays inside each
-    names: tuple[str, ...]  # each segment's modality, "image" or "text"
+    modality: Tensor  # [B, N] modality id per token (limoe.modalities), PADDING where padded
+    segments: tuple[Segment, ...]  # one per modality stream, in registry order; attention stays inside each
+    names: tuple[str, ...]  # each segment's modality name
 
     @classmethod
     def of(cls, streams: list[Tokens]) -> "TokenLayout":
+        """The layout of `streams` joined in the order given (the tower gives registry order)."""
         starts = [0]
         for stream in streams:
             starts.append(starts[-1] + stream.x.shape[1])
@@ -149,7 +146,7 @@ class ModalityAdapter(nn.ModuleDict):
     sparse = False
 
     def __init__(self, config: ModelConfig):
-        super().__init__({modality: Block(config, False, ExpertSharding()) for modality in MODALITIES})
+        super().__init__({name: Block(config, False, ExpertSharding()) for name in MODALITIES})
 
     def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, None]:
         """x [B, N, d] → [B, N, d]: each modality's segment through that modality's block."""
@@ -176,21 +173,26 @@ class Limoe(nn.Module):
         super().__init__()
         self.config = config
         width = config.width
-        self.patch_embed = nn.Conv2d(3, width, config.patch_size, config.patch_size)
-        self.image_positions = nn.Parameter(torch.randn(config.num_patches, width) * 0.02)  # [Np, d]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if config.image_pool == "cls" else None
-        self.token_embed = nn.Embedding(config.vocab_size, width)
-        self.text_positions = nn.Parameter(torch.randn(config.context_length, width) * 0.01)  # [L, d]
+        # Built (and their random numbers drawn) in registry order, then the blocks, then the heads:
+        # the order fixes which weights a seed gives.
+        self.embedders = nn.ModuleDict()
+        self.embedder_parameters: dict[str, tuple[str, ...]] = {}  # modality → the keys of its parameters here
+        for name in MODALITIES:
+            embedder = self.embedders[name] = modality(name).embedder(config)
+            held = embedder.tower_parameters(config)
+            for key, parameter in held.items():
+                self.register_parameter(f"{name}_{key}", parameter)
+            self.embedder_parameters[name] = tuple(held)
         moe_layers = set(config.moe_layers)
         self.blocks = nn.ModuleList(
             ModalityAdapter(config) if i < config.modality_adapter_layers else Block(config, i in moe_layers, sharding)
             for i in range(config.depth)
         )
         self.norm = nn.LayerNorm(width)
-        self.image_pool = Pool(config.image_pool, width, config.heads, config.mlp_dim)
-        self.text_pool = Pool(config.text_pool, width, config.heads, config.mlp_dim)
-        self.image_proj = nn.Linear(width, config.embed_dim, bias=False)
-        self.text_proj = nn.Linear(width, config.embed_dim, bias=False)
+        self.pools = nn.ModuleDict(
+            {name: Pool(modality(name).pool(config), width, config.heads, config.mlp_dim) for name in MODALITIES})
+        self.projections = nn.ModuleDict(
+            {name: nn.Linear(width, config.embed_dim, bias=False) for name in MODALITIES})
         # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor([logit_bias_init]))
@@ -198,7 +200,8 @@ class Limoe(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """ViT practice: Xavier-uniform linear weights, zero biases, N(0, 0.02) token embeddings.
+        """ViT practice: Xavier-uniform linear weights, zero biases; then each embedder's own init
+        (N(0, 0.02) token embeddings), in registry order.
 
         The MoE layers initialise their router and experts themselves (see `MoeMlp`), so that the
         global RNG advances the same whether or not the experts are sharded.
@@ -209,7 +212,8 @@ class Limoe(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.token_embed.weight, std=0.02)
+        for embedder in self.embedders.values():
+            embedder.init_weights()
 
     @property
     def moe_blocks(self) -> list[MoeMlp]:
@@ -224,43 +228,24 @@ class Limoe(nn.Module):
 
     # --- embeddings -------------------------------------------------------------------------
 
-    def embed_image(self, images: Tensor, keep: Optional[Tensor] = None) -> Tokens:
-        """images [B, 3, H, W] → patch tokens [B, Np(+1), d] with learned 2-D positions.
-
-        With `keep` [B, K] (patch indices) only those patches enter the tower: MAE's visible
-        patches, FLIP's kept share. They are selected here, before any block, so attention,
-        routing groups, expert capacity and Batch Priority Routing all work on the K kept tokens.
-        """
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.image_positions  # [B, Np, d]
-        if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        modality = torch.full(x.shape[:2], IMAGE, device=x.device, dtype=torch.long)
-        return Tokens(x, modality, None, "image")
-
-    def embed_text(self, tokens: Tensor, at_mask: Optional[Tensor] = None,
-                   mask_embedding: Optional[Tensor] = None) -> Tokens:
-        """tokens [B, L] ids → [B, L, d]; padding is masked in attention and never routed.
-
-        Masked language modelling shows `mask_embedding` [d] instead of the token's embedding
-        where `at_mask` [B, L] is True (BERT's [MASK]); such tokens stay text and are routed.
-        """
-        real = tokens != PAD_TOKEN  # [B, L]
-        x = self.token_embed(tokens)  # [B, L, d]
-        if at_mask is not None:
-            x = torch.where(at_mask[..., None], mask_embedding.to(x.dtype), x)
-        x = x + self.text_positions[: tokens.shape[1]]
-        modality = torch.where(real, TEXT, PADDING)
-        return Tokens(x, modality, real, "text")
+    def embed(self, name: str, batch: Tensor, **options) -> Tokens:
+        """One modality's raw batch → its tokens, by its embedder with the positions (and class
+        token) the tower holds for it as `<modality>_<key>` (`image_positions`): own parameters
+        of the tower come before every submodule's in its parameter order, which is the order the
+        optimizer groups and the global gradient norm's sum have always had. `options` go to the
+        embedder (`keep` for images; `at_mask`, `mask_embedding` for text)."""
+        held = {key: getattr(self, f"{name}_{key}") for key in self.embedder_parameters[name]}
+        return self.embedders[name](batch, **held, **options)
 
     # --- tower ------------------------------------------------------------------------------
 
-    def tower(self, streams: list[Tokens]) -> tuple[list[Tokens], list[LayerRouting]]:
-        """One or both modalities' streams through every block as one sequence (routed jointly)
-        and the final norm → each stream with its final tokens [B, N_s, d]."""
-        layout = TokenLayout.of(streams)
-        x = streams[0].x if len(streams) == 1 else torch.cat([s.x for s in streams], dim=1)  # [B, N, d]
+    def tower(self, streams: Mapping[str, Tokens]) -> tuple[dict[str, Tokens], list[LayerRouting]]:
+        """Embedded streams by modality name (one or several) through every block as one sequence,
+        in registry order (routed jointly), and the final norm → each stream with its final tokens
+        [B, N_s, d], by name."""
+        ordered = [streams[name] for name in MODALITIES if name in streams]
+        layout = TokenLayout.of(ordered)
+        x = ordered[0].x if len(ordered) == 1 else torch.cat([s.x for s in ordered], dim=1)  # [B, N, d]
         routing = []
         for index, block in enumerate(self.blocks):
             if index in self.checkpointed_blocks and torch.is_grad_enabled():
@@ -273,25 +258,30 @@ class Limoe(nn.Module):
             if layer_routing is not None:
                 routing.append(layer_routing)
         x = self.norm(x)
-        return [replace(stream, x=x[:, s.start: s.start + s.length]) for stream, s in zip(streams, layout.segments)], routing
+        return {stream.name: replace(stream, x=x[:, s.start: s.start + s.length])
+                for stream, s in zip(ordered, layout.segments)}, routing
 
-    def _image_features(self, stream: Tokens, normalize: bool = True) -> Tensor:
-        features = self.image_proj(self.image_pool(stream.x))  # [B, D]
+    def features(self, stream: Tokens, normalize: bool = True) -> Tensor:
+        """A stream's final tokens [B, N, d] → its modality's pooled, projected embedding [B, D]."""
+        features = self.projections[stream.name](self.pools[stream.name](stream.x, stream.key_mask, stream.ids))
         return F.normalize(features, dim=-1) if normalize else features
 
-    def _text_features(self, stream: Tokens, tokens: Tensor, normalize: bool = True) -> Tensor:
-        features = self.text_proj(self.text_pool(stream.x, stream.key_mask, tokens))  # [B, D]
-        return F.normalize(features, dim=-1) if normalize else features
+    def encode(self, batches: Mapping[str, Tensor], options: Optional[Mapping[str, dict]] = None,
+               normalize: bool = True) -> tuple[dict[str, Tensor], list[LayerRouting]]:
+        """Raw batches by modality name through their embedders (with that modality's `options`,
+        e.g. `{"image": {"keep": keep}}`), the tower together, and their heads → features [B_m, D]
+        by name, and the routing records."""
+        streams = {name: self.embed(name, batch, **(options or {}).get(name, {})) for name, batch in batches.items()}
+        streams, routing = self.tower(streams)
+        return {name: self.features(stream, normalize) for name, stream in streams.items()}, routing
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """images [B, 3, H, W] → [B, D], L2-normalised by default (open_clip's interface)."""
-        (stream,), _ = self.tower([self.embed_image(images)])
-        return self._image_features(stream, normalize)
+        return self.encode({"image": images}, normalize=normalize)[0]["image"]
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         """tokens [B, L] → [B, D], L2-normalised by default (open_clip's interface)."""
-        (stream,), _ = self.tower([self.embed_text(tokens)])
-        return self._text_features(stream, tokens, normalize)
+        return self.encode({"text": tokens}, normalize=normalize)[0]["text"]
 
     def forward(self, images: Optional[Tensor], tokens: Optional[Tensor],
                 image_keep: Optional[Tensor] = None) -> Union[LimoeOutput, dict[str, Tensor]]:
@@ -304,12 +294,10 @@ class Limoe(nn.Module):
         or its class prompts, whose counts differ from the images').
         `image_keep` [B, K]: encode only these patches of each image (FLIP); None: all of them.
         """
-        streams = ([self.embed_image(images, image_keep)] if images is not None else []) + (
-            [self.embed_text(tokens)] if tokens is not None else [])
-        streams, routing = self.tower(streams)
-        image = self._image_features(streams[0]) if images is not None else None
-        text = self._text_features(streams[-1], tokens) if tokens is not None else None
-        output = LimoeOutput(image, text, self.logit_scale.exp(), self.logit_bias, routing)
+        batches = {name: batch for name, batch in (("image", images), ("text", tokens)) if batch is not None}
+        features, routing = self.encode(batches, {"image": {"keep": image_keep}})
+        output = LimoeOutput(features.get("image"), features.get("text"), self.logit_scale.exp(), self.logit_bias,
+                             routing)
         return output.as_dict() if self.output_dict else output
 
 
@@ -324,11 +312,12 @@ def parameter_counts(model: Limoe) -> tuple[int, int]:
     """(total parameters, parameters applied to each token).
 
     A top-1 token passes through one of E experts, so (E−1)/E of every MoE layer's expert
-    weights are not applied to it (the router is), nor the other modality's adapter blocks; a
-    text token reads one row of the token embedding table, not the table. Works on the `meta` device.
+    weights are not applied to it (the router is), nor the other modality's adapter blocks, nor
+    what its embedder leaves aside (a text token reads one row of the token embedding table, not
+    the table). Works on the `meta` device.
     """
     total = sum(p.numel() for p in model.parameters())
-    unused = model.token_embed.weight.numel() - model.token_embed.weight.shape[1]
+    unused = sum(embedder.unused_per_token() for embedder in model.embedders.values())
     for moe in model.moe_blocks:
         expert_params = sum(p.numel() for p in moe.expert_parameters())
         unused += expert_params * (moe.num_experts - 1) // moe.num_experts

@@ -29,6 +29,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from limoe.config import Config
+from limoe.modalities import modality
 from limoe.model.tower import build_model
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
 from limoe.training.objectives import ContrastiveObjective
@@ -136,8 +137,8 @@ def measure_activations(config: Config, bf16: bool) -> ActivationProfile:
     batch = model_config.moe.group_size if model_config.moe_layers else DENSE_BATCH
 
     def forward(with_images: bool, with_tokens: bool):
-        images = torch.empty(batch, 3, model_config.image_size, model_config.image_size, dtype=torch.uint8)
-        tokens = torch.ones(batch, model_config.context_length, dtype=torch.long)  # all real tokens: all routed
+        images = modality("image").dummy_batch(model_config, batch)
+        tokens = modality("text").dummy_batch(model_config, batch)  # all real tokens: all routed
         with autocast:
             output = module.encode(images if with_images else None, tokens if with_tokens else None)
             aux, _ = auxiliary_loss(output.routing, config.loss)

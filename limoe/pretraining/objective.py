@@ -33,7 +33,8 @@ from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator
 from limoe.model.routing import LayerRouting
-from limoe.model.tower import PAD_TOKEN, Limoe
+from limoe.modalities.text import PAD_TOKEN
+from limoe.model.tower import Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
 from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalized_pixels, patchify
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
@@ -176,13 +177,13 @@ class MaskedPretraining(PairsObjective):
         config = self.model.config
         keep = patch_keep_at(step, self.seed, "masked_image", images, config.num_patches,
                              self.pretrain_config.image_mask_ratio)  # [B, K]
-        streams = [self.model.embed_image(images, keep)]
+        streams = {"image": self.model.embed("image", images, keep=keep)}
         if tokens is not None:
-            streams.append(self.model.embed_text(tokens))
+            streams["text"] = self.model.embed("text", tokens)
         streams, routing = self.model.tower(streams)
-        visible = streams[0].x[:, -keep.shape[1]:]  # [B, K, d] (without a class token)
+        visible = streams["image"].x[:, -keep.shape[1]:]  # [B, K, d] (without a class token)
         if tokens is not None:
-            visible = self.image_fusion(visible, streams[1].x, context_real=streams[1].key_mask)
+            visible = self.image_fusion(visible, streams["text"].x, context_real=streams["text"].key_mask)
         prediction = self.image_decoder(visible, keep)  # [B, N, p·p·3]
         target = normalized_pixels(patchify(images, config.patch_size))
         return PatchPrediction(prediction, target, masked_patches(keep, config.num_patches)), routing
@@ -196,14 +197,16 @@ class MaskedPretraining(PairsObjective):
         corrupted = corrupt_tokens(tokens, maskable, self.pretrain_config.text_mask_ratio, self.pretrain_config.text_replace_with_mask,
                                    self.pretrain_config.text_replace_with_random, (PAD_TOKEN + 1, self.first_special_id),
                                    generator, BatchShard.for_rank(*rank_and_world(), tokens.shape[0]))
-        text = self.model.embed_text(corrupted.tokens, corrupted.at_mask, self.mask_embedding)
-        streams = [text] if images is None else [self.model.embed_image(images), text]
-        streams, routing = self.model.tower(streams)
-        x = streams[-1].x  # [B, L, d]
+        streams = {"text": self.model.embed("text", corrupted.tokens, at_mask=corrupted.at_mask,
+                                            mask_embedding=self.mask_embedding)}
         if images is not None:
-            x = self.text_fusion(x, streams[0].x, x_real=text.key_mask)
+            streams["image"] = self.model.embed("image", images)
+        streams, routing = self.model.tower(streams)
+        x = streams["text"].x  # [B, L, d]
+        if images is not None:
+            x = self.text_fusion(x, streams["image"].x, x_real=streams["text"].key_mask)
         predicted = corrupted.targets != IGNORE  # [B, L]
         # Only the T masked tokens are scored against the vocabulary (a selection that costs one
         # host sync; scoring all B·L positions against ~49k ids would cost far more).
-        logits = self.mlm_head(x[predicted], self.model.token_embed.weight)  # [T, V]
+        logits = self.mlm_head(x[predicted], self.model.embedders["text"].token_embed.weight)  # [T, V]
         return TokenPrediction(logits, corrupted.targets[predicted]), routing

@@ -3,8 +3,9 @@
 Each picture puts the checkpoints of a report side by side (one column of panels each). Figures
 are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch) and sized
 in whole pixels from the numbers of layers, experts and examples, without tight cropping, so a
-picture's size is predictable. Colours: images blue and text red throughout; experts take the
-colours of `expert_colors` in both example pictures.
+picture's size is predictable. Colours: each modality its own (`limoe.modalities`: images blue and
+text red, the two ends of the heatmap's RdBu) throughout; experts take the colours of
+`expert_colors` in both example pictures.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from limoe.config import MODALITIES
 from limoe.files import atomic_write
+from limoe.modalities import MODALITIES, modality
 from limoe.routing_report.records import CheckpointRouting
 
 DPI = 100
-MODALITY_COLORS = {"image": "#2166ac", "text": "#b2182b"}  # the two ends of the heatmap's RdBu
 LEGEND_PX = 60  # a row below the panels for the legend
 LEGEND_ENTRY_PX = 80  # width of one legend entry ("expert 12" and its swatch)
 TOKEN_LABEL_CHARS = 9
@@ -68,6 +68,12 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), per_row), fontsize=7, frameon=False)
 
 
+def _modality_bars() -> list[tuple[str, float, float]]:
+    """(modality, x offset, width) of each modality's bar in a group of bars side by side, 0.8 wide."""
+    width = 0.8 / len(MODALITIES)
+    return [(name, (m - (len(MODALITIES) - 1) / 2) * width, width) for m, name in enumerate(MODALITIES)]
+
+
 def modality_shares(layer: dict) -> np.ndarray:
     """[M, E] each modality's tokens in one layer spread over the experts: row m sums to 1 (NaN for a
     modality without tokens). Per modality, because a batch has many more image patches than
@@ -94,17 +100,17 @@ def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
             layer = report.statistics["layers"][row]
             shares = modality_shares(layer)  # [M, E]
             x = np.arange(shares.shape[1])
-            for m, (offset, modality) in enumerate(zip((-0.2, 0.2), MODALITIES)):
-                ax.bar(x + offset, np.nan_to_num(shares[m]), width=0.4, color=MODALITY_COLORS[modality])
+            for m, (name, offset, width) in enumerate(_modality_bars()):
+                ax.bar(x + offset, np.nan_to_num(shares[m]), width=width, color=modality(name).color)
             ax.set(xticks=x, ylim=(0, 1), xlabel="expert", ylabel="share of the modality")
             ax.set_title(f"{report.name} · block {layer['block']}", fontsize=8)
-    fig.legend(handles=[Patch(color=c, label=m) for m, c in MODALITY_COLORS.items()], loc="outside lower center",
-               ncols=2, fontsize=8, frameon=False)
+    fig.legend(handles=[Patch(color=modality(m).color, label=m) for m in MODALITIES], loc="outside lower center",
+               ncols=len(MODALITIES), fontsize=8, frameon=False)
     _save(fig, path)
 
 
 def _load(layer: dict) -> np.ndarray:
-    """[E] share of all the layer's tokens (both modalities) routed to each expert."""
+    """[E] share of all the layer's tokens (every modality's) routed to each expert."""
     routed = sum(np.array(layer[m]["routed"], dtype=float) for m in MODALITIES)
     return routed / max(routed.sum(), 1.0)
 
@@ -113,8 +119,8 @@ def balanced_image_share(layer: dict) -> np.ndarray:
     """[E] how much an expert is an image expert, with both modalities weighted alike: its share
     of the image tokens over the sum of its shares of image and text tokens (`modality_shares`).
     1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares."""
-    image, text = np.nan_to_num(modality_shares(layer))  # [E] each
-    total = image + text
+    shares = np.nan_to_num(modality_shares(layer))  # [M, E]
+    image, total = shares[modality("image").id], shares.sum(axis=0)  # [E] each
     return np.divide(image, total, out=np.full_like(total, np.nan), where=total > 0)
 
 
@@ -153,8 +159,8 @@ def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
     for ax, report, fractions in zip(axes, reports, dropped):
         blocks = [layer["block"] for layer in report.statistics["layers"]]
         x = np.arange(len(blocks))
-        for m, (offset, modality) in enumerate(zip((-0.2, 0.2), MODALITIES)):
-            ax.bar(x + offset, fractions[:, m], width=0.4, color=MODALITY_COLORS[modality], label=modality)
+        for m, (name, offset, width) in enumerate(_modality_bars()):
+            ax.bar(x + offset, fractions[:, m], width=width, color=modality(name).color, label=name)
         ax.set(xticks=x, xticklabels=blocks, xlabel="block", ylabel="dropped fraction")
         ax.set_title(report.name, fontsize=8)
     axes[0].set_ylim(0, max(0.05, 1.15 * max(fractions.max() for fractions in dropped)))

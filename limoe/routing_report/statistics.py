@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from limoe.config import MODALITIES
+from limoe.modalities import MODALITIES
 from limoe.model.routing import LayerRouting, entropy
 
 USED_SHARE = 0.01  # an expert is "used" by a modality when it gets at least 1% of that modality's tokens

@@ -2,7 +2,7 @@
 random share of its patches left out, which cuts the image side's cost roughly in proportion; a
 short unmasked phase at the end lets the model adapt to whole images, which evaluation always sees.
 
-The kept patches are chosen before the tower (`Limoe.embed_image`), so attention, routing groups,
+The kept patches are chosen before the tower (`limoe.modalities.image.ImageEmbedder`), so attention, routing groups,
 expert capacity and Batch Priority Routing all work on the kept tokens alone. Masks are a pure
 function of (seed, step) over the global batch (`limoe.model.masking`), so a resumed run draws
 the masks an uninterrupted run would have, whatever the number of processes.

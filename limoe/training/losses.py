@@ -16,8 +16,9 @@ import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
-from limoe.config import MODALITIES, LossConfig
+from limoe.config import LossConfig
 from limoe.distributed import rank_and_world
+from limoe.modalities import MODALITIES
 from limoe.model.aux_losses import masked_group_mean, thresholded_global_entropy
 from limoe.model.routing import LayerRouting
 

@@ -33,8 +33,9 @@ from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from limoe.config import MODALITIES, Config
+from limoe.config import Config
 from limoe.files import open_for_append
+from limoe.modalities import MODALITIES, modality
 from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
 from limoe.training.device_batches import WaitClock
 from limoe.training.report_to import ScalarSinks, scalars
@@ -161,8 +162,9 @@ class TrainingReporter:
         tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_names if f"{name}/loss" in means)
         unit = "samples" if self.task_names else "pairs"
         routed = "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
+        labels = "/".join(modality(m).short_name for m in MODALITIES)
         return (f"Data (t) {record['data_s']:.3f}s  Batch (t) {record['batch_s']:.3f}s  LR {record['lr']:.3e}  "
-                f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  routed img/txt {routed}"
+                f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  routed {labels} {routed}"
                 + self.evaluated)
 
     def _routing_success(self) -> dict:

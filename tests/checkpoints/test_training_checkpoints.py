@@ -222,30 +222,66 @@ def _rewrite_state(step_dir: Path, change) -> None:
     _update_manifest(step_dir, "state.json")
 
 
-def test_a_checkpoint_with_the_router_names_of_per_expert_layers_resumes(trained, run):
-    """Checkpoints written before the experts were stacked (format version 1) name each router
-    `…mlp.deepspeed_moe.gate.wg.weight` (also its Adam moments): they restore the same state."""
-    saved, _, config, _ = trained
-    workdir, _, _ = run
+def _rename_stored(workdir: Path, rename, version: int) -> int:
+    """Keep only the step-2 checkpoint and store its tensors under `rename(name)`, as the limoe
+    that wrote format `version` named them; returns how many names changed."""
     shutil.rmtree(_step_dir(workdir, 1))
     step_dir = _step_dir(workdir, 2)
     manifest = json.loads((step_dir / "manifest.json").read_text())
     assert manifest["version"] == FORMAT_VERSION
-    (step_dir / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    (step_dir / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
     renamed = 0
     for path in step_dir.glob("*.safetensors"):
         tensors = load_file(str(path))
-        old = {name.replace("mlp.router_weight", "mlp.deepspeed_moe.gate.wg.weight"): value
-               for name, value in tensors.items()}
+        old = {rename(name): value for name, value in tensors.items()}
         renamed += sum(name not in tensors for name in old)
         save_file(old, str(path))
         _update_manifest(step_dir, path.name)
-    assert renamed >= 2 * len(config.model.moe_layers)  # the weights and at least one optimizer entry each
+    return renamed
+
+
+def _assert_resumes_as_saved(saved, workdir: Path, config) -> None:
+    """A new engine resumed from `workdir` holds the weights, moments and steps `saved` held."""
     resumed = _engine(config)
     checkpoint.restore_training_checkpoint(resumed, checkpoint.find_resume_checkpoint(workdir), config)
     for before, after in zip(engine_entries(saved, True, True), engine_entries(resumed, True, True)):
         for name in before:
             assert torch.equal(before[name], after[name]), name
+
+
+def test_a_checkpoint_with_the_router_names_of_per_expert_layers_resumes(trained, run):
+    """Checkpoints written before the experts were stacked (format version 1) name each router
+    `…mlp.deepspeed_moe.gate.wg.weight` (also its Adam moments): they restore the same state."""
+    saved, _, config, _ = trained
+    workdir, _, _ = run
+    renamed = _rename_stored(workdir, lambda name: name.replace("mlp.router_weight", "mlp.deepspeed_moe.gate.wg.weight"),
+                             version=1)
+    assert renamed >= 2 * len(config.model.moe_layers)  # the weights and at least one optimizer entry each
+    _assert_resumes_as_saved(saved, workdir, config)
+
+
+# Today's name → the name before the modality registry, for the demo model's per-modality modules.
+_BEFORE_REGISTRY = {"embedders.image.patch_embed.": "patch_embed.", "embedders.text.token_embed.": "token_embed.",
+                    "pools.image.": "image_pool.", "pools.text.": "text_pool.",
+                    "projections.image.": "image_proj.", "projections.text.": "text_proj."}
+
+
+def _name_before_registry(name: str) -> str:
+    for today, before in _BEFORE_REGISTRY.items():
+        name = name.replace(f"model.{today}", f"model.{before}")
+    return name
+
+
+def test_a_checkpoint_with_the_tower_names_from_before_the_modality_registry_resumes(trained, run):
+    """Checkpoints written before the registry (format version 2) name the embedders, pooling heads and projections
+    as the tower's attributes (`model.patch_embed.weight`, `exp_avg/model.text_proj.weight`): they
+    restore the same state, and export the same weights."""
+    saved, _, config, weights = trained
+    workdir, _, _ = run
+    assert _rename_stored(workdir, _name_before_registry, version=2) >= 3 * 7  # 7+ tensors: weights and 2+ Adam entries each
+    _assert_resumes_as_saved(saved, workdir, config)
+    state, _ = checkpoint.consolidated_state(workdir)
+    assert state.keys() == weights[2].keys() and all(torch.equal(state[k], weights[2][k]) for k in state)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -58,7 +58,7 @@ def test_each_expert_parallel_rank_takes_its_own_experts_by_global_index(source)
         assert state[f"blocks.1.mlp.{name}"].shape[0] == 2
         for local, index in ((0, 2), (1, 3)):
             assert torch.equal(state[f"blocks.1.mlp.{name}"][local], original[f"blocks.1.mlp.{name}"][index]), name
-    assert torch.equal(state["token_embed.weight"], original["token_embed.weight"])
+    assert torch.equal(state["embedders.text.token_embed.weight"], original["embedders.text.token_embed.weight"])
 
 
 def test_siglips_bias_is_kept_at_its_initial_value_when_the_source_has_none(source):

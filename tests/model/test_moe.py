@@ -13,7 +13,9 @@ from limoe.config import MoeConfig
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Mlp
 from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp
-from limoe.model.routing import IMAGE, PADDING, TEXT
+from limoe.modalities import PADDING, modality as registered
+
+IMAGE, TEXT = registered("image").id, registered("text").id
 
 
 def _moe(experts: int, sharding: ExpertSharding = ExpertSharding(), **changes) -> MoeMlp:

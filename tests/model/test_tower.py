@@ -10,8 +10,9 @@ import torchvision
 from limoe.config import LossConfig, load_config, load_model_config
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Attention, Segment
-from limoe.model.routing import IMAGE, TEXT
-from limoe.model.tower import Block, Limoe, Tokens, TokenLayout, build_model, parameter_counts
+from limoe.modalities import modality
+from limoe.modalities.tokens import Tokens
+from limoe.model.tower import Block, Limoe, TokenLayout, build_model, parameter_counts
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
 
 MODELS = ["limoe-tiny", "limoe-s32", "limoe-b32", "limoe-b16", "limoe-l16", "limoe-h14"]
@@ -35,7 +36,7 @@ def test_dense_twin_tower_matches_torchvision_vit(name, vit):
     with torch.device("meta"):
         model = Limoe(load_model_config(name, ["dense=true"]))
         reference = getattr(torchvision.models, vit)()
-    tower = _count(model.blocks) + _count(model.patch_embed) + model.image_positions.numel() + _count(model.norm)
+    tower = _count(model.blocks) + _count(model.embedders["image"]) + model.image_positions.numel() + _count(model.norm)
     reference_tower = _count(reference) - _count(reference.heads)
     assert tower == pytest.approx(reference_tower, rel=1e-3)
 
@@ -192,8 +193,8 @@ def test_block_runs_on_one_residual_tensor():
     torch.manual_seed(0)
     config = load_model_config("limoe-tiny")
     block = Block(config, True, ExpertSharding())
-    streams = [Tokens(torch.randn(2, 5, config.width), torch.full((2, 5), IMAGE), None, "image"),
-               Tokens(torch.randn(2, 3, config.width), torch.full((2, 3), TEXT), None, "text")]
+    streams = [Tokens(torch.randn(2, 5, config.width), torch.full((2, 5), modality("image").id), None, "image"),
+               Tokens(torch.randn(2, 3, config.width), torch.full((2, 3), modality("text").id), None, "text")]
     layout = TokenLayout.of(streams)
     assert [(s.start, s.length) for s in layout.segments] == [(0, 5), (5, 3)] and layout.modality.shape == (2, 8)
     y, routing = block(torch.cat([s.x for s in streams], dim=1), layout)

@@ -43,8 +43,9 @@ def hand_routed_model(*overrides: str) -> Limoe:
     model = Limoe(load_model_config("limoe-tiny", settings + list(overrides))).eval()
     block = model.blocks[0]
     with torch.no_grad():
-        for tensor in (block.attention.out.weight, block.attention.out.bias, model.patch_embed.weight,
-                       model.patch_embed.bias, model.token_embed.weight, model.image_positions, model.text_positions):
+        for tensor in (block.attention.out.weight, block.attention.out.bias, model.embedders["image"].patch_embed.weight,
+                       model.embedders["image"].patch_embed.bias, model.embedders["text"].token_embed.weight,
+                       model.image_positions, model.text_positions):
             tensor.zero_()
         model.image_positions[:, 0] = C
         model.text_positions[:, 0] = -C
@@ -52,9 +53,9 @@ def hand_routed_model(*overrides: str) -> Limoe:
         router = block.mlp.router_weight
         router.zero_()
         router[0, 0], router[1, 0] = scale, -scale
-        if model.cls_token is not None:  # the class token routes to expert 2 through feature 1
-            model.cls_token.zero_()
-            model.cls_token[..., 1] = C
+        if model.image_cls_token is not None:  # the class token routes to expert 2 through feature 1
+            model.image_cls_token.zero_()
+            model.image_cls_token[..., 1] = C
             router[2, 1] = 4 * scale
     return model
 
@@ -245,7 +246,7 @@ def _direct_routing(path: Path) -> tuple[Limoe, list]:
 def _counts(model: Limoe, routing: list) -> torch.Tensor:
     """[routed/kept, modality, expert] from the per-token expert and kept_mask maps."""
     counts = torch.zeros(2, 2, 4, dtype=torch.long)
-    first_text = model.config.num_patches + (model.cls_token is not None)
+    first_text = model.config.num_patches + (model.image_cls_token is not None)
     for batch, record in routing:
         modality = torch.zeros_like(record.expert)
         modality[:, first_text:] = torch.where(batch.tokens != PAD_TOKEN, 1, -1)

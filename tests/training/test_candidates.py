@@ -62,7 +62,7 @@ def test_the_gradient_reaches_the_token_embedding_and_the_temperature(trainer):
     tokens = prompt_tokens(CLASSES, TEMPLATES, 16)
     loss, _, _ = trainer(torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 1]), prompts=tokens, templates=3)
     loss.backward()
-    embedding = trainer.model.token_embed.weight.grad  # [V, d]
+    embedding = trainer.model.embedders["text"].token_embed.weight.grad  # [V, d]
     used = tokens[tokens != PAD_TOKEN].unique()
     assert embedding[used].abs().sum(dim=1).min() > 0  # every token of every prompt is trained (padding is masked)
     unused = torch.ones(len(embedding), dtype=torch.bool)

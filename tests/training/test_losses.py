@@ -16,7 +16,9 @@ from limoe.model.aux_losses import (
     thresholded_global_entropy,
 )
 from limoe.training.losses import auxiliary_loss
-from limoe.model.routing import IMAGE, TEXT
+from limoe.modalities import modality as registered
+
+IMAGE, TEXT = registered("image").id, registered("text").id
 
 
 def test_importance_is_squared_cv_of_summed_probabilities():
