@@ -100,7 +100,7 @@ def build_shards(
     shards = output / CLIP_BENCHMARK_SPLIT if clip_benchmark else output
     shards.mkdir(parents=True, exist_ok=True)
     pattern = "%d.tar" if clip_benchmark else "%05d.tar"  # clip_benchmark reads test/{0..N-1}.tar
-    counts["shards"] = _write_shards(itertools.chain([first], samples), shards / pattern, maxcount, compress)
+    counts["shards"] = write_shards(itertools.chain([first], samples), shards / pattern, maxcount, compress)
     if classification:
         (output / "classnames.txt").write_text("".join(f"{name}\n" for name in classnames), encoding="utf-8")
     if clip_benchmark:
@@ -316,8 +316,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _write_shards(samples: Iterable[dict], pattern: Path, maxcount: int, compress: bool) -> int:
-    """Write `samples` into shards named by the %-pattern `pattern`; returns how many."""
+def write_shards(samples: Iterable[dict], pattern: Path, maxcount: int, compress: bool) -> int:
+    """Write `samples` (webdataset dicts: `__key__` and one entry per member) into shards named by the
+    %-pattern `pattern`, byte-reproducibly; returns how many."""
     finished = []
 
     def finish(name: str) -> None:
