@@ -54,7 +54,8 @@ from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
-    Uncropped, box_pixels, crop_in_worker, draw_box, largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
+    Uncropped, Window, box_pixels, centre_window, crop_in_worker, draw_box, largest_box_side, min_decoded_side,
+    stack_crops, uncropped_batch,
 )
 from limoe.data.preprocess import eval_crop, normalize, tokenizer
 from limoe.files import read_text_file
@@ -157,7 +158,9 @@ class LabelledBatch(NamedTuple):
 
 
 class EvalBatch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] float32
+    # [B, 3, H, W] float32, normalised; with resize_on="device" an Uncropped, which
+    # `limoe.data.crops.eval_images_on` crops and normalises on the model's device
+    images: Union[torch.Tensor, Uncropped]
     keys: list[str]  # sample keys, to join results with the shards
     tokens: Optional[torch.Tensor]  # [B, L] int64 for caption sets, else None
     labels: Optional[torch.Tensor]  # [B] int64 `.cls` labels for classification sets, else None
@@ -324,8 +327,10 @@ def _worker() -> tuple[int, int]:
 def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
              uncropped: bool):
     keys, images, targets = zip(*records)
-    if uncropped:  # each record holds its box's pixels, resized on the device
+    if uncropped and train:  # each record holds its box's pixels, resized on the device
         images = uncropped_batch(list(images), image_size)
+    elif uncropped:  # each record holds a Window: pixels and the eval crop's window in them
+        images = uncropped_batch([w.pixels for w in images], image_size, [w.window for w in images])
     else:
         images = stack_crops(images)
         images = images if train else normalize(images)
@@ -368,16 +373,19 @@ class _ShardStream(IterableDataset):
         records = ((key, self._prepare(image), target) for key, image, target in self._usable(samples, tally))
         collate = functools.partial(_collate, context_length=self.context_length, image_size=self.image_size,
                                     train=self.train, classification=self.classification,
-                                    uncropped=self.train and self.resize_on == "device")
+                                    uncropped=self.resize_on == "device")
         for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
             yield batch, tally.copy()
         tally.done = True
         yield None, tally.copy()
 
-    def _prepare(self, image: Image.Image) -> np.ndarray:
+    def _prepare(self, image: Image.Image) -> Union[np.ndarray, Window]:
         """What a batch carries of one decoded image: its [S, S, 3] uint8 crop, or with
-        resize_on="device" the [h, w, 3] uint8 pixels of its random box."""
+        resize_on="device" the [h, w, 3] uint8 pixels of its random box (training) or the pixels
+        around its centre crop and the crop's window in them (evaluation)."""
         if not self.train:
+            if self.resize_on == "device":
+                return centre_window(image, self.image_size)
             return np.asarray(eval_crop(self.image_size)(image))
         box = draw_box(image, self.image_size)
         if self.resize_on == "device":
@@ -531,9 +539,12 @@ def eval_loader(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     pin_memory: bool = False,
+    resize_on: Literal["worker", "device"] = "worker",
 ) -> ShardLoader:
     """One pass of EvalBatch(images, keys, tokens, labels): every sample exactly once across ranks
     and workers, eval transforms (resize the shorter side, center crop), the last batch partial.
+    With `resize_on="device"` the images are `Uncropped` (the decoded pixels and their centre-crop
+    windows), which `limoe.data.crops.eval_images_on` crops and normalises on the device.
 
     Caption sets (`classification=False`) need `.txt` and fill `tokens`; classification sets need
     `.cls` and fill `labels` (class names: `read_classnames(spec)`). Shards are dealt out whole,
@@ -544,5 +555,6 @@ def eval_loader(
         [expand_shards(spec)], [1.0], train=False, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
         rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
+        resize_on=resize_on,
     )
     return ShardLoader(stream, workers, pin_memory)
