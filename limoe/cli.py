@@ -47,7 +47,7 @@ def _pretrain(args) -> int:
 
 def _config_show(args) -> int:
     from limoe.config import load_config
-    from limoe.config_docs import describe_config
+    from limoe.config.docs import describe_config
 
     print(describe_config(load_config(args.config, args.set)), end="")
     return 0

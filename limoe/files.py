@@ -108,7 +108,14 @@ def save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None)
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it, so it is put straight back)."""
+    """The process's umask. Linux reports it in /proc/self/status; elsewhere reading it means setting
+    it and putting it straight back, which for that instant applies to every thread of the process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

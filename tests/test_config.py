@@ -10,6 +10,7 @@ import pytest
 
 from limoe.config import (
     Config,
+    MoeConfig,
     ShardSource,
     every_n_layers,
     from_dict,
@@ -20,7 +21,7 @@ from limoe.config import (
 )
 from limoe.cli import main
 from limoe.config import CONFIG_DIR, setting
-from limoe.config_docs import REFERENCE, Key, config_reference, describe_config, undocumented_keys, walk_all
+from limoe.config.docs import REFERENCE, Key, config_reference, describe_config, undocumented_keys, walk_all
 from limoe.errors import LimoeError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,42 @@ def test_open_clip_source_lists_and_upsampling_factors():
         load_config("demo", ["data.train=[{shards: /a, weight: 2}, /b]"])
     with pytest.raises(LimoeError, match="not both"):
         load_config("demo", ["data.train=[{shards: /a, weight: 2, upsampling: 3}]"])
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A type the codec has never heard of, with a YAML shorthand: 'a-b' is the spans a..b-1 of length 1."""
+
+    start: int = setting(0, "first index", "[0, inf)")
+    length: int = setting(1, "indices covered", "[1, inf)")
+
+    @classmethod
+    def from_yaml_entry(cls, value):
+        if isinstance(value, str):
+            first, last = map(int, value.split("-"))
+            return [{"start": start} for start in range(first, last)]
+        return [value]
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """Spans."""
+
+    spans: tuple[_Span, ...] = setting((), "spans", "[0, inf)")
+
+
+def test_any_type_can_give_the_codec_a_yaml_shorthand_for_list_entries():
+    decoded = from_dict(_Spans, {"spans": ["3-5", {"start": 9, "length": 2}]})
+    assert decoded.spans == (_Span(3), _Span(4), _Span(9, 2))
+    with pytest.raises(LimoeError, match=re.escape("'spans[2].length' is 0; it must be an integer in [1, inf)")):
+        from_dict(_Spans, {"spans": ["3-5", {"start": 9, "length": 0}]})  # paths count the expanded entries
+    with pytest.raises(LimoeError, match=re.escape("config key 'spans[0]' must be a mapping, got 7.")):
+        from_dict(_Spans, {"spans": 7})
+
+
+def test_a_section_checks_its_own_keys_when_built_alone():
+    with pytest.raises(LimoeError, match=re.escape("model.moe.top_k: only top-1 routing is implemented; set it to 1.")):
+        MoeConfig(top_k=2)
 
 
 def test_missing_config_file_is_a_clear_error():
@@ -189,7 +226,7 @@ def test_a_key_added_without_setting_is_reported():
 
 
 def test_config_reference_in_docs_is_current():
-    """Regenerate with `python -m limoe.config_docs` after changing a key in limoe/config.py."""
+    """Regenerate with `python -m limoe.config.docs` after changing a key in limoe/config/."""
     assert (ROOT / REFERENCE).read_text() == config_reference()
 
 

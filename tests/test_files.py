@@ -300,3 +300,20 @@ def test_captions_that_are_not_utf8_are_one_line(tmp_path, capsys):
     captions.write_bytes(b"file,caption\na.png," + NOT_UTF8)
     _refused(capsys, ["shards", "build", "--images", str(images), "--captions", str(captions), "--output",
                       str(tmp_path / "shards")], f"captions file {captions} must be UTF-8 text")
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o002])
+def test_saved_tensors_get_the_mode_the_umask_gives_and_the_umask_is_left_alone(tmp_path, umask):
+    import stat
+
+    import torch
+
+    from limoe.files import save_safetensors
+
+    previous = os.umask(umask)
+    try:
+        save_safetensors({"x": torch.zeros(2)}, tmp_path / "x.safetensors")
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o666 & ~umask

@@ -1,9 +1,9 @@
-"""What every config key means: `limoe config show` and docs/CONFIG.md, both read off limoe/config.py.
+"""What every config key means: `limoe config show` and docs/CONFIG.md, both read off the dataclasses.
 
 Each key in `limoe.config` is declared with `setting(default, meaning, valid)`. This module walks
 the dataclasses and writes them out two ways: a resolved config with each key's meaning beside it
 (YAML that `--config` loads again), and the Markdown reference in docs/CONFIG.md, regenerated with
-`python -m limoe.config_docs` from the repository root. `undocumented_keys()` names every key
+`python -m limoe.config.docs` from the repository root. `undocumented_keys()` names every key
 declared without a meaning or, if it holds numbers, without an interval; the tests require none
 and that docs/CONFIG.md is current.
 """
@@ -20,7 +20,9 @@ from typing import Any, Iterator, Literal, Optional, Union
 
 import yaml
 
-from limoe.config import Config, Interval, to_dict
+from limoe.config.codec import to_dict
+from limoe.config.keys import Interval
+from limoe.config.run import Config
 
 REFERENCE = Path("docs/CONFIG.md")
 
@@ -185,8 +187,8 @@ The defaults below are the dataclasses' own; the shipped model files and recipes
 model, data, optimizer and training keys. Intervals are written as in mathematics: `[1, inf)` is
 any number ≥ 1, `(0, 1]` is 0 < x ≤ 1; a float must also be finite.
 
-This page is generated from `limoe/config.py` by `python -m limoe.config_docs`; a test fails when
-the two differ or a key has no meaning.
+This page is generated from the dataclasses in `limoe/config/` by `python -m limoe.config.docs`; a
+test fails when the two differ or a key has no meaning.
 """
 
 

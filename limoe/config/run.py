@@ -1,0 +1,75 @@
+"""`Config`: a whole training run, composed of the sections, with the checks that span sections.
+
+Each section checks its own keys when it is built; what only holds between sections (experts
+divisible by the expert-parallel ranks, co-training tasks against the schedule and the run's
+length, evaluation asked for with nothing to evaluate) is checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from limoe.config.data import DataConfig
+from limoe.config.distributed import DistributedConfig
+from limoe.config.evaluation import EvalConfig
+from limoe.config.keys import setting
+from limoe.config.loss import LossConfig
+from limoe.config.model import ModelConfig
+from limoe.config.optim import OptimConfig
+from limoe.config.pretrain import PretrainConfig
+from limoe.config.tasks import ScheduleConfig, TaskConfig
+from limoe.config.training import TrainConfig
+from limoe.errors import LimoeError
+
+
+@dataclass(frozen=True)
+class Config:
+    """A training run: the model, its losses, the data, the optimizer, the run, its processes and what it
+    evaluates while it trains."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tasks: tuple[TaskConfig, ...] = setting((), "co-training: the datasets and their objectives, with the keys "
+                                                "below; empty: contrastive training on data.train")
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self):
+        if self.train.eval_every and self.eval.zeroshot.data is None and self.eval.retrieval is None:
+            raise LimoeError(f"train.eval_every is {self.train.eval_every} but there is nothing to evaluate; set "
+                             f"eval.zeroshot.data or eval.retrieval, or train.eval_every=0.")
+        experts, shards = self.model.moe.num_experts, self.distributed.expert_parallel_size
+        if self.model.moe_layers and experts % shards:
+            raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "
+                             f"{shards}; every rank must hold the same number of experts.")
+        if self.tasks:
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        names = [task.name for task in self.tasks]
+        if len(set(names)) < len(names) or any(not name or "/" in name for name in names):
+            raise LimoeError(f"tasks: task names must be unique, non-empty and free of '/', got {names}.")
+        kind = self.schedule.kind
+        if kind in ("weighted", "task_by_task"):
+            missing = [task.name for task in self.tasks if task.steps is None]
+            if missing:
+                raise LimoeError(f"schedule {kind} needs every task's steps (its step budget U_j); task "
+                                 f"'{missing[0]}' has none.")
+            total = sum(task.steps for task in self.tasks)
+            if total != self.train.steps:
+                raise LimoeError(
+                    f"the tasks' steps add up to {total} but train.steps is {self.train.steps}; with schedule {kind} "
+                    f"each task runs exactly its steps, so make train.steps their sum."
+                )
+        if kind == "accumulate" and any(task.lr_scale != 1.0 for task in self.tasks):
+            raise LimoeError("schedule accumulate takes one optimizer step for all tasks together, so a task's "
+                             "lr_scale cannot apply; weight the tasks with loss_weight instead.")
+
+    def task_batch_size(self, task: TaskConfig) -> int:
+        """A task's global batch size (the train batch size unless the task sets its own)."""
+        return task.batch_size if task.batch_size is not None else self.train.batch_size
