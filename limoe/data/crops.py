@@ -4,7 +4,9 @@ The training crop is open_clip's `RandomResizedCrop` (scale 0.9–1, aspect 3/4�
 antialiasing); `draw_box` draws its boxes from the same distribution, and both places crop them.
 The eval crop (resize the shorter side, centre crop) is one fixed box per image, at fractional
 pixel positions: `centre_window` expresses it as the window of the decoded image that PIL's resize
-of the whole image followed by the crop samples, and the same device op resizes it.
+of the whole image followed by the crop samples, and the same device op resizes it. With
+`data.decode_on: device` the images arrive still encoded, and `crop_on_device` decodes them first
+(`limoe.data.device_decode`).
 
 - `data.resize_on: worker`: the worker resizes each box with PIL (`crop_in_worker`), exactly
   open_clip's training transform, and batches [B, 3, S, S] uint8.
@@ -33,6 +35,8 @@ from torch import Tensor
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
 
+from limoe.data.device_decode import Encoded, Region, cpu_decode_reason, decode_regions
+from limoe.data.images import Header
 from limoe.data.preprocess import image_transform, normalize
 
 
@@ -54,6 +58,9 @@ class Uncropped(NamedTuple):
     # to S × S; the whole of them for a training box, a fractional centre window for evaluation
     windows: Tensor
     output_size: int  # S: the crops are S × S
+    # with data.decode_on device, the encoded files, and `pixels` is empty until `crop_on_device`
+    # decodes them (`sizes` and `windows` are those of the regions the crops read)
+    encoded: Optional[Encoded] = None
 
     def to(self, device: torch.device) -> Uncropped:
         """The same batch with its tensors on `device`, copied without blocking the host."""
@@ -80,8 +87,8 @@ def largest_box_side(image_size: int) -> int:
     return math.ceil(4 / 3 * 2 * min_decoded_side(image_size))
 
 
-def draw_box(image: Image.Image, image_size: int, tries: int = 10) -> Box:
-    """A random crop of `image` from the distribution of RandomResizedCrop.get_params (its `tries`
+def draw_box(image: Union[Image.Image, Header], image_size: int, tries: int = 10) -> Box:
+    """A random crop of `image` (only its size is read: a header will do) from the distribution of RandomResizedCrop.get_params (its `tries`
     draws of area and log-aspect, then a uniform position, else its central fallback), with all
     the torch generator's numbers drawn in one call: get_params's per-number tensor calls cost
     about as much as decoding a 256 px JPEG."""
@@ -132,24 +139,32 @@ class Window(NamedTuple):
 
 def centre_window(image: Image.Image, image_size: int) -> Window:
     """The eval transform (torchvision's Resize of the shorter side to S, then CenterCrop(S)) as a
-    window of `image`: output pixel i of an axis resized from L to L' pixels and cropped at c
-    samples the input at (i + c + 0.5) L / L', which is PIL's resize of the window starting at
-    c L / L' and spanning S L / L'. Only the pixels the bicubic filter reaches from the window are
-    shipped, so a panorama costs what a square image does."""
-    width, height = image.size
+    window of `image`, and the pixels around it that the resize reads (`centre_region`)."""
+    (top, left, height, width), window = centre_region(image.size, image_size)
+    return Window(np.asarray(image)[top : top + height, left : left + width], window)
+
+
+def centre_region(size: tuple[int, int], image_size: int) -> tuple[Region, tuple[float, float, float, float]]:
+    """For an image of `size` (width, height): the region the eval crop reads and the crop's window
+    in it. Output pixel i of an axis resized from L to L' pixels and cropped at c samples the input
+    at (i + c + 0.5) L / L', which is PIL's resize of the window starting at c L / L' and spanning
+    S L / L'. Only the pixels the bicubic filter reaches from the window are in the region, so a
+    panorama costs what a square image does."""
+    width, height = size
     short, long = sorted((width, height))
     resized_long = int(image_size * long / short)  # torchvision's _compute_resized_output_size
     resized = (image_size, resized_long) if height <= width else (resized_long, image_size)  # (height, width)
-    spans, reach = [], []
+    starts, lengths, window = [], [], []
     for length, resized_length in zip((height, width), resized):
         scale = length / resized_length
         start = int(round((resized_length - image_size) / 2.0)) * scale  # CenterCrop's offset, in input pixels
         support = 2 * max(scale, 1.0) + 1  # the cubic's reach, widened when downscaling, and a pixel to spare
         low, high = max(math.floor(start - support), 0), min(math.ceil(start + image_size * scale + support), length)
-        spans.append((start - low, image_size * scale))
-        reach.append(slice(low, high))
-    (top, height_span), (left, width_span) = spans
-    return Window(np.asarray(image)[reach[0], reach[1]], (top, left, height_span, width_span))
+        starts.append(low)
+        lengths.append(high - low)
+        window.append((start - low, image_size * scale))
+    (top, height_span), (left, width_span) = window
+    return Region(starts[0], starts[1], lengths[0], lengths[1]), (top, left, height_span, width_span)
 
 
 def uncropped_batch(images: list[np.ndarray], image_size: int,
@@ -169,13 +184,36 @@ def uncropped_batch(images: list[np.ndarray], image_size: int,
 
 def crop_on_device(uncropped: Uncropped) -> Tensor:
     """[B, 3, S, S] uint8: every window resized to S × S on the device `uncropped` is on, as two
-    batched matrix products (rows, then columns) with PIL's antialiased bicubic weights."""
+    batched matrix products (rows, then columns) with PIL's antialiased bicubic weights. Encoded
+    images are decoded there first (`limoe.data.device_decode`)."""
+    if uncropped.encoded is not None:
+        uncropped = uncropped._replace(pixels=padded(decode_regions(uncropped.encoded, uncropped.sizes.device)))
     pixels = uncropped.pixels.permute(0, 3, 1, 2).float()  # [B, 3, H, W]
     size, windows = uncropped.output_size, uncropped.windows
     rows = _bicubic_weights(windows[:, 0], windows[:, 2], uncropped.sizes[:, 0], size, pixels.shape[2])  # [B, S, H]
     columns = _bicubic_weights(windows[:, 1], windows[:, 3], uncropped.sizes[:, 1], size, pixels.shape[3])  # [B, S, W]
     crops = rows[:, None] @ pixels @ columns.transpose(1, 2)[:, None]  # [B, 3, S, S]
     return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def padded(regions: list[Tensor]) -> Tensor:
+    """[h, w, 3] uint8 regions → [B, H, W, 3] uint8, each at the top left of its slot, on their device."""
+    height, width = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
+    pixels = regions[0].new_zeros((len(regions), height, width, 3))
+    for slot, region in zip(pixels, regions):
+        slot[: region.shape[0], : region.shape[1]] = region
+    return pixels
+
+
+def encoded_batch(headers: list[Header], files: list[bytes], regions: list[Region],
+                  windows: list[tuple[float, float, float, float]], image_size: int) -> Uncropped:
+    """Encoded images (`decode_on="device"`) as an Uncropped with empty pixels: the device decodes
+    the JPEGs it can (YCbCr or greyscale), the CPU the others (`limoe.data.device_decode`)."""
+    reasons = [cpu_decode_reason(header) for header in headers]
+    encoded = Encoded(files, [not reason for reason in reasons], reasons, regions)
+    sizes = torch.tensor([(r.height, r.width) for r in regions], dtype=torch.int64)  # [B, 2]
+    return Uncropped(torch.empty((len(files), 0, 0, 3), dtype=torch.uint8), sizes,
+                     torch.tensor(windows, dtype=torch.float32), image_size, encoded)
 
 
 def eval_images_on(images: Union[Tensor, Uncropped], device: torch.device) -> Tensor:

@@ -34,7 +34,10 @@ def _digest(*tensors: Tensor) -> bytes:
 
 def _digests(images: Union[Tensor, Uncropped]) -> list[bytes]:
     """A content digest per image: of the crop the worker made or, for images the device crops,
-    of the decoded pixels and the centre window it will crop from them."""
+    of the decoded pixels (or the encoded file) and the centre window it will crop from them."""
+    if isinstance(images, Uncropped) and images.encoded is not None:
+        return [_digest(torch.frombuffer(bytearray(file), dtype=torch.uint8), window)
+                for file, window in zip(images.encoded.files, images.windows)]
     if isinstance(images, Uncropped):
         return [_digest(pixels[:height, :width], window)
                 for pixels, (height, width), window in zip(images.pixels, images.sizes.tolist(), images.windows)]
@@ -83,20 +86,22 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
 
 
 def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batch_size: int = 64, workers: int = 2,
-                       progress: bool = False, shared: bool = False, resize_on: str = "worker") -> dict:
+                       progress: bool = False, shared: bool = False, resize_on: str = "worker",
+                       decode_on: str = "worker") -> dict:
     """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards).
 
     `data`: a shard spec (folder, glob, brace pattern) read once in full on every rank, so all
     ranks step the model together and get the same numbers; or any iterable of EvalBatches with
     tokens. Returns the recalls plus the numbers of images and texts, and skipped samples when
     the loader counts them. `shared`: every process of a run calls this together and they take
-    turns encoding. `resize_on`: where a shard spec's images are resized and centre-cropped
-    (`data.resize_on`: the data workers, or the model's device).
+    turns encoding. `resize_on`, `decode_on`: where a shard spec's images are resized and
+    centre-cropped, and decoded (`data.resize_on`, `data.decode_on`: the data workers, or the
+    model's device).
     """
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1,
-        resize_on=resize_on,
+        resize_on=resize_on, decode_on=decode_on,
     )
     image_features, text_features, text_to_image = encode_pairs(model, loader, progress, shared)
     metrics = {**retrieval_metrics(image_features, text_features, text_to_image),
@@ -107,10 +112,11 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
 
 
 def run_retrieval(checkpoint: Path, data: str, output: Optional[str], batch_size: int, capacity_factor: Optional[str],
-                  device: str, workers: int, resize_on: str = "worker") -> dict:
+                  device: str, workers: int, resize_on: str = "worker", decode_on: str = "worker") -> dict:
     """`limoe eval retrieval`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data)
     model = load_for_eval(checkpoint, device, capacity_factor)
-    metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True, resize_on=resize_on)
+    metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True, resize_on=resize_on,
+                                 decode_on=decode_on)
     report(f"image-text retrieval of {checkpoint} on {data}", metrics, output)
     return metrics

@@ -153,6 +153,14 @@ def test_an_image_folder_gives_the_same_images_with_the_resize_on_the_device(tmp
         assert levels.max() <= MAX_LEVELS + 0.01 and levels.mean() <= MEAN_LEVELS
 
 
+def test_class_folders_are_not_decoded_on_the_device(checkpoint, imagenet_tree, tmp_path, capsys):
+    assert _eval("zeroshot", checkpoint, imagenet_tree, tmp_path / "zs.json", "--resize-on", "device",
+                 "--decode-on", "device") == 2
+    error = capsys.readouterr().err
+    assert "is a class-folder tree, whose images are decoded in the data workers" in error
+    assert "Traceback" not in error and not (tmp_path / "zs.json").exists()
+
+
 def test_zeroshot_command_on_an_imagenet_tree(checkpoint, imagenet_tree, tmp_path, capsys):
     templates = tmp_path / "templates.txt"
     templates.write_text("a photo of a {c}.\n")
@@ -388,20 +396,24 @@ def test_retrieval_command_on_the_heldout_shards(checkpoint, tmp_path):
 ])
 def test_an_eval_command_gives_the_same_metrics_with_the_resize_on_the_device(checkpoint, tmp_path, command, data,
                                                                               samples, options):
-    """The device's centre crops are within a grey level of the workers' (tests/data/test_crops.py);
-    every metric may move by at most one sample of the set (measured: none moves)."""
+    """The device's centre crops are within a grey level of the workers' (tests/data/test_crops.py),
+    and decoded there too, the same pixels (tests/data/test_device_decode.py); every metric may move
+    by at most one sample of the set (measured: none moves)."""
     metrics = {}
-    for resize_on in ("worker", "device"):
-        output = tmp_path / f"{resize_on}.json"
-        assert _eval(command, checkpoint, DEMO / data, output, "--resize-on", resize_on, *options) == 0
-        metrics[resize_on] = json.loads(output.read_text())
-    worker, device = metrics["worker"], metrics["device"]
-    assert worker.keys() == device.keys() and worker.get("images", worker.get("samples")) == samples
-    for name, value in worker.items():
-        if isinstance(value, float):
-            assert abs(device[name] - value) <= 1 / samples, name
-        else:  # counts of images, texts, skipped samples
-            assert device[name] == value, name
+    for resize_on, decode_on in (("worker", "worker"), ("device", "worker"), ("device", "device")):
+        output = tmp_path / f"{resize_on}-{decode_on}.json"
+        assert _eval(command, checkpoint, DEMO / data, output, "--resize-on", resize_on, "--decode-on", decode_on,
+                     *options) == 0
+        metrics[resize_on, decode_on] = json.loads(output.read_text())
+    worker = metrics.pop(("worker", "worker"))
+    assert worker.get("images", worker.get("samples")) == samples
+    for device in metrics.values():
+        assert worker.keys() == device.keys()
+        for name, value in worker.items():
+            if isinstance(value, float):
+                assert abs(device[name] - value) <= 1 / samples, name
+            else:  # counts of images, texts, skipped samples
+                assert device[name] == value, name
 
 
 def test_evaluate_retrieval_groups_repeated_images_and_restores_train_mode(checkpoint, tmp_path):

@@ -1,0 +1,146 @@
+"""Decoding a batch's JPEGs on the device (nvJPEG on CUDA), with a counted CPU fallback.
+
+With `data.decode_on: device` a data worker reads the tar bytes and an image's header only: the
+bounds of `limoe.data.images` (pixels, aspect ratio) are checked there, before anything is decoded,
+and the crop's region is chosen from the header's size. The batch carries the encoded files
+(`Encoded`, inside an `Uncropped` whose pixels are still empty) and `crop_on_device` calls
+`decode_regions` before it resizes: `torchvision.io.decode_jpeg` decodes the whole batch at once on
+the device (nvJPEG; libjpeg-turbo on a CPU-only run, where the main process is the device).
+
+What the device cannot decode is decoded on the CPU with PIL instead, exactly as a data worker
+would (`decode_rgb`), image by image: PNG and WebP files and CMYK JPEGs (known from the header,
+so they never reach nvJPEG), and any JPEG the device decoder refuses (unusual progressive files,
+for instance). Every such image is counted in `FALLBACKS` by reason, the count is logged as it
+doubles and it is part of the loader's `bad_samples.summary()`: never silent. A file whose header
+is sound but whose body neither decoder can read is counted as `bad_image` and trains as a
+mid-grey image of its size (the batch keeps its size; the sample cannot be dropped after the
+worker has batched it).
+
+torchvision's CPU `decode_jpeg` and PIL both decode with libjpeg-turbo and give the same pixels
+(tests/data/test_device_decode.py checks them bit for bit); nvJPEG's IDCT may differ from them by
+a grey level or so, which GPU runs still have to measure.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from limoe.data.images import Header, UnusableImage, decode_rgb
+
+logger = logging.getLogger(__name__)
+
+GREY = 128  # what an image neither decoder can read becomes
+DEVICE_MODES = ("RGB", "L")  # JPEGs nvJPEG decodes: YCbCr (which PIL reports as RGB) and greyscale
+
+
+class Region(NamedTuple):
+    """The pixels of a decoded image a crop reads (top, left, height, width), whole pixels."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclass
+class Encoded:
+    """A batch's images before decoding: the files, whether the device may try each, and the region
+    of each decoded image that the crop reads. Not a tensor or a tuple, so the copy to the device
+    leaves it on the host, where the decoders read it."""
+
+    files: list[bytes]
+    on_device: list[bool]  # a baseline or progressive JPEG in YCbCr or greyscale; else `cpu_reasons`
+    cpu_reasons: list[str]  # why the device is not tried: "" where it is
+    regions: list[Region]
+
+
+def cpu_decode_reason(header: Header) -> str:
+    """Why the image of `header` goes to the CPU without trying the device: "" for a JPEG the
+    device may decode, else the format (png, webp) or the JPEG's colour space (cmyk, ycck)."""
+    if header.format != "JPEG":
+        return (header.format or "unknown").lower()
+    return "" if header.mode in DEVICE_MODES else header.mode.lower()
+
+
+@dataclass
+class DecodeFallbacks:
+    """Images decoded on the CPU instead of the device in this process, by reason."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def record(self, reason: str) -> None:
+        before = self.total
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if self.total.bit_length() > before.bit_length():  # log at 1, 2, 4, 8, … images
+            logger.warning("data: %s; the latest: %s", self.summary(), reason)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.counts.items()))
+        return f"{self.total} images decoded on the CPU instead of the device ({reasons})"
+
+
+FALLBACKS = DecodeFallbacks()
+
+Decoder = Callable[[list[Tensor], torch.device], list[Tensor]]  # files → [3, H, W] uint8 images on the device
+
+
+def device_jpeg_decoder(files: list[Tensor], device: torch.device) -> list[Tensor]:
+    """torchvision's decode_jpeg on `device`: nvJPEG for CUDA, libjpeg-turbo for a CPU."""
+    return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_regions(encoded: Encoded, device: torch.device,
+                   decoder: Decoder = device_jpeg_decoder) -> list[Tensor]:
+    """[h, w, 3] uint8 on `device`: each image's region, decoded by `decoder` where the device may
+    try it, else (or when it fails) on the CPU, counted in FALLBACKS."""
+    tried = [i for i, ok in enumerate(encoded.on_device) if ok]
+    decoded: dict[int, Tensor] = dict(zip(tried, _decode_on_device(encoded, tried, device, decoder)))
+    for i, reason in enumerate(encoded.cpu_reasons):
+        if i not in decoded or decoded[i] is None:
+            decoded[i] = _decode_on_cpu(encoded.files[i], encoded.regions[i], reason or "device_decode_failed", device)
+    regions = []
+    for i, (top, left, height, width) in enumerate(encoded.regions):
+        regions.append(decoded[i][:, top : top + height, left : left + width].permute(1, 2, 0))  # [h, w, 3]
+    return regions
+
+
+def _decode_on_device(encoded: Encoded, indices: list[int], device: torch.device, decoder: Decoder) -> list:
+    """The images at `indices`, all in one call; if that fails, one by one, None where one fails."""
+    if not indices:
+        return []
+    files = [torch.frombuffer(bytearray(encoded.files[i]), dtype=torch.uint8) for i in indices]
+    try:
+        return decoder(files, device)
+    except RuntimeError:
+        pass
+    images = []
+    for file in files:
+        try:
+            images.append(decoder([file], device)[0])
+        except RuntimeError:
+            images.append(None)
+    return images
+
+
+def _decode_on_cpu(file: bytes, region: Region, reason: str, device: torch.device) -> Tensor:
+    """[3, H, W] uint8 on `device`, decoded by PIL as a data worker decodes; mid-grey where even
+    that fails (counted as bad_image)."""
+    try:
+        image = torch.from_numpy(np.array(decode_rgb(io.BytesIO(file)))).permute(2, 0, 1)  # [3, H, W]
+        FALLBACKS.record(reason)
+    except UnusableImage:
+        FALLBACKS.record("bad_image")
+        image = torch.full((3, region.top + region.height, region.left + region.width), GREY, dtype=torch.uint8)
+    return image.to(device)
