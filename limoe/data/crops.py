@@ -187,7 +187,10 @@ def crop_on_device(uncropped: Uncropped) -> Tensor:
     batched matrix products (rows, then columns) with PIL's antialiased bicubic weights. Encoded
     images are decoded there first (`limoe.data.device_decode`)."""
     if uncropped.encoded is not None:
-        uncropped = uncropped._replace(pixels=padded(decode_regions(uncropped.encoded, uncropped.sizes.device)))
+        regions, factors = decode_regions(uncropped.encoded, uncropped.sizes.device)
+        sizes = torch.tensor([r.shape[:2] for r in regions], dtype=torch.int64, device=uncropped.sizes.device)
+        reduced = uncropped.windows / uncropped.windows.new_tensor(factors)[:, None]  # [B, 4], in reduced pixels
+        uncropped = uncropped._replace(pixels=padded(regions), sizes=sizes, windows=reduced)
     pixels = uncropped.pixels.permute(0, 3, 1, 2).float()  # [B, 3, H, W]
     size, windows = uncropped.output_size, uncropped.windows
     rows = _bicubic_weights(windows[:, 0], windows[:, 2], uncropped.sizes[:, 0], size, pixels.shape[2])  # [B, S, H]
@@ -206,11 +209,12 @@ def padded(regions: list[Tensor]) -> Tensor:
 
 
 def encoded_batch(headers: list[Header], files: list[bytes], regions: list[Region],
-                  windows: list[tuple[float, float, float, float]], image_size: int) -> Uncropped:
+                  windows: list[tuple[float, float, float, float]], image_size: int, min_side: int) -> Uncropped:
     """Encoded images (`decode_on="device"`) as an Uncropped with empty pixels: the device decodes
-    the JPEGs it can (YCbCr or greyscale), the CPU the others (`limoe.data.device_decode`)."""
+    the JPEGs it can (YCbCr or greyscale), the CPU the others (`limoe.data.device_decode`), and
+    reduces those much larger than `min_side` as a worker would."""
     reasons = [cpu_decode_reason(header) for header in headers]
-    encoded = Encoded(files, [not reason for reason in reasons], reasons, regions)
+    encoded = Encoded(files, [not reason for reason in reasons], reasons, regions, min_side)
     sizes = torch.tensor([(r.height, r.width) for r in regions], dtype=torch.int64)  # [B, 2]
     return Uncropped(torch.empty((len(files), 0, 0, 3), dtype=torch.uint8), sizes,
                      torch.tensor(windows, dtype=torch.float32), image_size, encoded)

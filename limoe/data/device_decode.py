@@ -5,7 +5,9 @@ bounds of `limoe.data.images` (pixels, aspect ratio) are checked there, before a
 and the crop's region is chosen from the header's size. The batch carries the encoded files
 (`Encoded`, inside an `Uncropped` whose pixels are still empty) and `crop_on_device` calls
 `decode_regions` before it resizes: `torchvision.io.decode_jpeg` decodes the whole batch at once on
-the device (nvJPEG; libjpeg-turbo on a CPU-only run, where the main process is the device).
+the device (nvJPEG; libjpeg-turbo on a CPU-only run, where the main process is the device), and
+each crop's region is cut out and, for an image much larger than the crop needs, shrunk by the
+integer factor a worker would reduce it by (nvJPEG decodes at full size only).
 
 What the device cannot decode is decoded on the CPU with PIL instead, exactly as a data worker
 would (`decode_rgb`), image by image: PNG and WebP files and CMYK JPEGs (known from the header,
@@ -17,8 +19,8 @@ mid-grey image of its size (the batch keeps its size; the sample cannot be dropp
 worker has batched it).
 
 torchvision's CPU `decode_jpeg` and PIL both decode with libjpeg-turbo and give the same pixels
-(tests/data/test_device_decode.py checks them bit for bit); nvJPEG's IDCT may differ from them by
-a grey level or so, which GPU runs still have to measure.
+(tests/data/test_device_decode.py checks them bit for bit); how far nvJPEG's output is from them
+is still to be measured on a GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -60,6 +63,7 @@ class Encoded:
     on_device: list[bool]  # a baseline or progressive JPEG in YCbCr or greyscale; else `cpu_reasons`
     cpu_reasons: list[str]  # why the device is not tried: "" where it is
     regions: list[Region]
+    min_side: int  # the shorter side the crop needs: larger images are reduced towards it, as workers do
 
 
 def cpu_decode_reason(header: Header) -> str:
@@ -102,18 +106,32 @@ def device_jpeg_decoder(files: list[Tensor], device: torch.device) -> list[Tenso
 
 
 def decode_regions(encoded: Encoded, device: torch.device,
-                   decoder: Decoder = device_jpeg_decoder) -> list[Tensor]:
+                   decoder: Decoder = device_jpeg_decoder) -> tuple[list[Tensor], list[int]]:
     """[h, w, 3] uint8 on `device`: each image's region, decoded by `decoder` where the device may
-    try it, else (or when it fails) on the CPU, counted in FALLBACKS."""
+    try it, else (or when it fails) on the CPU, counted in FALLBACKS; and the integer factor each
+    region was reduced by. As a worker reduces an image whose shorter side is at least twice
+    `min_side` (`decode_rgb`), the region is shrunk by a box filter, so that a batch's padded
+    pixels stay as small as a worker-decoded batch's whatever size the photos are stored at."""
     tried = [i for i, ok in enumerate(encoded.on_device) if ok]
     decoded: dict[int, Tensor] = dict(zip(tried, _decode_on_device(encoded, tried, device, decoder)))
     for i, reason in enumerate(encoded.cpu_reasons):
         if i not in decoded or decoded[i] is None:
             decoded[i] = _decode_on_cpu(encoded.files[i], encoded.regions[i], reason or "device_decode_failed", device)
-    regions = []
+    regions, factors = [], []
     for i, (top, left, height, width) in enumerate(encoded.regions):
-        regions.append(decoded[i][:, top : top + height, left : left + width].permute(1, 2, 0))  # [h, w, 3]
-    return regions
+        factor = max(min(decoded[i].shape[1:]) // encoded.min_side, 1)
+        region = _reduced(decoded[i][:, top : top + height, left : left + width], factor)  # [3, h, w]
+        regions.append(region.permute(1, 2, 0))  # [h, w, 3]
+        factors.append(factor)
+    return regions, factors
+
+
+def _reduced(image: Tensor, factor: int) -> Tensor:
+    """[3, h, w] uint8 shrunk `factor` times by a box filter, as PIL's `reduce` (a partial box at
+    the edge averages the pixels it holds)."""
+    if factor == 1:
+        return image
+    return F.avg_pool2d(image[None].float(), factor, ceil_mode=True)[0].round_().to(torch.uint8)
 
 
 def _decode_on_device(encoded: Encoded, indices: list[int], device: torch.device, decoder: Decoder) -> list:

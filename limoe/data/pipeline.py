@@ -337,11 +337,16 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+def _needed_side(image_size: int, train: bool) -> int:
+    """The shorter side a decoded image needs: what the smallest random crop spans, or the eval crop."""
+    return min_decoded_side(image_size) if train else image_size
+
+
 def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
              uncropped: bool, encoded: bool):
     keys, images, targets = zip(*records)
     if encoded:  # each record holds (header, bytes, region, window); decoded and resized on the device
-        images = encoded_batch(*map(list, zip(*images)), image_size)
+        images = encoded_batch(*map(list, zip(*images)), image_size, _needed_side(image_size, train))
     elif uncropped and train:  # each record holds its box's pixels, resized on the device
         images = uncropped_batch(list(images), image_size)
     elif uncropped:  # each record holds a Window: pixels and the eval crop's window in them
@@ -445,9 +450,8 @@ class _ShardStream(IterableDataset):
 
     def _usable(self, samples: Iterable[dict], tally: WorkerTally) -> Iterator[tuple]:
         """Parsed samples; bad ones are counted, and reading stops once they pass the limit."""
-        min_side = min_decoded_side(self.image_size) if self.train else self.image_size
-        if self.decode_on == "device":
-            min_side = None  # only the header is read here
+        # with decode_on="device" only the header is read here
+        min_side = _needed_side(self.image_size, self.train) if self.decode_on == "worker" else None
         for sample in samples:
             tally.seen += 1
             try:

@@ -16,10 +16,10 @@ from limoe.config import ShardSource
 from limoe.data import device_decode
 from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import eval_loader, train_loader
-from limoe.data.preprocess import normalize
+from limoe.data.preprocess import eval_crop, normalize, unnormalize
 from limoe.errors import LimoeError
 from limoe.training.device_batches import DeviceBatches
-from tests.data.test_crops import CROP, _photo
+from tests.data.test_crops import CROP, _differences, _photo
 
 # Odd sizes, a 17:1 panorama both ways; shorter sides under twice what a 31 px crop needs (31 px for
 # evaluation, 38 for training), so that the worker decodes them at full scale, as the device does
@@ -138,3 +138,24 @@ def test_decoding_on_the_device_needs_the_resize_there_too(tmp_path):
     shard = _shard(tmp_path, [_encoded(_photo((61, 47), 0))])
     with pytest.raises(LimoeError, match="set data.resize_on: device too"):
         eval_loader(shard, 4, CROP, 16, 0, decode_on="device")
+
+
+def test_large_images_decoded_on_the_device_are_reduced_as_a_worker_reduces_them(tmp_path, fallbacks):
+    """Photos 2 to 15 times the crop's side: each region is shrunk by the integer factor a worker
+    would use (shorter side // 31) before the resize, so the padded pixels stay small, and the crops
+    are the eval transform of the full-size photo within 2 grey levels, 0.5 on average (measured:
+    at most 2, 0.25-0.37 on average). The worker's own reduced-scale decode shifts the centre crop
+    by its rounding of the reduced size, so it is not the reference here."""
+    sizes = [(200, 150), (640, 480), (333, 251), (1000, 90), (129, 71), (124, 93)]
+    photos = [_photo(size, seed) for seed, size in enumerate(sizes)]
+    shard = _shard(tmp_path, [_encoded(photo, quality=95) for photo in photos])
+    (batch,) = list(eval_loader(shard, 6, CROP, 16, 0, resize_on="device", decode_on="device"))
+    crops = (unnormalize(eval_images_on(batch.images, torch.device("cpu"))) * 255).round()  # [6, 3, 31, 31]
+    for photo, crop in zip(photos, crops):
+        decoded = Image.open(io.BytesIO(_encoded(photo, quality=95))).convert("RGB")
+        expected = np.asarray(eval_crop(CROP)(decoded)).transpose(2, 0, 1)
+        mean, largest = _differences(crop.numpy(), expected)
+        assert mean <= 0.5 and largest <= 2, (photo.size, mean, largest)
+    regions, factors = device_decode.decode_regions(batch.images.encoded, torch.device("cpu"))
+    assert factors == [150 // 31, 480 // 31, 251 // 31, 90 // 31, 71 // 31, 93 // 31]
+    assert max(max(region.shape[:2]) for region in regions) < 4 * CROP  # not the 480 px of the full photo
