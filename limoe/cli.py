@@ -191,6 +191,17 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
 
 
+def _add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """Where images are resized and decoded, as data.resize_on and data.decode_on say for training."""
+    parser.add_argument("--resize-on", default="worker", choices=["worker", "device"],
+                        help="where the images are resized and centre-cropped: in the data workers (PIL), or on "
+                             "the model's device")
+    parser.add_argument("--decode-on", default="worker", choices=["worker", "device"],
+                        help="where shards' images are decoded: in the data workers (PIL), or on the model's device "
+                             "(nvJPEG on CUDA; what it cannot decode falls back to the CPU, counted); device needs "
+                             "--resize-on device")
+
+
 def _add_overrides(parser: argparse.ArgumentParser, keys: str = "config") -> None:
     """`--set KEY=VALUE`, repeatable: the overrides `limoe.config` applies on top of the file."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {keys} key")
@@ -249,20 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", None, "evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
-    zeroshot = command("zeroshot", _evaluation("zeroshot", "classnames", "templates", "candidate_images"),
+    zeroshot = command("zeroshot", _evaluation("zeroshot", "classnames", "templates", "candidate_images",
+                                                 "resize_on", "decode_on"),
                        "zero-shot classification (ImageNet by default)", evaluations)
     _add_eval_options(zeroshot)
+    _add_placement_options(zeroshot)
     zeroshot.add_argument("--classnames", default=None,
                           help="class names file, one per line (default: the data's classnames.txt or class folder "
                                "names, else ImageNet-1k's)")
     zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
-    retrieval = command("retrieval", _evaluation("retrieval"), "image-text retrieval recall@1/5/10", evaluations)
+    retrieval = command("retrieval", _evaluation("retrieval", "resize_on", "decode_on"),
+                        "image-text retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
-    knn = command("knn", _evaluation("knn", "k", "random_init"),
+    _add_placement_options(retrieval)
+    knn = command("knn", _evaluation("knn", "k", "random_init", "resize_on", "decode_on"),
                   "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
     _add_eval_options(knn)
+    _add_placement_options(knn)
     knn.add_argument("--k", type=_whole_number(1), default=5,
                      help="neighbours that vote (default 5; at most the number of labelled images − 1)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")

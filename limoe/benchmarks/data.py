@@ -12,6 +12,8 @@ worker on a core of its own, and robust to other load on the machine:
 - limoe, device resize: `train_loader` with `resize_on="device"` (decode and draw the box only);
   the crop and resize that then happen on the device (`crop_on_device`) are timed per batch
   separately: on the GPU when there is one, else on this CPU with one thread.
+- limoe, device decode: `decode_on="device"` as well (the worker reads the header and draws the
+  box only); the device's time per batch is then the decode (nvJPEG on a GPU) and the resize.
 
     python -m limoe.benchmarks.data [--samples 2048] [--batch-size 128] [--sizes 256 640] [--repeats 2]
 
@@ -89,9 +91,9 @@ def open_clip_batches(shard: str, batch_size: int, samples: int) -> Iterable:
     return info.dataloader
 
 
-def limoe_batches(shard: str, batch_size: int, resize_on: str) -> Iterable:
+def limoe_batches(shard: str, batch_size: int, resize_on: str, decode_on: str = "worker") -> Iterable:
     return train_loader((ShardSource(shard),), batch_size, IMAGE_SIZE, CONTEXT_LENGTH, 0, shuffle_buffer=1000,
-                        resampled=True, seed=0, max_bad_fraction=0.01, resize_on=resize_on)
+                        resampled=True, seed=0, max_bad_fraction=0.01, resize_on=resize_on, decode_on=decode_on)
 
 
 def pairs_per_cpu_second(make_batches: Callable[[], Iterable], samples: int, batch_size: int) -> float:
@@ -103,10 +105,11 @@ def pairs_per_cpu_second(make_batches: Callable[[], Iterable], samples: int, bat
     return count / (time.process_time() - cpu)
 
 
-def device_crop_ms(shard: str, batch_size: int, device: torch.device, repeats: int = 5) -> float:
-    """Milliseconds `crop_on_device` takes per batch on `device` (best of `repeats`), the batch
-    already there: GPU time between CUDA events, or process CPU time on a CPU."""
-    uncropped = to_device(next(iter(limoe_batches(shard, batch_size, "device"))).images, device)
+def device_crop_ms(shard: str, batch_size: int, device: torch.device, decode_on: str, repeats: int = 5) -> float:
+    """Milliseconds `crop_on_device` (with `decode_on="device"`, decoding included) takes per batch
+    on `device` (best of `repeats`), the batch already there: GPU time between CUDA events, or
+    process CPU time on a CPU."""
+    uncropped = to_device(next(iter(limoe_batches(shard, batch_size, "device", decode_on))).images, device)
     crop_on_device(uncropped)  # warm-up
     times = []
     for _ in range(repeats):
@@ -145,6 +148,7 @@ def main() -> None:
                 ("open_clip get_wds_dataset", lambda: open_clip_batches(shard, args.batch_size, args.samples)),
                 ("limoe, worker resize", lambda: limoe_batches(shard, args.batch_size, "worker")),
                 ("limoe, device resize", lambda: limoe_batches(shard, args.batch_size, "device")),
+                ("limoe, device decode", lambda: limoe_batches(shard, args.batch_size, "device", "device")),
             ]
             baseline = None
             for name, make in pipelines:
@@ -155,7 +159,9 @@ def main() -> None:
                 rate = max(pairs_per_cpu_second(make, args.samples, args.batch_size) for _ in range(args.repeats))
                 baseline = baseline or (rate if name.startswith("open_clip") else None)
                 ratio = f"{rate / baseline:.2f}x" if baseline else "-"
-                crop = f"{device_crop_ms(shard, args.batch_size, device):.1f}" if name.endswith("device resize") else "-"
+                on_device = {"limoe, device resize": "worker", "limoe, device decode": "device"}
+                decode_on = on_device.get(name)
+                crop = f"{device_crop_ms(shard, args.batch_size, device, decode_on):.1f}" if decode_on else "-"
                 print(f"| {f'{size} px (~{kilobytes:.0f} kB)':<24} | {name:<26} | {rate:>20.0f} | {ratio:>11} "
                       f"| {crop:>15} |", flush=True)
 

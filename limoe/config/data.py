@@ -49,6 +49,10 @@ class DataConfig:
         "worker", "where training crops are resized: in the data workers (PIL), or on the device after the copy "
         "(batched, with PIL's bicubic weights; the main process on a CPU-only run), which frees about 40% of a "
         "worker's time at 224 px")
+    decode_on: Literal["worker", "device"] = setting(
+        "worker", "where images are decoded: in the data workers (PIL), or on the device (nvJPEG on CUDA, "
+        "torchvision's decode_jpeg; PNG, WebP and CMYK images fall back to the CPU, counted); device needs "
+        "resize_on: device")
 
     def __post_init__(self):
         if len({source.weight is None for source in self.train}) > 1:

@@ -1,7 +1,12 @@
-"""Where training images are cropped and resized: in the data worker, or on the device.
+"""Where images are cropped and resized: in the data worker, or on the device.
 
-The crop is open_clip's `RandomResizedCrop` (scale 0.9–1, aspect 3/4–4/3, bicubic with
+The training crop is open_clip's `RandomResizedCrop` (scale 0.9–1, aspect 3/4–4/3, bicubic with
 antialiasing); `draw_box` draws its boxes from the same distribution, and both places crop them.
+The eval crop (resize the shorter side, centre crop) is one fixed box per image, at fractional
+pixel positions: `centre_window` expresses it as the window of the decoded image that PIL's resize
+of the whole image followed by the crop samples, and the same device op resizes it. With
+`data.decode_on: device` the images arrive still encoded, and `crop_on_device` decodes them first
+(`limoe.data.device_decode`).
 
 - `data.resize_on: worker`: the worker resizes each box with PIL (`crop_in_worker`), exactly
   open_clip's training transform, and batches [B, 3, S, S] uint8.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -30,7 +35,9 @@ from torch import Tensor
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as F
 
-from limoe.data.preprocess import image_transform
+from limoe.data.device_decode import Encoded, Region, cpu_decode_reason, decode_regions
+from limoe.data.images import Header
+from limoe.data.preprocess import image_transform, normalize
 
 
 class Box(NamedTuple):
@@ -45,9 +52,20 @@ class Box(NamedTuple):
 class Uncropped(NamedTuple):
     """A batch's images before their crop and resize, which `crop_on_device` makes."""
 
-    pixels: Tensor  # [B, H, W, 3] uint8: each box's pixels at the top left, padded to the largest
-    sizes: Tensor  # [B, 2] int64 (height, width) of each box
+    pixels: Tensor  # [B, H, W, 3] uint8: each image's pixels at the top left, padded to the largest
+    sizes: Tensor  # [B, 2] int64 (height, width) of each image's pixels
+    # [B, 4] float32 (top, left, height, width): the window of each image's pixels that is resized
+    # to S × S; the whole of them for a training box, a fractional centre window for evaluation
+    windows: Tensor
     output_size: int  # S: the crops are S × S
+    # with data.decode_on device, the encoded files, and `pixels` is empty until `crop_on_device`
+    # decodes them (`sizes` and `windows` are those of the regions the crops read)
+    encoded: Optional[Encoded] = None
+
+    def to(self, device: torch.device) -> Uncropped:
+        """The same batch with its tensors on `device`, copied without blocking the host."""
+        return self._replace(**{name: getattr(self, name).to(device, non_blocking=True)
+                                for name in ("pixels", "sizes", "windows")})
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,8 +87,8 @@ def largest_box_side(image_size: int) -> int:
     return math.ceil(4 / 3 * 2 * min_decoded_side(image_size))
 
 
-def draw_box(image: Image.Image, image_size: int, tries: int = 10) -> Box:
-    """A random crop of `image` from the distribution of RandomResizedCrop.get_params (its `tries`
+def draw_box(image: Union[Image.Image, Header], image_size: int, tries: int = 10) -> Box:
+    """A random crop of `image` (only its size is read: a header will do) from the distribution of RandomResizedCrop.get_params (its `tries`
     draws of area and log-aspect, then a uniform position, else its central fallback), with all
     the torch generator's numbers drawn in one call: get_params's per-number tensor calls cost
     about as much as decoding a 256 px JPEG."""
@@ -112,35 +130,114 @@ def box_pixels(image: Image.Image, box: Box) -> np.ndarray:
     return np.asarray(image)[box.top : box.top + box.height, box.left : box.left + box.width]
 
 
-def uncropped_batch(boxes: list[np.ndarray], image_size: int) -> Uncropped:
-    """Boxes of different sizes in one [B, H, W, 3] uint8 tensor, each copied once; the padding
-    is left as it is, since the resize gives it zero weight."""
-    height, width = max(b.shape[0] for b in boxes), max(b.shape[1] for b in boxes)
-    pixels = torch.empty((len(boxes), height, width, 3), dtype=torch.uint8)
-    for slot, box in zip(pixels.numpy(), boxes):  # the tensor's memory
-        slot[: box.shape[0], : box.shape[1]] = box
-    return Uncropped(pixels, torch.tensor([b.shape[:2] for b in boxes], dtype=torch.int64), image_size)
+class Window(NamedTuple):
+    """The pixels an eval crop reads, and where in them the crop's window lies."""
+
+    pixels: np.ndarray  # [h, w, 3] uint8: a view of the decoded image
+    window: tuple[float, float, float, float]  # (top, left, height, width) in `pixels`, fractional
+
+
+def centre_window(image: Image.Image, image_size: int) -> Window:
+    """The eval transform (torchvision's Resize of the shorter side to S, then CenterCrop(S)) as a
+    window of `image`, and the pixels around it that the resize reads (`centre_region`)."""
+    (top, left, height, width), window = centre_region(image.size, image_size)
+    return Window(np.asarray(image)[top : top + height, left : left + width], window)
+
+
+def centre_region(size: tuple[int, int], image_size: int) -> tuple[Region, tuple[float, float, float, float]]:
+    """For an image of `size` (width, height): the region the eval crop reads and the crop's window
+    in it. Output pixel i of an axis resized from L to L' pixels and cropped at c samples the input
+    at (i + c + 0.5) L / L', which is PIL's resize of the window starting at c L / L' and spanning
+    S L / L'. Only the pixels the bicubic filter reaches from the window are in the region, so a
+    panorama costs what a square image does."""
+    width, height = size
+    short, long = sorted((width, height))
+    resized_long = int(image_size * long / short)  # torchvision's _compute_resized_output_size
+    resized = (image_size, resized_long) if height <= width else (resized_long, image_size)  # (height, width)
+    starts, lengths, window = [], [], []
+    for length, resized_length in zip((height, width), resized):
+        scale = length / resized_length
+        start = int(round((resized_length - image_size) / 2.0)) * scale  # CenterCrop's offset, in input pixels
+        support = 2 * max(scale, 1.0) + 1  # the cubic's reach, widened when downscaling, and a pixel to spare
+        low, high = max(math.floor(start - support), 0), min(math.ceil(start + image_size * scale + support), length)
+        starts.append(low)
+        lengths.append(high - low)
+        window.append((start - low, image_size * scale))
+    (top, height_span), (left, width_span) = window
+    return Region(starts[0], starts[1], lengths[0], lengths[1]), (top, left, height_span, width_span)
+
+
+def uncropped_batch(images: list[np.ndarray], image_size: int,
+                    windows: Optional[list[tuple[float, float, float, float]]] = None) -> Uncropped:
+    """Images of different sizes in one [B, H, W, 3] uint8 tensor, each copied once; the padding
+    is left as it is, since the resize gives it zero weight. Without `windows`, each image is
+    resized whole (a training box)."""
+    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    pixels = torch.empty((len(images), height, width, 3), dtype=torch.uint8)
+    for slot, image in zip(pixels.numpy(), images):  # the tensor's memory
+        slot[: image.shape[0], : image.shape[1]] = image
+    sizes = torch.tensor([i.shape[:2] for i in images], dtype=torch.int64)  # [B, 2]
+    if windows is None:
+        windows = [(0.0, 0.0, float(h), float(w)) for h, w in sizes.tolist()]
+    return Uncropped(pixels, sizes, torch.tensor(windows, dtype=torch.float32), image_size)
 
 
 def crop_on_device(uncropped: Uncropped) -> Tensor:
-    """[B, 3, S, S] uint8: every box resized to S × S on the device `uncropped` is on, as two
-    batched matrix products (rows, then columns) with PIL's antialiased bicubic weights."""
+    """[B, 3, S, S] uint8: every window resized to S × S on the device `uncropped` is on, as two
+    batched matrix products (rows, then columns) with PIL's antialiased bicubic weights. Encoded
+    images are decoded there first (`limoe.data.device_decode`)."""
+    if uncropped.encoded is not None:
+        regions, factors = decode_regions(uncropped.encoded, uncropped.sizes.device)
+        sizes = torch.tensor([r.shape[:2] for r in regions], dtype=torch.int64, device=uncropped.sizes.device)
+        reduced = uncropped.windows / uncropped.windows.new_tensor(factors)[:, None]  # [B, 4], in reduced pixels
+        uncropped = uncropped._replace(pixels=padded(regions), sizes=sizes, windows=reduced)
     pixels = uncropped.pixels.permute(0, 3, 1, 2).float()  # [B, 3, H, W]
-    size = uncropped.output_size
-    rows = _bicubic_weights(uncropped.sizes[:, 0], size, pixels.shape[2])  # [B, S, H]
-    columns = _bicubic_weights(uncropped.sizes[:, 1], size, pixels.shape[3])  # [B, S, W]
+    size, windows = uncropped.output_size, uncropped.windows
+    rows = _bicubic_weights(windows[:, 0], windows[:, 2], uncropped.sizes[:, 0], size, pixels.shape[2])  # [B, S, H]
+    columns = _bicubic_weights(windows[:, 1], windows[:, 3], uncropped.sizes[:, 1], size, pixels.shape[3])  # [B, S, W]
     crops = rows[:, None] @ pixels @ columns.transpose(1, 2)[:, None]  # [B, 3, S, S]
     return crops.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _bicubic_weights(lengths: Tensor, size: int, padded: int) -> Tensor:
+def padded(regions: list[Tensor]) -> Tensor:
+    """[h, w, 3] uint8 regions → [B, H, W, 3] uint8, each at the top left of its slot, on their device."""
+    height, width = max(r.shape[0] for r in regions), max(r.shape[1] for r in regions)
+    pixels = regions[0].new_zeros((len(regions), height, width, 3))
+    for slot, region in zip(pixels, regions):
+        slot[: region.shape[0], : region.shape[1]] = region
+    return pixels
+
+
+def encoded_batch(headers: list[Header], files: list[bytes], regions: list[Region],
+                  windows: list[tuple[float, float, float, float]], image_size: int, min_side: int) -> Uncropped:
+    """Encoded images (`decode_on="device"`) as an Uncropped with empty pixels: the device decodes
+    the JPEGs it can (YCbCr or greyscale), the CPU the others (`limoe.data.device_decode`), and
+    reduces those much larger than `min_side` as a worker would."""
+    reasons = [cpu_decode_reason(header) for header in headers]
+    encoded = Encoded(files, [not reason for reason in reasons], reasons, regions, min_side)
+    sizes = torch.tensor([(r.height, r.width) for r in regions], dtype=torch.int64)  # [B, 2]
+    return Uncropped(torch.empty((len(files), 0, 0, 3), dtype=torch.uint8), sizes,
+                     torch.tensor(windows, dtype=torch.float32), image_size, encoded)
+
+
+def eval_images_on(images: Union[Tensor, Uncropped], device: torch.device) -> Tensor:
+    """[B, 3, S, S] float32 on `device`, normalised, as the model takes an eval batch's images:
+    those the worker cropped are copied, uncropped ones are cropped and normalised there."""
+    if isinstance(images, Uncropped):
+        return normalize(crop_on_device(images.to(device)))
+    return images.to(device, non_blocking=True)
+
+
+def _bicubic_weights(starts: Tensor, spans: Tensor, lengths: Tensor, size: int, padded: int) -> Tensor:
     """[B, size, padded] float32: row i of image b weighs its input pixels j < lengths[b] as PIL's
-    antialiased bicubic resize of lengths[b] pixels to `size` does (Keys' cubic with a = -0.5,
-    stretched by the downscale factor, normalised to sum 1); pixels beyond the box weigh 0."""
+    antialiased bicubic resize of the window [starts[b], starts[b] + spans[b]) to `size` pixels
+    does (Keys' cubic with a = -0.5, stretched by the downscale factor, normalised to sum 1);
+    pixels beyond the image weigh 0."""
     lengths = lengths.to(torch.float32)[:, None, None]  # [B, 1, 1]
-    scale = lengths / size
+    scale = spans.to(torch.float32)[:, None, None] / size
     stretch = scale.clamp(min=1.0)  # antialiasing: the filter widens when downscaling
-    centres = (torch.arange(size, device=lengths.device, dtype=torch.float32)[:, None] + 0.5) * scale  # [B, S, 1]
+    outputs = torch.arange(size, device=lengths.device, dtype=torch.float32)[:, None]  # [S, 1]
+    centres = (outputs + 0.5) * scale + starts.to(torch.float32)[:, None, None]  # [B, S, 1]
     inputs = torch.arange(padded, device=lengths.device, dtype=torch.float32)  # [N]
     x = ((inputs + 0.5 - centres) / stretch).abs()  # [B, S, N]
     a = -0.5

@@ -13,7 +13,8 @@ box filter (`reduce`) before anything else touches it.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Optional, Union
+import io
+from typing import BinaryIO, NamedTuple, Optional, Union
 from pathlib import Path
 
 from PIL import Image
@@ -29,17 +30,41 @@ class UnusableImage(Exception):
     image_aspect_ratio."""
 
 
+class Header(NamedTuple):
+    """What an image file's header says, read without decoding a pixel."""
+
+    size: tuple[int, int]  # (width, height), as PIL gives it
+    format: str  # PIL's format name: JPEG, PNG, WEBP
+    mode: str  # the decoded mode: RGB (a YCbCr JPEG), L, CMYK, RGBA, P, …
+
+
+def read_header(data: bytes) -> Header:
+    """The header of the image file `data`, within the bounds, or UnusableImage."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_bounds(image)
+            return Header(image.size, image.format, image.mode)
+    except UnusableImage:
+        raise
+    except Exception:  # as decode_rgb: many exception types for untrusted bytes
+        raise UnusableImage("bad_image") from None
+
+
+def _check_bounds(image: Image.Image) -> None:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise UnusableImage("image_too_large")
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise UnusableImage("image_aspect_ratio")
+
+
 def decode_rgb(source: Union[str, Path, BinaryIO], min_side: Optional[int] = None) -> Image.Image:
     """The RGB image in `source` (a path or a binary file object), or UnusableImage. With
     `min_side`, an image whose shorter side is at least twice that is decoded or reduced by an
     integer factor, its shorter side staying at least `min_side`."""
     try:
         with Image.open(source) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise UnusableImage("image_too_large")
-            if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
-                raise UnusableImage("image_aspect_ratio")
+            _check_bounds(image)
             if min_side is None:
                 return to_rgb(image)
             image.draft(None, (min_side, min_side))  # JPEG only: sets the DCT scale before decoding

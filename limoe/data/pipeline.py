@@ -54,11 +54,13 @@ from limoe.config import ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
-    Uncropped, box_pixels, crop_in_worker, draw_box, largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
+    Uncropped, Window, box_pixels, centre_region, centre_window, crop_in_worker, draw_box, encoded_batch,
+    largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
 )
+from limoe.data.device_decode import FALLBACKS, Region
 from limoe.data.preprocess import eval_crop, normalize, tokenizer
 from limoe.files import read_text_file
-from limoe.data.images import UnusableImage, decode_rgb
+from limoe.data.images import Header, UnusableImage, decode_rgb, read_header
 from limoe.data.sources import mixing_weights
 from limoe.data.tar_members import shard_samples
 
@@ -157,7 +159,9 @@ class LabelledBatch(NamedTuple):
 
 
 class EvalBatch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] float32
+    # [B, 3, H, W] float32, normalised; with resize_on="device" an Uncropped, which
+    # `limoe.data.crops.eval_images_on` crops and normalises on the model's device
+    images: Union[torch.Tensor, Uncropped]
     keys: list[str]  # sample keys, to join results with the shards
     tokens: Optional[torch.Tensor]  # [B, L] int64 for caption sets, else None
     labels: Optional[torch.Tensor]  # [B] int64 `.cls` labels for classification sets, else None
@@ -212,8 +216,10 @@ class BadSampleCounter:
         return totals
 
     def summary(self) -> str:
+        """The skipped samples and, with data.decode_on device, the images the CPU decoded instead."""
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.bad.items())) or "none"
-        return f"{sum(self.bad.values())} of {self.seen} samples skipped ({reasons})"
+        fallbacks = f"; {FALLBACKS.summary()}" if FALLBACKS.total else ""
+        return f"{sum(self.bad.values())} of {self.seen} samples skipped ({reasons}){fallbacks}"
 
     def update(self, tally: WorkerTally) -> None:
         if tally.starved_at is not None:
@@ -248,13 +254,16 @@ class _BadSample(Exception):
 # Per-sample parsing
 
 
-def _parse(sample: dict, classification: bool, min_side: int) -> tuple[str, Image.Image, object]:
+def _parse(sample: dict, classification: bool, min_side: Optional[int]) -> tuple[str, object, object]:
     """(key, RGB image, caption or label), or _BadSample. The cheap checks come before decoding;
-    the image is decoded with its shorter side reduced towards `min_side` where it is much larger."""
+    the image is decoded with its shorter side reduced towards `min_side` where it is much larger.
+    With `min_side` None the image is not decoded: (its header, its bytes) for the device."""
     extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if extension is None:
         raise _BadSample("no_image")
     target = _label(sample) if classification else _caption(sample)
+    if min_side is None:
+        return sample["__key__"], (_read_header(sample[extension]), sample[extension]), target
     return sample["__key__"], _decode_image(sample[extension], min_side), target
 
 
@@ -285,6 +294,13 @@ def _label(sample: dict) -> int:
 def _decode_image(data: bytes, min_side: int) -> Image.Image:
     try:
         return decode_rgb(io.BytesIO(data), min_side)
+    except UnusableImage as unusable:
+        raise _BadSample(unusable.args[0]) from None
+
+
+def _read_header(data: bytes) -> Header:
+    try:
+        return read_header(data)
     except UnusableImage as unusable:
         raise _BadSample(unusable.args[0]) from None
 
@@ -321,11 +337,20 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+def _needed_side(image_size: int, train: bool) -> int:
+    """The shorter side a decoded image needs: what the smallest random crop spans, or the eval crop."""
+    return min_decoded_side(image_size) if train else image_size
+
+
 def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
-             uncropped: bool):
+             uncropped: bool, encoded: bool):
     keys, images, targets = zip(*records)
-    if uncropped:  # each record holds its box's pixels, resized on the device
+    if encoded:  # each record holds (header, bytes, region, window); decoded and resized on the device
+        images = encoded_batch(*map(list, zip(*images)), image_size, _needed_side(image_size, train))
+    elif uncropped and train:  # each record holds its box's pixels, resized on the device
         images = uncropped_batch(list(images), image_size)
+    elif uncropped:  # each record holds a Window: pixels and the eval crop's window in them
+        images = uncropped_batch([w.pixels for w in images], image_size, [w.window for w in images])
     else:
         images = stack_crops(images)
         images = images if train else normalize(images)
@@ -356,6 +381,7 @@ class _ShardStream(IterableDataset):
     max_bad_fraction: float
     check_after: int
     resize_on: Literal["worker", "device"] = "worker"
+    decode_on: Literal["worker", "device"] = "worker"
 
     def __iter__(self) -> Iterator[tuple[Optional[tuple], WorkerTally]]:
         worker, workers = _worker()
@@ -368,16 +394,27 @@ class _ShardStream(IterableDataset):
         records = ((key, self._prepare(image), target) for key, image, target in self._usable(samples, tally))
         collate = functools.partial(_collate, context_length=self.context_length, image_size=self.image_size,
                                     train=self.train, classification=self.classification,
-                                    uncropped=self.train and self.resize_on == "device")
+                                    uncropped=self.resize_on == "device", encoded=self.decode_on == "device")
         for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
             yield batch, tally.copy()
         tally.done = True
         yield None, tally.copy()
 
-    def _prepare(self, image: Image.Image) -> np.ndarray:
+    def _prepare(self, image: Union[Image.Image, tuple[Header, bytes]]) -> Union[np.ndarray, Window, tuple]:
         """What a batch carries of one decoded image: its [S, S, 3] uint8 crop, or with
-        resize_on="device" the [h, w, 3] uint8 pixels of its random box."""
+        resize_on="device" the [h, w, 3] uint8 pixels of its random box (training) or the pixels
+        around its centre crop and the crop's window in them (evaluation). With decode_on="device"
+        the image is (header, bytes), and the same boxes are drawn from the header's size:
+        (header, bytes, the region the crop reads, the crop's window in it)."""
+        if self.decode_on == "device":
+            header, data = image
+            if not self.train:
+                return (header, data, *centre_region(header.size, self.image_size))
+            box = draw_box(header, self.image_size)
+            return header, data, Region(*box), (0.0, 0.0, float(box.height), float(box.width))
         if not self.train:
+            if self.resize_on == "device":
+                return centre_window(image, self.image_size)
             return np.asarray(eval_crop(self.image_size)(image))
         box = draw_box(image, self.image_size)
         if self.resize_on == "device":
@@ -413,7 +450,8 @@ class _ShardStream(IterableDataset):
 
     def _usable(self, samples: Iterable[dict], tally: WorkerTally) -> Iterator[tuple]:
         """Parsed samples; bad ones are counted, and reading stops once they pass the limit."""
-        min_side = min_decoded_side(self.image_size) if self.train else self.image_size
+        # with decode_on="device" only the header is read here
+        min_side = _needed_side(self.image_size, self.train) if self.decode_on == "worker" else None
         for sample in samples:
             tally.seen += 1
             try:
@@ -449,6 +487,11 @@ def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int
     if rank is not None and world_size is not None:
         return rank, world_size
     return rank_and_world()
+
+
+def _check_decode_on(resize_on: str, decode_on: str) -> None:
+    if decode_on == "device" and resize_on != "device":
+        raise LimoeError("data.decode_on device leaves the workers no pixels to crop; set data.resize_on: device too.")
 
 
 def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
@@ -489,16 +532,20 @@ def train_loader(
     world_size: Optional[int] = None,
     pin_memory: bool = False,
     resize_on: Literal["worker", "device"] = "worker",
+    decode_on: Literal["worker", "device"] = "worker",
 ) -> ShardLoader:
     """An endless loader of TrainBatch(images, tokens), or with `classification` of
     LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank. With
-    `resize_on="device"` the images are `Uncropped` and `DeviceBatches` crops them.
+    `resize_on="device"` the images are `Uncropped` and `DeviceBatches` crops them; with
+    `decode_on="device"` (which needs `resize_on="device"`) they are still encoded, and the device
+    decodes them first (`limoe.data.device_decode`).
 
     Rank and world size come from torch.distributed when it is initialised (0 and 1 otherwise);
     the arguments override them. `bad_check_after`: samples a worker reads before the bad
     fraction is judged (a stray bad sample among the first few should not stop a run).
     """
     rank, world_size = _rank_and_world(rank, world_size)
+    _check_decode_on(resize_on, decode_on)
     if not sources:
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
     shards = [expand_shards(source.shards) for source in sources]
@@ -513,7 +560,7 @@ def train_loader(
         shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=shuffle_buffer,
         resampled=resampled, seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
-        check_after=bad_check_after, resize_on=resize_on,
+        check_after=bad_check_after, resize_on=resize_on, decode_on=decode_on,
     )
     return ShardLoader(stream, workers, pin_memory)
 
@@ -531,18 +578,25 @@ def eval_loader(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     pin_memory: bool = False,
+    resize_on: Literal["worker", "device"] = "worker",
+    decode_on: Literal["worker", "device"] = "worker",
 ) -> ShardLoader:
     """One pass of EvalBatch(images, keys, tokens, labels): every sample exactly once across ranks
     and workers, eval transforms (resize the shorter side, center crop), the last batch partial.
+    With `resize_on="device"` the images are `Uncropped` (the decoded pixels and their centre-crop
+    windows), which `limoe.data.crops.eval_images_on` crops and normalises on the device; with
+    `decode_on="device"` too, still encoded, and decoded there first.
 
     Caption sets (`classification=False`) need `.txt` and fill `tokens`; classification sets need
     `.cls` and fill `labels` (class names: `read_classnames(spec)`). Shards are dealt out whole,
     so ranks may get different numbers of samples when shard sizes differ.
     """
     rank, world_size = _rank_and_world(rank, world_size)
+    _check_decode_on(resize_on, decode_on)
     stream = _ShardStream(
         [expand_shards(spec)], [1.0], train=False, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
         rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
+        resize_on=resize_on, decode_on=decode_on,
     )
     return ShardLoader(stream, workers, pin_memory)

@@ -10,6 +10,7 @@ file the folders name their classes (`limoe.data.class_folders`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from limoe.data.class_folders import imagenet_synsets
+from limoe.data.crops import Window, centre_window, uncropped_batch
 from limoe.data.pipeline import BadSampleCounter, EvalBatch, WorkerTally
 from limoe.errors import LimoeError
 from limoe.data.preprocess import eval_transform
@@ -78,7 +80,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 class ImageFiles(Dataset):
     """(key, image tensor or the reason it is unusable, label) per (file, label); the key is the
-    file's path relative to `root`, or the whole path without one."""
+    file's path relative to `root`, or the whole path without one. `transform` may give a
+    `Window` instead of a tensor, for a crop on the device."""
 
     def __init__(self, root: Optional[Path], files: list[tuple[Path, int]], transform: Callable):
         self.root = root
@@ -88,7 +91,7 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[str, Union[torch.Tensor, str], int]:
+    def __getitem__(self, index: int) -> tuple[str, Union[torch.Tensor, Window, str], int]:
         """(key, image tensor, label), or (key, the reason it is skipped, label)."""
         path, label = self.files[index]
         key = (path if self.root is None else path.relative_to(self.root)).as_posix()
@@ -98,14 +101,18 @@ class ImageFiles(Dataset):
             return key, unusable.args[0], label
 
 
-def _collate(records: list) -> tuple[Optional[EvalBatch], list[tuple[str, str]], int]:
+def _collate(records: list, image_size: int) -> tuple[Optional[EvalBatch], list[tuple[str, str]], int]:
     """A batch of the decoded records (None if there are none), the others' (key, reason), the count read."""
-    good = [r for r in records if isinstance(r[1], torch.Tensor)]
+    good = [r for r in records if not isinstance(r[1], str)]
     skipped = [(key, image) for key, image, _ in records if isinstance(image, str)]
     if not good:
         return None, skipped, len(records)
     keys, images, labels = zip(*good)
-    batch = EvalBatch(torch.stack(images), list(keys), None, torch.tensor(labels, dtype=torch.int64))
+    if isinstance(images[0], Window):  # cropped on the device
+        batch_images = uncropped_batch([w.pixels for w in images], image_size, [w.window for w in images])
+    else:
+        batch_images = torch.stack(images)
+    batch = EvalBatch(batch_images, list(keys), None, torch.tensor(labels, dtype=torch.int64))
     return batch, skipped, len(records)
 
 
@@ -114,14 +121,18 @@ class ImageFolderLoader:
 
     Skipped files are counted in `bad_samples` as the shard loaders count theirs (reasons
     'bad_image', 'image_too_large', 'image_aspect_ratio'), so reports read the same whichever
-    layout the data came in.
+    layout the data came in. With `resize_on="device"` the images are `Uncropped`, as the shard
+    loaders give them.
     """
 
-    def __init__(self, dataset: ImageFolderSet, image_size: int, batch_size: int, workers: int):
+    def __init__(self, dataset: ImageFolderSet, image_size: int, batch_size: int, workers: int,
+                 resize_on: str = "worker"):
         self.root = dataset.root
         self.classes = dataset.classes
-        self.loader = DataLoader(ImageFiles(dataset.root, dataset.files, eval_transform(image_size)),
-                                 batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+        transform = (functools.partial(centre_window, image_size=image_size) if resize_on == "device"
+                     else eval_transform(image_size))
+        self.loader = DataLoader(ImageFiles(dataset.root, dataset.files, transform), batch_size=batch_size,
+                                 num_workers=workers, collate_fn=functools.partial(_collate, image_size=image_size))
         self.bad_samples = BadSampleCounter(max_bad_fraction=1.0, check_after=0)
 
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ import webdataset as wds
 from torch import Tensor
 
 from limoe.checkpoints import load_model
+from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import REMOTE, EvalBatch, eval_loader, expand_shards
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
@@ -34,7 +35,7 @@ def image_token_features(model: Limoe, batches: Iterable[EvalBatch]) -> tuple[Te
     features, labels = [], []
     with inference(model) as device:
         for batch in batches:
-            streams, _ = model.tower({"image": model.embed("image", batch.images.to(device))})
+            streams, _ = model.tower({"image": model.embed("image", eval_images_on(batch.images, device))})
             features.append(F.normalize(streams["image"].x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
             labels.append(batch.labels)
     if not features:
@@ -87,13 +88,14 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
 
 
 def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5, batch_size: int = 128,
-                 workers: int = 2) -> dict:
-    """k-NN top-1 of `model`'s image tokens on classification shards (a spec) or EvalBatches with labels."""
+                 workers: int = 2, resize_on: str = "worker", decode_on: str = "worker") -> dict:
+    """k-NN top-1 of `model`'s image tokens on classification shards (a spec) or EvalBatches with labels;
+    `resize_on`, `decode_on`: where the shards' images are resized and centre-cropped, and decoded."""
     check_k(k, None, data)  # before encoding; the upper bound needs the number of images read
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, classification=True,
-        max_bad_fraction=1.0, rank=0, world_size=1,
+        max_bad_fraction=1.0, rank=0, world_size=1, resize_on=resize_on, decode_on=decode_on,
     )
     features, labels = image_token_features(model, loader)
     check_k(k, len(labels), data)
@@ -101,16 +103,17 @@ def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5
 
 
 def run_knn(checkpoint: Path, data: str, k: int, output: Optional[str], batch_size: int,
-            capacity_factor: Optional[str], device: str, workers: int, random_init: bool = False) -> dict:
+            capacity_factor: Optional[str], device: str, workers: int, random_init: bool = False,
+            resize_on: str = "worker", decode_on: str = "worker") -> dict:
     """`limoe eval knn`: the checkpoint's k-NN top-1; with `random_init`, beside the same
     architecture freshly initialised from the run's seed (what training added to the features)."""
     check_report_output(output, checkpoint, data)
     check_k(k, labelled_samples(data), data)  # before loading or encoding anything
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
-    metrics = evaluate_knn(model, data, k, batch_size, workers)
+    metrics = evaluate_knn(model, data, k, batch_size, workers, resize_on, decode_on)
     if random_init:
         torch.manual_seed(config.train.seed)  # the weights the run started from (without train.init_from)
         fresh = Limoe(config.model).to(next(model.parameters()).device)
-        metrics["random_init_knn_top1"] = evaluate_knn(fresh, data, k, batch_size, workers)["knn_top1"]
+        metrics["random_init_knn_top1"] = evaluate_knn(fresh, data, k, batch_size, workers, resize_on, decode_on)["knn_top1"]
     report(f"k-NN (k={k}) of {checkpoint}'s image tokens on {data}", metrics, output)
     return metrics

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from limoe.data.crops import Uncropped, eval_images_on
 from limoe.data.pipeline import EvalBatch, eval_loader
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
@@ -24,8 +25,23 @@ from limoe.evaluate.turns import encode_in_turns
 from limoe.model.tower import Limoe
 
 
-def _digest(image: Tensor) -> bytes:
-    return hashlib.blake2b(image.numpy().tobytes(), digest_size=16).digest()
+def _digest(*tensors: Tensor) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(tensor.numpy().tobytes())
+    return digest.digest()
+
+
+def _digests(images: Union[Tensor, Uncropped]) -> list[bytes]:
+    """A content digest per image: of the crop the worker made or, for images the device crops,
+    of the decoded pixels (or the encoded file) and the centre window it will crop from them."""
+    if isinstance(images, Uncropped) and images.encoded is not None:
+        return [_digest(torch.frombuffer(bytearray(file), dtype=torch.uint8), window)
+                for file, window in zip(images.encoded.files, images.windows)]
+    if isinstance(images, Uncropped):
+        return [_digest(pixels[:height, :width], window)
+                for pixels, (height, width), window in zip(images.pixels, images.sizes.tolist(), images.windows)]
+    return [_digest(image) for image in images]
 
 
 def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
@@ -42,7 +58,7 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
     def with_new_images(batches_read: Iterable[EvalBatch]) -> Iterator[tuple[EvalBatch, list[int], Tensor]]:
         """Each batch, the positions of its images not seen before, and each sample's image row [B]."""
         for batch in batches_read:
-            digests = [_digest(image) for image in batch.images]
+            digests = _digests(batch.images)
             new = []
             for i, digest in enumerate(digests):
                 if digest not in rows:
@@ -57,7 +73,7 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
             text = model.encode_text(batch.tokens.to(device)).float()  # [B, D]
             if not new:
                 return text.new_zeros((0, text.shape[1])), text
-            return model.encode_image(batch.images[new].to(device)).float(), text  # [new, D], [B, D]
+            return model.encode_image(eval_images_on(batch.images, device)[new]).float(), text  # [new, D], [B, D]
 
         jobs = with_new_images(tqdm(batches, desc="pairs", unit="batch", disable=not progress))
         for (_, _, owner), (image, text) in encode_in_turns(jobs, encode, lambda job: (len(job[1]), len(job[2])), shared):
@@ -70,18 +86,22 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
 
 
 def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batch_size: int = 64, workers: int = 2,
-                       progress: bool = False, shared: bool = False) -> dict:
+                       progress: bool = False, shared: bool = False, resize_on: str = "worker",
+                       decode_on: str = "worker") -> dict:
     """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards).
 
     `data`: a shard spec (folder, glob, brace pattern) read once in full on every rank, so all
     ranks step the model together and get the same numbers; or any iterable of EvalBatches with
     tokens. Returns the recalls plus the numbers of images and texts, and skipped samples when
     the loader counts them. `shared`: every process of a run calls this together and they take
-    turns encoding.
+    turns encoding. `resize_on`, `decode_on`: where a shard spec's images are resized and
+    centre-cropped, and decoded (`data.resize_on`, `data.decode_on`: the data workers, or the
+    model's device).
     """
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
-        data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1
+        data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1,
+        resize_on=resize_on, decode_on=decode_on,
     )
     image_features, text_features, text_to_image = encode_pairs(model, loader, progress, shared)
     metrics = {**retrieval_metrics(image_features, text_features, text_to_image),
@@ -92,10 +112,11 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
 
 
 def run_retrieval(checkpoint: Path, data: str, output: Optional[str], batch_size: int, capacity_factor: Optional[str],
-                  device: str, workers: int) -> dict:
+                  device: str, workers: int, resize_on: str = "worker", decode_on: str = "worker") -> dict:
     """`limoe eval retrieval`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data)
     model = load_for_eval(checkpoint, device, capacity_factor)
-    metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True)
+    metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True, resize_on=resize_on,
+                                 decode_on=decode_on)
     report(f"image-text retrieval of {checkpoint} on {data}", metrics, output)
     return metrics

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from limoe.config import ModelConfig
 from limoe.data.class_folders import class_folder_names
+from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shards
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError, warn
@@ -67,7 +68,7 @@ def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress:
     features, labels = [], []
     with inference(model) as device:
         def encode(batch: EvalBatch) -> tuple[Tensor]:
-            return (model.encode_image(batch.images.to(device, non_blocking=True)).float(),)  # [B, D]
+            return (model.encode_image(eval_images_on(batch.images, device)).float(),)  # [B, D]
 
         batches_read = tqdm(batches, desc="images", unit="batch", disable=not progress)
         for batch, (encoded,) in encode_in_turns(batches_read, encode, lambda batch: len(batch.images), shared):
@@ -79,8 +80,11 @@ def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress:
 
 
 def open_classification_set(data: str, classnames: Union[None, Path, Sequence[str]], config: ModelConfig,
-                            batch_size: int, workers: int) -> tuple[Union[ImageFolderLoader, ShardLoader], list[str]]:
+                            batch_size: int, workers: int, resize_on: str = "worker", decode_on: str = "worker",
+                            ) -> tuple[Union[ImageFolderLoader, ShardLoader], list[str]]:
     """A loader of labelled EvalBatches for `data` in any supported layout, and its class names.
+    `resize_on`: where the images are resized and centre-cropped: the data workers or the device;
+    `decode_on`: where shards' images are decoded (class folders are decoded in the workers).
 
     `classnames` is a names file, None (the data's own or ImageNet-1k's), or the class list itself
     (exemplar folders' names): then a class-folder tree must have exactly those folders.
@@ -90,8 +94,11 @@ def open_classification_set(data: str, classnames: Union[None, Path, Sequence[st
         count = int((path / "test" / "nshards.txt").read_text().strip())
         spec, beside = f"{path}/test/{{0..{count - 1}}}.tar", path / "classnames.txt"
     elif path.is_dir() and looks_like_image_folder(path):
+        if decode_on == "device":
+            raise LimoeError(f"{path} is a class-folder tree, whose images are decoded in the data workers; drop "
+                             f"--decode-on device, or build shards from it with `limoe shards build --classification`.")
         folder = scan_image_folder(path)
-        loader = ImageFolderLoader(folder, config.image_size, batch_size, workers)
+        loader = ImageFolderLoader(folder, config.image_size, batch_size, workers, resize_on)
         return loader, _folder_classnames(folder, classnames)
     else:
         spec = data
@@ -99,7 +106,7 @@ def open_classification_set(data: str, classnames: Union[None, Path, Sequence[st
     if classnames is None and beside.is_file():
         classnames = beside
     loader = eval_loader(spec, batch_size, config.image_size, config.context_length, workers, classification=True,
-                         max_bad_fraction=1.0, rank=0, world_size=1)
+                         max_bad_fraction=1.0, rank=0, world_size=1, resize_on=resize_on, decode_on=decode_on)
     return loader, list(classnames) if isinstance(classnames, (list, tuple)) else load_classnames(classnames)
 
 
@@ -145,7 +152,8 @@ def exemplar_classifier(model: Limoe, folder: ImageFolderSet, batch_size: int = 
 
 def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None, templates: Optional[str] = None,
                       batch_size: int = 64, workers: int = 2, progress: bool = False,
-                      candidate_images: Optional[Path] = None, shared: bool = False) -> dict:
+                      candidate_images: Optional[Path] = None, shared: bool = False, resize_on: str = "worker",
+                      decode_on: str = "worker") -> dict:
     """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above).
 
     Classes are given by name, as prompts from `templates` ('openai' (default), 'simple' or a
@@ -154,6 +162,8 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     and must be given the label set it was tuned for; its templates are the default. Returns the
     metrics plus the numbers of samples and classes and the skipped samples by reason. `shared`:
     every process of a run calls this together and they take turns encoding images and prompts.
+    `resize_on`, `decode_on`: where the images are resized and centre-cropped, and decoded
+    (`data.resize_on`, `data.decode_on`).
     """
     head = label_head(model)
     if candidate_images is not None:  # input errors first, before any encoding
@@ -166,7 +176,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     else:
         prompts = list(head.templates) if head is not None and templates is None else load_templates(templates)
         classes = classnames
-    loader, names = open_classification_set(data, classes, model.config, batch_size, workers)
+    loader, names = open_classification_set(data, classes, model.config, batch_size, workers, resize_on, decode_on)
     if head is not None and tuple(names) != head.classnames:
         raise LimoeError(
             f"the checkpoint was prompt-tuned for {len(head.classnames)} classes ({', '.join(head.classnames[:3])}, …), "
@@ -189,12 +199,14 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
 
 def run_zeroshot(checkpoint: Path, data: str, classnames: Optional[str], templates: Optional[str],
                  output: Optional[str], batch_size: int, capacity_factor: Optional[str], device: str,
-                 workers: int, candidate_images: Optional[str] = None) -> dict:
+                 workers: int, candidate_images: Optional[str] = None, resize_on: str = "worker",
+                 decode_on: str = "worker") -> dict:
     """`limoe eval zeroshot`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data, classnames, templates, candidate_images)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_zeroshot(model, data, Path(classnames) if classnames else None, templates, batch_size,
                                 workers, progress=True,
-                                candidate_images=Path(candidate_images) if candidate_images else None)
+                                candidate_images=Path(candidate_images) if candidate_images else None,
+                                resize_on=resize_on, decode_on=decode_on)
     report(f"zero-shot classification of {checkpoint} on {data}", metrics, output)
     return metrics

@@ -2,9 +2,11 @@
 
 Per GPU it adds up: the model state (`limoe.plan.state`), the activations kept for backward
 (measured, `limoe.plan.activations`) for the micro-batch, the contrastive logits for the local ×
-global batch, the weight copies autocast keeps, the feature cache of micro-batching, and the
-largest transient (backward's working set, gradient reduction buffers, the optimizer step), plus
-a fixed reserve for the CUDA context, NCCL and allocator slack. It then finds, for each
+global batch, the weight copies autocast keeps, the feature cache of micro-batching, the input
+images (the batch trained on and the one copied ahead: cropped, or with `data.resize_on: device`
+uncropped up to the largest box a crop may ship), and the largest transient (backward's working
+set, gradient reduction buffers, the optimizer step, the device resize), plus a fixed reserve for
+the CUDA context, NCCL and allocator slack. It then finds, for each
 activation-checkpointing mode, the largest micro-batch that fits, and recommends the setting
 with the least recomputation.
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from limoe.config import Config, LossConfig, ModelConfig
+from limoe.data.crops import largest_box_side
 from limoe.errors import LimoeError
 from limoe.prompt_templates import load_templates
 from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
@@ -79,13 +82,15 @@ class Breakdown:
     activations: int
     logits: int
     feature_cache: int
-    transient: int  # the largest of: backward's working set (+ ZeRO buckets), the reduction buffer, the step
+    inputs: int  # uint8 images of the batch trained on and of the one copied ahead
+    # the largest of: backward's working set (+ ZeRO buckets), the reduction buffer, the step, the device resize
+    transient: int
     reserved: int
 
     @property
     def total(self) -> int:
         return (self.parameters + self.gradients + self.optimizer + self.weight_copies + self.activations
-                + self.logits + self.feature_cache + self.transient + self.reserved)
+                + self.logits + self.feature_cache + self.inputs + self.transient + self.reserved)
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,11 @@ class MemoryPlan:
         logits = round(profile.logit_bytes * rows * global_batch + profile.gathered_feature_bytes * global_batch)
         cache = FEATURE_CACHE_COPIES * local * config.model.embed_dim * FP32 if cached else 0
         backward = self._backward(setting, micro)
+        inputs, resize = self.input_bytes(local)
         # With micro-batching the logits live in their own step, before the micro-batches' forwards.
-        transient = max(backward, logits if cached else 0, state.reduction_buffers, state.optimizer_temporaries)
+        transient = max(backward, logits if cached else 0, state.reduction_buffers, state.optimizer_temporaries, resize)
         return Breakdown(state.parameters, state.gradients, state.optimizer, self._weight_copies(setting), activations,
-                         0 if cached else logits, cache, transient, RESERVED)
+                         0 if cached else logits, cache, inputs, transient, RESERVED)
 
     def _classification(self, workload: Workload, setting: Setting) -> Breakdown:
         """Images and this GPU's prompts encoded whole; the gathered prompt features, the class
@@ -155,9 +161,22 @@ class MemoryPlan:
         # Backward runs through the image pass and the prompt pass one after the other.
         backward = max(self._backward(setting, workload.local, profile.per_image),
                        self._backward(setting, workload.prompts, profile.per_text))
-        transient = max(backward, state.reduction_buffers, state.optimizer_temporaries)
+        inputs, resize = self.input_bytes(workload.local)
+        transient = max(backward, state.reduction_buffers, state.optimizer_temporaries, resize)
         return Breakdown(state.parameters, state.gradients, state.optimizer, self._weight_copies(setting), activations,
-                         logits, 0, transient, RESERVED)
+                         logits, 0, inputs, transient, RESERVED)
+
+    def input_bytes(self, images: int) -> tuple[int, int]:
+        """(kept, transient) bytes of a step's `images` on the GPU. Kept: the batch trained on and
+        the one `DeviceBatches` copies ahead, uint8, [B, 3, S, S] when the workers crop, or with
+        `data.resize_on: device` [B, H, W, 3] with H and W up to `largest_box_side`. Transient: the
+        device resize in float32, the pixels [B, 3, H, W], the row pass [B, 3, S, W] and the
+        weights [B, S, H] and [B, S, W] at once."""
+        size = self.config.model.image_size
+        if self.config.data.resize_on == "worker":
+            return 2 * images * 3 * size * size, 0
+        side = largest_box_side(size)
+        return 2 * images * 3 * side * side, FP32 * images * (3 * side * side + 3 * size * side + 2 * size * side)
 
     def _weight_copies(self, setting: Setting) -> int:
         expert_share = self.counts.local_experts / max(self.counts.all_experts, 1)
@@ -308,6 +327,13 @@ def _activations_line(plan: MemoryPlan, workload: Workload, setting: Setting) ->
             f"checkpointing {checkpointing}")
 
 
+def _inputs_line(plan: MemoryPlan) -> str:
+    size = plan.config.model.image_size
+    if plan.config.data.resize_on == "worker":
+        return f"2 batches uint8, {size} px crops"
+    return f"2 batches uint8, uncropped up to {largest_box_side(size)} px a side (data.resize_on device)"
+
+
 def _logits_line(plan: MemoryPlan, workload: Workload, breakdown: Breakdown) -> str:
     if workload.kind == "classification":
         return f"{workload.gathered_prompts} gathered prompt features, {workload.local} x {workload.candidates} logits"
@@ -343,7 +369,9 @@ def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = (
         f"  activations      {_gib(configured.activations):>7}   {_activations_line(plan, workload, plan.configured)}",
         f"  logits           {_gib(configured.logits):>7}   {_logits_line(plan, workload, configured)}",
         f"  feature cache    {_gib(configured.feature_cache):>7}   micro-batching",
-        f"  transient        {_gib(configured.transient):>7}   backward working set, reduction buffers, optimizer step",
+        f"  input images     {_gib(configured.inputs):>7}   {_inputs_line(plan)}",
+        f"  transient        {_gib(configured.transient):>7}   backward working set, reduction buffers, optimizer step"
+        f"{', device resize' if config.data.resize_on == 'device' else ''}",
         f"  reserved         {_gib(configured.reserved):>7}   CUDA context, NCCL, allocator",
         f"  total            {_gib(configured.total):>7}   {'fits' if configured.total <= plan.gpu_memory else 'DOES NOT FIT'}",
     ]

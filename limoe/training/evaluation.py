@@ -50,10 +50,12 @@ def evaluate_live(model: Limoe, config: Config) -> dict:
     restored afterwards). Every rank must call this at the same step."""
     settings, results = config.eval, {}
     workers = config.data.workers
+    placement = {"resize_on": config.data.resize_on, "decode_on": config.data.decode_on}  # as training's images
     if settings.zeroshot.data is not None:
         classnames = Path(settings.zeroshot.classnames) if settings.zeroshot.classnames else None
         results["zeroshot"] = evaluate_zeroshot(model, settings.zeroshot.data, classnames, settings.zeroshot.templates,
-                                                settings.batch_size, workers, shared=True)
+                                                settings.batch_size, workers, shared=True, **placement)
     if settings.retrieval is not None:
-        results["retrieval"] = evaluate_retrieval(model, settings.retrieval, settings.batch_size, workers, shared=True)
+        results["retrieval"] = evaluate_retrieval(model, settings.retrieval, settings.batch_size, workers, shared=True,
+                                                  **placement)
     return results

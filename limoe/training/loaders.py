@@ -33,5 +33,5 @@ def train_loader_for(config: Config, sources: tuple[ShardSource, ...], batch_siz
         sources, batch_size // world_size, config.model.image_size, config.model.context_length, data.workers,
         data.shuffle_buffer, data.resampled, seed=resume_seed(config.train.seed, start, stream),
         max_bad_fraction=data.max_bad_fraction, classification=classification, pin_memory=device.type == "cuda",
-        resize_on=data.resize_on,
+        resize_on=data.resize_on, decode_on=data.decode_on,
     )

@@ -17,7 +17,9 @@ from limoe.checkpoints import load_model
 from limoe.cli import main
 from limoe.evaluate.clip_benchmark import load_limoe, topk_accuracy
 from limoe.config import load_model_config
+from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import expand_shards
+from limoe.data.preprocess import unnormalize
 from limoe.errors import LimoeError
 from limoe.evaluate import classification_metrics, evaluate_retrieval, retrieval_metrics
 from limoe.data.class_folders import imagenet_synsets
@@ -26,6 +28,7 @@ from limoe.prompt_templates import load_templates
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.data.shards import build_shards
 from tests.child_env import child_env
+from tests.data.test_crops import EVAL_SIZES, MAX_LEVELS, MEAN_LEVELS, _photo
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 
@@ -132,6 +135,31 @@ def test_an_image_folder_skips_and_counts_images_beyond_the_size_bounds(tmp_path
     loader = ImageFolderLoader(scan_image_folder(tmp_path), image_size=64, batch_size=4, workers=0)
     assert [key for batch in loader for key in batch.keys] == ["a/fine.png"]
     assert loader.bad_samples.bad == {"image_aspect_ratio": 1}
+
+
+def test_an_image_folder_gives_the_same_images_with_the_resize_on_the_device(tmp_path):
+    """Class folders of photo-like images of odd sizes: the device's centre crops within a grey
+    level of the eval transform's (the tolerance of tests/data/test_crops.py)."""
+    for index, size in enumerate(EVAL_SIZES):
+        path = tmp_path / "abc"[index % 3] / f"{index}.png"
+        path.parent.mkdir(exist_ok=True)
+        _photo(size, index).save(path)
+    folder = scan_image_folder(tmp_path)
+    worker = list(ImageFolderLoader(folder, image_size=31, batch_size=3, workers=0))
+    device = list(ImageFolderLoader(folder, image_size=31, batch_size=3, workers=0, resize_on="device"))
+    assert [b.keys for b in worker] == [b.keys for b in device]
+    for a, b in zip(worker, device):
+        assert torch.equal(a.labels, b.labels)
+        levels = (unnormalize(eval_images_on(b.images, torch.device("cpu"))) - unnormalize(a.images)).abs() * 255
+        assert levels.max() <= MAX_LEVELS + 0.01 and levels.mean() <= MEAN_LEVELS
+
+
+def test_class_folders_are_not_decoded_on_the_device(checkpoint, imagenet_tree, tmp_path, capsys):
+    assert _eval("zeroshot", checkpoint, imagenet_tree, tmp_path / "zs.json", "--resize-on", "device",
+                 "--decode-on", "device") == 2
+    error = capsys.readouterr().err
+    assert "is a class-folder tree, whose images are decoded in the data workers" in error
+    assert "Traceback" not in error and not (tmp_path / "zs.json").exists()
 
 
 def test_zeroshot_command_on_an_imagenet_tree(checkpoint, imagenet_tree, tmp_path, capsys):
@@ -361,6 +389,32 @@ def test_retrieval_command_on_the_heldout_shards(checkpoint, tmp_path):
     assert metrics["images"] == metrics["texts"] > 300  # one caption per image
     for direction in ("image_to_text", "text_to_image"):
         assert 0 <= metrics[f"{direction}_R@1"] <= metrics[f"{direction}_R@5"] <= metrics[f"{direction}_R@10"] <= 1
+
+
+@pytest.mark.parametrize("command, data, samples, options", [
+    ("retrieval", "heldout", 343, ()), ("knn", "heldout_cls", 331, ()),
+    ("zeroshot", "heldout_cls", 331, ("--templates", "simple")),
+])
+def test_an_eval_command_gives_the_same_metrics_with_the_resize_on_the_device(checkpoint, tmp_path, command, data,
+                                                                              samples, options):
+    """The device's centre crops are within a grey level of the workers' (tests/data/test_crops.py),
+    and decoded there too, the same pixels (tests/data/test_device_decode.py); every metric may move
+    by at most one sample of the set (measured: none moves)."""
+    metrics = {}
+    for resize_on, decode_on in (("worker", "worker"), ("device", "worker"), ("device", "device")):
+        output = tmp_path / f"{resize_on}-{decode_on}.json"
+        assert _eval(command, checkpoint, DEMO / data, output, "--resize-on", resize_on, "--decode-on", decode_on,
+                     *options) == 0
+        metrics[resize_on, decode_on] = json.loads(output.read_text())
+    worker = metrics.pop(("worker", "worker"))
+    assert worker.get("images", worker.get("samples")) == samples
+    for device in metrics.values():
+        assert worker.keys() == device.keys()
+        for name, value in worker.items():
+            if isinstance(value, float):
+                assert abs(device[name] - value) <= 1 / samples, name
+            else:  # counts of images, texts, skipped samples
+                assert device[name] == value, name
 
 
 def test_evaluate_retrieval_groups_repeated_images_and_restores_train_mode(checkpoint, tmp_path):

@@ -302,3 +302,20 @@ def test_the_launch_line_spreads_the_gpus_over_nodes_of_at_most_8(gpus, launcher
     line = launch_command("configs/train/limoe-h14.yaml", gpus, ["data.train=/data/{00000..41455}.tar"])
     assert line == (f"{launcher} --config configs/train/limoe-h14.yaml --workdir runs/limoe-h14 "
                     f"--set 'data.train=/data/{{00000..41455}}.tar'")
+
+
+def test_input_images_are_counted_uncropped_when_the_device_resizes_them(capsys):
+    """The demo (64 px crops, 128 pairs) on 2 GPUs, 64 pairs each, by hand. Cropped in the workers,
+    two uint8 batches: 2 x 64 x 3 x 64² = 1,572,864 bytes. Uncropped, a box is at most
+    ceil(4/3 x 2 x ceil(64 / sqrt(0.9 x 3/4))) = ceil(8/3 x 78) = 208 px a side: 2 x 64 x 3 x 208²
+    = 16,613,376 bytes, and the resize's float32 pixels, row pass and weights,
+    4 x 64 x (3 x 208² + 3 x 64 x 208 + 2 x 64 x 208) = 50,266,112 bytes, are one more transient."""
+    worker = plan_memory(load_config("demo", TINY), 2, 80 * GiB)
+    device = plan_memory(load_config("demo", [*TINY, "data.resize_on=device"]), 2, 80 * GiB)
+    setting = Setting("none", None)
+    cropped, uncropped = worker.breakdown(setting), device.breakdown(setting)
+    assert cropped.inputs == 1_572_864 and uncropped.inputs == 16_613_376
+    assert uncropped.transient == max(cropped.transient, 50_266_112)
+    assert uncropped.total - cropped.total == 16_613_376 - 1_572_864 + uncropped.transient - cropped.transient
+    report = _plan_report(capsys, "--config", "demo", *(f"--set={o}" for o in TINY), "--set", "data.resize_on=device")
+    assert any(line.startswith("input images ") and "uncropped up to 208 px a side" in line for line in report)

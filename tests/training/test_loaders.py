@@ -27,3 +27,23 @@ def test_a_task_loader_resumed_at_a_step_draws_the_batches_of_its_hand_computed_
     assert got.tokens.shape[0] == 3
     assert torch.equal(got.tokens, expected.tokens)  # the same pairs (their random crops are not the seed's)
     assert not torch.equal(other.tokens, got.tokens)  # the seed decides what is drawn
+
+
+def test_a_run_decoding_on_the_device_trains_on_the_images_a_worker_decode_gives():
+    """data.decode_on reaches the run's loader: its batches carry the encoded files, and on the
+    device they become the crops the worker-decoded run gets (the demo's 64 px JPEGs decode at full
+    scale either way, so bit for bit). Without data workers the boxes come from torch's global
+    generator, seeded alike for both."""
+    from limoe.data.crops import Uncropped
+    from limoe.training.device_batches import DeviceBatches
+
+    batches = {}
+    for decode_on in ("worker", "device"):
+        config = load_config("demo", ["data.workers=0", "data.resize_on=device", f"data.decode_on={decode_on}"])
+        loader = train_loader_for(config, config.data.train, 4, 1, CPU, 0)
+        raw = next(iter(loader))
+        assert isinstance(raw.images, Uncropped) and (raw.images.encoded is not None) == (decode_on == "device")
+        torch.manual_seed(0)
+        batches[decode_on] = next(iter(DeviceBatches(loader, CPU)))
+    assert torch.equal(batches["device"][0], batches["worker"][0])
+    assert torch.equal(batches["device"][1], batches["worker"][1])
