@@ -10,6 +10,7 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from limoe.cli import build_parser
+from tests.helpers import refused, run_limoe, set_options
 from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
@@ -19,7 +20,6 @@ from limoe.plan.activations import KeptStorages, measure_activations
 from limoe.plan.state import count_parameters, state_bytes
 from limoe.training.losses import auxiliary_loss
 from limoe.training.step import ContrastiveTrainer
-from tests.helpers import refused, run_limoe, set_options
 
 # The demo model in fp32 on the Triton ops (the plan measures the GPU's ops), one routing group.
 TINY = ["train.precision=fp32", "model.moe.backend=triton", "model.moe.group_size=4"]
