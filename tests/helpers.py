@@ -1,6 +1,7 @@
 """What many tests share, defined once: the settings of a short training run, the fixed setup that
-runs on one and two processes compare under, running `limoe` in this process, the check that bad
-input ends in one line and exit status 2, and config files written as YAML.
+runs on one and two processes compare under (and the cases a test and its subprocess worker both
+compute), running `limoe` in this process, the check that bad input ends in one line and exit
+status 2, and config files written as YAML.
 
 Imported by test modules and by the subprocess workers alike (a worker never imports a test module,
 nor a test module a worker), so it imports nothing from either.
@@ -14,6 +15,7 @@ import torch
 import yaml
 
 from limoe.cli import main
+from limoe.evaluate.turns import encode_in_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,11 @@ COMPARABLE = [
 ]
 
 
+# The reshape-resume check: steps before its checkpoint, then steps after it in each run.
+RESHAPE_SAVED_AT = 2
+RESHAPE_CONTINUED = 2
+
+
 def fixed_batch(config) -> tuple[torch.Tensor, torch.Tensor]:
     """GLOBAL_BATCH seeded images [B, 3, H, W] uint8 and captions [B, L] of 8 tokens each."""
     generator = torch.Generator().manual_seed(1234)
@@ -63,6 +70,31 @@ def fixed_batch(config) -> tuple[torch.Tensor, torch.Tensor]:
 def rank_rows(rank: int, world_size: int) -> slice:
     """The rows of a GLOBAL_BATCH batch that process `rank` of `world_size` trains on."""
     return slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+
+
+# Taking turns at an evaluation (tests/evaluate/test_turns.py and its worker): known batches, and
+# what encoding them taking turns gives.
+# Two processes: batches 0-1 and 2-3 are dealt; 4 and 5 differ in size, both encode them.
+TURN_SIZES = (4, 4, 4, 4, 4, 3)
+
+
+def _turn_batches() -> list[torch.Tensor]:
+    return [torch.arange(size, dtype=torch.float32) + 10 * index for index, size in enumerate(TURN_SIZES)]
+
+
+def encode_turn_batches(shared: bool) -> tuple[list[int], list[list[list[float]]]]:
+    """(indices of the batches this process encoded, each batch's two encodings): the second
+    encoding's length varies from batch to batch (index mod 3 rows), as retrieval's new images do."""
+    encoded = []
+
+    def encode(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(batch[0]) // 10
+        encoded.append(index)
+        return batch[:, None] * 2, batch[: index % 3, None].repeat(1, 3)  # [n, 1], [index mod 3, 3]
+
+    results = [[first.tolist(), second.tolist()] for _, (first, second) in
+               encode_in_turns(_turn_batches(), encode, lambda batch: len(batch), shared)]
+    return encoded, results
 
 
 def set_options(*overrides: str) -> list[str]:
