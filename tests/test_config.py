@@ -19,10 +19,10 @@ from limoe.config import (
     load_model_config,
     to_dict,
 )
-from limoe.cli import main
 from limoe.config import CONFIG_DIR, setting
 from limoe.config.docs import REFERENCE, Key, config_reference, describe_config, undocumented_keys, walk_all
 from limoe.errors import LimoeError
+from tests.helpers import refused, run_limoe, set_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,20 +174,17 @@ def test_bad_pretraining_settings_are_clear_errors(override, message):
     ("train.checkpoint_every=0", "'train.checkpoint_every' is 0"),
     ("train.keep_checkpoints=0", "'train.keep_checkpoints' is 0; it must be an integer in [1, inf)"),
 ])
-def test_out_of_range_values_fail_in_one_line_before_data_or_model(tmp_path, capsys, override, message):
+def test_out_of_range_values_fail_in_one_line_before_data_or_model(tmp_path, override, message):
     """`data.train` names no real shards, so reaching the data would give another error."""
     args = ["train", "--workdir", str(tmp_path), "--set", "data.train=/no/such/shards", "--set", override]
     if override.startswith("data.train"):
         args = args[:3] + args[5:]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    refused(args, message)
     assert not any(tmp_path.iterdir())
 
 
-def test_info_checks_ranges_too(capsys):
-    assert main(["info", "limoe-tiny", "--set", "heads=0"]) == 2
-    assert "'model.heads' is 0" in capsys.readouterr().err
+def test_info_checks_ranges_too():
+    refused(["info", "limoe-tiny", "--set", "heads=0"], "'model.heads' is 0")
 
 
 def test_every_shipped_config_and_every_default_is_in_range():
@@ -230,10 +227,9 @@ def test_config_reference_in_docs_is_current():
     assert (ROOT / REFERENCE).read_text() == config_reference()
 
 
-def test_config_show_prints_meanings_and_loads_back_as_the_same_config(tmp_path, capsys):
+def test_config_show_prints_meanings_and_loads_back_as_the_same_config(tmp_path):
     overrides = ["optim.lr=3e-4", "data.train=/a::/b", "model.moe.eval_capacity_factor=null"]
-    assert main(["config", "show", "--config", "limoe-b16", *[a for o in overrides for a in ("--set", o)]]) == 0
-    shown = capsys.readouterr().out
+    shown = run_limoe(["config", "show", "--config", "limoe-b16", *set_options(*overrides)])
     assert "  lr: 0.0003" in shown and "# peak learning rate" in shown and "valid: (0, inf)" in shown
     (tmp_path / "shown.yaml").write_text(shown)
     assert load_config(str(tmp_path / "shown.yaml")) == load_config("limoe-b16", overrides)

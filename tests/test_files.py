@@ -19,12 +19,12 @@ from PIL import Image
 
 from limoe.checkpoints.hub import CONFIG_FILE, WEIGHTS_FILE
 from limoe.checkpoints.store import CHECKPOINT_DIR, step_dir_name
-from limoe.cli import main
 from limoe.errors import LimoeError
 from limoe.evaluate.choice_sets import read_choice_sets
 from limoe.prompt_templates import load_classnames
 from limoe.files import atomic_write
 from limoe.training.workdir import locked_workdir
+from tests.helpers import refused, write_config
 
 DEMO = Path(__file__).resolve().parents[1] / "data_shards"
 NOT_UTF8 = "caf\xe9\n".encode("latin-1")  # 'café' in Latin-1: byte 3 is not UTF-8
@@ -32,16 +32,6 @@ NOT_UTF8 = "caf\xe9\n".encode("latin-1")  # 'café' in Latin-1: byte 3 is not UT
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _refused(capsys, argv: list[str], *expected: str) -> str:
-    """Run `limoe argv`: exit 2 and one line on stderr holding every `expected` text."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 @pytest.fixture
@@ -85,82 +75,82 @@ def _tune(checkpoint: Path, output: Path, *options: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["zeroshot", "retrieval", "knn", "choice"])
-def test_an_evaluation_never_writes_its_metrics_over_the_model(model, capsys, kind):
+def test_an_evaluation_never_writes_its_metrics_over_the_model(model, kind):
     before = _digest(model)
-    _refused(capsys, _eval(kind, model, model), f"--output {model} is an input of this command")
+    refused(_eval(kind, model, model), f"--output {model} is an input of this command")
     assert _digest(model) == before
 
 
-def test_a_link_or_another_spelling_of_the_model_is_the_model(model, tmp_path, capsys):
+def test_a_link_or_another_spelling_of_the_model_is_the_model(model, tmp_path):
     before = _digest(model)
     link = tmp_path / "link.safetensors"
     link.symlink_to(model)
-    _refused(capsys, _eval("retrieval", model, link), "an input of this command")
+    refused(_eval("retrieval", model, link), "an input of this command")
     hard = tmp_path / "hard.safetensors"
     os.link(model, hard)
-    _refused(capsys, _eval("retrieval", model, hard), "an input of this command")
-    _refused(capsys, _eval("retrieval", model, tmp_path / "sub" / ".." / model.name), "an input of this command")
+    refused(_eval("retrieval", model, hard), "an input of this command")
+    refused(_eval("retrieval", model, tmp_path / "sub" / ".." / model.name), "an input of this command")
     assert _digest(model) == before
 
 
-def test_tune_never_replaces_a_file_of_the_model_folder_it_reads(checkpoint, tmp_path, capsys):
+def test_tune_never_replaces_a_file_of_the_model_folder_it_reads(checkpoint, tmp_path):
     folder = _model_folder(checkpoint, tmp_path / "hf")
     before = _digest(folder / WEIGHTS_FILE)
-    _refused(capsys, _tune(folder, folder / WEIGHTS_FILE), "is an input of this command")
+    refused(_tune(folder, folder / WEIGHTS_FILE), "is an input of this command")
     assert _digest(folder / WEIGHTS_FILE) == before
 
 
-def test_tune_never_writes_into_the_checkpoints_of_a_workdir_it_reads(workdir, capsys):
+def test_tune_never_writes_into_the_checkpoints_of_a_workdir_it_reads(workdir):
     run, tensors = workdir
     before = _digest(tensors)
-    _refused(capsys, _tune(run, tensors), f"lies inside {run / CHECKPOINT_DIR}, an input of this command")
+    refused(_tune(run, tensors), f"lies inside {run / CHECKPOINT_DIR}, an input of this command")
     assert _digest(tensors) == before
 
 
-def test_tune_refuses_the_same_file_for_the_model_and_the_metrics(model, tmp_path, capsys):
+def test_tune_refuses_the_same_file_for_the_model_and_the_metrics(model, tmp_path):
     output = tmp_path / "t.safetensors"
-    _refused(capsys, _tune(model, output, "--metrics", str(output)), "is the same file as --output")
+    refused(_tune(model, output, "--metrics", str(output)), "is the same file as --output")
     assert not output.exists()
 
 
-def test_export_never_writes_over_the_checkpoint_it_exports(workdir, capsys):
+def test_export_never_writes_over_the_checkpoint_it_exports(workdir):
     run, tensors = workdir
     before = _digest(tensors)
-    _refused(capsys, ["export", "--workdir", str(run), "--output", str(tensors)], "an input of this command")
-    _refused(capsys, ["export", "--workdir", str(run), "--output", str(tensors.parent), "--format", "hf"],
+    refused(["export", "--workdir", str(run), "--output", str(tensors)], "an input of this command")
+    refused(["export", "--workdir", str(run), "--output", str(tensors.parent), "--format", "hf"],
              "an input of this command")
     assert _digest(tensors) == before and sorted(p.name for p in tensors.parent.iterdir()) == [tensors.name]
 
 
-def test_routing_never_writes_into_the_checkpoint_it_reads(workdir, capsys):
+def test_routing_never_writes_into_the_checkpoint_it_reads(workdir):
     run, tensors = workdir
-    _refused(capsys, ["routing", "--checkpoint", str(tensors.parent), "--data", "/no/such/data", "--output",
+    refused(["routing", "--checkpoint", str(tensors.parent), "--data", "/no/such/data", "--output",
                       str(tensors.parent / "report")], "an input of this command")
     assert sorted(p.name for p in tensors.parent.iterdir()) == [tensors.name]
 
 
-def test_an_evaluation_never_writes_over_its_class_names(model, tmp_path, capsys):
+def test_an_evaluation_never_writes_over_its_class_names(model, tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n")
-    _refused(capsys, [*_eval("zeroshot", model, names), "--classnames", str(names)], "an input of this command")
+    refused([*_eval("zeroshot", model, names), "--classnames", str(names)], "an input of this command")
     assert names.read_text() == "cat\ndog\n"
 
 
-def test_shards_are_never_written_into_the_images_they_are_built_from(tmp_path, capsys):
+def test_shards_are_never_written_into_the_images_they_are_built_from(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (5, 3)).save(images / "a.png")
     captions = tmp_path / "captions.csv"
     captions.write_text("file,caption\na.png,a black block\n")
-    _refused(capsys, ["shards", "build", "--images", str(images), "--captions", str(captions), "--output",
+    refused(["shards", "build", "--images", str(images), "--captions", str(captions), "--output",
                       str(images / "shards")], f"lies inside {images}")
     assert [p.name for p in images.iterdir()] == ["a.png"]
 
 
-def test_a_run_never_trains_into_the_checkpoints_it_starts_from(workdir, capsys):
+def test_a_run_never_trains_into_the_checkpoints_it_starts_from(workdir):
     run, tensors = workdir
     before = _digest(tensors)
-    _refused(capsys, ["train", "--workdir", str(run / CHECKPOINT_DIR / "new"), "--set", f"train.init_from={run}"],
+    refused(["train", "--workdir", str(run / CHECKPOINT_DIR / "new"), "--set", f"train.init_from={run}"],
              f"lies inside {run / CHECKPOINT_DIR}")
     assert _digest(tensors) == before and not (run / CHECKPOINT_DIR / "new").exists()
 
@@ -216,12 +206,12 @@ def test_a_winoground_name_that_leaves_the_images_folder_is_refused(outside_imag
 
 
 @pytest.mark.parametrize("filename", ["../../etc/passwd", "../../no/such/file"])
-def test_a_sugar_crepe_filename_outside_says_nothing_of_what_exists_there(outside_image, filename, capsys):
+def test_a_sugar_crepe_filename_outside_says_nothing_of_what_exists_there(outside_image, filename):
     folder = outside_image.parent / "set"
     item = {"filename": filename, "caption": "a", "negative_caption": "b"}
     (folder / "replace_att.json").write_text(json.dumps({"0": item}))
     # the same line whether the outside file exists or not
-    _refused(capsys, ["eval", "choice", "--checkpoint", "/no/such/model", "--data", str(folder), "--format",
+    refused(["eval", "choice", "--checkpoint", "/no/such/model", "--data", str(folder), "--format",
                       "sugar_crepe"], f"replace_att.json: item 0: image '{filename}' lies outside {folder}")
 
 
@@ -263,42 +253,42 @@ def test_a_write_removes_the_temporary_files_of_dead_writers_only(tmp_path):
 # Text files: one line for a folder, other bytes, or a base: cycle
 
 
-def test_a_config_that_is_a_folder_or_not_utf8_or_its_own_base_is_one_line(tmp_path, capsys):
+def test_a_config_that_is_a_folder_or_not_utf8_or_its_own_base_is_one_line(tmp_path):
     folder = tmp_path / "folder.yaml"
     folder.mkdir()
-    _refused(capsys, ["config", "show", "--config", str(folder)], f"config file {folder} is a folder")
+    refused(["config", "show", "--config", str(folder)], f"config file {folder} is a folder")
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"name: " + NOT_UTF8)
-    _refused(capsys, ["config", "show", "--config", str(latin)], f"config file {latin} must be UTF-8 text")
-    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
-    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
-    _refused(capsys, ["config", "show", "--config", str(tmp_path / "a.yaml")], "name each other as base")
+    refused(["config", "show", "--config", str(latin)], f"config file {latin} must be UTF-8 text")
+    write_config(tmp_path / "a.yaml", {"base": str(tmp_path / "b.yaml")})
+    write_config(tmp_path / "b.yaml", {"base": str(tmp_path / "a.yaml")})
+    refused(["config", "show", "--config", str(tmp_path / "a.yaml")], "name each other as base")
 
 
-def test_a_choice_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+def test_a_choice_file_that_is_not_utf8_is_one_line(tmp_path):
     items = tmp_path / "items.jsonl"
     items.write_bytes(b'{"images": ["a.png"], "texts": ["' + NOT_UTF8.strip() + b'", "b"], "answer": 0}\n')
-    _refused(capsys, ["eval", "choice", "--checkpoint", "/no/such/model", "--data", str(items), "--format", "jsonl"],
+    refused(["eval", "choice", "--checkpoint", "/no/such/model", "--data", str(items), "--format", "jsonl"],
              f"choice file {items} must be UTF-8 text")
 
 
-def test_class_names_that_are_not_utf8_are_one_line(checkpoint, tmp_path, capsys):
+def test_class_names_that_are_not_utf8_are_one_line(checkpoint, tmp_path):
     names = tmp_path / "names.txt"
     names.write_bytes(NOT_UTF8 * 10)
-    _refused(capsys, ["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(DEMO / "heldout_cls"),
+    refused(["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(DEMO / "heldout_cls"),
                       "--classnames", str(names), "--workers", "0", "--device", "cpu"],
              f"class names file {names} must be UTF-8 text")
     with pytest.raises(LimoeError, match="must be UTF-8 text"):  # co-training's task classnames
         load_classnames(names)
 
 
-def test_captions_that_are_not_utf8_are_one_line(tmp_path, capsys):
+def test_captions_that_are_not_utf8_are_one_line(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (5, 3)).save(images / "a.png")
     captions = tmp_path / "captions.csv"
     captions.write_bytes(b"file,caption\na.png," + NOT_UTF8)
-    _refused(capsys, ["shards", "build", "--images", str(images), "--captions", str(captions), "--output",
+    refused(["shards", "build", "--images", str(images), "--captions", str(captions), "--output",
                       str(tmp_path / "shards")], f"captions file {captions} must be UTF-8 text")
 
 

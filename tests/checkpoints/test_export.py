@@ -12,11 +12,11 @@ from safetensors import safe_open
 from limoe.checkpoints import model_file, store
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
-from limoe.cli import main
 from limoe.config import load_config
 from limoe.training.session import start_session
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
+from tests.helpers import run_limoe
 
 PLANNED_STEPS = 7
 
@@ -36,9 +36,8 @@ def run(tmp_path_factory):
     return workdir
 
 
-def _export(capsys, source, output, *options):
-    assert main(["export", "--workdir", str(source), "--output", str(output), *options]) == 0
-    return capsys.readouterr().out
+def _export(source, output, *options) -> str:
+    return run_limoe(["export", "--workdir", str(source), "--output", str(output), *options])
 
 
 def _stored_step(path) -> str:
@@ -46,25 +45,25 @@ def _stored_step(path) -> str:
         return handle.metadata()[model_file.STEP_KEY]
 
 
-def test_an_export_names_the_step_it_took_in_the_card_the_message_and_the_file(run, tmp_path, capsys):
+def test_an_export_names_the_step_it_took_in_the_card_the_message_and_the_file(run, tmp_path):
     step_3 = run / store.CHECKPOINT_DIR / store.step_dir_name(3)
-    message = _export(capsys, step_3, tmp_path / "hf", "--format", "hf")
+    message = _export(step_3, tmp_path / "hf", "--format", "hf")
     assert "exported step 3 of" in message
     card = (tmp_path / "hf" / CARD_FILE).read_text()
     assert f"Trained for 3 steps (taken at step 3 of a {PLANNED_STEPS}-step run) of 8 pairs" in card
     assert f"Trained for {PLANNED_STEPS} steps" not in card
     assert _stored_step(tmp_path / "hf" / WEIGHTS_FILE) == "3"
 
-    message = _export(capsys, run, tmp_path / "newest.safetensors")  # the workdir: its newest checkpoint
+    message = _export(run, tmp_path / "newest.safetensors")  # the workdir: its newest checkpoint
     assert "exported step 5 of" in message
     assert _stored_step(tmp_path / "newest.safetensors") == "5"
 
 
-def test_exported_files_are_readable_by_others_under_umask_022(run, tmp_path, capsys):
+def test_exported_files_are_readable_by_others_under_umask_022(run, tmp_path):
     previous = os.umask(0o022)
     try:
-        _export(capsys, run, tmp_path / "m.safetensors")
-        _export(capsys, run, tmp_path / "hf", "--format", "hf")
+        _export(run, tmp_path / "m.safetensors")
+        _export(run, tmp_path / "hf", "--format", "hf")
     finally:
         os.umask(previous)
     for path in (tmp_path / "m.safetensors", *(tmp_path / "hf" / name for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE))):

@@ -10,10 +10,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from limoe.checkpoints import model_file, read_config, save_model_file
-from limoe.cli import main
 from limoe.config import Config, load_model_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
+from tests.helpers import refused
 
 HELDOUT = str(Path(__file__).resolve().parents[2] / "data_shards" / "heldout")
 
@@ -32,12 +32,11 @@ def exported(tmp_path_factory) -> Path:
     ('{"model": {"width": "wide"}}', "'model.width' must be of type int"),
     ('{"model": {"width": 256, "heads": 2}}', "does not fit its config's model: tensor '"),
 ])
-def test_an_exported_file_with_a_bad_embedded_config_is_one_line(exported, tmp_path, capsys, stored, message):
+def test_an_exported_file_with_a_bad_embedded_config_is_one_line(exported, tmp_path, stored, message):
     path = tmp_path / "bad.safetensors"
     save_file(load_file(str(exported)), str(path), metadata={model_file.CONFIG_KEY: stored})
-    assert main(["eval", "retrieval", "--checkpoint", str(path), "--data", HELDOUT, "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert message in err and str(path) in err and err.count("\n") == 1, err
+    refused(["eval", "retrieval", "--checkpoint", str(path), "--data", HELDOUT, "--device", "cpu"], message,
+            str(path))
 
 
 def test_a_model_folder_whose_config_is_not_a_mapping_is_one_line(exported, tmp_path):

@@ -24,11 +24,11 @@ from limoe.errors import LimoeError
 from limoe.training.session import start_session
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
-from tests.training.ep_worker import OVERRIDES, fixed_batch
+from tests.helpers import COMPARABLE, fixed_batch
 
 
 def _config(*overrides: str):
-    return load_config("demo", OVERRIDES + list(overrides))
+    return load_config("demo", COMPARABLE + list(overrides))
 
 
 def _engine(config):

@@ -19,6 +19,7 @@ from limoe.evaluate.clip_benchmark import load_limoe
 from limoe.evaluate.folders import scan_image_folder
 from limoe.evaluate.metrics import selection_metrics
 from limoe.evaluate.zeroshot import exemplar_classifier
+from tests.helpers import refused
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 
@@ -39,10 +40,13 @@ def emoji_sets(tmp_path_factory) -> Path:
     return root
 
 
+def _choice_args(checkpoint: Path, data: Path, format: str, output: Path, *options: str) -> list[str]:
+    return ["eval", "choice", "--checkpoint", str(checkpoint), "--data", str(data), "--format", format,
+            "--output", str(output), "--device", "cpu", "--workers", "0", "--capacity-factor", "dropless", *options]
+
+
 def _choice(checkpoint: Path, data: Path, format: str, output: Path, *options: str) -> int:
-    return main(["eval", "choice", "--checkpoint", str(checkpoint), "--data", str(data), "--format", format,
-                 "--output", str(output), "--device", "cpu", "--workers", "0", "--capacity-factor", "dropless",
-                 *options])
+    return main(_choice_args(checkpoint, data, format, output, *options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,30 +267,24 @@ def test_zeroshot_with_exemplar_images(checkpoint, tmp_path):
 # Bad input: one line, exit status 2
 
 
-def _one_line_error(capsys) -> str:
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("limoe: error:") and "\n" not in error
-    return error
-
-
-def test_a_sugar_crepe_item_without_a_negative(checkpoint, tmp_path, capsys):
+def test_a_sugar_crepe_item_without_a_negative(checkpoint, tmp_path):
     _square(tmp_path / "set" / "val2017" / "a.jpg", (1, 2, 3))
     (tmp_path / "set" / "swap_obj.json").write_text(json.dumps({"7": {"filename": "a.jpg", "caption": "a red square"}}))
-    assert _choice(checkpoint, tmp_path / "set", "sugar_crepe", tmp_path / "out.json") == 2
-    assert 'item 7 has no "negative_caption"' in _one_line_error(capsys)
+    refused(_choice_args(checkpoint, tmp_path / "set", "sugar_crepe", tmp_path / "out.json"),
+            'item 7 has no "negative_caption"')
     assert not (tmp_path / "out.json").exists()
 
 
-def test_a_jsonl_answer_out_of_range(checkpoint, tmp_path, capsys):
+def test_a_jsonl_answer_out_of_range(checkpoint, tmp_path):
     _square(tmp_path / "a.jpg", (1, 2, 3))
     (tmp_path / "items.jsonl").write_text(json.dumps({"images": ["a.jpg"], "texts": ["x", "y"], "answer": 2}) + "\n")
-    assert _choice(checkpoint, tmp_path / "items.jsonl", "jsonl", tmp_path / "out.json") == 2
-    assert '"answer" 2 is out of range for its 2 texts' in _one_line_error(capsys)
+    refused(_choice_args(checkpoint, tmp_path / "items.jsonl", "jsonl", tmp_path / "out.json"),
+            '"answer" 2 is out of range for its 2 texts')
 
 
-def test_exemplar_folders_must_match_the_class_folders(checkpoint, tmp_path, capsys):
+def test_exemplar_folders_must_match_the_class_folders(checkpoint, tmp_path):
     _square(tmp_path / "exemplars" / "cat" / "a.png", (1, 2, 3))
     _square(tmp_path / "data" / "dog" / "a.png", (1, 2, 3))
-    assert main(["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"),
-                 "--candidate-images", str(tmp_path / "exemplars"), "--device", "cpu", "--workers", "0"]) == 2
-    assert "are not the exemplar folders" in _one_line_error(capsys)
+    refused(["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"),
+                     "--candidate-images", str(tmp_path / "exemplars"), "--device", "cpu", "--workers", "0"],
+            "are not the exemplar folders")

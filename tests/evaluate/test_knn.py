@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from limoe.cli import main
 from limoe.errors import LimoeError
 from limoe.evaluate.knn import knn_accuracy, knn_predictions, labelled_samples
+from tests.helpers import refused
 
 
 def _at(degrees: list[float]) -> torch.Tensor:
@@ -44,11 +44,10 @@ HELDOUT_CLS = Path(__file__).resolve().parents[2] / "data_shards" / "heldout_cls
     ("331", f"--k 331 is out of range for the 331 labelled images of {HELDOUT_CLS}, each of which has 330 others "
             f"to vote; give 1 ≤ k ≤ 330."),
 ])
-def test_k_out_of_range_is_one_line_before_the_model_is_loaded(capsys, k, message):
+def test_k_out_of_range_is_one_line_before_the_model_is_loaded(k, message):
     """The checkpoint does not exist: the k error comes first, so nothing was loaded or encoded."""
-    assert main(["eval", "knn", "--checkpoint", "/no/such/model", "--data", str(HELDOUT_CLS), "--k", k]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"limoe: error: {message}") and "\n" not in err
+    line = refused(["eval", "knn", "--checkpoint", "/no/such/model", "--data", str(HELDOUT_CLS), "--k", k])
+    assert line.startswith(f"limoe: error: {message}")
 
 
 def test_the_labels_are_counted_without_the_loader():

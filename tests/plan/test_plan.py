@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from limoe.cli import build_parser, main
+from limoe.cli import build_parser
+from tests.helpers import refused, run_limoe, set_options
 from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
@@ -150,13 +151,9 @@ def test_train_refuses_a_run_that_cannot_fit_in_one_line():
     (8, ["distributed.deepspeed_config={bf16: {enabled: true}}"], "sets 'bf16'"),
     (6, ["distributed.expert_parallel_size=4"], "does not divide the 6 GPUs"),
 ])
-def test_bad_settings_are_one_line_and_exit_2(capsys, gpus, overrides, message):
-    args = ["plan", "--config", "limoe-b16", "--gpus", str(gpus), "--gpu-memory", "80"]
-    for override in overrides:
-        args += ["--set", override]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+def test_bad_settings_are_one_line_and_exit_2(gpus, overrides, message):
+    args = ["plan", "--config", "limoe-b16", "--gpus", str(gpus), "--gpu-memory", "80", *set_options(*overrides)]
+    refused(args, message)
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -169,11 +166,10 @@ def test_bad_settings_are_one_line_and_exit_2(capsys, gpus, overrides, message):
     ("--gpus", "0", "0 is out of range; give a whole number ≥ 1"),
     ("--gpus", "-8", "-8 is out of range; give a whole number ≥ 1"),
 ])
-def test_gpu_numbers_out_of_range_are_one_line_and_exit_2(capsys, option, value, message):
+def test_gpu_numbers_out_of_range_are_one_line_and_exit_2(option, value, message):
     values = {"--gpus": "8", "--gpu-memory": "80", option: value}
-    assert main(["plan", "--config", "limoe-b16", *(text for pair in values.items() for text in pair)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith(f"limoe: error: argument {option}: {message}") and len(err.splitlines()) == 1
+    line = refused(["plan", "--config", "limoe-b16", *(text for pair in values.items() for text in pair)])
+    assert line.startswith(f"limoe: error: argument {option}: {message}")
 
 
 @pytest.mark.parametrize("inputs", ["images", "texts"])
@@ -247,20 +243,18 @@ def test_a_label_set_too_large_to_encode_is_refused_naming_its_task(tmp_path):
         refuse_if_it_cannot_fit(huge, 8, 80 * GiB)
 
 
-def test_plan_reports_each_task_and_exits_1_when_its_largest_step_does_not_fit(tmp_path, capsys):
-    args = ["plan", "--config", "limoe-b16", "--gpus", "8", "--gpu-memory", "80"]
-    for override in [*_tasks(_classnames(tmp_path, 21841)), "train.activation_checkpointing=none"]:
-        args += ["--set", override]
-    assert main(args) == 1
-    report = capsys.readouterr().out
+def test_plan_reports_each_task_and_exits_1_when_its_largest_step_does_not_fit(tmp_path):
+    overrides = [*_tasks(_classnames(tmp_path, 21841)), "train.activation_checkpointing=none"]
+    report = run_limoe(["plan", "--config", "limoe-b16", "--gpus", "8", "--gpu-memory", "80",
+                                *set_options(*overrides)], status=1)
     assert "the largest step, task labels" in report and "DOES NOT FIT" in report
     assert "1024 images + 19111 prompts of 21841 classes per GPU" in report
     assert "settings to use: train.activation_checkpointing=all (" in report  # each task's whole batch, as configured
 
 
-def _plan_report(capsys, *options: str, status: int = 0) -> list[str]:
-    assert main(["plan", "--gpus", "8", "--gpu-memory", "80", *options]) == status
-    return [line.strip() for line in capsys.readouterr().out.splitlines()]
+def _plan_report(*options: str, status: int = 0) -> list[str]:
+    report = run_limoe(["plan", "--gpus", "8", "--gpu-memory", "80", *options], status=status)
+    return [line.strip() for line in report.splitlines()]
 
 
 def _launched_config(line: str):
@@ -271,8 +265,8 @@ def _launched_config(line: str):
     return load_config(args.config, args.set), args
 
 
-def test_plan_says_no_change_for_a_config_at_its_recommended_setting(capsys):
-    report = _plan_report(capsys, "--config", "limoe-b16", "--set", "data.train=/data/{0..9}.tar")
+def test_plan_says_no_change_for_a_config_at_its_recommended_setting():
+    report = _plan_report("--config", "limoe-b16", "--set", "data.train=/data/{0..9}.tar")
     assert report[-3].startswith("settings to use: no change, the configured train.micro_batch_size=null "
                                  "train.activation_checkpointing=all (")
     assert "micro_batch_size=2048" not in "\n".join(report)  # the whole per-GPU batch is no micro-batching
@@ -283,8 +277,8 @@ def test_plan_says_no_change_for_a_config_at_its_recommended_setting(capsys):
     assert config.data.train[0].shards == "/data/{0..9}.tar"
 
 
-def test_the_launch_line_trains_with_the_recommended_setting(capsys):
-    report = _plan_report(capsys, "--config", "limoe-b16", "--set", "train.activation_checkpointing=none", status=1)
+def test_the_launch_line_trains_with_the_recommended_setting():
+    report = _plan_report("--config", "limoe-b16", "--set", "train.activation_checkpointing=none", status=1)
     assert report[-3].startswith("settings to use: train.activation_checkpointing=all (")
     config, args = _launched_config(report[-1])
     assert args.set == ["train.activation_checkpointing=all"]  # the recommendation replaces the planned override

@@ -7,9 +7,7 @@ token its mirror image, and the router reads feature 0, so image tokens go to ex
 text tokens to expert 1 with gate probabilities computed here independently of the MoE layer.
 """
 
-import contextlib
 import functools
-import io
 import itertools
 import json
 import math
@@ -23,7 +21,6 @@ import torch.distributed as dist
 from PIL import Image
 
 from limoe.checkpoints import load_model, save_model_file
-from limoe.cli import main
 from limoe.config import Config, load_model_config
 from limoe.data.pipeline import eval_loader
 from limoe.errors import LimoeError
@@ -32,6 +29,7 @@ from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.model.routing import entropy, expert_capacity
 from limoe.routing_report.pictures import PICTURES
 from limoe.routing_report.statistics import RoutingAccumulator, collapse_warnings, collapses, format_summary_table
+from tests.helpers import refused, run_limoe
 
 C = 100.0  # magnitude of the modality feature
 LOGIT = 2.0  # router logit of the chosen expert (and minus it for the mirrored one)
@@ -203,14 +201,6 @@ HELDOUT = "data_shards/heldout"
 BATCHES, BATCH = 2, 6
 
 
-def _run(*args: str) -> tuple[int, str, str]:
-    """`limoe ARGS` in this process: (exit status, stdout, stderr)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        status = main(list(args))
-    return status, stdout.getvalue(), stderr.getvalue()
-
-
 def _save(model: Limoe, path: Path) -> Path:
     save_model_file(model, Config(model=model.config), path)
     return path
@@ -224,10 +214,9 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("routing")
     exact = _save(hand_routed_model(), root / "exact.safetensors")
     tight = _save(hand_routed_model("image_pool=cls", "moe.eval_capacity_factor=1.0"), root / "tight.safetensors")
-    status, stdout, stderr = _run("routing", "--checkpoint", str(exact), "--compare", str(tight), "--data", HELDOUT,
-                                  "--output", str(root / "out"), "--num-batches", str(BATCHES), "--batch-size",
-                                  str(BATCH), "--device", "cpu")
-    assert status == 0, stderr
+    stdout = run_limoe(["routing", "--checkpoint", str(exact), "--compare", str(tight), "--data", HELDOUT,
+                        "--output", str(root / "out"), "--num-batches", str(BATCHES), "--batch-size", str(BATCH),
+                        "--device", "cpu"])
     return {"exact": exact, "tight": tight, "out": root / "out", "stdout": stdout,
             "json": json.loads((root / "out" / "routing.json").read_text())}
 
@@ -338,10 +327,8 @@ def test_pictures_are_pngs_of_the_layout_size(report):
 
 
 def test_capacity_factor_option_applies_to_the_checkpoint(report, tmp_path):
-    status, _, stderr = _run("routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output",
-                             str(tmp_path), "--num-batches", "1", "--batch-size", "2", "--capacity-factor", "1.0",
-                             "--device", "cpu")
-    assert status == 0, stderr
+    run_limoe(["routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output", str(tmp_path),
+               "--num-batches", "1", "--batch-size", "2", "--capacity-factor", "1.0", "--device", "cpu"])
     (checkpoint,) = json.loads((tmp_path / "routing.json").read_text())["checkpoints"]
     assert checkpoint["capacity_factor"] == 1.0
     # one group of 2·(64 + 16) positions: 40 slots
@@ -349,13 +336,11 @@ def test_capacity_factor_option_applies_to_the_checkpoint(report, tmp_path):
 
 
 @pytest.mark.parametrize("which", ["checkpoint", "compare"])
-def test_a_missing_checkpoint_is_one_line_and_a_nonzero_exit(report, tmp_path, which):
+def test_a_missing_checkpoint_is_one_line_and_exit_2(report, tmp_path, which):
     paths = {"checkpoint": str(report["exact"]), "compare": str(report["exact"])}
     paths[which] = str(tmp_path / "missing.safetensors")
-    status, stdout, stderr = _run("routing", "--checkpoint", paths["checkpoint"], "--compare", paths["compare"],
-                                  "--data", HELDOUT, "--output", str(tmp_path / "out"))
-    assert status != 0
-    assert stderr.count("\n") == 1 and stderr.startswith("limoe: error:") and "missing.safetensors" in stderr
+    refused(["routing", "--checkpoint", paths["checkpoint"], "--compare", paths["compare"], "--data", HELDOUT,
+             "--output", str(tmp_path / "out")], "missing.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -394,10 +379,9 @@ def test_keys_choose_the_pictured_examples_in_their_order(report, tmp_path):
     batches = _heldout_batches()
     # one sample of a batch after the counted ones (read on for it), one of the first batch
     later, first = batches[BATCHES + 1].keys[1], batches[0].keys[4]
-    status, _, stderr = _run("routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output",
-                             str(tmp_path), "--num-batches", str(BATCHES), "--batch-size", str(BATCH),
-                             "--keys", f"{later},{first}", "--device", "cpu")
-    assert status == 0, stderr
+    run_limoe(["routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output", str(tmp_path),
+               "--num-batches", str(BATCHES), "--batch-size", str(BATCH), "--keys", f"{later},{first}", "--device",
+               "cpu"])
     (checkpoint,) = json.loads((tmp_path / "routing.json").read_text())["checkpoints"]
     assert [example["key"] for example in checkpoint["examples"]] == [later, first]
     real = int((batches[BATCHES + 1].tokens[1] != PAD_TOKEN).sum())
@@ -409,9 +393,8 @@ def test_block_chooses_the_pictured_moe_block(tmp_path):
     torch.manual_seed(0)
     model = Limoe(load_model_config("limoe-tiny")).eval()  # MoE blocks 1 and 3, no class token
     path = _save(model, tmp_path / "tiny.safetensors")
-    status, _, stderr = _run("routing", "--checkpoint", str(path), "--data", HELDOUT, "--output", str(tmp_path / "out"),
-                             "--num-batches", "1", "--batch-size", "3", "--block", "1", "--device", "cpu")
-    assert status == 0, stderr
+    run_limoe(["routing", "--checkpoint", str(path), "--data", HELDOUT, "--output", str(tmp_path / "out"),
+               "--num-batches", "1", "--batch-size", "3", "--block", "1", "--device", "cpu"])
     (checkpoint,) = json.loads((tmp_path / "out" / "routing.json").read_text())["checkpoints"]
     assert checkpoint["pictured_block"] == 1
     batch = next(iter(eval_loader(HELDOUT, 3, 64, 16, WORKERS)))
@@ -427,9 +410,6 @@ def test_block_chooses_the_pictured_moe_block(tmp_path):
     (["--block", "7"], "block 7 of model limoe-tiny is not an MoE block; its MoE blocks are [0]"),
 ])
 def test_an_unknown_key_or_block_is_one_line_and_exit_2(report, tmp_path, option, message):
-    status, _, stderr = _run("routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output",
-                             str(tmp_path / "out"), "--num-batches", "1", "--batch-size", str(BATCH), *option,
-                             "--device", "cpu")
-    assert status == 2
-    assert stderr.count("\n") == 1 and message in stderr, stderr
+    refused(["routing", "--checkpoint", str(report["exact"]), "--data", HELDOUT, "--output", str(tmp_path / "out"),
+             "--num-batches", "1", "--batch-size", str(BATCH), *option, "--device", "cpu"], message)
     assert not (tmp_path / "out").exists()

@@ -23,27 +23,30 @@ from limoe.training.schedules import TaskSchedule
 from limoe.training.session import start_session
 from limoe.training.trainer import build_engine
 
-from tests.training.ep_worker import OVERRIDES
+from tests.helpers import COMPARABLE, GLOBAL_BATCH, rank_rows, write_config
 from tests.training.processes import leave_process_group
 
-GLOBAL_BATCH = 16
 CLASSES = [f"class {i}" for i in range(8)]
 # 2 templates: 16 prompts (8 per rank) for `all`, 8 (4 per rank) for 4 candidates, so the prompts'
 # routing groups are the same on 1 and 2 processes.
 TEMPLATES = ["a photo of {}.", "{} emoji"]
-TASKS = """
-tasks:
-  - {name: pairs, kind: contrastive, data: data_shards/train, steps: 2}
-  - {name: labels, kind: classification, data: data_shards/train_cls, steps: 1}
-  - {name: few, kind: classification, data: data_shards/train_cls, steps: 1, candidates: 4, loss_weight: 0.5}
-schedule: {kind: weighted, seed: 3}
-"""
+CONFIG = {
+    "base": "demo",
+    "train": {"steps": 4},
+    "tasks": [
+        {"name": "pairs", "kind": "contrastive", "data": "data_shards/train", "steps": 2},
+        {"name": "labels", "kind": "classification", "data": "data_shards/train_cls", "steps": 1},
+        {"name": "few", "kind": "classification", "data": "data_shards/train_cls", "steps": 1, "candidates": 4,
+         "loss_weight": 0.5},
+    ],
+    "schedule": {"kind": "weighted", "seed": 3},
+}
 
 
 def _batches(task: int, uses: int, config, rank: int, world: int) -> list:
     """This rank's slice of `uses` fixed global batches for one task."""
     generator = torch.Generator().manual_seed(100 + task)
-    size, local = config.model.image_size, slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    size, local = config.model.image_size, rank_rows(rank, world)
     batches = []
     for _ in range(uses):
         images = torch.randn(GLOBAL_BATCH, 3, size, size, generator=generator)[local]
@@ -58,9 +61,8 @@ def _batches(task: int, uses: int, config, rank: int, world: int) -> list:
 
 
 def main(outdir: Path, expert_parallel_size: int) -> None:
-    (outdir / "tasks.yaml").write_text("base: demo\ntrain: {steps: 4}\n" + TASKS)
-    config = load_config(str(outdir / "tasks.yaml"),
-                         OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}"])
+    config = load_config(write_config(outdir / "tasks.yaml", CONFIG),
+                         COMPARABLE + [f"distributed.expert_parallel_size={expert_parallel_size}"])
     session = start_session(config)
     engine = build_engine(config, session)
     prompts = prompt_tokens(CLASSES, TEMPLATES, config.model.context_length)

@@ -29,21 +29,9 @@ from limoe.pretraining.objective import MaskedPretraining
 from limoe.training.session import start_session
 from limoe.training.step import forward_backward, train_step
 from limoe.training.trainer import build_engine
+from tests.helpers import COMPARABLE, fixed_batch, rank_rows
 from tests.training.processes import leave_process_group
 
-GLOBAL_BATCH = 16
-OVERRIDES = [
-    "model.moe.router_noise=false",  # noise would differ between the runs
-    "model.moe.group_size=2",  # 16 examples → the same 8 routing groups on 1 or 2 ranks, and in micro-batches of 2
-    "model.moe.train_capacity_factor=1.0",
-    f"train.batch_size={GLOBAL_BATCH}",
-    "train.device=cpu",
-    "optim.warmup_steps=1",
-    "optim.lr=0.01",
-    "optim.eps=1.0e-3",  # Adam's first step is g/(|g|+eps): a tiny eps turns rounding noise into ±lr
-    "optim.grad_clip=0.5",  # below the first step's norm, so clipping acts
-    "data.workers=0",
-]
 STEP_SCENARIOS = {
     "balanced": [],
     "one_expert": [],
@@ -64,22 +52,12 @@ GRADIENT_VARIANTS = {
 }
 
 
-def fixed_batch(config) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1234)
-    size = config.model.image_size
-    images = torch.randint(0, 256, (GLOBAL_BATCH, 3, size, size), generator=generator, dtype=torch.uint8)
-    tokens = torch.randint(1, 1000, (GLOBAL_BATCH, config.model.context_length), generator=generator)
-    tokens[:, 9:] = 0
-    return images, tokens
-
-
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return tensor[rank * GLOBAL_BATCH // world:(rank + 1) * GLOBAL_BATCH // world]
+    return tensor[rank_rows(dist.get_rank(), dist.get_world_size())]
 
 
 def _config(expert_parallel_size: int, extra: list[str]):
-    return load_config("demo", OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}", *extra])
+    return load_config("demo", COMPARABLE + [f"distributed.expert_parallel_size={expert_parallel_size}", *extra])
 
 
 def step_scenario(outdir: Path, expert_parallel_size: int, scenario: str) -> None:

@@ -1,9 +1,9 @@
 """One process of the reshape-resume check, launched by test_reshape_resume.py.
 
-`first`: train SAVED_AT steps on a fixed global batch, save a training checkpoint, train
-CONTINUED more steps and record every loss (the uninterrupted run). `resume`: on another process
-layout, restore that checkpoint, compare every restored weight, Adam moment and step with the
-checkpoint's entries, train CONTINUED steps and record the losses.
+`first`: train RESHAPE_SAVED_AT steps on a fixed global batch, save a training checkpoint, train
+RESHAPE_CONTINUED more steps and record every loss (the uninterrupted run). `resume`: on another
+process layout, restore that checkpoint, compare every restored weight, Adam moment and step with
+the checkpoint's entries, train RESHAPE_CONTINUED steps and record the losses.
 Run as: python -m tests.training.reshape_worker WORKDIR EXPERT_PARALLEL_SIZE ZERO_STAGE PHASE (rank from env).
 """
 
@@ -21,17 +21,12 @@ from limoe.config import load_config
 from limoe.training.session import start_session
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
-from tests.training.ep_worker import GLOBAL_BATCH, OVERRIDES, fixed_batch
+from tests.helpers import COMPARABLE, RESHAPE_CONTINUED, RESHAPE_SAVED_AT, fixed_batch, rank_rows
 from tests.training.processes import leave_process_group
-
-SAVED_AT = 2
-CONTINUED = 2
-
 
 def losses(engine, config, session, steps: int) -> list[float]:
     images, tokens = fixed_batch(config)
-    local = slice(session.rank * GLOBAL_BATCH // session.world_size,
-                  (session.rank + 1) * GLOBAL_BATCH // session.world_size)
+    local = rank_rows(session.rank, session.world_size)
     result = []
     for _ in range(steps):
         terms, _, _ = train_step(engine, images[local], tokens[local], config)
@@ -69,22 +64,23 @@ def compare_unsharded(engine, workdir: Path, stored) -> int:
             for name, parameter in engine.module.named_parameters():
                 state = engine.optimizer.state[parameter]
                 if key == "step":  # experts: one step per expert entry, all the parameter's own
-                    assert float(state["step"]) == SAVED_AT and torch.all(saved[name] == SAVED_AT), name
+                    assert float(state["step"]) == RESHAPE_SAVED_AT, name
+                    assert torch.all(saved[name] == RESHAPE_SAVED_AT), name
                 else:
                     assert torch.equal(state[key], saved[name]), (key, name)
     return len(consolidated)
 
 
 def main(workdir: Path, expert_parallel_size: int, zero_stage: int, phase: str) -> None:
-    config = load_config("demo", OVERRIDES + [f"distributed.expert_parallel_size={expert_parallel_size}",
-                                              f"distributed.zero_stage={zero_stage}"])
+    config = load_config("demo", COMPARABLE + [f"distributed.expert_parallel_size={expert_parallel_size}",
+                                               f"distributed.zero_stage={zero_stage}"])
     session = start_session(config)
     engine = build_engine(config, session)
     result = {}
     if phase == "first":
-        result["losses"] = losses(engine, config, session, SAVED_AT)
-        checkpoint.save_training_checkpoint(engine, workdir, SAVED_AT, config)
-        result["losses"] += losses(engine, config, session, CONTINUED)
+        result["losses"] = losses(engine, config, session, RESHAPE_SAVED_AT)
+        checkpoint.save_training_checkpoint(engine, workdir, RESHAPE_SAVED_AT, config)
+        result["losses"] += losses(engine, config, session, RESHAPE_CONTINUED)
     else:
         stored = checkpoint.find_resume_checkpoint(workdir)
         result["step"] = checkpoint.restore_training_checkpoint(engine, stored, config)["step"]
@@ -92,7 +88,7 @@ def main(workdir: Path, expert_parallel_size: int, zero_stage: int, phase: str) 
         result["checked"] = compare_with_checkpoint(engine, stored)
         if session.world_size == 1 and zero_stage == 0:
             result["unsharded_checked"] = compare_unsharded(engine, workdir, stored)
-        result["losses"] = losses(engine, config, session, CONTINUED)
+        result["losses"] = losses(engine, config, session, RESHAPE_CONTINUED)
     (workdir / f"{phase}.rank{session.rank}.json").write_text(json.dumps(result))
 
 

@@ -18,38 +18,33 @@ from limoe.training.cotraining import ClassificationTask, Task, task_gradients
 from limoe.training.schedules import TaskSchedule
 from limoe.training.session import Session, start_session
 from limoe.training.trainer import build_engine, lr_multiplier
+from tests.helpers import QUICK_TASKS, refused, run_args, write_config
 from tests.training.processes import run_processes
 
-QUICK = ["data.workers=0", "train.log_every=2", "train.checkpoint_every=2", "train.routing_stats_every=2",
-         "optim.warmup_steps=2"]
-TASKS = """
-tasks:
-  - {{name: pairs, kind: contrastive, data: data_shards/train, batch_size: 8, steps: 3}}
-  - {{name: subgroups, kind: classification, data: {cls}, batch_size: 6, steps: 1, lr_scale: 0.25, {extra}}}
-schedule: {{kind: {schedule}, seed: 0}}
-"""
 
-
-def _config_file(tmp_path: Path, schedule="weighted", cls="data_shards/train_cls", extra="candidates: all",
+def _config_file(tmp_path: Path, schedule="weighted", cls="data_shards/train_cls", extra=None,
                  kind="classification") -> str:
-    path = tmp_path / "cotrain.yaml"
-    text = "base: demo\ntrain: {steps: 4}\n" + TASKS.format(schedule=schedule, cls=cls, extra=extra)
-    path.write_text(text.replace("kind: classification", f"kind: {kind}"))
-    return str(path)
+    """The demo config on pairs and a classification task on `cls` (`extra` its further keys), 4 steps."""
+    subgroups = {"name": "subgroups", "kind": kind, "data": cls, "batch_size": 6, "steps": 1, "lr_scale": 0.25,
+                 **(extra or {"candidates": "all"})}
+    return write_config(tmp_path / "cotrain.yaml", {
+        "base": "demo",
+        "train": {"steps": 4},
+        "tasks": [{"name": "pairs", "kind": "contrastive", "data": "data_shards/train", "batch_size": 8, "steps": 3},
+                  subgroups],
+        "schedule": {"kind": schedule, "seed": 0},
+    })
 
 
-def _train(tmp_path: Path, config: str, *overrides: str) -> int:
-    args = ["train", "--config", config, "--workdir", str(tmp_path / "run")]
-    for override in (*QUICK, *overrides):
-        args += ["--set", override]
-    return main(args)
+def _args(tmp_path: Path, config: str, *overrides: str) -> list[str]:
+    return run_args("train", tmp_path / "run", *QUICK_TASKS, *overrides, config=config)
 
 
 @pytest.fixture(scope="module")
 def cotrain_run(tmp_path_factory):
     """The demo model on pairs + train_cls for 4 weighted steps, in-process as from the shell."""
     tmp_path = tmp_path_factory.mktemp("cotrain")
-    assert _train(tmp_path, _config_file(tmp_path)) == 0
+    assert main(_args(tmp_path, _config_file(tmp_path))) == 0
     return tmp_path / "run"
 
 
@@ -98,9 +93,9 @@ def test_a_killed_run_resumes_its_schedule_and_task_counters_exactly(tmp_path, c
 
     monkeypatch.setattr(checkpoint, "save_training_checkpoint", save_then_die)
     with pytest.raises(_Killed):
-        _train(tmp_path, _config_file(tmp_path))
+        main(_args(tmp_path, _config_file(tmp_path)))
     monkeypatch.undo()
-    assert _train(tmp_path, _config_file(tmp_path)) == 0
+    assert main(_args(tmp_path, _config_file(tmp_path))) == 0
     resumed, uninterrupted = _steps(tmp_path / "run"), _steps(cotrain_run)
     assert [r["step"] for r in resumed] == [2, 4]
     # the same tasks ran in each logging window, and the counters carried over the kill
@@ -113,7 +108,7 @@ def test_a_killed_run_resumes_its_schedule_and_task_counters_exactly(tmp_path, c
 
 
 def test_accumulate_gradient_is_the_sum_of_the_single_task_gradients(tmp_path):
-    config = load_config(_config_file(tmp_path, schedule="accumulate", extra="candidates: 5, loss_weight: 0.5"),
+    config = load_config(_config_file(tmp_path, schedule="accumulate", extra={"candidates": 5, "loss_weight": 0.5}),
                          ["model.moe.router_noise=false", "train.device=cpu", "schedule.seed=0",
                           "tasks.1.lr_scale=1.0"])
     engine = build_engine(config, start_session(config))
@@ -144,12 +139,12 @@ def _gradients(engine, tasks, runs, config) -> dict[str, torch.Tensor]:
 
 
 def test_accumulating_contrastive_tasks_in_micro_batches_sums_their_whole_batch_gradients(tmp_path):
-    path = tmp_path / "two.yaml"
-    path.write_text("base: demo\ntrain: {steps: 2, batch_size: 8}\nschedule: {kind: accumulate}\ntasks:\n"
-                    "  - {name: a, kind: contrastive, data: data_shards/train}\n"
-                    "  - {name: b, kind: contrastive, data: data_shards/train, loss_weight: 0.5}\n")
+    path = write_config(tmp_path / "two.yaml", {
+        "base": "demo", "train": {"steps": 2, "batch_size": 8}, "schedule": {"kind": "accumulate"},
+        "tasks": [{"name": "a", "kind": "contrastive", "data": "data_shards/train"},
+                  {"name": "b", "kind": "contrastive", "data": "data_shards/train", "loss_weight": 0.5}]})
     overrides = ["model.moe.router_noise=false", "model.moe.group_size=2", "train.device=cpu"]
-    whole, micro = (load_config(str(path), overrides + extra) for extra in ([], ["train.micro_batch_size=4"]))
+    whole, micro = (load_config(path, overrides + extra) for extra in ([], ["train.micro_batch_size=4"]))
     generator, cpu = torch.Generator().manual_seed(1), torch.device("cpu")
     batches = [TrainBatch(torch.randn(8, 3, 64, 64, generator=generator),
                           torch.randint(1, 999, (8, 16), generator=generator)) for _ in range(2)]
@@ -195,73 +190,62 @@ def test_two_processes_end_with_the_parameters_of_one(distributed_runs):
         torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _one_line_error(capsys) -> str:
-    """The error line (stderr also carries the progress bar)."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if "limoe: error" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize("change, message", [
     ({"kind": "regression"}, "'tasks[1].kind' must be one of ['contrastive', 'classification']"),
     ({"cls": "data_shards/heldout"}, "holds no .cls labels"),
 ])
-def test_bad_task_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
-    assert _train(tmp_path, _config_file(tmp_path, **change)) == 2
-    assert message in _one_line_error(capsys)
+def test_bad_task_input_is_one_line_and_exit_2(tmp_path, change, message):
+    refused(_args(tmp_path, _config_file(tmp_path, **change)), message)
 
 
-def test_a_label_outside_the_class_list_is_one_line_and_exit_2(tmp_path, capsys):
+def test_a_label_outside_the_class_list_is_one_line_and_exit_2(tmp_path):
     names = tmp_path / "three.txt"
     names.write_text("arrow\nzodiac\nhousehold\n")
-    assert _train(tmp_path, _config_file(tmp_path, schedule="alternating", extra=f"classnames: {names}")) == 2
-    assert "outside its 3 class names" in _one_line_error(capsys)
+    config = _config_file(tmp_path, schedule="alternating", extra={"classnames": str(names)})
+    refused(_args(tmp_path, config), "outside its 3 class names")
 
 
-def test_micro_batches_with_a_classification_task_are_one_line_and_exit_2(tmp_path, capsys):
-    assert _train(tmp_path, _config_file(tmp_path), "train.micro_batch_size=2") == 2
-    assert "train.micro_batch_size applies to contrastive tasks only" in _one_line_error(capsys)
+def test_micro_batches_with_a_classification_task_are_one_line_and_exit_2(tmp_path):
+    refused(_args(tmp_path, _config_file(tmp_path), "train.micro_batch_size=2"),
+            "train.micro_batch_size applies to contrastive tasks only")
 
 
-def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+def test_task_batches_that_do_not_split_over_the_processes_are_one_line_and_exit_2(tmp_path, monkeypatch):
     """As 2 processes would see it (the session's world size is the only input the check reads)."""
     def two_ranks(config):
         return Session(torch.device("cpu"), False, 0, 2)
 
     monkeypatch.setattr("limoe.train_command.start_session", two_ranks)
-    assert _train(tmp_path, _config_file(tmp_path), "tasks.1.batch_size=5") == 2
-    assert "task 'subgroups': batch_size 5 does not split over the 2 processes" in _one_line_error(capsys)
+    refused(_args(tmp_path, _config_file(tmp_path), "tasks.1.batch_size=5"),
+            "task 'subgroups': batch_size 5 does not split over the 2 processes")
 
 
-def test_a_contrastive_task_batch_of_partial_routing_groups_is_one_line_and_exit_2(tmp_path, capsys):
+def test_a_contrastive_task_batch_of_partial_routing_groups_is_one_line_and_exit_2(tmp_path):
     """Groups of 8 (limoe-tiny): 12 pairs would be spread evenly over ceil(12/8) = 2 groups of 6."""
-    assert _train(tmp_path, _config_file(tmp_path), "tasks.0.batch_size=12") == 2
-    assert ("task 'pairs': batch_size 12 gives 12 examples per GPU, not a multiple of model.moe.group_size 8: they "
-            "would be routed in 2 groups of 6. Use a multiple of 8 such as 8 or 16." in _one_line_error(capsys))
+    refused(_args(tmp_path, _config_file(tmp_path), "tasks.0.batch_size=12"),
+            "task 'pairs': batch_size 12 gives 12 examples per GPU, not a multiple of model.moe.group_size 8: they "
+            "would be routed in 2 groups of 6. Use a multiple of 8 such as 8 or 16.")
     assert not (tmp_path / "run").exists()
 
 
-def test_a_cotraining_workdir_resumes_only_with_its_tasks(cotrain_run, capsys):
+def test_a_cotraining_workdir_resumes_only_with_its_tasks(cotrain_run):
     state = json.loads(next((cotrain_run / "checkpoints").glob("*/state.json")).read_text())
     assert state["objective"] == "co-training"
-    assert main(["train", "--workdir", str(cotrain_run), "--set", "data.workers=0"]) == 2
-    assert "was written by limoe train with tasks:, not limoe train" in _one_line_error(capsys)
+    refused(["train", "--workdir", str(cotrain_run), "--set", "data.workers=0"],
+            "was written by limoe train with tasks:, not limoe train")
 
 
-def test_pretraining_with_tasks_is_one_line_and_exit_2(tmp_path, capsys):
-    args = ["pretrain", "--config", _config_file(tmp_path), "--workdir", str(tmp_path / "run")]
-    for override in ("pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2", "data.workers=0"):
-        args += ["--set", override]
-    assert main(args) == 2
-    assert "tasks: co-train the contrastive objective of limoe train" in _one_line_error(capsys)
+def test_pretraining_with_tasks_is_one_line_and_exit_2(tmp_path):
+    args = run_args("pretrain", tmp_path / "run", "pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2",
+                    "data.workers=0", config=_config_file(tmp_path))
+    refused(args, "tasks: co-train the contrastive objective of limoe train")
 
 
 
 def test_flip_drops_patches_in_every_task_and_routing_is_kept_per_phase_and_task(tmp_path):
     """Alternating pairs (8 images), subgroups (6): steps 1-2 keep 32 of 64 patches, steps 3-4 all."""
     config = _config_file(tmp_path, schedule="alternating")
-    assert _train(tmp_path, config, "train.image_mask_ratio=0.5", "train.unmasked_steps=2") == 0
+    assert main(_args(tmp_path, config, "train.image_mask_ratio=0.5", "train.unmasked_steps=2")) == 0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     routing = {r["stage"]: r for r in records if "routing" in r}
     assert load_config(config).model.num_patches == 64

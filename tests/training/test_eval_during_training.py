@@ -8,19 +8,18 @@ from pathlib import Path
 import pytest
 
 from limoe.cli import main
+from tests.helpers import QUICK, ROOT, refused, run_args
 from tests.training.processes import run_processes
 
-ROOT = Path(__file__).resolve().parents[2]
 # One shard of each held-out set keeps the four evaluations per run short.
 ZEROSHOT = ROOT / "data_shards/heldout_cls/00000.tar.gz"
 RETRIEVAL = ROOT / "data_shards/heldout/00000.tar.gz"
-RUN = ["train.steps=4", "train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
-       "train.routing_stats_every=2", "optim.warmup_steps=2", "train.eval_every=2", "eval.zeroshot.templates=openai",
+RUN = ["train.steps=4", *QUICK, "train.eval_every=2", "eval.zeroshot.templates=openai",
        f"eval.zeroshot.data={ZEROSHOT}", f"eval.retrieval={RETRIEVAL}", f"data.heldout={RETRIEVAL}"]
 
 
 def _train_args(workdir: Path, *overrides: str) -> list[str]:
-    return ["train", "--workdir", str(workdir), *[arg for o in (*RUN, *overrides) for arg in ("--set", o)]]
+    return run_args("train", workdir, *RUN, *overrides)
 
 
 def _logged_evaluations(workdir: Path) -> dict[int, dict]:
@@ -71,17 +70,14 @@ def test_two_processes_with_expert_parallelism_evaluate_together(tmp_path):
     ("eval.zeroshot.classnames=no-such-file.txt", "eval.zeroshot.classnames"),
     ("eval.zeroshot.templates=no-such-templates.txt", "no-such-templates.txt"),
 ])
-def test_a_bad_evaluation_set_fails_before_training(tmp_path, capsys, override, named):
+def test_a_bad_evaluation_set_fails_before_training(tmp_path, override, named):
     workdir = tmp_path / "run"
-    assert main(_train_args(workdir, override)) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and named in error[0]
+    refused(_train_args(workdir, override), named)
     assert not (workdir / "checkpoints").exists()
 
 
-def test_eval_every_without_a_set_is_refused(tmp_path, capsys):
-    assert main(["train", "--workdir", str(tmp_path / "run"), "--set", "train.eval_every=10"]) == 2
-    assert "eval.zeroshot.data or eval.retrieval" in capsys.readouterr().err
+def test_eval_every_without_a_set_is_refused(tmp_path):
+    refused(run_args("train", tmp_path / "run", "train.eval_every=10"), "eval.zeroshot.data or eval.retrieval")
 
 
 def test_an_evaluation_lost_to_a_kill_is_run_on_resume_once(tmp_path):

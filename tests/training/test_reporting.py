@@ -18,19 +18,17 @@ from limoe.cli import main
 from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.training.report_to import ScalarSinks
+from tests.helpers import QUICK, ROOT, refused, run_args
 from tests.training.wandb_history import wandb_history
 
-ROOT = Path(__file__).resolve().parents[2]
 ONE_SHARD = ROOT / "data_shards/heldout/00000.tar.gz"  # keeps evaluations and the final report short
-RUN = ["train.steps=4", "train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
-       "train.routing_stats_every=2", "optim.warmup_steps=2", "train.eval_every=2", f"eval.retrieval={ONE_SHARD}",
-       f"data.heldout={ONE_SHARD}"]
+RUN = ["train.steps=4", *QUICK, "train.eval_every=2", f"eval.retrieval={ONE_SHARD}", f"data.heldout={ONE_SHARD}"]
 ROUTING_STATS = ("tokens", "routing_success", "dropped", "token_entropy", "marginal_entropy", "experts_used",
                  "top_share")
 
 
 def _train_args(workdir: Path, *overrides: str) -> list[str]:
-    return ["train", "--workdir", str(workdir), *[arg for o in (*RUN, *overrides) for arg in ("--set", o)]]
+    return run_args("train", workdir, *RUN, *overrides)
 
 
 class Terminal(io.StringIO):
@@ -126,11 +124,9 @@ def test_report_to_nothing_writes_no_event_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_report_to_wandb_without_wandb_installed_is_one_line(tmp_path, capsys, monkeypatch):
+def test_report_to_wandb_without_wandb_installed_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
-    assert main(_train_args(tmp_path / "run", "train.report_to=[wandb]")) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "pip install 'limoe[wandb]'" in error[0], error
+    refused(_train_args(tmp_path / "run", "train.report_to=[wandb]"), "pip install 'limoe[wandb]'")
     assert not (tmp_path / "run").exists()
 
 

@@ -16,7 +16,7 @@ import pytest
 from limoe.checkpoints.store import CHECKPOINT_DIR
 from limoe.config import load_config
 from tests.training.processes import run_processes
-from tests.training.reshape_worker import CONTINUED, SAVED_AT
+from tests.helpers import RESHAPE_CONTINUED, RESHAPE_SAVED_AT
 
 
 def _results(workdir: Path, phase: str, processes: int) -> list[dict]:
@@ -36,7 +36,7 @@ def test_a_checkpoint_resumes_on_another_process_layout(tmp_path, saved, resumed
     resumed_ranks = _results(tmp_path, "resume", resumed_processes)
 
     for result in resumed_ranks:
-        assert result["step"] == SAVED_AT
+        assert result["step"] == RESHAPE_SAVED_AT
     with (tmp_path / CHECKPOINT_DIR / "step_00000002" / "manifest.json").open() as manifest:
         files = json.load(manifest)["files"]
     assert any(name.startswith("model.rank00001") for name in files) == (saved_processes == 2)
@@ -51,7 +51,7 @@ def test_a_checkpoint_resumes_on_another_process_layout(tmp_path, saved, resumed
         assert own[0] and own[1] and not own[0] & own[1]
 
     continued = resumed_ranks[0]["losses"]
-    uninterrupted = first["losses"][SAVED_AT:SAVED_AT + CONTINUED]
+    uninterrupted = first["losses"][RESHAPE_SAVED_AT:RESHAPE_SAVED_AT + RESHAPE_CONTINUED]
     assert continued[0] == pytest.approx(uninterrupted[0], rel=1e-5)  # the restored model
     if resumed_zero == saved_zero:  # the same optimizer code: the same updates (ZeRO clips in DeepSpeed)
         assert continued == pytest.approx(uninterrupted, rel=1e-5)

@@ -7,6 +7,7 @@ import pytest
 from limoe.config import load_config
 from limoe.errors import LimoeError
 from limoe.training.schedules import KINDS, TaskSchedule
+from tests.helpers import write_config
 
 BUDGETS = [23, 7, 11]  # U_j of three tasks; 41 steps in all
 
@@ -70,11 +71,11 @@ def test_the_weighted_schedule_is_pinned_for_a_seed():
 
 
 def test_budgets_must_add_up_to_the_training_steps(tmp_path):
-    (tmp_path / "c.yaml").write_text(
-        "model: limoe-tiny\ntrain: {steps: 10}\ntasks:\n"
-        "  - {name: a, kind: contrastive, data: x, steps: 6}\n  - {name: b, kind: contrastive, data: y, steps: 3}\n"
-    )
+    path = write_config(tmp_path / "c.yaml", {
+        "model": "limoe-tiny", "train": {"steps": 10},
+        "tasks": [{"name": "a", "kind": "contrastive", "data": "x", "steps": 6},
+                  {"name": "b", "kind": "contrastive", "data": "y", "steps": 3}]})
     with pytest.raises(LimoeError, match="add up to 9 but train.steps is 10"):
-        load_config(str(tmp_path / "c.yaml"))
-    config = load_config(str(tmp_path / "c.yaml"), ["schedule.kind=alternating"])  # budgets unused there
+        load_config(path)
+    config = load_config(path, ["schedule.kind=alternating"])  # budgets unused there
     assert TaskSchedule.from_config(config).counts() == [5, 5]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,26 +22,28 @@ from limoe.training.step import train_step
 from limoe.training.trainer import build_engine, lr_multiplier
 from limoe.training.workdir import keep_metrics_until, locked_workdir
 from tests.child_env import child_env
-
-ROOT = Path(__file__).resolve().parents[2]
-QUICK = ["train.batch_size=16", "data.workers=0", "train.log_every=2", "train.checkpoint_every=2",
-         "train.routing_stats_every=2", "optim.warmup_steps=2"]
+from tests.helpers import QUICK, ROOT, refused, run_args
 
 
 def _args(workdir: Path, *overrides: str) -> list[str]:
-    args = ["train", "--workdir", str(workdir)]
-    for override in (*QUICK, *overrides):
-        args += ["--set", override]
-    return args
+    return run_args("train", workdir, *QUICK, *overrides)
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The demo config for 4 steps, run in-process like a user would from the shell; in two
-    micro-batches of one routing group each."""
+    micro-batches of one routing group each. Tests that run again in it or change it take a copy
+    (`demo_copy`)."""
     workdir = tmp_path_factory.mktemp("demo")
     assert main(_args(workdir, "train.steps=4", "train.micro_batch_size=8")) == 0
     return workdir
+
+
+@pytest.fixture
+def demo_copy(demo_run, tmp_path) -> Path:
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_run, copy)
+    return copy
 
 
 def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
@@ -61,41 +64,36 @@ def test_demo_writes_metrics_checkpoints_and_a_final_report(demo_run):
     assert list((demo_run / "tensorboard").iterdir())
 
 
-def test_rerunning_a_finished_run_resumes_without_training(demo_run):
+def test_rerunning_a_finished_run_resumes_without_training(demo_copy):
     """Also with another kernel backend and eval capacity: how the weights are computed, not which."""
-    before = (demo_run / "metrics.jsonl").read_text()
-    assert main(_args(demo_run, "train.steps=4", "train.micro_batch_size=8", "model.moe.backend=triton",
+    before = (demo_copy / "metrics.jsonl").read_text()
+    assert main(_args(demo_copy, "train.steps=4", "train.micro_batch_size=8", "model.moe.backend=triton",
                       "model.moe.eval_capacity_factor=4.0")) == 0
-    assert (demo_run / "metrics.jsonl").read_text() == before
+    assert (demo_copy / "metrics.jsonl").read_text() == before
 
 
-def test_a_workdir_of_another_architecture_is_refused(demo_run, capsys):
-    assert main(_args(demo_run, "train.steps=4", "model.width=64", "model.heads=2")) == 2
-    err = capsys.readouterr().err
-    assert "different architecture: model.heads is 4 there and 2 now (and 1 more keys)" in err, err
+def test_a_workdir_of_another_architecture_is_refused(demo_copy):
+    refused(_args(demo_copy, "train.steps=4", "model.width=64", "model.heads=2"),
+            "different architecture: model.heads is 4 there and 2 now (and 1 more keys)")
 
 
-def test_the_architecture_check_reads_the_checkpoint_not_config_yaml(demo_run, capsys):
-    (demo_run / "config.yaml").unlink()
-    assert main(_args(demo_run, "train.steps=4", "model.width=64", "model.heads=2")) == 2
-    assert "different architecture" in capsys.readouterr().err
+def test_the_architecture_check_reads_the_checkpoint_not_config_yaml(demo_copy):
+    (demo_copy / "config.yaml").unlink()
+    refused(_args(demo_copy, "train.steps=4", "model.width=64", "model.heads=2"), "different architecture")
 
 
-def test_a_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path, capsys):
+def test_a_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
     with locked_workdir(tmp_path, rank=0):  # a trainer is running in this workdir
-        assert main(_args(tmp_path, "train.steps=2")) == 2
-    err = capsys.readouterr().err
-    assert f"is in use by limoe train (pid {os.getpid()} on host {socket.gethostname()}" in err
-    assert err.count("\n") == 1 and not (tmp_path / "checkpoints").exists()
+        refused(_args(tmp_path, "train.steps=2"),
+                f"is in use by limoe train (pid {os.getpid()} on host {socket.gethostname()}")
+    assert not (tmp_path / "checkpoints").exists()
     with locked_workdir(tmp_path, rank=0):  # released when the first run ends
         pass
 
 
-def test_an_unwritable_workdir_is_one_line(tmp_path, capsys):
+def test_an_unwritable_workdir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
-    assert main(_args(tmp_path / "file" / "run", "train.steps=2")) == 2
-    err = capsys.readouterr().err
-    assert "cannot write in workdir" in err and err.count("\n") == 1
+    refused(_args(tmp_path / "file" / "run", "train.steps=2"), "cannot write in workdir")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -108,10 +106,8 @@ def test_an_unwritable_workdir_is_one_line(tmp_path, capsys):
                             ": they would be routed in 4 groups of 8 with 2 empty examples as padding. Use a multiple "
                             "of 8 such as 24 or 32."),
 ])
-def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(tmp_path, capsys, override, message):
-    assert main(_args(tmp_path / "run", override)) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(tmp_path, override, message):
+    refused(_args(tmp_path / "run", override), message)
     assert not (tmp_path / "run").exists()
 
 
@@ -191,11 +187,9 @@ def test_metrics_keep_each_step_once_after_any_number_of_kills(tmp_path):
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_a_diverged_run_stops_with_a_clear_message_and_keeps_no_bad_checkpoint(tmp_path, capsys, skip):
+def test_a_diverged_run_stops_with_a_clear_message_and_keeps_no_bad_checkpoint(tmp_path, skip):
     args = _args(tmp_path, "train.steps=40", "optim.lr=1.0e30", "optim.warmup_steps=1", "optim.grad_clip=0",
                  f"train.skip_nonfinite_steps={str(skip).lower()}", "train.checkpoint_every=1")
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert ("in a row had a non-finite loss" if skip else "the loss became") in err
+    refused(args, "in a row had a non-finite loss" if skip else "the loss became", after_progress=True)
     last = checkpoint.latest_checkpoint(tmp_path)
     assert last is None or int(last.name.split("_")[1]) < 40

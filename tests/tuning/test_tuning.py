@@ -21,6 +21,7 @@ from limoe.errors import LimoeError
 from limoe.model.prompts import LABEL_SET_KEY, add_prompt_tuning, classification_logits
 from limoe.tuning.few_shot import read_few_shot_split
 from limoe.tuning.prompt_tuning import TuneRecipe, tuned_parameters
+from tests.helpers import refused
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 HELDOUT_CLS = DEMO / "heldout_cls"
@@ -74,9 +75,13 @@ def _tune(checkpoint: Path, data: Path, output: Path, templates: Path, shots: in
     return json.loads(metrics.read_text())
 
 
+def _zeroshot_args(checkpoint: Path, data: Path, output: Path, *options: str) -> list[str]:
+    return ["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
+            "--device", "cpu", "--workers", "0", *options]
+
+
 def _zeroshot(checkpoint: Path, data: Path, output: Path, *options: str) -> int:
-    return main(["eval", "zeroshot", "--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
-                 "--device", "cpu", "--workers", "0", *options])
+    return main(_zeroshot_args(checkpoint, data, output, *options))
 
 
 def test_fresh_prompts_and_head_change_nothing(checkpoint):
@@ -134,13 +139,12 @@ def test_the_report_is_one_column_of_values_and_ends_with_where_the_time_went(ch
     assert phases == ["loading", "encoding", "baselines", "1 steps", "evaluation"]
 
 
-def test_a_tuned_file_refuses_another_label_set(small_set, step_zero, tmp_path, capsys):
+def test_a_tuned_file_refuses_another_label_set(small_set, step_zero, tmp_path):
     names = (small_set / "classnames.txt").read_text().splitlines()
     (tmp_path / "other.txt").write_text("\n".join(reversed(names)) + "\n")
-    capsys.readouterr()
-    assert _zeroshot(step_zero[0], small_set, tmp_path / "zs.json", "--classnames", str(tmp_path / "other.txt")) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith(f"limoe: error: the checkpoint was prompt-tuned for {len(names)} classes") and "\n" not in error
+    args = _zeroshot_args(step_zero[0], small_set, tmp_path / "zs.json", "--classnames", str(tmp_path / "other.txt"))
+    line = refused(args)
+    assert line.startswith(f"limoe: error: the checkpoint was prompt-tuned for {len(names)} classes")
     assert not (tmp_path / "zs.json").exists()
 
 
