@@ -1,4 +1,4 @@
-"""limoe.benchmarks.data: one run prints open_clip's pipeline and limoe's two resizes side by side."""
+"""limoe.benchmarks.data: one run prints open_clip's pipeline and limoe's two resizes side by side, and the audio row."""
 
 import importlib.util
 import subprocess
@@ -7,7 +7,7 @@ import sys
 from tests.child_env import child_env
 
 
-def test_a_small_run_prints_the_three_pipelines_side_by_side():
+def test_a_small_run_prints_the_three_pipelines_and_the_audio_row_side_by_side():
     result = subprocess.run([sys.executable, "-m", "limoe.benchmarks.data", "--samples", "32", "--batch-size", "16",
                              "--sizes", "40", "--repeats", "1"], capture_output=True, text=True, timeout=600,
                             env=child_env())
@@ -17,6 +17,10 @@ def test_a_small_run_prints_the_three_pipelines_side_by_side():
     assert set(rows) == {"open_clip get_wds_dataset", "limoe, worker resize", "limoe, device resize"}
     worker, device = rows["limoe, worker resize"], rows["limoe, device resize"]
     assert float(worker[0]) > 0 and float(device[0]) > 0 and float(device[2]) > 0  # pairs per CPU-second, device ms
+    (audio,) = [cells for line in result.stdout.splitlines()
+                if len(cells := [c.strip() for c in line.strip("|").split("|")]) >= 3 and cells[1] == "limoe, audio clips"]
+    assert audio[0] == "16 kHz 1 s clip (~7 kB)" and float(audio[2]) > 0  # the shipped audio_train shards
+    assert "features are computed on the device and are not in the row" in result.stdout
     if importlib.util.find_spec("pandas") is None:  # open_clip_train.data imports it
         assert rows["open_clip get_wds_dataset"][0].startswith("not measured")
     else:
