@@ -1,4 +1,5 @@
-"""How many image-caption pairs per CPU-second one data worker delivers: open_clip's pipeline and limoe's.
+"""How many image-caption pairs (and audio-caption pairs) per CPU-second one data worker delivers:
+open_clip's pipeline and limoe's.
 
 Three pipelines run side by side in one process, on the same temporary shards of photo-like JPEGs
 cropped to 224 px (the usual ViT input), each with one worker's work done in this process
@@ -14,8 +15,13 @@ worker on a core of its own, and robust to other load on the machine:
   separately: on the GPU when there is one, else on this CPU with one thread.
 - limoe, device decode: `decode_on="device"` as well (the worker reads the header and draws the
   box only); the device's time per batch is then the decode (nvJPEG on a GPU) and the resize.
+- limoe, audio clips: `train_loader` with `modality="audio"` over the demo's audio shards
+  (`data_shards/audio_train`, one-second 16 kHz FLAC): read, shuffle, decode, crop (resampled when
+  `--audio-rate` differs from the shards' 16 kHz), tokenize, batch. The features (log-mel) are
+  computed by the model on the device and are not in the row.
 
     python -m limoe.benchmarks.data [--samples 2048] [--batch-size 128] [--sizes 256 640] [--repeats 2]
+                                    [--audio-shards data_shards/audio_train] [--audio-rate 16000] [--audio-seconds 1]
 
 Reading the result: a GPU step that consumes B pairs in t seconds needs B / t pairs/s; divided by
 the per-worker rate, that is the number of data workers (and CPU cores) it needs.
@@ -24,6 +30,7 @@ the per-worker rate, that is the number of data workers (and CPU cores) it needs
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import os
@@ -41,11 +48,14 @@ from PIL import Image, ImageFilter
 
 from limoe.config import ShardSource
 from limoe.data.crops import crop_on_device
-from limoe.data.pipeline import train_loader
+from limoe.data.audio import AUDIO_EXTENSIONS
+from limoe.data.pipeline import expand_shards, train_loader
+from limoe.data.tar_members import shard_samples
 from limoe.data.preprocess import MEAN, STD
 from limoe.training.device_batches import to_device
 
 COLOURS = ("red", "green", "blue", "amber", "grey", "violet", "teal", "ochre")
+AUDIO_SHARDS = Path(__file__).resolve().parents[2] / "data_shards" / "audio_train"  # in a checkout of the repository
 IMAGE_SIZE = 224
 CONTEXT_LENGTH = 77  # open_clip's ViT-B tokenizer
 
@@ -96,6 +106,19 @@ def limoe_batches(shard: str, batch_size: int, resize_on: str, decode_on: str = 
                         resampled=True, seed=0, max_bad_fraction=0.01, resize_on=resize_on, decode_on=decode_on)
 
 
+def audio_batches(shards: str, batch_size: int, rate: int, seconds: float) -> Iterable:
+    return train_loader((ShardSource(shards),), batch_size, IMAGE_SIZE, CONTEXT_LENGTH, 0, shuffle_buffer=1000,
+                        resampled=True, seed=0, max_bad_fraction=0.01, modality="audio", sample_rate=rate,
+                        clip_seconds=seconds)
+
+
+def mean_audio_kilobytes(shards: str) -> float:
+    """The mean size of the audio members of `shards`, in kB."""
+    sizes = [len(data) for shard in expand_shards(shards) for sample in shard_samples(shard)
+             for extension, data in sample.items() if extension in AUDIO_EXTENSIONS]
+    return sum(sizes) / len(sizes) / 1000
+
+
 def pairs_per_cpu_second(make_batches: Callable[[], Iterable], samples: int, batch_size: int) -> float:
     """Steady state: the first batch (start-up, filling the shuffle buffer) is not timed."""
     batches = iter(make_batches())
@@ -133,6 +156,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 640], help="stored JPEG sides, in px")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per row; the best is shown")
+    parser.add_argument("--audio-shards", default=str(AUDIO_SHARDS), help="audio shards for the audio row")
+    parser.add_argument("--audio-rate", type=int, default=16_000, help="Hz of the clips batched")
+    parser.add_argument("--audio-seconds", type=float, default=1.0, help="length of the clips batched")
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,6 +190,16 @@ def main() -> None:
                 crop = f"{device_crop_ms(shard, args.batch_size, device, decode_on):.1f}" if decode_on else "-"
                 print(f"| {f'{size} px (~{kilobytes:.0f} kB)':<24} | {name:<26} | {rate:>20.0f} | {ratio:>11} "
                       f"| {crop:>15} |", flush=True)
+    clip = f"{args.audio_rate / 1000:g} kHz {args.audio_seconds:g} s clip"
+    if not Path(args.audio_shards).exists():
+        print(f"| {clip:<24} | {'limoe, audio clips':<26} | not measured: no shards at {args.audio_shards} |")
+        return
+    make = functools.partial(audio_batches, args.audio_shards, args.batch_size, args.audio_rate, args.audio_seconds)
+    rate = max(pairs_per_cpu_second(make, args.samples, args.batch_size) for _ in range(args.repeats))
+    print(f"| {f'{clip} (~{mean_audio_kilobytes(args.audio_shards):.0f} kB)':<24} | {'limoe, audio clips':<26} "
+          f"| {rate:>20.0f} | {'-':>11} | {'-':>15} |", flush=True)
+    print("(audio: decode, crop and resampling where needed; the log-mel features are computed on the device and "
+          "are not in the row)")
 
 
 if __name__ == "__main__":

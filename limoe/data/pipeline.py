@@ -1,4 +1,4 @@
-"""Input pipelines: webdataset shards to batches of images and caption tokens.
+"""Input pipelines: webdataset shards to batches of images or audio clips and caption tokens.
 
 Each DataLoader worker runs the whole pipeline on its own share of the shards: read tar files,
 group members into samples, shuffle in memory (training), decode, crop, tokenize and batch.
@@ -7,6 +7,11 @@ Training crops are resized in the worker or, with `resize_on="device"`, on the d
 batch is copied there (`limoe.data.crops`); images are decoded at a reduced scale when they are
 much larger than the crop needs (`limoe.data.images`).
 
+Audio shards (`modality="audio"`, LAION-CLAP's layout: `KEY.flac` and a `KEY.json` whose `"text"`
+lists captions) go through the same stream: each clip is decoded at the model's rate and length in
+the worker (`limoe.data.audio.decode_clip`: a random window in training, the centre one in
+evaluation) and batched as float32 waveforms; the model computes the features on the device.
+
 Training (`train_loader`) is an endless stream of image-caption pairs, or of labelled images
 for a classification task: shards are either resampled with replacement
 (each rank and worker drawing with its own seed, LAION-style) or shuffled every epoch and split
@@ -14,8 +19,8 @@ between ranks and workers. Several sources are mixed per sample (`limoe.data.sou
 proportions: by size unless the config gives weights, as open_clip does). Evaluation
 (`eval_loader`) reads every sample exactly once across ranks and workers, in shard order.
 
-Bad data is skipped and counted, never fatal by itself and never silent: a corrupt image, a
-sample without a usable image, caption or label, or a shard that cannot be read to the end. Each
+Bad data is skipped and counted, never fatal by itself and never silent: a corrupt image or clip, a
+sample without a usable image or clip, caption or label, or a shard that cannot be read to the end. Each
 worker keeps a `WorkerTally` that travels with every batch, so the main process's
 `BadSampleCounter` (`loader.bad_samples`) knows counts from all workers; warnings are logged as
 the count doubles, and once the bad fraction of any worker passes `max_bad_fraction` the loader
@@ -23,8 +28,9 @@ raises LimoeError naming the offending shard and key.
 
 Randomness is seeded: shard order, mixing and shuffling use per-rank, per-worker
 `random.Random` instances derived from `seed`, and the DataLoader's generator seeds torch (for
-the random crops) in each worker. With `workers=0` crops draw from the main process's torch
-generator, which the trainer seeds.
+the random image crops) in each worker. With `workers=0` image crops draw from the main process's
+torch generator, which the trainer seeds. Audio windows and the caption drawn from a sample's list
+come from a `random.Random` of their own per rank and worker, whatever the worker count.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import functools
 import glob
 import io
 import itertools
+import json
 import logging
 import os
 import random
@@ -41,7 +48,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, NamedTuple, Optional, Union
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple, Optional, Union
 
 import braceexpand
 import numpy as np
@@ -60,6 +67,7 @@ from limoe.data.crops import (
 from limoe.data.device_decode import FALLBACKS, Region
 from limoe.data.preprocess import eval_crop, normalize, tokenizer
 from limoe.files import read_text_file
+from limoe.data.audio import AUDIO_EXTENSIONS, UnusableAudio, decode_clip
 from limoe.data.images import Header, UnusableImage, decode_rgb, read_header
 from limoe.data.sources import mixing_weights
 from limoe.data.tar_members import shard_samples
@@ -67,6 +75,7 @@ from limoe.data.tar_members import shard_samples
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
+Modality = Literal["image", "audio"]
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # streamed by webdataset; cannot be checked here
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
@@ -147,20 +156,25 @@ def read_classnames(spec: str) -> list[str]:
 
 
 class TrainBatch(NamedTuple):
-    # [B, 3, H, W] uint8, cropped; normalised on the device (preprocess.normalize). With
-    # resize_on="device", an Uncropped until DeviceBatches crops it.
+    """A training batch of inputs and their captions. The inputs are named `images` whatever the
+    modality: images [B, 3, H, W] uint8, cropped, normalised on the device (preprocess.normalize),
+    or with resize_on="device" an Uncropped until DeviceBatches crops it; audio clips [B, T]
+    float32 mono waveforms, T = round(sample_rate · clip_seconds), turned into features on the device."""
+
     images: Union[torch.Tensor, Uncropped]
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
 
 
 class LabelledBatch(NamedTuple):
-    images: Union[torch.Tensor, Uncropped]  # as in TrainBatch
+    """A training batch of a classification task: inputs as in TrainBatch (audio: [B, T] float32)."""
+
+    images: Union[torch.Tensor, Uncropped]
     labels: torch.Tensor  # [B] int64 `.cls` labels
 
 
 class EvalBatch(NamedTuple):
     # [B, 3, H, W] float32, normalised; with resize_on="device" an Uncropped, which
-    # `limoe.data.crops.eval_images_on` crops and normalises on the model's device
+    # `limoe.data.crops.eval_images_on` crops and normalises on the model's device; audio clips [B, T] float32
     images: Union[torch.Tensor, Uncropped]
     keys: list[str]  # sample keys, to join results with the shards
     tokens: Optional[torch.Tensor]  # [B, L] int64 for caption sets, else None
@@ -254,17 +268,20 @@ class _BadSample(Exception):
 # Per-sample parsing
 
 
-def _parse(sample: dict, classification: bool, min_side: Optional[int]) -> tuple[str, object, object]:
-    """(key, RGB image, caption or label), or _BadSample. The cheap checks come before decoding;
-    the image is decoded with its shorter side reduced towards `min_side` where it is much larger.
-    With `min_side` None the image is not decoded: (its header, its bytes) for the device."""
-    extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+def _parse(sample: dict, modality: Modality, classification: bool, decode: Callable[[bytes], object],
+           draws: Optional[random.Random]) -> tuple[str, object, object]:
+    """(key, decoded input, caption or label), or _BadSample. The cheap checks come before `decode`
+    (an image to RGB, an audio member to its clip); `draws` picks an audio sample's caption from
+    its list in training (None: the first)."""
+    extensions, missing = (AUDIO_EXTENSIONS, "no_audio") if modality == "audio" else (IMAGE_EXTENSIONS, "no_image")
+    extension = next((e for e in extensions if e in sample), None)
     if extension is None:
-        raise _BadSample("no_image")
-    target = _label(sample) if classification else _caption(sample)
-    if min_side is None:
-        return sample["__key__"], (_read_header(sample[extension]), sample[extension]), target
-    return sample["__key__"], _decode_image(sample[extension], min_side), target
+        raise _BadSample(missing)
+    if classification:
+        target = _label(sample)
+    else:
+        target = _listed_caption(sample, draws) if modality == "audio" else _caption(sample)
+    return sample["__key__"], decode(sample[extension]), target
 
 
 def _caption(sample: dict) -> str:
@@ -277,6 +294,28 @@ def _caption(sample: dict) -> str:
     if not caption:
         raise _BadSample("empty_caption")
     return caption
+
+
+def _listed_caption(sample: dict, draws: Optional[random.Random]) -> str:
+    """The `.txt` caption, else one of the captions LAION-CLAP's audio shards list in the `.json`
+    sidecar's `"text"` (a string or a list): drawn with `draws` in training, so that every one is
+    used, and the first in evaluation. Empty entries of the list are passed over."""
+    if "txt" in sample or "json" not in sample:
+        return _caption(sample)
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _BadSample("bad_caption") from None
+    text = meta.get("text") if isinstance(meta, dict) else None
+    if text is None:
+        raise _BadSample("no_caption")
+    listed = [text] if isinstance(text, str) else text
+    if not isinstance(listed, list) or not all(isinstance(caption, str) for caption in listed):
+        raise _BadSample("bad_caption")
+    captions = [caption.strip() for caption in listed if caption.strip()]
+    if not captions:
+        raise _BadSample("empty_caption")
+    return draws.choice(captions) if draws is not None else captions[0]
 
 
 def _label(sample: dict) -> int:
@@ -298,10 +337,19 @@ def _decode_image(data: bytes, min_side: int) -> Image.Image:
         raise _BadSample(unusable.args[0]) from None
 
 
-def _read_header(data: bytes) -> Header:
+def _read_header(data: bytes) -> tuple[Header, bytes]:
+    """With decode_on="device": an image's header (its bounds checked) and its bytes, not decoded."""
     try:
-        return read_header(data)
+        return read_header(data), data
     except UnusableImage as unusable:
+        raise _BadSample(unusable.args[0]) from None
+
+
+def _decode_audio(data: bytes, rate: int, seconds: float, draws: Optional[random.Random]) -> np.ndarray:
+    """The [round(rate·seconds)] float32 clip: a window drawn with `draws` (training), else the centre one."""
+    try:
+        return decode_clip(data, rate, seconds, "random" if draws is not None else "centre", draws)
+    except UnusableAudio as unusable:
         raise _BadSample(unusable.args[0]) from None
 
 
@@ -343,9 +391,11 @@ def _needed_side(image_size: int, train: bool) -> int:
 
 
 def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
-             uncropped: bool, encoded: bool):
+             uncropped: bool, encoded: bool, modality: Modality):
     keys, images, targets = zip(*records)
-    if encoded:  # each record holds (header, bytes, region, window); decoded and resized on the device
+    if modality == "audio":
+        images = torch.from_numpy(np.stack(images))  # [B, T] float32 waveforms
+    elif encoded:  # each record holds (header, bytes, region, window); decoded and resized on the device
         images = encoded_batch(*map(list, zip(*images)), image_size, _needed_side(image_size, train))
     elif uncropped and train:  # each record holds its box's pixels, resized on the device
         images = uncropped_batch(list(images), image_size)
@@ -382,30 +432,39 @@ class _ShardStream(IterableDataset):
     check_after: int
     resize_on: Literal["worker", "device"] = "worker"
     decode_on: Literal["worker", "device"] = "worker"
+    modality: Modality = "image"
+    sample_rate: Optional[int] = None  # audio: Hz of the clips batched
+    clip_seconds: Optional[float] = None  # audio: length of the clips batched
 
     def __iter__(self) -> Iterator[tuple[Optional[tuple], WorkerTally]]:
         worker, workers = _worker()
         tally = WorkerTally(worker)
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
+        # audio windows and captions: apart from `rng`, so they leave the shard order and shuffle as they were
+        draws = random.Random(f"{self.seed}/{self.rank}/{worker}/draws") if self.train else None
         streams = [self._read(self._urls(source, worker, workers, rng), tally) for source in range(len(self.sources))]
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
         if self.train and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
-        records = ((key, self._prepare(image), target) for key, image, target in self._usable(samples, tally))
+        usable = self._usable(samples, tally, draws)
+        records = ((key, self._prepare(decoded), target) for key, decoded, target in usable)
         collate = functools.partial(_collate, context_length=self.context_length, image_size=self.image_size,
                                     train=self.train, classification=self.classification,
-                                    uncropped=self.resize_on == "device", encoded=self.decode_on == "device")
+                                    uncropped=self.resize_on == "device", encoded=self.decode_on == "device",
+                                    modality=self.modality)
         for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
             yield batch, tally.copy()
         tally.done = True
         yield None, tally.copy()
 
-    def _prepare(self, image: Union[Image.Image, tuple[Header, bytes]]) -> Union[np.ndarray, Window, tuple]:
-        """What a batch carries of one decoded image: its [S, S, 3] uint8 crop, or with
-        resize_on="device" the [h, w, 3] uint8 pixels of its random box (training) or the pixels
-        around its centre crop and the crop's window in them (evaluation). With decode_on="device"
-        the image is (header, bytes), and the same boxes are drawn from the header's size:
-        (header, bytes, the region the crop reads, the crop's window in it)."""
+    def _prepare(self, image: Union[Image.Image, np.ndarray, tuple[Header, bytes]]) -> Union[np.ndarray, Window, tuple]:
+        """What a batch carries of one decoded input: an audio clip as it is (cropped when decoded);
+        an image's [S, S, 3] uint8 crop, or with resize_on="device" the [h, w, 3] uint8 pixels of its
+        random box (training) or the pixels around its centre crop and the crop's window in them
+        (evaluation). With decode_on="device" the image is (header, bytes), and the same boxes are
+        drawn from the header's size: (header, bytes, the region the crop reads, the crop's window in it)."""
+        if self.modality == "audio":
+            return image
         if self.decode_on == "device":
             header, data = image
             if not self.train:
@@ -448,14 +507,23 @@ class _ShardStream(IterableDataset):
             if tally.too_bad(self.max_bad_fraction, self.check_after):
                 return
 
-    def _usable(self, samples: Iterable[dict], tally: WorkerTally) -> Iterator[tuple]:
+    def _decoder(self, draws: Optional[random.Random]) -> Callable[[bytes], object]:
+        """Encoded bytes → an audio clip at the model's rate and length; an RGB image decoded with
+        its shorter side reduced towards what the crop needs where it is much larger; or, with
+        decode_on="device", only the image's header read (and its bytes kept for the device)."""
+        if self.modality == "audio":
+            return functools.partial(_decode_audio, rate=self.sample_rate, seconds=self.clip_seconds, draws=draws)
+        if self.decode_on == "device":
+            return _read_header
+        return functools.partial(_decode_image, min_side=_needed_side(self.image_size, self.train))
+
+    def _usable(self, samples: Iterable[dict], tally: WorkerTally, draws: Optional[random.Random]) -> Iterator[tuple]:
         """Parsed samples; bad ones are counted, and reading stops once they pass the limit."""
-        # with decode_on="device" only the header is read here
-        min_side = _needed_side(self.image_size, self.train) if self.decode_on == "worker" else None
+        decode = self._decoder(draws)
         for sample in samples:
             tally.seen += 1
             try:
-                yield _parse(sample, self.classification, min_side)
+                yield _parse(sample, self.modality, self.classification, decode, draws)
             except _BadSample as bad:
                 tally.skip(bad.args[0], sample["__url__"], sample["__key__"])
                 if tally.too_bad(self.max_bad_fraction, self.check_after):
@@ -480,6 +548,15 @@ class ShardLoader(DataLoader):
 
 # ---------------------------------------------------------------------------------------------
 # Public constructors
+
+
+def _audio_settings(modality: str, sample_rate: Optional[int], clip_seconds: Optional[float]) -> None:
+    """Refuse a modality the loaders cannot read, or audio without a positive rate and clip length."""
+    if modality not in ("image", "audio"):
+        raise LimoeError(f"modality {modality!r} cannot be read from shards; use 'image' or 'audio'.")
+    if modality == "audio" and not (sample_rate and sample_rate > 0 and clip_seconds and clip_seconds > 0):
+        raise LimoeError(f"audio shards need a positive sample rate and clip length (got {sample_rate} Hz, "
+                         f"{clip_seconds} s); set model.audio.sample_rate and model.audio.clip_seconds.")
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -533,6 +610,9 @@ def train_loader(
     pin_memory: bool = False,
     resize_on: Literal["worker", "device"] = "worker",
     decode_on: Literal["worker", "device"] = "worker",
+    modality: Modality = "image",
+    sample_rate: Optional[int] = None,
+    clip_seconds: Optional[float] = None,
 ) -> ShardLoader:
     """An endless loader of TrainBatch(images, tokens), or with `classification` of
     LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank. With
@@ -540,10 +620,15 @@ def train_loader(
     `decode_on="device"` (which needs `resize_on="device"`) they are still encoded, and the device
     decodes them first (`limoe.data.device_decode`).
 
+    `modality="audio"` reads audio shards instead: the inputs are [B, T] float32 clips,
+    T = round(sample_rate · clip_seconds), each a random window of its sample's audio, and the
+    caption one drawn from its list; `image_size` and `resize_on` are not used then.
+
     Rank and world size come from torch.distributed when it is initialised (0 and 1 otherwise);
     the arguments override them. `bad_check_after`: samples a worker reads before the bad
     fraction is judged (a stray bad sample among the first few should not stop a run).
     """
+    _audio_settings(modality, sample_rate, clip_seconds)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
     if not sources:
@@ -560,7 +645,8 @@ def train_loader(
         shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=shuffle_buffer,
         resampled=resampled, seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
-        check_after=bad_check_after, resize_on=resize_on, decode_on=decode_on,
+        check_after=bad_check_after, resize_on=resize_on, decode_on=decode_on, modality=modality,
+        sample_rate=sample_rate, clip_seconds=clip_seconds,
     )
     return ShardLoader(stream, workers, pin_memory)
 
@@ -580,23 +666,30 @@ def eval_loader(
     pin_memory: bool = False,
     resize_on: Literal["worker", "device"] = "worker",
     decode_on: Literal["worker", "device"] = "worker",
+    modality: Modality = "image",
+    sample_rate: Optional[int] = None,
+    clip_seconds: Optional[float] = None,
 ) -> ShardLoader:
     """One pass of EvalBatch(images, keys, tokens, labels): every sample exactly once across ranks
     and workers, eval transforms (resize the shorter side, center crop), the last batch partial.
     With `resize_on="device"` the images are `Uncropped` (the decoded pixels and their centre-crop
     windows), which `limoe.data.crops.eval_images_on` crops and normalises on the device; with
     `decode_on="device"` too, still encoded, and decoded there first.
+    With `modality="audio"`, `images` holds [B, T] float32 clips, T = round(sample_rate ·
+    clip_seconds), each the centre window of its sample's audio, and `tokens` its first caption.
 
     Caption sets (`classification=False`) need `.txt` and fill `tokens`; classification sets need
     `.cls` and fill `labels` (class names: `read_classnames(spec)`). Shards are dealt out whole,
     so ranks may get different numbers of samples when shard sizes differ.
     """
+    _audio_settings(modality, sample_rate, clip_seconds)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
     stream = _ShardStream(
         [expand_shards(spec)], [1.0], train=False, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
         rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
-        resize_on=resize_on, decode_on=decode_on,
+        resize_on=resize_on, decode_on=decode_on, modality=modality, sample_rate=sample_rate,
+        clip_seconds=clip_seconds,
     )
     return ShardLoader(stream, workers, pin_memory)

@@ -1,4 +1,4 @@
-"""Writing webdataset shards in the layout img2dataset produces.
+"""Writing webdataset shards in the layout img2dataset produces, or LAION-CLAP's for audio.
 
 Training reads tar shards because they stream: one sequential read per shard instead of one
 random read per image, which is what keeps GPUs fed from network or spinning storage. The layout
@@ -22,6 +22,13 @@ training run, applies EXIF rotation, flattens transparency onto white and, with 
 resizes the shorter side to `image_size` and center-crops a square (img2dataset's `center_crop`
 mode). The eval transform does exactly that crop, so eval sees what was stored; training loses
 only the margins its random crops would rarely reach, and the shards shrink to what is used.
+
+Audio (`modality="audio"`) is stored as LAION-CLAP's audio shards store it: `KEY.flac` (or `.wav`,
+`.ogg`, `.opus`, `.mp3`: the file's bytes as they are, under its own extension) and a `KEY.json`
+whose `"text"` lists every caption of the file, one of which training draws per step. Clips are
+not re-encoded — decoding, cropping and resampling to the model's rate happen when they are read,
+and a lossy file re-encoded would lose more — but each file's header is read, so files that are
+not audio or hold no frames are counted at build time instead of during training.
 """
 
 from __future__ import annotations
@@ -37,16 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+import soundfile
 import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from limoe.data.audio import AUDIO_EXTENSIONS
 from limoe.data.class_folders import class_folder_names
 from limoe.errors import LimoeError, warn
 from limoe.files import read_text_file, refuse_overwriting_inputs
 from limoe.prompt_templates import load_templates
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+AUDIO_SUFFIXES = tuple(f".{extension}" for extension in AUDIO_EXTENSIONS)
+INPUTS = {"image": (IMAGE_SUFFIXES, "images"), "audio": (AUDIO_SUFFIXES, "audio")}  # suffixes, plural in counts
 FILE_COLUMNS = ("file", "filename", "image", "filepath")  # filepath, title: open_clip's CsvDataset defaults
 CAPTION_COLUMNS = ("caption", "text", "title")
 JPEG_QUALITY = 90
@@ -57,7 +68,7 @@ CLIP_BENCHMARK_SPLIT = "test"  # the split clip_benchmark evaluates by default
 
 @dataclass(frozen=True)
 class _Entry:
-    """One sample to write: an image file and either its caption or its class index."""
+    """An input file and either one of its captions or its class index."""
 
     path: Path
     caption: Optional[str] = None
@@ -65,7 +76,7 @@ class _Entry:
 
 
 def build_shards(
-    images: Path,
+    folder: Path,
     captions: Optional[Path],
     output: Path,
     image_size: Optional[int] = None,
@@ -74,29 +85,39 @@ def build_shards(
     compress: bool = False,
     layout: str = "img2dataset",
     progress: bool = False,
+    modality: str = "image",
 ) -> dict:
-    """Write `output/00000.tar`, … from an image folder and a captions file (or class folders);
-    with `layout="clip_benchmark"`, a classification set as `output/test/0.tar`, … (see above).
+    """Write `output/00000.tar`, … from a folder of images (or with `modality="audio"` of audio
+    files) and a captions file, or from class folders; with `layout="clip_benchmark"`, an image
+    classification set as `output/test/0.tar`, … (see above).
 
     `compress` writes gzip-compressed `.tar.gz` shards, which webdataset reads transparently; it
     pays off for small images, where tar's 512-byte headers and padding outweigh the JPEG bytes.
-    Returns counts: `samples` and `shards` written and `unreadable_images` skipped; with captions
-    also `uncaptioned_images`, `captions_without_image` and `empty_captions`; with classes `classes`.
+    Returns counts: `samples` and `shards` written and `unreadable_images` (`unreadable_audio`)
+    skipped; with captions also `uncaptioned_images` (`uncaptioned_audio`), `captions_without_image`
+    (`captions_without_audio`) and `empty_captions`; with classes `classes`. An image gives one
+    sample per caption, an audio file one sample listing them all.
     `progress` shows on stderr how many samples have been read (see `_with_progress`).
     """
-    images, output = Path(images), Path(output)
+    folder, output = Path(folder), Path(output)
     clip_benchmark = layout == "clip_benchmark"
-    _check_arguments(images, captions, output, image_size, maxcount, classification, compress, layout)
-    counts = {"samples": 0, "shards": 0, "unreadable_images": 0}
+    _check_arguments(folder, captions, output, image_size, maxcount, classification, compress, layout, modality)
+    suffixes, plural = INPUTS[modality]
+    counts = {"samples": 0, "shards": 0, f"unreadable_{plural}": 0}
     if classification:
-        classnames, entries = _class_folder_entries(images)
+        classnames, entries = _class_folder_entries(folder, suffixes)
         counts["classes"] = len(classnames)
     else:
-        entries = _captioned_entries(images, Path(captions), counts)
-    samples = _encoded_samples(_with_progress(entries) if progress else entries, images, image_size, counts)
+        entries = _captioned_entries(folder, Path(captions), counts, modality)
+    entries = _with_progress(entries) if progress else entries
+    if modality == "audio":
+        samples = _audio_samples(entries, folder, counts)
+    else:
+        samples = _encoded_samples(entries, folder, image_size, counts)
     first = next(samples, None)
     if first is None:
-        raise LimoeError(f"none of the images under {images} could be decoded; check that they are image files.")
+        raise LimoeError(f"none of the {modality} files under {folder} could be read; check that they are "
+                         f"{', '.join(suffix[1:] for suffix in suffixes)} files.")
     shards = output / CLIP_BENCHMARK_SPLIT if clip_benchmark else output
     shards.mkdir(parents=True, exist_ok=True)
     pattern = "%d.tar" if clip_benchmark else "%05d.tar"  # clip_benchmark reads test/{0..N-1}.tar
@@ -110,15 +131,23 @@ def build_shards(
     return counts
 
 
-def _check_arguments(images, captions, output, image_size, maxcount, classification, compress, layout) -> None:
+def _check_arguments(folder, captions, output, image_size, maxcount, classification, compress, layout,
+                     modality) -> None:
     if layout not in LAYOUTS:
         raise LimoeError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}.")
+    if modality not in INPUTS:
+        raise LimoeError(f"modality {modality!r}: shards hold images or audio; use 'image' or 'audio'.")
+    if modality == "audio" and layout != "img2dataset":
+        raise LimoeError("--layout clip_benchmark holds images; drop --layout for audio shards.")
+    if modality == "audio" and image_size is not None:
+        raise LimoeError("--image-size resizes images, and audio is stored as it is; drop --image-size.")
     if layout == "clip_benchmark" and not classification:
         raise LimoeError("--layout clip_benchmark writes a classification set; add --classification (class folders).")
     if layout == "clip_benchmark" and compress:
         raise LimoeError("clip_benchmark reads uncompressed test/N.tar shards only; drop compression.")
-    if not images.is_dir():
-        raise LimoeError(f"image folder {images} does not exist; check the --images path.")
+    if not folder.is_dir():
+        option = "--audio" if modality == "audio" else "--images"
+        raise LimoeError(f"{modality} folder {folder} does not exist; check the {option} path.")
     if classification and captions is not None:
         raise LimoeError("--captions is not used with --classification (labels come from the class folders); drop one.")
     if not classification and captions is None:
@@ -127,7 +156,7 @@ def _check_arguments(images, captions, output, image_size, maxcount, classificat
         raise LimoeError(f"captions file {captions} does not exist; check the --captions path.")
     if (image_size is not None and image_size < 1) or maxcount < 1:
         raise LimoeError("--image-size and --maxcount must be positive integers.")
-    refuse_overwriting_inputs({"--output": output}, [images, captions])
+    refuse_overwriting_inputs({"--output": output}, [folder, captions])
     if any(output.glob("*.tar")) or any(output.glob("*.tar.gz")) or any(output.glob(f"{CLIP_BENCHMARK_SPLIT}/*.tar")):
         raise LimoeError(f"output folder {output} already holds shards; remove them or choose another folder.")
 
@@ -136,30 +165,34 @@ def _check_arguments(images, captions, output, image_size, maxcount, classificat
 # What to write
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in a fixed order (sorted relative paths)."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _input_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under `folder` with one of `suffixes`, recursively, in a fixed order (sorted relative paths)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
 
 
-def _class_folder_entries(root: Path) -> tuple[list[str], list[_Entry]]:
-    """The class names (see the module docstring) and one entry per image, labelled by folder."""
+def _class_folder_entries(root: Path, suffixes: tuple[str, ...]) -> tuple[list[str], list[_Entry]]:
+    """The class names (see the module docstring) and one entry per file, labelled by folder."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    entries = [_Entry(path, label=label) for label, name in enumerate(folders) for path in _image_files(root / name)]
+    entries = [_Entry(path, label=label) for label, name in enumerate(folders)
+               for path in _input_files(root / name, suffixes)]
     if not entries:
-        raise LimoeError(f"{root} has no class folders with images; --classification expects {root}/CLASS/IMAGE.jpg.")
+        raise LimoeError(f"{root} has no class folders with {', '.join(suffixes)} files; --classification expects "
+                         f"{root}/CLASS/FILE{suffixes[0]}.")
     classnames, source = class_folder_names(folders, root)
     warn(f"{source}; classnames.txt holds {'the folder names' if classnames is None else 'them'}: edit it to name "
          f"the classes otherwise.")
     return classnames or folders, entries
 
 
-def _captioned_entries(root: Path, captions: Path, counts: dict) -> list[_Entry]:
-    """Pair captions with images; one sample per (image, caption) pair, so COCO-style files with
-    several captions per image work. Names match by path relative to `root`, else by file name."""
-    files = _image_files(root)
+def _captioned_entries(root: Path, captions: Path, counts: dict, modality: str) -> list[_Entry]:
+    """Pair captions with image or audio files; one entry per (file, caption) pair, so COCO-style
+    files with several captions per file work. Names match by path relative to `root`, else by
+    file name."""
+    suffixes, plural = INPUTS[modality]
+    files = _input_files(root, suffixes)
     if not files:
-        raise LimoeError(f"no image files under {root}; expected {', '.join(IMAGE_SUFFIXES)} files.")
-    find = _image_finder(root, files)
+        raise LimoeError(f"no {modality} files under {root}; expected {', '.join(suffixes)} files.")
+    find = _file_finder(root, files)
     entries, unmatched, empty = [], 0, 0
     for name, caption in _read_captions(captions):
         path = find(name)
@@ -171,17 +204,17 @@ def _captioned_entries(root: Path, captions: Path, counts: dict) -> list[_Entry]
             entries.append(_Entry(path, caption=caption.strip()))
     if not entries:
         raise LimoeError(
-            f"no caption in {captions} names an image under {root}; the file column must hold paths relative "
-            f"to the image folder or bare file names."
+            f"no caption in {captions} names a file under {root}; the file column must hold paths relative "
+            f"to the folder or bare file names."
         )
     captioned = {entry.path for entry in entries}
-    counts.update(captions_without_image=unmatched, empty_captions=empty,
-                  uncaptioned_images=sum(p not in captioned for p in files))
+    counts.update({f"captions_without_{modality}": unmatched, "empty_captions": empty,
+                   f"uncaptioned_{plural}": sum(p not in captioned for p in files)})
     return sorted(entries, key=lambda entry: entry.path)
 
 
-def _image_finder(root: Path, files: list[Path]):
-    """name → image path: by path relative to `root`, else by a file name that is unique."""
+def _file_finder(root: Path, files: list[Path]):
+    """name → file path: by path relative to `root`, else by a file name that is unique."""
     by_relative = {p.relative_to(root).as_posix(): p for p in files}
     by_name = {}
     for path in files:
@@ -195,8 +228,8 @@ def _image_finder(root: Path, files: list[Path]):
         matches = by_name.get(Path(name).name, [])
         if len(matches) > 1:
             raise LimoeError(
-                f"caption file name {name!r} matches {len(matches)} images under {root}; "
-                f"write it as a path relative to the image folder."
+                f"caption file name {name!r} matches {len(matches)} files under {root}; "
+                f"write it as a path relative to the folder."
             )
         return matches[0] if matches else None
 
@@ -288,6 +321,34 @@ def _encoded_samples(entries: Iterable[_Entry], root: Path, image_size: Optional
             sample["json"] = meta
             counts["samples"] += 1
             yield sample
+
+
+def _audio_samples(entries: Iterable[_Entry], root: Path, counts: dict) -> Iterator[dict]:
+    """LAION-CLAP-style sample dicts with keys 000000000, …: one per audio file, its bytes as they
+    are and a `.json` listing its captions (`"text"`) or a `.cls` label; files whose header does
+    not read as audio with frames are counted in `counts` and left out."""
+    keys = (f"{index:09d}" for index in itertools.count())
+    for path, group in itertools.groupby(entries, key=lambda entry: entry.path):
+        group = list(group)
+        data = path.read_bytes()
+        try:
+            info = soundfile.info(io.BytesIO(data))
+        except Exception:  # libsndfile reports malformed input through several error types
+            info = None
+        if info is None or info.frames <= 0:
+            counts["unreadable_audio"] += 1
+            continue
+        key = next(keys)
+        meta = {"key": key, "file": path.relative_to(root).as_posix(), "sample_rate": info.samplerate,
+                "channels": info.channels, "frames": info.frames}
+        sample = {"__key__": key, path.suffix[1:].lower(): data}
+        if group[0].label is None:
+            meta["text"] = [entry.caption for entry in group]
+        else:
+            sample["cls"] = meta["label"] = group[0].label
+        sample["json"] = meta
+        counts["samples"] += 1
+        yield sample
 
 
 def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[int, int], tuple[int, int]]:

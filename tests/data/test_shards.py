@@ -4,11 +4,15 @@ import io
 import json
 import sys
 
+import numpy as np
 import pytest
+import soundfile
 import webdataset as wds
 from PIL import Image
 
+from limoe.cli import main
 from limoe.errors import LimoeError
+from limoe.data.pipeline import eval_loader
 from limoe.data.shards import build_shards
 
 
@@ -190,3 +194,90 @@ def test_progress_on_a_terminal_is_a_bar(twelve_classified, tmp_path, capsys, mo
     build_shards(twelve_classified, None, tmp_path / "out", classification=True, progress=True)
     err = capsys.readouterr().err
     assert "samples: 100%" in err and "12/12" in err and "shards build:" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio: LAION-CLAP's layout, the files' bytes as they are
+
+
+def _audio(path, seconds, frequency=440.0, rate=16_000, format="FLAC", subtype="PCM_16"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(round(rate * seconds)) / rate
+    soundfile.write(path, 0.4 * np.sin(2 * np.pi * frequency * t), rate, format=format, subtype=subtype)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def sounds(tmp_path):
+    folder = tmp_path / "sounds"
+    stored = {"a.flac": _audio(folder / "a.flac", 0.3),
+              "sub/b.wav": _audio(folder / "sub" / "b.wav", 0.21, 660, format="WAV"),
+              "c.OGG": _audio(folder / "c.OGG", 0.5, 330, 22_050, "OGG", "VORBIS")}
+    (folder / "broken.flac").write_bytes(b"fLaC but nothing else")
+    (folder / "notes.txt").write_text("not audio")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text('{"file": "a.flac", "caption": "a tone"}\n{"file": "b.wav", "caption": "a higher tone"}\n'
+                        '{"file": "a.flac", "caption": "  the same tone  "}\n{"file": "c.OGG", "caption": "lower"}\n'
+                        '{"file": "broken.flac", "caption": "unreadable"}\n{"file": "gone.mp3", "caption": "x"}\n')
+    return folder, captions, stored
+
+
+def test_audio_round_trips_bytes_and_caption_lists(sounds, tmp_path, capsys):
+    folder, captions, stored = sounds
+    assert main(["shards", "build", "--audio", str(folder), "--captions", str(captions), "--output",
+                 str(tmp_path / "out"), "--maxcount", "2"]) == 0
+    assert capsys.readouterr().out.split() == ["samples=3", "shards=2", "unreadable_audio=1", "captions_without_audio=1",
+                                               "empty_captions=0", "uncaptioned_audio=0"]
+    samples = _read(tmp_path / "out")
+    got = {}
+    for sample in samples.values():
+        meta = json.loads(sample["json"])
+        (extension,) = set(sample) & {"flac", "wav", "ogg"}
+        got[meta["file"]] = (extension, sample[extension], meta["text"])
+    assert got == {"a.flac": ("flac", stored["a.flac"], ["a tone", "the same tone"]),
+                   "c.OGG": ("ogg", stored["c.OGG"], ["lower"]),
+                   "sub/b.wav": ("wav", stored["sub/b.wav"], ["a higher tone"])}
+    loader = eval_loader(str(tmp_path / "out"), 2, 0, 8, 0, modality="audio", sample_rate=8_000, clip_seconds=0.25)
+    assert sum(len(batch.keys) for batch in loader) == 3 and loader.bad_samples.bad == {}
+
+    build_shards(folder, captions, tmp_path / "again", maxcount=2, modality="audio")
+    for name in ("00000.tar", "00001.tar"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_audio_class_folders_give_labels_and_classnames(tmp_path):
+    root = tmp_path / "folders"
+    _audio(root / "wood_block" / "1.wav", 0.1, format="WAV")
+    _audio(root / "bird_song" / "x.flac", 0.1)
+    _audio(root / "bird_song" / "y.flac", 0.2)
+    counts = build_shards(root, None, tmp_path / "out", classification=True, modality="audio")
+    assert counts == {"samples": 3, "shards": 1, "unreadable_audio": 0, "classes": 2}
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "bird song\nwood block\n"
+    samples = _read(tmp_path / "out")
+    assert {json.loads(s["json"])["file"]: int(s["cls"]) for s in samples.values()} == {
+        "bird_song/x.flac": 0, "bird_song/y.flac": 0, "wood_block/1.wav": 1}
+    loader = eval_loader(str(tmp_path / "out"), 2, 0, 8, 0, classification=True, modality="audio",
+                         sample_rate=16_000, clip_seconds=0.1)
+    assert sorted(label for batch in loader for label in batch.labels.tolist()) == [0, 0, 1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-size", "64"], "--image-size resizes images"),
+    (["--images", "{folder}"], "not allowed with argument"),
+    (["--classification", "--layout", "clip_benchmark"], "clip_benchmark holds images"),
+])
+def test_bad_audio_builds_are_one_line_and_exit_2(sounds, tmp_path, capsys, extra, message):
+    folder, captions, _ = sounds
+    arguments = ["shards", "build", "--audio", str(folder), "--output", str(tmp_path / "out")]
+    arguments += [] if "--classification" in extra else ["--captions", str(captions)]
+    assert main(arguments + [item.format(folder=folder) for item in extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_a_missing_audio_folder_names_the_option(tmp_path, capsys):
+    captions = tmp_path / "c.csv"
+    captions.write_text("file,caption\na.flac,x\n")
+    assert main(["shards", "build", "--audio", str(tmp_path / "nope"), "--captions", str(captions), "--output",
+                 str(tmp_path / "out")]) == 2
+    assert f"audio folder {tmp_path / 'nope'} does not exist; check the --audio path." in capsys.readouterr().err
