@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from limoe.modalities import Modality
-from limoe.modalities.tokens import Tokens
+from limoe.modalities.tokens import Tokens, patch_tokens
 
 if TYPE_CHECKING:
     from limoe.config import ModelConfig
@@ -24,6 +24,7 @@ class ImageEmbedder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, config.patch_size)
+        self.modality_id = config.modality_id(MODALITY.name)  # the tag its tokens carry in this model
 
     def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
         """The learned positions [Np, d] and, with `cls` pooling, the class token [1, 1, d]."""
@@ -44,16 +45,10 @@ class ImageEmbedder(nn.Module):
         """images [B, 3, H, W] → patch tokens [B, Np(+1), d] with learned 2-D positions [Np, d].
 
         With `keep` [B, K] (patch indices) only those patches enter the tower: MAE's visible
-        patches, FLIP's kept share. They are selected here, before any block, so attention,
-        routing groups, expert capacity and Batch Priority Routing all work on the K kept tokens.
+        patches, FLIP's kept share (see `patch_tokens`).
         """
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + positions  # [B, Np, d]
-        if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        if cls_token is not None:
-            x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        modality = torch.full(x.shape[:2], MODALITY.id, device=x.device, dtype=torch.long)
-        return Tokens(x, modality, None, MODALITY.name)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, Np, d]
+        return patch_tokens(x, positions, cls_token, keep, self.modality_id, MODALITY.name)
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:
