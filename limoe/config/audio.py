@@ -34,7 +34,8 @@ class AudioConfig:
     mean: float = setting(-3.33, "fixed normalisation (x − mean) / std of the log-mel; the default is the mean of "
                                  "every log-mel value of the 288 clips of data_shards/audio_train (1 s, centre "
                                  "crop, these STFT settings), measured 2026-12-06 by tests/modalities/test_audio.py"
-                                 "::test_normalisation_defaults_are_the_demo_clips_statistics", "(-inf, inf)")
+                                 "::test_normalisation_defaults_are_the_demo_clips_statistics (AST and ImageBind "
+                                 "normalise their Kaldi fbank of AudioSet with −4.27 and 9.14)", "(-inf, inf)")
     std: float = setting(3.93, "the std of the same values (see mean)", "(0, inf)")
 
     def __post_init__(self):

@@ -38,7 +38,7 @@ class LossConfig:
     importance: float = setting(0.005, "weight of V-MoE's importance loss", "[0, inf)")
     load: float = setting(0.005, "weight of V-MoE's load loss", "[0, inf)")
     local_entropy: PerModality = setting(
-        PerModality(), "weight of LIMoE's local entropy loss, by modality name ({image: 0.01, text: 0.01}); each of "
+        PerModality(), "weight of LIMoE's local entropy loss, by modality name; each of "
         f"model.modalities not named gets its default ({_defaults_text('local_entropy')}; audio's is [D]); naming "
         "a modality the model lacks is an error", "[0, inf)")
     global_entropy: PerModality = setting(

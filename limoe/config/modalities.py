@@ -29,7 +29,7 @@ class PerModality(Mapping[str, float]):
         return len(self._values)
 
     def __hash__(self) -> int:
-        return hash(tuple(self._values.items()))
+        return hash(frozenset(self._values.items()))  # as equality (Mapping's), whatever the order
 
     def __repr__(self) -> str:
         return f"PerModality({self._values!r})"

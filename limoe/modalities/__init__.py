@@ -16,7 +16,8 @@ batch `limoe plan` measures with. An embedder's output is `tokens.Tokens`, which
 
 This root imports neither torch nor the modality modules (`modality` imports one when asked), so
 the config can read the names without loading the model. A new modality is a module here that
-defines `MODALITY`, and its name at the end of `MODALITIES` (so that no model's order changes).
+defines `MODALITY`, its name at the end of `MODALITIES` (so that no model's order changes), and
+its numbers in `limoe.config.loss.MODALITY_DEFAULTS`.
 """
 
 from __future__ import annotations

@@ -10,18 +10,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from limoe.errors import LimoeError
 from limoe.modalities import Modality
-from limoe.modalities.tokens import Tokens, patch_tokens
 from limoe.modalities.log_mel import LogMel
+from limoe.modalities.patches import PatchEmbedder
+from limoe.modalities.tokens import Tokens
 
 if TYPE_CHECKING:
     from limoe.config import ModelConfig
 
 
-class AudioEmbedder(nn.Module):
+class AudioEmbedder(PatchEmbedder):
     """waveforms [B, T] → spectrogram patch tokens: log-mel [B, n_mels, frames], normalised with the
     config's fixed (x − mean) / std, a p×p stride-p convolution over [B, 1, n_mels, frames]
     (frequency × time; frames past the last whole patch are cropped), plus one learned position
@@ -33,27 +34,10 @@ class AudioEmbedder(nn.Module):
     (`tower_parameters`) and held by the tower (see `Limoe.embed`)."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
         audio = config.audio
+        super().__init__(config, MODALITY.name, 1, audio.patch_size, audio.num_patches, audio.pool)
         self.log_mel = LogMel(audio.sample_rate, audio.n_mels, audio.window_ms, audio.hop_ms)
         self.mean, self.std, self.patch_size = audio.mean, audio.std, audio.patch_size
-        self.patch_embed = nn.Conv2d(1, config.width, audio.patch_size, audio.patch_size)
-        self.modality_id = config.modality_id(MODALITY.name)  # the tag its tokens carry in this model
-
-    def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
-        """The learned positions [Np, d] (Np = model.audio.num_patches) and, with `cls` pooling, the
-        class token [1, 1, d]."""
-        width = config.width
-        return {"positions": nn.Parameter(torch.randn(config.audio.num_patches, width) * 0.02),
-                "cls_token": nn.Parameter(torch.zeros(1, 1, width)) if config.audio.pool == "cls" else None}
-
-    def init_weights(self) -> None:
-        """Nothing to draw after the tower's linear layers: the convolution keeps PyTorch's init and
-        the positions were drawn with `tower_parameters`."""
-
-    def unused_per_token(self) -> int:
-        """Parameters of this embedder a patch token is not computed with: none."""
-        return 0
 
     def forward(self, waveforms: Tensor, positions: Tensor, cls_token: Optional[Tensor],
                 keep: Optional[Tensor] = None) -> Tokens:
@@ -69,8 +53,7 @@ class AudioEmbedder(nn.Module):
                              f"reads clips of one patch up to model.audio.clip_seconds (its positions cover "
                              f"{positions.shape[0]} patches); crop the clips to that length.")
         grid = self.patch_embed(features[:, None, :, : steps * p].to(self.patch_embed.weight.dtype))  # [B, d, F', T']
-        x = grid.permute(0, 3, 2, 1).flatten(1, 2)  # [B, T'·F', d] time-major
-        return patch_tokens(x, positions, cls_token, keep, self.modality_id, MODALITY.name)
+        return self.patch_tokens(grid.permute(0, 3, 2, 1).flatten(1, 2), positions, cls_token, keep)  # time-major
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:

@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from limoe.modalities import Modality
-from limoe.modalities.tokens import Tokens, patch_tokens
+from limoe.modalities.patches import PatchEmbedder
+from limoe.modalities.tokens import Tokens
 
 if TYPE_CHECKING:
     from limoe.config import ModelConfig
 
 
-class ImageEmbedder(nn.Module):
+class ImageEmbedder(PatchEmbedder):
     """images [B, 3, H, W] → patch tokens: a p×p stride-p convolution, plus one learned position per
     patch (row-major over the (H/p)×(W/p) grid), plus a leading class token with `cls` pooling.
 
@@ -22,23 +23,7 @@ class ImageEmbedder(nn.Module):
     (see `Limoe.embed`)."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, config.patch_size)
-        self.modality_id = config.modality_id(MODALITY.name)  # the tag its tokens carry in this model
-
-    def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
-        """The learned positions [Np, d] and, with `cls` pooling, the class token [1, 1, d]."""
-        width = config.width
-        return {"positions": nn.Parameter(torch.randn(config.num_patches, width) * 0.02),
-                "cls_token": nn.Parameter(torch.zeros(1, 1, width)) if config.image_pool == "cls" else None}
-
-    def init_weights(self) -> None:
-        """Nothing to draw after the tower's linear layers: the convolution keeps PyTorch's init and
-        the positions were drawn with `tower_parameters`."""
-
-    def unused_per_token(self) -> int:
-        """Parameters of this embedder a patch token is not computed with: none."""
-        return 0
+        super().__init__(config, MODALITY.name, 3, config.patch_size, config.num_patches, config.image_pool)
 
     def forward(self, images: Tensor, positions: Tensor, cls_token: Optional[Tensor],
                 keep: Optional[Tensor] = None) -> Tokens:
@@ -47,8 +32,7 @@ class ImageEmbedder(nn.Module):
         With `keep` [B, K] (patch indices) only those patches enter the tower: MAE's visible
         patches, FLIP's kept share (see `patch_tokens`).
         """
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, Np, d]
-        return patch_tokens(x, positions, cls_token, keep, self.modality_id, MODALITY.name)
+        return self.patch_tokens(self.patch_embed(images).flatten(2).transpose(1, 2), positions, cls_token, keep)
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:

@@ -194,8 +194,8 @@ class Limoe(nn.Module):
             for i in range(config.depth)
         )
         self.norm = nn.LayerNorm(width)
-        self.pools = nn.ModuleDict(
-            {name: Pool(modality(name).pool(config), width, config.heads, config.mlp_dim) for name in config.modalities})
+        self.pools = nn.ModuleDict({name: Pool(modality(name).pool(config), width, config.heads, config.mlp_dim)
+                                    for name in config.modalities})
         self.projections = nn.ModuleDict(
             {name: nn.Linear(width, config.embed_dim, bias=False) for name in config.modalities})
         # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
