@@ -1,5 +1,5 @@
 """open_clip's entry points for limoe models: `create_model_and_transforms`, `get_tokenizer`,
-`list_models`.
+`list_models`, and `preprocess_audio` for a model with audio.
 
 One string names a model, as in open_clip: a model config name (`limoe-b16`, random weights), a
 model config `.yaml`, an exported `.safetensors` file, a training workdir, a model folder in
@@ -14,6 +14,12 @@ Hugging Face layout, or `hf-hub:org/name`:
     image_features, text_features, logit_scale = output  # open_clip's tuple (SigLIP: logit_bias fourth)
     output.routing   # one record per MoE block: what the auxiliary losses are computed from
 
+A model whose config's `model.modalities` include audio also encodes sounds; `preprocess_audio`
+turns a file (path or bytes: FLAC, WAV, Ogg, Opus, MP3) into its input, the centre
+`model.audio.clip_seconds` as mono float32 at `model.audio.sample_rate`:
+
+    audio_features = model.encode_audio(limoe.preprocess_audio("dog.flac", model)[None])  # [1, D]
+
 As open_clip's, `create_model(..., output_dict=True)` makes `model(images, tokens)` return open_clip's
 dict (image_features, text_features, logit_scale and, for SigLIP, logit_bias) instead.
 
@@ -25,14 +31,16 @@ off the router noise and applies the eval capacity factor, which `capacity_facto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
+import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torchvision.transforms import Compose
 
 from limoe.checkpoints import load_model, read_config, with_eval_capacity
 from limoe.checkpoints.hub import is_hub_reference
 from limoe.config import CONFIG_DIR, Config, load_model_config
+from limoe.data.audio import UnusableAudio, decode_clip
 from limoe.data.preprocess import image_transform, tokenizer
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe, build_model
@@ -83,6 +91,21 @@ def create_model_and_transforms(name_or_path: str, device: str = "cpu", capacity
     model = create_model(name_or_path, device, capacity_factor, cache_dir, output_dict)
     size = model.config.image_size
     return model, image_transform(size, train=True), image_transform(size, train=False)
+
+
+def preprocess_audio(source: Union[str, Path, bytes], model: Limoe) -> torch.Tensor:
+    """An audio file (its path or its bytes) → `model`'s input [T] float32: the centre
+    model.audio.clip_seconds mixed to mono and resampled to model.audio.sample_rate, zero-padded when
+    shorter (as evaluation crops clips). Stack clips to [B, T] for `model.encode_audio`."""
+    audio = model.config.audio
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        clip = decode_clip(data, audio.sample_rate, audio.clip_seconds, "centre")
+    except UnusableAudio as problem:
+        name = "the audio bytes" if isinstance(source, bytes) else str(source)
+        raise LimoeError(f"{name} could not be read as audio ({problem.args[0]}); give a FLAC, WAV, Ogg, Opus or "
+                         f"MP3 file holding sound.") from None
+    return torch.from_numpy(clip)
 
 
 def get_tokenizer(name_or_path: str, cache_dir: Optional[str] = None) -> SimpleTokenizer:

@@ -3,6 +3,7 @@ the documentation of every key (`limoe config show`, docs/CONFIG.md)."""
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from limoe.config import (
     Config,
+    config_from_dict,
     MoeConfig,
     ShardSource,
     every_n_layers,
@@ -167,6 +169,8 @@ def test_bad_pretraining_settings_are_clear_errors(override, message):
     ("optim.lr=-1", "'optim.lr' is -1.0"),
     ("optim.betas=[0.9, 1.0]", "'optim.betas[1]' is 1.0; it must be a number in [0, 1)"),
     ("loss.local_entropy={image: .inf, text: 0}", "'loss.local_entropy.image' is inf"),
+    ("loss.global_entropy_min_experts={audio: 0.5}", "'loss.global_entropy_min_experts.audio' is 0.5"),
+    ("model.audio.patch_size=0", "'model.audio.patch_size' is 0; it must be an integer in [1, 4096]"),
     ("train.batch_size=0", "'train.batch_size' is 0; it must be an integer in [1, 10000000]"),
     ("train.batch_size=1000000000000000000000", "'train.batch_size' is 1000000000000000000000"),
     ("data.workers=-1", "'data.workers' is -1; it must be an integer in [0, inf)"),
@@ -194,7 +198,8 @@ def test_every_shipped_config_and_every_default_is_in_range():
     for item in walk_all(Config()):
         if isinstance(item, Key) and item.valid is not None:
             values = item.value if isinstance(item.value, tuple) else [item.value]
-            numbers = [n for v in values for n in (dataclasses.astuple(v) if dataclasses.is_dataclass(v) else [v])]
+            numbers = [n for v in values for n in (dataclasses.astuple(v) if dataclasses.is_dataclass(v)
+                                                   else v.values() if isinstance(v, Mapping) else [v])]
             assert all(n in item.valid for n in numbers if isinstance(n, (int, float))), item.path  # not null, 'all'
 
 
@@ -234,3 +239,48 @@ def test_config_show_prints_meanings_and_loads_back_as_the_same_config(tmp_path)
     (tmp_path / "shown.yaml").write_text(shown)
     assert load_config(str(tmp_path / "shown.yaml")) == load_config("limoe-b16", overrides)
     assert describe_config(load_config("limoe-b16", overrides)) == shown
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's modalities: the per-modality loss keys and tasks follow them
+
+
+def test_per_modality_loss_keys_written_as_before_give_the_same_numbers():
+    config = load_config(None, ["loss.local_entropy={image: 0.01, text: 0.01}",
+                                "loss.global_entropy_min_experts={image: 4.0, text: 2.0}"])
+    assert dict(config.loss.local_entropy) == {"image": 0.01, "text": 0.01}  # the floats the YAML gives, bit for bit
+    assert config.loss == load_config(None).loss  # the demo writes the thresholds; the weights are the defaults
+    assert list(config.loss.global_entropy) == ["image", "text"] and config.loss.global_entropy["text"] == 0.01
+
+
+def test_a_model_modality_without_a_number_gets_its_default_and_the_others_keep_theirs():
+    config = load_config(None, ["model.modalities=[image, text, audio]", "loss.local_entropy={text: 0.5}"])
+    assert dict(config.loss.local_entropy) == {"image": 0.01, "text": 0.5, "audio": 0.01}
+    # the demo writes {image: 4.0, text: 2.0}; audio's S is image's default, 8
+    assert dict(config.loss.global_entropy_min_experts) == {"image": 4.0, "text": 2.0, "audio": 8.0}
+    # a resolved config saved and read back is the same config
+    assert config_from_dict(to_dict(config)) == config
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.local_entropy={image: 0.01, text: 0.01, audio: 0.01}"],
+     "config key 'loss.local_entropy' names 'audio', which is not one of model.modalities (image, text)"),
+    (["model.modalities=[text, audio]"],  # the demo names image's S
+     "config key 'loss.global_entropy_min_experts' names 'image', which is not one of model.modalities (text, audio)"),
+    (["tasks=[{name: a, kind: contrastive, data: d, modalities: [audio, text]}]"],
+     "task 'a': tasks[].modalities names 'audio', which is not one of model.modalities (image, text)"),
+    (["tasks=[{name: a, kind: contrastive, data: d, modalities: [text]}]"],
+     "task 'a': tasks[].modalities must name two different modalities, got ['text']"),
+    (["model.modalities=[image, text, audio]", "model.audio.n_mels=100"],
+     "model.audio.n_mels 100 is not a multiple of model.audio.patch_size 16"),
+    (["model.modalities=[image, text, audio]", "model.audio.clip_seconds=0.1"],
+     "model.audio.clip_seconds 0.1 gives 7 spectrogram frames, fewer than one patch of 16"),
+])
+def test_modality_settings_that_do_not_fit_the_model_are_one_line(overrides, message):
+    with pytest.raises(LimoeError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_tasks_default_to_the_image_text_pair():
+    config = load_config(None, ["tasks=[{name: a, kind: contrastive, data: d}]", "schedule.kind=uniform"])
+    assert config.tasks[0].modalities == ("image", "text")

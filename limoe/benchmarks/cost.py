@@ -37,7 +37,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from limoe.config import ModelConfig, load_model_config
 from limoe.distributed import ExpertSharding
-from limoe.modalities import PADDING, modality
+from limoe.modalities import PADDING
 from limoe.modalities.tokens import Tokens
 from limoe.model.tower import Block, TokenLayout
 
@@ -131,10 +131,10 @@ def block_step(config: ModelConfig, sparse: bool, batch: int, seed: int = 0) -> 
     images, texts = config.num_patches, config.context_length
     real = torch.ones(batch, texts, dtype=torch.bool)
     real[:, texts * 5 // 8:] = False  # captions shorter than the context: padding is never routed
-    image, text = modality("image"), modality("text")
+    image, text = config.modality_id("image"), config.modality_id("text")
     streams = [
-        Tokens(torch.randn(batch, images, config.width), torch.full((batch, images), image.id), None, image.name),
-        Tokens(torch.randn(batch, texts, config.width), torch.where(real, text.id, PADDING), real, text.name),
+        Tokens(torch.randn(batch, images, config.width), torch.full((batch, images), image), None, "image"),
+        Tokens(torch.randn(batch, texts, config.width), torch.where(real, text, PADDING), real, "text"),
     ]
     layout = TokenLayout.of(streams)
     x = torch.cat([s.x for s in streams], dim=1).requires_grad_()

@@ -46,10 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import limoe_kernels
-from limoe.config import LossConfig, MoeConfig
+from limoe.config import LossConfig, ModelConfig, MoeConfig
 from limoe.training.losses import auxiliary_loss
 from limoe.model.moe import MoeMlp
-from limoe.modalities import modality as registered_modality
 from limoe.model.routing import expert_capacity
 
 SHAPES = {"base": (768, 3072, 8), "large": (1280, 5120, 32)}  # name → (d, h, E)
@@ -133,12 +132,14 @@ def build_layer(case: Case) -> Layer:
                        train_capacity_factor=case.capacity_factor)
     _init_single_process_group(case.device)
     layer = MoeMlp(case.d, case.hidden, config).to(case.device, case.dtype).train()
-    modality = torch.full((examples, tokens_per_example), registered_modality("text").id, device=case.device)  # [B, N]
-    modality[:, :image_tokens] = registered_modality("image").id
+    image_text = ModelConfig()  # the ids and loss weights of an image-text model
+    modality = torch.full((examples, tokens_per_example), image_text.modality_id("text"), device=case.device)  # [B, N]
+    modality[:, :image_tokens] = image_text.modality_id("image")
+    loss_config = LossConfig().for_modalities(image_text.modalities)
 
     def forward(x: Tensor) -> Tensor:
         y, routing = layer(x.view(examples, tokens_per_example, case.d), modality)
-        return y.view_as(x) + auxiliary_loss([routing], LossConfig(), case.device)[0]
+        return y.view_as(x) + auxiliary_loss([routing], loss_config, case.device)[0]
 
     return forward, list(layer.parameters())
 

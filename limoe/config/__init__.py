@@ -1,7 +1,7 @@
 """Typed, frozen configuration: what every other module reads.
 
 YAML files under `configs/` are parsed into these dataclasses, one section per module (`model`,
-`moe`, `loss`, `data`, `optim`, `training`, `distributed`, `pretrain`, `tasks`, `evaluation`),
+`moe`, `audio`, `loss`, `data`, `optim`, `training`, `distributed`, `pretrain`, `tasks`, `evaluation`),
 composed by `run.Config`. Each section checks its own keys when it is built; `Config` checks what
 spans sections. `codec` decodes mappings into the dataclasses strictly (an unknown key or a value of
 the wrong type is an error naming its dotted path) and `loading` reads files, `base:` references and

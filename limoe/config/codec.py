@@ -9,10 +9,15 @@ config type by name; it reads annotations (`int`, `float`, `str`, `bool`, `dict`
 - `from_yaml_entry(value) -> list` (a classmethod): the entries one item of a YAML list of that
   type stands for, so that a list may hold shorthands. `ShardSource` reads a string as its shard
   spec, and open_clip's `a::b` as two sources. The entries it returns are decoded as usual.
+
+and one for a mapping type: a `collections.abc.Mapping` class with a `value_type` attribute
+(`PerModality`) is written as a YAML mapping from names to values of that type; each value is
+checked as `<key>.<name>` and the class is built from the checked dict.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import re
@@ -45,7 +50,7 @@ def _list_items(value: Any, item_type: Any) -> list:
 def _convert(value: Any, tp: Any, path: str, valid: Optional[Interval] = None) -> Any:
     """Check `value` against the annotation `tp` and build dataclasses; errors name `path`.
 
-    `valid` applies to every number `value` holds (each item of a list, both of a `PerModality`).
+    `valid` applies to every number `value` holds (each item of a list, each value of a `PerModality`).
     """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -75,11 +80,20 @@ def _convert(value: Any, tp: Any, path: str, valid: Optional[Interval] = None) -
         if not isinstance(value, dict):
             raise LimoeError(f"config key '{path}' must be a mapping, got {value!r}.")
         return from_dict(tp, value, path, valid)
+    if _is_mapping_type(tp):
+        if not isinstance(value, collections.abc.Mapping):
+            raise LimoeError(f"config key '{path}' must be a mapping, got {value!r}.")
+        return tp({str(name): _convert(item, tp.value_type, f"{path}.{name}", valid) for name, item in value.items()})
     value = _scalar(value, tp, path)
     if valid is not None and value not in valid:
         kind = "an integer" if tp is int else "a number"
         raise LimoeError(f"config key '{path}' is {value!r}; it must be {kind} in {valid}.")
     return value
+
+
+def _is_mapping_type(tp: Any) -> bool:
+    """A mapping class the codec builds from a YAML mapping (see the module's docstring)."""
+    return isinstance(tp, type) and issubclass(tp, collections.abc.Mapping) and hasattr(tp, "value_type")
 
 
 def _scalar(value: Any, tp: Any, path: str) -> Any:
@@ -125,7 +139,7 @@ def to_dict(config: Any) -> dict:
     def plain(value):
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
-        if isinstance(value, dict):
+        if isinstance(value, collections.abc.Mapping):
             return {k: plain(v) for k, v in value.items()}
         return value
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 import types
 import typing
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def _is_section(declared: dataclasses.Field, annotation: Any) -> bool:
 
 def _is_record(annotation: Any) -> bool:
     """A dataclass whose own fields are documented keys (`ShardSource`), rather than a plain value
-    type whose numbers the enclosing key's interval governs (`PerModality`)."""
+    type whose numbers the enclosing key's interval governs."""
     return dataclasses.is_dataclass(annotation) and any("meaning" in f.metadata for f in dataclasses.fields(annotation))
 
 
@@ -103,6 +104,8 @@ def _holds_numbers(annotation: Any) -> bool:
     """Whether the key holds ints or floats its own interval must govern (records govern their own)."""
     if annotation in (int, float):
         return True
+    if getattr(annotation, "value_type", None) is not None:  # a mapping type (`PerModality`)
+        return _holds_numbers(annotation.value_type)
     if dataclasses.is_dataclass(annotation):
         hints = typing.get_type_hints(annotation)
         return not _is_record(annotation) and any(_holds_numbers(hints[f.name]) for f in dataclasses.fields(annotation))
@@ -131,6 +134,8 @@ def undocumented_keys(config: Any = None) -> list[str]:
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return to_dict(value)
+    if isinstance(value, Mapping):
+        return {name: _plain(item) for name, item in value.items()}
     if isinstance(value, (tuple, list)):
         return [_plain(item) for item in value]
     return value
@@ -205,6 +210,8 @@ def _type_text(annotation: Any) -> str:
     if dataclasses.is_dataclass(annotation):
         hints = typing.get_type_hints(annotation)
         return "{" + ", ".join(f"{f.name}: {_type_text(hints[f.name])}" for f in dataclasses.fields(annotation)) + "}"
+    if getattr(annotation, "value_type", None) is not None:  # a mapping type (`PerModality`)
+        return f"{{modality: {_type_text(annotation.value_type)}}}"
     return {str: "string", type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 

@@ -1,20 +1,25 @@
-"""`model`: the architecture of the single image-text tower (what `configs/models/*.yaml` hold)."""
+"""`model`: the architecture of the single tower (what `configs/models/*.yaml` hold)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from limoe.config.audio import AudioConfig
 from limoe.config.keys import setting
 from limoe.config.moe import MoeConfig
 from limoe.errors import LimoeError
+from limoe.modalities import DEFAULT_MODALITIES, MODALITIES
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A single-tower image-text transformer: ViT sizes, text, pooling and where the experts sit."""
+    """A single-tower transformer over its modalities: ViT sizes, text, audio, pooling and where the experts sit."""
 
     name: str = setting("custom", "the architecture's name, shown in reports and model cards")
+    modalities: tuple[str, ...] = setting(
+        DEFAULT_MODALITIES, f"the modalities this model embeds (of {', '.join(MODALITIES)}), kept in that order; a "
+        "modality's id in the MoE layers and routing statistics is its place here")
     image_size: int = setting(224, "input images are image_size × image_size pixels", "[1, inf)")
     patch_size: int = setting(32, "side of the square image patches; must divide image_size", "[1, inf)")
     width: int = setting(768, "token width d of the tower", "[1, inf)")
@@ -31,8 +36,18 @@ class ModelConfig:
     modality_adapter_layers: int = setting(0, "PolyViT's L_adapt: the first N blocks are modality-specific (one "
                                               "dense copy per modality), the rest shared", "[0, inf)")
     moe: MoeConfig = field(default_factory=MoeConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
 
     def __post_init__(self):
+        unknown = [name for name in self.modalities if name not in MODALITIES]
+        if unknown:
+            raise LimoeError(f"model.modalities names '{unknown[0]}', which is not a modality; use some of "
+                             f"{', '.join(MODALITIES)}.")
+        if not self.modalities or len(set(self.modalities)) < len(self.modalities):
+            raise LimoeError(f"model.modalities must name each modality at most once and at least one, got "
+                             f"{list(self.modalities)}.")
+        # registry order, whatever order they were written in: it fixes ids, weights and the joint sequence
+        object.__setattr__(self, "modalities", tuple(sorted(self.modalities, key=MODALITIES.index)))
         if self.image_size % self.patch_size:
             raise LimoeError(
                 f"model.image_size {self.image_size} is not a multiple of model.patch_size "
@@ -63,6 +78,10 @@ class ModelConfig:
     def moe_layers(self) -> tuple[int, ...]:
         """Indices of blocks whose MLP is a mixture of experts (none for the dense twin)."""
         return () if self.dense else self.moe.layers
+
+    def modality_id(self, name: str) -> int:
+        """A modality's id in this model: its place in `modalities` (what its tokens carry into the MoE layers)."""
+        return self.modalities.index(name)
 
     @property
     def num_patches(self) -> int:

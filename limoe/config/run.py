@@ -40,6 +40,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self):
+        # the per-modality loss keys hold exactly the model's modalities, defaults filled in
+        object.__setattr__(self, "loss", self.loss.for_modalities(self.model.modalities))
         if self.train.eval_every and self.eval.zeroshot.data is None and self.eval.retrieval is None:
             raise LimoeError(f"train.eval_every is {self.train.eval_every} but there is nothing to evaluate; set "
                              f"eval.zeroshot.data or eval.retrieval, or train.eval_every=0.")
@@ -51,6 +53,12 @@ class Config:
             self._check_tasks()
 
     def _check_tasks(self) -> None:
+        for task in self.tasks:
+            stray = [name for name in task.modalities if name not in self.model.modalities]
+            if stray:
+                raise LimoeError(f"task '{task.name}': tasks[].modalities names '{stray[0]}', which is not one of "
+                                 f"model.modalities ({', '.join(self.model.modalities)}); add it to the model or "
+                                 f"pick the task's modalities among them.")
         names = [task.name for task in self.tasks]
         if len(set(names)) < len(names) or any(not name or "/" in name for name in names):
             raise LimoeError(f"tasks: task names must be unique, non-empty and free of '/', got {names}.")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 from limoe.config.keys import setting
+from limoe.errors import LimoeError
+from limoe.modalities import DEFAULT_MODALITIES
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class TaskConfig:
     candidates: Union[Literal["all"], int] = setting(
         "all", "classification: score against all classes, or against N that always include the batch's labels",
         "[2, inf)")
+    modalities: tuple[str, ...] = setting(
+        DEFAULT_MODALITIES, "the task's two modalities, each one of model.modalities (contrastive: the two sides of "
+                            "a pair; classification: the input's, then the class prompts')")
+
+    def __post_init__(self):
+        if len(self.modalities) != 2 or self.modalities[0] == self.modalities[1]:
+            raise LimoeError(f"task '{self.name}': tasks[].modalities must name two different modalities, got "
+                             f"{list(self.modalities)}.")
 
 
 @dataclass(frozen=True)

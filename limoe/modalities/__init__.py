@@ -1,19 +1,23 @@
-"""The modalities the tower reads, in order: this registry, and one module per modality.
+"""The modalities a tower can read, in order: this registry, and one module per modality.
 
-A modality's id is its index in `MODALITIES`: the tag each of its tokens carries into the MoE
-layers and the row of every per-modality routing statistic ([M, E] counts, [G, M] entropies).
-Padding tokens carry `PADDING` and are never routed. The order is also the order of the joint
-sequence the blocks run on (an example's image tokens, then its text tokens).
+A model embeds some of them, `model.modalities` (by default `DEFAULT_MODALITIES`, image and
+text), kept in registry order. A modality's id is its index in the model's own list
+(`ModelConfig.modality_id`): the tag each of its tokens carries into the MoE layers and the row of
+every per-modality routing statistic ([M, E] counts, [G, M] entropies, M = the model's count). So
+an image-text model numbers image 0 and text 1 whatever else is registered. Padding tokens carry
+`PADDING` and are never routed. The order is also the order of the joint sequence the blocks run
+on (an example's image tokens, then its text tokens, then its audio tokens).
 
-Each modality's module (`limoe.modalities.image`, `limoe.modalities.text`) holds what is
-particular to it as one `Modality` record: its embedder (raw batch → tokens with positions), which
-pooling its config asks for, its colour in routing pictures, its short label in progress lines
-and the dummy batch `limoe plan` measures with. An embedder's output is `tokens.Tokens`, which
-the tower (`limoe.model.tower`) runs its blocks on. Everything else loops over `MODALITIES`.
+Each modality's module (`limoe.modalities.image`, `text`, `audio`) holds what is particular to it
+as one `Modality` record: its embedder (raw batch → tokens with positions), which pooling its
+config asks for, its colour in routing pictures, its short label in progress lines and the dummy
+batch `limoe plan` measures with. An embedder's output is `tokens.Tokens`, which the tower
+(`limoe.model.tower`) runs its blocks on. Everything else loops over the model's modalities.
 
 This root imports neither torch nor the modality modules (`modality` imports one when asked), so
 the config can read the names without loading the model. A new modality is a module here that
-defines `MODALITY`, and its name in `MODALITIES`.
+defines `MODALITY`, its name at the end of `MODALITIES` (so that no model's order changes), and
+its numbers in `limoe.config.loss.MODALITY_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ if TYPE_CHECKING:
     from limoe.config import ModelConfig
     from limoe.modalities.tokens import Tokens
 
-MODALITIES: tuple[str, ...] = ("image", "text")  # a modality's id is its index here
-NUM_MODALITIES = len(MODALITIES)
+MODALITIES: tuple[str, ...] = ("image", "text", "audio")  # registry order: a model's modalities keep it
+DEFAULT_MODALITIES: tuple[str, ...] = ("image", "text")  # what a model embeds unless model.modalities says otherwise
 PADDING = -1  # the id of padding tokens: never routed, counted under no modality
 
 
@@ -57,15 +61,11 @@ class Modality:
     """What the rest of limoe needs to know about one modality."""
 
     name: str
-    short_name: str  # in the training progress line ("routed img/txt")
+    short_name: str  # in the training progress line ("routed img/txt/aud")
     color: str  # in routing pictures
     embedder: Callable[[ModelConfig], Embedder]  # config → the module turning a raw batch into `Tokens`
     pool: Callable[[ModelConfig], str]  # config → its pooling kind for this modality (map, cls, mean, eos)
     dummy_batch: Callable[[ModelConfig, int], Tensor]  # (config, B) → a batch of B inputs, as the model takes them
-
-    @property
-    def id(self) -> int:
-        return MODALITIES.index(self.name)
 
 
 def modality(name: str) -> Modality:
@@ -76,5 +76,5 @@ def modality(name: str) -> Modality:
 
 
 def registered() -> tuple[Modality, ...]:
-    """Every registered modality's record, in id order."""
+    """Every registered modality's record, in registry order."""
     return tuple(modality(name) for name in MODALITIES)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from limoe.modalities import Modality
+from limoe.modalities.patches import PatchEmbedder
 from limoe.modalities.tokens import Tokens
 
 if TYPE_CHECKING:
     from limoe.config import ModelConfig
 
 
-class ImageEmbedder(nn.Module):
+class ImageEmbedder(PatchEmbedder):
     """images [B, 3, H, W] → patch tokens: a p×p stride-p convolution, plus one learned position per
     patch (row-major over the (H/p)×(W/p) grid), plus a leading class token with `cls` pooling.
 
@@ -22,38 +23,16 @@ class ImageEmbedder(nn.Module):
     (see `Limoe.embed`)."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, config.width, config.patch_size, config.patch_size)
-
-    def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
-        """The learned positions [Np, d] and, with `cls` pooling, the class token [1, 1, d]."""
-        width = config.width
-        return {"positions": nn.Parameter(torch.randn(config.num_patches, width) * 0.02),
-                "cls_token": nn.Parameter(torch.zeros(1, 1, width)) if config.image_pool == "cls" else None}
-
-    def init_weights(self) -> None:
-        """Nothing to draw after the tower's linear layers: the convolution keeps PyTorch's init and
-        the positions were drawn with `tower_parameters`."""
-
-    def unused_per_token(self) -> int:
-        """Parameters of this embedder a patch token is not computed with: none."""
-        return 0
+        super().__init__(config, MODALITY.name, 3, config.patch_size, config.num_patches, config.image_pool)
 
     def forward(self, images: Tensor, positions: Tensor, cls_token: Optional[Tensor],
                 keep: Optional[Tensor] = None) -> Tokens:
         """images [B, 3, H, W] → patch tokens [B, Np(+1), d] with learned 2-D positions [Np, d].
 
         With `keep` [B, K] (patch indices) only those patches enter the tower: MAE's visible
-        patches, FLIP's kept share. They are selected here, before any block, so attention,
-        routing groups, expert capacity and Batch Priority Routing all work on the K kept tokens.
+        patches, FLIP's kept share (see `patch_tokens`).
         """
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + positions  # [B, Np, d]
-        if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, d]
-        if cls_token is not None:
-            x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        modality = torch.full(x.shape[:2], MODALITY.id, device=x.device, dtype=torch.long)
-        return Tokens(x, modality, None, MODALITY.name)
+        return self.patch_tokens(self.patch_embed(images).flatten(2).transpose(1, 2), positions, cls_token, keep)
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:

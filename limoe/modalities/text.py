@@ -25,6 +25,7 @@ class TextEmbedder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.token_embed = nn.Embedding(config.vocab_size, config.width)
+        self.modality_id = config.modality_id(MODALITY.name)  # the tag its tokens carry in this model
 
     def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
         """The learned positions [L, d]."""
@@ -51,7 +52,7 @@ class TextEmbedder(nn.Module):
         if at_mask is not None:
             x = torch.where(at_mask[..., None], mask_embedding.to(x.dtype), x)
         x = x + positions[: tokens.shape[1]]
-        modality = torch.where(real, MODALITY.id, PADDING)
+        modality = torch.where(real, self.modality_id, PADDING)
         return Tokens(x, modality, real, MODALITY.name, tokens)
 
 

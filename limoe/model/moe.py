@@ -35,7 +35,7 @@ from limoe.distributed import (
     experts_all_to_all_counts,
 )
 from limoe.errors import LimoeError
-from limoe.modalities import NUM_MODALITIES, PADDING
+from limoe.modalities import DEFAULT_MODALITIES, PADDING
 from limoe.model.routing import Grouping, LayerRouting, expert_capacity
 
 EXPERT_PARAMETERS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # stacked over local experts
@@ -69,7 +69,8 @@ class MoeMlp(deepspeed.moe.layer.MoE):
     group used for the all-to-all.
     """
 
-    def __init__(self, width: int, hidden: int, config: MoeConfig, sharding: ExpertSharding = ExpertSharding()):
+    def __init__(self, width: int, hidden: int, config: MoeConfig, sharding: ExpertSharding = ExpertSharding(),
+                 num_modalities: int = len(DEFAULT_MODALITIES)):
         if config.num_experts % sharding.size:
             raise LimoeError(
                 f"model.moe.num_experts {config.num_experts} is not divisible by "
@@ -85,6 +86,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         self.use_residual = False
         self.config = config
         self.sharding = sharding
+        self.num_modalities = num_modalities  # M: the model's modalities, the rows of its routing statistics
         self.expert_group = None
         local = self.num_local_experts
         self.router_weight = nn.Parameter(torch.empty(config.num_experts, width))  # [E, d]
@@ -145,7 +147,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         return self.config.train_capacity_factor if self.training else self.config.eval_capacity_factor
 
     def forward(self, x: Tensor, modality: Tensor) -> tuple[Tensor, LayerRouting]:
-        """x [B, N, d], modality [B, N] (0 image, 1 text, −1 padding) → y [B, N, d], routing.
+        """x [B, N, d], modality [B, N] (the model's modality id per token, −1 padding) → y [B, N, d], routing.
 
         A dropped or padding token gets exactly zero here and keeps its residual stream.
         """
@@ -164,7 +166,7 @@ class MoeMlp(deepspeed.moe.layer.MoE):
             noise = torch.empty(flat.shape[0], self.num_experts, device=x.device).normal_(0.0, 1.0 / self.num_experts)
         with torch.autocast(x.device.type, enabled=False):  # the ops take their dtypes as given
             if self.expert_group is None:
-                layer = ops.moe_layer(flat, self.router_weight, noise, modality, *experts, size, NUM_MODALITIES,
+                layer = ops.moe_layer(flat, self.router_weight, noise, modality, *experts, size, self.num_modalities,
                                       1.0 / self.num_experts, capacity, self.config.batch_priority)
             else:
                 layer = self._expert_parallel(ops, flat, noise, modality, experts, size, capacity)
@@ -176,10 +178,11 @@ class MoeMlp(deepspeed.moe.layer.MoE):
         expert's kept rows (at the start of its G·C-row slab) to its rank, run the local experts
         over the rows every rank sent, send the results back and combine them with the gates."""
         groups, width = flat.shape[0] // size, flat.shape[1]
-        router = ops.top1_router(flat, self.router_weight, noise, modality, size, NUM_MODALITIES, 1.0 / self.num_experts)
+        router = ops.top1_router(flat, self.router_weight, noise, modality, size, self.num_modalities,
+                                 1.0 / self.num_experts)
         plan = ops.assign_slots(router.expert.view(groups, size), router.gate.view(groups, size),
                                 modality.view(groups, size), self.num_experts, capacity, self.config.batch_priority,
-                                NUM_MODALITIES)
+                                self.num_modalities)
         slab = groups * capacity
         expert = router.expert.clamp(min=0)  # [G·S]
         within_expert = plan.row_of_token - plan.segment_start[expert]  # place among the expert's kept rows

@@ -97,7 +97,7 @@ def _first(values: list, records: Sequence["LayerRouting"]):
 @dataclass
 class LayerRouting:
     """What one MoE layer's routing did for one batch: the auxiliary-loss inputs and statistics.
-    M is the number of modalities; row m is the modality whose id is m (`limoe.modalities`).
+    M is the number of the model's modalities; row m is its modality whose id is m (`model.modalities`).
 
     Everything stays a tensor (no host sync in the training step); the counts and sums are
     additive, so batches and ranks combine by summing them. Each field declares how the records of

@@ -1,8 +1,10 @@
-"""LIMoE: one transformer tower for images and text, with sparse top-1 expert MLPs.
+"""LIMoE: one transformer tower for images and text (and audio), with sparse top-1 expert MLPs.
 
-Read top to bottom: the embeddings are per modality (each registered modality's embedder, from
-`limoe.modalities`: patches + 2-D positions, tokens + 1-D positions); the blocks run on one joint
-sequence per example (image tokens, then text tokens, one residual tensor); every block weight, routers included, is shared, except in the first
+Read top to bottom: the embeddings are per modality (the embedder of each of the model's
+modalities, `model.modalities`, from `limoe.modalities`: patches + 2-D positions, tokens + 1-D
+positions, spectrogram patches + positions); the blocks run on one joint sequence per example
+(image tokens, then text tokens, then audio tokens, one residual tensor); every block weight,
+routers included, is shared, except in the first
 `modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
 attention runs over each example's own tokens of one modality; in an MoE block an example's
 patches and caption tokens are routed together in one call, tagged by modality; per-modality
@@ -10,7 +12,8 @@ pooling heads and projections map into the joint space, where embeddings are L2-
 
 Inside, a batch travels as a mapping by modality name (`{"image": images, "text": tokens}`) and
 every per-modality module sits in an `nn.ModuleDict` keyed by that name; the public interface
-is open_clip's (`forward(images, tokens)`, `encode_image`, `encode_text`, `logit_scale`).
+is open_clip's (`forward(images, tokens)`, `encode_image`, `encode_text`, `logit_scale`), with
+`encode_audio` beside them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from limoe.config import Config, ModelConfig
 from limoe.distributed import ExpertSharding
-from limoe.modalities import MODALITIES, modality
+from limoe.errors import LimoeError
+from limoe.modalities import modality
 from limoe.modalities.text import PAD_TOKEN  # noqa: F401  (re-exported: the padding id the model reads)
 from limoe.modalities.tokens import Tokens
 from limoe.model.layers import Attention, Mlp, Pool, Segment
@@ -39,13 +43,13 @@ from limoe.model.routing import LayerRouting
 class TokenLayout:
     """Where each modality's tokens sit in the joint sequence the blocks run on."""
 
-    modality: Tensor  # [B, N] modality id per token (limoe.modalities), PADDING where padded
-    segments: tuple[Segment, ...]  # one per modality stream, in registry order; attention stays inside each
+    modality: Tensor  # [B, N] modality id per token (its place in model.modalities), PADDING where padded
+    segments: tuple[Segment, ...]  # one per modality stream, in the model's order; attention stays inside each
     names: tuple[str, ...]  # each segment's modality name
 
     @classmethod
     def of(cls, streams: list[Tokens]) -> "TokenLayout":
-        """The layout of `streams` joined in the order given (the tower gives registry order)."""
+        """The layout of `streams` joined in the order given (the tower gives the model's order)."""
         starts = [0]
         for stream in streams:
             starts.append(starts[-1] + stream.x.shape[1])
@@ -122,7 +126,7 @@ class Block(nn.Module):
         self.attention = Attention(config.width, config.heads)
         self.norm2 = nn.LayerNorm(config.width)
         if sparse:
-            self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe, sharding)
+            self.mlp = MoeMlp(config.width, config.mlp_dim, config.moe, sharding, len(config.modalities))
         else:
             self.mlp = Mlp(config.width, config.mlp_dim)
 
@@ -146,7 +150,7 @@ class ModalityAdapter(nn.ModuleDict):
     sparse = False
 
     def __init__(self, config: ModelConfig):
-        super().__init__({name: Block(config, False, ExpertSharding()) for name in MODALITIES})
+        super().__init__({name: Block(config, False, ExpertSharding()) for name in config.modalities})
 
     def forward(self, x: Tensor, layout: TokenLayout) -> tuple[Tensor, None]:
         """x [B, N, d] → [B, N, d]: each modality's segment through that modality's block."""
@@ -173,11 +177,12 @@ class Limoe(nn.Module):
         super().__init__()
         self.config = config
         width = config.width
-        # Built (and their random numbers drawn) in registry order, then the blocks, then the heads:
-        # the order fixes which weights a seed gives.
+        # Built (and their random numbers drawn) for the model's modalities in registry order, then the
+        # blocks, then the heads: the order fixes which weights a seed gives (audio's come after image's
+        # and text's, so adding it leaves theirs as they were).
         self.embedders = nn.ModuleDict()
         self.embedder_parameters: dict[str, tuple[str, ...]] = {}  # modality → the keys of its parameters here
-        for name in MODALITIES:
+        for name in config.modalities:
             embedder = self.embedders[name] = modality(name).embedder(config)
             held = embedder.tower_parameters(config)
             for key, parameter in held.items():
@@ -189,10 +194,10 @@ class Limoe(nn.Module):
             for i in range(config.depth)
         )
         self.norm = nn.LayerNorm(width)
-        self.pools = nn.ModuleDict(
-            {name: Pool(modality(name).pool(config), width, config.heads, config.mlp_dim) for name in MODALITIES})
+        self.pools = nn.ModuleDict({name: Pool(modality(name).pool(config), width, config.heads, config.mlp_dim)
+                                    for name in config.modalities})
         self.projections = nn.ModuleDict(
-            {name: nn.Linear(width, config.embed_dim, bias=False) for name in MODALITIES})
+            {name: nn.Linear(width, config.embed_dim, bias=False) for name in config.modalities})
         # Shape [1], not []: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as.
         self.logit_scale = nn.Parameter(torch.tensor([logit_scale_init]))
         self.logit_bias = None if logit_bias_init is None else nn.Parameter(torch.tensor([logit_bias_init]))
@@ -233,7 +238,11 @@ class Limoe(nn.Module):
         token) the tower holds for it as `<modality>_<key>` (`image_positions`): own parameters
         of the tower come before every submodule's in its parameter order, which is the order the
         optimizer groups and the global gradient norm's sum have always had. `options` go to the
-        embedder (`keep` for images; `at_mask`, `mask_embedding` for text)."""
+        embedder (`keep` for images and audio; `at_mask`, `mask_embedding` for text). A modality the
+        model does not embed is a LimoeError."""
+        if name not in self.embedders:
+            raise LimoeError(f"this model embeds {', '.join(self.config.modalities)}, not {name}; give it batches of "
+                             f"its modalities, or use a model whose model.modalities include {name}.")
         held = {key: getattr(self, f"{name}_{key}") for key in self.embedder_parameters[name]}
         return self.embedders[name](batch, **held, **options)
 
@@ -241,9 +250,9 @@ class Limoe(nn.Module):
 
     def tower(self, streams: Mapping[str, Tokens]) -> tuple[dict[str, Tokens], list[LayerRouting]]:
         """Embedded streams by modality name (one or several) through every block as one sequence,
-        in registry order (routed jointly), and the final norm → each stream with its final tokens
+        in the model's order (routed jointly), and the final norm → each stream with its final tokens
         [B, N_s, d], by name."""
-        ordered = [streams[name] for name in MODALITIES if name in streams]
+        ordered = [streams[name] for name in self.config.modalities if name in streams]
         layout = TokenLayout.of(ordered)
         x = ordered[0].x if len(ordered) == 1 else torch.cat([s.x for s in ordered], dim=1)  # [B, N, d]
         routing = []
@@ -270,7 +279,8 @@ class Limoe(nn.Module):
                normalize: bool = True) -> tuple[dict[str, Tensor], list[LayerRouting]]:
         """Raw batches by modality name through their embedders (with that modality's `options`,
         e.g. `{"image": {"keep": keep}}`), the tower together, and their heads → features [B_m, D]
-        by name, and the routing records."""
+        by name, and the routing records. Batches given together must hold the same B examples
+        (their tokens are joined per example and routed together)."""
         streams = {name: self.embed(name, batch, **(options or {}).get(name, {})) for name, batch in batches.items()}
         streams, routing = self.tower(streams)
         return {name: self.features(stream, normalize) for name, stream in streams.items()}, routing
@@ -282,6 +292,11 @@ class Limoe(nn.Module):
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         """tokens [B, L] → [B, D], L2-normalised by default (open_clip's interface)."""
         return self.encode({"text": tokens}, normalize=normalize)[0]["text"]
+
+    def encode_audio(self, waveforms: Tensor, normalize: bool = True) -> Tensor:
+        """waveforms [B, T] float32 at model.audio.sample_rate → [B, D], L2-normalised by default.
+        T is model.audio.clip_samples or fewer (`limoe.factory.preprocess_audio` makes such clips)."""
+        return self.encode({"audio": waveforms}, normalize=normalize)[0]["audio"]
 
     def forward(self, images: Optional[Tensor], tokens: Optional[Tensor],
                 image_keep: Optional[Tensor] = None) -> Union[LimoeOutput, dict[str, Tensor]]:

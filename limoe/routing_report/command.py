@@ -103,7 +103,7 @@ def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data
     until all are found), or else the first batch's first NUM_EXAMPLES."""
     position = config.model.moe_layers.index(block)
     loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, workers)
-    accumulator = RoutingAccumulator(config.model.moe_layers)
+    accumulator = RoutingAccumulator(config.model.moe_layers, config.model.modalities)
     found: dict[str, ExampleRouting] = {}
     first_key = None
     with torch.inference_mode():

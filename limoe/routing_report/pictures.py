@@ -22,6 +22,7 @@ from matplotlib.patches import Patch, Rectangle
 from limoe.files import atomic_write
 from limoe.modalities import MODALITIES, modality
 from limoe.routing_report.records import CheckpointRouting
+from limoe.routing_report.statistics import layer_modalities
 
 DPI = 100
 LEGEND_PX = 60  # a row below the panels for the legend
@@ -68,18 +69,25 @@ def _expert_legend(fig: Figure, num_experts: int) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), per_row), fontsize=7, frameon=False)
 
 
-def _modality_bars() -> list[tuple[str, float, float]]:
+def _report_modalities(reports: list[CheckpointRouting]) -> list[str]:
+    """The modalities of the reports' models, in registry order (those of their first layers)."""
+    names = {name for report in reports for name in layer_modalities(next(iter(report.statistics["layers"]), {}))}
+    return [name for name in MODALITIES if name in names]
+
+
+def _modality_bars(names: list[str]) -> list[tuple[str, float, float]]:
     """(modality, x offset, width) of each modality's bar in a group of bars side by side, 0.8 wide."""
-    width = 0.8 / len(MODALITIES)
-    return [(name, (m - (len(MODALITIES) - 1) / 2) * width, width) for m, name in enumerate(MODALITIES)]
+    width = 0.8 / len(names)
+    return [(name, (m - (len(names) - 1) / 2) * width, width) for m, name in enumerate(names)]
 
 
 def modality_shares(layer: dict) -> np.ndarray:
-    """[M, E] each modality's tokens in one layer spread over the experts: row m sums to 1 (NaN for a
-    modality without tokens). Per modality, because a batch has many more image patches than
-    caption tokens: shares of all tokens would show every expert as an image expert."""
-    num_experts = len(layer[MODALITIES[0]]["routed"])
-    return np.array([_values(layer[m]["share"] or [None] * num_experts) for m in MODALITIES])
+    """[M, E] each of the model's modalities' tokens in one layer spread over the experts: row m sums
+    to 1 (NaN for a modality without tokens). Per modality, because a batch has many more image
+    patches than caption tokens: shares of all tokens would show every expert as an image expert."""
+    names = layer_modalities(layer)
+    num_experts = len(layer[names[0]]["routed"])
+    return np.array([_values(layer[m]["share"] or [None] * num_experts) for m in names])
 
 
 def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
@@ -100,27 +108,30 @@ def plot_modality_mix(reports: list[CheckpointRouting], path: Path) -> None:
             layer = report.statistics["layers"][row]
             shares = modality_shares(layer)  # [M, E]
             x = np.arange(shares.shape[1])
-            for m, (name, offset, width) in enumerate(_modality_bars()):
+            for m, (name, offset, width) in enumerate(_modality_bars(layer_modalities(layer))):
                 ax.bar(x + offset, np.nan_to_num(shares[m]), width=width, color=modality(name).color)
             ax.set(xticks=x, ylim=(0, 1), xlabel="expert", ylabel="share of the modality")
             ax.set_title(f"{report.name} · block {layer['block']}", fontsize=8)
-    fig.legend(handles=[Patch(color=modality(m).color, label=m) for m in MODALITIES], loc="outside lower center",
-               ncols=len(MODALITIES), fontsize=8, frameon=False)
+    names = _report_modalities(reports)
+    fig.legend(handles=[Patch(color=modality(m).color, label=m) for m in names], loc="outside lower center",
+               ncols=len(names), fontsize=8, frameon=False)
     _save(fig, path)
 
 
 def _load(layer: dict) -> np.ndarray:
     """[E] share of all the layer's tokens (every modality's) routed to each expert."""
-    routed = sum(np.array(layer[m]["routed"], dtype=float) for m in MODALITIES)
+    routed = sum(np.array(layer[m]["routed"], dtype=float) for m in layer_modalities(layer))
     return routed / max(routed.sum(), 1.0)
 
 
 def balanced_image_share(layer: dict) -> np.ndarray:
     """[E] how much an expert is an image expert, with both modalities weighted alike: its share
     of the image tokens over the sum of its shares of image and text tokens (`modality_shares`).
-    1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares."""
+    1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares.
+    With audio too the sum runs over all three; a model without images has its first modality's share."""
     shares = np.nan_to_num(modality_shares(layer))  # [M, E]
-    image, total = shares[modality("image").id], shares.sum(axis=0)  # [E] each
+    names = layer_modalities(layer)
+    image, total = shares[names.index("image") if "image" in names else 0], shares.sum(axis=0)  # [E] each
     return np.divide(image, total, out=np.full_like(total, np.nan), where=total > 0)
 
 
@@ -146,9 +157,9 @@ def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
 
 
 def _dropped(report: CheckpointRouting) -> np.ndarray:
-    """[layers, M] dropped fraction, 0 for a modality without tokens."""
-    layers = report.statistics["layers"]
-    return np.nan_to_num(np.array([_values([layer[m]["dropped"] for m in MODALITIES]) for layer in layers]))
+    """[layers, M] dropped fraction, 0 for a modality without tokens (or not in the report's model)."""
+    layers, names = report.statistics["layers"], _report_modalities([report])
+    return np.nan_to_num(np.array([_values([layer.get(m, {}).get("dropped") for m in names]) for layer in layers]))
 
 
 def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
@@ -159,7 +170,7 @@ def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
     for ax, report, fractions in zip(axes, reports, dropped):
         blocks = [layer["block"] for layer in report.statistics["layers"]]
         x = np.arange(len(blocks))
-        for m, (name, offset, width) in enumerate(_modality_bars()):
+        for m, (name, offset, width) in enumerate(_modality_bars(_report_modalities([report]))):
             ax.bar(x + offset, fractions[:, m], width=width, color=modality(name).color, label=name)
         ax.set(xticks=x, xticklabels=blocks, xlabel="block", ylabel="dropped fraction")
         ax.set_title(report.name, fontsize=8)

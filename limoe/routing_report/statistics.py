@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from limoe.modalities import MODALITIES
+from limoe.modalities import DEFAULT_MODALITIES, MODALITIES, modality
 from limoe.model.routing import LayerRouting, entropy
 
 USED_SHARE = 0.01  # an expert is "used" by a modality when it gets at least 1% of that modality's tokens
@@ -57,8 +57,9 @@ class RoutingAccumulator:
     it every step and read `statistics()` every N steps; `reset()` starts a new window.
     """
 
-    def __init__(self, moe_layers: Sequence[int]):
+    def __init__(self, moe_layers: Sequence[int], modalities: Sequence[str] = DEFAULT_MODALITIES):
         self.moe_layers = tuple(moe_layers)  # block index of each MoE layer, in depth order
+        self.modalities = tuple(modalities)  # the model's (`model.modalities`): row m of the counts is the m-th
         self.reset()
 
     def reset(self) -> None:
@@ -105,10 +106,16 @@ class RoutingAccumulator:
             "max_entropy": math.log(num_experts),
             "used_share": USED_SHARE,
             "layers": [
-                _layer_statistics(block, routed[i], kept[i], prob_sum[i], entropy_sum[i], int(slots[i]))
+                _layer_statistics(block, self.modalities, routed[i], kept[i], prob_sum[i], entropy_sum[i],
+                                  int(slots[i]))
                 for i, block in enumerate(self.moe_layers)
             ],
         }
+
+
+def layer_modalities(layer: dict) -> list[str]:
+    """The modalities one layer of `statistics()` holds (the model's), in registry order."""
+    return [name for name in MODALITIES if name in layer]
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> list[Optional[float]]:
@@ -140,14 +147,15 @@ def _modality_statistics(routed: Tensor, kept: Tensor, prob_sum: Tensor, entropy
     }
 
 
-def _layer_statistics(block: int, routed: Tensor, kept: Tensor, prob_sum: Tensor, entropy_sum: Tensor,
-                      slots: int) -> dict:
-    """One MoE layer: per modality, and per expert the image share and capacity utilisation.
-    routed, kept, prob_sum [M, E]; entropy_sum [M]; slots per expert."""
+def _layer_statistics(block: int, modalities: Sequence[str], routed: Tensor, kept: Tensor, prob_sum: Tensor,
+                      entropy_sum: Tensor, slots: int) -> dict:
+    """One MoE layer: per modality of the model, and per expert the image share (a model with
+    images) and capacity utilisation. routed, kept, prob_sum [M, E]; entropy_sum [M]; slots per expert."""
     layer = {"block": block, "slots_per_expert": slots}
-    for m, name in enumerate(MODALITIES):
+    for m, name in enumerate(modalities):
         layer[name] = _modality_statistics(routed[m], kept[m], prob_sum[m], entropy_sum[m])
-    layer["image_share"] = _ratio(routed[MODALITIES.index("image")], routed.sum(dim=0))
+    if "image" in modalities:
+        layer["image_share"] = _ratio(routed[modalities.index("image")], routed.sum(dim=0))
     layer["utilisation"] = (kept.sum(dim=0) / slots).tolist()  # capacity ≥ 4, so slots > 0
     return layer
 
@@ -172,7 +180,7 @@ def collapses(statistics: dict) -> list[Collapse]:
         return []
     found = []
     for layer in statistics["layers"]:
-        for modality in MODALITIES:
+        for modality in layer_modalities(layer):
             stats = layer[modality]
             if not stats["tokens"]:
                 continue
@@ -194,13 +202,13 @@ def collapse_warnings(statistics: dict) -> list[str]:
 
 
 def _pair(stats: dict, key: str, form: str) -> str:
-    """`image/text` values of one key, '-' for a modality without tokens."""
-    return "/".join("-" if stats[m][key] is None else format(stats[m][key], form) for m in MODALITIES)
+    """`image/text` values of one key (one per modality of the layer), '-' for a modality without tokens."""
+    return "/".join("-" if stats[m][key] is None else format(stats[m][key], form) for m in layer_modalities(stats))
 
 
 TABLE_COLUMNS = (  # header, width, cell(layer)
     ("block", 5, lambda layer: str(layer["block"])),
-    ("tokens img/txt", 16, lambda layer: _pair(layer, "tokens", "d")),
+    ("tokens {labels}", 16, lambda layer: _pair(layer, "tokens", "d")),
     ("dropped", 13, lambda layer: _pair(layer, "dropped", ".1%")),
     ("gate H", 11, lambda layer: _pair(layer, "token_entropy", ".2f")),
     ("marginal H", 11, lambda layer: _pair(layer, "marginal_entropy", ".2f")),
@@ -211,10 +219,12 @@ TABLE_COLUMNS = (  # header, width, cell(layer)
 
 
 def format_summary_table(statistics: dict) -> str:
-    """A fixed-width per-layer table (image/text pairs) for logs and the terminal."""
+    """A fixed-width per-layer table (image/text pairs, one value per modality of the model) for logs
+    and the terminal."""
     if not statistics["layers"]:
         return f"{statistics['num_batches']} batches, no routing (no MoE layers, or no batches yet)"
-    rows = [[header for header, _, _ in TABLE_COLUMNS]]
+    labels = "/".join(modality(name).short_name for name in layer_modalities(statistics["layers"][0]))
+    rows = [[header.format(labels=labels) for header, _, _ in TABLE_COLUMNS]]
     rows += [[cell(layer) for _, _, cell in TABLE_COLUMNS] for layer in statistics["layers"]]
     lines = ["  ".join(text.rjust(width) for text, (_, width, _) in zip(row, TABLE_COLUMNS)) for row in rows]
     experts = statistics["num_experts"]

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from limoe.config import LossConfig
 from limoe.distributed import rank_and_world
-from limoe.modalities import MODALITIES
 from limoe.model.aux_losses import masked_group_mean, thresholded_global_entropy
 from limoe.model.routing import LayerRouting
 
@@ -53,6 +52,11 @@ def auxiliary_loss(routings: list[LayerRouting], config: LossConfig, device: tor
     the batch those counts describe: each mean over groups or tokens is weighted by the micro-batch's
     part of them, so the shares of all micro-batches sum to the whole batch's loss. Without it, the
     batch is whole (every weight is 1). A model without MoE layers (the dense twin) gets a zero on `device`.
+
+    The entropy losses are per modality of the model (`config`'s per-modality keys name them, in id
+    order); each is a mean over the groups holding that modality's tokens, so a modality absent
+    from the batch (an audio-text batch's images) contributes exactly 0. The importance and load
+    losses, like Batch Priority Routing, do not look at modalities.
     """
     if not routings:
         return torch.zeros((), device=device), {}
@@ -61,7 +65,11 @@ def auxiliary_loss(routings: list[LayerRouting], config: LossConfig, device: tor
     group_share = [m.groups / w.groups for m, w in zip(mine, whole)]
     token_share = [m.tokens / w.tokens.clamp(min=1) for m, w in zip(mine, whole)]
     present_share = [m.present / w.present.clamp(min=1) for m, w in zip(mine, whole)]  # [M] each
-    min_experts = [config.global_entropy_min_experts[m] for m in MODALITIES]
+    names = list(config.local_entropy)  # the model's modalities, in id order (`Config` fills every key so)
+    if len(names) != routings[0].present.shape[1]:
+        raise ValueError(f"the loss config names {len(names)} modalities ({names}) but the routing records hold "
+                         f"{routings[0].present.shape[1]}; build it with LossConfig.for_modalities(model.modalities).")
+    min_experts = [config.global_entropy_min_experts[m] for m in names]
     local = sum(masked_group_mean(r.token_entropy, r.present) * s for r, s in zip(routings, present_share))  # [M]
     global_ = sum(thresholded_global_entropy(r.marginal_entropy, r.present, min_experts) * s
                   for r, s in zip(routings, present_share))  # [M]
@@ -71,7 +79,7 @@ def auxiliary_loss(routings: list[LayerRouting], config: LossConfig, device: tor
     }
     if config.router_z:
         parts["router_z"] = config.router_z * sum(r.z * s for r, s in zip(routings, token_share))
-    for index, name in enumerate(MODALITIES):
+    for index, name in enumerate(names):  # a modality with no tokens in the batch is in no group: 0
         parts[f"local_entropy_{name}"] = config.local_entropy[name] * local[index]
         parts[f"global_entropy_{name}"] = config.global_entropy[name] * global_[index]
     return sum(parts.values()), parts

@@ -35,7 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from limoe.config import Config
 from limoe.files import open_for_append
-from limoe.modalities import MODALITIES, modality
+from limoe.modalities import modality
 from limoe.routing_report.statistics import RoutingAccumulator, collapses, format_summary_table
 from limoe.training.device_batches import WaitClock
 from limoe.training.report_to import ScalarSinks, scalars
@@ -108,8 +108,9 @@ class TrainingReporter:
         self.pairs_seen += pairs
         if stage not in self.routing:
             layers = self.config.model.moe_layers
-            self.routing[stage] = RoutingAccumulator(layers)
-            self.task_routing[stage] = {task: RoutingAccumulator(layers) for task in self.task_names}
+            self.routing[stage] = RoutingAccumulator(layers, self.config.model.modalities)
+            self.task_routing[stage] = {task: RoutingAccumulator(layers, self.config.model.modalities)
+                                        for task in self.task_names}
         for task, records in outcome.routing:
             if task is not None:
                 self.task_routing[stage][task].add(records)
@@ -161,8 +162,8 @@ class TrainingReporter:
         routing success and the last evaluation's headline, as open_clip's log line has them."""
         tasks = "".join(f"  {name} {means[f'{name}/loss']:.3f}" for name in self.task_names if f"{name}/loss" in means)
         unit = "samples" if self.task_names else "pairs"
-        routed = "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in MODALITIES)
-        labels = "/".join(modality(m).short_name for m in MODALITIES)
+        routed = "/".join(f"{success[m]:.0%}" if success[m] is not None else "-" for m in success)
+        labels = "/".join(modality(m).short_name for m in success)
         return (f"Data (t) {record['data_s']:.3f}s  Batch (t) {record['batch_s']:.3f}s  LR {record['lr']:.3e}  "
                 f"loss {means['loss']:.3f}{tasks}  {record['pairs_per_s']:.0f} {unit}/s  routed {labels} {routed}"
                 + self.evaluated)
@@ -170,7 +171,7 @@ class TrainingReporter:
     def _routing_success(self) -> dict:
         layers = [layer for routing in self.routing.values() for layer in routing.statistics()["layers"]]  # this rank
         success = {}
-        for modality in MODALITIES:
+        for modality in self.config.model.modalities:
             kept = sum(layer[modality]["tokens"] * (layer[modality]["routing_success"] or 0) for layer in layers)
             tokens = sum(layer[modality]["tokens"] for layer in layers)
             success[modality] = kept / tokens if tokens else None

@@ -1,7 +1,7 @@
-"""The modality registry: ids are positions in it, every per-modality table follows it, and the
-tower builds one embedder, pooling head and projection per registered modality."""
+"""The modality registry: a model's ids are positions in its own modalities, every per-modality
+table follows them, and the tower builds one embedder, pooling head and projection per modality
+of the model."""
 
-import dataclasses
 import subprocess
 import sys
 
@@ -9,25 +9,48 @@ import pytest
 import torch
 
 from limoe import config as config_module
-from limoe.config import PerModality, load_model_config
-from limoe.modalities import MODALITIES, NUM_MODALITIES, PADDING, modality, registered
+from limoe.config import Config, LossConfig, ModelConfig, load_model_config
+from limoe.config.loss import MODALITY_DEFAULTS
+from limoe.errors import LimoeError
+from limoe.modalities import DEFAULT_MODALITIES, MODALITIES, PADDING, modality, registered
 from limoe.model.tower import Limoe
 
 
-def test_a_modality_id_is_its_place_in_the_registry_and_padding_is_minus_one():
-    assert [m.id for m in registered()] == list(range(NUM_MODALITIES)) == [0, 1]
-    assert [m.name for m in registered()] == list(MODALITIES) == ["image", "text"]
-    assert PADDING == -1 and PADDING not in range(NUM_MODALITIES)
+def test_a_modality_id_is_its_place_in_the_model_s_modalities_and_padding_is_minus_one():
+    assert [m.name for m in registered()] == list(MODALITIES) == ["image", "text", "audio"]
+    image_text = ModelConfig()
+    assert image_text.modalities == DEFAULT_MODALITIES == ("image", "text")
+    assert [image_text.modality_id(m) for m in ("image", "text")] == [0, 1]
+    audio_text = ModelConfig(modalities=("text", "audio"))
+    assert [audio_text.modality_id(m) for m in ("text", "audio")] == [0, 1]  # ids are per model
+    everything = ModelConfig(modalities=("audio", "image", "text"))  # written in any order, kept in registry order
+    assert everything.modalities == ("image", "text", "audio")
+    assert PADDING == -1
 
 
-def test_the_config_reads_its_modalities_from_the_registry():
+def test_every_per_modality_key_has_a_default_for_every_registered_modality():
     assert config_module.MODALITIES is MODALITIES
-    assert [f.name for f in dataclasses.fields(PerModality)] == list(MODALITIES)  # one number per modality
+    for key, defaults in MODALITY_DEFAULTS.items():
+        assert list(defaults) == list(MODALITIES), key
+        assert isinstance(getattr(LossConfig(), key), config_module.PerModality)
+    # a run's loss config holds exactly its model's modalities, in the model's order
+    loss = Config(model=ModelConfig(modalities=("image", "text", "audio"))).loss
+    assert dict(loss.global_entropy_min_experts) == {"image": 8.0, "text": 3.0, "audio": 8.0}
+
+
+@pytest.mark.parametrize("modalities, message", [
+    (("image", "video"), "model.modalities names 'video', which is not a modality; use some of image, text, audio"),
+    (("text", "text"), "at most once"),
+    ((), "at least one"),
+])
+def test_a_bad_list_of_modalities_is_named(modalities, message):
+    with pytest.raises(LimoeError, match=message):
+        ModelConfig(modalities=modalities)
 
 
 def test_an_unregistered_modality_is_named_with_the_registered_ones():
-    with pytest.raises(KeyError, match="'audio' is not a registered modality; these are: image, text"):
-        modality("audio")
+    with pytest.raises(KeyError, match="'video' is not a registered modality; these are: image, text, audio"):
+        modality("video")
 
 
 def test_reading_the_names_loads_no_model_code():
@@ -41,8 +64,8 @@ def test_the_tower_has_one_embedder_pool_and_projection_per_modality_in_registry
     config = load_model_config("limoe-tiny", ["image_pool=cls", "text_pool=eos"])
     with torch.device("meta"):
         model = Limoe(config)
-    assert list(model.embedders) == list(model.pools) == list(model.projections) == list(MODALITIES)
-    assert [model.pools[m].kind for m in MODALITIES] == ["cls", "eos"]
+    assert list(model.embedders) == list(model.pools) == list(model.projections) == ["image", "text"]
+    assert [model.pools[m].kind for m in model.pools] == ["cls", "eos"]
     # The tower holds each embedder's positions (and the class token) as its own parameters, ahead of
     # every submodule's: the parameter order the optimizer groups and the gradient norm's sum see.
     assert [name for name, _ in model.named_parameters()][:7] == [
@@ -51,7 +74,8 @@ def test_the_tower_has_one_embedder_pool_and_projection_per_modality_in_registry
 
 
 def test_each_dummy_batch_is_what_the_model_takes():
-    config = load_model_config("limoe-tiny", ["image_size=16", "context_length=5"])
-    images, tokens = (modality(m).dummy_batch(config, 3) for m in MODALITIES)
+    config = load_model_config("limoe-tiny", ["image_size=16", "context_length=5", "audio.clip_seconds=0.5"])
+    images, tokens, waveforms = (modality(m).dummy_batch(config, 3) for m in MODALITIES)
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
     assert tokens.shape == (3, 5) and tokens.dtype == torch.long and bool((tokens != 0).all())  # all real: all routed
+    assert waveforms.shape == (3, 8000) and waveforms.dtype == torch.float32

@@ -13,9 +13,9 @@ from limoe.config import MoeConfig
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Mlp
 from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp
-from limoe.modalities import PADDING, modality as registered
+from limoe.modalities import PADDING
 
-IMAGE, TEXT = registered("image").id, registered("text").id
+IMAGE, TEXT = 0, 1  # an image-text model's modality ids
 
 
 def _moe(experts: int, sharding: ExpertSharding = ExpertSharding(), **changes) -> MoeMlp:

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from limoe.config import LossConfig, load_config, load_model_config
+from limoe.config import Config, load_config, load_model_config
 from limoe.distributed import ExpertSharding
 from limoe.model.layers import Attention, Segment
-from limoe.modalities import modality
 from limoe.modalities.tokens import Tokens
 from limoe.model.tower import Block, Limoe, TokenLayout, build_model, parameter_counts
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
@@ -54,7 +53,7 @@ def test_every_config_runs_forward_and_backward(name, dense):
     assert output.image_features.shape == output.text_features.shape == (2, config.embed_dim)
     torch.testing.assert_close(output.image_features.norm(dim=-1), torch.ones(2))
     assert len(output.routing) == (0 if dense else len(config.moe.layers))
-    aux, _ = auxiliary_loss(output.routing, LossConfig())
+    aux, _ = auxiliary_loss(output.routing, Config().loss)
     loss = ContrastiveLoss("clip")(output.image_features, output.text_features, output.logit_scale) + aux
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -126,7 +125,7 @@ def test_bf16_autocast_step_tracks_fp32_with_fp32_routing_and_gradients():
     with torch.autocast("cpu", torch.bfloat16):
         output = model(images, tokens)
         loss = ContrastiveLoss("clip")(output.image_features, output.text_features, output.logit_scale)
-        loss = loss + auxiliary_loss(output.routing, LossConfig())[0]
+        loss = loss + auxiliary_loss(output.routing, Config().loss)[0]
     loss.backward()
     assert all(r.importance.dtype == torch.float32 for r in output.routing)
     for name, parameter in model.named_parameters():
@@ -193,8 +192,8 @@ def test_block_runs_on_one_residual_tensor():
     torch.manual_seed(0)
     config = load_model_config("limoe-tiny")
     block = Block(config, True, ExpertSharding())
-    streams = [Tokens(torch.randn(2, 5, config.width), torch.full((2, 5), modality("image").id), None, "image"),
-               Tokens(torch.randn(2, 3, config.width), torch.full((2, 3), modality("text").id), None, "text")]
+    streams = [Tokens(torch.randn(2, 5, config.width), torch.full((2, 5), config.modality_id("image")), None, "image"),
+               Tokens(torch.randn(2, 3, config.width), torch.full((2, 3), config.modality_id("text")), None, "text")]
     layout = TokenLayout.of(streams)
     assert [(s.start, s.length) for s in layout.segments] == [(0, 5), (5, 3)] and layout.modality.shape == (2, 8)
     y, routing = block(torch.cat([s.x for s in streams], dim=1), layout)

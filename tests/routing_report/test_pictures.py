@@ -12,12 +12,15 @@ from limoe.config import Config
 from limoe.routing_report.pictures import (LEGEND_PX, balanced_image_share, expert_colors, modality_shares,
                                           plot_patch_experts)
 from limoe.routing_report.records import CheckpointRouting, ExampleRouting
-from limoe.routing_report.statistics import _layer_statistics
+from limoe.routing_report.statistics import _layer_statistics, format_summary_table
 
 
-def _layer(image_routed: list[int], text_routed: list[int]) -> dict:
-    routed = torch.tensor([image_routed, text_routed], dtype=torch.float64)  # [M, E]
-    return _layer_statistics(3, routed, routed, routed.clone(), torch.zeros(2, dtype=torch.float64), slots=1000)
+def _layer(*routed_per_modality: list[int]) -> dict:
+    """A layer of an image-text model (two lists) or an image-text-audio one (three)."""
+    routed = torch.tensor(routed_per_modality, dtype=torch.float64)  # [M, E]
+    names = ("image", "text", "audio")[: len(routed_per_modality)]
+    return _layer_statistics(3, names, routed, routed, routed.clone(), torch.zeros(len(names), dtype=torch.float64),
+                             slots=1000)
 
 
 def test_each_modality_is_normalized_over_the_experts_on_its_own():
@@ -33,6 +36,15 @@ def test_the_heatmap_weighs_both_modalities_alike():
     # yet three quarters an image expert; expert 4 gets no tokens at all
     layer = _layer([450, 270, 0, 180, 0, 0], [0, 9, 72, 0, 9, 0])
     np.testing.assert_allclose(balanced_image_share(layer), [1.0, 0.75, 0.0, 1.0, 0.0, np.nan])
+
+
+def test_a_model_with_audio_has_a_row_and_a_table_column_for_it():
+    layer = _layer([3, 0, 1], [0, 2, 0], [0, 0, 4])
+    np.testing.assert_allclose(modality_shares(layer), [[0.75, 0, 0.25], [0, 1, 0], [0, 0, 1]])
+    # expert 2: a quarter of the images against all the audio → 0.25 / 1.25 an image expert
+    np.testing.assert_allclose(balanced_image_share(layer), [1.0, 0.0, 0.2])
+    table = format_summary_table({"num_batches": 1, "num_experts": 3, "max_entropy": 1.1, "layers": [layer]})
+    assert "tokens img/txt/aud" in table and "4/2/4" in table
 
 
 def test_a_modality_without_tokens_has_no_shares():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from limoe_kernels.router import route_logits_reference
-from limoe.config import LossConfig, PerModality
+from limoe.config import Config, LossConfig, ModelConfig, PerModality
 from limoe.model.aux_losses import (
     importance_loss,
     load_loss,
@@ -16,9 +16,8 @@ from limoe.model.aux_losses import (
     thresholded_global_entropy,
 )
 from limoe.training.losses import auxiliary_loss
-from limoe.modalities import modality as registered
 
-IMAGE, TEXT = registered("image").id, registered("text").id
+IMAGE, TEXT = 0, 1  # an image-text model's modality ids
 
 
 def test_importance_is_squared_cv_of_summed_probabilities():
@@ -89,8 +88,9 @@ def test_auxiliary_loss_weights_and_sums_over_layers():
             entropy_sum=torch.zeros(2), expert=torch.zeros(1, 1), kept_mask=torch.zeros(1, 1), capacity=4, num_groups=1,
         )
 
-    config = LossConfig(importance=1.0, load=10.0, local_entropy=PerModality(1.0, 0.0),
-                        global_entropy=PerModality(0.0, 2.0), global_entropy_min_experts=PerModality(8.0, 3.0))
+    config = LossConfig(importance=1.0, load=10.0, local_entropy=PerModality(image=1.0, text=0.0),
+                        global_entropy=PerModality(image=0.0, text=2.0),
+                        global_entropy_min_experts=PerModality(image=8.0, text=3.0))
     total, parts = auxiliary_loss([layer(1.0), layer(2.0)], config)
     assert parts["importance"].item() == pytest.approx(3.0)
     assert parts["load"].item() == pytest.approx(60.0)
@@ -98,3 +98,45 @@ def test_auxiliary_loss_weights_and_sums_over_layers():
     assert parts["local_entropy_text"].item() == 0.0
     assert parts["global_entropy_text"].item() == pytest.approx(2 * 2 * math.log(3.0))
     assert total.item() == pytest.approx(3 + 60 + 3 + 4 * math.log(3.0))
+
+
+def test_entropy_losses_of_three_modalities_leave_out_the_one_absent_from_the_batch():
+    """An image-text-audio model on a batch without text: two groups, image in both, audio in the
+    first only. The text weights and threshold are set high: were text's empty columns averaged,
+    its global loss would be 7 · log 3."""
+    from limoe.model.routing import LayerRouting
+
+    config = Config(model=ModelConfig(modalities=("image", "text", "audio")),
+                    loss=LossConfig(importance=0.0, load=0.0, local_entropy=PerModality(image=1.0, text=5.0, audio=2.0),
+                                    global_entropy=PerModality(text=7.0, audio=3.0),
+                                    global_entropy_min_experts=PerModality(text=3.0, audio=4.0))).loss
+    assert dict(config.global_entropy) == {"image": 0.01, "text": 7.0, "audio": 3.0}  # image's: the default
+    zeros = torch.zeros(3, 4)
+    layer = LayerRouting(
+        importance=torch.tensor(0.0), load=torch.tensor(0.0), z=torch.tensor(0.0),
+        token_entropy=torch.tensor([[0.2, 0.0, 0.6], [0.4, 0.0, 0.0]]),  # [G, M]: image, text, audio
+        marginal_entropy=torch.tensor([[math.log(2.0), 0.0, math.log(2.0)], [math.log(16.0), 0.0, 0.0]]),
+        present=torch.tensor([[True, False, True], [True, False, False]]), routed=zeros, kept=zeros, prob_sum=zeros,
+        entropy_sum=torch.zeros(3), expert=torch.zeros(2, 1), kept_mask=torch.zeros(2, 1), capacity=4, num_groups=2,
+    )
+    total, parts = auxiliary_loss([layer], config)
+    assert parts["local_entropy_image"].item() == pytest.approx(1.0 * (0.2 + 0.4) / 2)
+    assert parts["local_entropy_text"].item() == 0.0 and parts["global_entropy_text"].item() == 0.0
+    assert parts["local_entropy_audio"].item() == pytest.approx(2.0 * 0.6)  # the first group's only
+    # image: S = 8 (default): log 8 − log 2 in the first group, log 16 ≥ log 8 in the second → mean log 2
+    assert parts["global_entropy_image"].item() == pytest.approx(0.01 * math.log(2.0))
+    assert parts["global_entropy_audio"].item() == pytest.approx(3.0 * (math.log(4.0) - math.log(2.0)))
+    assert total.item() == pytest.approx(0.3 + 1.2 + 0.01 * math.log(2.0) + 3.0 * math.log(2.0))
+
+
+def test_a_loss_config_not_matching_the_routing_s_modalities_is_named():
+    from limoe.model.routing import LayerRouting
+
+    zeros = torch.zeros(3, 2)
+    layer = LayerRouting(
+        importance=torch.tensor(0.0), load=torch.tensor(0.0), z=torch.tensor(0.0), token_entropy=torch.zeros(1, 3),
+        marginal_entropy=torch.zeros(1, 3), present=torch.ones(1, 3, dtype=torch.bool), routed=zeros, kept=zeros,
+        prob_sum=zeros, entropy_sum=torch.zeros(3), expert=torch.zeros(1, 1), kept_mask=torch.zeros(1, 1), capacity=4,
+        num_groups=1)
+    with pytest.raises(ValueError, match="names 2 modalities"):
+        auxiliary_loss([layer], Config().loss)

@@ -165,3 +165,29 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
         sinks.close()
     assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
     assert {run.name for run in tmp_path.glob("wandb/offline-run-*/run-*.wandb")} == {f"run-{ids[0]}.wandb"}
+
+
+def test_the_progress_line_and_routing_record_cover_each_modality_of_the_model(tmp_path, capsys):
+    """An image-text-audio model's step on an audio-text batch: audio and text routed, images '-'."""
+    import types
+
+    import torch
+
+    from limoe.model.tower import build_model
+    from limoe.training.progress import TrainingReporter
+    from limoe.training.step import StepOutcome
+
+    config = load_config(None, ["model.modalities=[image, text, audio]", "model.audio.clip_seconds=0.5",
+                                "train.steps=2", "train.log_every=1", "train.routing_stats_every=2", "train.report_to=[]",
+                                "model.moe.train_capacity_factor=100"])
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    _, routing = model.encode({"audio": torch.randn(3, 8000), "text": torch.randint(1, 1000, (3, 16))})
+    outcome = StepOutcome({"loss": torch.tensor(1.0)}, True, 3, [(None, routing)])
+    with TrainingReporter(config, tmp_path, 0, 0) as reporter:
+        reporter.step(1, outcome, 1e-3, types.SimpleNamespace(bad={}, seen=3))  # logs progress, not yet routing
+        layer = reporter.routing[None].statistics()["layers"][0]
+    assert "routed img/txt/aud -/100%/100%" in capsys.readouterr().err  # capacity 100: nothing dropped
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["routing_success_image"] is None and record["routing_success_audio"] == 1.0
+    assert layer["image"]["tokens"] == 0 and layer["audio"]["tokens"] == 3 * 8 * 2  # 0.5 s: 47 frames, 8 × 2 patches

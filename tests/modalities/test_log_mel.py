@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from limoe.model.log_mel import LogMel, hz_to_mel, mel_filterbank, mel_to_hz
+from limoe.modalities.log_mel import LogMel, hz_to_mel, mel_filterbank, mel_to_hz
 
 REFERENCE = load_file(Path(__file__).resolve().parents[1] / "fixtures" / "log_mel" / "reference.safetensors")
 

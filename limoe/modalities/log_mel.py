@@ -8,15 +8,15 @@ fbank, no frame is made of padding): a clip of T samples gives 1 + (T − 512) /
 only decode and crop.
 
 Equal to librosa's `melspectrogram(n_fft=512, win_length=400, hop_length=160, center=False,
-htk=True, norm=None, power=2)` followed by the same log, within 2e-3 (tests/model/test_log_mel.py).
+htk=True, norm=None, power=2)` followed by the same log, within 2e-3 (tests/modalities/test_log_mel.py).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from limoe.modalities.stft_sizes import frame_count, stft_sizes
 
 LOG_FLOOR = 1e-6
 
@@ -47,19 +47,18 @@ class LogMel(nn.Module):
 
     def __init__(self, sample_rate: int = 16_000, n_mels: int = 128, window_ms: float = 25.0, hop_ms: float = 10.0):
         super().__init__()
-        self.window = round(sample_rate * window_ms / 1000)
-        self.hop = round(sample_rate * hop_ms / 1000)
-        self.n_fft = 2 ** math.ceil(math.log2(self.window))
+        self.window, self.hop, self.n_fft = stft_sizes(sample_rate, window_ms, hop_ms)
         # not persistent: derived from the config, so neither checkpoints nor a changed setting carry them
         self.register_buffer("hann", torch.hann_window(self.window), persistent=False)  # [window]
         self.register_buffer("filters", mel_filterbank(sample_rate, self.n_fft, n_mels), persistent=False)
 
     def frames(self, samples: int) -> int:
         """How many frames a clip of `samples` samples gives."""
-        return 1 + (samples - self.n_fft) // self.hop
+        return frame_count(samples, self.hop, self.n_fft)
 
     def forward(self, waveforms: Tensor) -> Tensor:
-        spectrum = torch.stft(waveforms.float(), self.n_fft, self.hop, self.window, self.hann, center=False,
+        # float32 throughout, whatever the model was cast to (a bf16 model's buffers are bf16)
+        spectrum = torch.stft(waveforms.float(), self.n_fft, self.hop, self.window, self.hann.float(), center=False,
                               return_complex=True)  # [B, n_fft // 2 + 1, frames]
         power = spectrum.real.square() + spectrum.imag.square()
-        return torch.log(self.filters @ power + LOG_FLOOR)  # [B, n_mels, frames]
+        return torch.log(self.filters.float() @ power + LOG_FLOOR)  # [B, n_mels, frames]
