@@ -202,6 +202,13 @@ def _add_placement_options(parser: argparse.ArgumentParser) -> None:
                              "--resize-on device")
 
 
+def _add_modality_option(parser: argparse.ArgumentParser) -> None:
+    """Which inputs are scored against text: images, or the audio clips of audio shards."""
+    parser.add_argument("--modality", default="image", choices=["image", "audio"],
+                        help="evaluate images (default) or audio clips (audio shards; needs a model whose "
+                             "model.modalities include audio)")
+
+
 def _add_overrides(parser: argparse.ArgumentParser, keys: str = "config") -> None:
     """`--set KEY=VALUE`, repeatable: the overrides `limoe.config` applies on top of the file."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {keys} key")
@@ -261,24 +268,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", None, "evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     zeroshot = command("zeroshot", _evaluation("zeroshot", "classnames", "templates", "candidate_images",
-                                                 "resize_on", "decode_on"),
+                                                 "resize_on", "decode_on", "modality"),
                        "zero-shot classification (ImageNet by default)", evaluations)
     _add_eval_options(zeroshot)
     _add_placement_options(zeroshot)
+    _add_modality_option(zeroshot)
     zeroshot.add_argument("--classnames", default=None,
                           help="class names file, one per line (default: the data's classnames.txt or class folder "
                                "names, else ImageNet-1k's)")
-    zeroshot.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
+    zeroshot.add_argument("--templates", default=None,
+                          help="'openai' (80, default for images), 'simple', 'sounds' (6, default for audio), or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
-    retrieval = command("retrieval", _evaluation("retrieval", "resize_on", "decode_on"),
-                        "image-text retrieval recall@1/5/10", evaluations)
+    retrieval = command("retrieval", _evaluation("retrieval", "resize_on", "decode_on", "modality"),
+                        "image-text (or audio-text) retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
     _add_placement_options(retrieval)
-    knn = command("knn", _evaluation("knn", "k", "random_init", "resize_on", "decode_on"),
-                  "leave-one-out k-NN top-1 of the image tokens on classification shards", evaluations)
+    _add_modality_option(retrieval)
+    knn = command("knn", _evaluation("knn", "k", "random_init", "resize_on", "decode_on", "modality"),
+                  "leave-one-out k-NN top-1 of the image (or audio) tokens on classification shards", evaluations)
     _add_eval_options(knn)
     _add_placement_options(knn)
+    _add_modality_option(knn)
     knn.add_argument("--k", type=_whole_number(1), default=5,
                      help="neighbours that vote (default 5; at most the number of labelled images − 1)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")

@@ -2,7 +2,7 @@
 
 The defaults are open_clip's ImageNet-1k class names (OpenAI's curated list, in synset order)
 and its prompt sets: the 80 templates of the CLIP paper ('openai') or the 7-template subset
-('simple'). A templates file holds one template per line with `{c}` (clip_benchmark's files) or
+('simple'); for audio, 'sounds' (`SOUND_TEMPLATES`, the default for audio). A templates file holds one template per line with `{c}` (clip_benchmark's files) or
 `{}` where the class name goes. Templates are `str.format` strings, so a template is checked
 where it is read: exactly one class placeholder and no other replacement field (no `{x}`, no
 `{0.attr}` or `{0[i]}` access, no conversion or format spec); `{{` and `}}` stand for braces.
@@ -23,7 +23,18 @@ from limoe.errors import LimoeError
 from limoe.files import read_text_file
 
 Template = Union[str, Callable[[str], str]]
-TEMPLATE_SETS = ("openai", "simple")  # open_clip's OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+TEMPLATE_SETS = ("openai", "simple", "sounds")  # open_clip's OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES; ours
+DEFAULT_TEMPLATES = {"image": "openai", "audio": "sounds"}  # the set used when none is given, by evaluated modality
+# Audio prompts: LAION-CLAP's zero-shot prompt ("this is a sound of …"), the "sound of" / "recording
+# of" phrasings of AudioCLIP and Wav2CLIP's evaluations, and the bare class name.
+SOUND_TEMPLATES = (
+    "the sound of a {}.",
+    "a recording of a {}.",
+    "this is a sound of {}.",
+    "a {} playing.",
+    "a sound made by a {}.",
+    "{}",
+)
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -43,13 +54,17 @@ def load_classnames(path: Optional[Path]) -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-def load_templates(choice: Optional[str]) -> Sequence[Template]:
-    """'openai' (the default), 'simple', or a file of templates, as open_clip's classifier
-    builder takes them: callables, or `str.format` strings with one `{}`."""
-    if choice is None or choice in TEMPLATE_SETS:
+def load_templates(choice: Optional[str], modality: str = "image") -> Sequence[Template]:
+    """'openai', 'simple', 'sounds', or a file of templates, as open_clip's classifier builder
+    takes them: callables, or `str.format` strings with one `{}`. None: `modality`'s default set
+    ('openai' for images, 'sounds' for audio)."""
+    choice = choice or DEFAULT_TEMPLATES[modality]
+    if choice == "sounds":
+        return SOUND_TEMPLATES
+    if choice in TEMPLATE_SETS:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-        return {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}[choice or "openai"]
+        return {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}[choice]
     return [class_template(line, f"templates file {choice}") for line in read_lines(Path(choice), "templates")]
 
 

@@ -171,12 +171,13 @@ def test_routing_passes_workers_to_the_report(monkeypatch):
 
 
 @pytest.mark.parametrize("evaluation, args, own", [
-    ("zeroshot", ["--templates", "simple"],
+    ("zeroshot", ["--templates", "simple", "--modality", "audio"],
      {"classnames": None, "templates": "simple", "candidate_images": None, "resize_on": "worker",
-      "decode_on": "worker"}),
-    ("retrieval", ["--resize-on", "device", "--decode-on", "device"], {"resize_on": "device", "decode_on": "device"}),
+      "decode_on": "worker", "modality": "audio"}),
+    ("retrieval", ["--resize-on", "device", "--decode-on", "device"],
+     {"resize_on": "device", "decode_on": "device", "modality": "image"}),
     ("knn", ["--k", "3", "--random-init", "--resize-on", "device"],
-     {"k": 3, "random_init": True, "resize_on": "device", "decode_on": "worker"}),
+     {"k": 3, "random_init": True, "resize_on": "device", "decode_on": "worker", "modality": "image"}),
     ("choice", ["--format", "jsonl", "--ties", "strict"], {"format": "jsonl", "subsets": None, "ties": "strict"}),
 ])
 def test_each_evaluation_gets_the_model_options_and_its_own(monkeypatch, evaluation, args, own):

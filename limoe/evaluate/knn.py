@@ -1,7 +1,8 @@
-"""k-nearest-neighbour classification with a model's image tokens: how well a representation
-separates classes with no head trained on top (the k-NN probe of MAE and DINO).
+"""k-nearest-neighbour classification with a model's image (or audio) tokens: how well a
+representation separates classes with no head trained on top (the k-NN probe of MAE and DINO).
 
-The features are the mean of the tower's final patch tokens, L2-normalised: what masked
+The features are the mean of the tower's final patch tokens (of the image, or of the audio
+stream for audio clips), L2-normalised: what masked
 pretraining trains (its pooling head and projection into the joint space are left untouched
 until contrastive training). Leave-one-out over one labelled set: each image takes the class
 its k most similar other images vote for, each vote weighted by exp(cosine similarity / 0.07).
@@ -26,20 +27,22 @@ from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import REMOTE, EvalBatch, eval_loader, expand_shards
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as, loader_options
 from limoe.evaluate.runtime import check_report_output, inference, nothing_read, report
 from limoe.model.tower import Limoe
 
 
-def image_token_features(model: Limoe, batches: Iterable[EvalBatch]) -> tuple[Tensor, Tensor]:
-    """Mean final patch token per image [N, d], L2-normalised, and the labels [N]."""
+def token_features(model: Limoe, batches: Iterable[EvalBatch], modality: str = "image") -> tuple[Tensor, Tensor]:
+    """Mean final token of `modality`'s stream per image (or clip) [N, d], L2-normalised, and the
+    labels [N]."""
     features, labels = [], []
     with inference(model) as device:
         for batch in batches:
-            streams, _ = model.tower({"image": model.embed("image", eval_images_on(batch.images, device))})
-            features.append(F.normalize(streams["image"].x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
+            streams, _ = model.tower({modality: model.embed(modality, eval_images_on(batch.images, device))})
+            features.append(F.normalize(streams[modality].x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
             labels.append(batch.labels)
     if not features:
-        raise nothing_read(batches, "k-NN needs classification shards with .cls labels")
+        raise nothing_read(batches, f"k-NN needs classification shards of {counted_as(modality)} with .cls labels")
     return torch.cat(features), torch.cat(labels)
 
 
@@ -88,32 +91,38 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
 
 
 def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5, batch_size: int = 128,
-                 workers: int = 2, resize_on: str = "worker", decode_on: str = "worker") -> dict:
-    """k-NN top-1 of `model`'s image tokens on classification shards (a spec) or EvalBatches with labels;
-    `resize_on`, `decode_on`: where the shards' images are resized and centre-cropped, and decoded."""
+                 workers: int = 2, resize_on: str = "worker", decode_on: str = "worker", modality: str = "image") -> dict:
+    """k-NN top-1 of `model`'s image tokens (audio tokens with `modality="audio"`) on classification
+    shards (a spec) or EvalBatches with labels; `resize_on`, `decode_on`: where the shards' images
+    are resized and centre-cropped, and decoded (images only)."""
     check_k(k, None, data)  # before encoding; the upper bound needs the number of images read
+    check_modality(model, modality)
+    check_placement(modality, resize_on, decode_on)
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, classification=True,
         max_bad_fraction=1.0, rank=0, world_size=1, resize_on=resize_on, decode_on=decode_on,
+        **loader_options(config, modality),
     )
-    features, labels = image_token_features(model, loader)
+    features, labels = token_features(model, loader, modality)
     check_k(k, len(labels), data)
-    return {"knn_top1": knn_accuracy(features, labels, k), "k": k, "images": len(labels)}
+    return {"knn_top1": knn_accuracy(features, labels, k), "k": k, counted_as(modality): len(labels)}
 
 
 def run_knn(checkpoint: Path, data: str, k: int, output: Optional[str], batch_size: int,
             capacity_factor: Optional[str], device: str, workers: int, random_init: bool = False,
-            resize_on: str = "worker", decode_on: str = "worker") -> dict:
+            resize_on: str = "worker", decode_on: str = "worker", modality: str = "image") -> dict:
     """`limoe eval knn`: the checkpoint's k-NN top-1; with `random_init`, beside the same
     architecture freshly initialised from the run's seed (what training added to the features)."""
     check_report_output(output, checkpoint, data)
+    check_placement(modality, resize_on, decode_on)
     check_k(k, labelled_samples(data), data)  # before loading or encoding anything
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
-    metrics = evaluate_knn(model, data, k, batch_size, workers, resize_on, decode_on)
+    metrics = evaluate_knn(model, data, k, batch_size, workers, resize_on, decode_on, modality)
     if random_init:
         torch.manual_seed(config.train.seed)  # the weights the run started from (without train.init_from)
         fresh = Limoe(config.model).to(next(model.parameters()).device)
-        metrics["random_init_knn_top1"] = evaluate_knn(fresh, data, k, batch_size, workers, resize_on, decode_on)["knn_top1"]
-    report(f"k-NN (k={k}) of {checkpoint}'s image tokens on {data}", metrics, output)
+        metrics["random_init_knn_top1"] = evaluate_knn(fresh, data, k, batch_size, workers, resize_on, decode_on,
+                                                       modality)["knn_top1"]
+    report(f"k-NN (k={k}) of {checkpoint}'s {modality} tokens on {data}", metrics, output)
     return metrics

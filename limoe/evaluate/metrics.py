@@ -39,8 +39,11 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
-def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_image: Tensor) -> dict[str, float]:
-    """Recall@1/5/10 both ways for images [N, D] and texts [M, D] (same space, any scale).
+def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_image: Tensor,
+                      modality: str = "image") -> dict[str, float]:
+    """Recall@1/5/10 both ways for images [N, D] and texts [M, D] (same space, any scale), keyed
+    `image_to_text_R@k` and `text_to_image_R@k`; for audio clips (`modality="audio"`),
+    `audio_to_text_R@k` and `text_to_audio_R@k`.
 
     `text_to_image` [M] holds the index of each text's image, so an image may have several
     texts. Text→image: is a text's image among its k most similar images. Image→text: is any of
@@ -53,8 +56,8 @@ def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_ima
     image_rank = _wrong_above(scores.T[image_queries], matches.T[image_queries])  # [N']
     metrics = {}
     for k in RECALL_AT:
-        metrics[f"image_to_text_R@{k}"] = (image_rank < k).float().mean().item()
-        metrics[f"text_to_image_R@{k}"] = (text_rank < k).float().mean().item()
+        metrics[f"{modality}_to_text_R@{k}"] = (image_rank < k).float().mean().item()
+        metrics[f"text_to_{modality}_R@{k}"] = (text_rank < k).float().mean().item()
     return metrics
 
 

@@ -1,10 +1,12 @@
-"""Image-text retrieval on caption shards: recall@1/5/10 from images to texts and back.
+"""Image-text (or audio-text) retrieval on caption shards: recall@1/5/10 from images (clips) to
+texts and back.
 
 Several captions per image are supported the way `limoe shards build` stores them: one sample
 per (image, caption) pair, the image repeated. Samples whose images are identical after the eval
 transform are one image with several captions: each image is encoded once, a text→image hit is
 its own image among the nearest, and an image→text hit is any of its captions among the nearest.
-With one caption per image (data_shards/heldout) this is plain paired retrieval.
+With one caption per image (data_shards/heldout) this is plain paired retrieval. Audio clips
+(`modality="audio"`) are grouped the same way, by their decoded samples.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from limoe.data.crops import Uncropped, eval_images_on
 from limoe.data.pipeline import EvalBatch, eval_loader
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs, loader_options
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns
@@ -45,10 +48,11 @@ def _digests(images: Union[Tensor, Uncropped]) -> list[bytes]:
 
 
 def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
-                 shared: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Features of the distinct images [N, D] and of every caption [M, D], and text_to_image [M].
+                 shared: bool = False, modality: str = "image") -> tuple[Tensor, Tensor, Tensor]:
+    """Features of the distinct images (or clips) [N, D] and of every caption [M, D], and
+    text_to_image [M].
 
-    `batches` are CPU EvalBatches with tokens (one caption per sample). `shared`: every process
+    `batches` are CPU EvalBatches with tokens (one caption per sample), of `modality`. `shared`: every process
     of the run reads the same batches and they take turns encoding them (`limoe.evaluate.turns`);
     batches are dealt out where they hold equally many new images, so that every process runs
     the same forwards.
@@ -73,7 +77,7 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
             text = model.encode_text(batch.tokens.to(device)).float()  # [B, D]
             if not new:
                 return text.new_zeros((0, text.shape[1])), text
-            return model.encode_image(eval_images_on(batch.images, device)[new]).float(), text  # [new, D], [B, D]
+            return encode_inputs(model, modality, eval_images_on(batch.images, device)[new]), text  # [new, D], [B, D]
 
         jobs = with_new_images(tqdm(batches, desc="pairs", unit="batch", disable=not progress))
         for (_, _, owner), (image, text) in encode_in_turns(jobs, encode, lambda job: (len(job[1]), len(job[2])), shared):
@@ -81,14 +85,15 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
             texts.append(text.cpu())
             owners.append(owner)
     if not texts:
-        raise nothing_read(batches, "retrieval needs shards of images with .txt captions")
+        raise nothing_read(batches, f"retrieval needs shards of {counted_as(modality)} with captions")
     return torch.cat(images), torch.cat(texts), torch.cat(owners)
 
 
 def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batch_size: int = 64, workers: int = 2,
                        progress: bool = False, shared: bool = False, resize_on: str = "worker",
-                       decode_on: str = "worker") -> dict:
-    """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards).
+                       decode_on: str = "worker", modality: str = "image") -> dict:
+    """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards);
+    with `modality="audio"`, audio→text and text→audio on audio shards.
 
     `data`: a shard spec (folder, glob, brace pattern) read once in full on every rank, so all
     ranks step the model together and get the same numbers; or any iterable of EvalBatches with
@@ -96,27 +101,31 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
     the loader counts them. `shared`: every process of a run calls this together and they take
     turns encoding. `resize_on`, `decode_on`: where a shard spec's images are resized and
     centre-cropped, and decoded (`data.resize_on`, `data.decode_on`: the data workers, or the
-    model's device).
+    model's device; images only).
     """
+    check_modality(model, modality)
+    check_placement(modality, resize_on, decode_on)
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1,
-        resize_on=resize_on, decode_on=decode_on,
+        resize_on=resize_on, decode_on=decode_on, **loader_options(config, modality),
     )
-    image_features, text_features, text_to_image = encode_pairs(model, loader, progress, shared)
-    metrics = {**retrieval_metrics(image_features, text_features, text_to_image),
-               "images": len(image_features), "texts": len(text_features)}
+    features, text_features, text_to_item = encode_pairs(model, loader, progress, shared, modality)
+    metrics = {**retrieval_metrics(features, text_features, text_to_item, modality),
+               counted_as(modality): len(features), "texts": len(text_features)}
     if hasattr(loader, "bad_samples"):
         metrics["skipped"] = loader.bad_samples.bad
     return metrics
 
 
 def run_retrieval(checkpoint: Path, data: str, output: Optional[str], batch_size: int, capacity_factor: Optional[str],
-                  device: str, workers: int, resize_on: str = "worker", decode_on: str = "worker") -> dict:
+                  device: str, workers: int, resize_on: str = "worker", decode_on: str = "worker",
+                  modality: str = "image") -> dict:
     """`limoe eval retrieval`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data)
+    check_placement(modality, resize_on, decode_on)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True, resize_on=resize_on,
-                                 decode_on=decode_on)
-    report(f"image-text retrieval of {checkpoint} on {data}", metrics, output)
+                                 decode_on=decode_on, modality=modality)
+    report(f"{modality}-text retrieval of {checkpoint} on {data}", metrics, output)
     return metrics

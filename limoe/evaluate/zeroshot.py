@@ -1,4 +1,4 @@
-"""Zero-shot classification: classify images by their nearest class embedding.
+"""Zero-shot classification: classify images (or audio clips) by their nearest class embedding.
 
 Each class's embedding is the mean of its prompt embeddings (one per template), renormalised
 (open_clip's `build_zero_shot_classifier`, the CLIP paper's protocol), or, with classes given by
@@ -6,6 +6,9 @@ exemplar images (Uni-Perceiver's handwritten-digit example), the mean of its exe
 normalised image embeddings, renormalised. An image's predicted classes are those whose
 embeddings are most cosine-similar to its own; a prompt-tuned model (`limoe tune`) adds its
 learned linear term to the scaled cosines.
+
+Audio clips (`modality="audio"`) come from audio shards with `.cls` labels, in the first or
+third layout, and take the 'sounds' templates by default.
 
 The data may come in three layouts, recognised in this order:
   - a clip_benchmark webdataset folder (`test/0.tar …`, `test/nshards.txt`, `classnames.txt`),
@@ -32,6 +35,7 @@ from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shar
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError, warn
 from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs, loader_options
 from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns
@@ -61,30 +65,33 @@ def zeroshot_classifier(model: Limoe, classnames: Sequence[str], templates: Sequ
 
 
 def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
-                           shared: bool = False) -> tuple[Tensor, Tensor]:
-    """Image features [N, D] and labels [N] of every image in `batches`, on the CPU. `shared`:
-    every process of the run reads the same batches and they take turns encoding them
-    (`limoe.evaluate.turns`)."""
+                           shared: bool = False, modality: str = "image") -> tuple[Tensor, Tensor]:
+    """Image (or `modality`'s) features [N, D] and labels [N] of every sample in `batches`, on the
+    CPU. `shared`: every process of the run reads the same batches and they take turns encoding
+    them (`limoe.evaluate.turns`)."""
     features, labels = [], []
     with inference(model) as device:
         def encode(batch: EvalBatch) -> tuple[Tensor]:
-            return (model.encode_image(eval_images_on(batch.images, device)).float(),)  # [B, D]
+            return (encode_inputs(model, modality, eval_images_on(batch.images, device)),)  # [B, D]
 
-        batches_read = tqdm(batches, desc="images", unit="batch", disable=not progress)
+        batches_read = tqdm(batches, desc=counted_as(modality), unit="batch", disable=not progress)
         for batch, (encoded,) in encode_in_turns(batches_read, encode, lambda batch: len(batch.images), shared):
             features.append(encoded.cpu())
             labels.append(batch.labels)
     if not labels:
-        raise nothing_read(batches, "zero-shot classification needs labelled images: class folders or shards with .cls")
+        needs = "labelled images: class folders or shards with .cls" if modality == "image" else \
+            f"labelled {counted_as(modality)}: shards with .cls"
+        raise nothing_read(batches, f"zero-shot classification needs {needs}")
     return torch.cat(features), torch.cat(labels)
 
 
 def open_classification_set(data: str, classnames: Union[None, Path, Sequence[str]], config: ModelConfig,
                             batch_size: int, workers: int, resize_on: str = "worker", decode_on: str = "worker",
-                            ) -> tuple[Union[ImageFolderLoader, ShardLoader], list[str]]:
+                            modality: str = "image") -> tuple[Union[ImageFolderLoader, ShardLoader], list[str]]:
     """A loader of labelled EvalBatches for `data` in any supported layout, and its class names.
     `resize_on`: where the images are resized and centre-cropped: the data workers or the device;
     `decode_on`: where shards' images are decoded (class folders are decoded in the workers).
+    `modality`: "audio" reads audio shards (class-folder trees are image sets).
 
     `classnames` is a names file, None (the data's own or ImageNet-1k's), or the class list itself
     (exemplar folders' names): then a class-folder tree must have exactly those folders.
@@ -94,6 +101,10 @@ def open_classification_set(data: str, classnames: Union[None, Path, Sequence[st
         count = int((path / "test" / "nshards.txt").read_text().strip())
         spec, beside = f"{path}/test/{{0..{count - 1}}}.tar", path / "classnames.txt"
     elif path.is_dir() and looks_like_image_folder(path):
+        if modality != "image":
+            raise LimoeError(f"{path} is a class-folder tree, which is read as images; for {modality}, build shards from "
+                             f"it with `limoe shards build --{modality} {path} --classification --output DIR` and "
+                             f"give DIR.")
         if decode_on == "device":
             raise LimoeError(f"{path} is a class-folder tree, whose images are decoded in the data workers; drop "
                              f"--decode-on device, or build shards from it with `limoe shards build --classification`.")
@@ -106,7 +117,8 @@ def open_classification_set(data: str, classnames: Union[None, Path, Sequence[st
     if classnames is None and beside.is_file():
         classnames = beside
     loader = eval_loader(spec, batch_size, config.image_size, config.context_length, workers, classification=True,
-                         max_bad_fraction=1.0, rank=0, world_size=1, resize_on=resize_on, decode_on=decode_on)
+                         max_bad_fraction=1.0, rank=0, world_size=1, resize_on=resize_on, decode_on=decode_on,
+                         **loader_options(config, modality))
     return loader, list(classnames) if isinstance(classnames, (list, tuple)) else load_classnames(classnames)
 
 
@@ -153,8 +165,9 @@ def exemplar_classifier(model: Limoe, folder: ImageFolderSet, batch_size: int = 
 def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None, templates: Optional[str] = None,
                       batch_size: int = 64, workers: int = 2, progress: bool = False,
                       candidate_images: Optional[Path] = None, shared: bool = False, resize_on: str = "worker",
-                      decode_on: str = "worker") -> dict:
-    """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above).
+                      decode_on: str = "worker", modality: str = "image") -> dict:
+    """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above);
+    with `modality="audio"`, of its audio clips on audio shards with `.cls` labels.
 
     Classes are given by name, as prompts from `templates` ('openai' (default), 'simple' or a
     file), or by exemplar images: `candidate_images` is a folder with one sub-folder of images
@@ -163,9 +176,18 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     metrics plus the numbers of samples and classes and the skipped samples by reason. `shared`:
     every process of a run calls this together and they take turns encoding images and prompts.
     `resize_on`, `decode_on`: where the images are resized and centre-cropped, and decoded
-    (`data.resize_on`, `data.decode_on`).
+    (`data.resize_on`, `data.decode_on`; images only). Default templates: 'openai' for images,
+    'sounds' for audio.
     """
+    check_modality(model, modality)
+    check_placement(modality, resize_on, decode_on)
     head = label_head(model)
+    if modality != "image" and candidate_images is not None:
+        raise LimoeError(f"--candidate-images gives the classes by example images; drop it to classify {modality} "
+                         f"by class names.")
+    if modality != "image" and head is not None:
+        raise LimoeError(f"this checkpoint was prompt-tuned on images (its linear term reads image embeddings); "
+                         f"classify {modality} with its base model.")
     if candidate_images is not None:  # input errors first, before any encoding
         if classnames is not None or templates is not None:
             raise LimoeError("--candidate-images gives the classes by example; drop --classnames and --templates.")
@@ -174,15 +196,16 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
         exemplars = scan_image_folder(Path(candidate_images))
         classes: Union[None, Path, list[str]] = exemplars.classes
     else:
-        prompts = list(head.templates) if head is not None and templates is None else load_templates(templates)
+        prompts = list(head.templates) if head is not None and templates is None else load_templates(templates, modality)
         classes = classnames
-    loader, names = open_classification_set(data, classes, model.config, batch_size, workers, resize_on, decode_on)
+    loader, names = open_classification_set(data, classes, model.config, batch_size, workers, resize_on, decode_on,
+                                            modality)
     if head is not None and tuple(names) != head.classnames:
         raise LimoeError(
             f"the checkpoint was prompt-tuned for {len(head.classnames)} classes ({', '.join(head.classnames[:3])}, …), "
             f"not the {len(names)} class names of {data} ({', '.join(names[:3])}, …); evaluate it on its own label set."
         )
-    features, labels = encode_labelled_images(model, loader, progress, shared)  # images first: bad data fails fast
+    features, labels = encode_labelled_images(model, loader, progress, shared, modality)  # first: bad data fails fast
     if labels.max() >= len(names):
         raise LimoeError(
             f"{data} has labels up to {labels.max().item()} but only {len(names)} class names; "
@@ -200,13 +223,14 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
 def run_zeroshot(checkpoint: Path, data: str, classnames: Optional[str], templates: Optional[str],
                  output: Optional[str], batch_size: int, capacity_factor: Optional[str], device: str,
                  workers: int, candidate_images: Optional[str] = None, resize_on: str = "worker",
-                 decode_on: str = "worker") -> dict:
+                 decode_on: str = "worker", modality: str = "image") -> dict:
     """`limoe eval zeroshot`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data, classnames, templates, candidate_images)
+    check_placement(modality, resize_on, decode_on)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_zeroshot(model, data, Path(classnames) if classnames else None, templates, batch_size,
                                 workers, progress=True,
                                 candidate_images=Path(candidate_images) if candidate_images else None,
-                                resize_on=resize_on, decode_on=decode_on)
+                                resize_on=resize_on, decode_on=decode_on, modality=modality)
     report(f"zero-shot classification of {checkpoint} on {data}", metrics, output)
     return metrics

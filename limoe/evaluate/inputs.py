@@ -1,0 +1,55 @@
+"""What an evaluation scores against text: images (the default) or audio clips.
+
+Zero-shot classification, retrieval and k-NN run the same protocol on either; what differs is
+read here once: which model can take them (its `model.modalities`), how the loader reads the
+shards (the eval crop of an image, the centre window of a clip at the model's rate and length),
+which embedder encodes them, and what the metrics call the inputs (`images`, `clips`). The
+placement options (`resize_on`, `decode_on`) and class-folder trees are for images only.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from limoe.config import ModelConfig
+from limoe.errors import LimoeError
+from limoe.model.tower import Limoe
+
+EVALUATED = ("image", "audio")  # the `--modality` choices
+_COUNTED_AS = {"image": "images", "audio": "clips"}  # the metrics' name for a number of inputs
+
+
+def check_modality(model: Limoe, modality: str) -> None:
+    """Refuse a modality the model does not embed (a one-line error naming the model's)."""
+    if modality not in EVALUATED:
+        raise LimoeError(f"modality {modality!r} cannot be evaluated; give one of {', '.join(EVALUATED)}.")
+    if modality not in model.config.modalities:
+        raise LimoeError(f"this checkpoint's model embeds {', '.join(model.config.modalities)}, not {modality}; "
+                         f"evaluate a checkpoint whose model.modalities include {modality}, or drop --modality "
+                         f"{modality}.")
+
+
+def check_placement(modality: str, resize_on: str, decode_on: str) -> None:
+    """Refuse `--resize-on device` / `--decode-on device` for audio: they place image work."""
+    if modality != "image" and "device" in (resize_on, decode_on):
+        raise LimoeError(f"--resize-on and --decode-on place the resizing and decoding of images; {modality} clips are "
+                         f"decoded in the data workers and turned into features on the device anyway: drop them "
+                         f"with --modality {modality}.")
+
+
+def loader_options(config: ModelConfig, modality: str) -> dict:
+    """The `eval_loader` keywords that read `modality`'s samples as `config`'s model takes them."""
+    if modality == "image":
+        return {}
+    return {"modality": modality, "sample_rate": config.audio.sample_rate, "clip_seconds": config.audio.clip_seconds}
+
+
+def encode_inputs(model: Limoe, modality: str, inputs: Tensor) -> Tensor:
+    """Features [B, D] (L2-normalised, float32) of images [B, 3, S, S] or clips [B, T] on the
+    model's device (`limoe.data.crops.eval_images_on` puts an eval batch's there)."""
+    return model.encode({modality: inputs})[0][modality].float()
+
+
+def counted_as(modality: str) -> str:
+    """What the metrics call a number of `modality`'s inputs: `images`, `clips`."""
+    return _COUNTED_AS[modality]
