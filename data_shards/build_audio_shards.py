@@ -12,8 +12,8 @@ downloaded: the soundfont comes from the Debian archive, the two libraries from 
 
 What is rendered: each melodic program (bank 0, programs 0–127) plays short phrases — one long
 note, two notes, three short notes, a rising or a falling arpeggio — in a low, middle or high
-register, soft or loud, one second at 16 kHz, mono. Each clip's phrase, register and loudness are
-drawn from a generator seeded by the program and the clip's number, so a rebuild is byte for byte
+register, soft or loud, one second at 16 kHz, mono. A program's clips are distinct combinations of
+phrase, register and loudness, drawn from a generator seeded by the program, so a rebuild is byte for byte
 the same (tinysoundfont renders deterministically from a fresh synthesizer; FLAC encoding is
 deterministic; tar members and gzip headers carry fixed times).
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import random
 import shutil
@@ -119,13 +120,12 @@ def families() -> list[str]:
 
 
 def clips_of(instrument: Instrument) -> list[Clip]:
+    """The program's clips: distinct (phrase, register, loudness) combinations, drawn without
+    replacement so that no two clips of one program are the same sound."""
     count = CLIPS["heldout" if instrument.held_out else "train"]
-    clips = []
-    for number in range(count):
-        draw = random.Random(f"{instrument.program}-{number}")
-        clips.append(Clip(instrument, number, draw.randrange(len(PHRASES)), draw.choice(list(REGISTERS)),
-                          draw.choice(list(LOUDNESS))))
-    return clips
+    combinations = list(itertools.product(range(len(PHRASES)), REGISTERS, LOUDNESS))
+    drawn = random.Random(f"program {instrument.program}").sample(combinations, count)
+    return [Clip(instrument, number, *combination) for number, combination in enumerate(drawn)]
 
 
 def render(clip: Clip, soundfont: bytes) -> np.ndarray:

@@ -31,12 +31,12 @@ class AudioConfig:
                                   "frames short of a whole patch are cropped", "[1, 4096]")
     pool: Literal["map", "cls", "mean"] = setting("map", "audio pooling: map = attention pooling with a learned "
                                                          "probe, cls token, or mean")
-    mean: float = setting(-3.33, "fixed normalisation (x − mean) / std of the log-mel; the default is the mean of "
+    mean: float = setting(-3.40, "fixed normalisation (x − mean) / std of the log-mel; the default is the mean of "
                                  "every log-mel value of the 288 clips of data_shards/audio_train (1 s, centre "
                                  "crop, these STFT settings), measured 2026-12-06 by tests/modalities/test_audio.py"
                                  "::test_normalisation_defaults_are_the_demo_clips_statistics (AST and ImageBind "
                                  "normalise their Kaldi fbank of AudioSet with −4.27 and 9.14)", "(-inf, inf)")
-    std: float = setting(3.93, "the std of the same values (see mean)", "(0, inf)")
+    std: float = setting(3.97, "the std of the same values (see mean)", "(0, inf)")
 
     def __post_init__(self):
         if self.n_mels % self.patch_size:

@@ -93,18 +93,37 @@ def _expected_retrieval(reference) -> dict:
     return expected
 
 
-def _expected_zeroshot(reference) -> dict:
-    """Each class the renormalised mean of its normalised sound-template prompts; ties count against."""
+def _zeroshot_bounds(reference, tolerance: float = 1e-5) -> tuple[dict, dict]:
+    """Each class the renormalised mean of its normalised sound-template prompts. A random model's
+    class scores nearly tie, and another batching of the prompts moves the last bits: a class
+    within `tolerance` of the label's score may rank either way, so this gives the metrics with
+    every such near tie counted against (low) and for (high)."""
     model, labels = reference["model"], reference["labels"]
+    training = model.training
+    model.eval()  # as evaluation encodes: no router noise (a test may have left the model training)
     with torch.no_grad():
         classes = torch.stack([
             F.normalize(model.encode_text(tokenizer(16)([t.format(name) for t in SOUND_TEMPLATES])).mean(dim=0), dim=0)
             for name in reference["classnames"]])  # [16, D]
+    model.train(training)
     logits = reference["audio"] @ classes.T  # [64, 16]
-    wrong_above = (logits >= logits.gather(1, labels[:, None])).sum(dim=1) - 1  # [64]
-    per_class = [(wrong_above[labels == c] == 0).float().mean().item() for c in range(16)]
-    return {"top1": (wrong_above == 0).float().mean().item(), "top5": (wrong_above < 5).float().mean().item(),
-            "mean_per_class_recall": sum(per_class) / 16, "samples": 64, "classes": 16}
+    label = logits.gather(1, labels[:, None])  # [64, 1]
+
+    def metrics(above: torch.Tensor) -> dict:  # above [64]: classes ranked above the label
+        per_class = [(above[labels == c] == 0).float().mean().item() for c in range(16)]
+        return {"top1": (above == 0).float().mean().item(), "top5": (above < 5).float().mean().item(),
+                "mean_per_class_recall": sum(per_class) / 16}
+
+    return (metrics((logits >= label - tolerance).sum(dim=1) - 1),  # near ties against the label
+            metrics((logits > label + tolerance).sum(dim=1)))  # near ties for it
+
+
+def _assert_zeroshot_as_by_hand(metrics: dict, reference) -> None:
+    low, high = _zeroshot_bounds(reference)
+    assert (metrics["samples"], metrics["classes"]) == (64, 16)
+    for key in low:
+        assert low[key] - 1e-9 <= metrics[key] <= high[key] + 1e-9, (key, metrics[key], low[key], high[key])
+    assert high["top1"] - low["top1"] <= 2 / 64  # near ties are rare: the bounds still pin the metric
 
 
 def _expected_knn_top1(reference, k: int) -> float:
@@ -126,7 +145,7 @@ def test_audio_text_retrieval_is_recall_counted_by_hand(audio_checkpoint, refere
     expected = _expected_retrieval(reference)
     assert metrics.pop("skipped") == {}
     assert metrics == pytest.approx(expected)
-    assert (metrics["clips"], metrics["texts"]) == (62, 64)
+    assert (metrics["clips"], metrics["texts"]) == (64, 64)  # every clip a sound of its own
     assert metrics["text_to_audio_R@10"] > 0  # the reference is not vacuous
 
 
@@ -134,7 +153,7 @@ def test_audio_zeroshot_uses_the_sound_templates_and_matches_a_classifier_built_
                                                                                        tmp_path):
     metrics = _eval("zeroshot", audio_checkpoint, tmp_path / "default.json")  # no --templates: the sounds set
     assert metrics.pop("skipped") == {}
-    assert metrics == pytest.approx(_expected_zeroshot(reference))
+    _assert_zeroshot_as_by_hand(metrics, reference)
     assert metrics["top5"] > 0
     # --templates and --classnames work as for images: one template, names from a file
     names, model = reference["classnames"], reference["model"]
@@ -165,7 +184,7 @@ def test_the_library_functions_take_the_modality(reference):
     assert retrieval.pop("skipped") == zeroshot.pop("skipped") == {}
     assert retrieval == pytest.approx(_expected_retrieval(reference))
     assert knn["knn_top1"] == pytest.approx(_expected_knn_top1(reference, 3))
-    assert zeroshot == pytest.approx(_expected_zeroshot(reference))
+    _assert_zeroshot_as_by_hand(zeroshot, reference)
     with pytest.raises(LimoeError, match="modality 'text' cannot be evaluated; give one of image, audio"):
         evaluate_knn(model, str(HELDOUT), workers=0, modality="text")
 
