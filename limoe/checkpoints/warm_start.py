@@ -10,8 +10,13 @@ hold no tensor the model lacks, or the run stops with one line naming the tensor
 tensor usually means the wrong file. The exceptions are the contrastive loss's own parameters
 (`LOSS_PARAMETERS`): SigLIP's bias exists only under that loss, so it is taken when both sides
 have it, kept at its initial value when the source lacks it, and left out when the model does;
-and the routers of upcycled blocks, which a dense model does not have. A workdir's training-only heads (pretraining's decoder and fusion blocks) are never read: only
-the model's entries are.
+and the routers of upcycled blocks, which a dense model does not have; and every tensor of a
+modality the source holds nothing of (PolyViT's and ImageBind's practice: an image-text model
+seeds an image-text-audio one, whose audio embedder, pooling head, projection and positions start
+as the new model initialised them, named in the log). With `train.init_audio_patches_from_image`
+the audio patch convolution starts from the image one instead, as AST starts from ImageNet. A
+workdir's training-only heads (pretraining's decoder and fusion blocks) are never read: only the
+model's entries are.
 
 `check_init_from` makes these checks from the source's names and shapes alone, before the
 workdir is touched; `warm_start` loads the values into each rank's model. Experts are matched by
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Iterable
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
@@ -38,6 +45,7 @@ from limoe.model.tower import Limoe, build_model
 
 log = logging.getLogger(__name__)
 LOSS_PARAMETERS = ("logit_bias",)  # exists only under the loss that uses it (SigLIP)
+IMAGE_PATCHES, AUDIO_PATCHES = "embedders.image.patch_embed.", "embedders.audio.patch_embed."
 
 
 def _source(init_from: str) -> Path:
@@ -70,18 +78,38 @@ def source_shapes_as_meta(source: Path) -> dict[str, Tensor]:
     return current_model_state(stored, version)  # files of any format version
 
 
-def _unsharded_shapes(config: Config) -> dict[str, torch.Size]:
+def _skeleton(config: Config) -> Limoe:
+    """The unsharded model `config` describes, on the `meta` device: names and shapes, no values."""
     with torch.device("meta"):
-        return {name: tensor.shape for name, tensor in build_model(config).state_dict().items()}
+        return build_model(config)
 
 
-def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config, upcycled: list[int]) -> None:
+def fresh_modalities(model: Limoe, source_names: Iterable[str]) -> dict[str, list[str]]:
+    """Each modality of `model` of which the source (the names of its tensors) holds no tensor at
+    all, with the names of that modality's own tensors: they start as `model` initialised them. A
+    modality the source holds some of its tensors of is no candidate: a gap there is an error."""
+    held, names = set(source_names), list(model.state_dict())
+    fresh = {}
+    for modality in model.config.modalities:
+        prefixes = tuple(model.modality_parts(modality))
+        own = [name for name in names if name.startswith(prefixes)]
+        if held.isdisjoint(own):
+            fresh[modality] = own
+    return fresh
+
+
+def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config,
+                upcycled: list[int]) -> dict[str, list[str]]:
     """One line naming the first tensor of the model `config` describes that `source` lacks or
     holds in another shape, or the first tensor of `source` the model does not have (`shapes` as
-    upcycled; the routers of the `upcycled` blocks start fresh)."""
+    upcycled; the routers of the `upcycled` blocks start fresh); else the modalities that start
+    fresh (`fresh_modalities`)."""
     architecture = f"{config.model.name} (width {config.model.width}, depth {config.model.depth})"
-    wanted = _unsharded_shapes(config)
+    skeleton = _skeleton(config)
+    wanted = {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
+    modalities = fresh_modalities(skeleton, shapes)
     fresh = set(LOSS_PARAMETERS) | {f"{_mlp(block)}router_weight" for block in upcycled}
+    fresh.update(name for names in modalities.values() for name in names)
     for name, shape in wanted.items():
         if name not in shapes and name not in fresh:
             raise LimoeError(f"train.init_from {source} has no tensor {name}, which the {architecture} model needs; "
@@ -93,6 +121,38 @@ def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config, upc
     if unknown:
         raise LimoeError(f"train.init_from {source} holds tensor {unknown[0]}, which the {architecture} model does "
                          f"not have; it was saved from another architecture.")
+    if config.train.init_audio_patches_from_image:
+        if "audio" not in modalities:
+            raise LimoeError(f"train.init_audio_patches_from_image: train.init_from {source} has audio tensors of its "
+                             f"own, which are loaded; drop the option.")
+        if f"{IMAGE_PATCHES}weight" not in shapes:
+            raise LimoeError(f"train.init_audio_patches_from_image: train.init_from {source} has no image patch "
+                             f"convolution to start the audio one from; drop the option.")
+    return modalities
+
+
+def audio_patches_from_image(state: dict[str, Tensor], patch_size: int) -> dict[str, Tensor]:
+    """The audio patch convolution as AST (Gong et al. 2021) starts it from an ImageNet ViT: the
+    image kernel summed over its RGB channels, so that a spectrogram patch is embedded as the image
+    model embeds the grey image with that patch in all three channels, and the image bias; the
+    kernel resized bilinearly (no antialiasing) when the audio patch side differs."""
+    kernel = state[f"{IMAGE_PATCHES}weight"].sum(dim=1, keepdim=True)  # [d, 3, p_i, p_i] → [d, 1, p_i, p_i]
+    if kernel.shape[-1] != patch_size:
+        kernel = F.interpolate(kernel, size=(patch_size, patch_size), mode="bilinear",
+                               align_corners=False)  # [d, 1, p_a, p_a]
+    return {f"{AUDIO_PATCHES}weight": kernel, f"{AUDIO_PATCHES}bias": state[f"{IMAGE_PATCHES}bias"]}
+
+
+def _fresh_line(model: Limoe, modalities: dict[str, list[str]], patches_from_image: bool) -> str:
+    """'audio embedder, pooling head, projection, positions': the parts of each fresh modality."""
+    described = []
+    for modality, names in modalities.items():
+        parts = [part for prefix, part in model.modality_parts(modality).items()
+                 if any(name.startswith(prefix) for name in names)]
+        if modality == "audio" and patches_from_image:
+            parts[parts.index("embedder")] = "embedder (its patch convolution from the image one, summed over RGB)"
+        described.append(f"{modality} {', '.join(dict.fromkeys(parts))}")
+    return f"; fresh (not in the source): {'; '.join(described)}" if described else ""
 
 
 def check_init_from(config: Config) -> None:
@@ -154,12 +214,17 @@ def warm_start(model: Limoe, config: Config) -> int:
     stored = _read_source(source)
     blocks = upcycled_blocks(stored, config)
     state = upcycled(stored, config)
-    _check_fits(source, {name: tensor.shape for name, tensor in state.items()}, config, blocks)
+    modalities = _check_fits(source, {name: tensor.shape for name, tensor in state.items()}, config, blocks)
+    patches_from_image = config.train.init_audio_patches_from_image
+    if patches_from_image:
+        state.update(audio_patches_from_image(state, config.model.audio.patch_size))
     values = _local_values(model, state)
-    model.load_state_dict(values, strict=False)  # only loss parameters and upcycled routers may be absent
+    model.load_state_dict(values, strict=False)  # only loss parameters, upcycled routers and fresh modalities may be absent
     if rank_and_world()[0] == 0:
-        kept = [name for name in model.state_dict() if name not in values]
-        log.warning("started from %s: %d tensors loaded%s%s", source, len(values),
+        fresh = {name for names in modalities.values() for name in names}
+        kept = [name for name in model.state_dict() if name not in values and name not in fresh]
+        log.warning("started from %s: %d tensors loaded%s%s%s", source, len(values),
                     f"; blocks {blocks} upcycled from the dense MLP (experts copied, routers fresh)" if blocks else "",
+                    _fresh_line(model, modalities, patches_from_image),
                     f"; {', '.join(kept)} kept at the initial value" if kept else "")
     return len(values)

@@ -49,6 +49,11 @@ class Config:
         if self.model.moe_layers and experts % shards:
             raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "
                              f"{shards}; every rank must hold the same number of experts.")
+        if self.train.init_audio_patches_from_image and (self.train.init_from is None
+                                                          or "audio" not in self.model.modalities):
+            raise LimoeError("train.init_audio_patches_from_image starts the audio patch convolution of a model with "
+                             "audio from train.init_from's image one; set train.init_from and include audio in "
+                             "model.modalities, or drop it.")
         if self.tasks:
             self._check_tasks()
 

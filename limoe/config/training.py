@@ -41,7 +41,12 @@ class TrainConfig:
     init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "
                                              "workdir of the same architecture (e.g. limoe pretrain's), or of its "
                                              "dense twin (sparse upcycling); optimizer and step start fresh; ignored "
-                                             "when the workdir has a checkpoint")
+                                             "when the workdir has a checkpoint; the tensors of a modality the "
+                                             "source lacks (e.g. audio, from an image-text model) start fresh")
+    init_audio_patches_from_image: bool = setting(
+        False, "with train.init_from a model without audio: start the audio patch convolution from the source's image "
+               "one, its kernel summed over RGB (AST's ImageNet start; bilinearly resized when the patch sizes "
+               "differ) and its bias copied; false: as freshly initialised")
     image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
                                            "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
     unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images (at most train.steps)",

@@ -231,6 +231,19 @@ class Limoe(nn.Module):
             index for index, block in enumerate(self.blocks) if blocks == "all" or (blocks == "moe" and block.sparse)
         )
 
+    def modality_parts(self, name: str) -> dict[str, str]:
+        """Where modality `name`'s own tensors lie in `state_dict()`: each name prefix with the part
+        of the model it is ("embedder", "positions", …), for `train.init_from` to tell which tensors
+        belong to a modality its source lacks and to name them. Every tensor not under one of these
+        is shared by all modalities."""
+        parts = {f"embedders.{name}.": "embedder", f"pools.{name}.": "pooling head",
+                 f"projections.{name}.": "projection"}
+        adapters = [index for index, block in enumerate(self.blocks) if isinstance(block, ModalityAdapter)]
+        parts.update({f"blocks.{index}.{name}.": "adapter blocks" for index in adapters})
+        parts.update({f"{name}_{key}": key.replace("cls_token", "class token")
+                      for key in self.embedder_parameters.get(name, ()) if getattr(self, f"{name}_{key}") is not None})
+        return parts
+
     # --- embeddings -------------------------------------------------------------------------
 
     def embed(self, name: str, batch: Tensor, **options) -> Tokens:

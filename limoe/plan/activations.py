@@ -8,11 +8,15 @@ checkpointed block keeps, and the bf16 copies of weights that autocast made and 
 So the numbers follow the code — a new layer, a different checkpointing granularity or a leaner
 kernel changes them without anyone updating a formula.
 
-Measured per checkpointing mode on one routing group's worth of pairs, of images alone and of
-texts alone (a classification step encodes its images and its class prompts in separate passes):
-every activation grows with the number of groups (weight copies, which do not, are told apart by
-their origin), so the bytes per pair (image, text) hold at any micro-batch size. The contrastive
-loss is measured on its own, since its logits grow with the local times the global batch.
+Measured per checkpointing mode on one routing group's worth of examples of each combination of
+modalities the run's steps encode together (`measured_inputs`: image-text pairs, an audio task's
+audio-text pairs) and of each of those modalities alone (a classification step encodes its inputs
+and its class prompts in separate passes), each made by its modality's `dummy_batch`: every
+activation grows with the number of groups (weight copies, which do not, are told apart by their
+origin), so the bytes per example hold at any micro-batch size. The contrastive loss is measured
+on its own, since its logits grow with the local times the global batch; so is the audio
+embedder's log-mel spectrogram, whose working set (the STFT and the power spectrum of every clip,
+on the device) is freed before the first block runs, so it is a peak, not something kept.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 import torch
 from deepspeed.moe.utils import is_moe_param
@@ -29,7 +33,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from limoe.config import Config
-from limoe.modalities import modality
+from limoe.data.preprocess import normalize
+from limoe.modalities import DEFAULT_MODALITIES, MODALITIES, modality
 from limoe.model.tower import build_model
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
 from limoe.training.objectives import ContrastiveObjective
@@ -37,8 +42,22 @@ from limoe.training.objectives import ContrastiveObjective
 CHECKPOINTING = ("none", "moe", "all")
 LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
 DENSE_BATCH = 8  # pairs measured for a model without routing groups
-PAIRS, IMAGES, TEXTS = (True, True), (True, False), (False, True)  # what a measured forward encodes
-INPUTS = (PAIRS, IMAGES, TEXTS)
+PAIRS = DEFAULT_MODALITIES  # what a step without tasks encodes together: image-text pairs
+
+
+def together(modalities: Iterable[str]) -> tuple[str, ...]:
+    """Modalities encoded in one forward, in registry order (the tower's): how profiles are keyed."""
+    chosen = set(modalities)
+    return tuple(name for name in MODALITIES if name in chosen)
+
+
+def measured_inputs(config: Config) -> tuple[tuple[str, ...], ...]:
+    """What the plan of `config` measures: the modalities each step encodes together (the pairs of
+    a run without tasks, each task's two: a classification step's table of bytes per pair reads
+    them), then each of them alone."""
+    steps = [together(task.modalities) for task in config.tasks] or [PAIRS]
+    singles = together(name for step in steps for name in step)
+    return tuple(dict.fromkeys([*steps, *((name,) for name in singles)]))
 
 
 @dataclass(frozen=True)
@@ -64,10 +83,11 @@ def _tensors(values) -> list[torch.Tensor]:
 class KeptStorages(TorchDispatchMode):
     """Notes each storage an op creates, and whether it was computed from parameters alone."""
 
-    def __init__(self, parameters: dict[StorageWeakRef, str]):
+    def __init__(self, parameters: dict[StorageWeakRef, str], track_peak: bool = False):
         super().__init__()
         self.derived = dict(parameters)  # storage → "shared" / "expert": computed from parameters only
         self.created: dict[StorageWeakRef, tuple[int, str]] = {}  # storage → (bytes, origin)
+        self.track_peak, self.peak = track_peak, 0  # the most bytes of created storages alive after an op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -80,6 +100,8 @@ class KeptStorages(TorchDispatchMode):
                 self.derived.setdefault(key, origin)
             if key not in inputs:  # a view or an in-place result shares an input's storage: nothing new
                 self.created.setdefault(key, (tensor.untyped_storage().nbytes(), origin))
+        if self.track_peak:
+            self.peak = max(self.peak, sum(nbytes for key, (nbytes, _) in self.created.items() if not key.expired()))
         return out
 
     def kept(self) -> Kept:
@@ -96,13 +118,17 @@ class KeptStorages(TorchDispatchMode):
 class ActivationProfile:
     """What one GPU keeps for backward, per checkpointing mode (bytes)."""
 
-    per_pair: dict[str, float]  # mode → activations per pair of the micro-batch
-    per_image: dict[str, float]  # mode → per image encoded alone (a classification step's images)
-    per_text: dict[str, float]  # mode → per text encoded alone (a classification step's prompts)
+    per_example: dict[tuple[str, ...], dict[str, float]]  # modalities encoded together → mode → bytes per example
     shared_weight_copies: dict[str, int]  # mode → copies of shared weights kept (all ranks hold these)
     expert_weight_copies: dict[str, int]  # mode → copies of all E experts' weights kept (a rank holds E_local/E)
     logit_bytes: float  # per element of one rank's logits (B_local × B_global, or B_global² without local_loss)
     gathered_feature_bytes: float  # per pair of the global batch: the gathered features the loss keeps
+    log_mel_per_clip: float = 0.0  # the log-mel spectrogram's working set per audio clip (freed before the tower)
+
+    @property
+    def per_pair(self) -> dict[str, float]:
+        """Mode → bytes per image-text pair."""
+        return self.per_example[PAIRS]
 
 
 def _fake_module(config: Config) -> tuple[ContrastiveObjective, set[str]]:
@@ -125,9 +151,12 @@ def _kept_after(run: Callable[[], object], parameters: dict[StorageWeakRef, str]
     return kept
 
 
-def measure_activations(config: Config, bf16: bool) -> ActivationProfile:
-    """Run the config's model forward (uint8 images in, with its auxiliary losses) and its contrastive
-    loss in fake mode."""
+def measure_activations(config: Config, bf16: bool,
+                        inputs: Optional[tuple[tuple[str, ...], ...]] = None) -> ActivationProfile:
+    """Run the config's model forward on each of `inputs` (modalities encoded together; by default
+    `measured_inputs(config)`), as the training step does (uint8 images normalised on the device,
+    with its auxiliary losses), and its contrastive loss in fake mode."""
+    inputs = inputs or measured_inputs(config)
     module, expert_names = _fake_module(config)
     parameters = {StorageWeakRef(p.untyped_storage()): "expert" if name in expert_names else "shared"
                   for name, p in module.named_parameters()}
@@ -136,29 +165,40 @@ def measure_activations(config: Config, bf16: bool) -> ActivationProfile:
     model_config = config.model
     batch = model_config.moe.group_size if model_config.moe_layers else DENSE_BATCH
 
-    def forward(with_images: bool, with_tokens: bool):
-        images = modality("image").dummy_batch(model_config, batch)
-        tokens = modality("text").dummy_batch(model_config, batch)  # all real tokens: all routed
+    def forward(modalities: tuple[str, ...]):
+        batches = {name: modality(name).dummy_batch(model_config, batch) for name in modalities}  # text: all routed
         with autocast:
-            output = module.encode(images if with_images else None, tokens if with_tokens else None)
-            aux, _ = auxiliary_loss(output.routing, config.loss)
-        return output, aux
+            if "image" in batches:
+                batches["image"] = normalize(batches["image"])
+            features, routing = module.model.encode(batches)
+            scale = module.model.logit_scale.exp()  # the temperature the loss reads, as `Limoe.forward` makes it
+            aux, _ = auxiliary_loss(routing, config.loss)
+        return features, routing, scale, aux
 
-    per_item = {inputs: {} for inputs in INPUTS}
+    per_example = {together(modalities): {} for modalities in inputs}
     shared_copies, expert_copies = {}, {}
     with mode:
         for checkpointing in CHECKPOINTING:
             module.model.set_activation_checkpointing(checkpointing)
-            for inputs, per_mode in per_item.items():
-                kept = _kept_after(lambda: forward(*inputs), parameters)
+            for modalities, per_mode in per_example.items():
+                kept = _kept_after(lambda: forward(modalities), parameters)
                 per_mode[checkpointing] = kept.activations / batch
-                if inputs == PAIRS:  # a pair's forward casts every weight; one modality's, only its share
-                    shared_copies[checkpointing] = kept.shared_weight_copies
-                    expert_copies[checkpointing] = kept.expert_weight_copies
+                if len(modalities) > 1:  # a pair's forward casts every weight; one modality's, only its share
+                    shared_copies[checkpointing] = max(shared_copies.get(checkpointing, 0), kept.shared_weight_copies)
+                    expert_copies[checkpointing] = max(expert_copies.get(checkpointing, 0), kept.expert_weight_copies)
         module.model.set_activation_checkpointing("none")
+        log_mel = _log_mel_peak(module.model, batch) / batch if "audio" in model_config.modalities else 0.0
         logit_bytes, feature_bytes = _measure_loss(config, bf16)
-    return ActivationProfile(per_item[PAIRS], per_item[IMAGES], per_item[TEXTS], shared_copies, expert_copies,
-                             logit_bytes, feature_bytes)
+    return ActivationProfile(per_example, shared_copies, expert_copies, logit_bytes, feature_bytes, log_mel)
+
+
+def _log_mel_peak(model, batch: int) -> int:
+    """The most bytes the audio embedder's log-mel spectrogram of `batch` clips holds at once (fake mode)."""
+    waveforms = modality("audio").dummy_batch(model.config, batch)  # [B, T] float32
+    tracker = KeptStorages({}, track_peak=True)
+    with tracker:
+        model.embedders["audio"].log_mel(waveforms)  # [B, n_mels, frames]
+    return tracker.peak
 
 
 def _measure_loss(config: Config, bf16: bool) -> tuple[float, float]:

@@ -6,7 +6,11 @@ global batch, the weight copies autocast keeps, the feature cache of micro-batch
 images (the batch trained on and the one copied ahead: cropped, or with `data.resize_on: device`
 uncropped up to the largest box a crop may ship), and the largest transient (backward's working
 set, gradient reduction buffers, the optimizer step, the device resize), plus a fixed reserve for
-the CUDA context, NCCL and allocator slack. It then finds, for each
+the CUDA context, NCCL and allocator slack.
+With audio (a task whose modalities include it) the step's activations are those measured for
+its own modalities, its inputs are the float32 waveforms [B, T] (the batch trained on and the
+one copied ahead), the log-mel spectrogram's working set is among the transients, and the report
+names the tokens per clip and the host's waveform batch. It then finds, for each
 activation-checkpointing mode, the largest micro-batch that fits, and recommends the setting
 with the least recomputation.
 
@@ -34,7 +38,7 @@ from limoe.config import Config, LossConfig, ModelConfig
 from limoe.data.crops import largest_box_side
 from limoe.errors import LimoeError
 from limoe.prompt_templates import load_templates
-from limoe.plan.activations import CHECKPOINTING, ActivationProfile, measure_activations
+from limoe.plan.activations import CHECKPOINTING, PAIRS, ActivationProfile, measure_activations, measured_inputs, together
 from limoe.plan.launch import launch_command, nodes_for
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
 from limoe.training.batches import check_task_batches, micro_batch_size, prompts_per_process
@@ -64,11 +68,17 @@ class Workload:
     candidates: int = 0  # classification: K, the classes one step scores (at most)
     prompts: int = 0  # classification: prompts this GPU encodes, ⌈K·T / GPUs⌉
     gathered_prompts: int = 0  # classification: K·T, the prompt features every GPU gathers
+    modalities: tuple[str, ...] = PAIRS  # contrastive: the pair's two sides; classification: the input's, the prompts'
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The modalities whose raw batch the step copies to the GPU (prompts are made there)."""
+        return self.modalities if self.kind == "contrastive" else self.modalities[:1]
 
     def describe(self) -> str:
         if self.kind == "contrastive":
             return f"{self.local} pairs"
-        return f"{self.local} images + {self.prompts} prompts of {self.candidates} classes"
+        return f"{self.local} {_noun(self.modalities[0])} + {self.prompts} prompts of {self.candidates} classes"
 
 
 @dataclass(frozen=True)
@@ -82,8 +92,9 @@ class Breakdown:
     activations: int
     logits: int
     feature_cache: int
-    inputs: int  # uint8 images of the batch trained on and of the one copied ahead
-    # the largest of: backward's working set (+ ZeRO buckets), the reduction buffer, the step, the device resize
+    inputs: int  # uint8 images (float32 waveforms) of the batch trained on and of the one copied ahead
+    # the largest of: backward's working set (+ ZeRO buckets), the reduction buffer, the step, the device resize,
+    # the log-mel spectrogram
     transient: int
     reserved: int
 
@@ -138,15 +149,17 @@ class MemoryPlan:
         local = workload.local
         micro = setting.micro_batch or local
         cached = micro < local
-        activations = round(profile.per_pair[setting.checkpointing] * micro)
+        per_pair = profile.per_example[together(workload.modalities)]
+        activations = round(per_pair[setting.checkpointing] * micro)
         global_batch = workload.global_batch
         rows = local if config.loss.local_loss and config.loss.contrastive == "clip" else global_batch
         logits = round(profile.logit_bytes * rows * global_batch + profile.gathered_feature_bytes * global_batch)
         cache = FEATURE_CACHE_COPIES * local * config.model.embed_dim * FP32 if cached else 0
-        backward = self._backward(setting, micro)
-        inputs, resize = self.input_bytes(local)
+        backward = self._backward(setting, micro, per_pair)
+        inputs, resize = self.input_bytes(workload)
         # With micro-batching the logits live in their own step, before the micro-batches' forwards.
-        transient = max(backward, logits if cached else 0, state.reduction_buffers, state.optimizer_temporaries, resize)
+        transient = max(backward, logits if cached else 0, state.reduction_buffers, state.optimizer_temporaries, resize,
+                        self.log_mel_bytes(workload, micro))
         return Breakdown(state.parameters, state.gradients, state.optimizer, self._weight_copies(setting), activations,
                          0 if cached else logits, cache, inputs, transient, RESERVED)
 
@@ -154,19 +167,27 @@ class MemoryPlan:
         """Images and this GPU's prompts encoded whole; the gathered prompt features, the class
         embeddings and the [images × candidates] logits with their softmax, all kept for backward."""
         profile, state, checkpointing = self.profile, self.state, setting.checkpointing
-        activations = round(profile.per_image[checkpointing] * workload.local
-                            + profile.per_text[checkpointing] * workload.prompts)
+        per_input, per_prompt = (profile.per_example[(name,)] for name in workload.modalities)
+        activations = round(per_input[checkpointing] * workload.local + per_prompt[checkpointing] * workload.prompts)
         features = (workload.gathered_prompts + workload.candidates) * self.config.model.embed_dim * FP32
         logits = features + 2 * workload.local * workload.candidates * FP32
         # Backward runs through the image pass and the prompt pass one after the other.
-        backward = max(self._backward(setting, workload.local, profile.per_image),
-                       self._backward(setting, workload.prompts, profile.per_text))
-        inputs, resize = self.input_bytes(workload.local)
-        transient = max(backward, state.reduction_buffers, state.optimizer_temporaries, resize)
+        backward = max(self._backward(setting, workload.local, per_input),
+                       self._backward(setting, workload.prompts, per_prompt))
+        inputs, resize = self.input_bytes(workload)
+        transient = max(backward, state.reduction_buffers, state.optimizer_temporaries, resize,
+                        self.log_mel_bytes(workload, workload.local))
         return Breakdown(state.parameters, state.gradients, state.optimizer, self._weight_copies(setting), activations,
                          logits, 0, inputs, transient, RESERVED)
 
-    def input_bytes(self, images: int) -> tuple[int, int]:
+    def input_bytes(self, workload: Workload) -> tuple[int, int]:
+        """(kept, transient) bytes of a step's raw inputs on the GPU: its images' and its audio clips'
+        (caption tokens are not counted), for `workload.local` examples."""
+        images, clips = ("image" in workload.inputs) * workload.local, ("audio" in workload.inputs) * workload.local
+        kept, resize = self.image_bytes(images)
+        return kept + 2 * self.waveform_bytes(clips), resize
+
+    def image_bytes(self, images: int) -> tuple[int, int]:
         """(kept, transient) bytes of a step's `images` on the GPU. Kept: the batch trained on and
         the one `DeviceBatches` copies ahead, uint8, [B, 3, S, S] when the workers crop, or with
         `data.resize_on: device` [B, H, W, 3] with H and W up to `largest_box_side`. Transient: the
@@ -178,17 +199,26 @@ class MemoryPlan:
         side = largest_box_side(size)
         return 2 * images * 3 * side * side, FP32 * images * (3 * side * side + 3 * size * side + 2 * size * side)
 
+    def waveform_bytes(self, clips: int) -> int:
+        """One batch of `clips` waveforms as the loader delivers them: float32 [B, T], T =
+        model.audio.clip_samples (on the host, and twice on the GPU: trained on and copied ahead)."""
+        return clips * self.config.model.audio.clip_samples * FP32 if clips else 0
+
+    def log_mel_bytes(self, workload: Workload, clips: int) -> int:
+        """The log-mel spectrogram's working set while `clips` of the step's audio are embedded at once."""
+        return round(self.profile.log_mel_per_clip * clips) if "audio" in workload.inputs else 0
+
     def _weight_copies(self, setting: Setting) -> int:
         expert_share = self.counts.local_experts / max(self.counts.all_experts, 1)
         return self.profile.shared_weight_copies[setting.checkpointing] + round(
             self.profile.expert_weight_copies[setting.checkpointing] * expert_share)
 
-    def _backward(self, setting: Setting, items: int, per_item: Optional[dict[str, float]] = None) -> int:
-        """Backward's working set for a forward of `items` pairs (or of images or texts alone, with
-        their `per_item` activations): one block's activation gradients; under checkpointing also its
+    def _backward(self, setting: Setting, items: int, per_item: dict[str, float]) -> int:
+        """Backward's working set for a forward of `items` pairs (or of one modality alone) with
+        `per_item` activations each: one block's activation gradients; under checkpointing also its
         recomputed activations."""
         buckets = self.state.reduction_buffers if self.config.distributed.zero_stage else 0
-        block = self._largest_block(per_item or self.profile.per_pair)
+        block = self._largest_block(per_item)
         working = (1 if setting.checkpointing == "none" else 2) * round(block * items)
         return working + buckets
 
@@ -245,9 +275,10 @@ def _bf16(config: Config) -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _profile(model: ModelConfig, loss: LossConfig, bf16: bool) -> ActivationProfile:
-    """Activations depend on the model, the losses and the precision only; measured once per process."""
-    return measure_activations(Config(model=model, loss=loss), bf16)
+def _profile(model: ModelConfig, loss: LossConfig, bf16: bool, inputs: tuple[tuple[str, ...], ...]) -> ActivationProfile:
+    """Activations depend on the model, the losses, the precision and which modalities the steps
+    encode (`measured_inputs`) only; measured once per process."""
+    return measure_activations(Config(model=model, loss=loss), bf16, inputs)
 
 
 def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
@@ -266,8 +297,8 @@ def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
                  ds_config["zero_optimization"].get("allgather_bucket_size", 0))
     counts = count_parameters(config)
     state = state_bytes(counts, gpus, ep, config.distributed.zero_stage, int(bucket))
-    return MemoryPlan(config, gpus, gpu_memory, counts, state, _profile(config.model, config.loss, _bf16(config)),
-                      Setting(config.train.activation_checkpointing, micro), workloads(config, gpus))
+    profile = _profile(config.model, config.loss, _bf16(config), measured_inputs(config))
+    return MemoryPlan(config, gpus, gpu_memory, counts, state, profile, Setting(config.train.activation_checkpointing, micro), workloads(config, gpus))
 
 
 def workloads(config: Config, gpus: int) -> tuple[Workload, ...]:
@@ -280,12 +311,12 @@ def workloads(config: Config, gpus: int) -> tuple[Workload, ...]:
     for task in config.tasks:
         batch = config.task_batch_size(task)
         if task.kind == "contrastive":
-            steps.append(Workload(task.name, "contrastive", batch // gpus, batch))
+            steps.append(Workload(task.name, "contrastive", batch // gpus, batch, modalities=task.modalities))
             continue
         classes = most_candidates(task.candidates, len(task_classnames(task)), batch)
         prompts = classes * len(load_templates(task.templates))
         steps.append(Workload(task.name, "classification", batch // gpus, batch, classes,
-                              prompts_per_process(prompts, gpus), prompts))
+                              prompts_per_process(prompts, gpus), prompts, task.modalities))
     return tuple(steps)
 
 
@@ -321,17 +352,40 @@ def _no_fit_fix(plan: MemoryPlan) -> str:
 def _activations_line(plan: MemoryPlan, workload: Workload, setting: Setting) -> str:
     profile, checkpointing = plan.profile, setting.checkpointing
     if workload.kind == "classification":
-        return (f"{workload.local} images x {profile.per_image[checkpointing] / 2**20:.2f} MiB + {workload.prompts} "
-                f"prompts x {profile.per_text[checkpointing] / 2**20:.2f} MiB, checkpointing {checkpointing}")
-    return (f"{setting.micro_batch or workload.local} pairs x {profile.per_pair[checkpointing] / 2**20:.2f} MiB, "
-            f"checkpointing {checkpointing}")
+        per_input, per_prompt = (profile.per_example[(name,)][checkpointing] / 2**20 for name in workload.modalities)
+        return (f"{workload.local} {_noun(workload.modalities[0])} x {per_input:.2f} MiB + {workload.prompts} "
+                f"prompts x {per_prompt:.2f} MiB, checkpointing {checkpointing}")
+    per_pair = profile.per_example[together(workload.modalities)][checkpointing]
+    return f"{setting.micro_batch or workload.local} pairs x {per_pair / 2**20:.2f} MiB, checkpointing {checkpointing}"
 
 
-def _inputs_line(plan: MemoryPlan) -> str:
-    size = plan.config.model.image_size
-    if plan.config.data.resize_on == "worker":
-        return f"2 batches uint8, {size} px crops"
-    return f"2 batches uint8, uncropped up to {largest_box_side(size)} px a side (data.resize_on device)"
+def _noun(name: str) -> str:
+    """What the report calls a modality's examples."""
+    return {"image": "images", "audio": "clips"}.get(name, f"{name}s")
+
+
+def _inputs_line(plan: MemoryPlan, workload: Workload) -> str:
+    parts = []
+    if "image" in workload.inputs:
+        size = plan.config.model.image_size
+        parts.append(f"2 batches uint8, {size} px crops" if plan.config.data.resize_on == "worker" else
+                     f"2 batches uint8, uncropped up to {largest_box_side(size)} px a side (data.resize_on device)")
+    if "audio" in workload.inputs:
+        parts.append(f"2 batches of float32 waveforms [B, {plan.config.model.audio.clip_samples}]")
+    return "; ".join(parts)
+
+
+def _audio_line(plan: MemoryPlan) -> Optional[str]:
+    """Tokens per clip, the log-mel working set and the host's waveform batch, for a run that trains on audio."""
+    audio_steps = [workload for workload in plan.workloads if "audio" in workload.inputs]
+    if not audio_steps:
+        return None
+    audio = plan.config.model.audio
+    host = plan.waveform_bytes(max(workload.local for workload in audio_steps))
+    return (f"audio            {audio.num_patches} tokens per clip ({audio.n_mels // audio.patch_size} x "
+            f"{audio.frames // audio.patch_size} patches of {audio.patch_size}, {audio.frames} frames of "
+            f"{audio.clip_seconds:g} s); log-mel {plan.profile.log_mel_per_clip / 2**20:.2f} MiB per clip on the GPU; "
+            f"{host / 2**20:.1f} MiB of waveforms per batch on the host")
 
 
 def _logits_line(plan: MemoryPlan, workload: Workload, breakdown: Breakdown) -> str:
@@ -357,6 +411,8 @@ def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = (
         lines += [f"task {w.task:<11} {w.kind}, {w.global_batch} global, {w.describe()} per GPU" for w in plan.workloads]
     else:
         lines.append(f"batch            {config.train.batch_size} global, {plan.local_batch} per GPU")
+    audio = _audio_line(plan)
+    lines += [audio] if audio else []
     lines += [
         f"parameters       {counts.shared / 1e6:.1f}M shared + {counts.local_experts / 1e6:.1f}M of experts per GPU "
         f"({counts.all_experts / 1e6:.1f}M experts in all)",
@@ -369,7 +425,8 @@ def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = (
         f"  activations      {_gib(configured.activations):>7}   {_activations_line(plan, workload, plan.configured)}",
         f"  logits           {_gib(configured.logits):>7}   {_logits_line(plan, workload, configured)}",
         f"  feature cache    {_gib(configured.feature_cache):>7}   micro-batching",
-        f"  input images     {_gib(configured.inputs):>7}   {_inputs_line(plan)}",
+        f"  {'input images' if 'image' in workload.inputs else 'input clips':<17}{_gib(configured.inputs):>7}   "
+        f"{_inputs_line(plan, workload)}",
         f"  transient        {_gib(configured.transient):>7}   backward working set, reduction buffers, optimizer step"
         f"{', device resize' if config.data.resize_on == 'device' else ''}",
         f"  reserved         {_gib(configured.reserved):>7}   CUDA context, NCCL, allocator",
@@ -386,7 +443,8 @@ def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = (
         else:
             pairs = "whole batches" if largest.micro_batch is None else f"{largest.micro_batch:>6} pairs"
             fit = f"{pairs}, {_gib(plan.breakdown(largest).total)} GiB"
-        lines.append(f"  {checkpointing:<5} {profile.per_pair[checkpointing] / 2**20:>8.2f}   {fit}")
+        per_pair = profile.per_example[together(workload.modalities)][checkpointing]
+        lines.append(f"  {checkpointing:<5} {per_pair / 2**20:>8.2f}   {fit}")
     best = plan.recommended()
     lines.append("")
     if best is None:

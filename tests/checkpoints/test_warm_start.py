@@ -157,3 +157,95 @@ def test_fine_tuning_from_an_export_starts_from_the_same_function(source):
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), exported.encode_image(images))
         assert torch.equal(model.encode_text(tokens), exported.encode_text(tokens))
+
+
+AUDIO = ["model.modalities=[image, text, audio]", "model.audio.n_mels=48", "model.audio.clip_seconds=0.37"]
+AUDIO_TENSORS = {"embedders.audio.patch_embed.weight", "embedders.audio.patch_embed.bias", "audio_positions",
+                 "projections.audio.weight"}  # and the pooling head's, pools.audio.*
+
+
+def _seeded(config, seed: int = 1) -> Limoe:
+    torch.manual_seed(seed)
+    return build_model(config)
+
+
+def test_an_image_text_model_seeds_an_image_text_audio_one_whose_audio_starts_fresh(source, caplog):
+    """PolyViT's and ImageBind's start: every tensor the source has moves bit for bit; the audio
+    embedder, pooling head, projection and positions are what the same seed draws without a source."""
+    config = _from(source, *AUDIO, "model.audio.patch_size=8")
+    stored, fresh, model = load_file(str(source)), _seeded(config).state_dict(), _seeded(config)
+    with caplog.at_level("WARNING", logger="limoe.checkpoints.warm_start"):
+        assert warm_start(model, config) == len(stored)
+    state = model.state_dict()
+    audio = {name for name in state if name not in stored}
+    assert AUDIO_TENSORS <= audio and any(name.startswith("pools.audio.") for name in audio)
+    assert all("audio" in name for name in audio), audio
+    for name, tensor in state.items():
+        assert torch.equal(tensor, stored[name] if name in stored else fresh[name]), name
+    assert not torch.equal(state["audio_positions"], _seeded(config, seed=2).audio_positions)  # the seed's own draw
+    [line] = [record.getMessage() for record in caplog.records]
+    assert "; fresh (not in the source): audio embedder, pooling head, projection, positions" in line
+    assert "kept at the initial value" not in line and "\n" not in line
+
+
+def _upsampled_twice(kernel: torch.Tensor) -> torch.Tensor:
+    """[..., p, p] → [..., 2p, 2p] by bilinear interpolation with half-pixel centres, written out:
+    output j sits at input j/2 − 1/4, so it is 3/4 of its nearer input and 1/4 of the other
+    (clamped at the edges)."""
+    p = kernel.shape[-1]
+    weights = torch.zeros(2 * p, p, dtype=torch.float64)  # [2p, p]
+    for k in range(p):
+        weights[2 * k, k] += 0.75
+        weights[2 * k, max(k - 1, 0)] += 0.25
+        weights[2 * k + 1, k] += 0.75
+        weights[2 * k + 1, min(k + 1, p - 1)] += 0.25
+    return (weights @ kernel.double() @ weights.T).float()
+
+
+@pytest.mark.parametrize("audio_patch", [8, 16], ids=["same patch size", "twice the image's"])
+def test_the_audio_patch_convolution_can_start_from_the_image_one(source, caplog, audio_patch):
+    """AST's start: the image kernel [d, 3, 8, 8] summed over RGB → [d, 1, 8, 8] (resized to 16×16
+    when the audio patches are), the image bias; the rest of audio still starts fresh."""
+    config = _from(source, *AUDIO, f"model.audio.patch_size={audio_patch}", "train.init_audio_patches_from_image=true")
+    stored, fresh, model = load_file(str(source)), _seeded(config).state_dict(), _seeded(config)
+    with caplog.at_level("WARNING", logger="limoe.checkpoints.warm_start"):
+        warm_start(model, config)
+    image = stored["embedders.image.patch_embed.weight"]  # [d, 3, 8, 8]
+    expected = (image[:, 0] + image[:, 1] + image[:, 2])[:, None]  # [d, 1, 8, 8]
+    if audio_patch == 16:
+        expected = _upsampled_twice(expected)  # [d, 1, 16, 16]
+    state = model.state_dict()
+    torch.testing.assert_close(state["embedders.audio.patch_embed.weight"], expected)
+    assert torch.equal(state["embedders.audio.patch_embed.bias"], stored["embedders.image.patch_embed.bias"])
+    assert torch.equal(state["audio_positions"], fresh["audio_positions"])
+    assert "audio embedder (its patch convolution from the image one, summed over RGB), pooling head" in caplog.text
+
+
+def test_a_source_of_another_shape_is_still_refused_when_audio_starts_fresh(tmp_path):
+    state = _model(0).state_dict()
+    state["text_positions"] = state["text_positions"][:8]
+    path = _write(state, tmp_path / "short.safetensors")
+    line = refused(run_args("train", tmp_path / "run", f"train.init_from={path}", *AUDIO, "data.workers=0"),
+                   "tensor text_positions has shape (8, 128)")
+    assert "audio" not in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_source_missing_part_of_a_modality_is_refused_not_started_fresh(tmp_path):
+    """Only a modality the source holds nothing of starts fresh; half an image embedder is an error."""
+    state = _model(0).state_dict()
+    del state["pools.image.map.probe"]
+    config = _from(_write(state, tmp_path / "half.safetensors"), *AUDIO)
+    with pytest.raises(LimoeError, match=r"has no tensor pools\.image\.map\.probe"):
+        check_init_from(config)
+
+
+def test_audio_patches_from_image_are_refused_where_they_cannot_apply(tmp_path, source):
+    """Without a source, or a source that has audio of its own: one line naming the option."""
+    with pytest.raises(LimoeError, match="set train.init_from and include audio"):
+        load_config("demo", [*AUDIO, "train.init_audio_patches_from_image=true"])
+    config = load_config("demo", AUDIO)
+    path = tmp_path / "audio.safetensors"
+    save_model_file(_seeded(config), config, path)
+    with pytest.raises(LimoeError, match="has audio tensors of its own, which are loaded; drop the option"):
+        check_init_from(_from(path, *AUDIO, "train.init_audio_patches_from_image=true"))

@@ -186,7 +186,7 @@ def test_one_modality_activation_bytes_agree_with_a_real_cpu_forward(tiny, input
         output = module.encode(images, None) if inputs == "images" else module.encode(None, tokens)
         return output, auxiliary_loss(output.routing, config.loss)[0]
 
-    per_item = profile.per_image if inputs == "images" else profile.per_text
+    per_item = profile.per_example[("image",) if inputs == "images" else ("text",)]
     assert per_item["none"] * batch == pytest.approx(_saved_bytes(module, run), rel=0.10)
 
 
@@ -220,7 +220,7 @@ def test_a_cotraining_plan_is_its_largest_step_and_counts_prompts_by_hand(tmp_pa
     steps = [plan.step_breakdown(workload, setting) for workload in plan.workloads]
     assert plan.breakdown(setting) == max(steps, key=lambda step: step.total)
     profile = plan.profile
-    assert steps[1].activations == round(profile.per_image["all"] * 1024 + profile.per_text["all"] * 875)
+    assert steps[1].activations == round(profile.per_example[("image",)]["all"] * 1024 + profile.per_example[("text",)]["all"] * 875)
     assert steps[0] == plan_memory(load_config("limoe-b16"), 8, 80 * GiB).breakdown(Setting("all", 2048))
 
     subset = plan_memory(_cotraining("limoe-b16", _classnames(tmp_path, 1000), "tasks.1.candidates=64"), 8, 80 * GiB)
@@ -298,7 +298,7 @@ def test_the_launch_line_spreads_the_gpus_over_nodes_of_at_most_8(gpus, launcher
                     f"--set 'data.train=/data/{{00000..41455}}.tar'")
 
 
-def test_input_images_are_counted_uncropped_when_the_device_resizes_them(capsys):
+def test_input_images_are_counted_uncropped_when_the_device_resizes_them():
     """The demo (64 px crops, 128 pairs) on 2 GPUs, 64 pairs each, by hand. Cropped in the workers,
     two uint8 batches: 2 x 64 x 3 x 64² = 1,572,864 bytes. Uncropped, a box is at most
     ceil(4/3 x 2 x ceil(64 / sqrt(0.9 x 3/4))) = ceil(8/3 x 78) = 208 px a side: 2 x 64 x 3 x 208²
@@ -311,5 +311,50 @@ def test_input_images_are_counted_uncropped_when_the_device_resizes_them(capsys)
     assert cropped.inputs == 1_572_864 and uncropped.inputs == 16_613_376
     assert uncropped.transient == max(cropped.transient, 50_266_112)
     assert uncropped.total - cropped.total == 16_613_376 - 1_572_864 + uncropped.transient - cropped.transient
-    report = _plan_report(capsys, "--config", "demo", *(f"--set={o}" for o in TINY), "--set", "data.resize_on=device")
+    report = _plan_report("--config", "demo", *(f"--set={o}" for o in TINY), "--set", "data.resize_on=device")
     assert any(line.startswith("input images ") and "uncropped up to 208 px a side" in line for line in report)
+
+
+# An image-text-audio demo model co-trained on pairs and on audio-text pairs, 16 of each per step.
+# A clip: 0.37 s at 16 kHz, T = 5920 samples; 1 + (5920 − 512) // 160 = 34 frames of 257 bins;
+# 48 mel rows in patches of 16: 3 x (34 // 16 = 2) = 6 tokens.
+AUDIO = ["model.modalities=[image, text, audio]", "model.audio.n_mels=48", "model.audio.clip_seconds=0.37",
+         "tasks=[{name: pairs, kind: contrastive, data: 'p/{0..9}.tar', batch_size: 16, steps: 6}, "
+         "{name: sounds, kind: contrastive, data: 'a/{0..9}.tar', batch_size: 16, steps: 4, modalities: [audio, text]}]",
+         "train.steps=10"]
+
+
+def test_an_audio_task_is_planned_with_its_clips_by_hand():
+    """On 2 GPUs, 8 clips each: two float32 waveform batches [8, 5920] on the GPU, 2 x 8 x 5920 x 4 =
+    378,880 bytes (the pairs' step keeps its 2 x 8 x 3 x 64² uint8 images = 196,608); the log-mel
+    working set per clip is its complex spectrum (8 bytes a bin) with the two squares and their sum
+    (4 bytes each), 257 x 34 x 20 = 174,760 bytes; the host's batch is 8 x 5920 x 4 = 189,440 bytes."""
+    plan = plan_memory(load_config("demo", [*TINY, *AUDIO]), 2, 80 * GiB)
+    pairs, sounds = plan.workloads
+    assert (sounds.modalities, sounds.local, pairs.modalities) == (("audio", "text"), 8, ("image", "text"))
+    assert plan.profile.log_mel_per_clip == 174_760
+    setting = Setting("none", None)
+    audio_step, image_step = plan.step_breakdown(sounds, setting), plan.step_breakdown(pairs, setting)
+    assert (audio_step.inputs, image_step.inputs) == (378_880, 196_608)
+    assert audio_step.activations == round(plan.profile.per_example[("text", "audio")]["none"] * 8)
+    assert audio_step.activations != image_step.activations
+    report = _plan_report("--config", "demo", "--gpus", "2", *(f"--set={o}" for o in [*TINY, *AUDIO]))
+    [line] = [line for line in report if line.startswith("audio ")]
+    assert "6 tokens per clip (3 x 2 patches of 16, 34 frames of 0.37 s)" in line
+    assert "log-mel 0.17 MiB per clip on the GPU; 0.2 MiB of waveforms per batch on the host" in line
+
+
+def test_audio_text_activation_bytes_agree_with_a_real_cpu_forward():
+    """The audio stream's bytes per pair against what autograd saves in a real forward of clips and captions."""
+    config = load_config("demo", [*TINY, *AUDIO])
+    profile = measure_activations(config, bf16=False, inputs=(("text", "audio"),))
+    batch = config.model.moe.group_size
+    torch.manual_seed(0)
+    module = ContrastiveObjective(build_model(config), config).train()
+    clips, tokens = torch.randn(batch, config.model.audio.clip_samples), torch.randint(1, 1000, (batch, 16))
+
+    def run():
+        features, routing = module.model.encode({"audio": clips, "text": tokens})
+        return features, auxiliary_loss(routing, config.loss)[0]
+
+    assert profile.per_example[("text", "audio")]["none"] * batch == pytest.approx(_saved_bytes(module, run), rel=0.10)
