@@ -33,7 +33,9 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> Tensor:
     """[n_mels, n_fft // 2 + 1] triangular filters, each rising from the centre of the filter below
     to its own centre and falling to the centre of the one above (peak 1, no area normalisation)."""
     bins = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # [F] Hz
-    top = hz_to_mel(torch.tensor(sample_rate / 2, dtype=torch.float64))
+    # a number on the CPU whatever the default device: a model built on `meta` (the names and shapes of
+    # a checkpoint's entries) builds its filters too
+    top = hz_to_mel(torch.tensor(sample_rate / 2, dtype=torch.float64, device="cpu"))
     edges = mel_to_hz(torch.linspace(0.0, float(top), n_mels + 2, dtype=torch.float64))  # [n_mels + 2] Hz
     widths = edges.diff()  # [n_mels + 1]
     distance = edges[:, None] - bins[None, :]  # [n_mels + 2, F] edge minus bin frequency
