@@ -1,7 +1,6 @@
 """Training on audio: a co-training task of audio–text pairs (or labelled clips) encodes its clips
 and captions through the tower together and contrasts them, micro-batches included, end to end."""
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -11,14 +10,13 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from limoe.checkpoints import training as checkpoint
 from limoe.cli import main
 from limoe.config import load_config
 from limoe.training.losses import auxiliary_loss
 from limoe.training.session import start_session
 from limoe.training.step import forward_backward
 from limoe.training.trainer import build_engine
-from tests.helpers import QUICK_TASKS, ROOT, refused, run_args, write_config
+from tests.helpers import QUICK_TASKS, ROOT, Killed, killed_after_checkpoint, refused, run_args, write_config
 
 BATCH = 12  # three routing groups of 4, three micro-batches of 4
 AUDIO_TEXT = ("audio", "text")
@@ -110,23 +108,12 @@ def _config(tmp_path: Path, sounds: str) -> str:
     })
 
 
-class _Killed(BaseException):
-    """Stands for a SIGKILL right after a checkpoint is published: nothing after it runs."""
-
-
 def test_cotraining_on_images_audio_and_instrument_families_trains_resumes_and_counts_bad_clips(tmp_path,
                                                                                                  monkeypatch):
     config = _config(tmp_path, _shard_with_a_corrupt_clip(tmp_path / "sounds"))
     args = run_args("train", tmp_path / "run", *QUICK_TASKS, config=config)
-    save = checkpoint.save_training_checkpoint
-
-    def save_then_die(engine, workdir, step, config, progress, objective):
-        save(engine, workdir, step, config, progress, objective)
-        if step == 2:
-            raise _Killed
-
-    monkeypatch.setattr(checkpoint, "save_training_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    killed_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
         main(args)
     monkeypatch.undo()
     assert main(args) == 0
