@@ -1,7 +1,7 @@
 """What many tests share, defined once: the settings of a short training run, the fixed setup that
 runs on one and two processes compare under (and the cases a test and its subprocess worker both
 compute), running `limoe` in this process, the check that bad input ends in one line and exit
-status 2, and config files written as YAML.
+status 2, a run killed right after a checkpoint, and config files written as YAML.
 
 Imported by test modules and by the subprocess workers alike (a worker never imports a test module,
 nor a test module a worker), so it imports nothing from either.
@@ -149,6 +149,25 @@ def error_line(err: str, *expected: str, after_progress: bool = False) -> str:
     for text in expected:
         assert text in line, err
     return line
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL right after a checkpoint is published: nothing after it runs."""
+
+
+def killed_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the run in this process die (`Killed`) once its checkpoint of `step` is published;
+    `monkeypatch.undo()` lets the next run live."""
+    from limoe.checkpoints import training as checkpoint
+
+    save = checkpoint.save_training_checkpoint
+
+    def save_then_die(engine, workdir, saved_step, config, progress, objective):
+        save(engine, workdir, saved_step, config, progress, objective)
+        if saved_step == step:
+            raise Killed
+
+    monkeypatch.setattr(checkpoint, "save_training_checkpoint", save_then_die)
 
 
 def write_config(path: Path, config: dict) -> str:

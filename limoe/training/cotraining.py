@@ -9,9 +9,11 @@ expert all-to-all always pairs up. A step of one task is a forward through `CoTr
 (PolyViT's `lr_coefs`). `accumulate` runs one batch of every task, sums their gradients, then
 updates once.
 
-A contrastive task trains exactly as `limoe train` without tasks does (through
-`limoe.training.step`, micro-batches included); a classification task scores its images against
-its class names' prompts (`limoe.training.candidates`), its batch taken whole. A task's loss
+A task's `modalities` say what its shards hold: image–caption or audio–caption pairs (or labelled
+images or clips). A contrastive task trains exactly as `limoe train` without tasks does (through
+`limoe.training.step`, micro-batches included), on its own pair of modalities; a classification
+task scores its images or clips against its class names' prompts (`limoe.training.candidates`),
+its batch taken whole. A task's loss
 includes the auxiliary routing losses of its own forward passes.
 """
 
@@ -44,7 +46,8 @@ log = logging.getLogger(__name__)
 
 
 class Task:
-    """One dataset of a co-training run, as the loop sees it: image-caption pairs."""
+    """One dataset of a co-training run, as the loop sees it: pairs of the task's modalities (images or
+    audio clips, and captions)."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device,
                  clock: Optional[WaitClock] = None):
@@ -58,14 +61,16 @@ class Task:
 
     def backward(self, engine, step: int, config: Config, last: bool) -> tuple[dict[str, Tensor], list, bool, int]:
         """Gradient of this task's next batch, times its loss weight, at optimizer step `step`:
-        (terms, routing of each forward pass, whether the loss was finite, images on this rank)."""
-        images, tokens = next(self._batches)
-        terms, routing, finite = forward_backward(engine, images, tokens, config, step, self.config.loss_weight, last)
-        return terms, [routing], finite, images.shape[0]
+        (terms, routing of each forward pass, whether the loss was finite, samples on this rank)."""
+        inputs, tokens = next(self._batches)
+        terms, routing, finite = forward_backward(engine, inputs, tokens, config, step, self.config.loss_weight, last,
+                                                  self.config.modalities)
+        return terms, [routing], finite, inputs.shape[0]
 
 
 class ClassificationTask(Task):
-    """Labelled images scored against class-name prompts: all classes, or N that include the labels."""
+    """Labelled images or audio clips scored against class-name prompts: all classes, or N that include
+    the labels."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device, classnames: list[str],
                  prompts: Tensor, templates: int, seed: int, clock: Optional[WaitClock] = None):
@@ -76,7 +81,7 @@ class ClassificationTask(Task):
         self.seed = seed  # for drawing the other candidates (the schedule's seed: the same on every rank)
 
     def backward(self, engine, step: int, config: Config, last: bool) -> tuple[dict[str, Tensor], list, bool, int]:
-        images, labels = next(self._batches)
+        inputs, labels = next(self._batches)
         self._check(labels)
         targets, prompts = labels, self.prompts
         if self.config.candidates != "all":
@@ -85,9 +90,10 @@ class ClassificationTask(Task):
             classes = candidate_subset(everyone, len(self.classnames), self.config.candidates, generator)
             classes = classes.to(labels.device)
             targets, prompts = positions(classes, labels), self.prompts[prompt_rows(classes, self.templates)]
-        terms, calls, finite = whole_batch_backward(engine, (images, targets, step, None, prompts, self.templates),
-                                                    config, self.config.loss_weight, last)
-        return terms, calls, finite, images.shape[0]
+        terms, calls, finite = whole_batch_backward(
+            engine, (inputs, targets, step, None, prompts, self.templates, self.config.modalities), config,
+            self.config.loss_weight, last)
+        return terms, calls, finite, inputs.shape[0]
 
     def _check(self, labels: Tensor) -> None:
         outside = (labels < 0) | (labels >= len(self.classnames))
@@ -107,15 +113,28 @@ def _gather(labels: Tensor) -> Tensor:
     return gathered
 
 
+TRAINED_INPUTS = ("image", "audio")  # what a task's shards can hold beside captions (the loaders read both)
+
+
 def check_tasks(config: Config, world_size: int) -> None:
-    """Every task's input, before anything is built: batch split, shards, labels, class names, templates."""
+    """Every task's input, before anything is built: modalities, batch split, shards, labels, class
+    names, templates."""
     check_task_batches(config, world_size)
     for task in config.tasks:
+        _check_modalities(task)
         expand_shards(task.data)
         if task.kind == "classification":
             require_labels(task.data)
             task_classnames(task)
             load_templates(task.templates)
+
+
+def _check_modalities(task: TaskConfig) -> None:
+    """A task trains inputs read from shards (images or audio) against text: captions, or class prompts."""
+    inputs, other = task.modalities
+    if inputs not in TRAINED_INPUTS or other != "text":
+        raise LimoeError(f"task '{task.name}': tasks[].modalities {list(task.modalities)} cannot be trained; a task "
+                         f"pairs {' or '.join(TRAINED_INPUTS)} with text, e.g. [audio, text].")
 
 
 def build_tasks(config: Config, world_size: int, device: torch.device, start: int,
@@ -126,7 +145,7 @@ def build_tasks(config: Config, world_size: int, device: torch.device, start: in
     for index, task in enumerate(config.tasks):
         classification = task.kind == "classification"
         loader = train_loader_for(config, (ShardSource(task.data),), config.task_batch_size(task), world_size, device,
-                                  start, stream=index, classification=classification)
+                                  start, stream=index, classification=classification, modality=task.modalities[0])
         if not classification:
             tasks.append(Task(task, loader, device, clock))
             continue

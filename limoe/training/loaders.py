@@ -24,14 +24,18 @@ def resume_seed(seed: int, start: int, stream: int = 0) -> int:
 
 
 def train_loader_for(config: Config, sources: tuple[ShardSource, ...], batch_size: int, world_size: int,
-                     device: torch.device, start: int, *, stream: int = 0, classification: bool = False) -> ShardLoader:
+                     device: torch.device, start: int, *, stream: int = 0, classification: bool = False,
+                     modality: str = "image") -> ShardLoader:
     """This process's loader of `sources` for a global batch of `batch_size` over `world_size` processes,
     with the config's image size, context length and data settings, seeded for a run at step `start`;
-    with `classification` it yields labelled images."""
+    with `classification` it yields labelled inputs. `modality` is what the inputs are: images, or
+    audio clips at the model's `model.audio.sample_rate`, `model.audio.clip_seconds` long."""
     data = config.data
+    audio = config.model.audio if modality == "audio" else None
     return train_loader(
         sources, batch_size // world_size, config.model.image_size, config.model.context_length, data.workers,
         data.shuffle_buffer, data.resampled, seed=resume_seed(config.train.seed, start, stream),
         max_bad_fraction=data.max_bad_fraction, classification=classification, pin_memory=device.type == "cuda",
-        resize_on=data.resize_on, decode_on=data.decode_on,
+        resize_on=data.resize_on, decode_on=data.decode_on, modality=modality,
+        sample_rate=audio.sample_rate if audio else None, clip_seconds=audio.clip_seconds if audio else None,
     )

@@ -22,7 +22,7 @@ a workdir resumes only under the objective that wrote it.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from limoe.config import Config, LossConfig
 from limoe.data.pipeline import expand_shards
 from limoe.data.preprocess import normalize
+from limoe.modalities import DEFAULT_MODALITIES
 from limoe.model.routing import LayerRouting
-from limoe.model.tower import Limoe, LimoeOutput
+from limoe.model.tower import Limoe
 from limoe.training.batches import micro_batch_size
 from limoe.training.candidates import CandidateLoss, class_embeddings, encode_prompts
 from limoe.training.cotraining import check_tasks, lr_scale, task_steps
@@ -102,9 +103,14 @@ class PairsObjective(nn.Module):
 class ContrastiveObjective(PairsObjective):
     """`limoe train`'s objective: model + contrastive loss.
 
+    A batch is a pair of modalities, `modalities` = (the inputs', the captions'): image–text for
+    `data.train`, a co-training task's `tasks[].modalities` (audio–text) otherwise; both sides go
+    through the tower together and the loss contrasts their features.
+
     With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
-    random share of its patches dropped, until the last `train.unmasked_steps` steps. Images may
-    come as uint8 (the training loader's; normalised here, on the device) or as normalised floats.
+    random share of its patches dropped, until the last `train.unmasked_steps` steps (images only:
+    audio clips keep every patch). Images may come as uint8 (the training loader's; normalised here,
+    on the device) or as normalised floats; audio comes as float waveforms.
     The engine's forward must produce what backward runs on (DeepSpeed hooks its gradient
     bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's share of it
     are computed in `forward`.
@@ -123,16 +129,16 @@ class ContrastiveObjective(PairsObjective):
         """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase."""
         return self.patch_dropping.stage(step)
 
-    def image_keep(self, images: Tensor, step: int) -> Optional[Tensor]:
+    def patch_keep(self, inputs: Tensor, step: int, modality: str = "image") -> Optional[Tensor]:
         """The patches each image [B, 3, H, W] keeps at `step` [B, K]; None (all of them) outside
-        FLIP's masked phase and in evaluation."""
-        return self.patch_dropping.keep(images, step) if self.training else None
+        FLIP's masked phase, in evaluation, and for inputs other than images."""
+        return self.patch_dropping.keep(inputs, step) if self.training and modality == "image" else None
 
-    def encode(self, images: Optional[Tensor], tokens: Optional[Tensor],
-               image_keep: Optional[Tensor] = None) -> LimoeOutput:
-        if images is not None and images.dtype == torch.uint8:
-            images = normalize(images)
-        return self.model(images, tokens, image_keep)
+    def features(self, batches: Mapping[str, Tensor],
+                 image_keep: Optional[Tensor] = None) -> tuple[dict[str, Tensor], list[LayerRouting]]:
+        """Raw batches by modality name through the tower together → features [B, D] by name, and
+        the routing; `image_keep` [B, K]: the patches the images keep (None: all)."""
+        return self.model.encode(_normalized(batches), {"image": {"keep": image_keep}})
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
@@ -149,26 +155,37 @@ class ContrastiveObjective(PairsObjective):
             logged["logit_bias"] = self.model.logit_bias
         return logged
 
-    def forward(self, images: Tensor, tokens: Tensor, step: int = 0,
-                share: Optional[MicroBatchShare] = None) -> ObjectiveOutput:
-        """The full loss of this batch at `step`; or, given `share`, a micro-batch's surrogate whose gradient
-        is its share of the whole batch's (the feature gradients back-propagated, plus its auxiliary share)."""
-        output = self.encode(images, tokens, self.image_keep(images, step) if share is None else share.image_keep)
+    def forward(self, inputs: Tensor, tokens: Tensor, step: int = 0, share: Optional[MicroBatchShare] = None,
+                modalities: tuple[str, str] = DEFAULT_MODALITIES) -> ObjectiveOutput:
+        """The full loss of this batch of `modalities` pairs at `step`; or, given `share`, a micro-batch's
+        surrogate whose gradient is its share of the whole batch's (the feature gradients
+        back-propagated, plus its auxiliary share)."""
+        first, second = modalities
+        keep = self.patch_keep(inputs, step, first) if share is None else share.image_keep
+        features, routing = self.features({first: inputs, second: tokens}, keep)
         if share is None:
-            contrastive = self.contrastive(output.image_features, output.text_features, output.logit_scale,
-                                           output.logit_bias)
-            aux, parts = auxiliary_loss(output.routing, self.loss_config, contrastive.device)
+            contrastive = self.contrastive_loss(features[first], features[second])
+            aux, parts = auxiliary_loss(routing, self.loss_config, contrastive.device)
             loss = contrastive + aux
             terms = {"loss": loss, "contrastive": contrastive, "auxiliary": aux, **parts, **self.logged_parameters()}
-            return ObjectiveOutput(loss, detached(terms), output.routing)
-        aux, _ = auxiliary_loss(output.routing, self.loss_config, images.device, share.whole_batch)
-        surrogate = ((output.image_features * share.image_grad).sum() + (output.text_features * share.text_grad).sum()
+            return ObjectiveOutput(loss, detached(terms), routing)
+        aux, _ = auxiliary_loss(routing, self.loss_config, inputs.device, share.whole_batch)
+        first_grad, second_grad = share.feature_grads
+        surrogate = ((features[first] * first_grad).sum() + (features[second] * second_grad).sum()
                      + aux + sum((p * g).sum() for p, g in zip(self.loss_parameters(), share.loss_parameter_grads)))
-        return ObjectiveOutput(surrogate, {}, output.routing)
+        return ObjectiveOutput(surrogate, {}, routing)
 
     def clamp_temperatures(self) -> None:
         """After each update: the learned temperatures stay within CLIP's bound."""
         clamp_logit_scale(self.model.logit_scale)
+
+
+def _normalized(batches: Mapping[str, Optional[Tensor]]) -> dict[str, Tensor]:
+    """The given batches (None left out), uint8 images normalised here, on the device."""
+    image = batches.get("image")
+    if image is not None and image.dtype == torch.uint8:
+        batches = {**batches, "image": normalize(image)}
+    return {name: batch for name, batch in batches.items() if batch is not None}
 
 
 def _summed_auxiliary(calls: list[list[LayerRouting]], config: LossConfig, device) -> tuple[Tensor, dict[str, Tensor]]:
@@ -186,12 +203,12 @@ class CoTrainingObjective(ContrastiveObjective):
     """`limoe train` with `tasks:`: the contrastive objective plus the classification task type (its
     loss and its temperature), stepped by the task schedule (`limoe.training.cotraining`).
 
-    `forward(images, targets, step, share, prompts, templates)` → (loss, detached terms, routing).
-    For pairs (`prompts` None) `targets` are caption tokens and everything is the contrastive
-    objective's, micro-batch shares and FLIP's patch dropping included. For classification `targets`
-    index the candidate classes, whose prompts [K·T, L] are encoded here; the images drop patches
-    as the pairs' do at `step`; the routing is then one list per forward pass (the images', the
-    prompts').
+    `forward(inputs, targets, step, share, prompts, templates, modalities)` → (loss, detached terms,
+    routing). For pairs (`prompts` None) `targets` are caption tokens and everything is the
+    contrastive objective's, micro-batch shares and FLIP's patch dropping included. For
+    classification the inputs are of `modalities[0]` (images or audio clips) and `targets` index the
+    candidate classes, whose prompts [K·T, L] are encoded here; images drop patches as the pairs' do
+    at `step`; the routing is then one list per forward pass (the inputs', the prompts').
     """
 
     name = COTRAINING
@@ -223,15 +240,17 @@ class CoTrainingObjective(ContrastiveObjective):
     def steps(self, engine, config: Config, session: Session, start: int, clock: WaitClock) -> StepSource:
         return StepSource(*task_steps(engine, config, session, start, clock))
 
-    def forward(self, images: Tensor, targets: Tensor, step: int = 0, share: Optional[MicroBatchShare] = None,
-                prompts: Optional[Tensor] = None, templates: int = 1) -> ObjectiveOutput:
+    def forward(self, inputs: Tensor, targets: Tensor, step: int = 0, share: Optional[MicroBatchShare] = None,
+                prompts: Optional[Tensor] = None, templates: int = 1,
+                modalities: tuple[str, str] = DEFAULT_MODALITIES) -> ObjectiveOutput:
         if prompts is None:
-            return super().forward(images, targets, step, share)
-        image = self.encode(images, None, self.image_keep(images, step))  # [B, D] and the image tokens' routing
+            return super().forward(inputs, targets, step, share, modalities)
+        first = modalities[0]
+        features, routing = self.features({first: inputs}, self.patch_keep(inputs, step, first))  # [B, D]
         prompt_features, prompt_routing = encode_prompts(self.model, prompts)  # [K·T, D]
         classes = class_embeddings(prompt_features, templates)  # [K, D]
-        classification, accuracy = self.classification(image.image_features, classes, targets)
-        calls = [image.routing, prompt_routing]
+        classification, accuracy = self.classification(features[first], classes, targets)
+        calls = [routing, prompt_routing]
         aux, parts = _summed_auxiliary(calls, self.loss_config, classification.device)
         loss = classification + aux
         terms = {"loss": loss, "classification": classification, "accuracy": accuracy, "auxiliary": aux, **parts,

@@ -20,7 +20,8 @@ exactly as the full batch does. The micro-batches mark DeepSpeed's gradient-accu
 (so ZeRO reduces as it would for any accumulation), and the step happens once, after the last one.
 
 Co-training (`limoe.training.cotraining`) builds its step from the same pieces: a contrastive
-task's batch goes through `forward_backward`, a classification task's through
+task's batch goes through `forward_backward` (pairs of the task's modalities, image–text or
+audio–text: the feature cache holds each side's features), a classification task's through
 `whole_batch_backward`, each scaled by the task's loss weight; under the accumulating schedule only
 the last task's backward marks the boundary, so the tasks' gradients are summed before one update.
 
@@ -46,6 +47,7 @@ from torch.nn.utils import get_total_norm
 
 from limoe.config import Config
 from limoe.distributed import expert_parallel_group
+from limoe.modalities import DEFAULT_MODALITIES
 from limoe.model.routing import LayerRouting
 from limoe.training.batches import micro_batch_size
 from limoe.training.deepspeed_config import zero_clips_by_itself
@@ -56,8 +58,9 @@ from limoe.training.losses import RoutingCounts, auxiliary_loss, whole_batch_cou
 class MicroBatchShare:
     """What one micro-batch's forward needs to produce its share of the whole batch's gradient."""
 
-    image_grad: Tensor  # [m, D] d(contrastive loss)/d(image features) of these pairs, from the cached features
-    text_grad: Tensor  # [m, D]
+    # ([m, D], [m, D]) d(contrastive loss)/d(features) of these pairs' two sides (images or audio, then
+    # captions), from the cached features
+    feature_grads: tuple[Tensor, Tensor]
     whole_batch: list[RoutingCounts]  # per MoE layer: what the auxiliary losses average over
     loss_parameter_grads: list[Tensor]  # d(contrastive loss)/d(logit scale, bias); given to one micro-batch only
     image_keep: Optional[Tensor]  # [m, K] the patches these images keep (FLIP), None: all of them
@@ -94,31 +97,33 @@ def _set_rng_state(state: tuple[Tensor, Optional[Tensor]], device: torch.device)
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Config, micro: int, step: int,
-                            weight: float, last: bool) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
+def _feature_cache_backward(engine, inputs: Tensor, tokens: Tensor, config: Config, micro: int, step: int,
+                            weight: float, last: bool, modalities: Optional[tuple[str, str]]
+                            ) -> tuple[dict[str, Tensor], list[LayerRouting], bool]:
     """Steps 1–3 of the module docstring; backward runs only if the loss is finite (or skipping is off)."""
     module = engine.module  # a ContrastiveObjective (limoe.training.objectives)
-    device = images.device
-    keep = module.image_keep(images, step)  # [B_local, K] or None
-    keeps = keep.split(micro) if keep is not None else [None] * (images.shape[0] // micro)
-    chunks = list(zip(images.split(micro), tokens.split(micro), keeps))
-    states, image_features, text_features, routings = [], [], [], []
+    device = inputs.device
+    first, second = modalities or DEFAULT_MODALITIES
+    keep = module.patch_keep(inputs, step, first)  # [B_local, K] or None
+    keeps = keep.split(micro) if keep is not None else [None] * (inputs.shape[0] // micro)
+    chunks = list(zip(inputs.split(micro), tokens.split(micro), keeps))
+    states, first_features, second_features, routings = [], [], [], []
     with torch.no_grad(), autocast_if_enabled(engine):
-        for chunk_images, chunk_tokens, chunk_keep in chunks:
+        for chunk_inputs, chunk_tokens, chunk_keep in chunks:
             states.append(_rng_state(device))
-            output = module.encode(chunk_images, chunk_tokens, chunk_keep)
-            image_features.append(output.image_features)  # [m, D]
-            text_features.append(output.text_features)
-            routings.append(output.routing)
+            features, chunk_routing = module.features({first: chunk_inputs, second: chunk_tokens}, chunk_keep)
+            first_features.append(features[first])  # [m, D]
+            second_features.append(features[second])
+            routings.append(chunk_routing)
     after = _rng_state(device)
     whole = whole_batch_counts(routings)
 
-    cached_images = torch.cat(image_features).requires_grad_()  # [B_local, D]
-    cached_texts = torch.cat(text_features).requires_grad_()
+    cached_first = torch.cat(first_features).requires_grad_()  # [B_local, D]
+    cached_second = torch.cat(second_features).requires_grad_()
     with autocast_if_enabled(engine):
-        contrastive = module.contrastive_loss(cached_images, cached_texts)
-    image_grad, text_grad, *parameter_grads = torch.autograd.grad(
-        contrastive, [cached_images, cached_texts, *module.loss_parameters()])
+        contrastive = module.contrastive_loss(cached_first, cached_second)
+    first_grad, second_grad, *parameter_grads = torch.autograd.grad(
+        contrastive, [cached_first, cached_second, *module.loss_parameters()])
     with torch.no_grad():
         shares = [auxiliary_loss(r, config.loss, device, whole) for r in routings]
         parts = {name: sum(share[1][name] for share in shares) for name in shares[0][1]}
@@ -130,13 +135,13 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
     if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         return terms, routing, False
 
-    for index, (chunk_images, chunk_tokens, chunk_keep) in enumerate(chunks):
+    for index, (chunk_inputs, chunk_tokens, chunk_keep) in enumerate(chunks):
         _set_rng_state(states[index], device)
         pairs = slice(index * micro, (index + 1) * micro)
-        share = MicroBatchShare(image_grad[pairs], text_grad[pairs], whole, parameter_grads if index == 0 else [],
-                                chunk_keep)
+        share = MicroBatchShare((first_grad[pairs], second_grad[pairs]), whole,
+                                parameter_grads if index == 0 else [], chunk_keep)
         engine.set_gradient_accumulation_boundary(last and index == len(chunks) - 1)
-        objective, _, _ = engine(chunk_images, chunk_tokens, step, share=share)
+        objective, _, _ = engine(chunk_inputs, chunk_tokens, step, share=share, **_pair_keywords(modalities))
         engine.backward(_weighted(objective, weight), scale_wrt_gas=False)
     _set_rng_state(after, device)
     return terms, routing, True
@@ -146,23 +151,31 @@ def _feature_cache_backward(engine, images: Tensor, tokens: Tensor, config: Conf
 # Forward, backward, clipping, update
 
 
-def forward_backward(engine, images: Tensor, tokens: Tensor, config: Config, step: int = 0, weight: float = 1.0,
-                     last: bool = True) -> tuple[dict[str, Tensor], list, bool]:
+def forward_backward(engine, inputs: Tensor, tokens: Tensor, config: Config, step: int = 0, weight: float = 1.0,
+                     last: bool = True,
+                     modalities: Optional[tuple[str, str]] = None) -> tuple[dict[str, Tensor], list, bool]:
     """This rank's gradient of the batch's loss at 0-based `step`, times `weight`, added to the
     gradients already there; `last`: no other backward follows before the update (DeepSpeed reduces
-    over ranks then). Returns the loss terms, the routing, and False if the step is to be skipped (a
-    non-finite loss with skip_nonfinite_steps)."""
+    over ranks then). `modalities`: what the pairs are (a co-training task's, e.g. audio–text);
+    None: the objective's own (image–text). Returns the loss terms, the routing, and False if the
+    step is to be skipped (a non-finite loss with skip_nonfinite_steps)."""
     micro = micro_batch_size(config, dist.get_world_size())
-    if micro < images.shape[0]:
-        return _feature_cache_backward(engine, images, tokens, config, micro, step, weight, last)
-    return whole_batch_backward(engine, (images, tokens, step), config, weight, last)
+    if micro < inputs.shape[0]:
+        return _feature_cache_backward(engine, inputs, tokens, config, micro, step, weight, last, modalities)
+    return whole_batch_backward(engine, (inputs, tokens, step), config, weight, last, _pair_keywords(modalities))
 
 
-def whole_batch_backward(engine, inputs: tuple, config: Config, weight: float = 1.0,
-                         last: bool = True) -> tuple[dict[str, Tensor], list, bool]:
-    """`forward_backward` of one forward `engine(*inputs)` (a batch taken whole)."""
+def _pair_keywords(modalities: Optional[tuple[str, str]]) -> dict:
+    """The objective's keyword naming the pair's modalities; none for the objective's own (an
+    objective without pairs of several kinds, masked pretraining, takes no such keyword)."""
+    return {} if modalities is None else {"modalities": modalities}
+
+
+def whole_batch_backward(engine, inputs: tuple, config: Config, weight: float = 1.0, last: bool = True,
+                         keywords: Optional[dict] = None) -> tuple[dict[str, Tensor], list, bool]:
+    """`forward_backward` of one forward `engine(*inputs, **keywords)` (a batch taken whole)."""
     engine.set_gradient_accumulation_boundary(last)
-    loss, terms, routing = engine(*inputs)
+    loss, terms, routing = engine(*inputs, **(keywords or {}))
     if config.train.skip_nonfinite_steps and not _finite_everywhere(loss):
         return terms, routing, False
     engine.backward(_weighted(loss, weight), scale_wrt_gas=False)

@@ -12,6 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from limoe.cli import build_parser
 from tests.helpers import refused, run_limoe, set_options
 from limoe.config import load_config
+from limoe.data.preprocess import normalize
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
 from limoe.plan import GiB, Setting, plan_memory, refuse_if_it_cannot_fit
@@ -40,7 +41,7 @@ def _real_forward(config, checkpointing: str, batch: int):
     tokens = torch.randint(1, 1000, (batch, config.model.context_length))
 
     def run():
-        output = module.encode(images, tokens)
+        output = module.model(normalize(images), tokens)
         return output, auxiliary_loss(output.routing, config.loss)[0]
 
     return module, run
@@ -183,7 +184,7 @@ def test_one_modality_activation_bytes_agree_with_a_real_cpu_forward(tiny, input
     tokens = torch.randint(1, 1000, (batch, config.model.context_length))
 
     def run():
-        output = module.encode(images, None) if inputs == "images" else module.encode(None, tokens)
+        output = module.model(normalize(images), None) if inputs == "images" else module.model(None, tokens)
         return output, auxiliary_loss(output.routing, config.loss)[0]
 
     per_item = profile.per_example[("image",) if inputs == "images" else ("text",)]

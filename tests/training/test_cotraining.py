@@ -8,7 +8,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.training import consolidated_state
 from limoe.cli import main
 from limoe.config import load_config
@@ -18,7 +17,7 @@ from limoe.training.cotraining import ClassificationTask, Task, task_gradients
 from limoe.training.schedules import TaskSchedule
 from limoe.training.session import Session, start_session
 from limoe.training.trainer import build_engine, lr_multiplier
-from tests.helpers import QUICK_TASKS, refused, run_args, write_config
+from tests.helpers import QUICK_TASKS, Killed, killed_after_checkpoint, refused, run_args, write_config
 from tests.training.processes import run_processes
 
 
@@ -75,24 +74,13 @@ def test_each_task_reports_its_own_terms_routing_and_learning_rate(cotrain_run):
             assert logged[routing[-1]["step"]] == pytest.approx(layer["image"]["routing_success"], rel=1e-6), tag
 
 
-class _Killed(BaseException):
-    """Stands for a SIGKILL right after a checkpoint is published: nothing after it runs."""
-
-
 def _steps(workdir: Path) -> list[dict]:
     return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_a_killed_run_resumes_its_schedule_and_task_counters_exactly(tmp_path, cotrain_run, monkeypatch):
-    save = checkpoint.save_training_checkpoint
-
-    def save_then_die(engine, workdir, step, config, progress, objective):
-        save(engine, workdir, step, config, progress, objective)
-        if step == 2:
-            raise _Killed
-
-    monkeypatch.setattr(checkpoint, "save_training_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    killed_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(Killed):
         main(_args(tmp_path, _config_file(tmp_path)))
     monkeypatch.undo()
     assert main(_args(tmp_path, _config_file(tmp_path))) == 0

@@ -116,11 +116,11 @@ def test_the_gradient_pass_replays_the_router_noise_of_the_encoding_pass(noisy_e
     reference = ContrastiveObjective(build_model(config), config)
     images, tokens = _batch(config)
     torch.manual_seed(7)
-    outputs = [reference.encode(i, t) for i, t in zip(images.split(4), tokens.split(4))]
-    whole = whole_batch_counts([o.routing for o in outputs])
-    loss = reference.contrastive_loss(torch.cat([o.image_features for o in outputs]),
-                                      torch.cat([o.text_features for o in outputs]))
-    loss = loss + sum(auxiliary_loss(o.routing, config.loss, whole_batch=whole)[0] for o in outputs)
+    outputs = [reference.features({"image": i, "text": t}) for i, t in zip(images.split(4), tokens.split(4))]
+    whole = whole_batch_counts([routing for _, routing in outputs])
+    loss = reference.contrastive_loss(torch.cat([features["image"] for features, _ in outputs]),
+                                      torch.cat([features["text"] for features, _ in outputs]))
+    loss = loss + sum(auxiliary_loss(routing, config.loss, whole_batch=whole)[0] for _, routing in outputs)
     loss.backward()
     _assert_same(micro, {name: p.grad for name, p in reference.named_parameters()})
 
