@@ -20,6 +20,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -181,6 +182,70 @@ def _demo_retrieval(record: dict) -> str:
             f"| text→image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} |")
 
 
+AUDIO_HELDOUT = "data_shards/audio_heldout"
+
+
+def _audio_demo_command(scratch: Path) -> list[str]:
+    """The audio demo's training, then `limoe eval` of its audio on the unheard instruments."""
+    limoe, run = f"{shlex.quote(sys.executable)} -m limoe", shlex.quote(str(scratch / "run"))
+    evaluate = (f"{limoe} eval {{0}} --modality audio --checkpoint {run}/model.safetensors --data {AUDIO_HELDOUT} "
+                f"--device cpu --output {shlex.quote(str(scratch))}/{{0}}.json")
+    return ["bash", "-c", f"{limoe} train --config audio-demo --workdir {run} && {evaluate.format('retrieval')} "
+                          f"&& {evaluate.format('zeroshot')}"]
+
+
+def _audio_demo_results(scratch: Path, stdout: str) -> dict:
+    read = lambda path: json.loads(path.read_text(encoding="utf-8"))  # noqa: E731
+    audio, zeroshot = read(scratch / "retrieval.json"), read(scratch / "zeroshot.json")
+    images = read(scratch / "run" / "final_metrics.json")["retrieval"]
+    routing = [json.loads(line) for line in (scratch / "run" / "metrics.jsonl").read_text().splitlines()]
+    by_task = [row for row in routing if "routing_by_task" in row][-1]
+    return {
+        "audio": {key: audio[key] for key in ("audio_to_text_R@1", "audio_to_text_R@5", "text_to_audio_R@1",
+                                              "text_to_audio_R@5", "clips")},
+        "zeroshot": {key: zeroshot[key] for key in ("top1", "top5", "classes")},
+        "images": {key: images[key] for key in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1",
+                                                "text_to_image_R@5")},
+        "routing_step": by_task["step"],
+        "routing": {task: [{modality: {"share": layer[modality]["share"], "dropped": layer[modality]["dropped"]}
+                            for modality in ("image", "text", "audio") if layer[modality]["tokens"]}
+                           for layer in record["layers"]]
+                    for task, record in by_task["routing_by_task"].items()},
+        "blocks": [layer["block"] for layer in by_task["routing"]["layers"]],
+    }
+
+
+def _audio_demo_time(record: dict) -> str:
+    return (f"took {times(record)} on {conditions(record)}, the two `limoe eval` runs included; "
+            f"`python -m limoe.figures record audio-demo` measures it")
+
+
+def _audio_demo_retrieval(record: dict) -> str:
+    r, z, clips = record["results"]["audio"], record["results"]["zeroshot"], record["results"]["audio"]["clips"]
+    i = record["results"]["images"]
+    return ("| held out | R@1 | R@5 | chance R@1 / R@5 |\n|---|---|---|---|\n"
+            f"| audio→text ({clips} clips) | {r['audio_to_text_R@1']:.1%} | {r['audio_to_text_R@5']:.1%} | "
+            f"{1 / clips:.1%} / {5 / clips:.1%} |\n"
+            f"| text→audio | {r['text_to_audio_R@1']:.1%} | {r['text_to_audio_R@5']:.1%} | "
+            f"{1 / clips:.1%} / {5 / clips:.1%} |\n"
+            f"| image→text (343 emoji) | {i['image_to_text_R@1']:.1%} | {i['image_to_text_R@5']:.1%} | 0.3% / 1.5% |\n"
+            f"| text→image | {i['text_to_image_R@1']:.1%} | {i['text_to_image_R@5']:.1%} | 0.3% / 1.5% |\n\n"
+            f"Zero-shot instrument family of the unheard clips: top-1 {z['top1']:.1%}, top-5 {z['top5']:.1%} "
+            f"(chance {1 / z['classes']:.1%} and {5 / z['classes']:.1%}).")
+
+
+def _audio_demo_routing(record: dict) -> str:
+    results = record["results"]
+    rows = ["| task | block | modality | tokens per expert (E0 … E3) | dropped |", "|---|---|---|---|---|"]
+    for task, layers in results["routing"].items():
+        for block, layer in zip(results["blocks"], layers):
+            for modality, numbers in layer.items():
+                shares = " / ".join(f"{share:.0%}" for share in numbers["share"])
+                rows.append(f"| {task} | {block} | {modality} | {shares} | {numbers['dropped']:.1%} |")
+    return "\n".join(rows) + (f"\n\n(the routing of the training steps in the window ending at step {results['routing_step']} "
+                               f"— `train.routing_stats_every` steps — from the run's `metrics.jsonl`)")
+
+
 def _test_results(scratch: Path, stdout: str) -> dict:
     summary = [line for line in stdout.splitlines() if re.search(r"\d+ passed", line)]
     return {"summary": re.sub(r" in [\d.]+s.*$", "", summary[-1].strip("= ")) if summary else stdout.strip()[-200:]}
@@ -212,6 +277,9 @@ FIGURES = {figure.name: figure for figure in (
     Figure("demo", "limoe train", lambda scratch: [sys.executable, "-m", "limoe", "train", "--workdir",
                                                    str(scratch / "demo")],
            _demo_results, {"time": _demo_time, "retrieval": _demo_retrieval}),
+    Figure("audio-demo", "limoe train --config audio-demo; limoe eval retrieval|zeroshot --modality audio",
+           _audio_demo_command, _audio_demo_results,
+           {"time": _audio_demo_time, "retrieval": _audio_demo_retrieval, "routing": _audio_demo_routing}),
     Figure("tests", "python -m pytest", lambda scratch: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
            _test_results, {"time": _test_time}),
 )}
