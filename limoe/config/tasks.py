@@ -36,8 +36,8 @@ class TaskConfig:
     loss_weight: float = setting(1.0, "multiplies this task's loss, its routing losses included", "[0, inf)")
     classnames: Optional[str] = setting(None, "classification: class names, one per line in label order; null: "
                                               "classnames.txt beside the shards")
-    templates: str = setting("simple", "classification: prompt templates, 'simple' (7), 'openai' (80) or a file; "
-                                       "every class's prompts are encoded every step")
+    templates: str = setting("simple", "classification: prompt templates, 'simple' (7), 'openai' (80), 'sounds' "
+                                       "(for audio) or a file; every class's prompts are encoded every step")
     candidates: Union[Literal["all"], int] = setting(
         "all", "classification: score against all classes, or against N that always include the batch's labels",
         "[2, inf)")

@@ -38,7 +38,7 @@ def final_report(model_file: Path, config: Config, workdir: Path) -> dict:
         routing = inspect_checkpoint(model, config, "final", model_file, config.data.heldout, ROUTING_BATCHES,
                                      batch_size=128, block=config.model.moe_layers[-1], device=torch.device(device)).statistics
     if routing:
-        print(f"\nrouting on held-out pairs (image/text per MoE block):\n{format_summary_table(routing)}")
+        print(f"\nrouting on held-out pairs (per modality of the model, per MoE block):\n{format_summary_table(routing)}")
     metrics = {"retrieval": retrieval, "chance_R@5": chance, "routing": routing}
     atomic_write(workdir / "final_metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=1)))
     return metrics
