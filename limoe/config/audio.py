@@ -68,4 +68,8 @@ class AudioConfig:
     @property
     def num_patches(self) -> int:
         """Audio tokens of one clip: (n_mels / p) · (frames // p)."""
-        return (self.n_mels // self.patch_size) * (self.frames // self.patch_size)
+        return self.patches_of(self.clip_samples)
+
+    def patches_of(self, samples: int) -> int:
+        """Audio tokens of a clip of `samples` samples (one no longer than a whole clip)."""
+        return (self.n_mels // self.patch_size) * (self.frames_of(samples) // self.patch_size)

@@ -54,6 +54,9 @@ class Config:
             raise LimoeError("train.init_audio_patches_from_image starts the audio patch convolution of a model with "
                              "audio from train.init_from's image one; set train.init_from and include audio in "
                              "model.modalities, or drop it.")
+        if self.train.audio_mask_ratio and "audio" not in self.model.modalities:
+            raise LimoeError(f"train.audio_mask_ratio is {self.train.audio_mask_ratio} but model.modalities "
+                             f"{list(self.model.modalities)} has no audio to mask; add audio or drop it.")
         if self.tasks:
             self._check_tasks()
 

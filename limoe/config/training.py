@@ -49,8 +49,11 @@ class TrainConfig:
                "differ) and its bias copied; false: as freshly initialised")
     image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
                                            "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
-    unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images (at most train.steps)",
-                                  "[0, inf)")
+    audio_mask_ratio: float = setting(0.0, "FLIP for audio: share of each clip's spectrogram patches dropped before "
+                                           "the tower in training, drawn per clip as for images (0: off); "
+                                           "evaluation never masks", "[0, 1)")
+    unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images and clips (at most "
+                                     "train.steps)", "[0, inf)")
 
     def __post_init__(self):
         if self.unmasked_steps > self.steps:

@@ -69,7 +69,8 @@ def random_patch_keep(batch: int, num_patches: int, mask_ratio: float, generator
 
 def patch_keep_at(step: int, seed: int, purpose: str, images: Tensor, num_patches: int, mask_ratio: float) -> Tensor:
     """This rank's share of the kept patches [B, K] that `step` draws for its global batch (`purpose`
-    keeps the draws of different uses apart); images [B, 3, H, W] give the batch and device."""
+    keeps the draws of different uses apart); images [B, 3, H, W] or clips [B, T] give the batch and
+    device."""
     shard = BatchShard.for_rank(*rank_and_world(), images.shape[0])
     generator = step_generator(seed, step, purpose, images.device)
     return random_patch_keep(images.shape[0], num_patches, mask_ratio, generator, shard)

@@ -110,6 +110,9 @@ def check_pretraining_config(config: Config) -> None:
     if config.train.image_mask_ratio:
         raise LimoeError("train.image_mask_ratio is contrastive training's patch dropping (FLIP); pretraining masks "
                          "images with pretrain.image_mask_ratio. Remove train.image_mask_ratio.")
+    if config.train.audio_mask_ratio:
+        raise LimoeError("train.audio_mask_ratio is contrastive training's patch dropping (FLIP) for audio clips; "
+                         "pretraining does not read audio. Remove train.audio_mask_ratio.")
 
 
 class MaskedPretraining(PairsObjective):

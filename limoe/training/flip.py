@@ -1,9 +1,12 @@
 """FLIP's patch dropping in contrastive training (Li et al. 2023): each image enters the tower with a
 random share of its patches left out, which cuts the image side's cost roughly in proportion; a
 short unmasked phase at the end lets the model adapt to whole images, which evaluation always sees.
+Audio clips drop spectrogram patches the same way (`train.audio_mask_ratio`, its own share, drawn
+apart from the images'), with the same unmasked phase.
 
-The kept patches are chosen before the tower (`limoe.modalities.image.ImageEmbedder`), so attention, routing groups,
-expert capacity and Batch Priority Routing all work on the kept tokens alone. Masks are a pure
+The kept patches are chosen before the tower (`limoe.modalities.image.ImageEmbedder`,
+`limoe.modalities.audio.AudioEmbedder`), so attention, routing groups, expert capacity and Batch
+Priority Routing all work on the kept tokens alone. Masks are a pure
 function of (seed, step) over the global batch (`limoe.model.masking`), so a resumed run draws
 the masks an uninterrupted run would have, whatever the number of processes.
 """
@@ -11,27 +14,37 @@ the masks an uninterrupted run would have, whatever the number of processes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
 from limoe.config import Config
 from limoe.model.masking import patch_keep_at
 
+MODALITIES = ("image", "audio")  # the modalities made of patches, which FLIP may drop
+
 
 @dataclass(frozen=True)
 class PatchDropping:
-    """`train.image_mask_ratio` of the patches dropped until the last `train.unmasked_steps` steps."""
+    """One modality's share of patches dropped (`train.image_mask_ratio`, `train.audio_mask_ratio`)
+    until the last `train.unmasked_steps` steps."""
 
     ratio: float
     masked_steps: int  # steps 0 … masked_steps − 1 drop patches
-    num_patches: int
+    num_patches: Callable[[Tensor], int]  # N of a batch of this modality's inputs
     seed: int
+    purpose: str  # keeps the modalities' draws apart
 
     @classmethod
-    def from_config(cls, config: Config) -> "PatchDropping":
-        train = config.train
-        return cls(train.image_mask_ratio, train.steps - train.unmasked_steps, config.model.num_patches, train.seed)
+    def from_config(cls, config: Config, modality: str = "image") -> "PatchDropping":
+        train, model = config.train, config.model
+        masked_steps = train.steps - train.unmasked_steps
+        if modality == "image":
+            return cls(train.image_mask_ratio, masked_steps, lambda images: model.num_patches, train.seed, "flip")
+        if modality == "audio":  # [B, T] waveforms: a clip may be shorter than model.audio.clip_seconds
+            return cls(train.audio_mask_ratio, masked_steps, lambda clips: model.audio.patches_of(clips.shape[-1]),
+                       train.seed, "flip_audio")
+        raise ValueError(f"no patches to drop in modality {modality!r}")
 
     def masks(self, step: int) -> bool:
         return self.ratio > 0 and step < self.masked_steps
@@ -42,8 +55,9 @@ class PatchDropping:
             return None
         return "masked" if self.masks(step) else "unmasked"
 
-    def keep(self, images: Tensor, step: int) -> Optional[Tensor]:
-        """The patches each image [B, 3, H, W] keeps at `step` [B, K], or None: keep them all."""
+    def keep(self, inputs: Tensor, step: int) -> Optional[Tensor]:
+        """The patches each input (image [B, 3, H, W], clip [B, T]) keeps at `step` [B, K], or None:
+        keep them all."""
         if not self.masks(step):
             return None
-        return patch_keep_at(step, self.seed, "flip", images, self.num_patches, self.ratio)
+        return patch_keep_at(step, self.seed, self.purpose, inputs, self.num_patches(inputs), self.ratio)

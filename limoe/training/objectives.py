@@ -37,7 +37,7 @@ from limoe.training.batches import micro_batch_size
 from limoe.training.candidates import CandidateLoss, class_embeddings, encode_prompts
 from limoe.training.cotraining import check_tasks, lr_scale, task_steps
 from limoe.training.device_batches import DeviceBatches, WaitClock
-from limoe.training.flip import PatchDropping
+from limoe.training.flip import MODALITIES as PATCH_MODALITIES, PatchDropping
 from limoe.training.loaders import train_loader_for
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss, clamp_logit_scale
 from limoe.training.session import Session
@@ -108,9 +108,10 @@ class ContrastiveObjective(PairsObjective):
     through the tower together and the loss contrasts their features.
 
     With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
-    random share of its patches dropped, until the last `train.unmasked_steps` steps (images only:
-    audio clips keep every patch). Images may come as uint8 (the training loader's; normalised here,
-    on the device) or as normalised floats; audio comes as float waveforms.
+    random share of its patches dropped, until the last `train.unmasked_steps` steps; with
+    `train.audio_mask_ratio` > 0 each audio clip drops its own share of spectrogram patches alike.
+    Images may come as uint8 (the training loader's; normalised here, on the device) or as
+    normalised floats; audio comes as float waveforms.
     The engine's forward must produce what backward runs on (DeepSpeed hooks its gradient
     bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's share of it
     are computed in `forward`.
@@ -123,22 +124,26 @@ class ContrastiveObjective(PairsObjective):
         self.model = model
         self.contrastive = ContrastiveLoss(config.loss.contrastive, config.loss.local_loss)
         self.loss_config = config.loss
-        self.patch_dropping = PatchDropping.from_config(config)
+        # by modality whose patches FLIP may drop
+        self.patch_dropping = {name: PatchDropping.from_config(config, name) for name in PATCH_MODALITIES}
 
     def stage(self, step: int) -> Optional[str]:
-        """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase."""
-        return self.patch_dropping.stage(step)
+        """FLIP's phase of `step` (None without FLIP): routing statistics are kept apart per phase.
+        The modalities share the unmasked phase, so any one that drops patches tells it."""
+        stages = {dropping.stage(step) for dropping in self.patch_dropping.values()} - {None}
+        return stages.pop() if stages else None
 
     def patch_keep(self, inputs: Tensor, step: int, modality: str = "image") -> Optional[Tensor]:
-        """The patches each image [B, 3, H, W] keeps at `step` [B, K]; None (all of them) outside
-        FLIP's masked phase, in evaluation, and for inputs other than images."""
-        return self.patch_dropping.keep(inputs, step) if self.training and modality == "image" else None
+        """The patches each input of `modality` (image [B, 3, H, W], clip [B, T]) keeps at `step`
+        [B, K]; None (all of them) outside FLIP's masked phase, in evaluation, and for text."""
+        dropping = self.patch_dropping.get(modality)
+        return dropping.keep(inputs, step) if self.training and dropping is not None else None
 
-    def features(self, batches: Mapping[str, Tensor],
-                 image_keep: Optional[Tensor] = None) -> tuple[dict[str, Tensor], list[LayerRouting]]:
+    def features(self, batches: Mapping[str, Tensor], keep: Optional[Tensor] = None,
+                 kept: str = "image") -> tuple[dict[str, Tensor], list[LayerRouting]]:
         """Raw batches by modality name through the tower together → features [B, D] by name, and
-        the routing; `image_keep` [B, K]: the patches the images keep (None: all)."""
-        return self.model.encode(_normalized(batches), {"image": {"keep": image_keep}})
+        the routing; `keep` [B, K]: the patches the inputs of modality `kept` keep (None: all)."""
+        return self.model.encode(_normalized(batches), {kept: {"keep": keep}})
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
@@ -161,8 +166,8 @@ class ContrastiveObjective(PairsObjective):
         surrogate whose gradient is its share of the whole batch's (the feature gradients
         back-propagated, plus its auxiliary share)."""
         first, second = modalities
-        keep = self.patch_keep(inputs, step, first) if share is None else share.image_keep
-        features, routing = self.features({first: inputs, second: tokens}, keep)
+        keep = self.patch_keep(inputs, step, first) if share is None else share.keep
+        features, routing = self.features({first: inputs, second: tokens}, keep, first)
         if share is None:
             contrastive = self.contrastive_loss(features[first], features[second])
             aux, parts = auxiliary_loss(routing, self.loss_config, contrastive.device)
@@ -207,8 +212,8 @@ class CoTrainingObjective(ContrastiveObjective):
     routing). For pairs (`prompts` None) `targets` are caption tokens and everything is the
     contrastive objective's, micro-batch shares and FLIP's patch dropping included. For
     classification the inputs are of `modalities[0]` (images or audio clips) and `targets` index the
-    candidate classes, whose prompts [K·T, L] are encoded here; images drop patches as the pairs' do
-    at `step`; the routing is then one list per forward pass (the inputs', the prompts').
+    candidate classes, whose prompts [K·T, L] are encoded here; images and clips drop patches as the
+    pairs' do at `step`; the routing is then one list per forward pass (the inputs', the prompts').
     """
 
     name = COTRAINING
@@ -246,7 +251,7 @@ class CoTrainingObjective(ContrastiveObjective):
         if prompts is None:
             return super().forward(inputs, targets, step, share, modalities)
         first = modalities[0]
-        features, routing = self.features({first: inputs}, self.patch_keep(inputs, step, first))  # [B, D]
+        features, routing = self.features({first: inputs}, self.patch_keep(inputs, step, first), first)  # [B, D]
         prompt_features, prompt_routing = encode_prompts(self.model, prompts)  # [K·T, D]
         classes = class_embeddings(prompt_features, templates)  # [K, D]
         classification, accuracy = self.classification(features[first], classes, targets)

@@ -25,8 +25,9 @@ audio–text: the feature cache holds each side's features), a classification ta
 `whole_batch_backward`, each scaled by the task's loss weight; under the accumulating schedule only
 the last task's backward marks the boundary, so the tasks' gradients are summed before one update.
 
-With FLIP's patch dropping (`limoe.training.flip`) the kept patches are drawn once per step for
-the whole batch and each micro-batch encodes its own rows of them, in both of its forwards.
+With FLIP's patch dropping (`limoe.training.flip`, images' or audio clips') the kept patches are
+drawn once per step for the whole batch and each micro-batch encodes its own rows of them, in both
+of its forwards.
 
 The engine may also wrap another objective (`limoe pretrain`'s masked modelling): anything called
 as `objective(images, tokens, step)` → `ObjectiveOutput`, whose loss is a sum over examples, so it
@@ -63,7 +64,7 @@ class MicroBatchShare:
     feature_grads: tuple[Tensor, Tensor]
     whole_batch: list[RoutingCounts]  # per MoE layer: what the auxiliary losses average over
     loss_parameter_grads: list[Tensor]  # d(contrastive loss)/d(logit scale, bias); given to one micro-batch only
-    image_keep: Optional[Tensor]  # [m, K] the patches these images keep (FLIP), None: all of them
+    keep: Optional[Tensor]  # [m, K] the patches these images or clips keep (FLIP), None: all of them
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _feature_cache_backward(engine, inputs: Tensor, tokens: Tensor, config: Conf
     with torch.no_grad(), autocast_if_enabled(engine):
         for chunk_inputs, chunk_tokens, chunk_keep in chunks:
             states.append(_rng_state(device))
-            features, chunk_routing = module.features({first: chunk_inputs, second: chunk_tokens}, chunk_keep)
+            features, chunk_routing = module.features({first: chunk_inputs, second: chunk_tokens}, chunk_keep, first)
             first_features.append(features[first])  # [m, D]
             second_features.append(features[second])
             routings.append(chunk_routing)

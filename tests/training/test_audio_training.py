@@ -12,6 +12,7 @@ import webdataset as wds
 
 from limoe.cli import main
 from limoe.config import load_config
+from limoe.training.flip import PatchDropping
 from limoe.training.losses import auxiliary_loss
 from limoe.training.session import start_session
 from limoe.training.step import forward_backward
@@ -74,6 +75,25 @@ def test_audio_micro_batches_give_the_whole_batch_gradient(engine):
         torch.testing.assert_close(micro[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item(), msg=name)
     for name, value in whole_terms.items():
         torch.testing.assert_close(micro_terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_audio_masking_micro_batches_give_the_whole_batch_gradient_of_the_same_masks(engine):
+    """train.audio_mask_ratio draws each clip's kept patches once per step for the whole batch; each
+    micro-batch encodes its own rows of them in both passes of the feature cache."""
+    masking = ["train.audio_mask_ratio=0.5"]
+    unmasked, _ = _gradients(engine, [])
+    unmasking = engine.module.patch_dropping
+    engine.module.patch_dropping = {**unmasking, "audio": PatchDropping.from_config(
+        load_config("audio-demo", ENGINE + masking), "audio")}
+    try:
+        whole, whole_terms = _gradients(engine, masking)
+        micro, micro_terms = _gradients(engine, masking + ["train.micro_batch_size=4"])
+    finally:
+        engine.module.patch_dropping = unmasking
+    for name, grad in whole.items():
+        torch.testing.assert_close(micro[name], grad, rtol=0, atol=1e-5 * grad.abs().max().item(), msg=name)
+    torch.testing.assert_close(micro_terms["loss"], whole_terms["loss"], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(whole["model.audio_positions"], unmasked["model.audio_positions"])  # masking acted
 
 
 def _shard_with_a_corrupt_clip(folder: Path) -> str:

@@ -95,7 +95,7 @@ def test_flip_micro_batches_give_the_whole_batch_gradient_of_the_same_masks(quie
     flip = ["train.steps=10", "train.image_mask_ratio=0.5"]
     unmasked, _ = _gradients(quiet_engine, NOISE_OFF)
     unmasking = quiet_engine.module.patch_dropping
-    quiet_engine.module.patch_dropping = PatchDropping.from_config(load_config("demo", BASE + flip))
+    quiet_engine.module.patch_dropping = {**unmasking, "image": PatchDropping.from_config(load_config("demo", BASE + flip))}
     try:
         whole, whole_terms = _gradients(quiet_engine, NOISE_OFF + flip)
         micro, micro_terms = _gradients(quiet_engine, NOISE_OFF + flip + ["train.micro_batch_size=4"])
