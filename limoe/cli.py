@@ -107,7 +107,7 @@ def _routing(args) -> int:
 
     run_routing_report(
         output=args.output, num_batches=args.num_batches, compare=args.compare, block=args.block,
-        keys=args.keys.split(",") if args.keys is not None else None, **_model_options(args),
+        keys=args.keys.split(",") if args.keys is not None else None, modality=args.modality, **_model_options(args),
     )
     return 0
 
@@ -202,10 +202,10 @@ def _add_placement_options(parser: argparse.ArgumentParser) -> None:
                              "--resize-on device")
 
 
-def _add_modality_option(parser: argparse.ArgumentParser) -> None:
-    """Which inputs are scored against text: images, or the audio clips of audio shards."""
+def _add_modality_option(parser: argparse.ArgumentParser, verb: str = "evaluate") -> None:
+    """Which inputs are read with the captions: images, or the audio clips of audio shards."""
     parser.add_argument("--modality", default="image", choices=["image", "audio"],
-                        help="evaluate images (default) or audio clips (audio shards; needs a model whose "
+                        help=f"{verb} images (default) or audio clips (audio shards; needs a model whose "
                              "model.modalities include audio)")
 
 
@@ -330,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     routing.add_argument("--block", type=int, default=None, help="MoE block for the patch and token maps (default: last)")
     routing.add_argument("--keys", default=None, metavar="K1,K2,…",
                          help="sample keys of the examples pictured (default: the first batch's first four)")
+    _add_modality_option(routing, verb="route")
 
     shards = command("shards", None, "build webdataset shards")
     shard_commands = shards.add_subparsers(dest="shard_command", required=True, metavar="ACTION")

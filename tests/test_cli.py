@@ -167,7 +167,7 @@ def test_routing_passes_workers_to_the_report(monkeypatch):
                  "--workers", "0", "--keys", "a,b"]) == 0
     assert calls == [{"checkpoint": Path("model.safetensors"), "data": "shards", "output": "out", "num_batches": 4,
                       "batch_size": 64, "capacity_factor": None, "device": "auto", "workers": 0, "compare": None,
-                      "block": None, "keys": ["a", "b"]}]
+                      "block": None, "keys": ["a", "b"], "modality": "image"}]
 
 
 @pytest.mark.parametrize("evaluation, args, own", [

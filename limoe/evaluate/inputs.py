@@ -25,7 +25,7 @@ def check_modality(model: Limoe, modality: str) -> None:
         raise LimoeError(f"modality {modality!r} cannot be evaluated; give one of {', '.join(EVALUATED)}.")
     if modality not in model.config.modalities:
         raise LimoeError(f"this checkpoint's model embeds {', '.join(model.config.modalities)}, not {modality}; "
-                         f"evaluate a checkpoint whose model.modalities include {modality}, or drop --modality "
+                         f"use a checkpoint whose model.modalities include {modality}, or drop --modality "
                          f"{modality}.")
 
 

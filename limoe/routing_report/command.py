@@ -1,9 +1,10 @@
-"""`limoe routing`: what a checkpoint's experts do with images and text, in numbers and pictures.
+"""`limoe routing`: what a checkpoint's experts do with images (or audio clips) and text, in numbers and pictures.
 
 A few held-out batches go through the model (eval mode, the chosen eval capacity); the routing
 statistics of all of them are accumulated, and a few examples (chosen by key, or the first
-batch's first) are kept token by token for the pictures: which expert each image patch and
-caption token went to, in one chosen MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
+batch's first) are kept token by token for the pictures: which expert each image patch (or
+spectrogram patch of a clip, with `--modality audio`) and caption token went to, in one chosen
+MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
 set side by side (e.g. trained with and without the LIMoE entropy losses).
 """
 
@@ -25,6 +26,7 @@ from limoe.config import Config, ModelConfig
 from limoe.data.pipeline import eval_loader
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
+from limoe.evaluate.inputs import check_modality, loader_options
 from limoe.files import atomic_write, check_output_directory, refuse_overwriting_inputs
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.data.preprocess import unnormalize
@@ -62,30 +64,57 @@ def _decode(token_ids: list[int]) -> list[str]:
     return [SPECIAL_TOKENS.get(piece, piece) for piece in pieces]
 
 
-def _unnormalize(images: Tensor) -> np.ndarray:
-    """[B, 3, H, W] as the data pipeline normalises them → [B, H, W, 3] in [0, 1]."""
-    return unnormalize(images).permute(0, 2, 3, 1).numpy()
+def _pictures(model: Limoe, modality: str, inputs: Tensor) -> np.ndarray:
+    """Inputs as the model saw them, for the pictures: images [k, 3, H, W] as the data pipeline
+    normalises them → [k, H, W, 3] in [0, 1]; clips [k, T] → their normalised log-mel [k, n_mels, frames]."""
+    if modality == "image":
+        return unnormalize(inputs.cpu()).permute(0, 2, 3, 1).numpy()
+    embedder = model.embedders[modality]
+    return ((embedder.log_mel(inputs) - embedder.mean) / embedder.std).float().cpu().numpy()
 
 
-def examples_of(config: ModelConfig, keys: list[str], images: Tensor, tokens: Tensor, routing: LayerRouting,
+def _patch_grid(config: ModelConfig, modality: str, patches: Tensor) -> Tensor:
+    """One example's values per patch [Np], in token order, → its patch grid: an image's [g, g]
+    row-major; a clip's [F, T] frequency × time (its tokens run time-major, F per p frames)."""
+    if modality == "image":
+        side = config.image_size // config.patch_size
+        return patches.view(side, side)
+    audio = config.audio
+    return patches.view(audio.frames // audio.patch_size, audio.n_mels // audio.patch_size).T
+
+
+def examples_of(model: Limoe, modality: str, keys: list[str], inputs: Tensor, tokens: Tensor, routing: LayerRouting,
                 indices: list[int]) -> list[ExampleRouting]:
     """The examples at `indices` of a batch, split along the joint token layout of the MoE call:
-    per example [class token if image_pool is cls, Np patches row-major, L text positions]."""
-    side = config.image_size // config.patch_size
-    first_patch = 1 if config.image_pool == "cls" else 0
-    first_text = first_patch + config.num_patches
+    per example the streams in the model's order (`model.modalities`), the inputs' [class token if
+    the modality's pooling is cls, Np patches] and the captions' L text positions: images before
+    text, text before audio."""
+    if not indices:  # nothing pictured from this batch (and no spectrogram of an empty batch: the FFT refuses one)
+        return []
+    config = model.config
+    pool, num_patches = (config.image_pool, config.num_patches) if modality == "image" else (
+        config.audio.pool, config.audio.num_patches)
+    first_patch = 1 if pool == "cls" else 0
+    lengths = {modality: first_patch + num_patches, "text": tokens.shape[1]}
+    starts, start = {}, 0
+    for name in config.modalities:
+        if name in lengths:
+            starts[name], start = start, start + lengths[name]
+    patches = slice(starts[modality] + first_patch, starts[modality] + lengths[modality])
+    text = slice(starts["text"], starts["text"] + lengths["text"])
     expert, kept = routing.expert[indices].cpu(), routing.kept_mask[indices].cpu()  # [k, N]
     tokens = tokens[indices].cpu()  # [k, L]
     examples = []
-    for i, (index, image) in enumerate(zip(indices, _unnormalize(images[indices]))):
+    for i, (index, picture) in enumerate(zip(indices, _pictures(model, modality, inputs[indices]))):
         real = tokens[i] != PAD_TOKEN  # [L]
         examples.append(ExampleRouting(
-            key=keys[index], image=image,
-            patch_experts=expert[i, first_patch:first_text].view(side, side),
-            patch_kept=kept[i, first_patch:first_text].view(side, side),
+            key=keys[index], picture=picture,
+            patch_experts=_patch_grid(config, modality, expert[i, patches]),
+            patch_kept=_patch_grid(config, modality, kept[i, patches]),
             tokens=_decode(tokens[i][real].tolist()),
-            token_experts=expert[i, first_text:][real].tolist(),
-            token_kept=kept[i, first_text:][real].tolist(),
+            token_experts=expert[i, text][real].tolist(),
+            token_kept=kept[i, text][real].tolist(),
+            modality=modality,
         ))
     return examples
 
@@ -97,12 +126,15 @@ def _chosen(batch_keys: list[str], keys: list[str], found: dict) -> list[int]:
 
 def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data: str, num_batches: int,
                        batch_size: int, block: int, device: torch.device,
-                       keys: Optional[list[str]] = None, workers: int = WORKERS) -> CheckpointRouting:
-    """Route `num_batches` batches of `data` through `model` for the statistics; the pictured
-    examples in MoE block `block` are the samples named by `keys` (read on past `num_batches`
-    until all are found), or else the first batch's first NUM_EXAMPLES."""
+                       keys: Optional[list[str]] = None, workers: int = WORKERS,
+                       modality: str = "image") -> CheckpointRouting:
+    """Route `num_batches` batches of `data` (caption shards of `modality`'s inputs, routed jointly
+    with their captions) through `model` for the statistics; the pictured examples in MoE block
+    `block` are the samples named by `keys` (read on past `num_batches` until all are found), or
+    else the first batch's first NUM_EXAMPLES."""
     position = config.model.moe_layers.index(block)
-    loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, workers)
+    loader = eval_loader(data, batch_size, config.model.image_size, config.model.context_length, workers,
+                         **loader_options(config.model, modality))
     accumulator = RoutingAccumulator(config.model.moe_layers, config.model.modalities)
     found: dict[str, ExampleRouting] = {}
     first_key = None
@@ -116,10 +148,11 @@ def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data
                 list(range(min(NUM_EXAMPLES, len(batch.keys)))) if index == 0 else [])
             if not counted and not chosen:
                 continue  # reading on only for the keys not found yet
-            routing = model(batch.images.to(device), batch.tokens.to(device)).routing
+            inputs = batch.images.to(device)
+            routing = model.encode({modality: inputs, "text": batch.tokens.to(device)})[1]
             if counted:
                 accumulator.add(routing)
-            for example in examples_of(config.model, batch.keys, batch.images, batch.tokens, routing[position], chosen):
+            for example in examples_of(model, modality, batch.keys, inputs, batch.tokens, routing[position], chosen):
                 found[example.key] = example
     if first_key is None:
         raise LimoeError(f"no samples could be read from {data}; check the shard spec.")
@@ -128,7 +161,7 @@ def inspect_checkpoint(model: Limoe, config: Config, name: str, path: Path, data
         raise LimoeError(f"--keys: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a sample key of "
                          f"{data}; give keys of its samples (the first is {first_key!r}).")
     examples = [found[key] for key in keys] if keys is not None else list(found.values())
-    return CheckpointRouting(name, path, config, block, accumulator.statistics(), examples)
+    return CheckpointRouting(name, path, config, block, accumulator.statistics(), examples, modality)
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -139,14 +172,16 @@ def _names(paths: list[Path]) -> list[str]:
 
 def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], num_batches: int = 4, batch_size: int = 64,
                        capacity_factor: Optional[str] = None, compare: Optional[str] = None, device: str = "auto",
-                       block: Optional[int] = None, keys: Optional[list[str]] = None, workers: int = WORKERS) -> dict:
+                       block: Optional[int] = None, keys: Optional[list[str]] = None, workers: int = WORKERS,
+                       modality: str = "image") -> dict:
     """Write `output/routing.json` and the pictures, print the per-layer tables and the files
     written; returns the JSON.
 
     `capacity_factor`: None (each checkpoint's eval factor), 'dropless' or a number, applied to
     both checkpoints. `block`: the MoE block pictured (default: each checkpoint's last). `keys`:
     the samples pictured (default: the first batch's first NUM_EXAMPLES). `workers`: data loader
-    processes (0: read in this process).
+    processes (0: read in this process). `modality`: what `data` pairs with captions, image or
+    audio (every checkpoint's model must embed it).
     """
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")
@@ -158,13 +193,15 @@ def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], nu
     torch_device = torch.device(resolve_device(device))
     paths = [Path(checkpoint)] + ([Path(compare)] if compare else [])
     models = [load_model(path, str(torch_device), capacity_factor) for path in paths]  # bad input fails before work
+    for model, _ in models:
+        check_modality(model, modality)
     blocks = [pictured_block(config.model, block) for _, config in models]
     reports = [
         inspect_checkpoint(model, config, name, path, data, num_batches, batch_size, shown, torch_device, keys,
-                           workers)
+                           workers, modality)
         for (model, config), name, path, shown in zip(models, _names(paths), paths, blocks)
     ]
-    result = {"data": data, "num_batches": num_batches, "batch_size": batch_size,
+    result = {"data": data, "modality": modality, "num_batches": num_batches, "batch_size": batch_size,
               "checkpoints": [report.to_json() for report in reports]}
     text = json.dumps(result, indent=1)
     atomic_write(output / "routing.json", lambda tmp: tmp.write_text(text))

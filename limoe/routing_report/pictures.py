@@ -21,7 +21,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from limoe.files import atomic_write
 from limoe.modalities import MODALITIES, modality
-from limoe.routing_report.records import CheckpointRouting
+from limoe.routing_report.records import CheckpointRouting, ExampleRouting
 from limoe.routing_report.statistics import layer_modalities
 
 DPI = 100
@@ -124,27 +124,29 @@ def _load(layer: dict) -> np.ndarray:
     return routed / max(routed.sum(), 1.0)
 
 
-def balanced_image_share(layer: dict) -> np.ndarray:
+def balanced_image_share(layer: dict, modality: str = "image") -> np.ndarray:
     """[E] how much an expert is an image expert, with both modalities weighted alike: its share
     of the image tokens over the sum of its shares of image and text tokens (`modality_shares`).
     1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares.
-    With audio too the sum runs over all three; a model without images has its first modality's share."""
+    With audio too the sum runs over all three; a model without images has its first modality's share.
+    `modality="audio"`: the same for audio (the report of audio clips, whose images have no tokens)."""
     shares = np.nan_to_num(modality_shares(layer))  # [M, E]
     names = layer_modalities(layer)
-    image, total = shares[names.index("image") if "image" in names else 0], shares.sum(axis=0)  # [E] each
+    image, total = shares[names.index(modality) if modality in names else 0], shares.sum(axis=0)  # [E] each
     return np.divide(image, total, out=np.full_like(total, np.nan), where=total > 0)
 
 
 def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
-    """Layer × expert map per checkpoint: colour = the expert's `balanced_image_share` (blue image,
-    red text, grey unused); the number in a cell = the expert's share of all the layer's tokens."""
+    """Layer × expert map per checkpoint: colour = the expert's `balanced_image_share` of the
+    report's modality (blue image or audio, red text, grey unused); the number in a cell = the
+    expert's share of all the layer's tokens."""
     rows, experts = _max_layers(reports), _max_experts(reports)
     fig = figure(len(reports) * (140 + 50 * experts), 130 + 40 * rows)
     axes = fig.subplots(1, len(reports), squeeze=False)[0]
     cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
     for ax, report in zip(axes, reports):
         layers = report.statistics["layers"]
-        share = np.array([balanced_image_share(layer) for layer in layers])  # [layers, E]
+        share = np.array([balanced_image_share(layer, report.modality) for layer in layers])  # [layers, E]
         shown = ax.imshow(share, cmap=cmap, vmin=0, vmax=1, aspect="auto")
         for (row, e), load in np.ndenumerate(np.array([_load(layer) for layer in layers])):
             dark = abs(np.nan_to_num(share[row, e], nan=0.5) - 0.5) > 0.3
@@ -152,7 +154,7 @@ def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
         ax.set(xticks=range(share.shape[1]), yticks=range(len(layers)), yticklabels=[l["block"] for l in layers],
                xlabel="expert", ylabel="block")
         ax.set_title(report.name, fontsize=8)
-    fig.colorbar(shown, ax=axes, label="image share", shrink=0.9)
+    fig.colorbar(shown, ax=axes, label=f"{reports[0].modality} share", shrink=0.9)
     _save(fig, path)
 
 
@@ -179,11 +181,34 @@ def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
     _save(fig, path)
 
 
+def _draw_input(ax, example: ExampleRouting) -> None:
+    """The example as the model saw it: the image, or the clip's log-mel (low frequencies at the bottom)."""
+    if example.modality == "image":
+        ax.imshow(example.picture, interpolation="nearest")
+    else:
+        ax.imshow(example.picture, origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
+
+
+def _draw_patch_map(ax, example: ExampleRouting, colors: np.ndarray) -> None:
+    """One cell per patch in its top-1 expert's colour, a cross where the patch was dropped: an
+    image's grid as it lies, a clip's frequency (up) × time (right) grid."""
+    height, width = example.patch_experts.shape
+    image = example.modality == "image"
+    extent = (0, width, height, 0) if image else (0, width, 0, height)
+    ax.imshow(colors[example.patch_experts.numpy()], extent=extent, interpolation="nearest",
+              origin="upper" if image else "lower", aspect="equal" if image else "auto")
+    ax.hlines(range(1, height), 0, width, color="white", linewidth=0.3, alpha=0.6)
+    ax.vlines(range(1, width), 0, height, color="white", linewidth=0.3, alpha=0.6)
+    rows_dropped, columns_dropped = np.nonzero(~example.patch_kept.numpy())
+    ax.scatter(columns_dropped + 0.5, rows_dropped + 0.5, marker="x", color="black", s=12, linewidths=0.8)
+
+
 def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
-    """Example images (rows): the image as the model saw it, then beside it each checkpoint's map of
-    the pictured block, one cell per patch in its top-1 expert's colour; a cross marks a patch its
-    expert had no room for. The map is not laid over the image, so an image's own colours cannot
-    be mistaken for an expert's. The checkpoints read the same samples, so one image serves all."""
+    """Example images or clips (rows): the input as the model saw it (a clip as its log-mel), then
+    beside it each checkpoint's map of the pictured block, one cell per patch in its top-1
+    expert's colour; a cross marks a patch its expert had no room for. The map is not laid over
+    the input, so an image's own colours cannot be mistaken for an expert's. The checkpoints read
+    the same samples, so one input serves all."""
     rows, experts = max(len(r.examples) for r in reports), _max_experts(reports)
     colors = expert_colors(experts)
     fig = figure((1 + len(reports)) * 240, rows * 260 + LEGEND_PX)
@@ -192,21 +217,15 @@ def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
         ax.set_axis_off()
         example = next((r.examples[row] for r in reports if row < len(r.examples)), None)
         if example is not None:
-            ax.imshow(example.image, interpolation="nearest")
+            _draw_input(ax, example)
             ax.set_title(example.key, fontsize=7)
     for column, report in enumerate(reports, start=1):
         for row, ax in enumerate(axes[:, column]):
             ax.set_axis_off()
             if row >= len(report.examples):
                 continue
-            example = report.examples[row]
-            side = example.patch_experts.shape[0]
-            ax.imshow(colors[example.patch_experts.numpy()], extent=(0, side, side, 0), interpolation="nearest")
-            ax.hlines(range(1, side), 0, side, color="white", linewidth=0.3, alpha=0.6)
-            ax.vlines(range(1, side), 0, side, color="white", linewidth=0.3, alpha=0.6)
-            rows_dropped, columns_dropped = np.nonzero(~example.patch_kept.numpy())
-            ax.scatter(columns_dropped + 0.5, rows_dropped + 0.5, marker="x", color="black", s=12, linewidths=0.8)
-            ax.set_title(f"{report.name} · block {report.block}\n{example.key}", fontsize=7)
+            _draw_patch_map(ax, report.examples[row], colors)
+            ax.set_title(f"{report.name} · block {report.block}\n{report.examples[row].key}", fontsize=7)
     _expert_legend(fig, experts)
     _save(fig, path)
 

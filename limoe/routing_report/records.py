@@ -17,15 +17,16 @@ from limoe.routing_report.statistics import collapse_warnings
 
 @dataclass
 class ExampleRouting:
-    """One image-caption pair's top-1 experts in the pictured block."""
+    """One image-caption or clip-caption pair's top-1 experts in the pictured block."""
 
     key: str
-    image: np.ndarray  # [H, W, 3] in [0, 1], as the model saw it
-    patch_experts: Tensor  # [g, g] expert per patch, row-major like the patch grid
-    patch_kept: Tensor  # [g, g] bool, the patch got a slot
+    picture: np.ndarray  # as the model saw it: the image [H, W, 3] in [0, 1], or the clip's normalised log-mel [n_mels, frames]
+    patch_experts: Tensor  # [g, g] expert per image patch, row-major like the patch grid; [F, T] per spectrogram patch, frequency × time
+    patch_kept: Tensor  # same shape, bool: the patch got a slot
     tokens: list[str]  # decoded caption tokens, padding left out
     token_experts: list[int]
     token_kept: list[bool]
+    modality: str = "image"  # what `picture` and the patches are of: image or audio
 
     def to_json(self) -> dict:
         return {"key": self.key, "patch_experts": self.patch_experts.tolist(), "patch_kept": self.patch_kept.tolist(),
@@ -42,6 +43,7 @@ class CheckpointRouting:
     block: int  # the MoE block in the example pictures
     statistics: dict  # RoutingAccumulator.statistics()
     examples: list[ExampleRouting]
+    modality: str = "image"  # what the captions were read with: image or audio (`limoe routing --modality`)
 
     def to_json(self) -> dict:
         return {
