@@ -24,3 +24,20 @@ def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model_file(build_model(config), config, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def audio_checkpoint(tmp_path_factory) -> Path:
+    """A random-initialised image-text-audio limoe-tiny reading one-second clips (seed 0): what the
+    audio evaluation and routing tests read."""
+    import torch
+
+    from limoe.checkpoints import save_model_file
+    from limoe.config import Config, load_model_config
+    from limoe.model.tower import build_model
+
+    torch.manual_seed(0)
+    config = Config(model=load_model_config("limoe-tiny", ["modalities=[image, text, audio]", "audio.clip_seconds=1.0"]))
+    path = tmp_path_factory.mktemp("model") / "audio.safetensors"
+    save_model_file(build_model(config), config, path)
+    return path

@@ -18,6 +18,7 @@ from limoe.cli import main
 from limoe.evaluate.turns import encode_in_turns
 
 ROOT = Path(__file__).resolve().parents[1]
+AUDIO_HELDOUT = ROOT / "data_shards" / "audio_heldout"  # 64 clips of instruments no demo run hears, with .cls families
 
 
 def _quick(every: int) -> list[str]:

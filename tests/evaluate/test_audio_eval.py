@@ -13,29 +13,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from limoe.checkpoints import load_model, save_model_file
-from limoe.config import Config, load_model_config
+from limoe.checkpoints import load_model
 from limoe.data.audio import decode_clip
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError
 from limoe.evaluate.knn import evaluate_knn
 from limoe.evaluate.retrieval import evaluate_retrieval
 from limoe.evaluate.zeroshot import evaluate_zeroshot
-from limoe.model.tower import build_model
 from limoe.prompt_templates import SOUND_TEMPLATES
-from tests.helpers import refused, run_limoe
+from tests.helpers import AUDIO_HELDOUT as HELDOUT, refused, run_limoe
 
-HELDOUT = Path(__file__).resolve().parents[2] / "data_shards" / "audio_heldout"
-
-
-@pytest.fixture(scope="module")
-def audio_checkpoint(tmp_path_factory) -> Path:
-    """A random-initialised image-text-audio limoe-tiny reading one-second clips (seed 0)."""
-    torch.manual_seed(0)
-    config = Config(model=load_model_config("limoe-tiny", ["modalities=[image, text, audio]", "audio.clip_seconds=1.0"]))
-    path = tmp_path_factory.mktemp("model") / "audio.safetensors"
-    save_model_file(build_model(config), config, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ batches of an odd size (17) route as the one batch of the reference does."""
 
 import json
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from limoe.data.audio import decode_clip
 from limoe.data.preprocess import tokenizer
 from limoe.model.tower import build_model
 from limoe.routing_report.pictures import LEGEND_PX
-from tests.evaluate.test_audio_eval import HELDOUT, audio_checkpoint  # noqa: F401 (a fixture)
-from tests.helpers import refused, run_limoe
+from tests.helpers import AUDIO_HELDOUT as HELDOUT, refused, run_limoe
 
 BATCHES = 4  # of 17: every one of the 64 held-out clips
 
@@ -40,7 +38,7 @@ def _samples() -> dict[str, tuple[torch.Tensor, str]]:
 
 
 @pytest.fixture(scope="module")
-def routed(audio_checkpoint, tmp_path_factory):  # noqa: F811 (the imported fixture)
+def routed(audio_checkpoint, tmp_path_factory):
     """The report's JSON and folder, and the reference: per MoE layer the top-1 expert [64, N] of
     every token and its modality id [64, N] (padding: none of the model's), the sample keys, the model."""
     output = tmp_path_factory.mktemp("routing")
