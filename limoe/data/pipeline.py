@@ -57,7 +57,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from limoe.config import ShardSource
+from limoe.config import ModelConfig, ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
@@ -590,6 +590,14 @@ def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
             f"processes on this machine{', uncropped for data.resize_on device' if resize_on == 'device' else ''}), "
             f"more than its {available / 2**30:.0f} GiB; lower train.batch_size or spread it over more machines."
         )
+
+
+def loader_options(config: ModelConfig, modality: str) -> dict:
+    """The `train_loader` / `eval_loader` keywords that read `modality`'s samples as `config`'s model
+    takes them (none for images, the defaults)."""
+    if modality == "image":
+        return {}
+    return {"modality": modality, "sample_rate": config.audio.sample_rate, "clip_seconds": config.audio.clip_seconds}
 
 
 def train_loader(

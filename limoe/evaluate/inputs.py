@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from limoe.config import ModelConfig
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe
 
@@ -35,13 +34,6 @@ def check_placement(modality: str, resize_on: str, decode_on: str) -> None:
         raise LimoeError(f"--resize-on and --decode-on place the resizing and decoding of images; {modality} clips are "
                          f"decoded in the data workers and turned into features on the device anyway: drop them "
                          f"with --modality {modality}.")
-
-
-def loader_options(config: ModelConfig, modality: str) -> dict:
-    """The `eval_loader` keywords that read `modality`'s samples as `config`'s model takes them."""
-    if modality == "image":
-        return {}
-    return {"modality": modality, "sample_rate": config.audio.sample_rate, "clip_seconds": config.audio.clip_seconds}
 
 
 def encode_inputs(model: Limoe, modality: str, inputs: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import REMOTE, EvalBatch, eval_loader, expand_shards
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as, loader_options
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as
+from limoe.data.pipeline import loader_options
 from limoe.evaluate.runtime import check_report_output, inference, nothing_read, report
 from limoe.model.tower import Limoe
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from limoe.data.crops import Uncropped, eval_images_on
 from limoe.data.pipeline import EvalBatch, eval_loader
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs, loader_options
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs
+from limoe.data.pipeline import loader_options
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns

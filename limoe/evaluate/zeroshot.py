@@ -35,7 +35,8 @@ from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shar
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError, warn
 from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs, loader_options
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs
+from limoe.data.pipeline import loader_options
 from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
 from limoe.evaluate.turns import encode_in_turns

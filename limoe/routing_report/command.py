@@ -26,7 +26,8 @@ from limoe.config import Config, ModelConfig
 from limoe.data.pipeline import eval_loader
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
-from limoe.evaluate.inputs import check_modality, loader_options
+from limoe.evaluate.inputs import check_modality
+from limoe.data.pipeline import loader_options
 from limoe.files import atomic_write, check_output_directory, refuse_overwriting_inputs
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.data.preprocess import unnormalize

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from limoe.config import Config, ShardSource
-from limoe.data.pipeline import ShardLoader, train_loader
+from limoe.data.pipeline import ShardLoader, loader_options, train_loader
 
 SEED_STRIDE = 1_000_003  # a prime: seeds derived from one seed for different steps stay apart from other seeds'
 TASK_SEED_STRIDE = 7_919  # a smaller prime: tasks' loaders at the same step differ
@@ -31,11 +31,9 @@ def train_loader_for(config: Config, sources: tuple[ShardSource, ...], batch_siz
     with `classification` it yields labelled inputs. `modality` is what the inputs are: images, or
     audio clips at the model's `model.audio.sample_rate`, `model.audio.clip_seconds` long."""
     data = config.data
-    audio = config.model.audio if modality == "audio" else None
     return train_loader(
         sources, batch_size // world_size, config.model.image_size, config.model.context_length, data.workers,
         data.shuffle_buffer, data.resampled, seed=resume_seed(config.train.seed, start, stream),
         max_bad_fraction=data.max_bad_fraction, classification=classification, pin_memory=device.type == "cuda",
-        resize_on=data.resize_on, decode_on=data.decode_on, modality=modality,
-        sample_rate=audio.sample_rate if audio else None, clip_seconds=audio.clip_seconds if audio else None,
+        resize_on=data.resize_on, decode_on=data.decode_on, **loader_options(config.model, modality),
     )
