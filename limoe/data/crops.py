@@ -214,7 +214,8 @@ def encoded_batch(headers: list[Header], files: list[bytes], regions: list[Regio
     the JPEGs it can (YCbCr or greyscale), the CPU the others (`limoe.data.device_decode`), and
     reduces those much larger than `min_side` as a worker would."""
     reasons = [cpu_decode_reason(header) for header in headers]
-    encoded = Encoded(files, [not reason for reason in reasons], reasons, regions, min_side)
+    full_sizes = [(header.size[1], header.size[0]) for header in headers]  # (height, width)
+    encoded = Encoded(files, [not reason for reason in reasons], reasons, regions, full_sizes, min_side)
     sizes = torch.tensor([(r.height, r.width) for r in regions], dtype=torch.int64)  # [B, 2]
     return Uncropped(torch.empty((len(files), 0, 0, 3), dtype=torch.uint8), sizes,
                      torch.tensor(windows, dtype=torch.float32), image_size, encoded)

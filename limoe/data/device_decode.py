@@ -4,10 +4,13 @@ With `data.decode_on: device` a data worker reads the tar bytes and an image's h
 bounds of `limoe.data.images` (pixels, aspect ratio) are checked there, before anything is decoded,
 and the crop's region is chosen from the header's size. The batch carries the encoded files
 (`Encoded`, inside an `Uncropped` whose pixels are still empty) and `crop_on_device` calls
-`decode_regions` before it resizes: `torchvision.io.decode_jpeg` decodes the whole batch at once on
-the device (nvJPEG; libjpeg-turbo on a CPU-only run, where the main process is the device), and
-each crop's region is cut out and, for an image much larger than the crop needs, shrunk by the
-integer factor a worker would reduce it by (nvJPEG decodes at full size only).
+`decode_regions` before it resizes: `torchvision.io.decode_jpeg` decodes the batch on the device (nvJPEG; libjpeg-turbo on a
+CPU-only run, where the main process is the device), and each crop's region is cut out and, for an
+image much larger than the crop needs, shrunk by the integer factor a worker would reduce it by.
+nvJPEG decodes at full size only, and the bounds allow a 67-megapixel photo (200 MB decoded), so the
+batch is decoded in groups of consecutive images whose full-size pixels stay within
+`DEVICE_DECODE_BYTES`, each group cut down to its regions before the next is decoded: that bounds
+the full-size pixels held at once whatever the batch holds (`limoe plan` counts it).
 
 What the device cannot decode is decoded on the CPU with PIL instead, exactly as a data worker
 would (`decode_rgb`), image by image: PNG and WebP files and CMYK JPEGs (known from the header,
@@ -42,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 GREY = 128  # what an image neither decoder can read becomes
 DEVICE_MODES = ("RGB", "L")  # JPEGs nvJPEG decodes: YCbCr (which PIL reports as RGB) and greyscale
+# Full-size decoded pixels held at once on the device: 170 megapixels, hundreds of typical web photos
+# per nvJPEG call, and more than the largest image the bounds allow (3 × MAX_PIXELS bytes).
+DEVICE_DECODE_BYTES = 512 * 2**20
 
 
 class Region(NamedTuple):
@@ -63,6 +69,7 @@ class Encoded:
     on_device: list[bool]  # a baseline or progressive JPEG in YCbCr or greyscale; else `cpu_reasons`
     cpu_reasons: list[str]  # why the device is not tried: "" where it is
     regions: list[Region]
+    sizes: list[tuple[int, int]]  # (height, width) of each full decoded image, from its header
     min_side: int  # the shorter side the crop needs: larger images are reduced towards it, as workers do
 
 
@@ -105,25 +112,49 @@ def device_jpeg_decoder(files: list[Tensor], device: torch.device) -> list[Tenso
     return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_regions(encoded: Encoded, device: torch.device,
-                   decoder: Decoder = device_jpeg_decoder) -> tuple[list[Tensor], list[int]]:
+def decode_regions(encoded: Encoded, device: torch.device, decoder: Decoder = device_jpeg_decoder,
+                   budget: int = DEVICE_DECODE_BYTES) -> tuple[list[Tensor], list[int]]:
     """[h, w, 3] uint8 on `device`: each image's region, decoded by `decoder` where the device may
-    try it, else (or when it fails) on the CPU, counted in FALLBACKS; and the integer factor each
-    region was reduced by. As a worker reduces an image whose shorter side is at least twice
-    `min_side` (`decode_rgb`), the region is shrunk by a box filter, so that a batch's padded
-    pixels stay as small as a worker-decoded batch's whatever size the photos are stored at."""
+    try it (in groups of at most `budget` full-size bytes), else (or when it fails) on the CPU,
+    counted in FALLBACKS; and the integer factor each region was reduced by. As a worker reduces an
+    image whose shorter side is at least twice `min_side` (`decode_rgb`), the region is shrunk by a
+    box filter, so that a batch's padded pixels stay as small as a worker-decoded batch's whatever
+    size the photos are stored at."""
+    cut: dict[int, tuple[Tensor, int]] = {}
     tried = [i for i, ok in enumerate(encoded.on_device) if ok]
-    decoded: dict[int, Tensor] = dict(zip(tried, _decode_on_device(encoded, tried, device, decoder)))
+    for group in decode_groups([3 * height * width for height, width in (encoded.sizes[i] for i in tried)], budget):
+        indices = [tried[g] for g in group]
+        for i, image in zip(indices, _decode_on_device(encoded, indices, device, decoder)):
+            if image is not None:
+                cut[i] = _region(image, encoded.regions[i], encoded.min_side)
     for i, reason in enumerate(encoded.cpu_reasons):
-        if i not in decoded or decoded[i] is None:
-            decoded[i] = _decode_on_cpu(encoded.files[i], encoded.regions[i], reason or "device_decode_failed", device)
-    regions, factors = [], []
-    for i, (top, left, height, width) in enumerate(encoded.regions):
-        factor = max(min(decoded[i].shape[1:]) // encoded.min_side, 1)
-        region = _reduced(decoded[i][:, top : top + height, left : left + width], factor)  # [3, h, w]
-        regions.append(region.permute(1, 2, 0))  # [h, w, 3]
-        factors.append(factor)
-    return regions, factors
+        if i not in cut:
+            image = _decode_on_cpu(encoded.files[i], encoded.regions[i], reason or "device_decode_failed", device)
+            cut[i] = _region(image, encoded.regions[i], encoded.min_side)
+    regions, factors = zip(*(cut[i] for i in range(len(encoded.files))))
+    return list(regions), list(factors)
+
+
+def decode_groups(image_bytes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive positions of `image_bytes` grouped greedily so that each group's total stays
+    within `budget`; an image larger than the budget is a group of its own."""
+    groups: list[list[int]] = []
+    total = 0
+    for position, size in enumerate(image_bytes):
+        if not groups or total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(position)
+        total += size
+    return groups
+
+
+def _region(image: Tensor, region: Region, min_side: int) -> tuple[Tensor, int]:
+    """The [h, w, 3] crop region of a decoded [3, H, W] image, reduced as a worker would reduce the
+    image, and the factor it was reduced by."""
+    factor = max(min(image.shape[1:]) // min_side, 1)
+    top, left, height, width = region
+    return _reduced(image[:, top : top + height, left : left + width], factor).permute(1, 2, 0), factor
 
 
 def _reduced(image: Tensor, factor: int) -> Tensor:

@@ -5,7 +5,8 @@ Per GPU it adds up: the model state (`limoe.plan.state`), the activations kept f
 global batch, the weight copies autocast keeps, the feature cache of micro-batching, the input
 images (the batch trained on and the one copied ahead: cropped, or with `data.resize_on: device`
 uncropped up to the largest box a crop may ship), and the largest transient (backward's working
-set, gradient reduction buffers, the optimizer step, the device resize), plus a fixed reserve for
+set, gradient reduction buffers, the optimizer step, the device resize; with `data.decode_on:
+device` the full-size decodes, at most `DEVICE_DECODE_BYTES` at once), plus a fixed reserve for
 the CUDA context, NCCL and allocator slack.
 With audio (a task whose modalities include it) the step's activations are those measured for
 its own modalities, its inputs are the float32 waveforms [B, T] (the batch trained on and the
@@ -36,6 +37,8 @@ from typing import Optional, Sequence
 
 from limoe.config import Config, LossConfig, ModelConfig
 from limoe.data.crops import largest_box_side
+from limoe.data.device_decode import DEVICE_DECODE_BYTES
+from limoe.data.images import MAX_PIXELS
 from limoe.errors import LimoeError
 from limoe.prompt_templates import load_templates
 from limoe.plan.activations import CHECKPOINTING, PAIRS, ActivationProfile, measure_activations, measured_inputs, together
@@ -192,12 +195,20 @@ class MemoryPlan:
         the one `DeviceBatches` copies ahead, uint8, [B, 3, S, S] when the workers crop, or with
         `data.resize_on: device` [B, H, W, 3] with H and W up to `largest_box_side`. Transient: the
         device resize in float32, the pixels [B, 3, H, W], the row pass [B, 3, S, W] and the
-        weights [B, S, H] and [B, S, W] at once."""
+        weights [B, S, H] and [B, S, W] at once; with `data.decode_on: device`, the larger of that
+        and the decoding: the full-size images of one decode group (at most `DEVICE_DECODE_BYTES`,
+        fewer when the batch's images at the largest size the bounds allow hold less) beside the
+        regions cut so far (one more uncropped batch)."""
         size = self.config.model.image_size
         if self.config.data.resize_on == "worker":
             return 2 * images * 3 * size * size, 0
         side = largest_box_side(size)
-        return 2 * images * 3 * side * side, FP32 * images * (3 * side * side + 3 * size * side + 2 * size * side)
+        uncropped = images * 3 * side * side
+        resize = FP32 * images * (3 * side * side + 3 * size * side + 2 * size * side)
+        if self.config.data.decode_on == "worker":
+            return 2 * uncropped, resize
+        decode = min(DEVICE_DECODE_BYTES, images * 3 * MAX_PIXELS) + uncropped
+        return 2 * uncropped, max(resize, decode)
 
     def waveform_bytes(self, clips: int) -> int:
         """One batch of `clips` waveforms as the loader delivers them: float32 [B, T], T =
@@ -375,6 +386,13 @@ def _inputs_line(plan: MemoryPlan, workload: Workload) -> str:
     return "; ".join(parts)
 
 
+def _device_input_work(config: Config) -> str:
+    """The image work `data` puts among the device's transients, for the report."""
+    if config.data.resize_on == "worker":
+        return ""
+    return ", device decode and resize" if config.data.decode_on == "device" else ", device resize"
+
+
 def _audio_line(plan: MemoryPlan) -> Optional[str]:
     """Tokens per clip, the log-mel working set and the host's waveform batch, for a run that trains on audio."""
     audio_steps = [workload for workload in plan.workloads if "audio" in workload.inputs]
@@ -428,7 +446,7 @@ def format_plan(plan: MemoryPlan, config_name: str, overrides: Sequence[str] = (
         f"  {'input images' if 'image' in workload.inputs else 'input clips':<17}{_gib(configured.inputs):>7}   "
         f"{_inputs_line(plan, workload)}",
         f"  transient        {_gib(configured.transient):>7}   backward working set, reduction buffers, optimizer step"
-        f"{', device resize' if config.data.resize_on == 'device' else ''}",
+        f"{_device_input_work(config)}",
         f"  reserved         {_gib(configured.reserved):>7}   CUDA context, NCCL, allocator",
         f"  total            {_gib(configured.total):>7}   {'fits' if configured.total <= plan.gpu_memory else 'DOES NOT FIT'}",
     ]

@@ -159,3 +159,33 @@ def test_large_images_decoded_on_the_device_are_reduced_as_a_worker_reduces_them
     regions, factors = device_decode.decode_regions(batch.images.encoded, torch.device("cpu"))
     assert factors == [150 // 31, 480 // 31, 251 // 31, 90 // 31, 71 // 31, 93 // 31]
     assert max(max(region.shape[:2]) for region in regions) < 4 * CROP  # not the 480 px of the full photo
+
+
+def test_decode_groups_keep_each_group_within_the_budget_and_an_oversized_image_alone():
+    assert device_decode.decode_groups([5, 5, 5, 5], 10) == [[0, 1], [2, 3]]
+    assert device_decode.decode_groups([3, 12, 4, 4, 3], 10) == [[0], [1], [2, 3], [4]]
+    assert device_decode.decode_groups([], 10) == []
+
+
+def test_a_batch_decoded_in_budgeted_groups_gives_the_one_call_regions(tmp_path, fallbacks):
+    """The device is handed no more full-size bytes per call than the budget (here the largest
+    photo's), and the regions, factors and fallbacks are those of decoding the batch in one call."""
+    sizes = [(200, 150), (640, 480), (333, 251), (1000, 90), (129, 71), (124, 93)]
+    files = [_encoded(_photo(size, seed), quality=95) for seed, size in enumerate(sizes)]
+    files.insert(2, _png(_photo((60, 45), 9)))  # decoded on the CPU, outside the groups
+    shard = _shard(tmp_path, files)
+    (batch,) = list(eval_loader(shard, 7, CROP, 16, 0, resize_on="device", decode_on="device"))
+    encoded, cpu = batch.images.encoded, torch.device("cpu")
+    calls = []
+
+    def recording_decoder(group, device):
+        calls.append(sum(3 * h * w for h, w in (decode_jpeg(file).shape[1:] for file in group)))
+        return device_decode.device_jpeg_decoder(group, device)
+
+    whole = device_decode.decode_regions(encoded, cpu, budget=2**40)
+    budget = 3 * 640 * 480
+    grouped = device_decode.decode_regions(encoded, cpu, decoder=recording_decoder, budget=budget)
+    assert len(calls) == 3 and max(calls) <= budget  # [200 px], [640 px], the other four
+    assert grouped[1] == whole[1]
+    assert all(torch.equal(a, b) for a, b in zip(grouped[0], whole[0]))
+    assert fallbacks.counts == {"png": 2}

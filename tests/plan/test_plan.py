@@ -359,3 +359,19 @@ def test_audio_text_activation_bytes_agree_with_a_real_cpu_forward():
         return features, auxiliary_loss(routing, config.loss)[0]
 
     assert profile.per_example[("text", "audio")]["none"] * batch == pytest.approx(_saved_bytes(module, run), rel=0.10)
+
+
+def test_decoding_on_the_device_adds_one_decode_group_of_full_size_images_to_the_transients():
+    """The same 64 pairs per GPU, decoded on the device: the decode's transient is the smaller of
+    the group budget (512 MiB = 536,870,912 bytes) and 64 images at the largest size the bounds
+    allow (64 x 3 x 8192² = 12,884,901,888), beside one more uncropped batch (8,306,688 bytes):
+    545,177,600 bytes, larger than the resize's 50,266,112."""
+    resize = plan_memory(load_config("demo", [*TINY, "data.resize_on=device"]), 2, 80 * GiB)
+    decode = plan_memory(load_config("demo", [*TINY, "data.resize_on=device", "data.decode_on=device"]), 2, 80 * GiB)
+    setting = Setting("none", None)
+    resized, decoded = resize.breakdown(setting), decode.breakdown(setting)
+    assert decoded.inputs == resized.inputs == 16_613_376
+    assert decoded.transient == max(resized.transient, 545_177_600)
+    report = _plan_report("--config", "demo", *(f"--set={o}" for o in TINY), "--set", "data.resize_on=device",
+                          "--set", "data.decode_on=device")
+    assert any(line.startswith("transient ") and "device decode and resize" in line for line in report)
