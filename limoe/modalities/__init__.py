@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from limoe.config import ModelConfig
     from limoe.modalities.tokens import Tokens
 
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")  # registry order: a model's modalities keep it
+MODALITIES: tuple[str, ...] = ("image", "text", "audio", "video")  # registry order: a model's modalities keep it
 DEFAULT_MODALITIES: tuple[str, ...] = ("image", "text")  # what a model embeds unless model.modalities says otherwise
 PADDING = -1  # the id of padding tokens: never routed, counted under no modality
 

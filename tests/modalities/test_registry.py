@@ -17,14 +17,15 @@ from limoe.model.tower import Limoe
 
 
 def test_a_modality_id_is_its_place_in_the_model_s_modalities_and_padding_is_minus_one():
-    assert [m.name for m in registered()] == list(MODALITIES) == ["image", "text", "audio"]
+    assert [m.name for m in registered()] == list(MODALITIES) == ["image", "text", "audio", "video"]
     image_text = ModelConfig()
     assert image_text.modalities == DEFAULT_MODALITIES == ("image", "text")
     assert [image_text.modality_id(m) for m in ("image", "text")] == [0, 1]
     audio_text = ModelConfig(modalities=("text", "audio"))
     assert [audio_text.modality_id(m) for m in ("text", "audio")] == [0, 1]  # ids are per model
-    everything = ModelConfig(modalities=("audio", "image", "text"))  # written in any order, kept in registry order
-    assert everything.modalities == ("image", "text", "audio")
+    everything = ModelConfig(modalities=("video", "audio", "image", "text"))  # any order, kept in registry order
+    assert everything.modalities == ("image", "text", "audio", "video")
+    assert [everything.modality_id(m) for m in ("audio", "video")] == [2, 3]
     assert PADDING == -1
 
 
@@ -39,7 +40,8 @@ def test_every_per_modality_key_has_a_default_for_every_registered_modality():
 
 
 @pytest.mark.parametrize("modalities, message", [
-    (("image", "video"), "model.modalities names 'video', which is not a modality; use some of image, text, audio"),
+    (("image", "sound"), "model.modalities names 'sound', which is not a modality; use some of image, text, audio, "
+                         "video"),
     (("text", "text"), "at most once"),
     ((), "at least one"),
 ])
@@ -49,8 +51,8 @@ def test_a_bad_list_of_modalities_is_named(modalities, message):
 
 
 def test_an_unregistered_modality_is_named_with_the_registered_ones():
-    with pytest.raises(KeyError, match="'video' is not a registered modality; these are: image, text, audio"):
-        modality("video")
+    with pytest.raises(KeyError, match="'sound' is not a registered modality; these are: image, text, audio, video"):
+        modality("sound")
 
 
 def test_reading_the_names_loads_no_model_code():
@@ -74,8 +76,10 @@ def test_the_tower_has_one_embedder_pool_and_projection_per_modality_in_registry
 
 
 def test_each_dummy_batch_is_what_the_model_takes():
-    config = load_model_config("limoe-tiny", ["image_size=16", "context_length=5", "audio.clip_seconds=0.5"])
-    images, tokens, waveforms = (modality(m).dummy_batch(config, 3) for m in MODALITIES)
+    config = load_model_config("limoe-tiny", ["image_size=16", "context_length=5", "audio.clip_seconds=0.5",
+                                              "video.frames=6"])
+    images, tokens, waveforms, clips = (modality(m).dummy_batch(config, 3) for m in MODALITIES)
     assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
     assert tokens.shape == (3, 5) and tokens.dtype == torch.long and bool((tokens != 0).all())  # all real: all routed
     assert waveforms.shape == (3, 8000) and waveforms.dtype == torch.float32
+    assert clips.shape == (3, 6, 3, 16, 16) and clips.dtype == torch.uint8
