@@ -54,7 +54,8 @@ class TrainConfig:
                "tubelet (the later middle one for even t), zeros in the others, with the image bias; the positions "
                "are the image's tiled over time (separable: the image's, the temporal table zero); the class "
                "token, pooling head, projection and adapter blocks are copies. A clip of one frame repeated then "
-               "embeds as the image model embeds that frame. Needs model.video.pool equal to model.image_pool; "
+               "embeds as the image model embeds that frame (with map or mean pooling and dropless routing). Needs "
+               "model.video.pool equal to model.image_pool; "
                "false: video starts as freshly initialised")
     image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
                                            "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
