@@ -3,7 +3,8 @@
 The model (`limoe.model.tower.Limoe`) is one transformer tower for images and text whose MoE blocks
 route both modalities' tokens jointly with top-1 Batch Priority Routing. open_clip's entry points
 are here too (`limoe.factory`): `create_model_and_transforms`, `create_model`, `get_tokenizer`,
-`list_models`, and `preprocess_audio` for models with audio; they are imported on first use, so that `import limoe` and the command line stay quick.
+`list_models`, `preprocess_audio` for models with audio and `preprocess_video` for models with
+video; they are imported on first use, so that `import limoe` and the command line stay quick.
 
 `import limoe` imports neither torch nor anything else heavy: `limoe --help` answers in a fraction
 of a second. Two libraries must still be told about the machine before they are first imported:
@@ -63,7 +64,8 @@ else:  # too late to come first; prepare what still can be (Triton's launchers s
     _prepare_accelerator_libraries()
 
 
-_API = ("create_model", "create_model_and_transforms", "get_tokenizer", "list_models", "preprocess_audio")
+_API = ("create_model", "create_model_and_transforms", "get_tokenizer", "list_models", "preprocess_audio",
+        "preprocess_video")
 __all__ = list(_API)
 
 

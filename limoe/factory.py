@@ -1,5 +1,5 @@
 """open_clip's entry points for limoe models: `create_model_and_transforms`, `get_tokenizer`,
-`list_models`, and `preprocess_audio` for a model with audio.
+`list_models`, `preprocess_audio` for a model with audio and `preprocess_video` for one with video.
 
 One string names a model, as in open_clip: a model config name (`limoe-b16`, random weights), a
 model config `.yaml`, an exported `.safetensors` file, a training workdir, a model folder in
@@ -20,6 +20,12 @@ turns a file (path or bytes: FLAC, WAV, Ogg, Opus, MP3) into its input, the cent
 
     audio_features = model.encode_audio(limoe.preprocess_audio("dog.flac", model)[None])  # [1, D]
 
+A model with video encodes clips of frames; `preprocess_video` applies the images' eval transform
+(`preprocess_val`) to each frame of a clip, the model.video.frames frames the data pipeline samples
+(or fewer, a multiple of model.video.tubelet_frames):
+
+    video_features = model.encode_video(limoe.preprocess_video(frames, model)[None])  # [1, D]
+
 As open_clip's, `create_model(..., output_dict=True)` makes `model(images, tokens)` return open_clip's
 dict (image_features, text_features, logit_scale and, for SigLIP, logit_bias) instead.
 
@@ -31,7 +37,7 @@ off the router noise and applies the eval capacity factor, which `capacity_facto
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -44,6 +50,9 @@ from limoe.data.audio import UnusableAudio, decode_clip
 from limoe.data.preprocess import image_transform, tokenizer
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe, build_model
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def list_models() -> list[str]:
@@ -106,6 +115,16 @@ def preprocess_audio(source: Union[str, Path, bytes], model: Limoe) -> torch.Ten
         raise LimoeError(f"{name} could not be read as audio ({problem.args[0]}); give a FLAC, WAV, Ogg, Opus or "
                          f"MP3 file holding sound.") from None
     return torch.from_numpy(clip)
+
+
+def preprocess_video(frames: Sequence[Image.Image], model: Limoe) -> torch.Tensor:
+    """A clip's frames (PIL images, in time order) → `model`'s input [T, 3, S, S] float32: each frame
+    through the images' eval transform at model.image_size (resize, centre crop, normalise), as
+    `preprocess_val` makes an image. Stack clips to [B, T, 3, S, S] for `model.encode_video`."""
+    if not frames:
+        raise LimoeError("preprocess_video was given no frames; give the clip's frames as a list of PIL images.")
+    transform = image_transform(model.config.image_size, train=False)
+    return torch.stack([transform(frame) for frame in frames])  # [T, 3, S, S]
 
 
 def get_tokenizer(name_or_path: str, cache_dir: Optional[str] = None) -> SimpleTokenizer:

@@ -1,7 +1,8 @@
 """What many tests share, defined once: the settings of a short training run, the fixed setup that
 runs on one and two processes compare under (and the cases a test and its subprocess worker both
 compute), running `limoe` in this process, the check that bad input ends in one line and exit
-status 2, a run killed right after a checkpoint, and config files written as YAML.
+status 2, a run killed right after a checkpoint, config files written as YAML, and an image-text
+model widened by one more modality.
 
 Imported by test modules and by the subprocess workers alike (a worker never imports a test module,
 nor a test module a worker), so it imports nothing from either.
@@ -15,7 +16,9 @@ import torch
 import yaml
 
 from limoe.cli import main
+from limoe.config import Config, load_config
 from limoe.evaluate.turns import encode_in_turns
+from limoe.model.tower import Limoe, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_HELDOUT = ROOT / "data_shards" / "audio_heldout"  # 64 clips of instruments no demo run hears, with .cls families
@@ -176,3 +179,21 @@ def write_config(path: Path, config: dict) -> str:
     `--config` and load_config take it."""
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
+
+
+EXTRA = {  # one more modality at small odd sizes: its model overrides, and the shape of one input at 64 px
+    "audio": (["modalities=[image, text, audio]", "audio.clip_seconds=0.37", "audio.n_mels=48"], (5920,)),
+    "video": (["modalities=[image, text, video]", "video.frames=6", "video.tubelet_frames=3"], (6, 3, 64, 64)),
+}
+
+
+def image_text_and_widened(extra: str) -> tuple[Config, Limoe, Config, Limoe]:
+    """The demo's image-text model and one that also embeds `extra` (a key of `EXTRA`), holding
+    the same weights where they share them: the image-text model's, and `extra`'s as seeded."""
+    image_text = load_config("demo")
+    widened = load_config("demo", [f"model.{override}" for override in EXTRA[extra][0]])
+    torch.manual_seed(0)
+    small, large = build_model(image_text), build_model(widened)
+    missing, unexpected = large.load_state_dict(small.state_dict(), strict=False)
+    assert not unexpected and missing and all(extra in key for key in missing)
+    return image_text, small, widened, large

@@ -14,7 +14,9 @@ and the routers of upcycled blocks, which a dense model does not have; and every
 modality the source holds nothing of (PolyViT's and ImageBind's practice: an image-text model
 seeds an image-text-audio one, whose audio embedder, pooling head, projection and positions start
 as the new model initialised them, named in the log). With `train.init_audio_patches_from_image`
-the audio patch convolution starts from the image one instead, as AST starts from ImageNet. A
+the audio patch convolution starts from the image one instead, as AST starts from ImageNet; with
+`train.init_video_from_image` every video tensor starts from its image counterpart, as ViViT
+starts from an image model (`video_from_image`). A
 workdir's training-only heads (pretraining's decoder and fusion blocks) are never read: only the
 model's entries are.
 
@@ -38,6 +40,7 @@ from limoe.checkpoints.legacy import current_model_state
 from limoe.checkpoints.model_file import embedded_config, format_version, read_model_file, read_model_metadata
 from limoe.checkpoints.training import checkpoint_at, checkpoint_config, consolidated_state
 from limoe.config import Config
+from limoe.config.video import VideoConfig
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.model.moe import EXPERT_PARAMETERS, MoeMlp
@@ -121,6 +124,11 @@ def _check_fits(source: Path, shapes: dict[str, torch.Size], config: Config,
     if unknown:
         raise LimoeError(f"train.init_from {source} holds tensor {unknown[0]}, which the {architecture} model does "
                          f"not have; it was saved from another architecture.")
+    if config.train.init_video_from_image:
+        if "video" not in modalities:
+            raise LimoeError(f"train.init_video_from_image: train.init_from {source} has video tensors of its own, "
+                             f"which are loaded; drop the option.")
+        # the image counterparts are there: the model has image (`Config` checks), so the source holds all of it
     if config.train.init_audio_patches_from_image:
         if "audio" not in modalities:
             raise LimoeError(f"train.init_audio_patches_from_image: train.init_from {source} has audio tensors of its "
@@ -143,8 +151,49 @@ def audio_patches_from_image(state: dict[str, Tensor], patch_size: int) -> dict[
     return {f"{AUDIO_PATCHES}weight": kernel, f"{AUDIO_PATCHES}bias": state[f"{IMAGE_PATCHES}bias"]}
 
 
-def _fresh_line(model: Limoe, modalities: dict[str, list[str]], patches_from_image: bool) -> str:
-    """'audio embedder, pooling head, projection, positions': the parts of each fresh modality."""
+VIDEO_ONLY = ("video_temporal_positions",)  # video tensors without an image counterpart: they start at zero
+
+
+def image_counterpart(video_name: str) -> str:
+    """The image tensor a video tensor starts from: `embedders.video.…` ← `embedders.image.…`,
+    `video_positions` ← `image_positions`, `blocks.0.video.…` ← `blocks.0.image.…`, and so on."""
+    return video_name.replace("video", "image", 1)
+
+
+def central_frame_kernel(image_kernel: Tensor, tubelet_frames: int) -> Tensor:
+    """[d, 3, p, p] → [d, 3, t, p, p]: the image kernel in frame t // 2 of the tubelet, zeros in the
+    others (ViViT's central-frame initialisation; for even t the later of the two middle frames).
+    A tubelet of t equal frames then embeds as the image kernel embeds one of them."""
+    kernel = image_kernel.new_zeros(image_kernel.shape[:2] + (tubelet_frames,) + image_kernel.shape[2:])
+    kernel[:, :, tubelet_frames // 2] = image_kernel
+    return kernel
+
+
+def video_from_image(state: dict[str, Tensor], video_names: Iterable[str], video: VideoConfig) -> dict[str, Tensor]:
+    """Each of `video_names` (the video tensors of the model) from `state`'s image counterpart: the
+    tubelet kernel by `central_frame_kernel`; joint positions [T/t · Np, d] the image's [Np, d]
+    tiled over the T/t tubelet steps, separable ones the image's with the temporal table [T/t, d]
+    zero; every other tensor (bias, class token, pooling head, projection, adapter blocks) a copy.
+    So a clip of one frame repeated gives the tokens of that frame's image, once per tubelet step."""
+    result = {}
+    for name in video_names:
+        if name in VIDEO_ONLY:
+            result[name] = state["image_positions"].new_zeros(video.steps, state["image_positions"].shape[-1])
+            continue
+        image = state[image_counterpart(name)]
+        if name == "embedders.video.patch_embed.weight":
+            result[name] = central_frame_kernel(image, video.tubelet_frames)
+        elif name == "video_positions" and video.positions == "joint":
+            result[name] = image.repeat(video.steps, 1)  # [T/t · Np, d], time-major
+        else:
+            result[name] = image
+    return result
+
+
+def _fresh_line(model: Limoe, modalities: dict[str, list[str]], patches_from_image: bool,
+                video_from_image: bool) -> str:
+    """'audio embedder, pooling head, projection, positions': the parts of each fresh modality, and
+    where they start from when not as initialised."""
     described = []
     for modality, names in modalities.items():
         parts = [part for prefix, part in model.modality_parts(modality).items()
@@ -152,6 +201,8 @@ def _fresh_line(model: Limoe, modalities: dict[str, list[str]], patches_from_ima
         if modality == "audio" and patches_from_image:
             parts[parts.index("embedder")] = "embedder (its patch convolution from the image one, summed over RGB)"
         described.append(f"{modality} {', '.join(dict.fromkeys(parts))}")
+        if modality == "video" and video_from_image:
+            described[-1] += " (from the image ones: tubelet kernel in the central frame, positions tiled over time)"
     return f"; fresh (not in the source): {'; '.join(described)}" if described else ""
 
 
@@ -218,6 +269,8 @@ def warm_start(model: Limoe, config: Config) -> int:
     patches_from_image = config.train.init_audio_patches_from_image
     if patches_from_image:
         state.update(audio_patches_from_image(state, config.model.audio.patch_size))
+    if config.train.init_video_from_image:
+        state.update(video_from_image(state, modalities["video"], config.model.video))
     values = _local_values(model, state)
     model.load_state_dict(values, strict=False)  # only loss parameters, upcycled routers and fresh modalities may be absent
     if rank_and_world()[0] == 0:
@@ -225,6 +278,6 @@ def warm_start(model: Limoe, config: Config) -> int:
         kept = [name for name in model.state_dict() if name not in values and name not in fresh]
         log.warning("started from %s: %d tensors loaded%s%s%s", source, len(values),
                     f"; blocks {blocks} upcycled from the dense MLP (experts copied, routers fresh)" if blocks else "",
-                    _fresh_line(model, modalities, patches_from_image),
+                    _fresh_line(model, modalities, patches_from_image, config.train.init_video_from_image),
                     f"; {', '.join(kept)} kept at the initial value" if kept else "")
     return len(values)

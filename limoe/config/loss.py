@@ -14,11 +14,12 @@ from limoe.config.modalities import PerModality
 # Each modality's number for a per-modality key that does not name it. Image and text: LIMoE's
 # (weights 0.01, S_image 8, S_text 3). Audio [D]: no published model routes audio through shared
 # top-1 experts with these losses; it gets the image's weights and threshold (both are dense
-# patch sequences of a few hundred tokens).
+# patch sequences of a few hundred tokens). Video [D]: likewise the image's (its tokens are the
+# image patch grid repeated over time).
 MODALITY_DEFAULTS = {
-    "local_entropy": {"image": 0.01, "text": 0.01, "audio": 0.01},
-    "global_entropy": {"image": 0.01, "text": 0.01, "audio": 0.01},
-    "global_entropy_min_experts": {"image": 8.0, "text": 3.0, "audio": 8.0},
+    "local_entropy": {"image": 0.01, "text": 0.01, "audio": 0.01, "video": 0.01},
+    "global_entropy": {"image": 0.01, "text": 0.01, "audio": 0.01, "video": 0.01},
+    "global_entropy_min_experts": {"image": 8.0, "text": 3.0, "audio": 8.0, "video": 8.0},
 }
 
 
@@ -39,15 +40,16 @@ class LossConfig:
     load: float = setting(0.005, "weight of V-MoE's load loss", "[0, inf)")
     local_entropy: PerModality = setting(
         PerModality(), "weight of LIMoE's local entropy loss, by modality name; each of "
-        f"model.modalities not named gets its default ({_defaults_text('local_entropy')}; audio's is [D]); naming "
+        f"model.modalities not named gets its default ({_defaults_text('local_entropy')}; audio's and video's are "
+        "[D]); naming "
         "a modality the model lacks is an error", "[0, inf)")
     global_entropy: PerModality = setting(
         PerModality(), "weight of LIMoE's global entropy loss, by modality name; defaults as local_entropy's "
         f"({_defaults_text('global_entropy')})", "[0, inf)")
     global_entropy_min_experts: PerModality = setting(
         PerModality(), "S_m by modality name: the global entropy loss is off once a modality's marginal routing "
-        f"entropy reaches log S_m; defaults {_defaults_text('global_entropy_min_experts')} (audio's [D]: as "
-        "image's)", "[1, inf)")
+        f"entropy reaches log S_m; defaults {_defaults_text('global_entropy_min_experts')} (audio's and video's "
+        "[D]: as image's)", "[1, inf)")
     router_z: float = setting(0.0, "weight of ST-MoE's router z-loss (0: off)", "[0, inf)")
     local_loss: bool = setting(True, "clip: each rank computes its own pairs' rows of the logits, B_local × B_global "
                                      "instead of B_global²; the loss averaged over ranks and the gradient are the "

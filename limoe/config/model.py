@@ -8,13 +8,14 @@ from typing import Literal
 from limoe.config.audio import AudioConfig
 from limoe.config.keys import setting
 from limoe.config.moe import MoeConfig
+from limoe.config.video import VideoConfig
 from limoe.errors import LimoeError
 from limoe.modalities import DEFAULT_MODALITIES, MODALITIES
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A single-tower transformer over its modalities: ViT sizes, text, audio, pooling and where the experts sit."""
+    """A single-tower transformer over its modalities: ViT sizes, text, audio, video, pooling and where the experts sit."""
 
     name: str = setting("custom", "the architecture's name, shown in reports and model cards")
     modalities: tuple[str, ...] = setting(
@@ -37,6 +38,7 @@ class ModelConfig:
                                               "dense copy per modality), the rest shared", "[0, inf)")
     moe: MoeConfig = field(default_factory=MoeConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self):
         unknown = [name for name in self.modalities if name not in MODALITIES]
@@ -86,3 +88,8 @@ class ModelConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def video_tokens(self) -> int:
+        """Tokens of one video clip: (model.video.frames / t) tubelet steps of num_patches each."""
+        return self.video.steps * self.num_patches

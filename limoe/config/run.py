@@ -54,11 +54,24 @@ class Config:
             raise LimoeError("train.init_audio_patches_from_image starts the audio patch convolution of a model with "
                              "audio from train.init_from's image one; set train.init_from and include audio in "
                              "model.modalities, or drop it.")
+        if self.train.init_video_from_image:
+            self._check_video_from_image()
         if self.train.audio_mask_ratio and "audio" not in self.model.modalities:
             raise LimoeError(f"train.audio_mask_ratio is {self.train.audio_mask_ratio} but model.modalities "
                              f"{list(self.model.modalities)} has no audio to mask; add audio or drop it.")
         if self.tasks:
             self._check_tasks()
+
+    def _check_video_from_image(self) -> None:
+        model = self.model
+        if self.train.init_from is None or not {"image", "video"} <= set(model.modalities):
+            raise LimoeError("train.init_video_from_image starts the video tensors of a model with image and video "
+                             "from train.init_from's image ones; set train.init_from and include image and video in "
+                             "model.modalities, or drop it.")
+        if model.video.pool != model.image_pool:
+            raise LimoeError(f"train.init_video_from_image copies the image pooling head into the video one, but "
+                             f"model.video.pool is {model.video.pool} and model.image_pool {model.image_pool}; make "
+                             f"them equal or drop the option.")
 
     def _check_tasks(self) -> None:
         for task in self.tasks:

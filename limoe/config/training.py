@@ -42,11 +42,21 @@ class TrainConfig:
                                              "workdir of the same architecture (e.g. limoe pretrain's), or of its "
                                              "dense twin (sparse upcycling); optimizer and step start fresh; ignored "
                                              "when the workdir has a checkpoint; the tensors of a modality the "
-                                             "source lacks (e.g. audio, from an image-text model) start fresh")
+                                             "source lacks (e.g. audio or video, from an image-text model) start "
+                                             "fresh")
     init_audio_patches_from_image: bool = setting(
         False, "with train.init_from a model without audio: start the audio patch convolution from the source's image "
                "one, its kernel summed over RGB (AST's ImageNet start; bilinearly resized when the patch sizes "
                "differ) and its bias copied; false: as freshly initialised")
+    init_video_from_image: bool = setting(
+        False, "with train.init_from a model without video: start every video tensor from the source's image one "
+               "(ViViT's central-frame start): the tubelet kernel is the image patch kernel in frame t // 2 of the "
+               "tubelet (the later middle one for even t), zeros in the others, with the image bias; the positions "
+               "are the image's tiled over time (separable: the image's, the temporal table zero); the class "
+               "token, pooling head, projection and adapter blocks are copies. A clip of one frame repeated then "
+               "embeds as the image model embeds that frame (with map or mean pooling and dropless routing). Needs "
+               "model.video.pool equal to model.image_pool; "
+               "false: video starts as freshly initialised")
     image_mask_ratio: float = setting(0.0, "FLIP: share of each image's patches dropped before the tower in training "
                                            "(0: off; FLIP uses 0.5); evaluation never masks", "[0, 1)")
     audio_mask_ratio: float = setting(0.0, "FLIP for audio: share of each clip's spectrogram patches dropped before "

@@ -6,9 +6,9 @@ text), kept in registry order. A modality's id is its index in the model's own l
 every per-modality routing statistic ([M, E] counts, [G, M] entropies, M = the model's count). So
 an image-text model numbers image 0 and text 1 whatever else is registered. Padding tokens carry
 `PADDING` and are never routed. The order is also the order of the joint sequence the blocks run
-on (an example's image tokens, then its text tokens, then its audio tokens).
+on (an example's image tokens, then its text tokens, then its audio tokens, then its video tokens).
 
-Each modality's module (`limoe.modalities.image`, `text`, `audio`) holds what is particular to it
+Each modality's module (`limoe.modalities.image`, `text`, `audio`, `video`) holds what is particular to it
 as one `Modality` record: its embedder (raw batch → tokens with positions), which pooling its
 config asks for, its colour in routing pictures, its short label in progress lines and the dummy
 batch `limoe plan` measures with. An embedder's output is `tokens.Tokens`, which the tower
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from limoe.config import ModelConfig
     from limoe.modalities.tokens import Tokens
 
-MODALITIES: tuple[str, ...] = ("image", "text", "audio")  # registry order: a model's modalities keep it
+MODALITIES: tuple[str, ...] = ("image", "text", "audio", "video")  # registry order: a model's modalities keep it
 DEFAULT_MODALITIES: tuple[str, ...] = ("image", "text")  # what a model embeds unless model.modalities says otherwise
 PADDING = -1  # the id of padding tokens: never routed, counted under no modality
 
@@ -61,7 +61,7 @@ class Modality:
     """What the rest of limoe needs to know about one modality."""
 
     name: str
-    short_name: str  # in the training progress line ("routed img/txt/aud")
+    short_name: str  # in the training progress line ("routed img/txt/aud/vid")
     color: str  # in routing pictures
     embedder: Callable[[ModelConfig], Embedder]  # config → the module turning a raw batch into `Tokens`
     pool: Callable[[ModelConfig], str]  # config → its pooling kind for this modality (map, cls, mean, eos)

@@ -1,5 +1,6 @@
-"""What image and audio embedders share: p×p patches of a grid (pixels, or a spectrogram's
-frequency × time) become tokens with learned positions and an optional class token."""
+"""What image, audio and video embedders share: patches of a grid (pixels, a spectrogram's
+frequency × time, or a clip's time × pixels) become tokens with learned positions and an optional
+class token."""
 
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ if TYPE_CHECKING:
 
 
 class PatchEmbedder(nn.Module):
-    """A p×p stride-p convolution from `channels` to the tower's width, one learned position per
-    patch and, with `cls` pooling, a class token. Subclasses turn their raw batch into the patch
-    embeddings and hand them to `patch_tokens`."""
+    """A convolution from `channels` to the tower's width whose stride is its kernel (p×p for a
+    2-D grid, t×p×p tubelets for a clip), one learned position per patch and, with `cls` pooling,
+    a class token. Subclasses turn their raw batch into the patch embeddings and hand them to
+    `patch_tokens`."""
 
-    def __init__(self, config: ModelConfig, name: str, channels: int, patch_size: int, num_patches: int, pool: str):
+    def __init__(self, config: ModelConfig, name: str, channels: int, patch_size: int, num_patches: int, pool: str,
+                 tubelet_frames: Optional[int] = None):
         super().__init__()
-        self.patch_embed = nn.Conv2d(channels, config.width, patch_size, patch_size)
+        if tubelet_frames is None:
+            self.patch_embed = nn.Conv2d(channels, config.width, patch_size, patch_size)
+        else:
+            kernel = (tubelet_frames, patch_size, patch_size)
+            self.patch_embed = nn.Conv3d(channels, config.width, kernel, kernel)
         self.name, self.num_patches, self.with_cls_token = name, num_patches, pool == "cls"
         self.modality_id = config.modality_id(name)  # the tag its tokens carry in this model
 

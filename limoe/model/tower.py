@@ -1,9 +1,10 @@
-"""LIMoE: one transformer tower for images and text (and audio), with sparse top-1 expert MLPs.
+"""LIMoE: one transformer tower for images and text (and audio, video), with sparse top-1 expert MLPs.
 
 Read top to bottom: the embeddings are per modality (the embedder of each of the model's
 modalities, `model.modalities`, from `limoe.modalities`: patches + 2-D positions, tokens + 1-D
-positions, spectrogram patches + positions); the blocks run on one joint sequence per example
-(image tokens, then text tokens, then audio tokens, one residual tensor); every block weight,
+positions, spectrogram patches + positions, tubelets + spatio-temporal positions); the blocks run
+on one joint sequence per example (image tokens, then text tokens, then audio tokens, then video
+tokens, one residual tensor); every block weight,
 routers included, is shared, except in the first
 `modality_adapter_layers` blocks (PolyViT's L_adapt), which come as one copy per modality;
 attention runs over each example's own tokens of one modality; in an MoE block an example's
@@ -13,7 +14,7 @@ pooling heads and projections map into the joint space, where embeddings are L2-
 Inside, a batch travels as a mapping by modality name (`{"image": images, "text": tokens}`) and
 every per-modality module sits in an `nn.ModuleDict` keyed by that name; the public interface
 is open_clip's (`forward(images, tokens)`, `encode_image`, `encode_text`, `logit_scale`), with
-`encode_audio` beside them.
+`encode_audio` and `encode_video` beside them.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class Limoe(nn.Module):
                  f"projections.{name}.": "projection"}
         adapters = [index for index, block in enumerate(self.blocks) if isinstance(block, ModalityAdapter)]
         parts.update({f"blocks.{index}.{name}.": "adapter blocks" for index in adapters})
-        parts.update({f"{name}_{key}": key.replace("cls_token", "class token")
+        parts.update({f"{name}_{key}": key.replace("cls_token", "class token").replace("_", " ")
                       for key in self.embedder_parameters.get(name, ()) if getattr(self, f"{name}_{key}") is not None})
         return parts
 
@@ -251,7 +252,7 @@ class Limoe(nn.Module):
         token) the tower holds for it as `<modality>_<key>` (`image_positions`): own parameters
         of the tower come before every submodule's in its parameter order, which is the order the
         optimizer groups and the global gradient norm's sum have always had. `options` go to the
-        embedder (`keep` for images and audio; `at_mask`, `mask_embedding` for text). A modality the
+        embedder (`keep` for images, audio and video; `at_mask`, `mask_embedding` for text). A modality the
         model does not embed is a LimoeError."""
         if name not in self.embedders:
             raise LimoeError(f"this model embeds {', '.join(self.config.modalities)}, not {name}; give it batches of "
@@ -310,6 +311,12 @@ class Limoe(nn.Module):
         """waveforms [B, T] float32 at model.audio.sample_rate → [B, D], L2-normalised by default.
         T is model.audio.clip_samples or fewer (`limoe.factory.preprocess_audio` makes such clips)."""
         return self.encode({"audio": waveforms}, normalize=normalize)[0]["audio"]
+
+    def encode_video(self, clips: Tensor, normalize: bool = True) -> Tensor:
+        """clips [B, T, 3, S, S], each frame normalised as images are, T ≤ model.video.frames a multiple
+        of model.video.tubelet_frames → [B, D], L2-normalised by default (`limoe.factory.preprocess_video`
+        makes such clips from frames)."""
+        return self.encode({"video": clips}, normalize=normalize)[0]["video"]
 
     def forward(self, images: Optional[Tensor], tokens: Optional[Tensor],
                 image_keep: Optional[Tensor] = None) -> Union[LimoeOutput, dict[str, Tensor]]:

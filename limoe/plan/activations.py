@@ -33,11 +33,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from limoe.config import Config
-from limoe.data.preprocess import normalize
 from limoe.modalities import DEFAULT_MODALITIES, MODALITIES, modality
 from limoe.model.tower import build_model
 from limoe.training.losses import ContrastiveLoss, auxiliary_loss
-from limoe.training.objectives import ContrastiveObjective
+from limoe.training.objectives import ContrastiveObjective, normalized
 
 CHECKPOINTING = ("none", "moe", "all")
 LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
@@ -154,7 +153,7 @@ def _kept_after(run: Callable[[], object], parameters: dict[StorageWeakRef, str]
 def measure_activations(config: Config, bf16: bool,
                         inputs: Optional[tuple[tuple[str, ...], ...]] = None) -> ActivationProfile:
     """Run the config's model forward on each of `inputs` (modalities encoded together; by default
-    `measured_inputs(config)`), as the training step does (uint8 images normalised on the device,
+    `measured_inputs(config)`), as the training step does (uint8 images and clips normalised on the device,
     with its auxiliary losses), and its contrastive loss in fake mode."""
     inputs = inputs or measured_inputs(config)
     module, expert_names = _fake_module(config)
@@ -168,9 +167,7 @@ def measure_activations(config: Config, bf16: bool,
     def forward(modalities: tuple[str, ...]):
         batches = {name: modality(name).dummy_batch(model_config, batch) for name in modalities}  # text: all routed
         with autocast:
-            if "image" in batches:
-                batches["image"] = normalize(batches["image"])
-            features, routing = module.model.encode(batches)
+            features, routing = module.model.encode(normalized(batches))
             scale = module.model.logit_scale.exp()  # the temperature the loss reads, as `Limoe.forward` makes it
             aux, _ = auxiliary_loss(routing, config.loss)
         return features, routing, scale, aux

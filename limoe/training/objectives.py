@@ -110,8 +110,8 @@ class ContrastiveObjective(PairsObjective):
     With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
     random share of its patches dropped, until the last `train.unmasked_steps` steps; with
     `train.audio_mask_ratio` > 0 each audio clip drops its own share of spectrogram patches alike.
-    Images may come as uint8 (the training loader's; normalised here, on the device) or as
-    normalised floats; audio comes as float waveforms.
+    Images and video clips may come as uint8 (the training loader's; normalised here, on the
+    device) or as normalised floats; audio comes as float waveforms.
     The engine's forward must produce what backward runs on (DeepSpeed hooks its gradient
     bookkeeping onto the forward's outputs), so both the full loss and a micro-batch's share of it
     are computed in `forward`.
@@ -143,7 +143,7 @@ class ContrastiveObjective(PairsObjective):
                  kept: str = "image") -> tuple[dict[str, Tensor], list[LayerRouting]]:
         """Raw batches by modality name through the tower together → features [B, D] by name, and
         the routing; `keep` [B, K]: the patches the inputs of modality `kept` keep (None: all)."""
-        return self.model.encode(_normalized(batches), {kept: {"keep": keep}})
+        return self.model.encode(normalized(batches), {kept: {"keep": keep}})
 
     def loss_parameters(self) -> list[nn.Parameter]:
         """Parameters only the contrastive loss uses (not the tower): the logit scale and SigLIP's bias."""
@@ -185,12 +185,12 @@ class ContrastiveObjective(PairsObjective):
         clamp_logit_scale(self.model.logit_scale)
 
 
-def _normalized(batches: Mapping[str, Optional[Tensor]]) -> dict[str, Tensor]:
-    """The given batches (None left out), uint8 images normalised here, on the device."""
-    image = batches.get("image")
-    if image is not None and image.dtype == torch.uint8:
-        batches = {**batches, "image": normalize(image)}
-    return {name: batch for name, batch in batches.items() if batch is not None}
+def normalized(batches: Mapping[str, Optional[Tensor]]) -> dict[str, Tensor]:
+    """The given batches (None left out), uint8 pixels normalised here, on the device: images
+    [B, 3, H, W] and video clips [B, T, 3, S, S], each frame as an image. Only pixels come as uint8
+    (text is int64 ids, audio float waveforms)."""
+    return {name: normalize(batch) if batch.dtype == torch.uint8 else batch
+            for name, batch in batches.items() if batch is not None}
 
 
 def _summed_auxiliary(calls: list[list[LayerRouting]], config: LossConfig, device) -> tuple[Tensor, dict[str, Tensor]]:

@@ -160,6 +160,7 @@ def test_fine_tuning_from_an_export_starts_from_the_same_function(source):
 
 
 AUDIO = ["model.modalities=[image, text, audio]", "model.audio.n_mels=48", "model.audio.clip_seconds=0.37"]
+VIDEO = ["model.modalities=[image, text, video]", "model.video.frames=6", "train.init_video_from_image=true"]
 AUDIO_TENSORS = {"embedders.audio.patch_embed.weight", "embedders.audio.patch_embed.bias", "audio_positions",
                  "projections.audio.weight"}  # and the pooling head's, pools.audio.*
 
@@ -169,23 +170,30 @@ def _seeded(config, seed: int = 1) -> Limoe:
     return build_model(config)
 
 
-def test_an_image_text_model_seeds_an_image_text_audio_one_whose_audio_starts_fresh(source, caplog):
-    """PolyViT's and ImageBind's start: every tensor the source has moves bit for bit; the audio
-    embedder, pooling head, projection and positions are what the same seed draws without a source."""
-    config = _from(source, *AUDIO, "model.audio.patch_size=8")
+@pytest.mark.parametrize("extra, overrides", [
+    ("audio", [*AUDIO, "model.audio.patch_size=8"]),
+    ("video", [*VIDEO[:2], "model.video.tubelet_frames=3"]),
+])
+def test_an_image_text_model_seeds_a_wider_one_whose_new_modality_starts_fresh(source, caplog, extra, overrides):
+    """PolyViT's and ImageBind's start: every tensor the source has moves bit for bit; the new
+    modality's embedder, pooling head, projection and positions are what the same seed draws
+    without a source."""
+    config = _from(source, *overrides)
     stored, fresh, model = load_file(str(source)), _seeded(config).state_dict(), _seeded(config)
     with caplog.at_level("WARNING", logger="limoe.checkpoints.warm_start"):
         assert warm_start(model, config) == len(stored)
     state = model.state_dict()
-    audio = {name for name in state if name not in stored}
-    assert AUDIO_TENSORS <= audio and any(name.startswith("pools.audio.") for name in audio)
-    assert all("audio" in name for name in audio), audio
+    new = {name for name in state if name not in stored}
+    assert {name.replace("audio", extra) for name in AUDIO_TENSORS} <= new
+    assert any(name.startswith(f"pools.{extra}.") for name in new)
+    assert all(extra in name for name in new), new
     for name, tensor in state.items():
         assert torch.equal(tensor, stored[name] if name in stored else fresh[name]), name
-    assert not torch.equal(state["audio_positions"], _seeded(config, seed=2).audio_positions)  # the seed's own draw
+    positions = f"{extra}_positions"
+    assert not torch.equal(state[positions], getattr(_seeded(config, seed=2), positions))  # the seed's own draw
     [line] = [record.getMessage() for record in caplog.records]
-    assert "; fresh (not in the source): audio embedder, pooling head, projection, positions" in line
-    assert "kept at the initial value" not in line and "\n" not in line
+    assert f"; fresh (not in the source): {extra} embedder, pooling head, projection, positions" in line
+    assert "kept at the initial value" not in line and "from the image ones" not in line and "\n" not in line
 
 
 def _upsampled_twice(kernel: torch.Tensor) -> torch.Tensor:
@@ -249,3 +257,73 @@ def test_audio_patches_from_image_are_refused_where_they_cannot_apply(tmp_path, 
     save_model_file(_seeded(config), config, path)
     with pytest.raises(LimoeError, match="has audio tensors of its own, which are loaded; drop the option"):
         check_init_from(_from(path, *AUDIO, "train.init_audio_patches_from_image=true"))
+
+
+@pytest.mark.parametrize("positions, tubelet", [("joint", 2), ("separable", 3)])
+def test_video_tensors_start_from_the_image_ones_in_the_central_frame(source, caplog, positions, tubelet):
+    """ViViT's start: the tubelet kernel [d, 3, t, 8, 8] is the image kernel in frame t // 2 (1 for
+    t = 2 and t = 3), zeros elsewhere; joint positions are the 64 image positions once per tubelet
+    step, separable ones the image's with a zero temporal table; bias, pooling head and projection
+    are copies. Every image and text tensor moves bit for bit."""
+    config = _from(source, *VIDEO, f"model.video.tubelet_frames={tubelet}", f"model.video.positions={positions}")
+    stored, model = load_file(str(source)), _seeded(config)
+    with caplog.at_level("WARNING", logger="limoe.checkpoints.warm_start"):
+        warm_start(model, config)
+    state, steps = model.state_dict(), 6 // tubelet
+    kernel = state["embedders.video.patch_embed.weight"]  # [d, 3, t, 8, 8]
+    assert kernel.shape[2] == tubelet
+    for frame in range(tubelet):
+        expected = stored["embedders.image.patch_embed.weight"] if frame == 1 else torch.zeros_like(kernel[:, :, 0])
+        assert torch.equal(kernel[:, :, frame], expected), frame
+    image_positions = stored["image_positions"]  # [64, d]
+    if positions == "joint":
+        assert torch.equal(state["video_positions"], torch.cat([image_positions] * steps))  # [64 · steps, d]
+    else:
+        assert torch.equal(state["video_positions"], image_positions)
+        assert torch.equal(state["video_temporal_positions"], torch.zeros(steps, image_positions.shape[1]))
+    for name, tensor in state.items():
+        if name in stored:
+            assert torch.equal(tensor, stored[name]), name
+        elif name.startswith(("embedders.video.patch_embed.bias", "pools.video.", "projections.video.")):
+            assert torch.equal(tensor, stored[name.replace("video", "image", 1)]), name
+    assert "(from the image ones: tubelet kernel in the central frame, positions tiled over time)" in caplog.text
+
+
+@pytest.mark.parametrize("positions, tubelet, pool, adapters", [("joint", 2, "map", 0), ("separable", 3, "mean", 1)])
+def test_a_clip_of_one_frame_repeated_embeds_as_the_image_model_embeds_that_frame(tmp_path, positions, tubelet, pool,
+                                                                                 adapters):
+    """What makes the video features of a still clip the image features of its frame, exactly:
+    each tubelet of equal frames meets only the central-frame kernel, so it embeds as its image
+    patch, and with positions tiled over time (a zero temporal table) the clip's tokens are the
+    image's tokens once per tubelet step. Attention over k copies of every key gives the same
+    weighted mean (each weight divided by k, each value counted k times), MLPs and experts act per
+    token, and the pooling (attention with a probe, or the mean) sees the same copies; the pooling
+    head, projection and adapter blocks are the image's. Routing must be dropless (at a finite capacity the copies
+    could overflow an expert the image's tokens fit in) and noise-free (evaluation). Not with `cls`
+    pooling: the class token is one key beside k copies of each patch, so its share of every
+    attention changes."""
+    dropless = ["model.moe.eval_capacity_factor=null", f"model.image_pool={pool}",
+                f"model.modality_adapter_layers={adapters}"]
+    image_text = load_config("demo", dropless)
+    path = tmp_path / "image_text.safetensors"
+    save_model_file(_seeded(image_text, seed=0), image_text, path)
+    config = _from(path, *VIDEO, *dropless, f"model.video.pool={pool}", f"model.video.tubelet_frames={tubelet}",
+                   f"model.video.positions={positions}")
+    model = _seeded(config).eval()
+    warm_start(model, config)
+    image_model, _ = load_model(path)
+    torch.manual_seed(3)
+    frames = torch.randn(3, 3, 64, 64)  # normalised images [B, 3, S, S]
+    with torch.no_grad():
+        expected = image_model.encode_image(frames)
+        still = model.encode_video(frames[:, None].expand(-1, 6, -1, -1, -1))  # [B, 6, 3, S, S]
+    torch.testing.assert_close(still, expected, atol=2e-6, rtol=0)
+    assert not torch.allclose(model.encode_video(torch.randn(3, 6, 3, 64, 64)), expected, atol=1e-2)
+
+
+def test_video_from_image_is_refused_when_the_source_has_video_of_its_own(tmp_path):
+    config = load_config("demo", VIDEO[:2])
+    path = tmp_path / "video.safetensors"
+    save_model_file(_seeded(config), config, path)
+    with pytest.raises(LimoeError, match="has video tensors of its own, which are loaded; drop the option"):
+        check_init_from(_from(path, *VIDEO))

@@ -1,6 +1,7 @@
-"""Audio as the tower's third modality: the embedder's tokens against a hand-built patch grid, an
-image-text-audio model against the image-text model with the same weights, audio alone against
-audio inside a joint forward, the normalisation defaults against the demo clips, and model files."""
+"""Audio as the tower's third modality: the embedder's tokens against a hand-built patch grid, the
+normalisation defaults against the demo clips, and the preprocessing of files (an image-text-audio
+model against the image-text model with the same weights, audio alone against audio beside text,
+and model files are in test_registry.py, with video's)."""
 
 import glob
 import hashlib
@@ -11,13 +12,11 @@ import pytest
 import torch
 
 import limoe
-from limoe.checkpoints import load_model, save_model_file
-from limoe.config import Config, load_config, load_model_config
+from limoe.config import load_config, load_model_config
 from limoe.data.audio import decode_clip
 from limoe.errors import LimoeError
 from limoe.modalities.log_mel import LogMel
 from limoe.model.tower import Limoe, build_model
-from limoe.training.losses import ContrastiveLoss, auxiliary_loss
 
 # 48 mel bins and 0.37 s at 16 kHz: 5920 samples → 1 + (5920 − 512) // 160 = 34 frames, so two
 # 16-frame patches along time with 2 frames cropped, and 3 along frequency: 6 tokens.
@@ -107,66 +106,6 @@ def test_default_models_build_exactly_the_weights_they_built_before_audio():
         digest.update(key.encode())
         digest.update(value.detach().contiguous().numpy().tobytes())
     assert digest.hexdigest() == "e50b6bbcefc842c7338f3d9363c95a7a0ecd93c4130955ad5a5ef4fe8793f1a7"
-
-
-def _image_text_and_everything() -> tuple[Config, Limoe, Config, Limoe]:
-    """The demo's image-text model and an image-text-audio one holding the same weights where they share them."""
-    image_text = load_config("demo")
-    everything = load_config("demo", ["model.modalities=[image, text, audio]", "model.audio.clip_seconds=0.37",
-                                      "model.audio.n_mels=48"])
-    torch.manual_seed(0)
-    small, large = build_model(image_text), build_model(everything)
-    missing, unexpected = large.load_state_dict(small.state_dict(), strict=False)
-    assert not unexpected and all("audio" in key for key in missing)
-    return image_text, small, everything, large
-
-
-def test_an_image_text_audio_model_computes_on_image_text_batches_what_the_image_text_model_does():
-    image_text, small, everything, large = _image_text_and_everything()
-    torch.manual_seed(1)
-    images, tokens = torch.randn(6, 3, 64, 64), torch.randint(1, 1000, (6, 16))
-    tokens[:, 9:] = 0
-    contrastive = ContrastiveLoss("clip", rank_and_world_size=(0, 1))
-    results = []
-    for config, model in ((image_text, small), (everything, large)):
-        torch.manual_seed(2)  # the same router noise: training mode, with capacity drops
-        output = model.train()(images, tokens)
-        aux, parts = auxiliary_loss(output.routing, config.loss)
-        results.append((output, contrastive(*output[:3]) + aux, parts))
-    (ours, our_loss, our_parts), (theirs, their_loss, their_parts) = results[0], results[1]
-    assert torch.equal(ours.image_features, theirs.image_features)
-    assert torch.equal(ours.text_features, theirs.text_features)
-    assert torch.equal(our_loss, their_loss)
-    assert their_parts["local_entropy_audio"].item() == 0.0 and their_parts["global_entropy_audio"].item() == 0.0
-    for mine, wide in zip(ours.routing, theirs.routing):
-        assert wide.present.shape[1] == 3 and not wide.present[:, 2].any()  # the audio column: no groups
-        assert torch.equal(mine.present, wide.present[:, :2]) and torch.equal(mine.routed, wide.routed[:2])
-        assert torch.equal(mine.token_entropy, wide.token_entropy[:, :2]) and not wide.routed[2].any()
-
-
-def test_audio_alone_equals_the_audio_of_a_joint_audio_text_forward_when_dropless():
-    torch.manual_seed(0)
-    config = load_model_config("limoe-tiny", [*ODD, "moe.eval_capacity_factor=null"])
-    model = Limoe(config).eval()
-    waveforms, tokens = torch.randn(5, 5920), torch.randint(1, 1000, (5, 16))
-    tokens[:, 7:] = 0
-    with torch.no_grad():
-        joint, routing = model.encode({"audio": waveforms, "text": tokens})
-        alone = model.encode_audio(waveforms)
-    torch.testing.assert_close(alone, joint["audio"], atol=1e-5, rtol=1e-4)
-    assert routing[0].present[:, 0].sum() == 0 and routing[0].present[:, 1:].all()  # no image tokens in any group
-
-
-def test_an_image_text_audio_model_file_saves_and_loads(tmp_path):
-    _, _, everything, large = _image_text_and_everything()
-    path = tmp_path / "model.safetensors"
-    save_model_file(large, everything, path)
-    loaded, config = load_model(path)
-    assert config.model.modalities == ("image", "text", "audio") and config.model.audio == everything.model.audio
-    assert dict(config.loss.local_entropy) == {"image": 0.01, "text": 0.01, "audio": 0.01}
-    waveforms = torch.randn(2, 5920)
-    with torch.no_grad():
-        assert torch.equal(loaded.encode_audio(waveforms), large.eval().encode_audio(waveforms))
 
 
 def test_preprocess_audio_reads_a_file_or_its_bytes_as_the_model_s_input(tmp_path):

@@ -345,20 +345,28 @@ def test_an_audio_task_is_planned_with_its_clips_by_hand():
     assert "log-mel 0.17 MiB per clip on the GPU; 0.2 MiB of waveforms per batch on the host" in line
 
 
-def test_audio_text_activation_bytes_agree_with_a_real_cpu_forward():
-    """The audio stream's bytes per pair against what autograd saves in a real forward of clips and captions."""
-    config = load_config("demo", [*TINY, *AUDIO])
-    profile = measure_activations(config, bf16=False, inputs=(("text", "audio"),))
+VIDEO = ["model.modalities=[image, text, video]", "model.video.frames=6", "model.video.tubelet_frames=3"]
+
+
+@pytest.mark.parametrize("extra, overrides", [("audio", AUDIO), ("video", VIDEO)])
+def test_a_modality_text_activation_bytes_agree_with_a_real_cpu_forward(extra, overrides):
+    """The audio (or video) stream's bytes per pair, measured on its `dummy_batch`, against what
+    autograd saves in a real forward of random clips (uint8 frames normalised, for video) and captions."""
+    config = load_config("demo", [*TINY, *overrides])
+    profile = measure_activations(config, bf16=False, inputs=(("text", extra),))
     batch = config.model.moe.group_size
     torch.manual_seed(0)
     module = ContrastiveObjective(build_model(config), config).train()
-    clips, tokens = torch.randn(batch, config.model.audio.clip_samples), torch.randint(1, 1000, (batch, 16))
+    size = config.model.image_size
+    clips = (torch.randn(batch, config.model.audio.clip_samples) if extra == "audio"
+             else normalize(torch.randint(0, 256, (batch, 6, 3, size, size), dtype=torch.uint8)))
+    tokens = torch.randint(1, 1000, (batch, 16))
 
     def run():
-        features, routing = module.model.encode({"audio": clips, "text": tokens})
+        features, routing = module.model.encode({extra: clips, "text": tokens})
         return features, auxiliary_loss(routing, config.loss)[0]
 
-    assert profile.per_example[("text", "audio")]["none"] * batch == pytest.approx(_saved_bytes(module, run), rel=0.10)
+    assert profile.per_example[("text", extra)]["none"] * batch == pytest.approx(_saved_bytes(module, run), rel=0.10)
 
 
 def test_decoding_on_the_device_adds_one_decode_group_of_full_size_images_to_the_transients():
