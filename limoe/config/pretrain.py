@@ -20,8 +20,8 @@ class PretrainConfig:
     modalities: tuple[str, ...] = setting(
         DEFAULT_MODALITIES, "what data.train's (and data.heldout's) pairs hold: the modality whose patches are masked "
                             "(image: MAE, or audio: AudioMAE, from audio shards), then text, the captions'")
-    unimodal_steps: int = setting(50_000, "steps of masked image modelling alternating with masked language "
-                                          "modelling", "[0, inf)")
+    unimodal_steps: int = setting(50_000, "steps of masked image (or audio) modelling alternating with masked "
+                                          "language modelling", "[0, inf)")
     bimodal_steps: int = setting(50_000, "then steps of the same two tasks, each given the other modality through "
                                          "training-only cross-attention fusion", "[0, inf)")
     image_mask_ratio: float = setting(0.75, "share of an image's patches hidden from the encoder (MAE: 0.75)",
