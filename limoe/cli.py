@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train)
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
 
-    pretrain = command("pretrain", _pretrain, "masked image and caption pretraining of the tower (resumes in an existing workdir)")
+    pretrain = command("pretrain", _pretrain, "masked image (or audio) and caption pretraining of the tower (resumes in an existing workdir)")
     _add_config_options(pretrain, kind="pretraining", default="configs/pretrain/demo.yaml")
     pretrain.add_argument("--workdir", default="runs/pretrain", help="checkpoints, metrics and logs go here")
 

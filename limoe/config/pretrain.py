@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from limoe.config.keys import setting
 from limoe.errors import LimoeError
+from limoe.modalities import DEFAULT_MODALITIES, MODALITIES
 
 
 @dataclass(frozen=True)
@@ -13,14 +14,20 @@ class PretrainConfig:
     """`limoe pretrain`: OmniVec2's masked stages, unimodal then bimodal (see docs/TRAINING.md).
 
     The run takes `unimodal_steps + bimodal_steps` steps, which must equal `train.steps`. The
-    defaults are MAE's (image) and BERT's (text); OmniVec2 published no ratios.
+    defaults are MAE's (image), AudioMAE's (audio) and BERT's (text); OmniVec2 published no ratios.
     """
 
-    unimodal_steps: int = setting(50_000, "steps of masked image modelling alternating with masked language "
-                                          "modelling", "[0, inf)")
+    modalities: tuple[str, ...] = setting(
+        DEFAULT_MODALITIES, "what data.train's (and data.heldout's) pairs hold: the modality whose patches are masked "
+                            "(image: MAE, or audio: AudioMAE, from audio shards), then text, the captions'")
+    unimodal_steps: int = setting(50_000, "steps of masked image (or audio) modelling alternating with masked "
+                                          "language modelling", "[0, inf)")
     bimodal_steps: int = setting(50_000, "then steps of the same two tasks, each given the other modality through "
                                          "training-only cross-attention fusion", "[0, inf)")
-    image_mask_ratio: float = setting(0.75, "share of patches hidden from the encoder (MAE: 0.75)", "[0, 1)")
+    image_mask_ratio: float = setting(0.75, "share of an image's patches hidden from the encoder (MAE: 0.75)",
+                                      "[0, 1)")
+    audio_mask_ratio: float = setting(0.8, "share of a clip's spectrogram patches hidden from the encoder (AudioMAE: "
+                                           "0.8); read with modalities [audio, text]", "[0, 1)")
     text_mask_ratio: float = setting(0.15, "share of caption tokens predicted (BERT: 0.15)", "(0, 1)")
     text_replace_with_mask: float = setting(0.8, "of the predicted tokens, the share shown as the learned mask "
                                                  "embedding (BERT: 0.8)", "[0, 1]")
@@ -32,9 +39,14 @@ class PretrainConfig:
     fusion_depth: int = setting(1, "cross-attention fusion blocks per direction (training only, dropped by the "
                                    "export)", "[1, inf)")
     image_loss_weight: float = setting(1.0, "weight of the masked-image loss", "[0, inf)")
+    audio_loss_weight: float = setting(1.0, "weight of the masked-audio loss", "[0, inf)")
     text_loss_weight: float = setting(1.0, "weight of the masked-token loss", "[0, inf)")
 
     def __post_init__(self):
+        patched = set(MODALITIES) - {"text"}
+        if len(self.modalities) != 2 or self.modalities[0] not in patched or self.modalities[1] != "text":
+            raise LimoeError(f"pretrain.modalities must name the modality whose patches are masked, then text: "
+                             f"[image, text] or [audio, text], got {list(self.modalities)}.")
         if self.text_replace_with_mask + self.text_replace_with_random > 1:
             raise LimoeError(
                 "pretrain.text_replace_with_mask and pretrain.text_replace_with_random are shares of the masked tokens, "
@@ -44,3 +56,11 @@ class PretrainConfig:
             raise LimoeError(
                 f"pretrain.decoder_width {self.decoder_width} is not divisible by pretrain.decoder_heads {self.decoder_heads}."
             )
+
+    def mask_ratio(self, modality: str) -> float:
+        """The share of `modality`'s patches hidden from the encoder."""
+        return {"image": self.image_mask_ratio, "audio": self.audio_mask_ratio}[modality]
+
+    def loss_weight(self, modality: str) -> float:
+        """The weight of the loss of the steps that predict `modality`."""
+        return {"image": self.image_loss_weight, "audio": self.audio_loss_weight, "text": self.text_loss_weight}[modality]

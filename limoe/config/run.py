@@ -75,11 +75,7 @@ class Config:
 
     def _check_tasks(self) -> None:
         for task in self.tasks:
-            stray = [name for name in task.modalities if name not in self.model.modalities]
-            if stray:
-                raise LimoeError(f"task '{task.name}': tasks[].modalities names '{stray[0]}', which is not one of "
-                                 f"model.modalities ({', '.join(self.model.modalities)}); add it to the model or "
-                                 f"pick the task's modalities among them.")
+            self.check_embedded(task.modalities, f"task '{task.name}': tasks[].modalities", "the task's modalities")
         names = [task.name for task in self.tasks]
         if len(set(names)) < len(names) or any(not name or "/" in name for name in names):
             raise LimoeError(f"tasks: task names must be unique, non-empty and free of '/', got {names}.")
@@ -98,6 +94,14 @@ class Config:
         if kind == "accumulate" and any(task.lr_scale != 1.0 for task in self.tasks):
             raise LimoeError("schedule accumulate takes one optimizer step for all tasks together, so a task's "
                              "lr_scale cannot apply; weight the tasks with loss_weight instead.")
+
+    def check_embedded(self, modalities: tuple[str, ...], key: str, choice: str) -> None:
+        """Refuse, in one line naming `key`, a modality among `modalities` the model does not embed;
+        `choice` is what the fix picks among the model's."""
+        stray = [name for name in modalities if name not in self.model.modalities]
+        if stray:
+            raise LimoeError(f"{key} names '{stray[0]}', which is not one of model.modalities "
+                             f"({', '.join(self.model.modalities)}); add it to the model or pick {choice} among them.")
 
     def task_batch_size(self, task: TaskConfig) -> int:
         """A task's global batch size (the train batch size unless the task sets its own)."""

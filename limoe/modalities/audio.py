@@ -15,7 +15,7 @@ from torch import Tensor
 from limoe.errors import LimoeError
 from limoe.modalities import Modality
 from limoe.modalities.log_mel import LogMel
-from limoe.modalities.patches import PatchEmbedder
+from limoe.modalities.patches import PatchEmbedder, patchify
 from limoe.modalities.tokens import Tokens
 
 if TYPE_CHECKING:
@@ -37,7 +37,19 @@ class AudioEmbedder(PatchEmbedder):
         audio = config.audio
         super().__init__(config, MODALITY.name, 1, audio.patch_size, audio.num_patches, audio.pool)
         self.log_mel = LogMel(audio.sample_rate, audio.n_mels, audio.window_ms, audio.hop_ms)
-        self.mean, self.std, self.patch_size = audio.mean, audio.std, audio.patch_size
+        self.mean, self.std = audio.mean, audio.std
+
+    def features(self, waveforms: Tensor) -> Tensor:
+        """waveforms [B, T] → the normalised log-mel [B, 1, n_mels, frames'] the patches are cut from,
+        frames' = p · (frames // p): the trailing frames short of a whole patch cropped."""
+        p = self.patch_size
+        features = (self.log_mel(waveforms) - self.mean) / self.std  # [B, n_mels, frames]
+        steps = features.shape[-1] // p  # whole patches along time
+        if not 0 < steps * (features.shape[-2] // p) <= self.num_patches:
+            raise LimoeError(f"a clip of {waveforms.shape[-1]} samples gives {steps} patches along time; this model "
+                             f"reads clips of one patch up to model.audio.clip_seconds (its positions cover "
+                             f"{self.num_patches} patches); crop the clips to that length.")
+        return features[:, None, :, : steps * p]
 
     def forward(self, waveforms: Tensor, positions: Tensor, cls_token: Optional[Tensor],
                 keep: Optional[Tensor] = None) -> Tokens:
@@ -45,15 +57,13 @@ class AudioEmbedder(PatchEmbedder):
 
         `keep` [B, K] (patch indices, time-major) as for images: only those patches enter the tower.
         """
-        p = self.patch_size
-        features = (self.log_mel(waveforms) - self.mean) / self.std  # [B, n_mels, frames]
-        steps = features.shape[-1] // p  # whole patches along time
-        if not 0 < steps * (features.shape[-2] // p) <= positions.shape[0]:
-            raise LimoeError(f"a clip of {waveforms.shape[-1]} samples gives {steps} patches along time; this model "
-                             f"reads clips of one patch up to model.audio.clip_seconds (its positions cover "
-                             f"{positions.shape[0]} patches); crop the clips to that length.")
-        grid = self.patch_embed(features[:, None, :, : steps * p].to(self.patch_embed.weight.dtype))  # [B, d, F', T']
+        grid = self.patch_embed(self.features(waveforms).to(self.patch_embed.weight.dtype))  # [B, d, F', T']
         return self.patch_tokens(grid.permute(0, 3, 2, 1).flatten(1, 2), positions, cls_token, keep)  # time-major
+
+    def patch_values(self, waveforms: Tensor) -> Tensor:
+        """waveforms [B, T] → each patch's normalised log-mel values [B, Np, p·p], in token order (time-major:
+        the spectrogram is patched as time × frequency, so the patches of the first p frames come first)."""
+        return patchify(self.features(waveforms).transpose(-1, -2), self.patch_size)  # [B, 1, frames', n_mels]
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from limoe.modalities import Modality
-from limoe.modalities.patches import PatchEmbedder
+from limoe.modalities.patches import PatchEmbedder, patchify
 from limoe.modalities.tokens import Tokens
 
 if TYPE_CHECKING:
@@ -33,6 +33,10 @@ class ImageEmbedder(PatchEmbedder):
         patches, FLIP's kept share (see `patch_tokens`).
         """
         return self.patch_tokens(self.patch_embed(images).flatten(2).transpose(1, 2), positions, cls_token, keep)
+
+    def patch_values(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] (as `forward` takes them) → each patch's pixels [B, Np, p·p·3], in token order."""
+        return patchify(images, self.patch_size)
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:

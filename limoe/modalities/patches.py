@@ -1,6 +1,7 @@
 """What image, audio and video embedders share: patches of a grid (pixels, a spectrogram's
 frequency × time, or a clip's time × pixels) become tokens with learned positions and an optional
-class token."""
+class token, and each token's patch values in the same order (masked pretraining's reconstruction
+targets)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ if TYPE_CHECKING:
     from limoe.config import ModelConfig
 
 
+def patchify(grid: Tensor, patch: int) -> Tensor:
+    """grid [B, C, H, W] → its p×p patches [B, N, p·p·C], row-major over the (H/p)×(W/p) patches."""
+    batch, channels, height, width = grid.shape
+    x = grid.reshape(batch, channels, height // patch, patch, width // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), patch * patch * channels)
+
+
 class PatchEmbedder(nn.Module):
     """A convolution from `channels` to the tower's width whose stride is its kernel (p×p for a
     2-D grid, t×p×p tubelets for a clip), one learned position per patch and, with `cls` pooling,
     a class token. Subclasses turn their raw batch into the patch embeddings and hand them to
-    `patch_tokens`."""
+    `patch_tokens`, and give the values each patch token is computed from (`patch_values`), which
+    MAE-style pretraining reconstructs."""
 
     def __init__(self, config: ModelConfig, name: str, channels: int, patch_size: int, num_patches: int, pool: str,
                  tubelet_frames: Optional[int] = None):
@@ -30,6 +39,8 @@ class PatchEmbedder(nn.Module):
             kernel = (tubelet_frames, patch_size, patch_size)
             self.patch_embed = nn.Conv3d(channels, config.width, kernel, kernel)
         self.name, self.num_patches, self.with_cls_token = name, num_patches, pool == "cls"
+        self.patch_size = patch_size
+        self.patch_dim = channels * (tubelet_frames or 1) * patch_size**2  # P: the values of one patch (or tubelet)
         self.modality_id = config.modality_id(name)  # the tag its tokens carry in this model
 
     def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:

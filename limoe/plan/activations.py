@@ -10,7 +10,7 @@ kernel changes them without anyone updating a formula.
 
 Measured per checkpointing mode on one routing group's worth of examples of each combination of
 modalities the run's steps encode together (`measured_inputs`: image-text pairs, an audio task's
-audio-text pairs) and of each of those modalities alone (a classification step encodes its inputs
+or audio pretraining's audio-text pairs) and of each of those modalities alone (a classification step encodes its inputs
 and its class prompts in separate passes), each made by its modality's `dummy_batch`: every
 activation grows with the number of groups (weight copies, which do not, are told apart by their
 origin), so the bytes per example hold at any micro-batch size. The contrastive loss is measured
@@ -41,7 +41,7 @@ from limoe.training.objectives import ContrastiveObjective, normalized
 CHECKPOINTING = ("none", "moe", "all")
 LOSS_BATCHES = (32, 64)  # pairs at which the contrastive loss alone is measured
 DENSE_BATCH = 8  # pairs measured for a model without routing groups
-PAIRS = DEFAULT_MODALITIES  # what a step without tasks encodes together: image-text pairs
+PAIRS = DEFAULT_MODALITIES  # what limoe train's steps without tasks encode together: image-text pairs
 
 
 def together(modalities: Iterable[str]) -> tuple[str, ...]:
@@ -50,11 +50,17 @@ def together(modalities: Iterable[str]) -> tuple[str, ...]:
     return tuple(name for name in MODALITIES if name in chosen)
 
 
+def untasked_pairs(config: Config) -> tuple[str, ...]:
+    """The modalities of `data.train`'s pairs in a run without tasks: `pretrain.modalities`, which is
+    image–text unless `limoe pretrain` reads audio–text (`limoe train` refuses any other)."""
+    return config.pretrain.modalities
+
+
 def measured_inputs(config: Config) -> tuple[tuple[str, ...], ...]:
     """What the plan of `config` measures: the modalities each step encodes together (the pairs of
     a run without tasks, each task's two: a classification step's table of bytes per pair reads
     them), then each of them alone."""
-    steps = [together(task.modalities) for task in config.tasks] or [PAIRS]
+    steps = [together(task.modalities) for task in config.tasks] or [together(untasked_pairs(config))]
     singles = together(name for step in steps for name in step)
     return tuple(dict.fromkeys([*steps, *((name,) for name in singles)]))
 

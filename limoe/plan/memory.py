@@ -8,7 +8,8 @@ uncropped up to the largest box a crop may ship), and the largest transient (bac
 set, gradient reduction buffers, the optimizer step, the device resize; with `data.decode_on:
 device` the full-size decodes, at most `DEVICE_DECODE_BYTES` at once), plus a fixed reserve for
 the CUDA context, NCCL and allocator slack.
-With audio (a task whose modalities include it) the step's activations are those measured for
+With audio (a task whose modalities include it, or pretraining on audio–text pairs,
+`pretrain.modalities`) the step's activations are those measured for
 its own modalities, its inputs are the float32 waveforms [B, T] (the batch trained on and the
 one copied ahead), the log-mel spectrogram's working set is among the transients, and the report
 names the tokens per clip and the host's waveform batch. It then finds, for each
@@ -41,7 +42,9 @@ from limoe.data.device_decode import DEVICE_DECODE_BYTES
 from limoe.data.images import MAX_PIXELS
 from limoe.errors import LimoeError
 from limoe.prompt_templates import load_templates
-from limoe.plan.activations import CHECKPOINTING, PAIRS, ActivationProfile, measure_activations, measured_inputs, together
+from limoe.plan.activations import (
+    CHECKPOINTING, PAIRS, ActivationProfile, measure_activations, measured_inputs, together, untasked_pairs,
+)
 from limoe.plan.launch import launch_command, nodes_for
 from limoe.plan.state import FP32, ParameterCounts, StateBytes, count_parameters, state_bytes
 from limoe.training.batches import check_task_batches, micro_batch_size, prompts_per_process
@@ -302,6 +305,7 @@ def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
         check_task_batches(config, gpus)
         micro = config.train.micro_batch_size
     else:
+        config.check_embedded(untasked_pairs(config), "pretrain.modalities", "pretrain.modalities")
         micro = micro_batch_size(config, gpus)
     ds_config = deepspeed_config(config, gpus, _bf16(config))
     bucket = max(ds_config["zero_optimization"].get("reduce_bucket_size", 0),
@@ -314,10 +318,11 @@ def plan_memory(config: Config, gpus: int, gpu_memory: int) -> MemoryPlan:
 
 def workloads(config: Config, gpus: int) -> tuple[Workload, ...]:
     """Each step's shape on one GPU: the tasks' (class names and templates are read for the
-    classification ones), or the one contrastive batch of a run without tasks."""
+    classification ones), or the one batch of pairs of a run without tasks (pretraining's
+    counted as a contrastive batch of its pairs, whole inputs on both sides: its bimodal steps')."""
     if not config.tasks:
         batch = config.train.batch_size
-        return (Workload("", "contrastive", batch // gpus, batch),)
+        return (Workload("", "contrastive", batch // gpus, batch, modalities=untasked_pairs(config)),)
     steps = []
     for task in config.tasks:
         batch = config.task_batch_size(task)

@@ -43,7 +43,7 @@ def pretraining_report(model_file: Path, config: Config, workdir: Path) -> dict:
     lines = [f"\nheld-out masked modelling on {config.data.heldout} (exported model, without the heads: {model_file}):"]
     for task, values in metrics.items():
         if "mse" in values:
-            lines.append(f"  {task:26s} normalised-pixel MSE {values['mse']:.3f}  (predicting zero {values['zero_mse']:.3f})")
+            lines.append(f"  {task:26s} normalised-patch MSE {values['mse']:.3f}  (predicting zero {values['zero_mse']:.3f})")
         else:
             lines.append(f"  {task:26s} accuracy {values['accuracy']:.1%}  "
                          f"(most frequent token {values['most_frequent_accuracy']:.1%})")

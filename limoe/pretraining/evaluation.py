@@ -1,7 +1,7 @@
 """Held-out measurements of masked pretraining, each beside the baseline it must beat.
 
-Masked images: the normalised-pixel MSE of the hidden patches against predicting zero (the mean
-square of the normalised targets). Masked captions: accuracy on the masked tokens against always
+Masked images (or audio clips): the normalised-patch MSE of the hidden patches against predicting
+zero (the mean square of the normalised targets). Masked captions: accuracy on the masked tokens against always
 answering the most frequent of them (the best constant answer on this very set). Every task of
 both stages is measured as it is trained, in eval mode (no router noise, the eval capacity
 factor); masks are drawn per batch from fixed seeds, so checkpoints are compared on the same masks.
@@ -15,16 +15,16 @@ from typing import Iterable, Union
 
 import torch
 
-from limoe.data.pipeline import EvalBatch, eval_loader
+from limoe.data.pipeline import EvalBatch, eval_loader, loader_options
 from limoe.evaluate.runtime import inference, nothing_read
 from limoe.pretraining.losses import patch_errors
-from limoe.pretraining.objective import STAGES, MaskedPretraining, PatchPrediction, TokenPrediction
+from limoe.pretraining.objective import MaskedPretraining, PatchPrediction, TokenPrediction, stage_tasks
 
 EVAL_SEED_STEP = 1 << 40  # held-out batch i is masked as step EVAL_SEED_STEP + i, never a training step
 
 
 @dataclass
-class _ImageScore:
+class _PatchScore:
     error: float = 0.0  # Σ over hidden patches of the per-patch MSE
     zero_error: float = 0.0  # the same for a prediction of zeros
     patches: int = 0
@@ -55,23 +55,23 @@ class _TextScore:
 
 def evaluate_masked_modelling(objective: MaskedPretraining, data: Union[str, Iterable[EvalBatch]],
                               batch_size: int = 128, workers: int = 2) -> dict:
-    """{task name: image tasks' mse, zero_mse, patches / text tasks' accuracy, most_frequent_accuracy,
-    tokens} on caption shards (a spec) or any iterable of EvalBatches with tokens."""
-    config = objective.model.config
+    """{task name: image or audio tasks' mse, zero_mse, patches / text tasks' accuracy,
+    most_frequent_accuracy, tokens} on caption shards of `pretrain.modalities` (a spec) or any
+    iterable of EvalBatches with tokens."""
+    config, (inputs, _) = objective.model.config, objective.modalities
     loader = data if not isinstance(data, str) else eval_loader(
-        data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1
+        data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0,
+        world_size=1, **loader_options(config, inputs)
     )
-    tasks = [task for stage in STAGES.values() for task in stage]
-    scores = {task.name: _ImageScore() if task.predicts == "image" else _TextScore() for task in tasks}
+    tasks = [task for stage in stage_tasks(objective.modalities).values() for task in stage]
+    scores = {task.name: _TextScore() if task.predicts == "text" else _PatchScore() for task in tasks}
     with inference(objective) as device:
         for index, batch in enumerate(loader):
-            images, tokens, step = batch.images.to(device), batch.tokens.to(device), EVAL_SEED_STEP + index
+            batch_inputs, tokens = batch.images.to(device), batch.tokens.to(device)
             for task in tasks:
-                if task.predicts == "image":
-                    out, _ = objective.predict_image(images, tokens if task.given_other else None, step)
-                else:
-                    out, _ = objective.predict_text(tokens, images if task.given_other else None, step)
+                out, _ = objective.predict(task, batch_inputs, tokens, EVAL_SEED_STEP + index)
                 scores[task.name].add(out)
     if not scores[tasks[0].name].patches:
-        raise nothing_read(loader, "masked modelling needs shards of images with .txt captions")
+        raise nothing_read(loader, f"masked modelling needs {inputs}–caption shards (pretrain.modalities "
+                                   f"{list(objective.modalities)})")
     return {name: score.result() for name, score in scores.items()}

@@ -1,7 +1,8 @@
 """The training-only parts masked pretraining adds around the shared tower; exports drop them all.
 
-`PixelDecoder` is MAE's light decoder, `MlmHead` BERT's output layer (tied to the token
-embedding), `CrossAttentionFusion` the bimodal stage's fusion. The fusion sits between the tower
+`PixelDecoder` is MAE's light decoder (of an image's pixels, or AudioMAE's of a clip's log-mel
+patches), `MlmHead` BERT's output layer (tied to the token embedding), `CrossAttentionFusion` the
+bimodal stage's fusion. The fusion sits between the tower
 and the heads, so the tower computes at inference exactly what it computed in training; OmniVec2
 puts its fusion between two transformers and removes it at inference, which a single tower
 without a second transformer has no place for.
@@ -27,7 +28,8 @@ def _pre_ln_blocks(layer: type[nn.Module], depth: int, width: int, heads: int, h
 class PixelDecoder(nn.Module):
     """MAE's decoder: the encoder's visible tokens are put back at their places among learned mask
     tokens, given the decoder's own position embeddings, run through a few narrow blocks, and
-    mapped to each patch's pixels. It sees every position; the encoder saw only the visible ones."""
+    mapped to each patch's values (pixels, or log-mel values). It sees every position; the encoder
+    saw only the visible ones."""
 
     def __init__(self, width: int, decoder_width: int, depth: int, heads: int, num_patches: int, patch_pixels: int):
         super().__init__()
@@ -39,7 +41,7 @@ class PixelDecoder(nn.Module):
         self.predict = nn.Linear(decoder_width, patch_pixels)
 
     def forward(self, visible: Tensor, keep: Tensor) -> Tensor:
-        """visible [B, K, d] tokens of the patches keep [B, K] → predicted pixels [B, N, p·p·3]."""
+        """visible [B, K, d] tokens of the patches keep [B, K] → predicted values [B, N, P] (P = p·p·3 pixels)."""
         batch, _, _ = visible.shape
         x = self.project_in(visible)  # [B, K, d_dec]
         full = self.mask_token.to(x.dtype).expand(batch, *self.positions.shape)  # [B, N, d_dec]

@@ -1,5 +1,5 @@
-"""The masked-modelling losses: MAE's normalised-pixel MSE on hidden patches, and cross-entropy
-on the masked caption tokens (BERT)."""
+"""The masked-modelling losses: MAE's normalised-patch MSE on hidden patches (an image's pixels,
+AudioMAE's log-mel values), and cross-entropy on the masked caption tokens (BERT)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def patchify(images: Tensor, patch: int) -> Tensor:
-    """images [B, C, H, W] → [B, N, p·p·C], patches in the tower's order (row-major)."""
-    batch, channels, height, width = images.shape
-    x = images.reshape(batch, channels, height // patch, patch, width // patch, patch)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), patch * patch * channels)
-
-
-def normalized_pixels(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """MAE's target: each patch's pixels minus their mean, over their standard deviation.
-    patches [B, N, P] → [B, N, P]; a flat patch (a white background) becomes all zeros."""
+def normalized_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """MAE's target (`norm_pix_loss`, which AudioMAE keeps for spectrograms): each patch's values minus
+    their mean, over their standard deviation. patches [B, N, P] → [B, N, P]; a flat patch (a white
+    background, silence) becomes all zeros."""
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True)
     return (patches - mean) / (var + eps).sqrt()

@@ -4,24 +4,27 @@ OmniVec2's first two stages on the shared tower, as a schedule that is a pure fu
 step (so a resumed run continues exactly, and every rank runs the same task, as expert
 parallelism's all-to-all needs):
 
-  unimodal  (the first `pretrain.unimodal_steps`): masked image modelling and masked language
-            modelling on captions, alternating step by step (PolyViT's round-robin);
+  unimodal  (the first `pretrain.unimodal_steps`): masked patch modelling (images, or audio
+            clips' spectrograms) and masked language modelling on captions, alternating step by
+            step (PolyViT's round-robin);
   bimodal   (the next `pretrain.bimodal_steps`): the same two tasks, each given the other
             modality: the tower encodes the pair together (joint routing, as in contrastive
             training) and the predicted modality's tokens attend to the other's through the
             training-only fusion blocks.
 
-Masked image modelling is MAE's: only the visible patches enter the tower, a light decoder
-predicts the hidden ones' normalised pixels. Masked language modelling is BERT's: 80/10/10
-replacement with a learned mask embedding, scored against the token embedding. Image and text
-tokens pass the same MoE blocks and routers as in contrastive training, and the auxiliary
+`pretrain.modalities` says what the pairs hold: image–text (the default) or audio–text. Masked
+patch modelling is MAE's (AudioMAE's for clips): only the visible patches enter the tower, a
+light decoder predicts the hidden ones' normalised values, which the modality's embedder gives
+in its token order (`patch_values`: pixels, or normalised log-mel). Masked language modelling is
+BERT's: 80/10/10 replacement with a learned mask embedding, scored against the token embedding.
+All tokens pass the same MoE blocks and routers as in contrastive training, and the auxiliary
 routing losses are added to every step's loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -36,7 +39,7 @@ from limoe.model.routing import LayerRouting
 from limoe.modalities.text import PAD_TOKEN
 from limoe.model.tower import Limoe
 from limoe.pretraining.heads import CrossAttentionFusion, MlmHead, PixelDecoder
-from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalized_pixels, patchify
+from limoe.pretraining.losses import masked_patch_loss, masked_token_loss, normalized_patches
 from limoe.training.losses import auxiliary_loss, clamp_logit_scale
 from limoe.training.objectives import ObjectiveOutput, PairsObjective
 
@@ -49,16 +52,20 @@ class MaskedModellingTask:
     modality is given (encoded alongside and fused in)."""
 
     name: str
-    predicts: str  # "image" or "text"
+    predicts: str  # the patch modality (image, audio) or text
     given_other: bool
 
 
-STAGES: dict[str, tuple[MaskedModellingTask, ...]] = {
-    "unimodal": (MaskedModellingTask("masked_image", "image", False),
-                 MaskedModellingTask("masked_text", "text", False)),
-    "bimodal": (MaskedModellingTask("masked_image_given_text", "image", True),
-                MaskedModellingTask("masked_text_given_image", "text", True)),
-}
+def stage_tasks(modalities: tuple[str, ...]) -> dict[str, tuple[MaskedModellingTask, ...]]:
+    """Each stage's tasks on pairs of `modalities` (`pretrain.modalities`: the patch modality, text),
+    named after them: masked_image, masked_text, masked_image_given_text, masked_text_given_image."""
+    patches, text = modalities
+    return {
+        "unimodal": (MaskedModellingTask(f"masked_{patches}", patches, False),
+                     MaskedModellingTask(f"masked_{text}", text, False)),
+        "bimodal": (MaskedModellingTask(f"masked_{patches}_given_{text}", patches, True),
+                    MaskedModellingTask(f"masked_{text}_given_{patches}", text, True)),
+    }
 
 
 def stage_at(step: int, config: PretrainConfig) -> str:
@@ -68,7 +75,7 @@ def stage_at(step: int, config: PretrainConfig) -> str:
 
 def task_at(step: int, config: PretrainConfig) -> MaskedModellingTask:
     """The task of 0-based `step`: the stage's tasks in turn."""
-    tasks = STAGES[stage_at(step, config)]
+    tasks = stage_tasks(config.modalities)[stage_at(step, config)]
     return tasks[step % len(tasks)]
 
 
@@ -84,8 +91,8 @@ def _per_rank_share(targets: Tensor) -> Tensor:
 
 @dataclass
 class PatchPrediction:
-    prediction: Tensor  # [B, N, p·p·3] the decoder's output at every patch
-    target: Tensor  # [B, N, p·p·3] normalised pixels
+    prediction: Tensor  # [B, N, P] the decoder's output at every patch (P: p·p·3 pixels, p·p log-mel values)
+    target: Tensor  # [B, N, P] the patches' normalised values
     hidden: Tensor  # [B, N] bool, the patches the encoder did not see (the ones scored)
 
 
@@ -96,7 +103,9 @@ class TokenPrediction:
 
 
 def check_pretraining_config(config: Config) -> None:
-    """The stages must fill the run, and FLIP's contrastive masking has no place here."""
+    """The model must embed the pairs' modalities, the stages must fill the run, and FLIP's
+    contrastive masking has no place here."""
+    config.check_embedded(config.pretrain.modalities, "pretrain.modalities", "pretrain.modalities")
     stages = config.pretrain.unimodal_steps + config.pretrain.bimodal_steps
     if stages != config.train.steps:
         raise LimoeError(
@@ -112,13 +121,17 @@ def check_pretraining_config(config: Config) -> None:
                          "images with pretrain.image_mask_ratio. Remove train.image_mask_ratio.")
     if config.train.audio_mask_ratio:
         raise LimoeError("train.audio_mask_ratio is contrastive training's patch dropping (FLIP) for audio clips; "
-                         "pretraining does not read audio. Remove train.audio_mask_ratio.")
+                         "pretraining masks clips with pretrain.audio_mask_ratio. Remove train.audio_mask_ratio.")
 
 
 class MaskedPretraining(PairsObjective):
     """The objective of `limoe pretrain` (`limoe.training.objectives`): the model plus its
     training-only heads, which only its checkpoints hold (exports and warm starts take the model
-    alone), trained on `data.train`'s pairs."""
+    alone), trained on `data.train`'s pairs of `pretrain.modalities`.
+
+    The heads are named by modality, as checkpoints hold them: `image_decoder` (or
+    `audio_decoder`), and `<modality>_fusion`, through which that modality's tokens attend to the
+    other's."""
 
     name = PRETRAINING
 
@@ -138,14 +151,20 @@ class MaskedPretraining(PairsObjective):
         self.loss_config = config.loss
         self.seed = config.train.seed
         m, p = model.config, config.pretrain
-        self.image_decoder = PixelDecoder(m.width, p.decoder_width, p.decoder_depth, p.decoder_heads, m.num_patches,
-                                          3 * m.patch_size**2)
+        self.modalities = p.modalities  # (the patch modality, text)
+        patches = model.embedders[self.modalities[0]]
+        self.add_module(f"{patches.name}_decoder", PixelDecoder(m.width, p.decoder_width, p.decoder_depth,
+                                                                p.decoder_heads, patches.num_patches, patches.patch_dim))
         self.mask_embedding = nn.Parameter(torch.randn(m.width) * 0.02)  # BERT's [MASK], as an input vector
         self.mlm_head = MlmHead(m.width, m.vocab_size)
-        self.image_fusion = CrossAttentionFusion(m.width, m.heads, m.mlp_dim, p.fusion_depth)  # image attends to text
-        self.text_fusion = CrossAttentionFusion(m.width, m.heads, m.mlp_dim, p.fusion_depth)  # text attends to image
+        for name in self.modalities:  # `name`'s tokens attend to the other's
+            self.add_module(f"{name}_fusion", CrossAttentionFusion(m.width, m.heads, m.mlp_dim, p.fusion_depth))
         ids = tokenizer(m.context_length)
         self.first_special_id = min(ids.sot_token_id, ids.eot_token_id, m.vocab_size)  # ids at or above: markers
+
+    @classmethod
+    def pairs(cls, config: Config) -> tuple[str, ...]:
+        return config.pretrain.modalities
 
     def stage(self, step: int) -> str:
         return stage_at(step, self.pretrain_config)
@@ -154,46 +173,56 @@ class MaskedPretraining(PairsObjective):
         """The contrastive temperature gets no gradient here; it is kept within CLIP's bound all the same."""
         clamp_logit_scale(self.model.logit_scale)
 
-    def forward(self, images: Tensor, tokens: Tensor, step: int) -> ObjectiveOutput:
-        """One step's task on a batch of pairs → (loss, its parts detached, routing). Images come as
-        the loader's uint8 or as normalised floats."""
+    def forward(self, inputs: Tensor, tokens: Tensor, step: int) -> ObjectiveOutput:
+        """One step's task on a batch of pairs → (loss, its parts detached, routing). The inputs are
+        images (the loader's uint8, or normalised floats) or audio clips [B, T] float32."""
         task = task_at(step, self.pretrain_config)
-        images = normalize(images) if images.dtype == torch.uint8 else images
+        inputs = normalize(inputs) if inputs.dtype == torch.uint8 else inputs
         terms = {}
-        if task.predicts == "image":
-            predicted, routing = self.predict_image(images, tokens if task.given_other else None, step)
-            loss = masked_patch_loss(predicted.prediction, predicted.target, predicted.hidden)
-            weight = self.pretrain_config.image_loss_weight
-        else:
-            predicted, routing = self.predict_text(tokens, images if task.given_other else None, step)
+        predicted, routing = self.predict(task, inputs, tokens, step)
+        if task.predicts == "text":
             loss, terms[f"{task.name}_accuracy"] = masked_token_loss(predicted.logits, predicted.targets,
                                                                      _per_rank_share(predicted.targets))
-            weight = self.pretrain_config.text_loss_weight
+        else:
+            loss = masked_patch_loss(predicted.prediction, predicted.target, predicted.hidden)
         aux, parts = auxiliary_loss(routing, self.loss_config, loss.device)
-        total = weight * loss + aux
+        total = self.pretrain_config.loss_weight(task.predicts) * loss + aux
         terms.update({"loss": total, f"{task.name}_loss": loss, "auxiliary": aux, **parts})
         return ObjectiveOutput(total, {k: v.detach().float() for k, v in terms.items()}, routing)
 
-    def predict_image(self, images: Tensor, tokens: Optional[Tensor], step: int) -> tuple[PatchPrediction, list[LayerRouting]]:
-        """MAE on images [B, 3, H, W]: encode the visible patches (with the caption tokens [B, L]
-        alongside when given, fused in after the tower), decode every patch."""
-        config = self.model.config
-        keep = patch_keep_at(step, self.seed, "masked_image", images, config.num_patches,
-                             self.pretrain_config.image_mask_ratio)  # [B, K]
-        streams = {"image": self.model.embed("image", images, keep=keep)}
+    def predict(self, task: MaskedModellingTask, inputs: Tensor, tokens: Tensor,
+                step: int) -> tuple[Union[PatchPrediction, TokenPrediction], list[LayerRouting]]:
+        """`task` on a batch of pairs: inputs [B, ...] of the patch modality, captions [B, L]."""
+        if task.predicts == "text":
+            return self.predict_text(tokens, inputs if task.given_other else None, step)
+        return self.predict_patches(inputs, tokens if task.given_other else None, step)
+
+    def predict_patches(self, inputs: Tensor, tokens: Optional[Tensor],
+                        step: int) -> tuple[PatchPrediction, list[LayerRouting]]:
+        """MAE on images [B, 3, H, W] (AudioMAE on clips [B, T]): encode the visible patches (with
+        the caption tokens [B, L] alongside when given, fused in after the tower), decode every patch."""
+        name = self.modalities[0]
+        embedder = self.model.embedders[name]
+        keep = patch_keep_at(step, self.seed, f"masked_{name}", inputs, embedder.num_patches,
+                             self.pretrain_config.mask_ratio(name))  # [B, K]
+        streams = {name: self.model.embed(name, inputs, keep=keep)}
         if tokens is not None:
             streams["text"] = self.model.embed("text", tokens)
         streams, routing = self.model.tower(streams)
-        visible = streams["image"].x[:, -keep.shape[1]:]  # [B, K, d] (without a class token)
+        visible = streams[name].x[:, -keep.shape[1]:]  # [B, K, d] (without a class token)
         if tokens is not None:
-            visible = self.image_fusion(visible, streams["text"].x, context_real=streams["text"].key_mask)
-        prediction = self.image_decoder(visible, keep)  # [B, N, p·p·3]
-        target = normalized_pixels(patchify(images, config.patch_size))
-        return PatchPrediction(prediction, target, masked_patches(keep, config.num_patches)), routing
+            visible = self._fusion(name)(visible, streams["text"].x, context_real=streams["text"].key_mask)
+        prediction = self.get_submodule(f"{name}_decoder")(visible, keep)  # [B, N, P]
+        target = normalized_patches(embedder.patch_values(inputs))  # [B, N, P]
+        return PatchPrediction(prediction, target, masked_patches(keep, embedder.num_patches)), routing
 
-    def predict_text(self, tokens: Tensor, images: Optional[Tensor], step: int) -> tuple[TokenPrediction, list[LayerRouting]]:
-        """BERT on captions [B, L] (with the whole images [B, 3, H, W] alongside when given, fused
-        in after the tower): predict the masked tokens. Padding and the start/end markers are
+    def _fusion(self, predicted: str) -> CrossAttentionFusion:
+        """The fusion through which the tokens of the `predicted` modality attend to the other's."""
+        return self.get_submodule(f"{predicted}_fusion")
+
+    def predict_text(self, tokens: Tensor, inputs: Optional[Tensor], step: int) -> tuple[TokenPrediction, list[LayerRouting]]:
+        """BERT on captions [B, L] (with the whole inputs of the patch modality alongside when given,
+        fused in after the tower): predict the masked tokens. Padding and the start/end markers are
         never masked; padding is never routed."""
         generator = step_generator(self.seed, step, "masked_text", tokens.device)
         maskable = (tokens != PAD_TOKEN) & (tokens < self.first_special_id)  # [B, L]
@@ -202,12 +231,13 @@ class MaskedPretraining(PairsObjective):
                                    generator, BatchShard.for_rank(*rank_and_world(), tokens.shape[0]))
         streams = {"text": self.model.embed("text", corrupted.tokens, at_mask=corrupted.at_mask,
                                             mask_embedding=self.mask_embedding)}
-        if images is not None:
-            streams["image"] = self.model.embed("image", images)
+        other = self.modalities[0]
+        if inputs is not None:
+            streams[other] = self.model.embed(other, inputs)
         streams, routing = self.model.tower(streams)
         x = streams["text"].x  # [B, L, d]
-        if images is not None:
-            x = self.text_fusion(x, streams["image"].x, x_real=streams["text"].key_mask)
+        if inputs is not None:
+            x = self._fusion("text")(x, streams[other].x, x_real=streams["text"].key_mask)
         predicted = corrupted.targets != IGNORE  # [B, L]
         # Only the T masked tokens are scored against the vocabulary (a selection that costs one
         # host sync; scoring all B·L positions against ~49k ids would cost far more).

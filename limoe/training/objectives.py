@@ -11,8 +11,8 @@ step, and the step source that produces each optimizer step — and never ask wh
 - `CoTrainingObjective` (`limoe train` with `tasks:`): the same plus classification; each step runs
   the tasks the schedule names (`limoe.training.cotraining`), at the learning rate scaled by the
   task's lr_scale.
-- `MaskedPretraining` (`limoe pretrain`, in `limoe.pretraining.objective`): masked image and
-  language modelling on `data.train`'s pairs.
+- `MaskedPretraining` (`limoe pretrain`, in `limoe.pretraining.objective`): masked image (or
+  audio) and language modelling on `data.train`'s pairs.
 
 The objective is chosen once, where the run is started: `objective_for(config)` for `limoe train`,
 `MaskedPretraining` by `limoe pretrain`. Each objective's `name` is saved with every checkpoint, so
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from limoe.config import Config, LossConfig
 from limoe.data.pipeline import expand_shards
 from limoe.data.preprocess import normalize
+from limoe.errors import LimoeError
 from limoe.modalities import DEFAULT_MODALITIES
 from limoe.model.routing import LayerRouting
 from limoe.model.tower import Limoe
@@ -69,6 +70,11 @@ class PairsObjective(nn.Module):
     learning rate of the schedule (contrastive training and masked pretraining)."""
 
     @classmethod
+    def pairs(cls, config: Config) -> tuple[str, ...]:
+        """The modalities of `data.train`'s pairs: the inputs' (what the loader reads), the captions'."""
+        return DEFAULT_MODALITIES
+
+    @classmethod
     def check(cls, config: Config, world_size: int) -> None:
         """Before anything is built: `data.train`'s shards exist, and the batch splits over the
         `world_size` processes into whole routing groups (and micro-batches)."""
@@ -89,7 +95,7 @@ class PairsObjective(nn.Module):
         """Each step one batch of `data.train` (the loader resumed at `start`; `clock` adds up the waits
         for batches) through `limoe.training.step.train_step`."""
         loader = train_loader_for(config, config.data.train, config.train.batch_size, session.world_size,
-                                  session.device, start)
+                                  session.device, start, modality=self.pairs(config)[0])
         batches = iter(DeviceBatches(loader, session.device, clock))
 
         def run(step: int) -> StepOutcome:
@@ -118,6 +124,16 @@ class ContrastiveObjective(PairsObjective):
     """
 
     name = CONTRASTIVE
+
+    @classmethod
+    def check(cls, config: Config, world_size: int) -> None:
+        """`pretrain.modalities` other than image–text belongs to `limoe pretrain`, then `data.train`
+        and the batch split."""
+        if config.pretrain.modalities != cls.pairs(config):
+            raise LimoeError(f"pretrain.modalities {list(config.pretrain.modalities)} is for limoe pretrain; limoe "
+                             f"train without tasks: trains on image–text pairs. Co-train other modalities with "
+                             f"tasks[].modalities, or drop pretrain.modalities.")
+        super().check(config, world_size)
 
     def __init__(self, model: Limoe, config: Config):
         super().__init__()

@@ -345,6 +345,34 @@ def test_an_audio_task_is_planned_with_its_clips_by_hand():
     assert "log-mel 0.17 MiB per clip on the GPU; 0.2 MiB of waveforms per batch on the host" in line
 
 
+# Audio pretraining of the same model (pretrain.modalities), without tasks: 16 clips and captions a step.
+AUDIO_PRETRAINING = [*AUDIO[:3], "pretrain.modalities=[audio, text]", "train.batch_size=16"]
+
+
+def test_audio_pretraining_is_planned_with_its_clips():
+    """On 2 GPUs, 8 audio-text pairs each, as the audio task above: the same waveform bytes by hand,
+    the activations of audio-text pairs, and the report's audio line."""
+    plan = plan_memory(load_config("configs/pretrain/demo.yaml", [*TINY, *AUDIO_PRETRAINING], kind="pretrain"), 2,
+                       80 * GiB)
+    [step] = plan.workloads
+    assert (step.modalities, step.local) == (("audio", "text"), 8)
+    assert set(plan.profile.per_example) == {("text", "audio"), ("text",), ("audio",)}
+    breakdown = plan.step_breakdown(step, Setting("none", None))
+    assert breakdown.inputs == 378_880
+    assert breakdown.activations == round(plan.profile.per_example[("text", "audio")]["none"] * 8)
+    report = _plan_report("--config", "configs/pretrain/demo.yaml", "--gpus", "2",
+                          *(f"--set={o}" for o in [*TINY, *AUDIO_PRETRAINING]))
+    [line] = [line for line in report if line.startswith("audio ")]
+    assert "6 tokens per clip (3 x 2 patches of 16, 34 frames of 0.37 s)" in line
+    assert any(line.startswith("input clips ") for line in report)
+
+
+def test_pretraining_a_modality_the_model_lacks_is_refused_by_the_plan():
+    refused(["plan", "--gpus", "1", "--gpu-memory", "80", "--config", "configs/pretrain/demo.yaml",
+             *set_options("pretrain.modalities=[audio, text]")],
+            "pretrain.modalities names 'audio', which is not one of model.modalities (image, text)")
+
+
 VIDEO = ["model.modalities=[image, text, video]", "model.video.frames=6", "model.video.tubelet_frames=3"]
 
 

@@ -9,7 +9,8 @@ from limoe.data.pipeline import eval_loader
 from limoe.data.preprocess import tokenizer
 from limoe.model.masking import masked_patches, random_patch_keep, step_generator
 from limoe.model.tower import Limoe
-from limoe.pretraining.losses import masked_patch_loss, normalized_pixels, patchify
+from limoe.modalities.patches import patchify
+from limoe.pretraining.losses import masked_patch_loss, normalized_patches
 from limoe.pretraining.objective import MaskedPretraining, stage_at, task_at
 
 SMALL = ["pretrain.decoder_width=32", "pretrain.decoder_depth=1", "pretrain.decoder_heads=2",
@@ -43,12 +44,12 @@ def test_changing_visible_patches_targets_leaves_the_masked_image_loss_unchanged
     keep = random_patch_keep(len(images), 64, 0.75, step_generator(0, 0, "test", torch.device("cpu")))
     hidden = masked_patches(keep, 64)
     prediction = torch.randn(len(images), 64, 8 * 8 * 3)
-    loss = masked_patch_loss(prediction, normalized_pixels(patchify(images, 8)), hidden)
+    loss = masked_patch_loss(prediction, normalized_patches(patchify(images, 8)), hidden)
     patches = patchify(images, 8)
     visible_changed = torch.where(hidden[..., None], patches, torch.randn_like(patches))
-    assert masked_patch_loss(prediction, normalized_pixels(visible_changed), hidden) == loss
+    assert masked_patch_loss(prediction, normalized_patches(visible_changed), hidden) == loss
     hidden_changed = torch.where(hidden[..., None], torch.randn_like(patches), patches)
-    assert masked_patch_loss(prediction, normalized_pixels(hidden_changed), hidden) != loss
+    assert masked_patch_loss(prediction, normalized_patches(hidden_changed), hidden) != loss
 
 
 def test_the_encoder_sees_only_the_visible_patches(emoji):
@@ -56,11 +57,11 @@ def test_the_encoder_sees_only_the_visible_patches(emoji):
     the targets but not the prediction."""
     objective = _objective().eval()
     with torch.no_grad():
-        first, _ = objective.predict_image(emoji.images, None, step=0)
+        first, _ = objective.predict_patches(emoji.images, None, step=0)
         changed = emoji.images.clone()
         hidden = first.hidden.view(-1, 8, 8).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [B, 64, 64] pixels
         changed[hidden[:, None].expand_as(changed)] = 5.0
-        second, routing = objective.predict_image(changed, None, step=0)
+        second, routing = objective.predict_patches(changed, None, step=0)
     assert routing[0].expert.shape == (32, 16)  # 64 patches, 75% hidden: 16 routed per image
     torch.testing.assert_close(second.prediction, first.prediction)
     assert not torch.equal(second.target, first.target)
@@ -101,7 +102,7 @@ def test_the_objective_learns_on_a_fixed_batch(emoji, one_thread):
         optimizer.step()
     objective.eval()
     with torch.no_grad():
-        image, _ = objective.predict_image(emoji.images, None, step=0)
+        image, _ = objective.predict_patches(emoji.images, None, step=0)
         text, _ = objective.predict_text(emoji.tokens, None, step=1)
     error = masked_patch_loss(image.prediction, image.target, image.hidden)
     zero = masked_patch_loss(torch.zeros_like(image.target), image.target, image.hidden)
