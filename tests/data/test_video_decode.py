@@ -16,41 +16,11 @@ from limoe.data.crops import crop_in_worker, draw_box
 from limoe.data.preprocess import eval_crop
 from limoe.data.video import UnusableVideo, count_frames, crop_clip, decode_frames, frame_indices, require_pyav
 from limoe.errors import LimoeError
+from tests.helpers import filmstrip_bytes as _filmstrip
+from tests.helpers import frame_indices_shown as _indices
+from tests.helpers import video_bytes as _video
 
 av = pytest.importorskip("av")
-
-LEVEL_STEP = 13  # grey levels from one frame to the next: 19 frames fit in 8 bits, and codecs round by less
-
-
-def _level(index: int) -> int:
-    return 5 + LEVEL_STEP * index
-
-
-def _indices(clip: list[Image.Image]) -> list[int]:
-    """The source frame each decoded frame shows, from its mean grey level."""
-    return [round((np.asarray(frame, dtype=np.float64).mean() - 5) / LEVEL_STEP) for frame in clip]
-
-
-def _filmstrip(count: int, side: int, extra_columns: int = 0, format: str = "PNG") -> bytes:
-    strip = Image.new("RGB", (count * side + extra_columns, side), (250, 0, 0))  # the extra columns: no frame
-    for index in range(count):
-        strip.paste(Image.new("RGB", (side, side), (_level(index),) * 3), (index * side, 0))
-    out = io.BytesIO()
-    strip.save(out, format=format, quality=95)
-    return out.getvalue()
-
-
-def _video(count: int, width: int = 34, height: int = 22, codec: str = "libx264", format: str = "mp4") -> bytes:
-    out = io.BytesIO()
-    with av.open(out, "w", format=format) as container:
-        stream = container.add_stream(codec, rate=12)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(count):
-            pixels = np.full((height, width, 3), _level(index), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        container.mux(stream.encode())
-    return out.getvalue()
-
 
 def test_frame_indices_worked_by_hand():
     assert frame_indices(20, 4, 3, "centre") == [5, 8, 11, 14]  # span 10, slack 10: start 5
