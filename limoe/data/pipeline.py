@@ -76,7 +76,9 @@ from limoe.data.preprocess import eval_crop, normalize, tokenizer
 from limoe.files import read_text_file
 from limoe.data.audio import AUDIO_EXTENSIONS, UnusableAudio, decode_clip
 from limoe.data.images import Header, UnusableImage, decode_rgb, read_header
-from limoe.data.video import VIDEO_EXTENSIONS, UnusableVideo, crop_clip, decode_frames
+from limoe.data.video import (
+    VIDEO_EXTENSIONS, VIDEO_FILE_EXTENSIONS, UnusableVideo, crop_clip, decode_frames, require_pyav,
+)
 from limoe.data.sources import mixing_weights
 from limoe.data.tar_members import shard_samples
 
@@ -136,16 +138,23 @@ def _resolve(path: str) -> list[str]:
     return [path]
 
 
+def _first_sample(shard: str) -> Optional[dict]:
+    """The first sample of a local shard, for checks made before any worker starts: {} when the
+    shard holds none, None when it cannot be checked here (remote, or unreadable: the loader
+    counts that as bad data)."""
+    if REMOTE.match(shard):
+        return None
+    try:
+        return next(iter(shard_samples(shard)), {})
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+        return None
+
+
 def require_labels(spec: str) -> None:
     """Fail early when a classification set's first sample has no `.cls` label (local shards only)."""
     first = expand_shards(spec)[0]
-    if REMOTE.match(first):
-        return
-    try:
-        sample = next(iter(shard_samples(first)), None)
-    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
-        return  # an unreadable shard is the loader's to count as bad data
-    if sample is None or "cls" not in sample:
+    sample = _first_sample(first)
+    if sample is not None and "cls" not in sample:
         raise LimoeError(
             f"shard {first} holds no .cls labels, so it cannot feed a classification task; build labelled shards "
             f"with `limoe shards build --classification`, or make the task contrastive."
@@ -595,6 +604,14 @@ def _modality_settings(modality: str, sample_rate: Optional[int], clip_seconds: 
                          f"{frames}, frame_stride {frame_stride}); set model.video.frames and model.video.frame_stride.")
 
 
+def _require_video_decoder(shards: list[str]) -> None:
+    """Stop before any worker starts when the first shard holds video files and PyAV is missing:
+    the error of a worker reaches the user wrapped in its traceback."""
+    sample = _first_sample(shards[0])
+    if sample and any(extension in sample for extension in VIDEO_FILE_EXTENSIONS):
+        require_pyav()
+
+
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
     """The given rank and world size (tests pass them), else the process group's."""
     if rank is not None and world_size is not None:
@@ -683,6 +700,9 @@ def train_loader(
     if not sources:
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
     shards = [expand_shards(source.shards) for source in sources]
+    if modality == "video":
+        for urls in shards:
+            _require_video_decoder(urls)
     parts = world_size * max(workers, 1)
     for source, urls in zip(sources, shards):
         if not resampled and len(urls) < parts:
@@ -738,8 +758,11 @@ def eval_loader(
     _modality_settings(modality, sample_rate, clip_seconds, frames, frame_stride)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
+    shards = expand_shards(spec)
+    if modality == "video":
+        _require_video_decoder(shards)
     stream = _ShardStream(
-        [expand_shards(spec)], [1.0], train=False, batch_size=batch_size, image_size=image_size,
+        [shards], [1.0], train=False, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
         rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
         resize_on=resize_on, decode_on=decode_on, modality=modality, sample_rate=sample_rate,

@@ -39,6 +39,7 @@ from limoe.data.shards import VIDEO_SUFFIXES, to_rgb
 from limoe.errors import LimoeError
 
 VIDEO_EXTENSIONS = tuple(suffix[1:] for suffix in VIDEO_SUFFIXES)  # the shard members read as video, preferred first
+VIDEO_FILE_EXTENSIONS = ("mp4", "webm")  # those PyAV decodes; the others are filmstrips
 FILMSTRIP_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: the strip formats, told by their bytes
 
 

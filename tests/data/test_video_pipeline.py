@@ -5,6 +5,7 @@ clips stored by the build byte for byte as they were."""
 
 import io
 import itertools
+import sys
 import json
 from pathlib import Path
 
@@ -175,3 +176,15 @@ def test_bad_video_builds_are_one_line_and_exit_2(clips, tmp_path, extra, messag
     refused(["shards", "build", "--video", str(folder), "--captions", str(captions), "--output", str(tmp_path / "out"),
              *[item.format(folder=folder) for item in extra]], message)
     assert not list(tmp_path.rglob("*.tar"))
+
+
+def test_video_files_without_pyav_stop_before_any_worker_starts(clips, tmp_path, monkeypatch):
+    folder, captions, _ = clips
+    run_limoe(["shards", "build", "--video", str(folder), "--captions", str(captions), "--output", str(tmp_path / "out")])
+    monkeypatch.setitem(sys.modules, "av", None)  # import av then raises ImportError
+    with pytest.raises(LimoeError, match=r"^reading mp4 or webm video needs PyAV, which is not installed: pip install av$"):
+        eval_loader(str(tmp_path / "out"), 2, 8, CONTEXT, 2, modality="video", frames=2, frame_stride=1)
+    with pytest.raises(LimoeError, match="pip install av"):
+        _video_train(tmp_path / "out", 2, 2, 1, 8)
+    batch = next(iter(_video_train(DEMO / "video_train", 2, 2, 1, 8)))  # filmstrips need no PyAV
+    assert batch.images.shape == (2, 2, 3, 8, 8)
