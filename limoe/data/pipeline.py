@@ -68,7 +68,7 @@ from limoe.config import ModelConfig, ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
-    Uncropped, Window, box_pixels, centre_region, centre_window, crop_in_worker, draw_box, encoded_batch,
+    Uncropped, Window, box_pixels, centre_region, centre_window, crop_clip, crop_in_worker, draw_box, encoded_batch,
     largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
 )
 from limoe.data.device_decode import FALLBACKS, Region
@@ -77,7 +77,7 @@ from limoe.files import read_text_file
 from limoe.data.audio import AUDIO_EXTENSIONS, UnusableAudio, decode_clip
 from limoe.data.images import Header, UnusableImage, decode_rgb, read_header
 from limoe.data.video import (
-    VIDEO_EXTENSIONS, VIDEO_FILE_EXTENSIONS, UnusableVideo, crop_clip, decode_frames, require_pyav,
+    VIDEO_EXTENSIONS, VIDEO_FILE_EXTENSIONS, UnusableVideo, decode_frames, require_pyav,
 )
 from limoe.data.sources import mixing_weights
 from limoe.data.tar_members import shard_samples
@@ -494,7 +494,7 @@ class _ShardStream(IterableDataset):
     def _prepare(self, image: Union[Image.Image, np.ndarray, tuple[Header, bytes], list[Image.Image]]
                  ) -> Union[np.ndarray, Window, tuple]:
         """What a batch carries of one decoded input: an audio clip as it is (cropped when decoded);
-        a video clip's frames cropped by one box to [T, 3, S, S] uint8 (`limoe.data.video.crop_clip`);
+        a video clip's frames cropped by one box to [T, 3, S, S] uint8 (`limoe.data.crops.crop_clip`);
         an image's [S, S, 3] uint8 crop, or with resize_on="device" the [h, w, 3] uint8 pixels of its
         random box (training) or the pixels around its centre crop and the crop's window in them
         (evaluation). With decode_on="device" the image is (header, bytes), and the same boxes are

@@ -56,13 +56,15 @@ from tqdm import tqdm
 
 from limoe.data.audio import AUDIO_EXTENSIONS
 from limoe.data.class_folders import class_folder_names
+from limoe.data.images import to_rgb
+from limoe.data.video import VIDEO_EXTENSIONS, UnusableVideo, count_frames
 from limoe.errors import LimoeError, warn
 from limoe.files import read_text_file, refuse_overwriting_inputs
 from limoe.prompt_templates import load_templates
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_SUFFIXES = tuple(f".{extension}" for extension in AUDIO_EXTENSIONS)
-VIDEO_SUFFIXES = (".mp4", ".webm", ".png", ".jpg")  # video files, then filmstrips (limoe.data.video)
+VIDEO_SUFFIXES = tuple(f".{extension}" for extension in VIDEO_EXTENSIONS)
 INPUTS = {"image": (IMAGE_SUFFIXES, "images"), "audio": (AUDIO_SUFFIXES, "audio"),
           "video": (VIDEO_SUFFIXES, "videos")}  # suffixes, plural in counts
 OPTIONS = {"image": "--images", "audio": "--audio", "video": "--video"}  # the command's option for each
@@ -368,8 +370,6 @@ def _describe_audio(data: bytes) -> Optional[dict]:
 
 def _describe_video(data: bytes) -> Optional[dict]:
     """What the `.json` says of a video file or filmstrip, or None when it has no frame to read."""
-    from limoe.data.video import UnusableVideo, count_frames  # which imports this module (for to_rgb)
-
     try:
         frames, width, height = count_frames(data)
     except UnusableVideo:
@@ -391,16 +391,6 @@ def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[i
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return buffer.getvalue(), image.size, original
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white rather than dropped, which would show
-    whatever colour the transparent pixels happen to hold (often black)."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def write_shards(samples: Iterable[dict], pattern: Path, maxcount: int, compress: bool) -> int:

@@ -12,11 +12,7 @@ cropped. A clip shorter than the span repeats its last frame to fill the window,
 clip is padded at its end: real sets mix lengths, and refusing short clips would drop a set's
 shortest actions wholesale. A clip with no frame at all is a bad sample.
 
-Space: one crop box for the whole clip, so a motion is not mistaken for a jump between crops.
-Training draws it from the image training crop's distribution (`limoe.data.crops.draw_box`, the
-torch generator the image crops use) and resizes it per frame with PIL as `crop_in_worker` does;
-evaluation resizes the shorter side and centre-crops (`preprocess.eval_crop`). Clips are always
-cropped in the worker (`data.resize_on` is an image setting).
+Space is cropped by `limoe.data.crops.crop_clip`: one box for every frame of a clip.
 
 A file that does not decode, holds no video stream, no frame, or more pixels per frame than an
 image may have is skipped and counted like a corrupt image (`UnusableVideo`'s reason is the
@@ -29,16 +25,12 @@ import io
 import random
 from typing import Literal, Optional
 
-import numpy as np
 from PIL import Image
 
-from limoe.data.crops import crop_in_worker, draw_box
-from limoe.data.images import MAX_PIXELS
-from limoe.data.preprocess import eval_crop
-from limoe.data.shards import VIDEO_SUFFIXES, to_rgb
+from limoe.data.images import MAX_PIXELS, to_rgb
 from limoe.errors import LimoeError
 
-VIDEO_EXTENSIONS = tuple(suffix[1:] for suffix in VIDEO_SUFFIXES)  # the shard members read as video, preferred first
+VIDEO_EXTENSIONS = ("mp4", "webm", "png", "jpg")  # the shard members read as video, preferred first
 VIDEO_FILE_EXTENSIONS = ("mp4", "webm")  # those PyAV decodes; the others are filmstrips
 FILMSTRIP_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG: the strip formats, told by their bytes
 
@@ -67,17 +59,6 @@ def decode_frames(data: bytes, frames: int, stride: int, crop: Literal["random",
         wanted = frame_indices(strip.width // height, frames, stride, crop, rng)
         return [strip.crop((index * height, 0, (index + 1) * height, height)) for index in wanted]
     return _decode_video_file(data, frames, stride, crop, rng)
-
-
-def crop_clip(clip: list[Image.Image], image_size: int, train: bool) -> np.ndarray:
-    """[T, 3, S, S] uint8: every frame cropped by one box — drawn at random in training, the eval
-    transform's centre crop otherwise — and resized to S × S."""
-    if train:
-        box = draw_box(clip[0], image_size)
-        crops = [crop_in_worker(frame, box, image_size) for frame in clip]  # each [S, S, 3]
-    else:
-        crops = [np.asarray(eval_crop(image_size)(frame)) for frame in clip]
-    return np.stack(crops).transpose(0, 3, 1, 2)
 
 
 def count_frames(data: bytes) -> tuple[int, int, int]:

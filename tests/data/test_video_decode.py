@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from limoe.data.crops import crop_in_worker, draw_box
+from limoe.data.crops import crop_clip, crop_in_worker, draw_box
 from limoe.data.preprocess import eval_crop
-from limoe.data.video import UnusableVideo, count_frames, crop_clip, decode_frames, frame_indices, require_pyav
+from limoe.data.video import UnusableVideo, count_frames, decode_frames, frame_indices, require_pyav
 from limoe.errors import LimoeError
 from tests.helpers import filmstrip_bytes as _filmstrip
 from tests.helpers import frame_indices_shown as _indices

@@ -15,11 +15,11 @@ import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from limoe.cli import main
 from limoe.config import ShardSource
 from limoe.data.pipeline import eval_loader, train_loader
 from limoe.data.preprocess import normalize
-from limoe.data.video import crop_clip, decode_frames
+from limoe.data.crops import crop_clip
+from limoe.data.video import decode_frames
 from limoe.errors import LimoeError
 from tests.helpers import filmstrip_bytes, frame_indices_shown, refused, run_limoe, video_bytes
 
