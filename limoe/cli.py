@@ -118,7 +118,8 @@ def _shards_build(args) -> int:
 
     output = check_output_directory(args.output, "--output")
     counts = build_shards(
-        folder=Path(args.images or args.audio or args.video), captions=Path(args.captions) if args.captions else None, output=output,
+        folder=Path(args.images or args.audio or args.video), output=output,
+        captions=Path(args.captions) if args.captions else None,
         image_size=args.image_size, maxcount=args.maxcount, classification=args.classification, layout=args.layout,
         progress=True, modality="audio" if args.audio else "video" if args.video else "image",
     )

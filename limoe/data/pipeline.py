@@ -318,9 +318,9 @@ def _caption(sample: dict) -> str:
 
 
 def _listed_caption(sample: dict, draws: Optional[random.Random]) -> str:
-    """The `.txt` caption, else one of the captions LAION-CLAP's audio shards (and video shards) list in the `.json`
-    sidecar's `"text"` (a string or a list): drawn with `draws` in training, so that every one is
-    used, and the first in evaluation. Empty entries of the list are passed over."""
+    """The `.txt` caption, else one of the captions LAION-CLAP's audio shards (and video shards) list
+    in the `.json` sidecar's `"text"` (a string or a list): drawn with `draws` in training, so that
+    every one is used, and the first in evaluation. Empty entries of the list are passed over."""
     if "txt" in sample or "json" not in sample:
         return _caption(sample)
     try:
@@ -546,9 +546,10 @@ class _ShardStream(IterableDataset):
                 return
 
     def _decoder(self, draws: Optional[random.Random]) -> Callable[[bytes], object]:
-        """Encoded bytes → an audio clip at the model's rate and length; a video clip's frames; an RGB image decoded with
-        its shorter side reduced towards what the crop needs where it is much larger; or, with
-        decode_on="device", only the image's header read (and its bytes kept for the device)."""
+        """Encoded bytes → an audio clip at the model's rate and length; a video clip's frames; an RGB
+        image decoded with its shorter side reduced towards what the crop needs where it is much
+        larger; or, with decode_on="device", only the image's header read (and its bytes kept for
+        the device)."""
         if self.modality == "audio":
             return functools.partial(_decode_audio, rate=self.sample_rate, seconds=self.clip_seconds, draws=draws)
         if self.modality == "video":
@@ -625,24 +626,32 @@ def _check_decode_on(resize_on: str, decode_on: str) -> None:
 
 
 def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
-                               resize_on: Literal["worker", "device"] = "worker") -> None:
+                               resize_on: Literal["worker", "device"] = "worker", frames: int = 1) -> None:
     """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
     this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
     more is being trained on and one collated (two with no workers). Uncropped batches
-    (resize_on="device") are counted at the largest box they can carry."""
-    side = largest_box_side(image_size) if resize_on == "device" else image_size
-    batch_bytes = batch_size * 3 * side * side  # uint8 [B, 3, S, S] as training batches travel, or [B, H, W, 3]
+    (resize_on="device") are counted at the largest box they can carry; video clips as `frames`
+    images each (they are always cropped in the worker)."""
+    side = largest_box_side(image_size) if resize_on == "device" and frames == 1 else image_size
+    # uint8 [B, 3, S, S] as training batches travel, [B, H, W, 3] uncropped, or [B, T, 3, S, S] video clips
+    batch_bytes = batch_size * frames * 3 * side * side
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
     needed = batch_bytes * in_flight * processes_here
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
         raise LimoeError(
-            f"train.batch_size gives {batch_size} pairs per process, whose images alone need {needed / 2**30:.3g} GiB "
-            f"of host memory ({in_flight} batches in flight with data.workers {workers}, x {processes_here} "
-            f"processes on this machine{', uncropped for data.resize_on device' if resize_on == 'device' else ''}), "
+            f"train.batch_size gives {batch_size} pairs per process, whose {'clips' if frames > 1 else 'images'} "
+            f"alone need {needed / 2**30:.3g} GiB of host memory ({in_flight} batches in flight with data.workers "
+            f"{workers}, x {processes_here} processes on this machine{_counted_as(resize_on, frames)}), "
             f"more than its {available / 2**30:.0f} GiB; lower train.batch_size or spread it over more machines."
         )
+
+
+def _counted_as(resize_on: str, frames: int) -> str:
+    if frames > 1:
+        return f", {frames} frames a clip"
+    return ", uncropped for data.resize_on device" if resize_on == "device" else ""
 
 
 def loader_options(config: ModelConfig, modality: str) -> dict:
