@@ -188,3 +188,21 @@ def test_video_files_without_pyav_stop_before_any_worker_starts(clips, tmp_path,
         _video_train(tmp_path / "out", 2, 2, 1, 8)
     batch = next(iter(_video_train(DEMO / "video_train", 2, 2, 1, 8)))  # filmstrips need no PyAV
     assert batch.images.shape == (2, 2, 3, 8, 8)
+
+
+def test_video_class_folders_give_labels_and_classnames(tmp_path):
+    root = tmp_path / "actions"
+    for name, data in {"waving_hand/a.png": filmstrip_bytes(3, 6), "waving_hand/b.mp4": video_bytes(4),
+                       "jumping/c.png": filmstrip_bytes(5, 6)}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    out = run_limoe(["shards", "build", "--video", str(root), "--classification", "--output", str(tmp_path / "out")])
+    assert out.split() == ["samples=3", "shards=1", "unreadable_videos=0", "classes=2"]
+    assert (tmp_path / "out" / "classnames.txt").read_text() == "jumping\nwaving hand\n"
+    loader = eval_loader(str(tmp_path / "out"), 2, 6, CONTEXT, 0, classification=True, modality="video", frames=2,
+                         frame_stride=2)
+    members = _members(tmp_path / "out")
+    assert sorted((json.loads(s["json"])["file"], int(s["cls"])) for s in members.values()) == [
+        ("jumping/c.png", 0), ("waving_hand/a.png", 1), ("waving_hand/b.mp4", 1)]
+    labels = {key: int(label) for batch in loader for key, label in zip(batch.keys, batch.labels)}
+    assert labels == {key: int(sample["cls"]) for key, sample in members.items()}
