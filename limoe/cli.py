@@ -118,9 +118,10 @@ def _shards_build(args) -> int:
 
     output = check_output_directory(args.output, "--output")
     counts = build_shards(
-        folder=Path(args.images or args.audio), captions=Path(args.captions) if args.captions else None, output=output,
+        folder=Path(args.images or args.audio or args.video), output=output,
+        captions=Path(args.captions) if args.captions else None,
         image_size=args.image_size, maxcount=args.maxcount, classification=args.classification, layout=args.layout,
-        progress=True, modality="audio" if args.audio else "image",
+        progress=True, modality="audio" if args.audio else "video" if args.video else "image",
     )
     print(" ".join(f"{key}={value}" for key, value in counts.items()))
     return 0
@@ -334,12 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = command("shards", None, "build webdataset shards")
     shard_commands = shards.add_subparsers(dest="shard_command", required=True, metavar="ACTION")
-    build = command("build", _shards_build, "write shards from images or audio and captions (img2dataset's layout, "
-                    "LAION-CLAP's for audio)", shard_commands)
+    build = command("build", _shards_build, "write shards from images, audio or video and captions (img2dataset's "
+                    "layout, LAION-CLAP's for audio and video)", shard_commands)
     inputs = build.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", help="folder of images (or class folders with --classification)")
     inputs.add_argument("--audio", help="folder of flac, wav, ogg, opus or mp3 files (or class folders with "
                                         "--classification), stored as they are")
+    inputs.add_argument("--video", help="folder of mp4 or webm files, or png/jpg filmstrips of square frames side by "
+                                        "side (or class folders with --classification), stored as they are")
     build.add_argument("--captions", default=None, help="CSV, TSV or JSONL mapping file name to caption (open_clip's filepath/title columns too)")
     build.add_argument("--output", required=True)
     build.add_argument("--image-size", type=_whole_number(1), default=None,

@@ -1,8 +1,8 @@
 """What many tests share, defined once: the settings of a short training run, the fixed setup that
 runs on one and two processes compare under (and the cases a test and its subprocess worker both
 compute), running `limoe` in this process, the check that bad input ends in one line and exit
-status 2, a run killed right after a checkpoint, config files written as YAML, and an image-text
-model widened by one more modality.
+status 2, a run killed right after a checkpoint, config files written as YAML, an image-text
+model widened by one more modality, and video clips whose frames tell their index.
 
 Imported by test modules and by the subprocess workers alike (a worker never imports a test module,
 nor a test module a worker), so it imports nothing from either.
@@ -12,8 +12,10 @@ import contextlib
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 from limoe.cli import main
 from limoe.config import Config, load_config
@@ -197,3 +199,42 @@ def image_text_and_widened(extra: str) -> tuple[Config, Limoe, Config, Limoe]:
     missing, unexpected = large.load_state_dict(small.state_dict(), strict=False)
     assert not unexpected and missing and all(extra in key for key in missing)
     return image_text, small, widened, large
+
+
+# Video clips whose every frame's grey level tells its index, so that a test reads back which
+# source frames a window took.
+FRAME_LEVEL_STEP = 13  # grey levels from one frame to the next: 19 frames fit in 8 bits, and codecs round by less
+
+
+def _frame_level(index: int) -> int:
+    return 5 + FRAME_LEVEL_STEP * index
+
+
+def frame_indices_shown(clip) -> list[int]:
+    """The source frame each frame of `clip` (PIL images, or [T, 3, S, S] uint8) shows, from its mean grey level."""
+    return [round((np.asarray(frame, dtype=np.float64).mean() - 5) / FRAME_LEVEL_STEP) for frame in clip]
+
+
+def filmstrip_bytes(count: int, side: int, extra_columns: int = 0, format: str = "PNG") -> bytes:
+    """A filmstrip of `count` grey side × side frames; `extra_columns` of red after them make no frame."""
+    strip = Image.new("RGB", (count * side + extra_columns, side), (250, 0, 0))
+    for index in range(count):
+        strip.paste(Image.new("RGB", (side, side), (_frame_level(index),) * 3), (index * side, 0))
+    out = io.BytesIO()
+    strip.save(out, format=format, quality=95)
+    return out.getvalue()
+
+
+def video_bytes(count: int, width: int = 34, height: int = 22, codec: str = "libx264", format: str = "mp4") -> bytes:
+    """A video file of `count` grey frames, written with PyAV."""
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format=format) as container:
+        stream = container.add_stream(codec, rate=12)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(count):
+            pixels = np.full((height, width, 3), _frame_level(index), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return out.getvalue()

@@ -20,6 +20,9 @@ The two resizes are the same filter computed differently: PIL in 8-bit fixed poi
 rounded to uint8 before the column pass; the device in float32 and rounded once. Crops of the same
 box differ by at most a grey level or two (of 255), a few hundredths on average;
 `tests/data/test_crops.py` checks this image by image.
+
+Video clips (`crop_clip`) are cropped in the worker whatever `data.resize_on` says: one box, drawn
+as an image's, for every frame of a clip.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torchvision.transforms import functional as F
 
 from limoe.data.device_decode import Encoded, Region, cpu_decode_reason, decode_regions
 from limoe.data.images import Header
-from limoe.data.preprocess import image_transform, normalize
+from limoe.data.preprocess import eval_crop, image_transform, normalize
 
 
 class Box(NamedTuple):
@@ -113,6 +116,19 @@ def crop_in_worker(image: Image.Image, box: Box, image_size: int) -> np.ndarray:
     """[S, S, 3] uint8: `box` of `image` resized with PIL, as RandomResizedCrop does it."""
     crop = _random_resized_crop(image_size)
     return np.asarray(F.resized_crop(image, *box, crop.size, crop.interpolation, antialias=crop.antialias))
+
+
+def crop_clip(clip: list[Image.Image], image_size: int, train: bool) -> np.ndarray:
+    """[T, 3, S, S] uint8: every frame of a video clip cropped by one box and resized to S × S, so
+    that the crop adds no motion: in training a box drawn as an image's (`draw_box`) and resized
+    as `crop_in_worker` does, otherwise the eval transform's resize and centre crop. Clips are
+    always cropped in the worker (`data.resize_on` is an image setting)."""
+    if train:
+        box = draw_box(clip[0], image_size)
+        crops = [crop_in_worker(frame, box, image_size) for frame in clip]  # each [S, S, 3]
+    else:
+        crops = [np.asarray(eval_crop(image_size)(frame)) for frame in clip]
+    return np.stack(crops).transpose(0, 3, 1, 2)
 
 
 def stack_crops(crops: list[np.ndarray]) -> Tensor:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from limoe.data.shards import to_rgb
 
 MAX_PIXELS = 8192 * 8192  # 67 megapixels: 200 MB decoded, beyond any photo a crawl keeps at full size
 MAX_ASPECT_RATIO = 20  # long side / short side: panoramas pass, slivers do not
@@ -74,3 +73,13 @@ def decode_rgb(source: Union[str, Path, BinaryIO], min_side: Optional[int] = Non
         raise
     except Exception:  # decoders for untrusted bytes raise many types (OSError, SyntaxError, struct.error, …)
         raise UnusableImage("bad_image") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white rather than dropped, which would show
+    whatever colour the transparent pixels happen to hold (often black)."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

@@ -12,6 +12,12 @@ lists captions) go through the same stream: each clip is decoded at the model's 
 the worker (`limoe.data.audio.decode_clip`: a random window in training, the centre one in
 evaluation) and batched as float32 waveforms; the model computes the features on the device.
 
+Video shards (`modality="video"`: `KEY.mp4`, `KEY.webm`, or a filmstrip `KEY.png` / `KEY.jpg`, with
+captions as audio's) are decoded in the worker to `frames` frames `frame_stride` source frames
+apart (`limoe.data.video`: a random window and one random crop box for all frames in training, the
+centre window and the eval crop in evaluation) and batched as uint8 [B, T, 3, S, S], normalised
+where images are.
+
 Training (`train_loader`) is an endless stream of image-caption pairs, or of labelled images
 for a classification task: shards are either resampled with replacement
 (each rank and worker drawing with its own seed, LAION-style) or shuffled every epoch and split
@@ -28,9 +34,10 @@ raises LimoeError naming the offending shard and key.
 
 Randomness is seeded: shard order, mixing and shuffling use per-rank, per-worker
 `random.Random` instances derived from `seed`, and the DataLoader's generator seeds torch (for
-the random image crops) in each worker. With `workers=0` image crops draw from the main process's
-torch generator, which the trainer seeds. Audio windows and the caption drawn from a sample's list
-come from a `random.Random` of their own per rank and worker, whatever the worker count.
+the random image and video crops) in each worker. With `workers=0` those crops draw from the main
+process's torch generator, which the trainer seeds. Audio and video windows and the caption drawn
+from a sample's list come from a `random.Random` of their own per rank and worker, whatever the
+worker count.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ from limoe.config import ModelConfig, ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
 from limoe.data.crops import (
-    Uncropped, Window, box_pixels, centre_region, centre_window, crop_in_worker, draw_box, encoded_batch,
+    Uncropped, Window, box_pixels, centre_region, centre_window, crop_clip, crop_in_worker, draw_box, encoded_batch,
     largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
 )
 from limoe.data.device_decode import FALLBACKS, Region
@@ -69,13 +76,17 @@ from limoe.data.preprocess import eval_crop, normalize, tokenizer
 from limoe.files import read_text_file
 from limoe.data.audio import AUDIO_EXTENSIONS, UnusableAudio, decode_clip
 from limoe.data.images import Header, UnusableImage, decode_rgb, read_header
+from limoe.data.video import (
+    VIDEO_EXTENSIONS, VIDEO_FILE_EXTENSIONS, UnusableVideo, decode_frames, require_pyav,
+)
 from limoe.data.sources import mixing_weights
 from limoe.data.tar_members import shard_samples
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
-Modality = Literal["image", "audio"]
+MEMBERS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}  # what each modality reads
+Modality = Literal["image", "audio", "video"]
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # streamed by webdataset; cannot be checked here
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
@@ -127,16 +138,23 @@ def _resolve(path: str) -> list[str]:
     return [path]
 
 
+def _first_sample(shard: str) -> Optional[dict]:
+    """The first sample of a local shard, for checks made before any worker starts: {} when the
+    shard holds none, None when it cannot be checked here (remote, or unreadable: the loader
+    counts that as bad data)."""
+    if REMOTE.match(shard):
+        return None
+    try:
+        return next(iter(shard_samples(shard)), {})
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
+        return None
+
+
 def require_labels(spec: str) -> None:
     """Fail early when a classification set's first sample has no `.cls` label (local shards only)."""
     first = expand_shards(spec)[0]
-    if REMOTE.match(first):
-        return
-    try:
-        sample = next(iter(shard_samples(first)), None)
-    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):
-        return  # an unreadable shard is the loader's to count as bad data
-    if sample is None or "cls" not in sample:
+    sample = _first_sample(first)
+    if sample is not None and "cls" not in sample:
         raise LimoeError(
             f"shard {first} holds no .cls labels, so it cannot feed a classification task; build labelled shards "
             f"with `limoe shards build --classification`, or make the task contrastive."
@@ -159,14 +177,16 @@ class TrainBatch(NamedTuple):
     """A training batch of inputs and their captions. The inputs are named `images` whatever the
     modality: images [B, 3, H, W] uint8, cropped, normalised on the device (preprocess.normalize),
     or with resize_on="device" an Uncropped until DeviceBatches crops it; audio clips [B, T]
-    float32 mono waveforms, T = round(sample_rate · clip_seconds), turned into features on the device."""
+    float32 mono waveforms, T = round(sample_rate · clip_seconds), turned into features on the device;
+    video clips [B, T, 3, S, S] uint8, T = frames, cropped, normalised on the device as images are."""
 
     images: Union[torch.Tensor, Uncropped]
     tokens: torch.Tensor  # [B, L] int64, open_clip BPE tokens, zero padded
 
 
 class LabelledBatch(NamedTuple):
-    """A training batch of a classification task: inputs as in TrainBatch (audio: [B, T] float32)."""
+    """A training batch of a classification task: inputs as in TrainBatch (audio: [B, T] float32;
+    video: [B, T, 3, S, S] uint8)."""
 
     images: Union[torch.Tensor, Uncropped]
     labels: torch.Tensor  # [B] int64 `.cls` labels
@@ -174,7 +194,8 @@ class LabelledBatch(NamedTuple):
 
 class EvalBatch(NamedTuple):
     # [B, 3, H, W] float32, normalised; with resize_on="device" an Uncropped, which
-    # `limoe.data.crops.eval_images_on` crops and normalises on the model's device; audio clips [B, T] float32
+    # `limoe.data.crops.eval_images_on` crops and normalises on the model's device; audio clips [B, T] float32;
+    # video clips [B, T, 3, S, S] float32, normalised
     images: Union[torch.Tensor, Uncropped]
     keys: list[str]  # sample keys, to join results with the shards
     tokens: Optional[torch.Tensor]  # [B, L] int64 for caption sets, else None
@@ -271,16 +292,16 @@ class _BadSample(Exception):
 def _parse(sample: dict, modality: Modality, classification: bool, decode: Callable[[bytes], object],
            draws: Optional[random.Random]) -> tuple[str, object, object]:
     """(key, decoded input, caption or label), or _BadSample. The cheap checks come before `decode`
-    (an image to RGB, an audio member to its clip); `draws` picks an audio sample's caption from
-    its list in training (None: the first)."""
-    extensions, missing = (AUDIO_EXTENSIONS, "no_audio") if modality == "audio" else (IMAGE_EXTENSIONS, "no_image")
+    (an image to RGB, an audio member to its clip, a video member to its frames); `draws` picks an
+    audio or video sample's caption from its list in training (None: the first)."""
+    extensions = MEMBERS[modality]
     extension = next((e for e in extensions if e in sample), None)
     if extension is None:
-        raise _BadSample(missing)
+        raise _BadSample(f"no_{modality}")
     if classification:
         target = _label(sample)
     else:
-        target = _listed_caption(sample, draws) if modality == "audio" else _caption(sample)
+        target = _caption(sample) if modality == "image" else _listed_caption(sample, draws)
     return sample["__key__"], decode(sample[extension]), target
 
 
@@ -297,9 +318,9 @@ def _caption(sample: dict) -> str:
 
 
 def _listed_caption(sample: dict, draws: Optional[random.Random]) -> str:
-    """The `.txt` caption, else one of the captions LAION-CLAP's audio shards list in the `.json`
-    sidecar's `"text"` (a string or a list): drawn with `draws` in training, so that every one is
-    used, and the first in evaluation. Empty entries of the list are passed over."""
+    """The `.txt` caption, else one of the captions LAION-CLAP's audio shards (and video shards) list
+    in the `.json` sidecar's `"text"` (a string or a list): drawn with `draws` in training, so that
+    every one is used, and the first in evaluation. Empty entries of the list are passed over."""
     if "txt" in sample or "json" not in sample:
         return _caption(sample)
     try:
@@ -353,6 +374,14 @@ def _decode_audio(data: bytes, rate: int, seconds: float, draws: Optional[random
         raise _BadSample(unusable.args[0]) from None
 
 
+def _decode_video(data: bytes, frames: int, stride: int, draws: Optional[random.Random]) -> list[Image.Image]:
+    """The clip's `frames` RGB frames: a window drawn with `draws` (training), else the centre one."""
+    try:
+        return decode_frames(data, frames, stride, "random" if draws is not None else "centre", draws)
+    except UnusableVideo as unusable:
+        raise _BadSample(unusable.args[0]) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # What one worker runs
 
@@ -395,6 +424,9 @@ def _collate(records: list, context_length: int, image_size: int, train: bool, c
     keys, images, targets = zip(*records)
     if modality == "audio":
         images = torch.from_numpy(np.stack(images))  # [B, T] float32 waveforms
+    elif modality == "video":
+        images = torch.from_numpy(np.stack(images))  # [B, T, 3, S, S] uint8
+        images = images if train else normalize(images)
     elif encoded:  # each record holds (header, bytes, region, window); decoded and resized on the device
         images = encoded_batch(*map(list, zip(*images)), image_size, _needed_side(image_size, train))
     elif uncropped and train:  # each record holds its box's pixels, resized on the device
@@ -435,12 +467,14 @@ class _ShardStream(IterableDataset):
     modality: Modality = "image"
     sample_rate: Optional[int] = None  # audio: Hz of the clips batched
     clip_seconds: Optional[float] = None  # audio: length of the clips batched
+    frames: Optional[int] = None  # video: frames per clip batched
+    frame_stride: Optional[int] = None  # video: source frames from one batched frame to the next
 
     def __iter__(self) -> Iterator[tuple[Optional[tuple], WorkerTally]]:
         worker, workers = _worker()
         tally = WorkerTally(worker)
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
-        # audio windows and captions: apart from `rng`, so they leave the shard order and shuffle as they were
+        # audio and video windows and captions: apart from `rng`, so they leave the shard order and shuffle as they were
         draws = random.Random(f"{self.seed}/{self.rank}/{worker}/draws") if self.train else None
         streams = [self._read(self._urls(source, worker, workers, rng), tally) for source in range(len(self.sources))]
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
@@ -457,14 +491,18 @@ class _ShardStream(IterableDataset):
         tally.done = True
         yield None, tally.copy()
 
-    def _prepare(self, image: Union[Image.Image, np.ndarray, tuple[Header, bytes]]) -> Union[np.ndarray, Window, tuple]:
+    def _prepare(self, image: Union[Image.Image, np.ndarray, tuple[Header, bytes], list[Image.Image]]
+                 ) -> Union[np.ndarray, Window, tuple]:
         """What a batch carries of one decoded input: an audio clip as it is (cropped when decoded);
+        a video clip's frames cropped by one box to [T, 3, S, S] uint8 (`limoe.data.crops.crop_clip`);
         an image's [S, S, 3] uint8 crop, or with resize_on="device" the [h, w, 3] uint8 pixels of its
         random box (training) or the pixels around its centre crop and the crop's window in them
         (evaluation). With decode_on="device" the image is (header, bytes), and the same boxes are
         drawn from the header's size: (header, bytes, the region the crop reads, the crop's window in it)."""
         if self.modality == "audio":
             return image
+        if self.modality == "video":
+            return crop_clip(image, self.image_size, self.train)
         if self.decode_on == "device":
             header, data = image
             if not self.train:
@@ -508,11 +546,14 @@ class _ShardStream(IterableDataset):
                 return
 
     def _decoder(self, draws: Optional[random.Random]) -> Callable[[bytes], object]:
-        """Encoded bytes → an audio clip at the model's rate and length; an RGB image decoded with
-        its shorter side reduced towards what the crop needs where it is much larger; or, with
-        decode_on="device", only the image's header read (and its bytes kept for the device)."""
+        """Encoded bytes → an audio clip at the model's rate and length; a video clip's frames; an RGB
+        image decoded with its shorter side reduced towards what the crop needs where it is much
+        larger; or, with decode_on="device", only the image's header read (and its bytes kept for
+        the device)."""
         if self.modality == "audio":
             return functools.partial(_decode_audio, rate=self.sample_rate, seconds=self.clip_seconds, draws=draws)
+        if self.modality == "video":
+            return functools.partial(_decode_video, frames=self.frames, stride=self.frame_stride, draws=draws)
         if self.decode_on == "device":
             return _read_header
         return functools.partial(_decode_image, min_side=_needed_side(self.image_size, self.train))
@@ -550,13 +591,26 @@ class ShardLoader(DataLoader):
 # Public constructors
 
 
-def _audio_settings(modality: str, sample_rate: Optional[int], clip_seconds: Optional[float]) -> None:
-    """Refuse a modality the loaders cannot read, or audio without a positive rate and clip length."""
-    if modality not in ("image", "audio"):
-        raise LimoeError(f"modality {modality!r} cannot be read from shards; use 'image' or 'audio'.")
+def _modality_settings(modality: str, sample_rate: Optional[int], clip_seconds: Optional[float],
+                       frames: Optional[int], frame_stride: Optional[int]) -> None:
+    """Refuse a modality the loaders cannot read, audio without a positive rate and clip length, or
+    video without a positive frame count and stride."""
+    if modality not in MEMBERS:
+        raise LimoeError(f"modality {modality!r} cannot be read from shards; use 'image', 'audio' or 'video'.")
     if modality == "audio" and not (sample_rate and sample_rate > 0 and clip_seconds and clip_seconds > 0):
         raise LimoeError(f"audio shards need a positive sample rate and clip length (got {sample_rate} Hz, "
                          f"{clip_seconds} s); set model.audio.sample_rate and model.audio.clip_seconds.")
+    if modality == "video" and not all(isinstance(n, int) and n > 0 for n in (frames, frame_stride)):
+        raise LimoeError(f"video shards need a positive whole number of frames and frame stride (got frames "
+                         f"{frames}, frame_stride {frame_stride}); set model.video.frames and model.video.frame_stride.")
+
+
+def _require_video_decoder(shards: list[str]) -> None:
+    """Stop before any worker starts when the first shard holds video files and PyAV is missing:
+    the error of a worker reaches the user wrapped in its traceback."""
+    sample = _first_sample(shards[0])
+    if sample and any(extension in sample for extension in VIDEO_FILE_EXTENSIONS):
+        require_pyav()
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -572,24 +626,32 @@ def _check_decode_on(resize_on: str, decode_on: str) -> None:
 
 
 def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
-                               resize_on: Literal["worker", "device"] = "worker") -> None:
+                               resize_on: Literal["worker", "device"] = "worker", frames: int = 1) -> None:
     """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
     this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
     more is being trained on and one collated (two with no workers). Uncropped batches
-    (resize_on="device") are counted at the largest box they can carry."""
-    side = largest_box_side(image_size) if resize_on == "device" else image_size
-    batch_bytes = batch_size * 3 * side * side  # uint8 [B, 3, S, S] as training batches travel, or [B, H, W, 3]
+    (resize_on="device") are counted at the largest box they can carry; video clips as `frames`
+    images each (they are always cropped in the worker)."""
+    side = largest_box_side(image_size) if resize_on == "device" and frames == 1 else image_size
+    # uint8 [B, 3, S, S] as training batches travel, [B, H, W, 3] uncropped, or [B, T, 3, S, S] video clips
+    batch_bytes = batch_size * frames * 3 * side * side
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
     needed = batch_bytes * in_flight * processes_here
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
         raise LimoeError(
-            f"train.batch_size gives {batch_size} pairs per process, whose images alone need {needed / 2**30:.3g} GiB "
-            f"of host memory ({in_flight} batches in flight with data.workers {workers}, x {processes_here} "
-            f"processes on this machine{', uncropped for data.resize_on device' if resize_on == 'device' else ''}), "
+            f"train.batch_size gives {batch_size} pairs per process, whose {'clips' if frames > 1 else 'images'} "
+            f"alone need {needed / 2**30:.3g} GiB of host memory ({in_flight} batches in flight with data.workers "
+            f"{workers}, x {processes_here} processes on this machine{_counted_as(resize_on, frames)}), "
             f"more than its {available / 2**30:.0f} GiB; lower train.batch_size or spread it over more machines."
         )
+
+
+def _counted_as(resize_on: str, frames: int) -> str:
+    if frames > 1:
+        return f", {frames} frames a clip"
+    return ", uncropped for data.resize_on device" if resize_on == "device" else ""
 
 
 def loader_options(config: ModelConfig, modality: str) -> dict:
@@ -621,6 +683,8 @@ def train_loader(
     modality: Modality = "image",
     sample_rate: Optional[int] = None,
     clip_seconds: Optional[float] = None,
+    frames: Optional[int] = None,
+    frame_stride: Optional[int] = None,
 ) -> ShardLoader:
     """An endless loader of TrainBatch(images, tokens), or with `classification` of
     LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank. With
@@ -631,17 +695,23 @@ def train_loader(
     `modality="audio"` reads audio shards instead: the inputs are [B, T] float32 clips,
     T = round(sample_rate · clip_seconds), each a random window of its sample's audio, and the
     caption one drawn from its list; `image_size` and `resize_on` are not used then.
+    `modality="video"` reads video shards: the inputs are [B, T, 3, S, S] uint8 clips, T = `frames`
+    frames `frame_stride` source frames apart from a random window, all cropped by one random box
+    of the image crop's distribution to S = `image_size` (in the worker, whatever `resize_on`).
 
     Rank and world size come from torch.distributed when it is initialised (0 and 1 otherwise);
     the arguments override them. `bad_check_after`: samples a worker reads before the bad
     fraction is judged (a stray bad sample among the first few should not stop a run).
     """
-    _audio_settings(modality, sample_rate, clip_seconds)
+    _modality_settings(modality, sample_rate, clip_seconds, frames, frame_stride)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
     if not sources:
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
     shards = [expand_shards(source.shards) for source in sources]
+    if modality == "video":
+        for urls in shards:
+            _require_video_decoder(urls)
     parts = world_size * max(workers, 1)
     for source, urls in zip(sources, shards):
         if not resampled and len(urls) < parts:
@@ -654,7 +724,7 @@ def train_loader(
         context_length=context_length, classification=classification, shuffle_buffer=shuffle_buffer,
         resampled=resampled, seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
         check_after=bad_check_after, resize_on=resize_on, decode_on=decode_on, modality=modality,
-        sample_rate=sample_rate, clip_seconds=clip_seconds,
+        sample_rate=sample_rate, clip_seconds=clip_seconds, frames=frames, frame_stride=frame_stride,
     )
     return ShardLoader(stream, workers, pin_memory)
 
@@ -677,6 +747,8 @@ def eval_loader(
     modality: Modality = "image",
     sample_rate: Optional[int] = None,
     clip_seconds: Optional[float] = None,
+    frames: Optional[int] = None,
+    frame_stride: Optional[int] = None,
 ) -> ShardLoader:
     """One pass of EvalBatch(images, keys, tokens, labels): every sample exactly once across ranks
     and workers, eval transforms (resize the shorter side, center crop), the last batch partial.
@@ -685,19 +757,24 @@ def eval_loader(
     `decode_on="device"` too, still encoded, and decoded there first.
     With `modality="audio"`, `images` holds [B, T] float32 clips, T = round(sample_rate ·
     clip_seconds), each the centre window of its sample's audio, and `tokens` its first caption.
+    With `modality="video"`, `images` holds [B, T, 3, S, S] float32 clips, normalised: T = `frames`
+    frames `frame_stride` apart from the centre window, each resized and centre-cropped as images are.
 
     Caption sets (`classification=False`) need `.txt` and fill `tokens`; classification sets need
     `.cls` and fill `labels` (class names: `read_classnames(spec)`). Shards are dealt out whole,
     so ranks may get different numbers of samples when shard sizes differ.
     """
-    _audio_settings(modality, sample_rate, clip_seconds)
+    _modality_settings(modality, sample_rate, clip_seconds, frames, frame_stride)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
+    shards = expand_shards(spec)
+    if modality == "video":
+        _require_video_decoder(shards)
     stream = _ShardStream(
-        [expand_shards(spec)], [1.0], train=False, batch_size=batch_size, image_size=image_size,
+        [shards], [1.0], train=False, batch_size=batch_size, image_size=image_size,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
         rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
         resize_on=resize_on, decode_on=decode_on, modality=modality, sample_rate=sample_rate,
-        clip_seconds=clip_seconds,
+        clip_seconds=clip_seconds, frames=frames, frame_stride=frame_stride,
     )
     return ShardLoader(stream, workers, pin_memory)

@@ -42,7 +42,8 @@ def eval_crop(image_size: int) -> Compose:
 
 
 def normalize(images: Tensor) -> Tensor:
-    """[B, 3, H, W] uint8 → float32 normalised, exactly as `image_transform` would have made it."""
+    """[..., 3, H, W] uint8 → float32 normalised, exactly as `image_transform` would have made it:
+    images [B, 3, H, W], and video clips [B, T, 3, H, W] frame by frame."""
     mean = images.new_tensor(MEAN, dtype=torch.float32)[:, None, None]  # [3, 1, 1]
     std = images.new_tensor(STD, dtype=torch.float32)[:, None, None]
     return (images.float().div(255) - mean) / std

@@ -29,6 +29,11 @@ whose `"text"` lists every caption of the file, one of which training draws per 
 not re-encoded — decoding, cropping and resampling to the model's rate happen when they are read,
 and a lossy file re-encoded would lose more — but each file's header is read, so files that are
 not audio or hold no frames are counted at build time instead of during training.
+
+Video (`modality="video"`) is stored the same way: `KEY.mp4`, `KEY.webm` or a filmstrip `KEY.png` /
+`KEY.jpg` (square frames side by side, `limoe.data.video`) as it is, and a `KEY.json` listing its
+captions; each file's frames are counted (a video file's packets, with PyAV; a filmstrip's header),
+and files without a frame are counted as unreadable.
 """
 
 from __future__ import annotations
@@ -51,13 +56,18 @@ from tqdm import tqdm
 
 from limoe.data.audio import AUDIO_EXTENSIONS
 from limoe.data.class_folders import class_folder_names
+from limoe.data.images import to_rgb
+from limoe.data.video import VIDEO_EXTENSIONS, UnusableVideo, count_frames
 from limoe.errors import LimoeError, warn
 from limoe.files import read_text_file, refuse_overwriting_inputs
 from limoe.prompt_templates import load_templates
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 AUDIO_SUFFIXES = tuple(f".{extension}" for extension in AUDIO_EXTENSIONS)
-INPUTS = {"image": (IMAGE_SUFFIXES, "images"), "audio": (AUDIO_SUFFIXES, "audio")}  # suffixes, plural in counts
+VIDEO_SUFFIXES = tuple(f".{extension}" for extension in VIDEO_EXTENSIONS)
+INPUTS = {"image": (IMAGE_SUFFIXES, "images"), "audio": (AUDIO_SUFFIXES, "audio"),
+          "video": (VIDEO_SUFFIXES, "videos")}  # suffixes, plural in counts
+OPTIONS = {"image": "--images", "audio": "--audio", "video": "--video"}  # the command's option for each
 FILE_COLUMNS = ("file", "filename", "image", "filepath")  # filepath, title: open_clip's CsvDataset defaults
 CAPTION_COLUMNS = ("caption", "text", "title")
 JPEG_QUALITY = 90
@@ -110,8 +120,8 @@ def build_shards(
     else:
         entries = _captioned_entries(folder, Path(captions), counts, modality)
     entries = _with_progress(entries) if progress else entries
-    if modality == "audio":
-        samples = _audio_samples(entries, folder, counts)
+    if modality != "image":
+        samples = _stored_samples(entries, folder, counts, modality)
     else:
         samples = _encoded_samples(entries, folder, image_size, counts)
     first = next(samples, None)
@@ -136,18 +146,17 @@ def _check_arguments(folder, captions, output, image_size, maxcount, classificat
     if layout not in LAYOUTS:
         raise LimoeError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}.")
     if modality not in INPUTS:
-        raise LimoeError(f"modality {modality!r}: shards hold images or audio; use 'image' or 'audio'.")
-    if modality == "audio" and layout != "img2dataset":
-        raise LimoeError("--layout clip_benchmark holds images; drop --layout for audio shards.")
-    if modality == "audio" and image_size is not None:
-        raise LimoeError("--image-size resizes images, and audio is stored as it is; drop --image-size.")
+        raise LimoeError(f"modality {modality!r}: shards hold images, audio or video; use 'image', 'audio' or 'video'.")
+    if modality != "image" and layout != "img2dataset":
+        raise LimoeError(f"--layout clip_benchmark holds images; drop --layout for {modality} shards.")
+    if modality != "image" and image_size is not None:
+        raise LimoeError(f"--image-size resizes images, and {modality} is stored as it is; drop --image-size.")
     if layout == "clip_benchmark" and not classification:
         raise LimoeError("--layout clip_benchmark writes a classification set; add --classification (class folders).")
     if layout == "clip_benchmark" and compress:
         raise LimoeError("clip_benchmark reads uncompressed test/N.tar shards only; drop compression.")
     if not folder.is_dir():
-        option = "--audio" if modality == "audio" else "--images"
-        raise LimoeError(f"{modality} folder {folder} does not exist; check the {option} path.")
+        raise LimoeError(f"{modality} folder {folder} does not exist; check the {OPTIONS[modality]} path.")
     if classification and captions is not None:
         raise LimoeError("--captions is not used with --classification (labels come from the class folders); drop one.")
     if not classification and captions is None:
@@ -323,24 +332,21 @@ def _encoded_samples(entries: Iterable[_Entry], root: Path, image_size: Optional
             yield sample
 
 
-def _audio_samples(entries: Iterable[_Entry], root: Path, counts: dict) -> Iterator[dict]:
-    """LAION-CLAP-style sample dicts with keys 000000000, …: one per audio file, its bytes as they
-    are and a `.json` listing its captions (`"text"`) or a `.cls` label; files whose header does
-    not read as audio with frames are counted in `counts` and left out."""
+def _stored_samples(entries: Iterable[_Entry], root: Path, counts: dict, modality: str) -> Iterator[dict]:
+    """LAION-CLAP-style sample dicts with keys 000000000, …: one per audio or video file, its bytes
+    as they are and a `.json` listing its captions (`"text"`) or a `.cls` label; files whose header
+    does not read as audio or video with frames are counted in `counts` and left out."""
     keys = (f"{index:09d}" for index in itertools.count())
+    describe = _describe_audio if modality == "audio" else _describe_video
     for path, group in itertools.groupby(entries, key=lambda entry: entry.path):
         group = list(group)
         data = path.read_bytes()
-        try:
-            info = soundfile.info(io.BytesIO(data))
-        except Exception:  # libsndfile reports malformed input through several error types
-            info = None
-        if info is None or info.frames <= 0:
-            counts["unreadable_audio"] += 1
+        described = describe(data)
+        if described is None:
+            counts[f"unreadable_{INPUTS[modality][1]}"] += 1
             continue
         key = next(keys)
-        meta = {"key": key, "file": path.relative_to(root).as_posix(), "sample_rate": info.samplerate,
-                "channels": info.channels, "frames": info.frames}
+        meta = {"key": key, "file": path.relative_to(root).as_posix(), **described}
         sample = {"__key__": key, path.suffix[1:].lower(): data}
         if group[0].label is None:
             meta["text"] = [entry.caption for entry in group]
@@ -349,6 +355,26 @@ def _audio_samples(entries: Iterable[_Entry], root: Path, counts: dict) -> Itera
         sample["json"] = meta
         counts["samples"] += 1
         yield sample
+
+
+def _describe_audio(data: bytes) -> Optional[dict]:
+    """What the `.json` says of an audio file, or None when its header does not read as audio with frames."""
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except Exception:  # libsndfile reports malformed input through several error types
+        return None
+    if info.frames <= 0:
+        return None
+    return {"sample_rate": info.samplerate, "channels": info.channels, "frames": info.frames}
+
+
+def _describe_video(data: bytes) -> Optional[dict]:
+    """What the `.json` says of a video file or filmstrip, or None when it has no frame to read."""
+    try:
+        frames, width, height = count_frames(data)
+    except UnusableVideo:
+        return None
+    return {"frames": frames, "width": width, "height": height}
 
 
 def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
@@ -365,16 +391,6 @@ def _encode_image(path: Path, image_size: Optional[int]) -> tuple[bytes, tuple[i
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
     return buffer.getvalue(), image.size, original
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white rather than dropped, which would show
-    whatever colour the transparent pixels happen to hold (often black)."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def write_shards(samples: Iterable[dict], pattern: Path, maxcount: int, compress: bool) -> int:

@@ -339,6 +339,21 @@ def test_uncropped_batches_are_counted_at_the_largest_region_they_carry(monkeypa
         check_batch_fits_in_memory(16384, 224, 2, "device")
 
 
+def test_video_batches_are_counted_at_their_frames_a_clip(monkeypatch):
+    """16 frames a clip at 224 px, two workers: 6 x 1024 x 16 x 3 x 224^2 B = 13.8 GiB, more than
+    8 GiB; the same clips as images (frames 1) need 0.86 GiB. Clips are cropped in the worker, so
+    resize_on device does not change their count."""
+    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 8 * 2**30 // 4096}.__getitem__)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    check_batch_fits_in_memory(1024, 224, 2)
+    for resize_on in ("worker", "device"):
+        with pytest.raises(LimoeError, match=r"1024 pairs per process, whose clips alone need 13.8 GiB of host memory "
+                                             r"\(6 batches in flight with data.workers 2, x 1 processes on this "
+                                             r"machine, 16 frames a clip\)"):
+            check_batch_fits_in_memory(1024, 224, 2, resize_on, frames=16)
+
+
 def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):
     shards = _captioned_shards(tmp_path / "my shards", [1, 1])
     assert expand_shards(str(tmp_path / "my shards")) == shards
