@@ -182,7 +182,7 @@ def test_the_support_draw_is_seeded_and_takes_k_per_class(checkpoint, small_set)
     support = torch.bincount(first.labels[first.support], minlength=len(names))
     assert torch.equal(support, samples.clamp(max=3))
     assert torch.equal(first.support_labels, first.labels[first.support])
-    torch.testing.assert_close(model.encode_image(first.support_images), first.features[first.support])
+    torch.testing.assert_close(model.encode_image(first.support_inputs), first.features[first.support])
 
 
 def test_the_recipe_schedule_warms_up_then_decays():
