@@ -4,7 +4,6 @@ umask gives every other new file; an image-text-audio model exports with its aud
 
 import os
 import stat
-import tarfile
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from limoe.config import load_config
 from limoe.training.session import start_session
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
-from tests.helpers import ROOT, run_limoe
+from tests.helpers import AUDIO_HELDOUT, run_limoe, shard_members
 
 PLANNED_STEPS = 7
 
@@ -84,10 +83,8 @@ def test_an_exported_audio_model_encodes_clips_as_the_trained_one_does(tmp_path)
     assert "limoe.preprocess_audio(" in (tmp_path / "hf" / CARD_FILE).read_text()
 
     trained = engine.module.model.eval()
-    shard = sorted((ROOT / "data_shards" / "audio_heldout").glob("*.tar.gz"))[0]
-    with tarfile.open(shard) as source:
-        files = [source.extractfile(member).read() for member in source.getmembers() if member.name.endswith(".flac")]
-    clips = torch.stack([limoe.preprocess_audio(data, trained) for data in files[:5]])  # [5, T]
+    files = list(shard_members(AUDIO_HELDOUT).values())[:5]
+    clips = torch.stack([limoe.preprocess_audio(sample["flac"], trained) for sample in files])  # [5, T]
     with torch.no_grad():
         expected = trained.encode_audio(clips)  # [5, D]
         for exported in (tmp_path / "audio.safetensors", tmp_path / "hf"):

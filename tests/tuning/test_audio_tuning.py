@@ -3,7 +3,6 @@ computed from the shards' clips another way (read from the tar files, turned int
 `limoe.preprocess_audio`, encoded by `encode_audio`), and the tuned file classifies clips, not images."""
 
 import json
-import tarfile
 
 import torch
 
@@ -14,7 +13,7 @@ from limoe.model.prompts import classification_logits
 from limoe.prompt_templates import load_templates
 from limoe.tuning.few_shot import support_priority
 from limoe.tuning.probe import best_linear_probe
-from tests.helpers import AUDIO_HELDOUT, ROOT, refused, run_limoe
+from tests.helpers import AUDIO_HELDOUT, ROOT, refused, run_limoe, shard_members
 
 SHOTS = 3
 
@@ -28,12 +27,7 @@ def _tune_args(checkpoint, output, *options: str) -> list[str]:
 def _heldout_clips(model) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Keys, clips [N, T] and labels [N] of the held-out audio shards, in shard order, read from
     the tar files directly."""
-    members: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(AUDIO_HELDOUT.glob("*.tar.gz")):
-        with tarfile.open(shard) as source:
-            for member in source.getmembers():
-                key, _, extension = member.name.partition(".")
-                members.setdefault(key, {})[extension] = source.extractfile(member).read()
+    members = shard_members(AUDIO_HELDOUT)
     keys = list(members)
     clips = torch.stack([limoe.preprocess_audio(members[key]["flac"], model) for key in keys])  # [N, T]
     return keys, clips, torch.tensor([int(members[key]["cls"]) for key in keys])
