@@ -142,11 +142,12 @@ def _label_set(text: str, source: str, modalities: Sequence[str]) -> tuple[list[
         modality = label_set.get("modality", "image")
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
         classnames = templates = modality = None
-    if modality not in modalities or modality == "text" or not all(
+    inputs = [name for name in modalities if name != "text"]  # what a label head can read
+    if modality not in inputs or not all(
             isinstance(names, list) and names and all(isinstance(name, str) for name in names)
             for names in (classnames, templates)):
         raise LimoeError(f"this model file's {LABEL_SET_KEY} metadata is not a list of class names and templates "
-                         f"with one of the model's input modalities ({', '.join(modalities)}); "
+                         f"for one of the model's inputs ({', '.join(inputs)}); "
                          f"re-run `limoe tune`.")
     templates = [class_template(template, f"the {LABEL_SET_KEY} metadata of {source}") for template in templates]
     return classnames, templates, modality
