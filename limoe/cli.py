@@ -97,7 +97,7 @@ def _tune(args) -> int:
     recipe = TuneRecipe(steps=args.steps, **{name: value for name, value in options.items() if value is not None})
     run_tune(
         classnames=args.classnames, templates=args.templates, shots=args.shots, recipe=recipe, output=args.output,
-        metrics_output=args.metrics, **_model_options(args),
+        metrics_output=args.metrics, modality=args.modality, **_model_options(args),
     )
     return 0
 
@@ -306,9 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(first, default), or counts as wrong (strict)")
 
     tune = command("tune", _tune, "few-shot prompt tuning of a checkpoint on a labelled set (Uni-Perceiver)")
-    _add_model_options(tune, data="labelled images: class folders or shards with .cls")
+    _add_model_options(tune, data="labelled images: class folders or shards with .cls (audio shards with .cls with "
+                                   "--modality audio)")
+    _add_modality_option(tune, verb="tune on")
     tune.add_argument("--classnames", default=None, help="class names file (default: the data's classnames.txt)")
-    tune.add_argument("--templates", default=None, help="'openai' (80, default), 'simple', or a file")
+    tune.add_argument("--templates", default=None,
+                      help="'openai' (80, default for images), 'simple', 'sounds' (default for audio), or a file")
     tune.add_argument("--shots", type=_whole_number(1), required=True,
                       help="support samples per class; the rest are the queries it is scored on")
     tune.add_argument("--steps", type=_whole_number(0), required=True, help="optimizer steps")

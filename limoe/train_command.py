@@ -53,7 +53,7 @@ def train(config: Config, workdir: Path, objective: Optional[type[Objective]] = 
     session = start_session(config)
     objective.check(config, session.world_size)  # its data and batch split, before the workdir is touched
     check_memory_plan(config, session)
-    check_batch_fits_in_memory(objective.largest_local_batch(config, session.world_size), config.model.image_size,
+    check_batch_fits_in_memory(objective.local_batches(config, session.world_size), config.model,
                                config.data.workers, config.data.resize_on)
     with locked_workdir(workdir, session.rank):
         return train_in_workdir(config, workdir, session, objective, report)

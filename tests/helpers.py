@@ -10,6 +10,7 @@ nor a test module a worker), so it imports nothing from either.
 
 import contextlib
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,18 @@ def killed_after_checkpoint(monkeypatch, step: int) -> None:
             raise Killed
 
     monkeypatch.setattr(checkpoint, "save_training_checkpoint", save_then_die)
+
+
+def shard_members(folder: Path) -> dict[str, dict[str, bytes]]:
+    """key → {extension: bytes} of every sample in the shards of `folder`, in shard order, read
+    from the tar files directly (not through limoe's loader)."""
+    members: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(folder.glob("*.tar*")):
+        with tarfile.open(shard) as source:
+            for member in source.getmembers():
+                key, _, extension = member.name.partition(".")
+                members.setdefault(key, {})[extension] = source.extractfile(member).read()
+    return members
 
 
 def write_config(path: Path, config: dict) -> str:

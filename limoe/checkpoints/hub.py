@@ -118,25 +118,32 @@ def _training_length(config: Config, step: Optional[int]) -> str:
     return f"Trained for {step} steps (taken at step {step} of a {planned}-step run)"
 
 
+_AUDIO_TAG = "\n- zero-shot-audio-classification"
+_AUDIO_USE = """
+audio_features = model.encode_audio(limoe.preprocess_audio("clip.flac", model)[None])  # its centre clip, resampled"""
+
+
 def model_card(config: Config, repo_id: str, step: Optional[int] = None) -> str:
     """A model card: Hub metadata, the architecture, the training recipe (with the step the weights
-    were taken at), and how to load the model."""
+    were taken at), and how to load the model (and, for a model with audio, how to encode clips)."""
     train, sources = config.train, ", ".join(f"`{source.shards}`" for source in config.data.train)
+    modalities = config.model.modalities
+    audio = "audio" in modalities
     return f"""---
 library_name: limoe
 tags:
 - limoe
 - clip
 - mixture-of-experts
-- zero-shot-image-classification
+- zero-shot-image-classification{_AUDIO_TAG if audio else ""}
 pipeline_tag: zero-shot-image-classification
 ---
 
 # {repo_id.split("/")[-1]}
 
-A LIMoE-style sparse mixture-of-experts image-text model trained with limoe: one transformer
-tower for images and text whose expert layers route both modalities' tokens with top-1 Batch
-Priority Routing.
+A LIMoE-style sparse mixture-of-experts {"-".join(modalities)} model trained with limoe: one transformer
+tower for {", ".join(modalities[:-1])} and {modalities[-1]} whose expert layers route every modality's tokens
+with top-1 Batch Priority Routing.
 
 ```text
 {describe_model(config.model)}
@@ -153,7 +160,7 @@ import limoe
 model, preprocess_train, preprocess_val = limoe.create_model_and_transforms("hf-hub:{repo_id}")
 tokenizer = limoe.get_tokenizer("hf-hub:{repo_id}")
 image_features = model.encode_image(preprocess_val(image)[None])   # [1, {config.model.embed_dim}], L2-normalised
-text_features = model.encode_text(tokenizer(["a photo of a cat"]))
+text_features = model.encode_text(tokenizer(["a photo of a cat"])){_AUDIO_USE if audio else ""}
 ```
 
 `limoe eval zeroshot --checkpoint hf-hub:{repo_id} --data /datasets/imagenet/val` and clip_benchmark

@@ -42,9 +42,13 @@ class Config:
     def __post_init__(self):
         # the per-modality loss keys hold exactly the model's modalities, defaults filled in
         object.__setattr__(self, "loss", self.loss.for_modalities(self.model.modalities))
-        if self.train.eval_every and self.eval.zeroshot.data is None and self.eval.retrieval is None:
+        audio_sets = self.eval.audio.sets
+        if self.train.eval_every and self.eval.zeroshot.data is None and self.eval.retrieval is None and not audio_sets:
             raise LimoeError(f"train.eval_every is {self.train.eval_every} but there is nothing to evaluate; set "
-                             f"eval.zeroshot.data or eval.retrieval, or train.eval_every=0.")
+                             f"eval.zeroshot.data or eval.retrieval (or their eval.audio twins), or train.eval_every=0.")
+        if audio_sets and "audio" not in self.model.modalities:
+            raise LimoeError(f"{audio_sets[0]} is set but model.modalities {list(self.model.modalities)} has no audio "
+                             f"to evaluate; add audio to model.modalities or drop {audio_sets[0]}.")
         experts, shards = self.model.moe.num_experts, self.distributed.expert_parallel_size
         if self.model.moe_layers and experts % shards:
             raise LimoeError(f"model.moe.num_experts {experts} is not divisible by distributed.expert_parallel_size "

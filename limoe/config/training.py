@@ -37,7 +37,7 @@ class TrainConfig:
                           "(workdir/tensorboard), wandb (pip install 'limoe[wandb]'; WANDB_PROJECT, WANDB_MODE); [] "
                           "for neither")
     eval_every: int = setting(0, "steps between evaluations of the live model on eval.zeroshot and eval.retrieval "
-                                 "(also at the last step); 0: none", "[0, inf)")
+                                 "(and eval.audio's; also at the last step); 0: none", "[0, inf)")
     init_from: Optional[str] = setting(None, "weights to start a fresh run from: an exported .safetensors file or a "
                                              "workdir of the same architecture (e.g. limoe pretrain's), or of its "
                                              "dense twin (sparse upcycling); optimizer and step start fresh; ignored "

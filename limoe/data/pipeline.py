@@ -625,33 +625,50 @@ def _check_decode_on(resize_on: str, decode_on: str) -> None:
         raise LimoeError("data.decode_on device leaves the workers no pixels to crop; set data.resize_on: device too.")
 
 
-def check_batch_fits_in_memory(batch_size: int, image_size: int, workers: int,
-                               resize_on: Literal["worker", "device"] = "worker", frames: int = 1) -> None:
-    """Refuse, before anything is read or built, a per-process batch whose images cannot fit in
-    this machine's memory: each data worker keeps `prefetch_factor` (2) batches ready, and one
-    more is being trained on and one collated (two with no workers). Uncropped batches
-    (resize_on="device") are counted at the largest box they can carry; video clips as `frames`
-    images each (they are always cropped in the worker)."""
-    side = largest_box_side(image_size) if resize_on == "device" and frames == 1 else image_size
-    # uint8 [B, 3, S, S] as training batches travel, [B, H, W, 3] uncropped, or [B, T, 3, S, S] video clips
-    batch_bytes = batch_size * frames * 3 * side * side
+class LocalBatch(NamedTuple):
+    """One training loader's batch on one process, as the host-memory check counts it."""
+
+    setting: str  # the key that sets its size, as a user writes it: train.batch_size, tasks[sounds].batch_size
+    size: int  # samples per process
+    modality: str  # what its samples carry beside text: image, audio, video
+
+
+def input_bytes(config: ModelConfig, modality: str, resize_on: Literal["worker", "device"] = "worker") -> int:
+    """Host bytes of one sample's `modality` input as training batches travel: an image uint8
+    [3, S, S] (or [H, W, 3] uncropped, at the largest box it can carry), an audio clip float32 [T]
+    of the model's length, a video clip uint8 [T, 3, S, S] (always cropped in the worker); the
+    caption's tokens are left out, small beside any of them."""
+    if modality == "audio":
+        return 4 * config.audio.clip_samples
+    if modality == "video":
+        return config.video.frames * 3 * config.image_size**2
+    side = largest_box_side(config.image_size) if resize_on == "device" else config.image_size
+    return 3 * side * side
+
+
+def check_batch_fits_in_memory(batches: list[LocalBatch], config: ModelConfig, workers: int,
+                               resize_on: Literal["worker", "device"] = "worker") -> None:
+    """Refuse, before anything is read or built, per-process batches whose images or clips cannot
+    fit in this machine's memory. Each loader (one per co-training task, all reading at once) keeps
+    `prefetch_factor` (2) batches ready per data worker, and one more is being trained on and one
+    collated (two with no workers). Uncropped images (resize_on="device") are counted at the largest
+    box they can carry; a clip is its float32 samples (`input_bytes`)."""
     in_flight = 2 * workers + 2
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun, deepspeed
-    needed = batch_bytes * in_flight * processes_here
+    needed = sum(batch.size * input_bytes(config, batch.modality, resize_on) for batch in batches) \
+        * in_flight * processes_here
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
+        uncropped = resize_on == "device" and any(batch.modality == "image" for batch in batches)
+        gives = ", ".join(f"{batch.setting} gives {batch.size} pairs per process" for batch in batches)
+        inputs = " and ".join(sorted({"images" if batch.modality == "image" else "clips" for batch in batches}))
         raise LimoeError(
-            f"train.batch_size gives {batch_size} pairs per process, whose {'clips' if frames > 1 else 'images'} "
-            f"alone need {needed / 2**30:.3g} GiB of host memory ({in_flight} batches in flight with data.workers "
-            f"{workers}, x {processes_here} processes on this machine{_counted_as(resize_on, frames)}), "
-            f"more than its {available / 2**30:.0f} GiB; lower train.batch_size or spread it over more machines."
+            f"{gives}, whose {inputs} alone need {needed / 2**30:.3g} GiB of host memory ({in_flight} batches in "
+            f"flight{' per loader' if len(batches) > 1 else ''} with data.workers {workers}, x {processes_here} "
+            f"processes on this machine{', uncropped for data.resize_on device' if uncropped else ''}), more than its "
+            f"{available / 2**30:.0f} GiB; lower {' or '.join(batch.setting for batch in batches)} or spread "
+            f"{'them' if len(batches) > 1 else 'it'} over more machines."
         )
-
-
-def _counted_as(resize_on: str, frames: int) -> str:
-    if frames > 1:
-        return f", {frames} frames a clip"
-    return ", uncropped for data.resize_on device" if resize_on == "device" else ""
 
 
 def loader_options(config: ModelConfig, modality: str) -> dict:

@@ -42,6 +42,13 @@ def encode_inputs(model: Limoe, modality: str, inputs: Tensor) -> Tensor:
     return model.encode({modality: inputs})[0][modality].float()
 
 
+def labelled_set_needs(modality: str) -> str:
+    """What a labelled set of `modality` is made of, for the line that says none was read."""
+    if modality == "image":
+        return "labelled images: class folders or shards with .cls"
+    return f"labelled {counted_as(modality)}: {modality} shards with .cls"
+
+
 def counted_as(modality: str) -> str:
     """What the metrics call a number of `modality`'s inputs: `images`, `clips`."""
     return _COUNTED_AS[modality]

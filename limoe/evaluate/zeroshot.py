@@ -35,7 +35,7 @@ from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shar
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError, warn
 from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs
+from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs, labelled_set_needs
 from limoe.data.pipeline import loader_options
 from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
@@ -80,9 +80,7 @@ def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress:
             features.append(encoded.cpu())
             labels.append(batch.labels)
     if not labels:
-        needs = "labelled images: class folders or shards with .cls" if modality == "image" else \
-            f"labelled {counted_as(modality)}: shards with .cls"
-        raise nothing_read(batches, f"zero-shot classification needs {needs}")
+        raise nothing_read(batches, f"zero-shot classification needs {labelled_set_needs(modality)}")
     return torch.cat(features), torch.cat(labels)
 
 
@@ -186,9 +184,10 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     if modality != "image" and candidate_images is not None:
         raise LimoeError(f"--candidate-images gives the classes by example images; drop it to classify {modality} "
                          f"by class names.")
-    if modality != "image" and head is not None:
-        raise LimoeError(f"this checkpoint was prompt-tuned on images (its linear term reads image embeddings); "
-                         f"classify {modality} with its base model.")
+    if head is not None and head.modality != modality:
+        raise LimoeError(f"this checkpoint was prompt-tuned on {counted_as(head.modality)} (its linear term reads "
+                         f"{head.modality} embeddings); classify {counted_as(modality)} with its base model, or give "
+                         f"--modality {head.modality}.")
     if candidate_images is not None:  # input errors first, before any encoding
         if classnames is not None or templates is not None:
             raise LimoeError("--candidate-images gives the classes by example; drop --classnames and --templates.")

@@ -26,6 +26,10 @@ def describe_model(config: ModelConfig) -> str:
         f"text             {config.context_length} tokens, vocabulary {config.vocab_size}, pool {config.text_pool}",
         f"joint embedding  {config.embed_dim}",
     ]
+    if "audio" in config.modalities:
+        audio = config.audio
+        lines.insert(-1, f"audio            {audio.clip_seconds:g} s at {audio.sample_rate} Hz, {audio.n_mels} mel bins, "
+                         f"patch {audio.patch_size} ({audio.num_patches} patches), pool {audio.pool}")
     if config.modality_adapter_layers:
         lines.append(f"adapter blocks   the first {config.modality_adapter_layers}, one copy per modality")
     if config.moe_layers:

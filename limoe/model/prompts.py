@@ -15,13 +15,15 @@ start as norm1 of N(0, 1) draws, the scale of real normalised tokens.
 ordinary attention output through a per-head gate that starts at zero (LLaMA-Adapter's
 zero-initialised attention): with the gate at 0 the block computes exactly what it computed
 before; one shared softmax over prompts and tokens would change every attention weight from the
-first step. Likewise the `LabelHead` adds a zero-initialised linear function of the image
-embedding to the scaled cosine logits, so a model with fresh prompts and head predicts exactly
-what zero-shot classification predicts.
+first step. Likewise the `LabelHead` adds a zero-initialised linear function of the image (or
+audio clip) embedding to the scaled cosine logits, so a model with fresh prompts and head predicts
+exactly what zero-shot classification predicts. The head reads the embeddings of the one modality
+it was tuned on, which it records.
 
 The parts attach to a built `Limoe` (`add_prompt_tuning`) and are saved with it: the tokens and
 gates as `blocks.{i}.attention.prompts.{tokens,gate}`, the head as `label_head.linear.*`, the
-label set and templates in the file's metadata (`prompt_tuning_metadata`).
+label set, templates and modality in the file's metadata (`prompt_tuning_metadata`; files from
+before the modality was recorded were tuned on images).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from limoe.prompt_templates import class_template
 if TYPE_CHECKING:
     from limoe.model.tower import Limoe
 
-LABEL_SET_KEY = "limoe_label_set"  # model-file metadata: the tuned label set and templates, as JSON
+LABEL_SET_KEY = "limoe_label_set"  # model-file metadata: the tuned label set, templates and modality, as JSON
 
 
 class DeepPrompts(nn.Module):
@@ -60,19 +62,21 @@ class DeepPrompts(nn.Module):
 
 
 class LabelHead(nn.Module):
-    """The linear term added to the scaled cosine logits, and the label set it was tuned for."""
+    """The linear term added to the scaled cosine logits, the label set it was tuned for, and the
+    modality whose embeddings it reads."""
 
-    def __init__(self, embed_dim: int, classnames: Sequence[str], templates: Sequence[str]):
+    def __init__(self, embed_dim: int, classnames: Sequence[str], templates: Sequence[str], modality: str = "image"):
         super().__init__()
         self.linear = nn.Linear(embed_dim, len(classnames))
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.classnames = tuple(classnames)
         self.templates = tuple(templates)  # `str.format` strings with one {}
+        self.modality = modality
 
-    def forward(self, image_features: Tensor) -> Tensor:
-        """[N, D] → [N, C]."""
-        return self.linear(image_features)
+    def forward(self, features: Tensor) -> Tensor:
+        """Embeddings of `modality` [N, D] → [N, C]."""
+        return self.linear(features)
 
 
 def logit_temperature(model: Limoe) -> Tensor:
@@ -93,15 +97,16 @@ def label_head(model: Limoe) -> Optional[LabelHead]:
 
 
 def add_prompt_tuning(model: Limoe, prompt_tokens: int, classnames: Sequence[str], templates: Sequence[str],
-                      generator: Optional[torch.Generator] = None) -> None:
-    """Attach fresh deep prompts (gates at 0) to every block and a zero `LabelHead`: the model still
-    computes exactly what it did. The tokens start as norm1 of N(0, 1) draws from `generator`."""
+                      generator: Optional[torch.Generator] = None, modality: str = "image") -> None:
+    """Attach fresh deep prompts (gates at 0) to every block and a zero `LabelHead` reading
+    `modality`'s embeddings: the model still computes exactly what it did. The tokens start as
+    norm1 of N(0, 1) draws from `generator`."""
     for block in model.blocks:
         width = block.norm1.normalized_shape[0]
         with torch.no_grad():
             tokens = block.norm1(torch.randn(prompt_tokens, width, generator=generator).to(block.norm1.weight))
         block.attention.prompts = DeepPrompts(tokens, block.attention.heads)
-    model.label_head = LabelHead(model.config.embed_dim, classnames, templates).to(model.logit_scale.device)
+    model.label_head = LabelHead(model.config.embed_dim, classnames, templates, modality).to(model.logit_scale.device)
 
 
 def prompt_tuning_metadata(model: Limoe) -> dict[str, str]:
@@ -109,7 +114,8 @@ def prompt_tuning_metadata(model: Limoe) -> dict[str, str]:
     head = label_head(model)
     if head is None:
         return {}
-    return {LABEL_SET_KEY: json.dumps({"classnames": list(head.classnames), "templates": list(head.templates)})}
+    return {LABEL_SET_KEY: json.dumps({"classnames": list(head.classnames), "templates": list(head.templates),
+                                       "modality": head.modality})}
 
 
 def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict[str, str], source: str) -> None:
@@ -122,20 +128,26 @@ def restore_prompt_tuning(model: Limoe, state: dict[str, Tensor], metadata: dict
     if "label_head.linear.weight" in state:
         if LABEL_SET_KEY not in metadata:
             raise LimoeError("this model file has a tuned label head but no label set in its metadata; re-run `limoe tune`.")
-        classnames, templates = _label_set(metadata[LABEL_SET_KEY], source)
-        model.label_head = LabelHead(model.config.embed_dim, classnames, templates)
+        classnames, templates, modality = _label_set(metadata[LABEL_SET_KEY], source, model.config.modalities)
+        model.label_head = LabelHead(model.config.embed_dim, classnames, templates, modality)
 
 
-def _label_set(text: str, source: str) -> tuple[list[str], list[str]]:
-    """The class names and templates recorded by `prompt_tuning_metadata`; anything else, a
-    template with other fields than the class name's included, is one line."""
+def _label_set(text: str, source: str, modalities: Sequence[str]) -> tuple[list[str], list[str], str]:
+    """The class names, templates and modality (one of the model's `modalities`; images when none
+    is recorded) written by `prompt_tuning_metadata`; anything else, a template with other fields
+    than the class name's included, is one line."""
     try:
         label_set = json.loads(text)
         classnames, templates = label_set["classnames"], label_set["templates"]
-    except (json.JSONDecodeError, TypeError, KeyError):
-        classnames = templates = None
-    if not all(isinstance(names, list) and names and all(isinstance(name, str) for name in names)
-               for names in (classnames, templates)):
-        raise LimoeError(f"this model file's {LABEL_SET_KEY} metadata is not a list of class names and templates; "
+        modality = label_set.get("modality", "image")
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+        classnames = templates = modality = None
+    inputs = [name for name in modalities if name != "text"]  # what a label head can read
+    if modality not in inputs or not all(
+            isinstance(names, list) and names and all(isinstance(name, str) for name in names)
+            for names in (classnames, templates)):
+        raise LimoeError(f"this model file's {LABEL_SET_KEY} metadata is not a list of class names and templates "
+                         f"for one of the model's inputs ({', '.join(inputs)}); "
                          f"re-run `limoe tune`.")
-    return classnames, [class_template(template, f"the {LABEL_SET_KEY} metadata of {source}") for template in templates]
+    templates = [class_template(template, f"the {LABEL_SET_KEY} metadata of {source}") for template in templates]
+    return classnames, templates, modality

@@ -34,6 +34,7 @@ from limoe.training.batches import check_task_batches
 from limoe.training.candidates import candidate_subset, positions, prompt_rows, prompt_tokens, task_classnames
 from limoe.training.device_batches import DeviceBatches, WaitClock
 from limoe.training.loaders import SEED_STRIDE, train_loader_for
+from limoe.training.losses import without_absent_modalities
 from limoe.training.schedules import TaskSchedule
 from limoe.training.session import Session
 from limoe.training.step import StepOutcome, apply_update, forward_backward, whole_batch_backward
@@ -194,7 +195,8 @@ def task_gradients(engine, tasks: list[Task], runs: tuple[int, ...], step: int, 
     summed, without the update. Only the last task's backward marks DeepSpeed's boundary, so the
     gradients are reduced over ranks once. A non-finite loss (skip_nonfinite_steps) drops them all.
 
-    Terms: `loss`, the weighted sum that is optimised, and `<task>/<term>` for each task run.
+    Terms: `loss`, the weighted sum that is optimised, and `<task>/<term>` for each task run (no
+    per-modality routing terms of a modality the task does not feed the model).
     """
     terms, task_routing, task_samples = {}, [], {}
     total = 0.0
@@ -205,7 +207,8 @@ def task_gradients(engine, tasks: list[Task], runs: tuple[int, ...], step: int, 
             engine.zero_grad()
             return StepOutcome({**terms, "loss": task_terms["loss"]}, False, 0, [])
         total = total + task.config.loss_weight * task_terms["loss"]
-        terms.update({f"{task.name}/{key}": value for key, value in task_terms.items()})
+        reported = without_absent_modalities(task_terms, task.config.modalities, config.model.modalities)
+        terms.update({f"{task.name}/{key}": value for key, value in reported.items()})
         task_routing += [(task.name, routing) for routing in calls]
         task_samples[task.name] = images * world_size
     terms["loss"] = total

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
@@ -80,9 +80,21 @@ def auxiliary_loss(routings: list[LayerRouting], config: LossConfig, device: tor
     if config.router_z:
         parts["router_z"] = config.router_z * sum(r.z * s for r, s in zip(routings, token_share))
     for index, name in enumerate(names):  # a modality with no tokens in the batch is in no group: 0
-        parts[f"local_entropy_{name}"] = config.local_entropy[name] * local[index]
-        parts[f"global_entropy_{name}"] = config.global_entropy[name] * global_[index]
+        for term, value in zip(PER_MODALITY_TERMS, (local[index], global_[index])):
+            parts[f"{term}_{name}"] = getattr(config, term)[name] * value
     return sum(parts.values()), parts
+
+
+PER_MODALITY_TERMS = ("local_entropy", "global_entropy")  # `auxiliary_loss` parts named `<term>_<modality>`
+
+
+def without_absent_modalities(parts: dict[str, Tensor], present: Sequence[str], modalities: Sequence[str]
+                              ) -> dict[str, Tensor]:
+    """`auxiliary_loss` parts without the per-modality terms of those of the model's `modalities`
+    not among `present` (what a co-training task feeds the model): such a term is 0 because the
+    modality is absent, not because its routing is balanced, so it is not reported at all."""
+    absent = {f"{term}_{name}" for term in PER_MODALITY_TERMS for name in modalities if name not in present}
+    return {key: value for key, value in parts.items() if key not in absent}
 
 
 class ContrastiveLoss(nn.Module):

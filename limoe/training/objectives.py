@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from limoe.config import Config, LossConfig
-from limoe.data.pipeline import expand_shards
+from limoe.data.pipeline import LocalBatch, expand_shards
 from limoe.data.preprocess import normalize
 from limoe.errors import LimoeError
 from limoe.modalities import DEFAULT_MODALITIES
@@ -83,9 +83,9 @@ class PairsObjective(nn.Module):
         micro_batch_size(config, world_size)
 
     @classmethod
-    def largest_local_batch(cls, config: Config, world_size: int) -> int:
-        """The most samples one process loads for a step."""
-        return config.train.batch_size // world_size
+    def local_batches(cls, config: Config, world_size: int) -> list[LocalBatch]:
+        """The batch one process loads for a step: its share of train.batch_size's pairs."""
+        return [LocalBatch("train.batch_size", config.train.batch_size // world_size, "image")]
 
     def lr_scale(self, step: int) -> float:
         """The factor on the schedule's learning rate at `step`: none."""
@@ -246,8 +246,13 @@ class CoTrainingObjective(ContrastiveObjective):
         micro_batch_size(config, world_size)
 
     @classmethod
-    def largest_local_batch(cls, config: Config, world_size: int) -> int:
-        return max([config.train.batch_size] + [config.task_batch_size(task) for task in config.tasks]) // world_size
+    def local_batches(cls, config: Config, world_size: int) -> list[LocalBatch]:
+        """One batch per task (each task's loader reads all the while), of the modality it feeds
+        besides text (a task's `modalities` are one of image or audio, and text)."""
+        return [LocalBatch(f"task '{task.name}' ({'tasks[].batch_size' if task.batch_size else 'train.batch_size'})",
+                           config.task_batch_size(task) // world_size,
+                           next(name for name in task.modalities if name != "text"))
+                for task in config.tasks]
 
     def lr_scale(self, step: int) -> float:
         """The lr_scale of the task the schedule runs at `step` (PolyViT's `lr_coefs`; 1 for accumulate)."""

@@ -224,6 +224,11 @@ class TrainingReporter:
             headline.append(f"zero-shot top-1 {results['zeroshot']['top1']:.1%}")
         if "retrieval" in results:
             headline.append(f"i→t R@1 {results['retrieval']['image_to_text_R@1']:.1%}")
+        audio = results.get("audio", {})
+        if "zeroshot" in audio:
+            headline.append(f"audio zero-shot top-1 {audio['zeroshot']['top1']:.1%}")
+        if "retrieval" in audio:
+            headline.append(f"a→t R@1 {audio['retrieval']['audio_to_text_R@1']:.1%}")
         self.evaluated = "  " + "  ".join(headline)
         log.info("evaluation at step %d: %s", step, ", ".join(headline))
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.warm_start import warm_start
 from limoe.config import Config, dump_config
+from limoe.data.pipeline import LocalBatch
 from limoe.distributed import ExpertSharding, any_process
 from limoe.errors import LimoeError
 from limoe.files import atomic_write
@@ -58,8 +59,8 @@ class Objective(Protocol):
 
     Before anything is built (classmethods, on the settings): `check(config, world_size)` refuses,
     with one sentence, settings and inputs the objective cannot train on with `world_size`
-    processes; `largest_local_batch(config, world_size)` is the most samples one process loads for
-    a step (the host-memory check sizes the data workers by it).
+    processes; `local_batches(config, world_size)` are the batches one process's loaders load, one
+    per loader (the host-memory check sizes the data workers by them).
 
     Built as `objective(model, config)`, it is the module DeepSpeed wraps:
     `objective(images, tokens, step)` → ObjectiveOutput (loss, its parts detached, the MoE layers'
@@ -80,7 +81,7 @@ class Objective(Protocol):
     def check(cls, config: Config, world_size: int) -> None: ...
 
     @classmethod
-    def largest_local_batch(cls, config: Config, world_size: int) -> int: ...
+    def local_batches(cls, config: Config, world_size: int) -> list[LocalBatch]: ...
 
     def __call__(self, images: Tensor, tokens: Tensor, step: int) -> ObjectiveOutput: ...
 

@@ -4,10 +4,11 @@ Trained: every LayerNorm (the blocks', the final one and the pooling heads'), th
 tokens and their gates (limoe.model.prompts), and the zero-initialised linear term added to the
 scaled cosine logits. Frozen, bit for bit: embeddings, attention and MLP weights, experts,
 routers, pooling attention, projections and the logit scale. The logits are those of zero-shot
-classification, exp(logit_scale)·cos(image, class) + linear(image), where each class embedding
+classification, exp(logit_scale)·cos(input, class) + linear(input), where each class embedding
 is its prompts' normalised embeddings averaged over the templates and renormalised, computed
 with gradient at every step from the whole label set (Uni-Perceiver encodes its targets with
-gradient too). Loss: cross-entropy with label smoothing.
+gradient too). The inputs are images, or the audio clips of a model with audio (the deep prompts
+sit in the shared blocks, so they serve either). Loss: cross-entropy with label smoothing.
 
 The tower runs with inference routing (no router noise, the eval capacity factor), because the
 routers are frozen and the function being tuned should be the one evaluated; the auxiliary
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError
+from limoe.evaluate.inputs import encode_inputs
 from limoe.prompt_templates import Template, class_template
 from limoe.model.prompts import DeepPrompts, LabelHead, classification_logits
 from limoe.model.tower import Limoe
@@ -88,10 +90,11 @@ def class_embeddings(model: Limoe, tokens: Tensor, num_classes: int) -> Tensor:
     return F.normalize(embeddings.view(num_classes, -1, embeddings.shape[-1]).mean(dim=1), dim=-1).T
 
 
-def tune_prompts(model: Limoe, images: Tensor, labels: Tensor, classnames: Sequence[str], templates: Sequence[str],
-                 recipe: TuneRecipe, progress: bool = False) -> list[float]:
-    """Train the tuned parameters of a model that has prompt-tuning parts on support images
-    [S, 3, H, W] with labels [S]; every other parameter is left untouched. Returns the losses."""
+def tune_prompts(model: Limoe, inputs: Tensor, labels: Tensor, classnames: Sequence[str], templates: Sequence[str],
+                 recipe: TuneRecipe, progress: bool = False, modality: str = "image") -> list[float]:
+    """Train the tuned parameters of a model that has prompt-tuning parts on support inputs of
+    `modality` (images [S, 3, H, W] or clips [S, T]) with labels [S]; every other parameter is
+    left untouched. Returns the losses."""
     device = model.logit_scale.device
     tuned = tuned_parameters(model)
     for parameter in model.parameters():
@@ -109,7 +112,7 @@ def tune_prompts(model: Limoe, images: Tensor, labels: Tensor, classnames: Seque
     for _ in tqdm(range(recipe.steps), desc="tune", unit="step", disable=not progress):
         rows = next(batches)
         with torch.enable_grad(), autocast:
-            features = model.encode_image(images[rows].to(device)).float()  # [b, D]
+            features = encode_inputs(model, modality, inputs[rows].to(device))  # [b, D]
             logits = classification_logits(model, features, class_embeddings(model, prompts, len(classnames)))
             loss = F.cross_entropy(logits, labels[rows].to(device), label_smoothing=recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
 """`limoe export` of a run that stopped short of its planned steps: the model card, the message
 and the file's metadata name the step the weights were taken at, and the files get the mode the
-umask gives every other new file."""
+umask gives every other new file; an image-text-audio model exports with its audio."""
 
 import os
 import stat
@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import limoe
 from limoe.checkpoints import model_file, store
 from limoe.checkpoints import training as checkpoint
 from limoe.checkpoints.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
@@ -16,7 +17,7 @@ from limoe.config import load_config
 from limoe.training.session import start_session
 from limoe.training.step import train_step
 from limoe.training.trainer import build_engine
-from tests.helpers import run_limoe
+from tests.helpers import AUDIO_HELDOUT, run_limoe, shard_members
 
 PLANNED_STEPS = 7
 
@@ -68,3 +69,25 @@ def test_exported_files_are_readable_by_others_under_umask_022(run, tmp_path):
         os.umask(previous)
     for path in (tmp_path / "m.safetensors", *(tmp_path / "hf" / name for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE))):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_an_exported_audio_model_encodes_clips_as_the_trained_one_does(tmp_path):
+    """A checkpoint of the audio demo's model, exported as a file and as a model folder: both load
+    (through open_clip's entry point) to a model whose `encode_audio` gives the trained model's
+    features of real clips bit for bit, and the folder's card shows how to encode clips."""
+    config = load_config("audio-demo", ["train.batch_size=8", "train.device=cpu", "data.workers=0"])
+    engine = build_engine(config, start_session(config))
+    checkpoint.save_training_checkpoint(engine, tmp_path / "run", 1, config)
+    _export(tmp_path / "run", tmp_path / "audio.safetensors")
+    _export(tmp_path / "run", tmp_path / "hf", "--format", "hf")
+    assert "limoe.preprocess_audio(" in (tmp_path / "hf" / CARD_FILE).read_text()
+
+    trained = engine.module.model.eval()
+    files = list(shard_members(AUDIO_HELDOUT).values())[:5]
+    clips = torch.stack([limoe.preprocess_audio(sample["flac"], trained) for sample in files])  # [5, T]
+    with torch.no_grad():
+        expected = trained.encode_audio(clips)  # [5, D]
+        for exported in (tmp_path / "audio.safetensors", tmp_path / "hf"):
+            model = limoe.create_model(str(exported))
+            assert model.config.modalities == ("image", "text", "audio")
+            torch.testing.assert_close(model.encode_audio(clips), expected, rtol=0, atol=0)

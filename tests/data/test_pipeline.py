@@ -16,10 +16,11 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from limoe.config import ShardSource
+from limoe.config import ShardSource, load_model_config
 from limoe.data import images
 from limoe.data.pipeline import (
     EMPTY_SHARDS_IN_A_ROW,
+    LocalBatch,
     check_batch_fits_in_memory,
     eval_loader,
     expand_shards,
@@ -319,39 +320,75 @@ def test_images_beyond_the_size_bounds_are_skipped_before_decoding(tmp_path, mon
     assert sorted(decoded) == [(24, 20), (images.MAX_ASPECT_RATIO * 10, 10)]
 
 
+AT_224 = load_model_config("limoe-tiny", ["image_size=224"])
+
+
+def _pairs(size: int) -> list[LocalBatch]:
+    return [LocalBatch("train.batch_size", size, "image")]
+
+
+@pytest.fixture
+def host_of_gib(monkeypatch):
+    """`host_of_gib(n)`: this process alone on a machine of n GiB."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    return lambda gib: monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096,
+                                                           "SC_PHYS_PAGES": gib * 2**30 // 4096}.__getitem__)
+
+
 def test_a_batch_that_cannot_fit_in_host_memory_is_refused():
     with pytest.raises(LimoeError, match=r"train.batch_size gives 1000000000000000000000 pairs per process, whose "
                                          r"images alone need .* GiB of host memory"):
-        check_batch_fits_in_memory(10**21, 224, 2)
-    check_batch_fits_in_memory(256, 224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 0.65 GiB
+        check_batch_fits_in_memory(_pairs(10**21), AT_224, 2)
+    check_batch_fits_in_memory(_pairs(256), AT_224, 8)  # a real per-GPU batch: 16384 pairs over 64 GPUs, 0.65 GiB
 
 
-def test_uncropped_batches_are_counted_at_the_largest_region_they_carry(monkeypatch):
+def test_uncropped_batches_are_counted_at_the_largest_region_they_carry(host_of_gib):
     """At 224 px, boxes are at most 4/3 x 2 x 273 = 728 px a side: 16384 pairs with two workers
     (6 batches in flight) need 6 x 16384 x 3 x 224^2 B = 13.8 GiB cropped in the worker, and
     6 x 16384 x 3 x 728^2 B = 145.6 GiB uncropped, more than 64 GiB."""
-    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * 2**30 // 4096}.__getitem__)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    check_batch_fits_in_memory(16384, 224, 2, "worker")
+    host_of_gib(64)
+    check_batch_fits_in_memory(_pairs(16384), AT_224, 2, "worker")
     with pytest.raises(LimoeError, match=r"need 146 GiB of host memory \(6 batches in flight with data.workers 2, "
                                          r"x 1 processes on this machine, uncropped for data.resize_on device\)"):
-        check_batch_fits_in_memory(16384, 224, 2, "device")
+        check_batch_fits_in_memory(_pairs(16384), AT_224, 2, "device")
 
 
-def test_video_batches_are_counted_at_their_frames_a_clip(monkeypatch):
+def test_an_audio_task_is_sized_by_its_clips_samples_and_every_tasks_loader_counts(host_of_gib):
+    """limoe-tiny with audio: a 64 px image is 3 x 64^2 = 12288 B, an 8 s clip at 16 kHz 128000
+    float32 samples = 512000 B. Tasks of 16384 pairs each, two workers (6 batches in flight per
+    loader, both loaders reading at once): 6 x 16384 x (12288 + 512000) B = 6 x 2^33 B = 48 GiB:
+    a 48 GiB machine holds them, a 47 GiB one does not; counted as images, the clips would take
+    1.1 GiB."""
+    config = load_model_config("limoe-tiny", ["modalities=[image, text, audio]"])
+    tasks = [LocalBatch("task 'pairs' (train.batch_size)", 16384, "image"),
+             LocalBatch("task 'sounds' (tasks[].batch_size)", 16384, "audio")]
+    host_of_gib(48)
+    check_batch_fits_in_memory(tasks, config, 2)
+    host_of_gib(47)
+    with pytest.raises(LimoeError) as refusal:
+        check_batch_fits_in_memory(tasks, config, 2)
+    assert str(refusal.value) == (
+        "task 'pairs' (train.batch_size) gives 16384 pairs per process, task 'sounds' (tasks[].batch_size) gives 16384 "
+        "pairs per process, whose clips and images alone need 48 GiB of host memory (6 batches in flight per loader "
+        "with data.workers 2, x 1 processes on this machine), more than its 47 GiB; lower task 'pairs' "
+        "(train.batch_size) or task 'sounds' (tasks[].batch_size) or spread them over more machines.")
+    check_batch_fits_in_memory(tasks[1:], config, 2, "device")  # 24 GiB of clips: the image placement leaves them be
+
+
+def test_video_batches_are_counted_at_their_frames_a_clip(host_of_gib):
     """16 frames a clip at 224 px, two workers: 6 x 1024 x 16 x 3 x 224^2 B = 13.8 GiB, more than
-    8 GiB; the same clips as images (frames 1) need 0.86 GiB. Clips are cropped in the worker, so
+    8 GiB; the same number of images needs 0.86 GiB. Clips are cropped in the worker, so
     resize_on device does not change their count."""
-    monkeypatch.setattr(os, "sysconf", {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 8 * 2**30 // 4096}.__getitem__)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.delenv("LOCAL_SIZE", raising=False)
-    check_batch_fits_in_memory(1024, 224, 2)
+    config = load_model_config("limoe-tiny", ["modalities=[image, text, video]", "image_size=224",
+                                              "video.frames=16"])
+    host_of_gib(8)
+    check_batch_fits_in_memory([LocalBatch("train.batch_size", 1024, "image")], config, 2)
     for resize_on in ("worker", "device"):
         with pytest.raises(LimoeError, match=r"1024 pairs per process, whose clips alone need 13.8 GiB of host memory "
                                              r"\(6 batches in flight with data.workers 2, x 1 processes on this "
-                                             r"machine, 16 frames a clip\)"):
-            check_batch_fits_in_memory(1024, 224, 2, resize_on, frames=16)
+                                             r"machine\)"):
+            check_batch_fits_in_memory([LocalBatch("train.batch_size", 1024, "video")], config, 2, resize_on)
 
 
 def test_a_shard_path_with_spaces_is_one_path_and_errors_name_it_in_full(tmp_path):

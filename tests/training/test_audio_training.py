@@ -2,6 +2,7 @@
 and captions through the tower together and contrasts them, micro-batches included, end to end."""
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -164,3 +165,44 @@ def test_a_task_of_modalities_training_cannot_read_is_one_line_and_exit_2(tmp_pa
                    "modalities": modalities, "steps": 1}]})
     refused(run_args("train", tmp_path / "run", *QUICK_TASKS, config=config), "task 'sounds'", "cannot be trained",
             "[audio, text]")
+
+
+def test_a_task_logs_no_routing_terms_of_a_modality_it_does_not_feed(tmp_path):
+    """The audio demo's two tasks, one step each: the image–text task logs image and text entropy
+    terms, the audio–text task audio and text ones; neither logs a term of the modality it lacks
+    (it would be a 0 that says nothing about routing), in metrics.jsonl or TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path / "audio.yaml", {
+        "base": "audio-demo", "train": {"steps": 2},
+        "tasks": [{"name": "pairs", "kind": "contrastive", "data": "data_shards/train", "batch_size": 8, "steps": 1},
+                  {"name": "sounds", "kind": "contrastive", "data": "data_shards/audio_train",
+                   "modalities": ["audio", "text"], "batch_size": 8, "steps": 1}]})
+    run = tmp_path / "run"
+    assert main(run_args("train", run, *QUICK_TASKS, "train.log_every=1", config=config)) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*(record for record in records if "loss" in record))
+    tags = set(EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"])
+    for task, fed, lacking in (("pairs", ("image", "text"), "audio"), ("sounds", ("audio", "text"), "image")):
+        for term in ("local_entropy", "global_entropy"):
+            assert {f"{task}/{term}_{name}" for name in fed} <= logged, task
+            assert {f"train/{task}/{term}_{name}" for name in fed} <= tags, task
+            assert f"{task}/{term}_{lacking}" not in logged and f"train/{task}/{term}_{lacking}" not in tags
+    sounds = next(record for record in records if "sounds/local_entropy_audio" in record)
+    assert sounds["sounds/local_entropy_audio"] > 0  # the clips' tokens were routed and their entropy counted
+
+
+def test_limoe_train_sizes_an_audio_tasks_batches_by_their_clips(tmp_path, monkeypatch):
+    """The audio demo at 16 pairs per task, no data workers (2 batches in flight per loader): the
+    emoji task's 64 px images take 2 x 16 x 3 x 64^2 B = 0.375 MiB, the sounds task's one-second
+    clips 2 x 16 x 16000 x 4 B = 1.95 MiB. A 2 MiB machine holds the images (all the old check
+    counted, as if the clips were images too) but not both: the run is refused before it starts."""
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 2 * 2**20 // 4096 if name == "SC_PHYS_PAGES" else
+                        4096 if name == "SC_PAGE_SIZE" else real(name))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    run = tmp_path / "run"
+    refused(run_args("train", run, *QUICK_TASKS, "train.batch_size=16", config="audio-demo"),
+            "task 'sounds' (train.batch_size) gives 16 pairs per process", "clips and images alone need 0.00227 GiB")
+    assert not run.exists()

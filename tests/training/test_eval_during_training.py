@@ -1,6 +1,7 @@
 """Evaluation during training: the numbers a run logs at a step equal `limoe eval` on that step's
 checkpoint, on one process and on two with expert parallelism 2 (which take turns encoding);
-bad evaluation sets fail before training starts."""
+bad evaluation sets fail before training starts; the audio sets of a model with audio are logged
+as `limoe eval --modality audio` reports them."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from limoe.cli import main
-from tests.helpers import QUICK, ROOT, refused, run_args
+from tests.helpers import AUDIO_HELDOUT, QUICK, QUICK_TASKS, ROOT, refused, run_args, write_config
 from tests.training.processes import run_processes
 
 # One shard of each held-out set keeps the four evaluations per run short.
@@ -99,3 +100,40 @@ def test_an_evaluation_lost_to_a_kill_is_run_on_resume_once(tmp_path):
         evaluations = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
         assert [record["step"] for record in evaluations] == [2, 4]
         assert evaluations[1]["eval"] == recorded[4]
+
+
+AUDIO_ZEROSHOT = AUDIO_HELDOUT / "00000.tar.gz"  # 32 labelled clips and their captions
+AUDIO_RUN = {"base": "audio-demo", "train": {"steps": 2, "eval_every": 1},
+             "data": {"heldout": str(RETRIEVAL)},
+             "eval": {"audio": {"zeroshot": {"data": str(AUDIO_ZEROSHOT), "classnames": str(AUDIO_HELDOUT / "classnames.txt")},
+                                "retrieval": str(AUDIO_ZEROSHOT)}},
+             "tasks": [{"name": "pairs", "kind": "contrastive", "data": "data_shards/train", "batch_size": 8, "steps": 1},
+                       {"name": "sounds", "kind": "contrastive", "data": "data_shards/audio_train",
+                        "modalities": ["audio", "text"], "batch_size": 8, "steps": 1}]}
+
+
+def test_audio_sets_are_evaluated_during_training_as_limoe_eval_modality_audio_does(tmp_path):
+    """A co-training run of the audio demo with eval.audio sets logs, under eval.audio, what
+    `limoe eval zeroshot|retrieval --modality audio` reports on each step's checkpoint."""
+    workdir = tmp_path / "run"
+    config = write_config(tmp_path / "audio.yaml", AUDIO_RUN)
+    assert main(run_args("train", workdir, *QUICK_TASKS, "train.checkpoint_every=1", config=config)) == 0
+    logged = _logged_evaluations(workdir)
+    assert sorted(logged) == [1, 2]
+    for step, results in logged.items():
+        assert list(results) == ["audio"]  # no image set was configured
+        common = ["--checkpoint", str(workdir / "checkpoints" / f"step_{step:08d}"), "--modality", "audio",
+                  "--workers", "0", "--device", "cpu"]
+        expected = {}
+        for name in ("zeroshot", "retrieval"):
+            output = tmp_path / f"{name}.json"
+            assert main(["eval", name, *common, "--data", str(AUDIO_ZEROSHOT), "--output", str(output)]) == 0
+            expected[name] = json.loads(output.read_text())
+        assert results["audio"] == expected, step
+    assert logged[1] != logged[2]
+    assert logged[2]["audio"]["zeroshot"]["samples"] == 32 and logged[2]["audio"]["retrieval"]["clips"] > 16
+
+
+def test_audio_evaluation_sets_need_a_model_with_audio(tmp_path):
+    refused(_train_args(tmp_path / "run", f"eval.audio.retrieval={AUDIO_ZEROSHOT}"),
+            "eval.audio.retrieval is set but model.modalities ['image', 'text'] has no audio")

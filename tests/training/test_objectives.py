@@ -4,6 +4,7 @@ import pytest
 
 from limoe.checkpoints import training as checkpoint
 from limoe.config import load_config
+from limoe.data.pipeline import LocalBatch
 from limoe.pretraining.objective import MaskedPretraining
 from limoe.training.objectives import ContrastiveObjective, CoTrainingObjective, objective_for
 from limoe.training.trainer import Objective
@@ -19,7 +20,7 @@ def test_the_names_written_in_checkpoints_are_unchanged():
 @pytest.mark.parametrize("objective", OBJECTIVES, ids=lambda o: o.__name__)
 def test_every_objective_answers_all_the_loop_asks(objective):
     asked = {name for name in vars(Objective) if not name.startswith("_")} | {"__call__"}
-    assert {"check", "largest_local_batch", "lr_scale", "steps", "stage", "clamp_temperatures"} <= asked
+    assert {"check", "local_batches", "lr_scale", "steps", "stage", "clamp_temperatures"} <= asked
     assert [name for name in sorted(asked) if not callable(getattr(objective, name, None))] == []
 
 
@@ -36,6 +37,11 @@ def test_limoe_train_co_trains_with_tasks_and_trains_contrastively_without(tmp_p
     assert objective_for(_with_tasks(tmp_path)) is CoTrainingObjective
 
 
-def test_the_largest_local_batch_is_the_largest_task_batch_over_the_processes(tmp_path):
-    assert CoTrainingObjective.largest_local_batch(_with_tasks(tmp_path), 2) == 5  # max(4, 10, 6) / 2
-    assert ContrastiveObjective.largest_local_batch(load_config("demo", ["train.batch_size=12"]), 3) == 4
+def test_the_local_batches_are_each_tasks_share_of_its_batch_with_its_modality(tmp_path):
+    assert CoTrainingObjective.local_batches(_with_tasks(tmp_path), 2) == [
+        LocalBatch("task 'a' (tasks[].batch_size)", 5, "image"), LocalBatch("task 'b' (tasks[].batch_size)", 3, "image")]
+    assert ContrastiveObjective.local_batches(load_config("demo", ["train.batch_size=12"]), 3) == [
+        LocalBatch("train.batch_size", 4, "image")]
+    audio = CoTrainingObjective.local_batches(load_config("audio-demo", ["train.batch_size=9"]), 3)
+    assert audio == [LocalBatch("task 'pairs' (train.batch_size)", 3, "image"),
+                     LocalBatch("task 'sounds' (train.batch_size)", 3, "audio")]

@@ -15,13 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from limoe.checkpoints import load_model
 from limoe.cli import main
-from limoe.data.pipeline import expand_shards
 from limoe.evaluate.zeroshot import open_classification_set
 from limoe.errors import LimoeError
 from limoe.model.prompts import LABEL_SET_KEY, add_prompt_tuning, classification_logits
 from limoe.tuning.few_shot import read_few_shot_split
 from limoe.tuning.prompt_tuning import TuneRecipe, tuned_parameters
-from tests.helpers import refused
+from tests.helpers import refused, shard_members
 
 DEMO = Path(__file__).resolve().parents[2] / "data_shards"
 HELDOUT_CLS = DEMO / "heldout_cls"
@@ -38,12 +37,7 @@ def templates(tmp_path_factory) -> Path:
 def small_set(tmp_path_factory) -> Path:
     """heldout_cls cut down for speed: its 21 classes with at least 4 samples, at most 6 samples each."""
     root = tmp_path_factory.mktemp("small_cls")
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in expand_shards(str(HELDOUT_CLS)):
-        with tarfile.open(shard) as source:
-            for member in source.getmembers():
-                key, _, extension = member.name.partition(".")
-                samples.setdefault(key, {})[extension] = source.extractfile(member).read()
+    samples = shard_members(HELDOUT_CLS)
     by_class: dict[int, list[str]] = {}
     for key, files in sorted(samples.items()):
         by_class.setdefault(int(files["cls"]), []).append(key)
@@ -182,7 +176,7 @@ def test_the_support_draw_is_seeded_and_takes_k_per_class(checkpoint, small_set)
     support = torch.bincount(first.labels[first.support], minlength=len(names))
     assert torch.equal(support, samples.clamp(max=3))
     assert torch.equal(first.support_labels, first.labels[first.support])
-    torch.testing.assert_close(model.encode_image(first.support_images), first.features[first.support])
+    torch.testing.assert_close(model.encode_image(first.support_inputs), first.features[first.support])
 
 
 def test_the_recipe_schedule_warms_up_then_decays():
