@@ -3,10 +3,13 @@
 import subprocess
 import sys
 
+import pytest
+
 from limoe.benchmarks.layer import IMPLS
 from tests.child_env import child_env
 
 
+@pytest.mark.slow  # times every implementation in a subprocess; the layer's cost is checked by default in test_cost.py
 def test_cpu_smoke_run_has_a_measured_row_per_implementation():
     result = subprocess.run([sys.executable, "-m", "limoe.benchmarks.layer", "--cpu", "--capacity", "1.0"],
                             capture_output=True, text=True, timeout=600, env=child_env())

@@ -40,7 +40,7 @@ def test_dense_twin_tower_matches_torchvision_vit(name, vit):
     assert tower == pytest.approx(reference_tower, rel=1e-3)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS[:3], *(pytest.param(name, marks=pytest.mark.slow) for name in MODELS[3:])])
 @pytest.mark.parametrize("dense", [False, True])
 def test_every_config_runs_forward_and_backward(name, dense):
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def test_bf16_autocast_step_tracks_fp32_with_fp32_routing_and_gradients():
         assert cosine.min() > 0.98
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_the_whole_model_compiles_as_one_graph(backend):
     """torch.compile(fullgraph=True) traces the tower, routing and both op sets without a graph
     break (the Triton ops through their fake kernels), and computes what eager mode computes."""

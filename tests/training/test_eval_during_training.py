@@ -55,6 +55,7 @@ def test_one_process_logs_what_limoe_eval_reports_on_the_same_checkpoint(tmp_pat
     assert list((workdir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow  # two processes training; one process's evaluation is checked by default above
 def test_two_processes_with_expert_parallelism_evaluate_together(tmp_path):
     """Both ranks evaluate, taking turns (200 images in batches of 64: the first two batches are
     dealt out, the rest both encode; 69 classes × 80 templates, 10 classes a forward: six of the

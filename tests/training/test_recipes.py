@@ -58,7 +58,8 @@ def test_the_launch_line_reaches_limoe_train_with_the_shard_pattern_as_one_argum
     assert f"data.train={SHARDS}" in args.set
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", [pytest.param(p, marks=[] if p.stem in ("limoe-s32", "limoe-b16") else pytest.mark.slow)
+                                    for p in RECIPES], ids=lambda p: p.stem)  # B/32, L/16, H/14's plans: slow
 def test_limoe_plan_says_the_recipe_fits_80_gb_at_its_gpu_count(recipe, capsys):
     count = gpus(launch_line(recipe))
     status = main(["plan", "--config", str(recipe), "--gpus", str(count), "--gpu-memory", "80"])

@@ -100,6 +100,7 @@ def test_step_zero_predicts_exactly_what_zeroshot_predicts(checkpoint, templates
     assert json.loads((tmp_path / "tuned_zs.json").read_text()) == json.loads((tmp_path / "zs.json").read_text())
 
 
+@pytest.mark.slow  # 40 tuning steps; step zero's equality with zero-shot is checked by default
 def test_tuning_changes_only_the_tuned_parts_and_learns(checkpoint, templates, small_set, tmp_path):
     """Fast smoke of the few-shot recipe on a random model (zero-shot is at chance): every frozen
     tensor stays bit-identical; the support loss falls and the queries beat zero-shot."""
