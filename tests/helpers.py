@@ -24,6 +24,11 @@ from limoe.model.tower import Limoe, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_HELDOUT = ROOT / "data_shards" / "audio_heldout"  # 64 clips of instruments no demo run hears, with .cls families
+VIDEO_HELDOUT = ROOT / "data_shards" / "video_heldout"  # 192 filmstrips of sprites moving, with .cls directions
+# A video model at odd sizes: 24 px frames in 8 px patches (a 3 × 3 grid), clips of 6 consecutive
+# frames in tubelets of 2 (3 steps): 27 tokens a clip.
+VIDEO_MODEL = ["modalities=[image, text, video]", "image_size=24", "video.frames=6", "video.frame_stride=1",
+               "video.tubelet_frames=2"]
 
 
 def _quick(every: int) -> list[str]:
