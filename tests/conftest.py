@@ -45,3 +45,30 @@ def video_checkpoint(tmp_path_factory) -> Path:
     from tests.helpers import VIDEO_MODEL
 
     return _model_file(tmp_path_factory, "video", VIDEO_MODEL)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty huggingface_hub cache with the library in offline mode; `publish(folder, repo_id)`
+    puts a model folder into it as a download would (refs/main → snapshots/<commit>/files)."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants
+
+    from limoe.checkpoints.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
+    cache = tmp_path / "hf-cache"
+
+    def publish(folder: Path, repo_id: str, files=(CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)) -> None:
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        commit = hashlib.sha1(repo_id.encode()).hexdigest()
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        for name in files:
+            shutil.copy(folder / name, repo / "snapshots" / commit / name)
+
+    return str(cache), publish

@@ -10,6 +10,7 @@ nor a test module a worker), so it imports nothing from either.
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,15 @@ def encode_turn_batches(shared: bool) -> tuple[list[int], list[list[list[float]]
     results = [[first.tolist(), second.tolist()] for _, (first, second) in
                encode_in_turns(_turn_batches(), encode, lambda batch: len(batch), shared)]
     return encoded, results
+
+
+# A masked-pretraining decoder small enough for a test's few steps.
+TINY_DECODER = ["pretrain.decoder_width=32", "pretrain.decoder_depth=1", "pretrain.decoder_heads=2"]
+
+
+def metric_records(workdir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def set_options(*overrides: str) -> list[str]:
