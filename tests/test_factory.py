@@ -2,7 +2,6 @@
 and `hf-hub:` from a local Hugging Face cache (offline); the temperature and SigLIP bias survive."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

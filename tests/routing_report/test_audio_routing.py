@@ -16,7 +16,7 @@ from limoe.config import Config, load_model_config
 from limoe.data.audio import decode_clip
 from limoe.model.tower import build_model
 from limoe.routing_report.pictures import LEGEND_PX
-from tests.routing_report.by_hand import route_by_hand
+from tests.routing_report.by_hand import assert_counts_as_routed_by_hand, route_by_hand
 from tests.helpers import AUDIO_HELDOUT as HELDOUT, refused, run_limoe
 
 BATCHES = 4  # of 17: every one of the 64 held-out clips
@@ -54,19 +54,8 @@ def routed(audio_checkpoint, tmp_path_factory):
 
 
 def test_audio_and_text_counts_are_the_tokens_routed_to_each_expert(routed):
-    report = routed["report"]
-    assert report["modality"] == "audio"
-    statistics = report["checkpoints"][0]["statistics"]
-    modalities = list(routed["model"].config.modalities)
-    assert len(statistics["layers"]) == len(routed["experts"]) == 2
-    for layer, experts in zip(statistics["layers"], routed["experts"]):
-        for name in ("audio", "text"):
-            chosen = experts[routed["ids"] == modalities.index(name)]  # [tokens of the modality]
-            expected = torch.bincount(chosen, minlength=statistics["num_experts"]).tolist()
-            assert layer[name]["routed"] == layer[name]["kept"] == expected  # dropless: all kept
-            assert layer[name]["tokens"] == sum(expected)
-        assert layer["audio"]["tokens"] == 64 * 8 * 6  # 128 mels / 16 × 97 frames // 16, per clip
-        assert layer["image"]["tokens"] == 0  # the model's images, not read
+    # 128 mels / 16 × 97 frames // 16 tokens a clip
+    assert_counts_as_routed_by_hand(routed["report"], routed, routed["model"], "audio", 64 * 8 * 6)
 
 
 def test_clip_pictures_are_frequency_by_time_grids_of_the_pictured_block(routed):

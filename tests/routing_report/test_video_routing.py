@@ -19,7 +19,7 @@ from limoe.routing_report.command import _pictures
 from limoe.routing_report.pictures import LEGEND_PX
 from tests.evaluate.by_hand import shard_members
 from tests.helpers import VIDEO_HELDOUT as HELDOUT, refused, run_limoe
-from tests.routing_report.by_hand import route_by_hand
+from tests.routing_report.by_hand import assert_counts_as_routed_by_hand, route_by_hand
 
 CLIPS, BATCH = 192, 23
 STEPS, SIDE = 3, 3  # the video checkpoint's tubelet steps and grid side: 27 tokens a clip
@@ -44,18 +44,7 @@ def routed(video_checkpoint, tmp_path_factory):
 
 
 def test_video_and_text_counts_are_the_tokens_routed_to_each_expert(routed):
-    report = routed["report"]
-    assert report["modality"] == "video"
-    statistics = report["checkpoints"][0]["statistics"]
-    modalities = list(routed["model"].config.modalities)
-    assert len(statistics["layers"]) == len(routed["experts"]) == 2
-    for layer, experts in zip(statistics["layers"], routed["experts"]):
-        for name in ("video", "text"):
-            chosen = experts[routed["ids"] == modalities.index(name)]  # [tokens of the modality]
-            expected = torch.bincount(chosen, minlength=statistics["num_experts"]).tolist()
-            assert layer[name]["routed"] == layer[name]["kept"] == expected  # dropless: all kept
-        assert layer["video"]["tokens"] == CLIPS * STEPS * SIDE * SIDE
-        assert layer["image"]["tokens"] == 0  # the model's images, not read
+    assert_counts_as_routed_by_hand(routed["report"], routed, routed["model"], "video", CLIPS * STEPS * SIDE * SIDE)
 
 
 def test_clip_pictures_are_one_expert_grid_per_tubelet_step_of_the_pictured_block(routed):
