@@ -204,10 +204,10 @@ def _add_placement_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_modality_option(parser: argparse.ArgumentParser, verb: str = "evaluate") -> None:
-    """Which inputs are read with the captions: images, or the audio clips of audio shards."""
-    parser.add_argument("--modality", default="image", choices=["image", "audio"],
-                        help=f"{verb} images (default) or audio clips (audio shards; needs a model whose "
-                             "model.modalities include audio)")
+    """Which inputs are read with the captions: images, or the clips of audio or video shards."""
+    parser.add_argument("--modality", default="image", choices=["image", "audio", "video"],
+                        help=f"{verb} images (default), audio clips or video clips (audio or video shards; needs a "
+                             "model whose model.modalities include that modality)")
 
 
 def _add_overrides(parser: argparse.ArgumentParser, keys: str = "config") -> None:
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(train)
     train.add_argument("--workdir", default="runs/demo", help="checkpoints, metrics and logs go here")
 
-    pretrain = command("pretrain", _pretrain, "masked image (or audio) and caption pretraining of the tower (resumes in an existing workdir)")
+    pretrain = command("pretrain", _pretrain, "masked image (audio, video) and caption pretraining of the tower (resumes in an existing workdir)")
     _add_config_options(pretrain, kind="pretraining", default="configs/pretrain/demo.yaml")
     pretrain.add_argument("--workdir", default="runs/pretrain", help="checkpoints, metrics and logs go here")
 
@@ -278,16 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="class names file, one per line (default: the data's classnames.txt or class folder "
                                "names, else ImageNet-1k's)")
     zeroshot.add_argument("--templates", default=None,
-                          help="'openai' (80, default for images), 'simple', 'sounds' (6, default for audio), or a file")
+                          help="'openai' (80, default for images), 'simple', 'sounds' (6, default for audio), 'videos' "
+                               "(6, default for video), or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
     retrieval = command("retrieval", _evaluation("retrieval", "resize_on", "decode_on", "modality"),
-                        "image-text (or audio-text) retrieval recall@1/5/10", evaluations)
+                        "image-text (or audio-text, video-text) retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
     _add_placement_options(retrieval)
     _add_modality_option(retrieval)
     knn = command("knn", _evaluation("knn", "k", "random_init", "resize_on", "decode_on", "modality"),
-                  "leave-one-out k-NN top-1 of the image (or audio) tokens on classification shards", evaluations)
+                  "leave-one-out k-NN top-1 of the image (audio, video) tokens on classification shards", evaluations)
     _add_eval_options(knn)
     _add_placement_options(knn)
     _add_modality_option(knn)

@@ -2,7 +2,8 @@
 
 The defaults are open_clip's ImageNet-1k class names (OpenAI's curated list, in synset order)
 and its prompt sets: the 80 templates of the CLIP paper ('openai') or the 7-template subset
-('simple'); for audio, 'sounds' (`SOUND_TEMPLATES`, the default for audio). A templates file holds one template per line with `{c}` (clip_benchmark's files) or
+('simple'); for audio, 'sounds' (`SOUND_TEMPLATES`, the default for audio); for video, 'videos'
+(`VIDEO_TEMPLATES`, the default for video). A templates file holds one template per line with `{c}` (clip_benchmark's files) or
 `{}` where the class name goes. Templates are `str.format` strings, so a template is checked
 where it is read: exactly one class placeholder and no other replacement field (no `{x}`, no
 `{0.attr}` or `{0[i]}` access, no conversion or format spec); `{{` and `}}` stand for braces.
@@ -23,8 +24,8 @@ from limoe.errors import LimoeError
 from limoe.files import read_text_file
 
 Template = Union[str, Callable[[str], str]]
-TEMPLATE_SETS = ("openai", "simple", "sounds")  # open_clip's OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES; ours
-DEFAULT_TEMPLATES = {"image": "openai", "audio": "sounds"}  # the set used when none is given, by evaluated modality
+TEMPLATE_SETS = ("openai", "simple", "sounds", "videos")  # open_clip's OPENAI/SIMPLE_IMAGENET_TEMPLATES; ours
+DEFAULT_TEMPLATES = {"image": "openai", "audio": "sounds", "video": "videos"}  # used when none is given, by modality
 # Audio prompts: LAION-CLAP's zero-shot prompt ("this is a sound of …"), the "sound of" / "recording
 # of" phrasings of AudioCLIP and Wav2CLIP's evaluations, and the bare class name.
 SOUND_TEMPLATES = (
@@ -35,6 +36,18 @@ SOUND_TEMPLATES = (
     "a sound made by a {}.",
     "{}",
 )
+# Video prompts: action and motion phrasings for class names that say what happens in a clip
+# ("moving left", "playing guitar"), after the "a video of a person {}" prompts of ActionCLIP's and
+# X-CLIP's Kinetics evaluations, and the bare class name.
+VIDEO_TEMPLATES = (
+    "a video of something {}.",
+    "a video of a person {}.",
+    "a clip of something {}.",
+    "footage of something {}.",
+    "a video showing {}.",
+    "{}",
+)
+TEMPLATES_OF_OURS = {"sounds": SOUND_TEMPLATES, "videos": VIDEO_TEMPLATES}
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -55,12 +68,12 @@ def load_classnames(path: Optional[Path]) -> list[str]:
 
 
 def load_templates(choice: Optional[str], modality: str = "image") -> Sequence[Template]:
-    """'openai', 'simple', 'sounds', or a file of templates, as open_clip's classifier builder
-    takes them: callables, or `str.format` strings with one `{}`. None: `modality`'s default set
-    ('openai' for images, 'sounds' for audio)."""
+    """'openai', 'simple', 'sounds', 'videos', or a file of templates, as open_clip's classifier
+    builder takes them: callables, or `str.format` strings with one `{}`. None: `modality`'s default
+    set ('openai' for images, 'sounds' for audio, 'videos' for video)."""
     choice = choice or DEFAULT_TEMPLATES[modality]
-    if choice == "sounds":
-        return SOUND_TEMPLATES
+    if choice in TEMPLATES_OF_OURS:
+        return TEMPLATES_OF_OURS[choice]
     if choice in TEMPLATE_SETS:
         from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 

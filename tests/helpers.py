@@ -10,6 +10,7 @@ nor a test module a worker), so it imports nothing from either.
 
 import contextlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from limoe.model.tower import Limoe, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIO_HELDOUT = ROOT / "data_shards" / "audio_heldout"  # 64 clips of instruments no demo run hears, with .cls families
+VIDEO_HELDOUT = ROOT / "data_shards" / "video_heldout"  # 192 filmstrips of sprites moving, with .cls directions
+# A video model at odd sizes: 24 px frames in 8 px patches (a 3 × 3 grid), clips of 6 consecutive
+# frames in tubelets of 2 (3 steps): 27 tokens a clip.
+VIDEO_MODEL = ["modalities=[image, text, video]", "image_size=24", "video.frames=6", "video.frame_stride=1",
+               "video.tubelet_frames=2"]
 
 
 def _quick(every: int) -> list[str]:
@@ -102,6 +108,15 @@ def encode_turn_batches(shared: bool) -> tuple[list[int], list[list[list[float]]
     results = [[first.tolist(), second.tolist()] for _, (first, second) in
                encode_in_turns(_turn_batches(), encode, lambda batch: len(batch), shared)]
     return encoded, results
+
+
+# A masked-pretraining decoder small enough for a test's few steps.
+TINY_DECODER = ["pretrain.decoder_width=32", "pretrain.decoder_depth=1", "pretrain.decoder_heads=2"]
+
+
+def metric_records(workdir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def set_options(*overrides: str) -> list[str]:

@@ -1,10 +1,7 @@
 """open_clip's entry points: the same model from a config name, an exported file, a model folder
 and `hf-hub:` from a local Hugging Face cache (offline); the temperature and SigLIP bias survive."""
 
-import hashlib
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,28 +13,6 @@ from limoe.checkpoints.hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, save_mod
 from limoe.config import Config, load_config, load_model_config
 from limoe.errors import LimoeError
 from limoe.model.tower import build_model
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty huggingface_hub cache with the library in offline mode; `publish(folder, repo_id)`
-    puts a model folder into it as a download would (refs/main → snapshots/<commit>/files)."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
-    cache = tmp_path / "hf-cache"
-
-    def publish(folder: Path, repo_id: str, files=(CONFIG_FILE, WEIGHTS_FILE, CARD_FILE)) -> None:
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(commit)
-        (repo / "snapshots" / commit).mkdir(parents=True)
-        for name in files:
-            shutil.copy(folder / name, repo / "snapshots" / commit / name)
-
-    return str(cache), publish
 
 
 def _features(model, preprocess, tokenizer):

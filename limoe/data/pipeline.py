@@ -676,6 +676,8 @@ def loader_options(config: ModelConfig, modality: str) -> dict:
     takes them (none for images, the defaults)."""
     if modality == "image":
         return {}
+    if modality == "video":
+        return {"modality": modality, "frames": config.video.frames, "frame_stride": config.video.frame_stride}
     return {"modality": modality, "sample_rate": config.audio.sample_rate, "clip_seconds": config.audio.clip_seconds}
 
 

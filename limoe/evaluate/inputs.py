@@ -1,8 +1,10 @@
-"""What an evaluation scores against text: images (the default) or audio clips.
+"""What an evaluation scores against text: images (the default), audio clips or video clips.
 
 Zero-shot classification, retrieval and k-NN run the same protocol on either; what differs is
 read here once: which model can take them (its `model.modalities`), how the loader reads the
-shards (the eval crop of an image, the centre window of a clip at the model's rate and length),
+shards (the eval crop of an image, the centre window of a clip at the model's rate and length,
+a video clip's `model.video.frames` frames `frame_stride` apart from its centre window, each
+cropped as an image is),
 which embedder encodes them, and what the metrics call the inputs (`images`, `clips`). The
 placement options (`resize_on`, `decode_on`) and class-folder trees are for images only.
 """
@@ -14,8 +16,8 @@ from torch import Tensor
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe
 
-EVALUATED = ("image", "audio")  # the `--modality` choices
-_COUNTED_AS = {"image": "images", "audio": "clips"}  # the metrics' name for a number of inputs
+EVALUATED = ("image", "audio", "video")  # the `--modality` choices
+_COUNTED_AS = {"image": "images", "audio": "clips", "video": "clips"}  # the metrics' name for a number of inputs
 
 
 def check_modality(model: Limoe, modality: str) -> None:
@@ -29,7 +31,8 @@ def check_modality(model: Limoe, modality: str) -> None:
 
 
 def check_placement(modality: str, resize_on: str, decode_on: str) -> None:
-    """Refuse `--resize-on device` / `--decode-on device` for audio: they place image work."""
+    """Refuse `--resize-on device` / `--decode-on device` for clips: they place image work (video
+    frames are decoded and cropped in the data workers)."""
     if modality != "image" and "device" in (resize_on, decode_on):
         raise LimoeError(f"--resize-on and --decode-on place the resizing and decoding of images; {modality} clips are "
                          f"decoded in the data workers and turned into features on the device anyway: drop them "
@@ -37,7 +40,8 @@ def check_placement(modality: str, resize_on: str, decode_on: str) -> None:
 
 
 def encode_inputs(model: Limoe, modality: str, inputs: Tensor) -> Tensor:
-    """Features [B, D] (L2-normalised, float32) of images [B, 3, S, S] or clips [B, T] on the
+    """Features [B, D] (L2-normalised, float32) of images [B, 3, S, S], audio clips [B, T] or video
+    clips [B, T, 3, S, S] on the
     model's device (`limoe.data.crops.eval_images_on` puts an eval batch's there)."""
     return model.encode({modality: inputs})[0][modality].float()
 

@@ -1,8 +1,8 @@
-"""k-nearest-neighbour classification with a model's image (or audio) tokens: how well a
+"""k-nearest-neighbour classification with a model's image (audio, video) tokens: how well a
 representation separates classes with no head trained on top (the k-NN probe of MAE and DINO).
 
 The features are the mean of the tower's final patch tokens (of the image, or of the audio
-stream for audio clips), L2-normalised: what masked
+or video stream for clips), L2-normalised: what masked
 pretraining trains (its pooling head and projection into the joint space are left untouched
 until contrastive training). Leave-one-out over one labelled set: each image takes the class
 its k most similar other images vote for, each vote weighted by exp(cosine similarity / 0.07).
@@ -93,7 +93,7 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
 
 def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5, batch_size: int = 128,
                  workers: int = 2, resize_on: str = "worker", decode_on: str = "worker", modality: str = "image") -> dict:
-    """k-NN top-1 of `model`'s image tokens (audio tokens with `modality="audio"`) on classification
+    """k-NN top-1 of `model`'s image tokens (`modality`'s: audio or video tokens) on classification
     shards (a spec) or EvalBatches with labels; `resize_on`, `decode_on`: where the shards' images
     are resized and centre-cropped, and decoded (images only)."""
     check_k(k, None, data)  # before encoding; the upper bound needs the number of images read

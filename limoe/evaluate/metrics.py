@@ -42,8 +42,8 @@ def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
 def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_image: Tensor,
                       modality: str = "image") -> dict[str, float]:
     """Recall@1/5/10 both ways for images [N, D] and texts [M, D] (same space, any scale), keyed
-    `image_to_text_R@k` and `text_to_image_R@k`; for audio clips (`modality="audio"`),
-    `audio_to_text_R@k` and `text_to_audio_R@k`.
+    `image_to_text_R@k` and `text_to_image_R@k`; for audio or video clips (`modality`),
+    `audio_to_text_R@k` and `text_to_audio_R@k` (`video_to_text_R@k` …).
 
     `text_to_image` [M] holds the index of each text's image, so an image may have several
     texts. Text→image: is a text's image among its k most similar images. Image→text: is any of

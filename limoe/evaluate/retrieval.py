@@ -1,12 +1,12 @@
-"""Image-text (or audio-text) retrieval on caption shards: recall@1/5/10 from images (clips) to
+"""Image-text (audio-text, video-text) retrieval on caption shards: recall@1/5/10 from images (clips) to
 texts and back.
 
 Several captions per image are supported the way `limoe shards build` stores them: one sample
 per (image, caption) pair, the image repeated. Samples whose images are identical after the eval
 transform are one image with several captions: each image is encoded once, a text→image hit is
 its own image among the nearest, and an image→text hit is any of its captions among the nearest.
-With one caption per image (data_shards/heldout) this is plain paired retrieval. Audio clips
-(`modality="audio"`) are grouped the same way, by their decoded samples.
+With one caption per image (data_shards/heldout) this is plain paired retrieval. Audio and
+video clips (`modality="audio"`, `"video"`) are grouped the same way, by their decoded samples.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
                        progress: bool = False, shared: bool = False, resize_on: str = "worker",
                        decode_on: str = "worker", modality: str = "image") -> dict:
     """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards);
-    with `modality="audio"`, audio→text and text→audio on audio shards.
+    with `modality="audio"` (`"video"`), audio→text and text→audio on audio shards (video on video shards).
 
     `data`: a shard spec (folder, glob, brace pattern) read once in full on every rank, so all
     ranks step the model together and get the same numbers; or any iterable of EvalBatches with

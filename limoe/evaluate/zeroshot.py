@@ -1,4 +1,4 @@
-"""Zero-shot classification: classify images (or audio clips) by their nearest class embedding.
+"""Zero-shot classification: classify images (or audio or video clips) by their nearest class embedding.
 
 Each class's embedding is the mean of its prompt embeddings (one per template), renormalised
 (open_clip's `build_zero_shot_classifier`, the CLIP paper's protocol), or, with classes given by
@@ -8,7 +8,8 @@ embeddings are most cosine-similar to its own; a prompt-tuned model (`limoe tune
 learned linear term to the scaled cosines.
 
 Audio clips (`modality="audio"`) come from audio shards with `.cls` labels, in the first or
-third layout, and take the 'sounds' templates by default.
+third layout, and take the 'sounds' templates by default; video clips (`modality="video"`) from
+video shards alike, with the 'videos' templates ("a video of something {c}.") by default.
 
 The data may come in three layouts, recognised in this order:
   - a clip_benchmark webdataset folder (`test/0.tar …`, `test/nshards.txt`, `classnames.txt`),
@@ -90,7 +91,7 @@ def open_classification_set(data: str, classnames: Union[None, Path, Sequence[st
     """A loader of labelled EvalBatches for `data` in any supported layout, and its class names.
     `resize_on`: where the images are resized and centre-cropped: the data workers or the device;
     `decode_on`: where shards' images are decoded (class folders are decoded in the workers).
-    `modality`: "audio" reads audio shards (class-folder trees are image sets).
+    `modality`: "audio" or "video" reads audio or video shards (class-folder trees are image sets).
 
     `classnames` is a names file, None (the data's own or ImageNet-1k's), or the class list itself
     (exemplar folders' names): then a class-folder tree must have exactly those folders.
@@ -166,7 +167,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
                       candidate_images: Optional[Path] = None, shared: bool = False, resize_on: str = "worker",
                       decode_on: str = "worker", modality: str = "image") -> dict:
     """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above);
-    with `modality="audio"`, of its audio clips on audio shards with `.cls` labels.
+    with `modality="audio"` (`"video"`), of its audio (video) clips on shards of them with `.cls` labels.
 
     Classes are given by name, as prompts from `templates` ('openai' (default), 'simple' or a
     file), or by exemplar images: `candidate_images` is a folder with one sub-folder of images
@@ -176,7 +177,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     every process of a run calls this together and they take turns encoding images and prompts.
     `resize_on`, `decode_on`: where the images are resized and centre-cropped, and decoded
     (`data.resize_on`, `data.decode_on`; images only). Default templates: 'openai' for images,
-    'sounds' for audio.
+    'sounds' for audio, 'videos' for video.
     """
     check_modality(model, modality)
     check_placement(modality, resize_on, decode_on)

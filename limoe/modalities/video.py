@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from limoe.errors import LimoeError
 from limoe.modalities import Modality
-from limoe.modalities.patches import PatchEmbedder
+from limoe.modalities.patches import PatchEmbedder, patchify
 from limoe.modalities.tokens import Tokens
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class VideoEmbedder(PatchEmbedder):
         super().__init__(config, MODALITY.name, 3, config.patch_size, table, video.pool, video.tubelet_frames)
         self.separable, self.image_size = separable, config.image_size
         self.tubelet_frames, self.steps = video.tubelet_frames, video.steps
+        self.input_tokens = config.video_tokens  # the separable table holds one step's grid only
 
     def tower_parameters(self, config: ModelConfig) -> dict[str, Optional[nn.Parameter]]:
         """The positions (joint [T/t · Np, d], or spatial [Np, d]), with `separable` positions the
@@ -69,6 +70,16 @@ class VideoEmbedder(PatchEmbedder):
         if temporal_positions is not None:  # separable: each step's spatial grid plus its temporal position
             positions = (temporal_positions[:steps, None] + positions[None]).flatten(0, 1)  # [Nv, d]
         return self.patch_tokens(tubelets, positions, cls_token, keep)
+
+    def patch_values(self, clips: Tensor) -> Tensor:
+        """clips [B, T, 3, S, S] normalised → each tubelet's values [B, Nv, t·p·p·3], in token order
+        (time-major: all tubelets of the first t frames, row-major, then the next t frames'); within a
+        tubelet frame by frame, each frame's p×p patch as `patchify` orders an image patch's pixels."""
+        batch, frames = clips.shape[:2]
+        steps, t = frames // self.tubelet_frames, self.tubelet_frames
+        per_frame = patchify(clips.flatten(0, 1), self.patch_size)  # [B·T, Np, p·p·3]
+        per_frame = per_frame.view(batch, steps, t, *per_frame.shape[1:])  # [B, T/t, t, Np, p·p·3]
+        return per_frame.transpose(2, 3).reshape(batch, steps * per_frame.shape[3], -1)  # [B, Nv, t·p·p·3]
 
 
 def dummy_batch(config: ModelConfig, batch: int) -> Tensor:

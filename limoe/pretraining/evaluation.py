@@ -1,6 +1,6 @@
 """Held-out measurements of masked pretraining, each beside the baseline it must beat.
 
-Masked images (or audio clips): the normalised-patch MSE of the hidden patches against predicting
+Masked images (or audio or video clips): the normalised-patch MSE of the hidden patches against predicting
 zero (the mean square of the normalised targets). Masked captions: accuracy on the masked tokens against always
 answering the most frequent of them (the best constant answer on this very set). Every task of
 both stages is measured as it is trained, in eval mode (no router noise, the eval capacity
@@ -55,7 +55,7 @@ class _TextScore:
 
 def evaluate_masked_modelling(objective: MaskedPretraining, data: Union[str, Iterable[EvalBatch]],
                               batch_size: int = 128, workers: int = 2) -> dict:
-    """{task name: image or audio tasks' mse, zero_mse, patches / text tasks' accuracy,
+    """{task name: image, audio or video tasks' mse, zero_mse, patches / text tasks' accuracy,
     most_frequent_accuracy, tokens} on caption shards of `pretrain.modalities` (a spec) or any
     iterable of EvalBatches with tokens."""
     config, (inputs, _) = objective.model.config, objective.modalities

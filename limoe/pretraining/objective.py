@@ -4,18 +4,20 @@ OmniVec2's first two stages on the shared tower, as a schedule that is a pure fu
 step (so a resumed run continues exactly, and every rank runs the same task, as expert
 parallelism's all-to-all needs):
 
-  unimodal  (the first `pretrain.unimodal_steps`): masked patch modelling (images, or audio
-            clips' spectrograms) and masked language modelling on captions, alternating step by
+  unimodal  (the first `pretrain.unimodal_steps`): masked patch modelling (images, audio
+            clips' spectrograms, or video clips' tubelets) and masked language modelling on captions, alternating step by
             step (PolyViT's round-robin);
   bimodal   (the next `pretrain.bimodal_steps`): the same two tasks, each given the other
             modality: the tower encodes the pair together (joint routing, as in contrastive
             training) and the predicted modality's tokens attend to the other's through the
             training-only fusion blocks.
 
-`pretrain.modalities` says what the pairs hold: image–text (the default) or audio–text. Masked
-patch modelling is MAE's (AudioMAE's for clips): only the visible patches enter the tower, a
-light decoder predicts the hidden ones' normalised values, which the modality's embedder gives
-in its token order (`patch_values`: pixels, or normalised log-mel). Masked language modelling is
+`pretrain.modalities` says what the pairs hold: image–text (the default), audio–text or
+video–text. Masked patch modelling is MAE's (AudioMAE's for audio clips, VideoMAE's for video
+clips, whose masks are tubes: the same grid positions hidden at every tubelet step): only the
+visible patches enter the tower, a light decoder predicts the hidden ones' normalised values,
+which the modality's embedder gives in its token order (`patch_values`: pixels, normalised
+log-mel, or a tubelet's pixels frame by frame). Masked language modelling is
 BERT's: 80/10/10 replacement with a learned mask embedding, scored against the token embedding.
 All tokens pass the same MoE blocks and routers as in contrastive training, and the auxiliary
 routing losses are added to every step's loss.
@@ -34,7 +36,8 @@ from limoe.config import Config, PretrainConfig
 from limoe.data.preprocess import normalize, tokenizer
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator
+from limoe.model.masking import (IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator,
+                                 tube_keep)
 from limoe.model.routing import LayerRouting
 from limoe.modalities.text import PAD_TOKEN
 from limoe.model.tower import Limoe
@@ -52,7 +55,7 @@ class MaskedModellingTask:
     modality is given (encoded alongside and fused in)."""
 
     name: str
-    predicts: str  # the patch modality (image, audio) or text
+    predicts: str  # the patch modality (image, audio, video) or text
     given_other: bool
 
 
@@ -91,7 +94,7 @@ def _per_rank_share(targets: Tensor) -> Tensor:
 
 @dataclass
 class PatchPrediction:
-    prediction: Tensor  # [B, N, P] the decoder's output at every patch (P: p·p·3 pixels, p·p log-mel values)
+    prediction: Tensor  # [B, N, P] the decoder's output at every patch (P: p·p·3 pixels, p·p log-mel values, t·p·p·3)
     target: Tensor  # [B, N, P] the patches' normalised values
     hidden: Tensor  # [B, N] bool, the patches the encoder did not see (the ones scored)
 
@@ -130,7 +133,7 @@ class MaskedPretraining(PairsObjective):
     alone), trained on `data.train`'s pairs of `pretrain.modalities`.
 
     The heads are named by modality, as checkpoints hold them: `image_decoder` (or
-    `audio_decoder`), and `<modality>_fusion`, through which that modality's tokens attend to the
+    `audio_decoder`, `video_decoder`), and `<modality>_fusion`, through which that modality's tokens attend to the
     other's."""
 
     name = PRETRAINING
@@ -154,7 +157,7 @@ class MaskedPretraining(PairsObjective):
         self.modalities = p.modalities  # (the patch modality, text)
         patches = model.embedders[self.modalities[0]]
         self.add_module(f"{patches.name}_decoder", PixelDecoder(m.width, p.decoder_width, p.decoder_depth,
-                                                                p.decoder_heads, patches.num_patches, patches.patch_dim))
+                                                                p.decoder_heads, patches.input_tokens, patches.patch_dim))
         self.mask_embedding = nn.Parameter(torch.randn(m.width) * 0.02)  # BERT's [MASK], as an input vector
         self.mlm_head = MlmHead(m.width, m.vocab_size)
         for name in self.modalities:  # `name`'s tokens attend to the other's
@@ -175,7 +178,8 @@ class MaskedPretraining(PairsObjective):
 
     def forward(self, inputs: Tensor, tokens: Tensor, step: int) -> ObjectiveOutput:
         """One step's task on a batch of pairs → (loss, its parts detached, routing). The inputs are
-        images (the loader's uint8, or normalised floats) or audio clips [B, T] float32."""
+        images (the loader's uint8, or normalised floats), audio clips [B, T] float32 or video clips
+        [B, T, 3, S, S] (uint8, or normalised floats)."""
         task = task_at(step, self.pretrain_config)
         inputs = normalize(inputs) if inputs.dtype == torch.uint8 else inputs
         terms = {}
@@ -199,12 +203,12 @@ class MaskedPretraining(PairsObjective):
 
     def predict_patches(self, inputs: Tensor, tokens: Optional[Tensor],
                         step: int) -> tuple[PatchPrediction, list[LayerRouting]]:
-        """MAE on images [B, 3, H, W] (AudioMAE on clips [B, T]): encode the visible patches (with
-        the caption tokens [B, L] alongside when given, fused in after the tower), decode every patch."""
+        """MAE on images [B, 3, H, W] (AudioMAE on clips [B, T], VideoMAE on clips [B, T, 3, S, S]):
+        encode the visible patches (with the caption tokens [B, L] alongside when given, fused in
+        after the tower), decode every patch."""
         name = self.modalities[0]
         embedder = self.model.embedders[name]
-        keep = patch_keep_at(step, self.seed, f"masked_{name}", inputs, embedder.num_patches,
-                             self.pretrain_config.mask_ratio(name))  # [B, K]
+        keep = self._patch_keep(name, inputs, step)  # [B, K]
         streams = {name: self.model.embed(name, inputs, keep=keep)}
         if tokens is not None:
             streams["text"] = self.model.embed("text", tokens)
@@ -214,7 +218,16 @@ class MaskedPretraining(PairsObjective):
             visible = self._fusion(name)(visible, streams["text"].x, context_real=streams["text"].key_mask)
         prediction = self.get_submodule(f"{name}_decoder")(visible, keep)  # [B, N, P]
         target = normalized_patches(embedder.patch_values(inputs))  # [B, N, P]
-        return PatchPrediction(prediction, target, masked_patches(keep, embedder.num_patches)), routing
+        return PatchPrediction(prediction, target, masked_patches(keep, embedder.input_tokens)), routing
+
+    def _patch_keep(self, name: str, inputs: Tensor, step: int) -> Tensor:
+        """The patches [B, K] each input keeps at `step`: a random subset of its patches, or for video
+        clips a random subset of the frame grid's, kept at every tubelet step (VideoMAE's tubes)."""
+        embedder, ratio = self.model.embedders[name], self.pretrain_config.mask_ratio(name)
+        if name != "video":
+            return patch_keep_at(step, self.seed, f"masked_{name}", inputs, embedder.input_tokens, ratio)
+        grid = embedder.input_tokens // embedder.steps  # patches of one frame grid
+        return tube_keep(patch_keep_at(step, self.seed, "masked_video", inputs, grid, ratio), embedder.steps, grid)
 
     def _fusion(self, predicted: str) -> CrossAttentionFusion:
         """The fusion through which the tokens of the `predicted` modality attend to the other's."""

@@ -1,10 +1,10 @@
-"""`limoe routing`: what a checkpoint's experts do with images (or audio clips) and text, in numbers and pictures.
+"""`limoe routing`: what a checkpoint's experts do with images (or audio or video clips) and text, in numbers and pictures.
 
 A few held-out batches go through the model (eval mode, the chosen eval capacity); the routing
 statistics of all of them are accumulated, and a few examples (chosen by key, or the first
 batch's first) are kept token by token for the pictures: which expert each image patch (or
-spectrogram patch of a clip, with `--modality audio`) and caption token went to, in one chosen
-MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
+spectrogram patch of a clip, with `--modality audio`; tubelet of a video clip, with `--modality
+video`, one grid per tubelet step) and caption token went to, in one chosen MoE block. With `compare`, a second checkpoint reads the same samples, so the two can be
 set side by side (e.g. trained with and without the LIMoE entropy losses).
 """
 
@@ -32,6 +32,7 @@ from limoe.files import atomic_write, check_output_directory, refuse_overwriting
 from limoe.model.tower import PAD_TOKEN, Limoe
 from limoe.data.preprocess import unnormalize
 from limoe.model.routing import LayerRouting
+from limoe.modalities import modality as registered_modality
 from limoe.routing_report.pictures import write_pictures
 from limoe.routing_report.records import CheckpointRouting, ExampleRouting
 from limoe.routing_report.statistics import RoutingAccumulator, collapse_warnings, format_summary_table
@@ -67,19 +68,33 @@ def _decode(token_ids: list[int]) -> list[str]:
 
 def _pictures(model: Limoe, modality: str, inputs: Tensor) -> np.ndarray:
     """Inputs as the model saw them, for the pictures: images [k, 3, H, W] as the data pipeline
-    normalises them → [k, H, W, 3] in [0, 1]; clips [k, T] → their normalised log-mel [k, n_mels, frames]."""
+    normalises them → [k, H, W, 3] in [0, 1]; audio clips [k, T] → their normalised log-mel
+    [k, n_mels, frames]; video clips [k, T, 3, S, S] → the first frame of each tubelet step side by
+    side, [k, S, steps · S, 3] in [0, 1] (a filmstrip over the steps' expert grids)."""
     if modality == "image":
         return unnormalize(inputs.cpu()).permute(0, 2, 3, 1).numpy()
+    if modality == "video":
+        firsts = inputs[:, :: model.config.video.tubelet_frames]  # [k, steps, 3, S, S]
+        frames = unnormalize(firsts.flatten(0, 1)).view(firsts.shape)  # [k, steps, 3, S, S]
+        return frames.permute(0, 3, 1, 4, 2).flatten(2, 3).numpy()  # [k, S, steps · S, 3]
     embedder = model.embedders[modality]
     return ((embedder.log_mel(inputs) - embedder.mean) / embedder.std).float().cpu().numpy()
 
 
+def _patch_count(config: ModelConfig, modality: str) -> int:
+    """Patch tokens of one input: an image's patches, a clip's spectrogram patches or tubelets."""
+    return {"image": config.num_patches, "audio": config.audio.num_patches, "video": config.video_tokens}[modality]
+
+
 def _patch_grid(config: ModelConfig, modality: str, patches: Tensor) -> Tensor:
     """One example's values per patch [Np], in token order, → its patch grid: an image's [g, g]
-    row-major; a clip's [F, T] frequency × time (its tokens run time-major, F per p frames)."""
+    row-major; an audio clip's [F, T] frequency × time (its tokens run time-major, F per p frames);
+    a video clip's [steps, g, g], each tubelet step's grid row-major (its tokens run time-major)."""
+    side = config.image_size // config.patch_size
     if modality == "image":
-        side = config.image_size // config.patch_size
         return patches.view(side, side)
+    if modality == "video":
+        return patches.view(config.video.steps, side, side)
     audio = config.audio
     return patches.view(audio.frames // audio.patch_size, audio.n_mels // audio.patch_size).T
 
@@ -89,14 +104,12 @@ def examples_of(model: Limoe, modality: str, keys: list[str], inputs: Tensor, to
     """The examples at `indices` of a batch, split along the joint token layout of the MoE call:
     per example the streams in the model's order (`model.modalities`), the inputs' [class token if
     the modality's pooling is cls, Np patches] and the captions' L text positions: images before
-    text, text before audio."""
+    text, text before audio and video."""
     if not indices:  # nothing pictured from this batch (and no spectrogram of an empty batch: the FFT refuses one)
         return []
     config = model.config
-    pool, num_patches = (config.image_pool, config.num_patches) if modality == "image" else (
-        config.audio.pool, config.audio.num_patches)
-    first_patch = 1 if pool == "cls" else 0
-    lengths = {modality: first_patch + num_patches, "text": tokens.shape[1]}
+    first_patch = 1 if registered_modality(modality).pool(config) == "cls" else 0
+    lengths = {modality: first_patch + _patch_count(config, modality), "text": tokens.shape[1]}
     starts, start = {}, 0
     for name in config.modalities:
         if name in lengths:
@@ -181,8 +194,8 @@ def run_routing_report(checkpoint: Path, data: str, output: Union[str, Path], nu
     `capacity_factor`: None (each checkpoint's eval factor), 'dropless' or a number, applied to
     both checkpoints. `block`: the MoE block pictured (default: each checkpoint's last). `keys`:
     the samples pictured (default: the first batch's first NUM_EXAMPLES). `workers`: data loader
-    processes (0: read in this process). `modality`: what `data` pairs with captions, image or
-    audio (every checkpoint's model must embed it).
+    processes (0: read in this process). `modality`: what `data` pairs with captions, image, audio
+    or video (every checkpoint's model must embed it).
     """
     if num_batches < 1 or batch_size < 1:
         raise LimoeError("--num-batches and --batch-size must be at least 1.")

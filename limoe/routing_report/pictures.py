@@ -128,8 +128,9 @@ def balanced_image_share(layer: dict, modality: str = "image") -> np.ndarray:
     """[E] how much an expert is an image expert, with both modalities weighted alike: its share
     of the image tokens over the sum of its shares of image and text tokens (`modality_shares`).
     1: only images, 0: only text, NaN: no tokens. A modality without tokens counts as zero shares.
-    With audio too the sum runs over all three; a model without images has its first modality's share.
-    `modality="audio"`: the same for audio (the report of audio clips, whose images have no tokens)."""
+    With audio or video too the sum runs over all the model's; a model without images has its first
+    modality's share. `modality="audio"` (`"video"`): the same for audio (video), the report of clips,
+    whose images have no tokens."""
     shares = np.nan_to_num(modality_shares(layer))  # [M, E]
     names = layer_modalities(layer)
     image, total = shares[names.index(modality) if modality in names else 0], shares.sum(axis=0)  # [E] each
@@ -138,7 +139,7 @@ def balanced_image_share(layer: dict, modality: str = "image") -> np.ndarray:
 
 def plot_expert_heatmap(reports: list[CheckpointRouting], path: Path) -> None:
     """Layer × expert map per checkpoint: colour = the expert's `balanced_image_share` of the
-    report's modality (blue image or audio, red text, grey unused); the number in a cell = the
+    report's modality (blue image, audio or video, red text, grey unused); the number in a cell = the
     expert's share of all the layer's tokens."""
     rows, experts = _max_layers(reports), _max_experts(reports)
     fig = figure(len(reports) * (140 + 50 * experts), 130 + 40 * rows)
@@ -182,29 +183,44 @@ def plot_drop_rates(reports: list[CheckpointRouting], path: Path) -> None:
 
 
 def _draw_input(ax, example: ExampleRouting) -> None:
-    """The example as the model saw it: the image, or the clip's log-mel (low frequencies at the bottom)."""
-    if example.modality == "image":
+    """The example as the model saw it: the image, a video clip's filmstrip (each tubelet step's
+    first frame), or an audio clip's log-mel (low frequencies at the bottom)."""
+    if example.modality in ("image", "video"):
         ax.imshow(example.picture, interpolation="nearest")
     else:
         ax.imshow(example.picture, origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
 
 
+def _side_by_side(grids: np.ndarray) -> np.ndarray:
+    """[steps, g, g] → [g, steps · g]: a video clip's tubelet steps left to right, as its filmstrip."""
+    return np.concatenate(list(grids), axis=1)
+
+
 def _draw_patch_map(ax, example: ExampleRouting, colors: np.ndarray) -> None:
     """One cell per patch in its top-1 expert's colour, a cross where the patch was dropped: an
-    image's grid as it lies, a clip's frequency (up) × time (right) grid."""
-    height, width = example.patch_experts.shape
-    image = example.modality == "image"
-    extent = (0, width, height, 0) if image else (0, width, 0, height)
-    ax.imshow(colors[example.patch_experts.numpy()], extent=extent, interpolation="nearest",
-              origin="upper" if image else "lower", aspect="equal" if image else "auto")
+    image's grid as it lies, an audio clip's frequency (up) × time (right) grid, a video clip's
+    tubelet steps' grids side by side (one panel per step, split by a black line), as its filmstrip lays them out."""
+    experts, kept = example.patch_experts.numpy(), example.patch_kept.numpy()
+    video = example.modality == "video"
+    if video:
+        steps = experts.shape[0]
+        experts, kept = _side_by_side(experts), _side_by_side(kept)
+    height, width = experts.shape
+    upright = example.modality != "audio"
+    extent = (0, width, height, 0) if upright else (0, width, 0, height)
+    ax.imshow(colors[experts], extent=extent, interpolation="nearest",
+              origin="upper" if upright else "lower", aspect="equal" if upright else "auto")
     ax.hlines(range(1, height), 0, width, color="white", linewidth=0.3, alpha=0.6)
     ax.vlines(range(1, width), 0, height, color="white", linewidth=0.3, alpha=0.6)
-    rows_dropped, columns_dropped = np.nonzero(~example.patch_kept.numpy())
+    if video:
+        ax.vlines(np.arange(1, steps) * (width // steps), 0, height, color="black", linewidth=1.5)
+    rows_dropped, columns_dropped = np.nonzero(~kept)
     ax.scatter(columns_dropped + 0.5, rows_dropped + 0.5, marker="x", color="black", s=12, linewidths=0.8)
 
 
 def plot_patch_experts(reports: list[CheckpointRouting], path: Path) -> None:
-    """Example images or clips (rows): the input as the model saw it (a clip as its log-mel), then
+    """Example images or clips (rows): the input as the model saw it (an audio clip as its log-mel, a
+    video clip as a filmstrip of its tubelet steps), then
     beside it each checkpoint's map of the pictured block, one cell per patch in its top-1
     expert's colour; a cross marks a patch its expert had no room for. The map is not laid over
     the input, so an image's own colours cannot be mistaken for an expert's. The checkpoints read

@@ -20,13 +20,17 @@ class ExampleRouting:
     """One image-caption or clip-caption pair's top-1 experts in the pictured block."""
 
     key: str
-    picture: np.ndarray  # as the model saw it: the image [H, W, 3] in [0, 1], or the clip's normalised log-mel [n_mels, frames]
-    patch_experts: Tensor  # [g, g] expert per image patch, row-major like the patch grid; [F, T] per spectrogram patch, frequency × time
+    # as the model saw it: the image [H, W, 3] in [0, 1], an audio clip's normalised log-mel [n_mels, frames],
+    # or a video clip's first frame of each tubelet step side by side [S, steps · S, 3] in [0, 1]
+    picture: np.ndarray
+    # [g, g] expert per image patch, row-major like the patch grid; [F, T] per spectrogram patch, frequency × time;
+    # [steps, g, g] per tubelet of a video clip, one row-major grid per tubelet step
+    patch_experts: Tensor
     patch_kept: Tensor  # same shape, bool: the patch got a slot
     tokens: list[str]  # decoded caption tokens, padding left out
     token_experts: list[int]
     token_kept: list[bool]
-    modality: str = "image"  # what `picture` and the patches are of: image or audio
+    modality: str = "image"  # what `picture` and the patches are of: image, audio or video
 
     def to_json(self) -> dict:
         return {"key": self.key, "patch_experts": self.patch_experts.tolist(), "patch_kept": self.patch_kept.tolist(),
@@ -43,7 +47,7 @@ class CheckpointRouting:
     block: int  # the MoE block in the example pictures
     statistics: dict  # RoutingAccumulator.statistics()
     examples: list[ExampleRouting]
-    modality: str = "image"  # what the captions were read with: image or audio (`limoe routing --modality`)
+    modality: str = "image"  # what the captions were read with: image, audio or video (`limoe routing --modality`)
 
     def to_json(self) -> dict:
         return {

@@ -5,7 +5,6 @@ Dropless capacity makes every feature independent of its batch-mates, so the com
 an odd size (17) give the reference's features. And the refusals, each one line."""
 
 import json
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,9 @@ from limoe.evaluate.knn import evaluate_knn
 from limoe.evaluate.retrieval import evaluate_retrieval
 from limoe.evaluate.zeroshot import evaluate_zeroshot
 from limoe.prompt_templates import SOUND_TEMPLATES
-from tests.helpers import AUDIO_HELDOUT as HELDOUT, refused, run_limoe
+from tests.evaluate.by_hand import (assert_zeroshot_within, expected_knn_top1, expected_retrieval, shard_members,
+                                    zeroshot_bounds)
+from tests.helpers import AUDIO_HELDOUT as HELDOUT, VIDEO_HELDOUT, refused, run_limoe
 
 
 
@@ -29,13 +30,7 @@ from tests.helpers import AUDIO_HELDOUT as HELDOUT, refused, run_limoe
 def reference(audio_checkpoint):
     """Every held-out sample read from the tar members: clips [64, T], caption features [64, D],
     labels [64], clip features [64, D], mean final audio tokens [64, d] (normalised), class names."""
-    members: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(HELDOUT.glob("*.tar.gz")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, extension = member.name.split(".", 1)
-                members.setdefault(f"{shard.name}/{key}", {})[extension] = tar.extractfile(member).read()
-    samples = list(members.values())
+    samples = list(shard_members(HELDOUT).values())
     clips = torch.stack([torch.from_numpy(decode_clip(s["flac"], 16000, 1.0, "centre")) for s in samples])  # [64, T]
     captions = [json.loads(s["json"])["text"][0] for s in samples]  # the first caption, as evaluation takes
     labels = torch.tensor([int(s["cls"]) for s in samples])  # [64]
@@ -58,73 +53,19 @@ def _eval(command: str, checkpoint: Path, output: Path, *options: str) -> dict:
     return json.loads(output.read_text())
 
 
-def _rank(scores: list[float], right: set[int]) -> int:
-    """How many wrong candidates score at least as high as the best right one (ties count against)."""
-    best = max(scores[i] for i in right)
-    return sum(1 for i, score in enumerate(scores) if i not in right and score >= best)
-
-
 def _expected_retrieval(reference) -> dict:
-    """Recall by hand. Identical clips (two General MIDI programs render the same sound in both
-    their clips) are one clip with two captions, as identical images are."""
-    distinct, owner = torch.unique(reference["clips"], dim=0, return_inverse=True)  # [N, T], [64]
-    audio = torch.stack([reference["audio"][owner == row][0] for row in range(len(distinct))])  # [N, D]
-    scores = (reference["text"] @ audio.T).tolist()  # [64][N]
-    text_ranks = [_rank(row, {int(owner[i])}) for i, row in enumerate(scores)]
-    audio_ranks = [_rank([scores[i][clip] for i in range(64)], {i for i in range(64) if owner[i] == clip})
-                   for clip in range(len(distinct))]
-    expected = {"clips": len(distinct), "texts": 64}
-    for k in (1, 5, 10):
-        expected[f"audio_to_text_R@{k}"] = sum(r < k for r in audio_ranks) / len(distinct)
-        expected[f"text_to_audio_R@{k}"] = sum(r < k for r in text_ranks) / 64
-    return expected
-
-
-def _zeroshot_bounds(reference, tolerance: float = 1e-5) -> tuple[dict, dict]:
-    """Each class the renormalised mean of its normalised sound-template prompts. A random model's
-    class scores nearly tie, and another batching of the prompts moves the last bits: a class
-    within `tolerance` of the label's score may rank either way, so this gives the metrics with
-    every such near tie counted against (low) and for (high)."""
-    model, labels = reference["model"], reference["labels"]
-    training = model.training
-    model.eval()  # as evaluation encodes: no router noise (a test may have left the model training)
-    with torch.no_grad():
-        classes = torch.stack([
-            F.normalize(model.encode_text(tokenizer(16)([t.format(name) for t in SOUND_TEMPLATES])).mean(dim=0), dim=0)
-            for name in reference["classnames"]])  # [16, D]
-    model.train(training)
-    logits = reference["audio"] @ classes.T  # [64, 16]
-    label = logits.gather(1, labels[:, None])  # [64, 1]
-
-    def metrics(above: torch.Tensor) -> dict:  # above [64]: classes ranked above the label
-        per_class = [(above[labels == c] == 0).float().mean().item() for c in range(16)]
-        return {"top1": (above == 0).float().mean().item(), "top5": (above < 5).float().mean().item(),
-                "mean_per_class_recall": sum(per_class) / 16}
-
-    return (metrics((logits >= label - tolerance).sum(dim=1) - 1),  # near ties against the label
-            metrics((logits > label + tolerance).sum(dim=1)))  # near ties for it
+    """Two General MIDI programs render the same sound in both their clips: one clip, two captions."""
+    return expected_retrieval(reference["clips"], reference["audio"], reference["text"], "audio")
 
 
 def _assert_zeroshot_as_by_hand(metrics: dict, reference) -> None:
-    low, high = _zeroshot_bounds(reference)
-    assert (metrics["samples"], metrics["classes"]) == (64, 16)
-    for key in low:
-        assert low[key] - 1e-9 <= metrics[key] <= high[key] + 1e-9, (key, metrics[key], low[key], high[key])
-    assert high["top1"] - low["top1"] <= 2 / 64  # near ties are rare: the bounds still pin the metric
+    bounds = zeroshot_bounds(reference["model"], reference["audio"], reference["labels"], reference["classnames"],
+                             SOUND_TEMPLATES)
+    assert_zeroshot_within(metrics, bounds, 64, 16)
 
 
 def _expected_knn_top1(reference, k: int) -> float:
-    """Leave-one-out: the k most similar other clips vote with weight exp(similarity / 0.07)."""
-    features, labels = reference["tokens"], reference["labels"]
-    similarity = (features @ features.T).tolist()
-    hits = 0
-    for i in range(64):
-        others = sorted((j for j in range(64) if j != i), key=lambda j: -similarity[i][j])[:k]
-        votes: dict[int, float] = {}
-        for j in others:
-            votes[int(labels[j])] = votes.get(int(labels[j]), 0.0) + torch.tensor(similarity[i][j] / 0.07).exp().item()
-        hits += max(votes, key=votes.get) == labels[i]
-    return hits / 64
+    return expected_knn_top1(reference["tokens"], reference["labels"], k)
 
 
 def test_audio_text_retrieval_is_recall_counted_by_hand(audio_checkpoint, reference, tmp_path):
@@ -182,15 +123,17 @@ def test_an_image_text_checkpoint_asked_for_audio_is_one_line_naming_its_modalit
                  "--device", "cpu", "--workers", "0"], "embeds image, text, not audio")
 
 
+@pytest.mark.parametrize("modality, data", [("audio", HELDOUT), ("video", VIDEO_HELDOUT)])
 @pytest.mark.parametrize("options, expected", [
     (["--resize-on", "device"], "--resize-on and --decode-on place"),
-    (["--resize-on", "device", "--decode-on", "device"], "drop them with --modality audio"),
+    (["--resize-on", "device", "--decode-on", "device"], "drop them with --modality {modality}"),
 ])
-def test_image_placement_options_are_refused_for_audio_before_the_checkpoint_is_read(tmp_path, options, expected):
+def test_image_placement_options_are_refused_for_clips_before_the_checkpoint_is_read(tmp_path, options, expected,
+                                                                                     modality, data):
     missing = tmp_path / "no-such-model.safetensors"  # never opened: the refusal comes first
     for command in ("zeroshot", "retrieval", "knn"):
-        refused(["eval", command, "--checkpoint", str(missing), "--data", str(HELDOUT), "--modality", "audio",
-                 *options], expected)
+        refused(["eval", command, "--checkpoint", str(missing), "--data", str(data), "--modality", modality,
+                 *options], expected.format(modality=modality))
 
 
 def test_image_sets_and_exemplar_images_are_refused_for_audio(audio_checkpoint, tmp_path):

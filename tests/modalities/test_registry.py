@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
+import limoe
 from limoe import config as config_module
 from limoe.checkpoints import load_model, save_model_file
+from limoe.checkpoints.hub import save_model_folder
 from limoe.config import Config, LossConfig, ModelConfig, load_model_config
 from limoe.config.loss import MODALITY_DEFAULTS
 from limoe.errors import LimoeError
@@ -132,14 +134,24 @@ def test_a_modality_alone_equals_its_features_in_a_joint_forward_with_text_when_
 
 
 @pytest.mark.parametrize("extra", list(EXTRA))
-def test_a_widened_model_file_saves_and_loads(tmp_path, extra):
+def test_a_widened_model_file_saves_and_loads(tmp_path, extra, offline_hub):
+    """As a model file, a model folder and `hf-hub:` (the folder in an offline cache), by
+    open_clip's entry point too: the same features of the extra modality, bit for bit."""
+    cache, publish = offline_hub
     _, _, widened, large = image_text_and_widened(extra)
     path = tmp_path / "model.safetensors"
     save_model_file(large, widened, path)
+    save_model_folder(large, widened, tmp_path / "folder", repo_id=f"org/{extra}")
+    publish(tmp_path / "folder", f"org/{extra}")
     loaded, config = load_model(path)
     assert config.model.modalities == ("image", "text", extra)
     assert getattr(config.model, extra) == getattr(widened.model, extra)
     assert dict(config.loss.local_entropy) == {"image": 0.01, "text": 0.01, extra: 0.01}
     inputs = torch.randn(2, *EXTRA[extra][1])
+    models = [loaded, *(limoe.create_model(str(name), cache_dir=cache) for name in (tmp_path / "folder",
+                                                                                      f"hf-hub:org/{extra}"))]
     with torch.no_grad():
-        assert torch.equal(loaded.encode({extra: inputs})[0][extra], large.eval().encode({extra: inputs})[0][extra])
+        expected = large.eval().encode({extra: inputs})[0][extra]
+        for model in models:
+            assert torch.equal(model.encode({extra: inputs})[0][extra], expected)
+        assert torch.equal(getattr(models[-1], f"encode_{extra}")(inputs), expected)

@@ -15,13 +15,12 @@ from limoe.data.pipeline import eval_loader, loader_options
 from limoe.model.tower import Limoe
 from limoe.pretraining.losses import masked_patch_loss, normalized_patches
 from limoe.pretraining.objective import MaskedPretraining, task_at
-from tests.helpers import AUDIO_HELDOUT, QUICK, refused, run_args
+from tests.helpers import AUDIO_HELDOUT, QUICK, TINY_DECODER, metric_records, refused, run_args
 
 CONFIG = "configs/pretrain/audio-demo.yaml"
 # The audio demo's model: one-second clips, 128 mel bins x 97 frames → 8 x 6 patches of 16, N = 48.
 CLIP_PATCHES = 48
-SMALL = ["pretrain.decoder_width=32", "pretrain.decoder_depth=1", "pretrain.decoder_heads=2",
-         "pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2", "train.steps=4"]
+SMALL = [*TINY_DECODER, "pretrain.unimodal_steps=2", "pretrain.bimodal_steps=2", "train.steps=4"]
 
 
 def _objective(*overrides: str) -> MaskedPretraining:
@@ -90,10 +89,6 @@ def _args(workdir: Path, *overrides: str) -> list[str]:
     return run_args("pretrain", workdir, *QUICK, f"data.heldout={AUDIO_HELDOUT}", *SMALL, *overrides, config=CONFIG)
 
 
-def _records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("audio-pretrain")
@@ -104,7 +99,7 @@ def pretrained(tmp_path_factory):
 def test_audio_pretraining_trains_each_task_on_clips_and_reports_them(pretrained):
     """16 clips a step: the unimodal stage routes their 10 visible patches each; the bimodal stage's
     masked text is given the whole clips (48 patches). The held-out report masks the 64 clips alike."""
-    records = _records(pretrained)
+    records = metric_records(pretrained)
     losses = {key: r[key] for r in records for key in r if key.endswith("_loss")}
     assert set(losses) == {"masked_audio_loss", "masked_text_loss", "masked_audio_given_text_loss",
                            "masked_text_given_audio_loss"}
@@ -125,8 +120,8 @@ def test_a_killed_audio_pretraining_run_resumes_in_its_stage(pretrained, tmp_pat
     shutil.rmtree(workdir / "checkpoints" / "step_00000004")
     (workdir / "model.safetensors").unlink()
     assert main(_args(workdir)) == 0
-    assert [r["step"] for r in _records(workdir) if "loss" in r] == [2, 4]
-    resumed = [r for r in _records(workdir) if "loss" in r and r["step"] == 4]
+    assert [r["step"] for r in metric_records(workdir) if "loss" in r] == [2, 4]
+    resumed = [r for r in metric_records(workdir) if "loss" in r and r["step"] == 4]
     assert math.isfinite(resumed[0]["masked_audio_given_text_loss"])
     assert (workdir / "model.safetensors").is_file()
 

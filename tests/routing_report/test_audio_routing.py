@@ -14,9 +14,9 @@ from PIL import Image
 from limoe.checkpoints import load_model, save_model_file
 from limoe.config import Config, load_model_config
 from limoe.data.audio import decode_clip
-from limoe.data.preprocess import tokenizer
 from limoe.model.tower import build_model
 from limoe.routing_report.pictures import LEGEND_PX
+from tests.routing_report.by_hand import assert_counts_as_routed_by_hand, route_by_hand
 from tests.helpers import AUDIO_HELDOUT as HELDOUT, refused, run_limoe
 
 BATCHES = 4  # of 17: every one of the 64 held-out clips
@@ -46,31 +46,16 @@ def routed(audio_checkpoint, tmp_path_factory):
                "--output", str(output), "--device", "cpu", "--workers", "0", "--batch-size", "17",
                "--num-batches", str(BATCHES), "--capacity-factor", "dropless"])
     samples = _samples()
-    model, config = load_model(audio_checkpoint, capacity_factor="dropless")
+    model, _ = load_model(audio_checkpoint, capacity_factor="dropless")
     clips = torch.stack([clip for clip, _ in samples.values()])  # [64, T]
-    tokens = tokenizer(config.model.context_length)([caption for _, caption in samples.values()])  # [64, L]
-    with torch.no_grad():
-        streams = {"audio": model.embed("audio", clips), "text": model.embed("text", tokens)}
-        _, routing = model.tower(streams)
-    ids = torch.cat([streams[name].modality for name in config.model.modalities if name in streams], dim=1)  # [64, N]
-    return {"report": json.loads((output / "routing.json").read_text()), "output": output, "ids": ids,
-            "experts": [layer.expert for layer in routing], "keys": list(samples), "model": model}
+    by_hand = route_by_hand(model, "audio", clips, [caption for _, caption in samples.values()])
+    return {"report": json.loads((output / "routing.json").read_text()), "output": output, **by_hand,
+            "keys": list(samples), "model": model}
 
 
 def test_audio_and_text_counts_are_the_tokens_routed_to_each_expert(routed):
-    report = routed["report"]
-    assert report["modality"] == "audio"
-    statistics = report["checkpoints"][0]["statistics"]
-    modalities = list(routed["model"].config.modalities)
-    assert len(statistics["layers"]) == len(routed["experts"]) == 2
-    for layer, experts in zip(statistics["layers"], routed["experts"]):
-        for name in ("audio", "text"):
-            chosen = experts[routed["ids"] == modalities.index(name)]  # [tokens of the modality]
-            expected = torch.bincount(chosen, minlength=statistics["num_experts"]).tolist()
-            assert layer[name]["routed"] == layer[name]["kept"] == expected  # dropless: all kept
-            assert layer[name]["tokens"] == sum(expected)
-        assert layer["audio"]["tokens"] == 64 * 8 * 6  # 128 mels / 16 × 97 frames // 16, per clip
-        assert layer["image"]["tokens"] == 0  # the model's images, not read
+    # 128 mels / 16 × 97 frames // 16 tokens a clip
+    assert_counts_as_routed_by_hand(routed["report"], routed, routed["model"], "audio", 64 * 8 * 6)
 
 
 def test_clip_pictures_are_frequency_by_time_grids_of_the_pictured_block(routed):
