@@ -1,4 +1,4 @@
-"""Input pipelines: webdataset shards to batches of images or audio clips and caption tokens.
+"""Input pipelines: webdataset shards to batches of images, audio or video clips and caption tokens.
 
 Each DataLoader worker runs the whole pipeline on its own share of the shards: read tar files,
 group members into samples, shuffle in memory (training), decode, crop, tokenize and batch.
@@ -7,16 +7,11 @@ Training crops are resized in the worker or, with `resize_on="device"`, on the d
 batch is copied there (`limoe.data.crops`); images are decoded at a reduced scale when they are
 much larger than the crop needs (`limoe.data.images`).
 
-Audio shards (`modality="audio"`, LAION-CLAP's layout: `KEY.flac` and a `KEY.json` whose `"text"`
-lists captions) go through the same stream: each clip is decoded at the model's rate and length in
-the worker (`limoe.data.audio.decode_clip`: a random window in training, the centre one in
-evaluation) and batched as float32 waveforms; the model computes the features on the device.
-
-Video shards (`modality="video"`: `KEY.mp4`, `KEY.webm`, or a filmstrip `KEY.png` / `KEY.jpg`, with
-captions as audio's) are decoded in the worker to `frames` frames `frame_stride` source frames
-apart (`limoe.data.video`: a random window and one random crop box for all frames in training, the
-centre window and the eval crop in evaluation) and batched as uint8 [B, T, 3, S, S], normalised
-where images are.
+What is particular to a modality — which members hold its input, how they decode, what of a
+decoded input a batch carries and how a batch's inputs stack — is its reader's
+(`limoe.data.readers`: images; audio shards, LAION-CLAP's layout, `KEY.flac` and a `KEY.json` whose
+`"text"` lists captions, decoded at the model's rate and length; video shards, `KEY.mp4`, `KEY.webm`
+or a filmstrip, decoded to the model's frames); this module does the rest the same for all of them.
 
 Training (`train_loader`) is an endless stream of image-caption pairs, or of labelled images
 for a classification task: shards are either resampled with replacement
@@ -44,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import itertools
 import json
 import logging
@@ -58,35 +52,23 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple, Optional, Union
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from limoe.config import ModelConfig, ShardSource
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.data.crops import (
-    Uncropped, Window, box_pixels, centre_region, centre_window, crop_clip, crop_in_worker, draw_box, encoded_batch,
-    largest_box_side, min_decoded_side, stack_crops, uncropped_batch,
-)
-from limoe.data.device_decode import FALLBACKS, Region
-from limoe.data.preprocess import eval_crop, normalize, tokenizer
+from limoe.data.crops import Uncropped
+from limoe.data.device_decode import FALLBACKS
+from limoe.data.preprocess import tokenizer
+from limoe.data.readers import Reader, reader_type
 from limoe.files import read_text_file
-from limoe.data.audio import AUDIO_EXTENSIONS, UnusableAudio, decode_clip
-from limoe.data.images import Header, UnusableImage, decode_rgb, read_header
-from limoe.data.video import (
-    VIDEO_EXTENSIONS, VIDEO_FILE_EXTENSIONS, UnusableVideo, decode_frames, require_pyav,
-)
 from limoe.data.sources import mixing_weights
 from limoe.data.tar_members import shard_samples
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
-MEMBERS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}  # what each modality reads
-Modality = Literal["image", "audio", "video"]
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REMOTE = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")  # streamed by webdataset; cannot be checked here
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
@@ -289,20 +271,24 @@ class _BadSample(Exception):
 # Per-sample parsing
 
 
-def _parse(sample: dict, modality: Modality, classification: bool, decode: Callable[[bytes], object],
+def _parse(sample: dict, reader: Reader, classification: bool, train: bool,
            draws: Optional[random.Random]) -> tuple[str, object, object]:
-    """(key, decoded input, caption or label), or _BadSample. The cheap checks come before `decode`
-    (an image to RGB, an audio member to its clip, a video member to its frames); `draws` picks an
-    audio or video sample's caption from its list in training (None: the first)."""
-    extensions = MEMBERS[modality]
-    extension = next((e for e in extensions if e in sample), None)
+    """(key, decoded input, caption or label), or _BadSample. The cheap checks come before the
+    reader decodes its member (an image to RGB, an audio member to its clip, a video member to its
+    frames); `draws` picks the reader's random windows and, where captions come listed, a sample's
+    caption from its list in training (None: the first)."""
+    extension = next((e for e in reader.extensions if e in sample), None)
     if extension is None:
-        raise _BadSample(f"no_{modality}")
+        raise _BadSample(f"no_{reader.name}")
     if classification:
         target = _label(sample)
     else:
-        target = _caption(sample) if modality == "image" else _listed_caption(sample, draws)
-    return sample["__key__"], decode(sample[extension]), target
+        target = _listed_caption(sample, draws) if reader.listed_captions else _caption(sample)
+    try:
+        decoded = reader.decode(sample[extension], train, draws)
+    except reader.unusable as unusable:
+        raise _BadSample(unusable.args[0]) from None
+    return sample["__key__"], decoded, target
 
 
 def _caption(sample: dict) -> str:
@@ -351,37 +337,6 @@ def _label(sample: dict) -> int:
     return label
 
 
-def _decode_image(data: bytes, min_side: int) -> Image.Image:
-    try:
-        return decode_rgb(io.BytesIO(data), min_side)
-    except UnusableImage as unusable:
-        raise _BadSample(unusable.args[0]) from None
-
-
-def _read_header(data: bytes) -> tuple[Header, bytes]:
-    """With decode_on="device": an image's header (its bounds checked) and its bytes, not decoded."""
-    try:
-        return read_header(data), data
-    except UnusableImage as unusable:
-        raise _BadSample(unusable.args[0]) from None
-
-
-def _decode_audio(data: bytes, rate: int, seconds: float, draws: Optional[random.Random]) -> np.ndarray:
-    """The [round(rate·seconds)] float32 clip: a window drawn with `draws` (training), else the centre one."""
-    try:
-        return decode_clip(data, rate, seconds, "random" if draws is not None else "centre", draws)
-    except UnusableAudio as unusable:
-        raise _BadSample(unusable.args[0]) from None
-
-
-def _decode_video(data: bytes, frames: int, stride: int, draws: Optional[random.Random]) -> list[Image.Image]:
-    """The clip's `frames` RGB frames: a window drawn with `draws` (training), else the centre one."""
-    try:
-        return decode_frames(data, frames, stride, "random" if draws is not None else "centre", draws)
-    except UnusableVideo as unusable:
-        raise _BadSample(unusable.args[0]) from None
-
-
 # ---------------------------------------------------------------------------------------------
 # What one worker runs
 
@@ -414,28 +369,9 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _needed_side(image_size: int, train: bool) -> int:
-    """The shorter side a decoded image needs: what the smallest random crop spans, or the eval crop."""
-    return min_decoded_side(image_size) if train else image_size
-
-
-def _collate(records: list, context_length: int, image_size: int, train: bool, classification: bool,
-             uncropped: bool, encoded: bool, modality: Modality):
-    keys, images, targets = zip(*records)
-    if modality == "audio":
-        images = torch.from_numpy(np.stack(images))  # [B, T] float32 waveforms
-    elif modality == "video":
-        images = torch.from_numpy(np.stack(images))  # [B, T, 3, S, S] uint8
-        images = images if train else normalize(images)
-    elif encoded:  # each record holds (header, bytes, region, window); decoded and resized on the device
-        images = encoded_batch(*map(list, zip(*images)), image_size, _needed_side(image_size, train))
-    elif uncropped and train:  # each record holds its box's pixels, resized on the device
-        images = uncropped_batch(list(images), image_size)
-    elif uncropped:  # each record holds a Window: pixels and the eval crop's window in them
-        images = uncropped_batch([w.pixels for w in images], image_size, [w.window for w in images])
-    else:
-        images = stack_crops(images)
-        images = images if train else normalize(images)
+def _collate(records: list, reader: Reader, context_length: int, train: bool, classification: bool):
+    keys, inputs, targets = zip(*records)
+    images = reader.collate(list(inputs), train)
     if classification:
         labels = torch.tensor(targets, dtype=torch.int64)
         return LabelledBatch(images, labels) if train else EvalBatch(images, list(keys), None, labels)
@@ -452,7 +388,7 @@ class _ShardStream(IterableDataset):
     weights: list[float]
     train: bool
     batch_size: int
-    image_size: int
+    reader: Reader  # what the samples' inputs are and how they are read
     context_length: int
     classification: bool
     shuffle_buffer: int
@@ -462,13 +398,6 @@ class _ShardStream(IterableDataset):
     world_size: int
     max_bad_fraction: float
     check_after: int
-    resize_on: Literal["worker", "device"] = "worker"
-    decode_on: Literal["worker", "device"] = "worker"
-    modality: Modality = "image"
-    sample_rate: Optional[int] = None  # audio: Hz of the clips batched
-    clip_seconds: Optional[float] = None  # audio: length of the clips batched
-    frames: Optional[int] = None  # video: frames per clip batched
-    frame_stride: Optional[int] = None  # video: source frames from one batched frame to the next
 
     def __iter__(self) -> Iterator[tuple[Optional[tuple], WorkerTally]]:
         worker, workers = _worker()
@@ -481,42 +410,13 @@ class _ShardStream(IterableDataset):
         if self.train and self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, rng=rng)(samples)
         usable = self._usable(samples, tally, draws)
-        records = ((key, self._prepare(decoded), target) for key, decoded, target in usable)
-        collate = functools.partial(_collate, context_length=self.context_length, image_size=self.image_size,
-                                    train=self.train, classification=self.classification,
-                                    uncropped=self.resize_on == "device", encoded=self.decode_on == "device",
-                                    modality=self.modality)
+        records = ((key, self.reader.prepare(decoded, self.train), target) for key, decoded, target in usable)
+        collate = functools.partial(_collate, reader=self.reader, context_length=self.context_length,
+                                    train=self.train, classification=self.classification)
         for batch in wds.batched(self.batch_size, collation_fn=collate, partial=not self.train)(records):
             yield batch, tally.copy()
         tally.done = True
         yield None, tally.copy()
-
-    def _prepare(self, image: Union[Image.Image, np.ndarray, tuple[Header, bytes], list[Image.Image]]
-                 ) -> Union[np.ndarray, Window, tuple]:
-        """What a batch carries of one decoded input: an audio clip as it is (cropped when decoded);
-        a video clip's frames cropped by one box to [T, 3, S, S] uint8 (`limoe.data.crops.crop_clip`);
-        an image's [S, S, 3] uint8 crop, or with resize_on="device" the [h, w, 3] uint8 pixels of its
-        random box (training) or the pixels around its centre crop and the crop's window in them
-        (evaluation). With decode_on="device" the image is (header, bytes), and the same boxes are
-        drawn from the header's size: (header, bytes, the region the crop reads, the crop's window in it)."""
-        if self.modality == "audio":
-            return image
-        if self.modality == "video":
-            return crop_clip(image, self.image_size, self.train)
-        if self.decode_on == "device":
-            header, data = image
-            if not self.train:
-                return (header, data, *centre_region(header.size, self.image_size))
-            box = draw_box(header, self.image_size)
-            return header, data, Region(*box), (0.0, 0.0, float(box.height), float(box.width))
-        if not self.train:
-            if self.resize_on == "device":
-                return centre_window(image, self.image_size)
-            return np.asarray(eval_crop(self.image_size)(image))
-        box = draw_box(image, self.image_size)
-        if self.resize_on == "device":
-            return box_pixels(image, box)
-        return crop_in_worker(image, box, self.image_size)
 
     def _urls(self, source: int, worker: int, workers: int, rng: random.Random) -> Iterator[str]:
         """This worker's shards: random draws, or its slice of each epoch's order (one epoch for eval)."""
@@ -545,26 +445,12 @@ class _ShardStream(IterableDataset):
             if tally.too_bad(self.max_bad_fraction, self.check_after):
                 return
 
-    def _decoder(self, draws: Optional[random.Random]) -> Callable[[bytes], object]:
-        """Encoded bytes → an audio clip at the model's rate and length; a video clip's frames; an RGB
-        image decoded with its shorter side reduced towards what the crop needs where it is much
-        larger; or, with decode_on="device", only the image's header read (and its bytes kept for
-        the device)."""
-        if self.modality == "audio":
-            return functools.partial(_decode_audio, rate=self.sample_rate, seconds=self.clip_seconds, draws=draws)
-        if self.modality == "video":
-            return functools.partial(_decode_video, frames=self.frames, stride=self.frame_stride, draws=draws)
-        if self.decode_on == "device":
-            return _read_header
-        return functools.partial(_decode_image, min_side=_needed_side(self.image_size, self.train))
-
     def _usable(self, samples: Iterable[dict], tally: WorkerTally, draws: Optional[random.Random]) -> Iterator[tuple]:
         """Parsed samples; bad ones are counted, and reading stops once they pass the limit."""
-        decode = self._decoder(draws)
         for sample in samples:
             tally.seen += 1
             try:
-                yield _parse(sample, self.modality, self.classification, decode, draws)
+                yield _parse(sample, self.reader, self.classification, self.train, draws)
             except _BadSample as bad:
                 tally.skip(bad.args[0], sample["__url__"], sample["__key__"])
                 if tally.too_bad(self.max_bad_fraction, self.check_after):
@@ -591,26 +477,9 @@ class ShardLoader(DataLoader):
 # Public constructors
 
 
-def _modality_settings(modality: str, sample_rate: Optional[int], clip_seconds: Optional[float],
-                       frames: Optional[int], frame_stride: Optional[int]) -> None:
-    """Refuse a modality the loaders cannot read, audio without a positive rate and clip length, or
-    video without a positive frame count and stride."""
-    if modality not in MEMBERS:
-        raise LimoeError(f"modality {modality!r} cannot be read from shards; use 'image', 'audio' or 'video'.")
-    if modality == "audio" and not (sample_rate and sample_rate > 0 and clip_seconds and clip_seconds > 0):
-        raise LimoeError(f"audio shards need a positive sample rate and clip length (got {sample_rate} Hz, "
-                         f"{clip_seconds} s); set model.audio.sample_rate and model.audio.clip_seconds.")
-    if modality == "video" and not all(isinstance(n, int) and n > 0 for n in (frames, frame_stride)):
-        raise LimoeError(f"video shards need a positive whole number of frames and frame stride (got frames "
-                         f"{frames}, frame_stride {frame_stride}); set model.video.frames and model.video.frame_stride.")
-
-
-def _require_video_decoder(shards: list[str]) -> None:
-    """Stop before any worker starts when the first shard holds video files and PyAV is missing:
-    the error of a worker reaches the user wrapped in its traceback."""
-    sample = _first_sample(shards[0])
-    if sample and any(extension in sample for extension in VIDEO_FILE_EXTENSIONS):
-        require_pyav()
+def _first_sample_of(shards: list[str]) -> Callable[[], Optional[dict]]:
+    """The first sample of the first of these shards, read only when a reader asks for it."""
+    return functools.partial(_first_sample, shards[0])
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -638,12 +507,7 @@ def input_bytes(config: ModelConfig, modality: str, resize_on: Literal["worker",
     [3, S, S] (or [H, W, 3] uncropped, at the largest box it can carry), an audio clip float32 [T]
     of the model's length, a video clip uint8 [T, 3, S, S] (always cropped in the worker); the
     caption's tokens are left out, small beside any of them."""
-    if modality == "audio":
-        return 4 * config.audio.clip_samples
-    if modality == "video":
-        return config.video.frames * 3 * config.image_size**2
-    side = largest_box_side(config.image_size) if resize_on == "device" else config.image_size
-    return 3 * side * side
+    return reader_type(modality).input_bytes(config, resize_on)
 
 
 def check_batch_fits_in_memory(batches: list[LocalBatch], config: ModelConfig, workers: int,
@@ -673,12 +537,8 @@ def check_batch_fits_in_memory(batches: list[LocalBatch], config: ModelConfig, w
 
 def loader_options(config: ModelConfig, modality: str) -> dict:
     """The `train_loader` / `eval_loader` keywords that read `modality`'s samples as `config`'s model
-    takes them (none for images, the defaults)."""
-    if modality == "image":
-        return {}
-    if modality == "video":
-        return {"modality": modality, "frames": config.video.frames, "frame_stride": config.video.frame_stride}
-    return {"modality": modality, "sample_rate": config.audio.sample_rate, "clip_seconds": config.audio.clip_seconds}
+    takes them: the modality and its reader's own settings."""
+    return {"modality": modality, **reader_type(modality).loader_options(config)}
 
 
 def train_loader(
@@ -699,11 +559,8 @@ def train_loader(
     pin_memory: bool = False,
     resize_on: Literal["worker", "device"] = "worker",
     decode_on: Literal["worker", "device"] = "worker",
-    modality: Modality = "image",
-    sample_rate: Optional[int] = None,
-    clip_seconds: Optional[float] = None,
-    frames: Optional[int] = None,
-    frame_stride: Optional[int] = None,
+    modality: str = "image",
+    **options,
 ) -> ShardLoader:
     """An endless loader of TrainBatch(images, tokens), or with `classification` of
     LabelledBatch(images, labels) from shards with `.cls`; `batch_size` is per rank. With
@@ -711,10 +568,13 @@ def train_loader(
     `decode_on="device"` (which needs `resize_on="device"`) they are still encoded, and the device
     decodes them first (`limoe.data.device_decode`).
 
-    `modality="audio"` reads audio shards instead: the inputs are [B, T] float32 clips,
+    `modality` names the reader (`limoe.data.readers`) and `options` are its own settings, which
+    `loader_options` reads off a model config. `modality="audio"` (options `sample_rate`,
+    `clip_seconds`) reads audio shards instead: the inputs are [B, T] float32 clips,
     T = round(sample_rate · clip_seconds), each a random window of its sample's audio, and the
     caption one drawn from its list; `image_size` and `resize_on` are not used then.
-    `modality="video"` reads video shards: the inputs are [B, T, 3, S, S] uint8 clips, T = `frames`
+    `modality="video"` (options `frames`, `frame_stride`) reads video shards: the inputs are
+    [B, T, 3, S, S] uint8 clips, T = `frames`
     frames `frame_stride` source frames apart from a random window, all cropped by one random box
     of the image crop's distribution to S = `image_size` (in the worker, whatever `resize_on`).
 
@@ -722,15 +582,14 @@ def train_loader(
     the arguments override them. `bad_check_after`: samples a worker reads before the bad
     fraction is judged (a stray bad sample among the first few should not stop a run).
     """
-    _modality_settings(modality, sample_rate, clip_seconds, frames, frame_stride)
+    reader = reader_type(modality).from_options(image_size, resize_on, decode_on, **options)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
     if not sources:
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
     shards = [expand_shards(source.shards) for source in sources]
-    if modality == "video":
-        for urls in shards:
-            _require_video_decoder(urls)
+    for urls in shards:
+        reader.check_decoder(_first_sample_of(urls))
     parts = world_size * max(workers, 1)
     for source, urls in zip(sources, shards):
         if not resampled and len(urls) < parts:
@@ -739,11 +598,10 @@ def train_loader(
                 f"so some workers would get none; set data.resampled: true, use fewer workers or split the shards finer."
             )
     stream = _ShardStream(
-        shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, image_size=image_size,
+        shards, mixing_weights(sources, shards), train=True, batch_size=batch_size, reader=reader,
         context_length=context_length, classification=classification, shuffle_buffer=shuffle_buffer,
         resampled=resampled, seed=seed, rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction,
-        check_after=bad_check_after, resize_on=resize_on, decode_on=decode_on, modality=modality,
-        sample_rate=sample_rate, clip_seconds=clip_seconds, frames=frames, frame_stride=frame_stride,
+        check_after=bad_check_after,
     )
     return ShardLoader(stream, workers, pin_memory)
 
@@ -763,17 +621,15 @@ def eval_loader(
     pin_memory: bool = False,
     resize_on: Literal["worker", "device"] = "worker",
     decode_on: Literal["worker", "device"] = "worker",
-    modality: Modality = "image",
-    sample_rate: Optional[int] = None,
-    clip_seconds: Optional[float] = None,
-    frames: Optional[int] = None,
-    frame_stride: Optional[int] = None,
+    modality: str = "image",
+    **options,
 ) -> ShardLoader:
     """One pass of EvalBatch(images, keys, tokens, labels): every sample exactly once across ranks
     and workers, eval transforms (resize the shorter side, center crop), the last batch partial.
     With `resize_on="device"` the images are `Uncropped` (the decoded pixels and their centre-crop
     windows), which `limoe.data.crops.eval_images_on` crops and normalises on the device; with
     `decode_on="device"` too, still encoded, and decoded there first.
+    `modality` and `options` choose the reader as in `train_loader`.
     With `modality="audio"`, `images` holds [B, T] float32 clips, T = round(sample_rate ·
     clip_seconds), each the centre window of its sample's audio, and `tokens` its first caption.
     With `modality="video"`, `images` holds [B, T, 3, S, S] float32 clips, normalised: T = `frames`
@@ -783,17 +639,14 @@ def eval_loader(
     `.cls` and fill `labels` (class names: `read_classnames(spec)`). Shards are dealt out whole,
     so ranks may get different numbers of samples when shard sizes differ.
     """
-    _modality_settings(modality, sample_rate, clip_seconds, frames, frame_stride)
+    reader = reader_type(modality).from_options(image_size, resize_on, decode_on, **options)
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
     shards = expand_shards(spec)
-    if modality == "video":
-        _require_video_decoder(shards)
+    reader.check_decoder(_first_sample_of(shards))
     stream = _ShardStream(
-        [shards], [1.0], train=False, batch_size=batch_size, image_size=image_size,
+        [shards], [1.0], train=False, batch_size=batch_size, reader=reader,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
         rank=rank, world_size=world_size, max_bad_fraction=max_bad_fraction, check_after=bad_check_after,
-        resize_on=resize_on, decode_on=decode_on, modality=modality, sample_rate=sample_rate,
-        clip_seconds=clip_seconds, frames=frames, frame_stride=frame_stride,
     )
     return ShardLoader(stream, workers, pin_memory)
