@@ -523,9 +523,10 @@ def check_batch_fits_in_memory(batches: list[LocalBatch], config: ModelConfig, w
         * in_flight * processes_here
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available:
-        uncropped = resize_on == "device" and any(batch.modality == "image" for batch in batches)
+        kinds = [reader_type(batch.modality) for batch in batches]
+        uncropped = resize_on == "device" and any(kind.uncropped_on_device for kind in kinds)
         gives = ", ".join(f"{batch.setting} gives {batch.size} pairs per process" for batch in batches)
-        inputs = " and ".join(sorted({"images" if batch.modality == "image" else "clips" for batch in batches}))
+        inputs = " and ".join(sorted({kind.inputs for kind in kinds}))
         raise LimoeError(
             f"{gives}, whose {inputs} alone need {needed / 2**30:.3g} GiB of host memory ({in_flight} batches in "
             f"flight{' per loader' if len(batches) > 1 else ''} with data.workers {workers}, x {processes_here} "

@@ -34,6 +34,7 @@ class VectorReader(readers.Reader):
     extensions = ("npy",)
     listed_captions = False
     unusable = UnusableVector
+    inputs = "vectors"
 
     @classmethod
     def from_options(cls, image_size, resize_on, decode_on, length=None):

@@ -34,12 +34,15 @@ class Reader:
     `extensions` lists the shard members read as the input, preferred first (a sample without any is
     bad: `no_<name>`); `listed_captions` says whether captions may come as LAION-CLAP's list in the
     `.json` sidecar besides the `.txt`; `unusable` is the error `decode` raises for bytes it cannot
-    use, whose `args[0]` is the reason counted."""
+    use, whose `args[0]` is the reason counted. `inputs` is what messages call its inputs (images,
+    clips); `uncropped_on_device` says whether resize_on="device" leaves them uncropped in the batch."""
 
     name: str
     extensions: tuple[str, ...]
     listed_captions: bool
     unusable: type[Exception]
+    inputs: str
+    uncropped_on_device: bool = False
 
     @classmethod
     def from_options(cls, image_size: int, resize_on: Literal["worker", "device"],

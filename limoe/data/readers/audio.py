@@ -32,6 +32,7 @@ class AudioReader(Reader):
     extensions = AUDIO_EXTENSIONS
     listed_captions = True
     unusable = UnusableAudio
+    inputs = "clips"
 
     @classmethod
     def from_options(cls, image_size: int, resize_on: Literal["worker", "device"],

@@ -43,6 +43,8 @@ class ImageReader(Reader):
     extensions = ("jpg", "jpeg", "png", "webp")
     listed_captions = False
     unusable = UnusableImage
+    inputs = "images"
+    uncropped_on_device = True
 
     @classmethod
     def from_options(cls, image_size: int, resize_on: Literal["worker", "device"],

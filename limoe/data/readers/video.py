@@ -38,6 +38,7 @@ class VideoReader(Reader):
     extensions = VIDEO_EXTENSIONS
     listed_captions = True
     unusable = UnusableVideo
+    inputs = "clips"
 
     @classmethod
     def from_options(cls, image_size: int, resize_on: Literal["worker", "device"],
