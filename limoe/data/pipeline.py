@@ -49,7 +49,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, NamedTuple, Optional, Union
+from typing import Iterable, Iterator, Literal, NamedTuple, Optional, Union
 
 import braceexpand
 import torch
@@ -403,7 +403,7 @@ class _ShardStream(IterableDataset):
         worker, workers = _worker()
         tally = WorkerTally(worker)
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}")
-        # audio and video windows and captions: apart from `rng`, so they leave the shard order and shuffle as they were
+        # readers' random windows (audio, video) and captions: apart from `rng`, so they leave the shard order and shuffle as they were
         draws = random.Random(f"{self.seed}/{self.rank}/{worker}/draws") if self.train else None
         streams = [self._read(self._urls(source, worker, workers, rng), tally) for source in range(len(self.sources))]
         samples = streams[0] if len(streams) == 1 else _mix(streams, self.weights, rng)
@@ -475,11 +475,6 @@ class ShardLoader(DataLoader):
 
 # ---------------------------------------------------------------------------------------------
 # Public constructors
-
-
-def _first_sample_of(shards: list[str]) -> Callable[[], Optional[dict]]:
-    """The first sample of the first of these shards, read only when a reader asks for it."""
-    return functools.partial(_first_sample, shards[0])
 
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -590,7 +585,7 @@ def train_loader(
         raise LimoeError("data.train lists no shard sources; name at least one shard folder or pattern.")
     shards = [expand_shards(source.shards) for source in sources]
     for urls in shards:
-        reader.check_decoder(_first_sample_of(urls))
+        reader.check_decoder(functools.partial(_first_sample, urls[0]))
     parts = world_size * max(workers, 1)
     for source, urls in zip(sources, shards):
         if not resampled and len(urls) < parts:
@@ -644,7 +639,7 @@ def eval_loader(
     rank, world_size = _rank_and_world(rank, world_size)
     _check_decode_on(resize_on, decode_on)
     shards = expand_shards(spec)
-    reader.check_decoder(_first_sample_of(shards))
+    reader.check_decoder(functools.partial(_first_sample, shards[0]))
     stream = _ShardStream(
         [shards], [1.0], train=False, batch_size=batch_size, reader=reader,
         context_length=context_length, classification=classification, shuffle_buffer=0, resampled=False, seed=0,
