@@ -656,9 +656,12 @@ def _counted_as(resize_on: str, frames: int) -> str:
 
 def loader_options(config: ModelConfig, modality: str) -> dict:
     """The `train_loader` / `eval_loader` keywords that read `modality`'s samples as `config`'s model
-    takes them (none for images, the defaults)."""
+    takes them (none for images, the defaults): audio clips at model.audio's rate and length, video
+    clips of model.video's frames and frame stride."""
     if modality == "image":
         return {}
+    if modality == "video":
+        return {"modality": modality, "frames": config.video.frames, "frame_stride": config.video.frame_stride}
     return {"modality": modality, "sample_rate": config.audio.sample_rate, "clip_seconds": config.audio.clip_seconds}
 
 

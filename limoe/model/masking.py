@@ -76,6 +76,13 @@ def patch_keep_at(step: int, seed: int, purpose: str, images: Tensor, num_patche
     return random_patch_keep(images.shape[0], num_patches, mask_ratio, generator, shard)
 
 
+def tube_keep(keep: Tensor, steps: int, num_patches: int) -> Tensor:
+    """Kept grid positions [B, K] of a clip's frame grid (num_patches each step) → the kept tubelets
+    [B, steps·K]: those positions in every one of `steps` time-major steps, ascending."""
+    offsets = torch.arange(steps, device=keep.device) * num_patches  # [steps]
+    return (offsets[None, :, None] + keep[:, None, :]).flatten(1)  # [B, steps, K] → [B, steps·K]
+
+
 def masked_patches(keep: Tensor, num_patches: int) -> Tensor:
     """keep [B, K] visible indices → [B, N] bool, True where the patch is hidden."""
     hidden = torch.ones(keep.shape[0], num_patches, dtype=torch.bool, device=keep.device)

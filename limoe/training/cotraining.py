@@ -113,7 +113,7 @@ def _gather(labels: Tensor) -> Tensor:
     return gathered
 
 
-TRAINED_INPUTS = ("image", "audio")  # what a task's shards can hold beside captions (the loaders read both)
+TRAINED_INPUTS = ("image", "audio", "video")  # what a task's shards can hold beside captions (the loaders read them all)
 
 
 def check_tasks(config: Config, world_size: int) -> None:
@@ -130,11 +130,11 @@ def check_tasks(config: Config, world_size: int) -> None:
 
 
 def _check_modalities(task: TaskConfig) -> None:
-    """A task trains inputs read from shards (images or audio) against text: captions, or class prompts."""
+    """A task trains inputs read from shards (images, audio or video) against text: captions, or class prompts."""
     inputs, other = task.modalities
     if inputs not in TRAINED_INPUTS or other != "text":
         raise LimoeError(f"task '{task.name}': tasks[].modalities {list(task.modalities)} cannot be trained; a task "
-                         f"pairs {' or '.join(TRAINED_INPUTS)} with text, e.g. [audio, text].")
+                         f"pairs {', '.join(TRAINED_INPUTS[:-1])} or {TRAINED_INPUTS[-1]} with text, e.g. [audio, text].")
 
 
 def build_tasks(config: Config, world_size: int, device: torch.device, start: int,
