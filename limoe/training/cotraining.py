@@ -9,8 +9,8 @@ expert all-to-all always pairs up. A step of one task is a forward through `CoTr
 (PolyViT's `lr_coefs`). `accumulate` runs one batch of every task, sums their gradients, then
 updates once.
 
-A task's `modalities` say what its shards hold: image–caption or audio–caption pairs (or labelled
-images or clips). A contrastive task trains exactly as `limoe train` without tasks does (through
+A task's `modalities` say what its shards hold: image–, audio– or video–caption pairs (or labelled
+images, audio clips or video clips). A contrastive task trains exactly as `limoe train` without tasks does (through
 `limoe.training.step`, micro-batches included), on its own pair of modalities; a classification
 task scores its images or clips against its class names' prompts (`limoe.training.candidates`),
 its batch taken whole. A task's loss
@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 
 
 class Task:
-    """One dataset of a co-training run, as the loop sees it: pairs of the task's modalities (images or
-    audio clips, and captions)."""
+    """One dataset of a co-training run, as the loop sees it: pairs of the task's modalities (images,
+    audio or video clips, and captions)."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device,
                  clock: Optional[WaitClock] = None):
@@ -69,7 +69,7 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Labelled images or audio clips scored against class-name prompts: all classes, or N that include
+    """Labelled images, audio or video clips scored against class-name prompts: all classes, or N that include
     the labels."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device, classnames: list[str],
