@@ -1,7 +1,7 @@
 """Video clips through `limoe train`: their loaders, co-training tasks of [video, text], FLIP's tube
 masking, and the host-memory check, against hand computations on the video demo's model
-(configs/train/video-demo.yaml: 32 px frames in 8 px patches, 8 frames in tubelets of 4 → 2 steps of
-16 positions, 32 tokens a clip)."""
+(configs/train/video-demo.yaml: 32 px frames in 8 px patches, 8 frames), here in tubelets of 4 frames:
+2 steps of 16 positions, 32 tokens a clip."""
 
 import re
 
@@ -24,7 +24,7 @@ CLIPS_TASK = "{name: clips, kind: contrastive, data: data_shards/video_train, mo
 
 
 def _demo(*overrides: str):
-    return load_config("video-demo", ["data.workers=0", *overrides])
+    return load_config("video-demo", ["data.workers=0", "model.video.tubelet_frames=4", *overrides])
 
 
 def test_video_loaders_read_the_models_frames_and_stride():
@@ -48,9 +48,10 @@ def test_a_video_task_and_a_video_classification_task_are_accepted_and_video_wit
 
 
 def test_the_host_memory_check_counts_each_tasks_batch_video_at_its_frames():
-    config = _demo()  # pairs: 128 images; clips: 64 clips of 8 frames
-    assert loader_batches(config, CoTrainingObjective, 1) == [(128, 1), (64, 8)]
-    assert loader_batches(config, CoTrainingObjective, 2) == [(64, 1), (32, 8)]
+    pairs = "{name: pairs, kind: contrastive, data: data_shards/train, batch_size: 32, steps: 5}"
+    config = _demo(f"tasks=[{pairs}, {CLIPS_TASK}]", "train.steps=10")  # 32 images; 16 clips of 8 frames
+    assert loader_batches(config, CoTrainingObjective, 1) == [(32, 1), (16, 8)]
+    assert loader_batches(config, CoTrainingObjective, 2) == [(16, 1), (8, 8)]
 
 
 def test_tubes_keep_the_same_positions_in_every_step():
