@@ -35,16 +35,6 @@ def check_memory_plan(config: Config, session: Session) -> None:
     refuse_if_it_cannot_fit(config, session.world_size, torch.cuda.get_device_properties(session.device).total_memory)
 
 
-def loader_batches(config: Config, objective: type[Objective], world_size: int) -> list[tuple[int, int]]:
-    """(per-process batch, frames an input) of each training loader whose pixels the host holds:
-    without tasks the objective's largest batch of images (frames 1); with `tasks:` each task's
-    batch, its video clips at model.video.frames frames each."""
-    if not config.tasks:
-        return [(objective.largest_local_batch(config, world_size), 1)]
-    return [(config.task_batch_size(task) // world_size,
-             config.model.video.frames if task.modalities[0] == "video" else 1) for task in config.tasks]
-
-
 def train(config: Config, workdir: Path, objective: Optional[type[Objective]] = None,
           report: Optional[FinalReport] = None) -> dict:
     """Train (or resume) in `workdir`; returns the final held-out metrics (on rank 0).
@@ -63,8 +53,7 @@ def train(config: Config, workdir: Path, objective: Optional[type[Objective]] = 
     session = start_session(config)
     objective.check(config, session.world_size)  # its data and batch split, before the workdir is touched
     check_memory_plan(config, session)
-    for local_batch, frames in loader_batches(config, objective, session.world_size):
-        check_batch_fits_in_memory(local_batch, config.model.image_size, config.data.workers, config.data.resize_on,
-                                   frames)
+    check_batch_fits_in_memory(objective.largest_local_batch(config, session.world_size), config.model.image_size,
+                               config.data.workers, config.data.resize_on)
     with locked_workdir(workdir, session.rank):
         return train_in_workdir(config, workdir, session, objective, report)

@@ -656,8 +656,7 @@ def _counted_as(resize_on: str, frames: int) -> str:
 
 def loader_options(config: ModelConfig, modality: str) -> dict:
     """The `train_loader` / `eval_loader` keywords that read `modality`'s samples as `config`'s model
-    takes them (none for images, the defaults): audio clips at model.audio's rate and length, video
-    clips of model.video's frames and frame stride."""
+    takes them (none for images, the defaults)."""
     if modality == "image":
         return {}
     if modality == "video":

@@ -76,11 +76,12 @@ def patch_keep_at(step: int, seed: int, purpose: str, images: Tensor, num_patche
     return random_patch_keep(images.shape[0], num_patches, mask_ratio, generator, shard)
 
 
-def tube_keep(keep: Tensor, steps: int, num_patches: int) -> Tensor:
-    """Kept grid positions [B, K] of a clip's frame grid (num_patches each step) → the kept tubelets
-    [B, steps·K]: those positions in every one of `steps` time-major steps, ascending."""
-    offsets = torch.arange(steps, device=keep.device) * num_patches  # [steps]
-    return (offsets[None, :, None] + keep[:, None, :]).flatten(1)  # [B, steps, K] → [B, steps·K]
+def tube_keep(spatial_keep: Tensor, steps: int, grid_patches: int) -> Tensor:
+    """VideoMAE's tube masking: spatial_keep [B, K] patches of one frame grid (of `grid_patches`) →
+    the kept tubelets [B, steps · K], the same grid positions at every tubelet step (time-major token
+    indices, ascending), so a hidden patch cannot be copied from its neighbour in time."""
+    offsets = torch.arange(steps, device=spatial_keep.device) * grid_patches  # [steps]
+    return (offsets[None, :, None] + spatial_keep[:, None, :]).flatten(1)  # [B, steps · K]
 
 
 def masked_patches(keep: Tensor, num_patches: int) -> Tensor:

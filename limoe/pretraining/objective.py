@@ -124,7 +124,7 @@ def check_pretraining_config(config: Config) -> None:
                          "pretraining masks clips with pretrain.audio_mask_ratio. Remove train.audio_mask_ratio.")
     if config.train.video_mask_ratio:
         raise LimoeError("train.video_mask_ratio is contrastive training's tube dropping (FLIP) for video clips; "
-                         "pretraining reads no video. Remove train.video_mask_ratio.")
+                         "limoe pretrain does not use it. Remove train.video_mask_ratio.")
 
 
 class MaskedPretraining(PairsObjective):

@@ -1,5 +1,5 @@
-"""Video clips through `limoe train`: their loaders, co-training tasks of [video, text], FLIP's tube
-masking, and the host-memory check, against hand computations on the video demo's model
+"""Video clips through `limoe train`: their loaders, co-training tasks of [video, text] and FLIP's tube
+masking, against hand computations on the video demo's model
 (configs/train/video-demo.yaml: 32 px frames in 8 px patches, 8 frames), here in tubelets of 4 frames:
 2 steps of 16 positions, 32 tokens a clip."""
 
@@ -13,7 +13,6 @@ from limoe.data.pipeline import loader_options
 from limoe.errors import LimoeError
 from limoe.model.masking import tube_keep
 from limoe.model.tower import build_model
-from limoe.train_command import loader_batches
 from limoe.training.cotraining import check_tasks
 from limoe.training.loaders import train_loader_for
 from limoe.training.objectives import CoTrainingObjective
@@ -45,13 +44,6 @@ def test_a_video_task_and_a_video_classification_task_are_accepted_and_video_wit
     with pytest.raises(LimoeError, match=re.escape("tasks[].modalities ['video', 'image'] cannot be trained; a task "
                                                    "pairs image, audio or video with text")):
         check_tasks(_demo(f"tasks=[{wrong}]", "train.steps=5"), 1)
-
-
-def test_the_host_memory_check_counts_each_tasks_batch_video_at_its_frames():
-    pairs = "{name: pairs, kind: contrastive, data: data_shards/train, batch_size: 32, steps: 5}"
-    config = _demo(f"tasks=[{pairs}, {CLIPS_TASK}]", "train.steps=10")  # 32 images; 16 clips of 8 frames
-    assert loader_batches(config, CoTrainingObjective, 1) == [(32, 1), (16, 8)]
-    assert loader_batches(config, CoTrainingObjective, 2) == [(16, 1), (8, 8)]
 
 
 def test_tubes_keep_the_same_positions_in_every_step():
