@@ -60,9 +60,11 @@ class Config:
                              "model.modalities, or drop it.")
         if self.train.init_video_from_image:
             self._check_video_from_image()
-        if self.train.audio_mask_ratio and "audio" not in self.model.modalities:
-            raise LimoeError(f"train.audio_mask_ratio is {self.train.audio_mask_ratio} but model.modalities "
-                             f"{list(self.model.modalities)} has no audio to mask; add audio or drop it.")
+        for modality in ("audio", "video"):
+            ratio = getattr(self.train, f"{modality}_mask_ratio")
+            if ratio and modality not in self.model.modalities:
+                raise LimoeError(f"train.{modality}_mask_ratio is {ratio} but model.modalities "
+                                 f"{list(self.model.modalities)} has no {modality} to mask; add {modality} or drop it.")
         if self.tasks:
             self._check_tasks()
 

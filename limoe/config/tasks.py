@@ -15,7 +15,7 @@ from limoe.modalities import DEFAULT_MODALITIES
 class TaskConfig:
     """One dataset and objective of a co-training run, with PolyViT's per-task settings.
 
-    `contrastive`: image-text or audio-text pairs (`modalities`), the usual InfoNCE (or SigLIP) loss.
+    `contrastive`: image-, audio- or video-text pairs (`modalities`), the usual InfoNCE (or SigLIP) loss.
     `classification`: images or clips with `.cls` labels, scored against their class names' prompts
     encoded by the same tower
     (Uni-Perceiver); `candidates` is `all` (the whole label set every step) or a number N of
@@ -24,7 +24,7 @@ class TaskConfig:
 
     name: str = setting(meaning="names the task in metrics and logs (`<name>/loss`)")
     kind: Literal["contrastive", "classification"] = setting(
-        meaning="contrastive: caption shards (of images or audio, as modalities says); classification: shards with "
+        meaning="contrastive: caption shards (of images, audio or video, as modalities says); classification: shards with "
                 ".cls labels")
     data: str = setting(meaning="shard spec, as for data.train")
     batch_size: Optional[int] = setting(None, "images per step of this task, summed over all data-parallel ranks; "

@@ -62,6 +62,9 @@ class TrainConfig:
     audio_mask_ratio: float = setting(0.0, "FLIP for audio: share of each clip's spectrogram patches dropped before "
                                            "the tower in training, drawn per clip as for images (0: off); "
                                            "evaluation never masks", "[0, 1)")
+    video_mask_ratio: float = setting(0.0, "FLIP for video: share of each clip's frame-grid positions dropped before "
+                                           "the tower in training, in every tubelet step alike (tube masking; 0: "
+                                           "off); evaluation never masks", "[0, 1)")
     unmasked_steps: int = setting(0, "FLIP: the last steps of the run see whole images and clips (at most "
                                      "train.steps)", "[0, inf)")
 

@@ -187,11 +187,12 @@ class MemoryPlan:
                          logits, 0, inputs, transient, RESERVED)
 
     def input_bytes(self, workload: Workload) -> tuple[int, int]:
-        """(kept, transient) bytes of a step's raw inputs on the GPU: its images' and its audio clips'
-        (caption tokens are not counted), for `workload.local` examples."""
+        """(kept, transient) bytes of a step's raw inputs on the GPU: its images', its audio clips' and
+        its video clips' (caption tokens are not counted), for `workload.local` examples."""
         images, clips = ("image" in workload.inputs) * workload.local, ("audio" in workload.inputs) * workload.local
+        videos = ("video" in workload.inputs) * workload.local
         kept, resize = self.image_bytes(images)
-        return kept + 2 * self.waveform_bytes(clips), resize
+        return kept + 2 * self.waveform_bytes(clips) + 2 * self.video_bytes(videos), resize
 
     def image_bytes(self, images: int) -> tuple[int, int]:
         """(kept, transient) bytes of a step's `images` on the GPU. Kept: the batch trained on and
@@ -217,6 +218,12 @@ class MemoryPlan:
         """One batch of `clips` waveforms as the loader delivers them: float32 [B, T], T =
         model.audio.clip_samples (on the host, and twice on the GPU: trained on and copied ahead)."""
         return clips * self.config.model.audio.clip_samples * FP32 if clips else 0
+
+    def video_bytes(self, clips: int) -> int:
+        """One batch of `clips` video clips as the loader delivers them: uint8 [B, T, 3, S, S], T =
+        model.video.frames, always cropped in the worker (twice on the GPU: trained on and copied ahead)."""
+        size = self.config.model.image_size
+        return clips * self.config.model.video.frames * 3 * size * size
 
     def log_mel_bytes(self, workload: Workload, clips: int) -> int:
         """The log-mel spectrogram's working set while `clips` of the step's audio are embedded at once."""
@@ -377,7 +384,7 @@ def _activations_line(plan: MemoryPlan, workload: Workload, setting: Setting) ->
 
 def _noun(name: str) -> str:
     """What the report calls a modality's examples."""
-    return {"image": "images", "audio": "clips"}.get(name, f"{name}s")
+    return {"image": "images", "audio": "clips", "video": "clips"}.get(name, f"{name}s")
 
 
 def _inputs_line(plan: MemoryPlan, workload: Workload) -> str:
@@ -388,6 +395,9 @@ def _inputs_line(plan: MemoryPlan, workload: Workload) -> str:
                      f"2 batches uint8, uncropped up to {largest_box_side(size)} px a side (data.resize_on device)")
     if "audio" in workload.inputs:
         parts.append(f"2 batches of float32 waveforms [B, {plan.config.model.audio.clip_samples}]")
+    if "video" in workload.inputs:
+        size = plan.config.model.image_size
+        parts.append(f"2 batches of uint8 clips [B, {plan.config.model.video.frames}, 3, {size}, {size}]")
     return "; ".join(parts)
 
 

@@ -125,6 +125,9 @@ def check_pretraining_config(config: Config) -> None:
     if config.train.audio_mask_ratio:
         raise LimoeError("train.audio_mask_ratio is contrastive training's patch dropping (FLIP) for audio clips; "
                          "pretraining masks clips with pretrain.audio_mask_ratio. Remove train.audio_mask_ratio.")
+    if config.train.video_mask_ratio:
+        raise LimoeError("train.video_mask_ratio is contrastive training's tube dropping (FLIP) for video clips; "
+                         "limoe pretrain does not use it. Remove train.video_mask_ratio.")
 
 
 class MaskedPretraining(PairsObjective):

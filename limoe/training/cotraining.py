@@ -9,8 +9,8 @@ expert all-to-all always pairs up. A step of one task is a forward through `CoTr
 (PolyViT's `lr_coefs`). `accumulate` runs one batch of every task, sums their gradients, then
 updates once.
 
-A task's `modalities` say what its shards hold: image–caption or audio–caption pairs (or labelled
-images or clips). A contrastive task trains exactly as `limoe train` without tasks does (through
+A task's `modalities` say what its shards hold: image–, audio– or video–caption pairs (or labelled
+images, audio clips or video clips). A contrastive task trains exactly as `limoe train` without tasks does (through
 `limoe.training.step`, micro-batches included), on its own pair of modalities; a classification
 task scores its images or clips against its class names' prompts (`limoe.training.candidates`),
 its batch taken whole. A task's loss
@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class Task:
-    """One dataset of a co-training run, as the loop sees it: pairs of the task's modalities (images or
-    audio clips, and captions)."""
+    """One dataset of a co-training run, as the loop sees it: pairs of the task's modalities (images,
+    audio or video clips, and captions)."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device,
                  clock: Optional[WaitClock] = None):
@@ -70,7 +70,7 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Labelled images or audio clips scored against class-name prompts: all classes, or N that include
+    """Labelled images, audio or video clips scored against class-name prompts: all classes, or N that include
     the labels."""
 
     def __init__(self, config: TaskConfig, loader: ShardLoader, device: torch.device, classnames: list[str],
@@ -114,7 +114,7 @@ def _gather(labels: Tensor) -> Tensor:
     return gathered
 
 
-TRAINED_INPUTS = ("image", "audio")  # what a task's shards can hold beside captions (the loaders read both)
+TRAINED_INPUTS = ("image", "audio", "video")  # what a task's shards can hold beside captions (the loaders read them all)
 
 
 def check_tasks(config: Config, world_size: int) -> None:
@@ -131,11 +131,11 @@ def check_tasks(config: Config, world_size: int) -> None:
 
 
 def _check_modalities(task: TaskConfig) -> None:
-    """A task trains inputs read from shards (images or audio) against text: captions, or class prompts."""
+    """A task trains inputs read from shards (images, audio or video) against text: captions, or class prompts."""
     inputs, other = task.modalities
     if inputs not in TRAINED_INPUTS or other != "text":
         raise LimoeError(f"task '{task.name}': tasks[].modalities {list(task.modalities)} cannot be trained; a task "
-                         f"pairs {' or '.join(TRAINED_INPUTS)} with text, e.g. [audio, text].")
+                         f"pairs {', '.join(TRAINED_INPUTS[:-1])} or {TRAINED_INPUTS[-1]} with text, e.g. [audio, text].")
 
 
 def build_tasks(config: Config, world_size: int, device: torch.device, start: int,

@@ -110,12 +110,13 @@ class ContrastiveObjective(PairsObjective):
     """`limoe train`'s objective: model + contrastive loss.
 
     A batch is a pair of modalities, `modalities` = (the inputs', the captions'): image–text for
-    `data.train`, a co-training task's `tasks[].modalities` (audio–text) otherwise; both sides go
+    `data.train`, a co-training task's `tasks[].modalities` (audio–text, video–text) otherwise; both sides go
     through the tower together and the loss contrasts their features.
 
     With `train.image_mask_ratio` > 0 it is FLIP: in training, each image enters the tower with a
     random share of its patches dropped, until the last `train.unmasked_steps` steps; with
-    `train.audio_mask_ratio` > 0 each audio clip drops its own share of spectrogram patches alike.
+    `train.audio_mask_ratio` > 0 each audio clip drops its own share of spectrogram patches alike, with
+    `train.video_mask_ratio` > 0 each video clip its own share of tubes (`limoe.training.flip`).
     Images and video clips may come as uint8 (the training loader's; normalised here, on the
     device) or as normalised floats; audio comes as float waveforms.
     The engine's forward must produce what backward runs on (DeepSpeed hooks its gradient
@@ -150,8 +151,8 @@ class ContrastiveObjective(PairsObjective):
         return stages.pop() if stages else None
 
     def patch_keep(self, inputs: Tensor, step: int, modality: str = "image") -> Optional[Tensor]:
-        """The patches each input of `modality` (image [B, 3, H, W], clip [B, T]) keeps at `step`
-        [B, K]; None (all of them) outside FLIP's masked phase, in evaluation, and for text."""
+        """The patches each input of `modality` (image [B, 3, H, W], audio [B, T], video [B, T, 3, S, S])
+        keeps at `step` [B, K]; None (all of them) outside FLIP's masked phase, in evaluation, and for text."""
         dropping = self.patch_dropping.get(modality)
         return dropping.keep(inputs, step) if self.training and dropping is not None else None
 
@@ -227,7 +228,7 @@ class CoTrainingObjective(ContrastiveObjective):
     `forward(inputs, targets, step, share, prompts, templates, modalities)` → (loss, detached terms,
     routing). For pairs (`prompts` None) `targets` are caption tokens and everything is the
     contrastive objective's, micro-batch shares and FLIP's patch dropping included. For
-    classification the inputs are of `modalities[0]` (images or audio clips) and `targets` index the
+    classification the inputs are of `modalities[0]` (images, audio or video clips) and `targets` index the
     candidate classes, whose prompts [K·T, L] are encoded here; images and clips drop patches as the
     pairs' do at `step`; the routing is then one list per forward pass (the inputs', the prompts').
     """

@@ -345,6 +345,26 @@ def test_an_audio_task_is_planned_with_its_clips_by_hand():
     assert "log-mel 0.17 MiB per clip on the GPU; 0.2 MiB of waveforms per batch on the host" in line
 
 
+# An image-text-video demo model co-trained on pairs and on video-text pairs, 16 of each per step:
+# clips of 6 frames at 64 px in tubelets of 3 (2 steps of 8 x 8 positions, 128 tokens a clip).
+VIDEO_TASK = ["model.modalities=[image, text, video]", "model.video.frames=6", "model.video.tubelet_frames=3",
+              "tasks=[{name: pairs, kind: contrastive, data: 'p/{0..9}.tar', batch_size: 16, steps: 6}, "
+              "{name: clips, kind: contrastive, data: 'v/{0..9}.tar', batch_size: 16, steps: 4, "
+              "modalities: [video, text]}]", "train.steps=10"]
+
+
+def test_a_video_task_is_planned_with_its_clips_by_hand():
+    """On 2 GPUs, 8 clips each: two uint8 clip batches [8, 6, 3, 64, 64] on the GPU, 2 x 8 x 6 x 3 x
+    64² = 1,179,648 bytes (the pairs' step keeps its 2 x 8 x 3 x 64² uint8 images = 196,608)."""
+    plan = plan_memory(load_config("demo", [*TINY, *VIDEO_TASK]), 2, 80 * GiB)
+    pairs, clips = plan.workloads
+    assert (clips.modalities, clips.local) == (("video", "text"), 8)
+    setting = Setting("none", None)
+    video_step, image_step = plan.step_breakdown(clips, setting), plan.step_breakdown(pairs, setting)
+    assert (video_step.inputs, image_step.inputs) == (1_179_648, 196_608)
+    assert video_step.activations == round(plan.profile.per_example[("text", "video")]["none"] * 8)
+
+
 # Audio pretraining of the same model (pretrain.modalities), without tasks: 16 clips and captions a step.
 AUDIO_PRETRAINING = [*AUDIO[:3], "pretrain.modalities=[audio, text]", "train.batch_size=16"]
 

@@ -107,6 +107,9 @@ def test_a_killed_pretraining_run_resumes_from_its_last_checkpoint(pretrained, t
 @pytest.mark.parametrize("overrides, message", [
     (["pretrain.unimodal_steps=1", "pretrain.bimodal_steps=1"], "the pretraining stages take 2 steps"),
     (["train.micro_batch_size=8"], "train.micro_batch_size splits contrastive training's batch"),
+    (["model.modalities=[image, text, video]", "train.video_mask_ratio=0.5"],
+     "train.video_mask_ratio is contrastive training's tube dropping (FLIP) for video clips; limoe pretrain "
+     "does not use it. Remove train.video_mask_ratio."),
 ])
 def test_settings_pretraining_cannot_run_are_one_line_and_exit_2(tmp_path, overrides, message):
     refused(_args("pretrain", tmp_path, *STAGES, *overrides), message)
