@@ -182,6 +182,13 @@ def _demo_retrieval(record: dict) -> str:
             f"| text→image | {r['text_to_image_R@1']:.1%} | {r['text_to_image_R@5']:.1%} |")
 
 
+def _run_time(included: str) -> Callable[[dict], str]:
+    """The time view of a demo figure whose command trains and then evaluates: `included` names the
+    evaluations its times include."""
+    return lambda record: (f"took {times(record)} on {conditions(record)}, {included} included; "
+                           f"`python -m limoe.figures record {record['figure']}` measures it")
+
+
 AUDIO_HELDOUT = "data_shards/audio_heldout"
 
 
@@ -213,11 +220,6 @@ def _audio_demo_results(scratch: Path, stdout: str) -> dict:
                     for task, record in by_task["routing_by_task"].items()},
         "blocks": [layer["block"] for layer in by_task["routing"]["layers"]],
     }
-
-
-def _audio_demo_time(record: dict) -> str:
-    return (f"took {times(record)} on {conditions(record)}, the two `limoe eval` runs included; "
-            f"`python -m limoe.figures record audio-demo` measures it")
 
 
 def _audio_demo_retrieval(record: dict) -> str:
@@ -264,11 +266,6 @@ def _video_demo_results(scratch: Path, stdout: str) -> dict:
     return {"real_top1": real["top1"], "still_top1": still["top1"], "classes": real["classes"], "clips": real["samples"]}
 
 
-def _video_demo_time(record: dict) -> str:
-    return (f"took {times(record)} on {conditions(record)}, the two `limoe eval zeroshot` runs included; "
-            f"`python -m limoe.figures record video-demo` measures it")
-
-
 def _video_demo_directions(record: dict) -> str:
     r = record["results"]
     return ("| held-out direction, zero-shot | top-1 |\n|---|---|\n"
@@ -310,10 +307,12 @@ FIGURES = {figure.name: figure for figure in (
            _demo_results, {"time": _demo_time, "retrieval": _demo_retrieval}),
     Figure("audio-demo", "limoe train --config audio-demo; limoe eval retrieval|zeroshot --modality audio",
            _audio_demo_command, _audio_demo_results,
-           {"time": _audio_demo_time, "retrieval": _audio_demo_retrieval, "routing": _audio_demo_routing}),
+           {"time": _run_time("the two `limoe eval` runs"), "retrieval": _audio_demo_retrieval,
+            "routing": _audio_demo_routing}),
     Figure("video-demo", f"limoe train --config video-demo; limoe eval zeroshot --modality video --data {VIDEO_HELDOUT} "
                          f"--templates {VIDEO_HELDOUT}/templates.txt [--still-frame]",
-           _video_demo_command, _video_demo_results, {"time": _video_demo_time, "directions": _video_demo_directions}),
+           _video_demo_command, _video_demo_results,
+           {"time": _run_time("the two `limoe eval zeroshot` runs"), "directions": _video_demo_directions}),
     Figure("tests", "python -m pytest", lambda scratch: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
            _test_results, {"time": _test_time}),
 )}

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from limoe.data.crops import Uncropped
 from limoe.data.pipeline import EvalBatch, eval_loader
-from limoe.evaluate.inputs import check_modality, check_placement, check_still_frame, counted_as, encode_inputs, eval_inputs
+from limoe.evaluate.inputs import (check_modality, check_placement, check_still_frame, counted_as, encode_inputs,
+                                   eval_inputs)
 from limoe.data.pipeline import loader_options
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
@@ -49,15 +50,16 @@ def _digests(images: Union[Tensor, Uncropped]) -> list[bytes]:
 
 
 def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
-                 shared: bool = False, modality: str = "image", still_frame: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                 shared: bool = False, modality: str = "image",
+                 still_frame: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Features of the distinct images (or clips) [N, D] and of every caption [M, D], and
     text_to_image [M].
 
     `batches` are CPU EvalBatches with tokens (one caption per sample), of `modality`. `shared`: every process
     of the run reads the same batches and they take turns encoding them (`limoe.evaluate.turns`);
     batches are dealt out where they hold equally many new images, so that every process runs
-    the same forwards. `still_frame`: video clips as their centre frame repeated (told apart, and
-    paired with their captions, as the real clips are).
+    the same forwards. `still_frame`: video clips as their centre frame repeated (which clips are
+    distinct, and which captions are theirs, still decided by the real clips).
     """
     rows: dict[bytes, int] = {}  # image content digest → row of the image features
 
@@ -79,7 +81,8 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
             text = model.encode_text(batch.tokens.to(device)).float()  # [B, D]
             if not new:
                 return text.new_zeros((0, text.shape[1])), text
-            return encode_inputs(model, modality, eval_inputs(batch.images, device, still_frame)[new]), text  # [new, D], [B, D]
+            inputs = eval_inputs(batch.images, device, still_frame)[new]
+            return encode_inputs(model, modality, inputs), text  # [new, D], [B, D]
 
         jobs = with_new_images(tqdm(batches, desc="pairs", unit="batch", disable=not progress))
         for (_, _, owner), (image, text) in encode_in_turns(jobs, encode, lambda job: (len(job[1]), len(job[2])), shared):
