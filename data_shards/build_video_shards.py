@@ -136,6 +136,14 @@ def samples(split: str, drawn: list[Image.Image]) -> list[dict]:
     return out
 
 
+def templates() -> str:
+    """The held-out set's zero-shot prompts, one per sprite and speed (`a cat face {}, fast`): a class
+    name (`moving left`) fills in the caption's motion, so a class's prompts average over the sprites and
+    speeds and differ only in the direction."""
+    return "".join(Clip(sprite, "{}", speed, 0).caption.replace("moving {}", "{}") + "\n"
+                   for sprite in range(len(SPRITES)) for speed in SPEEDS)
+
+
 def build(output: Path, font_path: Path) -> dict[str, int]:
     drawn = sprites(font_path)
     counts = {}
@@ -147,6 +155,7 @@ def build(output: Path, font_path: Path) -> dict[str, int]:
         write_shards(split_samples, target / "%05d.tar", SHARD_SIZE[split], compress=True)
         if split == "video_heldout":
             (target / "classnames.txt").write_text("".join(f"moving {d}\n" for d in DIRECTIONS))
+            (target / "templates.txt").write_text(templates())
         counts[split] = len(split_samples)
     return counts
 

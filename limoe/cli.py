@@ -210,6 +210,13 @@ def _add_modality_option(parser: argparse.ArgumentParser, verb: str = "evaluate"
                              "model whose model.modalities include that modality)")
 
 
+def _add_still_frame_option(parser: argparse.ArgumentParser) -> None:
+    """The single-frame baseline of a video evaluation."""
+    parser.add_argument("--still-frame", action="store_true",
+                        help="with --modality video: evaluate each clip as its centre frame repeated (a still picture, "
+                             "no motion); the result without the flag minus this one is how much of it needs time")
+
+
 def _add_overrides(parser: argparse.ArgumentParser, keys: str = "config") -> None:
     """`--set KEY=VALUE`, repeatable: the overrides `limoe.config` applies on top of the file."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {keys} key")
@@ -269,11 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", None, "evaluate a checkpoint")
     evaluations = evaluate.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
     zeroshot = command("zeroshot", _evaluation("zeroshot", "classnames", "templates", "candidate_images",
-                                                 "resize_on", "decode_on", "modality"),
+                                                 "resize_on", "decode_on", "modality", "still_frame"),
                        "zero-shot classification (ImageNet by default)", evaluations)
     _add_eval_options(zeroshot)
     _add_placement_options(zeroshot)
     _add_modality_option(zeroshot)
+    _add_still_frame_option(zeroshot)
     zeroshot.add_argument("--classnames", default=None,
                           help="class names file, one per line (default: the data's classnames.txt or class folder "
                                "names, else ImageNet-1k's)")
@@ -282,16 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
                                "(6, default for video), or a file")
     zeroshot.add_argument("--candidate-images", default=None, metavar="DIR",
                           help="classes given by exemplar images, one sub-folder per class, instead of names")
-    retrieval = command("retrieval", _evaluation("retrieval", "resize_on", "decode_on", "modality"),
+    retrieval = command("retrieval", _evaluation("retrieval", "resize_on", "decode_on", "modality", "still_frame"),
                         "image-text (or audio-text, video-text) retrieval recall@1/5/10", evaluations)
     _add_eval_options(retrieval)
     _add_placement_options(retrieval)
     _add_modality_option(retrieval)
-    knn = command("knn", _evaluation("knn", "k", "random_init", "resize_on", "decode_on", "modality"),
+    _add_still_frame_option(retrieval)
+    knn = command("knn", _evaluation("knn", "k", "random_init", "resize_on", "decode_on", "modality",
+                                       "still_frame"),
                   "leave-one-out k-NN top-1 of the image (audio, video) tokens on classification shards", evaluations)
     _add_eval_options(knn)
     _add_placement_options(knn)
     _add_modality_option(knn)
+    _add_still_frame_option(knn)
     knn.add_argument("--k", type=_whole_number(1), default=5,
                      help="neighbours that vote (default 5; at most the number of labelled images − 1)")
     knn.add_argument("--random-init", action="store_true", help="also measure the same architecture freshly initialised")

@@ -7,12 +7,15 @@ a video clip's `model.video.frames` frames `frame_stride` apart from its centre 
 cropped as an image is),
 which embedder encodes them, and what the metrics call the inputs (`images`, `clips`). The
 placement options (`resize_on`, `decode_on`) and class-folder trees are for images only.
+`still_frame` (video only) evaluates each clip as its centre frame repeated: the single-frame
+baseline, whose distance to the real clips' result is what the model reads from time.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from limoe.data.crops import eval_images_on
 from limoe.errors import LimoeError
 from limoe.model.tower import Limoe
 
@@ -37,6 +40,27 @@ def check_placement(modality: str, resize_on: str, decode_on: str) -> None:
         raise LimoeError(f"--resize-on and --decode-on place the resizing and decoding of images; {modality} clips are "
                          f"decoded in the data workers and turned into features on the device anyway: drop them "
                          f"with --modality {modality}.")
+
+
+def check_still_frame(modality: str, still_frame: bool) -> None:
+    """Refuse `--still-frame` for inputs without frames (images, audio clips)."""
+    if still_frame and modality != "video":
+        raise LimoeError(f"--still-frame repeats a video clip's centre frame, and {counted_as(modality)} have no "
+                         f"frames; drop --still-frame, or give --modality video with video shards.")
+
+
+def still_frames(clips: Tensor) -> Tensor:
+    """clips [B, T, 3, S, S] → each clip's centre frame (index T // 2) repeated T times [B, T, 3, S, S]:
+    the same picture at the same place, with no motion."""
+    frames = clips.shape[1]
+    return clips[:, frames // 2 : frames // 2 + 1].expand_as(clips).contiguous()
+
+
+def eval_inputs(inputs: Tensor, device, still_frame: bool = False) -> Tensor:
+    """An eval batch's inputs ready to embed on `device` (`limoe.data.crops.eval_images_on`), each video
+    clip made its centre frame repeated with `still_frame`."""
+    inputs = eval_images_on(inputs, device)
+    return still_frames(inputs) if still_frame else inputs
 
 
 def encode_inputs(model: Limoe, modality: str, inputs: Tensor) -> Tensor:

@@ -23,23 +23,23 @@ import webdataset as wds
 from torch import Tensor
 
 from limoe.checkpoints import load_model
-from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import REMOTE, EvalBatch, eval_loader, expand_shards
 from limoe.distributed import resolve_device
 from limoe.errors import LimoeError
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as
+from limoe.evaluate.inputs import check_modality, check_placement, check_still_frame, counted_as, eval_inputs
 from limoe.data.pipeline import loader_options
 from limoe.evaluate.runtime import check_report_output, inference, nothing_read, report
 from limoe.model.tower import Limoe
 
 
-def token_features(model: Limoe, batches: Iterable[EvalBatch], modality: str = "image") -> tuple[Tensor, Tensor]:
+def token_features(model: Limoe, batches: Iterable[EvalBatch], modality: str = "image",
+                   still_frame: bool = False) -> tuple[Tensor, Tensor]:
     """Mean final token of `modality`'s stream per image (or clip) [N, d], L2-normalised, and the
-    labels [N]."""
+    labels [N]; `still_frame`: video clips as their centre frame repeated."""
     features, labels = [], []
     with inference(model) as device:
         for batch in batches:
-            streams, _ = model.tower({modality: model.embed(modality, eval_images_on(batch.images, device))})
+            streams, _ = model.tower({modality: model.embed(modality, eval_inputs(batch.images, device, still_frame))})
             features.append(F.normalize(streams[modality].x.float().mean(dim=1), dim=-1).cpu())  # [B, d]
             labels.append(batch.labels)
     if not features:
@@ -92,38 +92,43 @@ def knn_accuracy(features: Tensor, labels: Tensor, k: int = 5) -> float:
 
 
 def evaluate_knn(model: Limoe, data: Union[str, Iterable[EvalBatch]], k: int = 5, batch_size: int = 128,
-                 workers: int = 2, resize_on: str = "worker", decode_on: str = "worker", modality: str = "image") -> dict:
+                 workers: int = 2, resize_on: str = "worker", decode_on: str = "worker", modality: str = "image",
+                 still_frame: bool = False) -> dict:
     """k-NN top-1 of `model`'s image tokens (`modality`'s: audio or video tokens) on classification
     shards (a spec) or EvalBatches with labels; `resize_on`, `decode_on`: where the shards' images
-    are resized and centre-cropped, and decoded (images only)."""
+    are resized and centre-cropped, and decoded (images only); `still_frame`: each video clip read as
+    its centre frame repeated."""
     check_k(k, None, data)  # before encoding; the upper bound needs the number of images read
     check_modality(model, modality)
     check_placement(modality, resize_on, decode_on)
+    check_still_frame(modality, still_frame)
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, classification=True,
         max_bad_fraction=1.0, rank=0, world_size=1, resize_on=resize_on, decode_on=decode_on,
         **loader_options(config, modality),
     )
-    features, labels = token_features(model, loader, modality)
+    features, labels = token_features(model, loader, modality, still_frame)
     check_k(k, len(labels), data)
     return {"knn_top1": knn_accuracy(features, labels, k), "k": k, counted_as(modality): len(labels)}
 
 
 def run_knn(checkpoint: Path, data: str, k: int, output: Optional[str], batch_size: int,
             capacity_factor: Optional[str], device: str, workers: int, random_init: bool = False,
-            resize_on: str = "worker", decode_on: str = "worker", modality: str = "image") -> dict:
+            resize_on: str = "worker", decode_on: str = "worker", modality: str = "image",
+            still_frame: bool = False) -> dict:
     """`limoe eval knn`: the checkpoint's k-NN top-1; with `random_init`, beside the same
     architecture freshly initialised from the run's seed (what training added to the features)."""
     check_report_output(output, checkpoint, data)
     check_placement(modality, resize_on, decode_on)
+    check_still_frame(modality, still_frame)
     check_k(k, labelled_samples(data), data)  # before loading or encoding anything
     model, config = load_model(checkpoint, resolve_device(device), capacity_factor)
-    metrics = evaluate_knn(model, data, k, batch_size, workers, resize_on, decode_on, modality)
+    metrics = evaluate_knn(model, data, k, batch_size, workers, resize_on, decode_on, modality, still_frame)
     if random_init:
         torch.manual_seed(config.train.seed)  # the weights the run started from (without train.init_from)
         fresh = Limoe(config.model).to(next(model.parameters()).device)
         metrics["random_init_knn_top1"] = evaluate_knn(fresh, data, k, batch_size, workers, resize_on, decode_on,
-                                                       modality)["knn_top1"]
+                                                       modality, still_frame)["knn_top1"]
     report(f"k-NN (k={k}) of {checkpoint}'s {modality} tokens on {data}", metrics, output)
     return metrics

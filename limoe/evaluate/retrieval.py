@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from limoe.data.crops import Uncropped, eval_images_on
+from limoe.data.crops import Uncropped
 from limoe.data.pipeline import EvalBatch, eval_loader
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs
+from limoe.evaluate.inputs import (check_modality, check_placement, check_still_frame, counted_as, encode_inputs,
+                                   eval_inputs)
 from limoe.data.pipeline import loader_options
 from limoe.evaluate.metrics import retrieval_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
@@ -49,14 +50,16 @@ def _digests(images: Union[Tensor, Uncropped]) -> list[bytes]:
 
 
 def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
-                 shared: bool = False, modality: str = "image") -> tuple[Tensor, Tensor, Tensor]:
+                 shared: bool = False, modality: str = "image",
+                 still_frame: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Features of the distinct images (or clips) [N, D] and of every caption [M, D], and
     text_to_image [M].
 
     `batches` are CPU EvalBatches with tokens (one caption per sample), of `modality`. `shared`: every process
     of the run reads the same batches and they take turns encoding them (`limoe.evaluate.turns`);
     batches are dealt out where they hold equally many new images, so that every process runs
-    the same forwards.
+    the same forwards. `still_frame`: video clips as their centre frame repeated (which clips are
+    distinct, and which captions are theirs, still decided by the real clips).
     """
     rows: dict[bytes, int] = {}  # image content digest → row of the image features
 
@@ -78,7 +81,8 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
             text = model.encode_text(batch.tokens.to(device)).float()  # [B, D]
             if not new:
                 return text.new_zeros((0, text.shape[1])), text
-            return encode_inputs(model, modality, eval_images_on(batch.images, device)[new]), text  # [new, D], [B, D]
+            inputs = eval_inputs(batch.images, device, still_frame)[new]
+            return encode_inputs(model, modality, inputs), text  # [new, D], [B, D]
 
         jobs = with_new_images(tqdm(batches, desc="pairs", unit="batch", disable=not progress))
         for (_, _, owner), (image, text) in encode_in_turns(jobs, encode, lambda job: (len(job[1]), len(job[2])), shared):
@@ -92,7 +96,7 @@ def encode_pairs(model: Limoe, batches: Iterable[EvalBatch], progress: bool = Fa
 
 def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batch_size: int = 64, workers: int = 2,
                        progress: bool = False, shared: bool = False, resize_on: str = "worker",
-                       decode_on: str = "worker", modality: str = "image") -> dict:
+                       decode_on: str = "worker", modality: str = "image", still_frame: bool = False) -> dict:
     """Recall@1/5/10 image→text and text→image of `model` (in any mode; restored afterwards);
     with `modality="audio"` (`"video"`), audio→text and text→audio on audio shards (video on video shards).
 
@@ -102,16 +106,17 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
     the loader counts them. `shared`: every process of a run calls this together and they take
     turns encoding. `resize_on`, `decode_on`: where a shard spec's images are resized and
     centre-cropped, and decoded (`data.resize_on`, `data.decode_on`: the data workers, or the
-    model's device; images only).
+    model's device; images only). `still_frame`: each video clip read as its centre frame repeated.
     """
     check_modality(model, modality)
     check_placement(modality, resize_on, decode_on)
+    check_still_frame(modality, still_frame)
     config = model.config
     loader = data if not isinstance(data, str) else eval_loader(
         data, batch_size, config.image_size, config.context_length, workers, max_bad_fraction=1.0, rank=0, world_size=1,
         resize_on=resize_on, decode_on=decode_on, **loader_options(config, modality),
     )
-    features, text_features, text_to_item = encode_pairs(model, loader, progress, shared, modality)
+    features, text_features, text_to_item = encode_pairs(model, loader, progress, shared, modality, still_frame)
     metrics = {**retrieval_metrics(features, text_features, text_to_item, modality),
                counted_as(modality): len(features), "texts": len(text_features)}
     if hasattr(loader, "bad_samples"):
@@ -121,12 +126,13 @@ def evaluate_retrieval(model: Limoe, data: Union[str, Iterable[EvalBatch]], batc
 
 def run_retrieval(checkpoint: Path, data: str, output: Optional[str], batch_size: int, capacity_factor: Optional[str],
                   device: str, workers: int, resize_on: str = "worker", decode_on: str = "worker",
-                  modality: str = "image") -> dict:
+                  modality: str = "image", still_frame: bool = False) -> dict:
     """`limoe eval retrieval`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data)
     check_placement(modality, resize_on, decode_on)
+    check_still_frame(modality, still_frame)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_retrieval(model, data, batch_size, workers, progress=True, resize_on=resize_on,
-                                 decode_on=decode_on, modality=modality)
+                                 decode_on=decode_on, modality=modality, still_frame=still_frame)
     report(f"{modality}-text retrieval of {checkpoint} on {data}", metrics, output)
     return metrics

@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from limoe.config import ModelConfig
 from limoe.data.class_folders import class_folder_names
-from limoe.data.crops import eval_images_on
 from limoe.data.pipeline import EvalBatch, ShardLoader, eval_loader, expand_shards
 from limoe.data.preprocess import tokenizer
 from limoe.errors import LimoeError, warn
 from limoe.evaluate.folders import ImageFolderLoader, ImageFolderSet, looks_like_image_folder, scan_image_folder
-from limoe.evaluate.inputs import check_modality, check_placement, counted_as, encode_inputs, labelled_set_needs
+from limoe.evaluate.inputs import (check_modality, check_placement, check_still_frame, counted_as, encode_inputs,
+                                   eval_inputs, labelled_set_needs)
 from limoe.data.pipeline import loader_options
 from limoe.evaluate.metrics import classification_metrics
 from limoe.evaluate.runtime import check_report_output, inference, load_for_eval, nothing_read, report
@@ -67,14 +67,15 @@ def zeroshot_classifier(model: Limoe, classnames: Sequence[str], templates: Sequ
 
 
 def encode_labelled_images(model: Limoe, batches: Iterable[EvalBatch], progress: bool = False,
-                           shared: bool = False, modality: str = "image") -> tuple[Tensor, Tensor]:
+                           shared: bool = False, modality: str = "image",
+                           still_frame: bool = False) -> tuple[Tensor, Tensor]:
     """Image (or `modality`'s) features [N, D] and labels [N] of every sample in `batches`, on the
     CPU. `shared`: every process of the run reads the same batches and they take turns encoding
-    them (`limoe.evaluate.turns`)."""
+    them (`limoe.evaluate.turns`). `still_frame`: video clips as their centre frame repeated."""
     features, labels = [], []
     with inference(model) as device:
         def encode(batch: EvalBatch) -> tuple[Tensor]:
-            return (encode_inputs(model, modality, eval_images_on(batch.images, device)),)  # [B, D]
+            return (encode_inputs(model, modality, eval_inputs(batch.images, device, still_frame)),)  # [B, D]
 
         batches_read = tqdm(batches, desc=counted_as(modality), unit="batch", disable=not progress)
         for batch, (encoded,) in encode_in_turns(batches_read, encode, lambda batch: len(batch.images), shared):
@@ -165,7 +166,7 @@ def exemplar_classifier(model: Limoe, folder: ImageFolderSet, batch_size: int = 
 def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None, templates: Optional[str] = None,
                       batch_size: int = 64, workers: int = 2, progress: bool = False,
                       candidate_images: Optional[Path] = None, shared: bool = False, resize_on: str = "worker",
-                      decode_on: str = "worker", modality: str = "image") -> dict:
+                      decode_on: str = "worker", modality: str = "image", still_frame: bool = False) -> dict:
     """Zero-shot top-1, top-5 and mean per-class recall of `model` on `data` (any layout above);
     with `modality="audio"` (`"video"`), of its audio (video) clips on shards of them with `.cls` labels.
 
@@ -177,10 +178,12 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
     every process of a run calls this together and they take turns encoding images and prompts.
     `resize_on`, `decode_on`: where the images are resized and centre-cropped, and decoded
     (`data.resize_on`, `data.decode_on`; images only). Default templates: 'openai' for images,
-    'sounds' for audio, 'videos' for video.
+    'sounds' for audio, 'videos' for video. `still_frame`: each video clip read as its centre frame
+    repeated (`limoe.evaluate.inputs.still_frames`), the single-frame baseline.
     """
     check_modality(model, modality)
     check_placement(modality, resize_on, decode_on)
+    check_still_frame(modality, still_frame)
     head = label_head(model)
     if modality != "image" and candidate_images is not None:
         raise LimoeError(f"--candidate-images gives the classes by example images; drop it to classify {modality} "
@@ -206,7 +209,7 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
             f"the checkpoint was prompt-tuned for {len(head.classnames)} classes ({', '.join(head.classnames[:3])}, …), "
             f"not the {len(names)} class names of {data} ({', '.join(names[:3])}, …); evaluate it on its own label set."
         )
-    features, labels = encode_labelled_images(model, loader, progress, shared, modality)  # first: bad data fails fast
+    features, labels = encode_labelled_images(model, loader, progress, shared, modality, still_frame)  # first: bad data fails fast
     if labels.max() >= len(names):
         raise LimoeError(
             f"{data} has labels up to {labels.max().item()} but only {len(names)} class names; "
@@ -224,14 +227,15 @@ def evaluate_zeroshot(model: Limoe, data: str, classnames: Optional[Path] = None
 def run_zeroshot(checkpoint: Path, data: str, classnames: Optional[str], templates: Optional[str],
                  output: Optional[str], batch_size: int, capacity_factor: Optional[str], device: str,
                  workers: int, candidate_images: Optional[str] = None, resize_on: str = "worker",
-                 decode_on: str = "worker", modality: str = "image") -> dict:
+                 decode_on: str = "worker", modality: str = "image", still_frame: bool = False) -> dict:
     """`limoe eval zeroshot`: load the checkpoint, evaluate, print and optionally save the metrics."""
     check_report_output(output, checkpoint, data, classnames, templates, candidate_images)
     check_placement(modality, resize_on, decode_on)
+    check_still_frame(modality, still_frame)
     model = load_for_eval(checkpoint, device, capacity_factor)
     metrics = evaluate_zeroshot(model, data, Path(classnames) if classnames else None, templates, batch_size,
                                 workers, progress=True,
                                 candidate_images=Path(candidate_images) if candidate_images else None,
-                                resize_on=resize_on, decode_on=decode_on, modality=modality)
+                                resize_on=resize_on, decode_on=decode_on, modality=modality, still_frame=still_frame)
     report(f"zero-shot classification of {checkpoint} on {data}", metrics, output)
     return metrics

@@ -69,6 +69,17 @@ def test_held_out_pairs_are_never_in_training_and_labels_name_the_direction(spli
         assert classnames[int(sample["cls"])] == f"moving {json.loads(sample['json'])['direction']}"
 
 
+def test_the_held_out_templates_filled_with_the_class_names_cover_every_held_out_caption(splits):
+    """One template per sprite and speed, each filled with a class name a caption's words: averaging a
+    class's prompts averages over the sprites and speeds, and each held-out clip's caption is among them."""
+    templates = (DEMO / "video_heldout" / "templates.txt").read_text().splitlines()
+    classnames = (DEMO / "video_heldout" / "classnames.txt").read_text().splitlines()
+    captions = {json.loads(sample["json"])["text"][0] for sample in splits["video_heldout"]}
+    prompts = {template.format(classname) for template in templates for classname in classnames}
+    assert len(templates) == 12 * len(SPEED) and captions <= prompts
+    assert {caption.rsplit(", ", 1)[1] for caption in prompts} == set(SPEED)
+
+
 def test_the_builder_makes_the_shipped_clips_again(splits, monkeypatch):
     spec = importlib.util.spec_from_file_location("build_video_shards", DEMO / "build_video_shards.py")
     builder = importlib.util.module_from_spec(spec)
@@ -84,3 +95,4 @@ def test_the_builder_makes_the_shipped_clips_again(splits, monkeypatch):
         for sample in samples[::23]:  # a spread of sprites, directions and speeds
             clip = clips[sample["__key__"]]
             assert builder.filmstrip(clip, drawn[clip.sprite]) == sample["png"], sample["__key__"]
+    assert builder.templates() == (DEMO / "video_heldout" / "templates.txt").read_text()

@@ -3,15 +3,17 @@ minutes on two cores).
 
 data_shards/video_heldout holds 192 clips of sprite–direction pairs the run never saw (each sprite
 moving the one way it never moves in data_shards/video_train). The trained model classifies each
-clip's direction zero-shot, by the class names "moving left" … with a template set that averages
-over the nuisance factors (every sprite, both speeds: "a cat face {}, fast" …), and its sprite by
+clip's direction zero-shot, by the class names "moving left" … with the set's templates.txt, which
+averages over the nuisance factors (every sprite, both speeds: "a cat face {}, fast" …), and its sprite by
 the sprite names with the directions and speeds as templates; and it retrieves, for each clip, its
 caption among all 96 a sprite, a direction and a speed make ("a cat face moving left, fast" …),
 scored by the retrieved caption's direction. Then the same model reads each clip's
-centre frame repeated 8 times: a still picture of the same sprite at the same place, with no motion.
+centre frame repeated 8 times, as `limoe eval --still-frame` does (`limoe.evaluate.inputs.eval_inputs`):
+a still picture of the same sprite at the same place, with no motion.
 Real clips must tell the directions apart far above chance (1/4); the still clips must not (they
 carry no direction at all), while they still tell the sprites apart (1/12 chance), so what the
-model lost is time and not the picture. docs/TRAINING.md#video has the measured numbers; the
+model lost is time and not the picture. docs/TRAINING.md#video quotes the recorded direction
+numbers (`python -m limoe.figures record video-demo`, the same zero-shot through `limoe eval`); the
 margins here sit below them.
 """
 
@@ -25,8 +27,9 @@ import torch
 from limoe.checkpoints import load_model
 from limoe.data.pipeline import eval_loader, loader_options
 from limoe.data.preprocess import tokenizer
+from limoe.evaluate.inputs import eval_inputs
 from limoe.evaluate.zeroshot import zeroshot_classifier
-from limoe.prompt_templates import load_classnames
+from limoe.prompt_templates import load_classnames, load_templates
 from tests.child_env import child_env
 
 pytestmark = pytest.mark.slow
@@ -41,12 +44,6 @@ def sprite_of(key: str) -> str:
     return key.rsplit("_", 3)[0].replace("_", " ")
 
 
-def still(clips: torch.Tensor) -> torch.Tensor:
-    """clips [B, T, 3, S, S] → each clip's centre frame repeated T times [B, T, 3, S, S]."""
-    frames = clips.shape[1]
-    return clips[:, frames // 2 : frames // 2 + 1].expand_as(clips).contiguous()
-
-
 def heldout_features(model) -> dict:
     """Real and still clips' features [N, D], direction labels [N] and sprite names of the held-out set."""
     loader = eval_loader(str(HELDOUT), 64, model.config.image_size, model.config.context_length, 0,
@@ -54,8 +51,8 @@ def heldout_features(model) -> dict:
     real, stills, labels, sprites = [], [], [], []
     with torch.no_grad():
         for batch in loader:
-            real.append(model.encode_video(batch.images))
-            stills.append(model.encode_video(still(batch.images)))
+            real.append(model.encode_video(eval_inputs(batch.images, "cpu")))
+            stills.append(model.encode_video(eval_inputs(batch.images, "cpu", still_frame=True)))
             labels.append(batch.labels)
             sprites += [sprite_of(key) for key in batch.keys]
     return {"real": torch.cat(real), "still": torch.cat(stills), "labels": torch.cat(labels), "sprites": sprites}
@@ -66,7 +63,7 @@ def accuracies(model, held: dict) -> dict[str, float]:
     directions = load_classnames(HELDOUT / "classnames.txt")  # "moving left" …
     names = sorted(set(held["sprites"]))
     direction_classifier = zeroshot_classifier(  # [D, 4]
-        model, directions, [f"a {name} {{}}, {speed}" for name in names for speed in SPEEDS])
+        model, directions, load_templates(str(HELDOUT / "templates.txt")))
     sprite_classifier = zeroshot_classifier(  # [D, 12]
         model, names, [f"a {{}} {direction}, {speed}" for direction in directions for speed in SPEEDS])
     sprite_labels = torch.tensor([names.index(name) for name in held["sprites"]])
