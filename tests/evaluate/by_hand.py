@@ -1,5 +1,5 @@
 """What the audio and video evaluation tests work out by hand from clips read straight from the
-shards: the members of each sample, recall counted by rank, the zero-shot metrics within near
+shards: the members of each sample, recall counted by rank and the zero-shot metrics, both within near
 ties, and the leave-one-out k-NN vote."""
 
 import tarfile
@@ -23,27 +23,47 @@ def shard_members(folder: Path) -> dict[str, dict[str, bytes]]:
     return members
 
 
-def _rank(scores: list[float], right: set[int]) -> int:
-    """How many wrong candidates score at least as high as the best right one (ties count against)."""
+def _rank(scores: list[float], right: set[int], margin: float) -> int:
+    """How many wrong candidates score at least `margin` above the best right one (a negative
+    margin counts near ties against it, a positive one for it)."""
     best = max(scores[i] for i in right)
-    return sum(1 for i, score in enumerate(scores) if i not in right and score >= best)
+    return sum(1 for i, score in enumerate(scores) if i not in right and score >= best + margin)
 
 
-def expected_retrieval(inputs: torch.Tensor, features: torch.Tensor, text: torch.Tensor, modality: str) -> dict:
-    """Recall by hand of inputs [N, ...] with features [N, D] against their captions' text [N, D].
-    Identical inputs are one input with several captions, as identical images are."""
+def retrieval_bounds(inputs: torch.Tensor, features: torch.Tensor, text: torch.Tensor, modality: str,
+                     tolerance: float = 1e-5) -> tuple[dict, dict]:
+    """Recall by hand of inputs [N, ...] with features [N, D] against their captions' text [N, D],
+    with every near tie (within `tolerance`: another batching moves a random model's last bits)
+    counted against (low) and for (high). Identical inputs are one input with several captions,
+    as identical images are."""
     count = len(inputs)
     distinct, owner = torch.unique(inputs.flatten(1), dim=0, return_inverse=True)  # [N', ...], [N]
     kept = torch.stack([features[owner == row][0] for row in range(len(distinct))])  # [N', D]
     scores = (text @ kept.T).tolist()  # [N][N']
-    text_ranks = [_rank(row, {int(owner[i])}) for i, row in enumerate(scores)]
-    input_ranks = [_rank([scores[i][clip] for i in range(count)], {i for i in range(count) if owner[i] == clip})
-                   for clip in range(len(distinct))]
-    expected = {"clips": len(distinct), "texts": count}
-    for k in (1, 5, 10):
-        expected[f"{modality}_to_text_R@{k}"] = sum(r < k for r in input_ranks) / len(distinct)
-        expected[f"text_to_{modality}_R@{k}"] = sum(r < k for r in text_ranks) / count
-    return expected
+
+    def recalls(margin: float) -> dict:
+        text_ranks = [_rank(row, {int(owner[i])}, margin) for i, row in enumerate(scores)]
+        input_ranks = [_rank([scores[i][clip] for i in range(count)],
+                             {i for i in range(count) if owner[i] == clip}, margin) for clip in range(len(distinct))]
+        expected = {"clips": len(distinct), "texts": count}
+        for k in (1, 5, 10):
+            expected[f"{modality}_to_text_R@{k}"] = sum(r < k for r in input_ranks) / len(distinct)
+            expected[f"text_to_{modality}_R@{k}"] = sum(r < k for r in text_ranks) / count
+        return expected
+
+    return recalls(-tolerance), recalls(tolerance)
+
+
+def assert_retrieval_within(metrics: dict, bounds: tuple[dict, dict]) -> None:
+    """The command's recall lies within the bounds by hand. Text→clip recall is pinned to two queries;
+    clip→text recall may be wider, as a caption repeated on several clips (the video set's) ties
+    with its copies, and which copy wins depends on the batching's last bits."""
+    low, high = bounds
+    assert (metrics["clips"], metrics["texts"]) == (low["clips"], low["texts"])
+    for key in low:
+        assert low[key] - 1e-6 <= metrics[key] <= high[key] + 1e-6, (key, metrics[key], low[key], high[key])
+    for key in (k for k in low if k.startswith("text_to_")):  # the clips differ: near ties are rare
+        assert high[key] - low[key] <= 2 / low["texts"], key
 
 
 def zeroshot_bounds(model, features: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
@@ -72,11 +92,11 @@ def zeroshot_bounds(model, features: torch.Tensor, labels: torch.Tensor, classna
 
 
 def assert_zeroshot_within(metrics: dict, bounds: tuple[dict, dict], samples: int, classes: int) -> None:
-    """The command's metrics lie within the bounds by hand, which still pin top-1 to two samples."""
+    """The command's metrics (float32) lie within the bounds by hand, which still pin top-1 to two samples."""
     low, high = bounds
     assert (metrics["samples"], metrics["classes"]) == (samples, classes)
     for key in low:
-        assert low[key] - 1e-9 <= metrics[key] <= high[key] + 1e-9, (key, metrics[key], low[key], high[key])
+        assert low[key] - 1e-6 <= metrics[key] <= high[key] + 1e-6, (key, metrics[key], low[key], high[key])
     assert high["top1"] - low["top1"] <= 2 / samples  # near ties are rare: the bounds still pin the metric
 
 

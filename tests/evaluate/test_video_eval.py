@@ -24,8 +24,8 @@ from limoe.data.shards import write_shards
 from limoe.data.video import decode_frames
 from limoe.evaluate.zeroshot import encode_labelled_images, evaluate_zeroshot
 from limoe.prompt_templates import VIDEO_TEMPLATES, load_templates
-from tests.evaluate.by_hand import (assert_zeroshot_within, expected_knn_top1, expected_retrieval, shard_members,
-                                    zeroshot_bounds)
+from tests.evaluate.by_hand import (assert_retrieval_within, assert_zeroshot_within, expected_knn_top1,
+                                    retrieval_bounds, shard_members, zeroshot_bounds)
 from tests.helpers import VIDEO_HELDOUT as HELDOUT, refused, run_limoe
 
 CLIPS, CLASSES = 192, 4
@@ -63,8 +63,7 @@ def _eval(command: str, checkpoint: Path, output: Path, *options: str) -> dict:
 def test_video_text_retrieval_is_recall_counted_by_hand(video_checkpoint, reference, tmp_path):
     metrics = _eval("retrieval", video_checkpoint, tmp_path / "retrieval.json")
     assert metrics.pop("skipped") == {}
-    assert metrics == pytest.approx(expected_retrieval(reference["clips"], reference["video"], reference["text"],
-                                                       "video"))
+    assert_retrieval_within(metrics, retrieval_bounds(reference["clips"], reference["video"], reference["text"], "video"))
     assert metrics["texts"] == CLIPS and metrics["text_to_video_R@10"] > 0  # the reference is not vacuous
 
 
@@ -77,13 +76,13 @@ def test_video_zeroshot_uses_the_video_templates_and_matches_a_classifier_built_
     bounds = zeroshot_bounds(reference["model"], reference["video"], reference["labels"], reference["classnames"],
                              VIDEO_TEMPLATES)
     assert_zeroshot_within(metrics, bounds, CLIPS, CLASSES)
-    # a one-template file: each class one prompt, so top-1 is an argmax by hand
+    # a one-template file: each class one prompt
     (tmp_path / "one.txt").write_text("a sprite {c}\n")
     named = _eval("zeroshot", video_checkpoint, tmp_path / "named.json", "--templates", str(tmp_path / "one.txt"))
-    with torch.no_grad():
-        classes = reference["model"].encode_text(tokenizer(16)([f"a sprite {c}" for c in reference["classnames"]]))
-    expected = (reference["video"] @ classes.T).argmax(dim=1) == reference["labels"]  # [192]
-    assert named["top1"] == pytest.approx(expected.float().mean().item())
+    named.pop("skipped")
+    bounds = zeroshot_bounds(reference["model"], reference["video"], reference["labels"], reference["classnames"],
+                             ["a sprite {}"])
+    assert_zeroshot_within(named, bounds, CLIPS, CLASSES)
 
 
 def test_video_knn_votes_among_the_mean_video_tokens_by_hand(video_checkpoint, reference, tmp_path):
@@ -114,13 +113,12 @@ def test_still_frame_scores_each_clip_as_its_centre_frame_repeated(video_checkpo
     (tmp_path / "one.txt").write_text("a sprite {c}\n")
     zeroshot = _eval("zeroshot", video_checkpoint, tmp_path / "zeroshot.json", "--templates", str(tmp_path / "one.txt"),
                      "--still-frame")
-    with torch.no_grad():
-        classes = model.encode_text(tokenizer(16)([f"a sprite {c}" for c in reference["classnames"]]))  # [4, D]
-    expected = (still @ classes.T).argmax(dim=1) == reference["labels"]  # [192]
-    assert zeroshot["top1"] == pytest.approx(expected.float().mean().item())
+    zeroshot.pop("skipped")
+    bounds = zeroshot_bounds(model, still, reference["labels"], reference["classnames"], ["a sprite {}"])
+    assert_zeroshot_within(zeroshot, bounds, CLIPS, CLASSES)
     retrieval = _eval("retrieval", video_checkpoint, tmp_path / "retrieval.json", "--still-frame")
     retrieval.pop("skipped")
-    assert retrieval == pytest.approx(expected_retrieval(reference["clips"], still, reference["text"], "video"))
+    assert_retrieval_within(retrieval, retrieval_bounds(reference["clips"], still, reference["text"], "video"))
     knn = _eval("knn", video_checkpoint, tmp_path / "knn.json", "--k", "3", "--still-frame")
     with torch.no_grad():
         streams, _ = model.tower({"video": model.embed("video", reference["clips"][:, [3] * 6])})
