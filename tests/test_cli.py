@@ -173,11 +173,12 @@ def test_routing_passes_workers_to_the_report(monkeypatch):
 @pytest.mark.parametrize("evaluation, args, own", [
     ("zeroshot", ["--templates", "simple", "--modality", "audio"],
      {"classnames": None, "templates": "simple", "candidate_images": None, "resize_on": "worker",
-      "decode_on": "worker", "modality": "audio"}),
+      "decode_on": "worker", "modality": "audio", "still_frame": False}),
     ("retrieval", ["--resize-on", "device", "--decode-on", "device"],
-     {"resize_on": "device", "decode_on": "device", "modality": "image"}),
-    ("knn", ["--k", "3", "--random-init", "--resize-on", "device"],
-     {"k": 3, "random_init": True, "resize_on": "device", "decode_on": "worker", "modality": "image"}),
+     {"resize_on": "device", "decode_on": "device", "modality": "image", "still_frame": False}),
+    ("knn", ["--k", "3", "--random-init", "--resize-on", "device", "--modality", "video", "--still-frame"],
+     {"k": 3, "random_init": True, "resize_on": "device", "decode_on": "worker", "modality": "video",
+      "still_frame": True}),
     ("choice", ["--format", "jsonl", "--ties", "strict"], {"format": "jsonl", "subsets": None, "ties": "strict"}),
 ])
 def test_each_evaluation_gets_the_model_options_and_its_own(monkeypatch, evaluation, args, own):
