@@ -40,6 +40,7 @@ class PatchEmbedder(nn.Module):
             self.patch_embed = nn.Conv3d(channels, config.width, kernel, kernel)
         self.name, self.num_patches, self.with_cls_token = name, num_patches, pool == "cls"
         self.input_tokens = num_patches  # patch tokens of one whole input (a subclass's table may be smaller)
+        self.steps = 1  # repetitions of one grid its tokens make (video: tubelet steps), masked alike
         self.patch_size = patch_size
         self.patch_dim = channels * (tubelet_frames or 1) * patch_size**2  # P: the values of one patch (or tubelet)
         self.modality_id = config.modality_id(name)  # the tag its tokens carry in this model

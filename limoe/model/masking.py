@@ -84,6 +84,15 @@ def tube_keep(spatial_keep: Tensor, steps: int, grid_patches: int) -> Tensor:
     return (offsets[None, :, None] + spatial_keep[:, None, :]).flatten(1)  # [B, steps · K]
 
 
+def tube_keep_at(step: int, seed: int, purpose: str, inputs: Tensor, grid_patches: int, steps: int,
+                 mask_ratio: float) -> Tensor:
+    """`patch_keep_at` for inputs whose tokens are `steps` repetitions of one grid of `grid_patches`
+    (video's tubelet steps): the grid's kept patches, kept alike at every step (`tube_keep`) [B,
+    steps · K]; with one step, the kept patches themselves [B, K]."""
+    keep = patch_keep_at(step, seed, purpose, inputs, grid_patches, mask_ratio)
+    return keep if steps == 1 else tube_keep(keep, steps, grid_patches)
+
+
 def masked_patches(keep: Tensor, num_patches: int) -> Tensor:
     """keep [B, K] visible indices → [B, N] bool, True where the patch is hidden."""
     hidden = torch.ones(keep.shape[0], num_patches, dtype=torch.bool, device=keep.device)

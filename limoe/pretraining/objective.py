@@ -36,8 +36,7 @@ from limoe.config import Config, PretrainConfig
 from limoe.data.preprocess import normalize, tokenizer
 from limoe.distributed import rank_and_world
 from limoe.errors import LimoeError
-from limoe.model.masking import (IGNORE, BatchShard, corrupt_tokens, masked_patches, patch_keep_at, step_generator,
-                                 tube_keep)
+from limoe.model.masking import IGNORE, BatchShard, corrupt_tokens, masked_patches, step_generator, tube_keep_at
 from limoe.model.routing import LayerRouting
 from limoe.modalities.text import PAD_TOKEN
 from limoe.model.tower import Limoe
@@ -227,10 +226,8 @@ class MaskedPretraining(PairsObjective):
         """The patches [B, K] each input keeps at `step`: a random subset of its patches, or for video
         clips a random subset of the frame grid's, kept at every tubelet step (VideoMAE's tubes)."""
         embedder, ratio = self.model.embedders[name], self.pretrain_config.mask_ratio(name)
-        if name != "video":
-            return patch_keep_at(step, self.seed, f"masked_{name}", inputs, embedder.input_tokens, ratio)
-        grid = embedder.input_tokens // embedder.steps  # patches of one frame grid
-        return tube_keep(patch_keep_at(step, self.seed, "masked_video", inputs, grid, ratio), embedder.steps, grid)
+        grid = embedder.input_tokens // embedder.steps  # patches of one grid (a video clip's frame grid)
+        return tube_keep_at(step, self.seed, f"masked_{name}", inputs, grid, embedder.steps, ratio)
 
     def _fusion(self, predicted: str) -> CrossAttentionFusion:
         """The fusion through which the tokens of the `predicted` modality attend to the other's."""

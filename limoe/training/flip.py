@@ -27,7 +27,7 @@ from typing import Callable, Optional
 from torch import Tensor
 
 from limoe.config import Config
-from limoe.model.masking import patch_keep_at, tube_keep
+from limoe.model.masking import tube_keep_at
 
 MODALITIES = ("image", "audio", "video")  # the modalities made of patches, which FLIP may drop
 
@@ -42,7 +42,7 @@ class PatchDropping:
     num_patches: Callable[[Tensor], int]  # N of a batch of this modality's inputs (video: of one tubelet step)
     seed: int
     purpose: str  # keeps the modalities' draws apart
-    tube_steps: Optional[Callable[[Tensor], int]] = None  # video: tubelet steps of a batch of clips, masked alike
+    tube_steps: Callable[[Tensor], int] = lambda inputs: 1  # video: tubelet steps of a batch of clips, masked alike
 
     @classmethod
     def from_config(cls, config: Config, modality: str = "image") -> "PatchDropping":
@@ -72,7 +72,5 @@ class PatchDropping:
         None: keep them all; a video clip [B, T, 3, S, S] keeps tubes [B, T/t · K], time-major."""
         if not self.masks(step):
             return None
-        keep = patch_keep_at(step, self.seed, self.purpose, inputs, self.num_patches(inputs), self.ratio)
-        if self.tube_steps is None:
-            return keep
-        return tube_keep(keep, self.tube_steps(inputs), self.num_patches(inputs))
+        return tube_keep_at(step, self.seed, self.purpose, inputs, self.num_patches(inputs), self.tube_steps(inputs),
+                            self.ratio)
